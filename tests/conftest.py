@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny synthetic EM-like images and the optional real data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def blob_image(size: int = 128, seed: int = 0, n: int = 6, radius: tuple[int, int] = (6, 12)) -> tuple[np.ndarray, np.ndarray]:
+    """Dark discs on a bright textured background: (uint8 image, uint8 0/1 mask)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), bool)
+    for _ in range(n):
+        r = rng.integers(*radius)
+        cy, cx = rng.integers(r, size - r, 2)
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    background = 170 + 25 * np.sin(xx / 5.0) * np.cos(yy / 7.0) + rng.normal(0, 12, (size, size))
+    image = np.where(mask, 70 + rng.normal(0, 12, (size, size)), background)
+    return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8)
+
+
+def write_split(root: Path, split: str, n: int, size: int = 128, seed: int = 0, start: int = 0) -> None:
+    (root / split / "x").mkdir(parents=True, exist_ok=True)
+    (root / split / "y").mkdir(parents=True, exist_ok=True)
+    import cv2
+
+    for i in range(n):
+        img, msk = blob_image(size, seed + i)
+        cv2.imwrite(str(root / split / "x" / f"im{start + i:04d}.png"), img)
+        tifffile.imwrite(root / split / "y" / f"seg{start + i:04d}.tif", msk, compression="zlib")
+
+
+@pytest.fixture
+def blob_dataset(tmp_path: Path) -> Path:
+    """A split-layout data set of 128x128 blob images: 4 train, 2 val, 2 test."""
+    root = tmp_path / "blobs"
+    write_split(root, "train", 4, seed=0)
+    write_split(root, "val", 2, seed=100, start=4)
+    write_split(root, "test", 2, seed=200, start=6)
+    return root
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

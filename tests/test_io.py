@@ -1,0 +1,130 @@
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from xmdl_tf.io import DataError, find_pairs, folder_pairs, read_image, read_label, read_pair, split_pairs, stack_pairs, check_pairs, read_pixel_size_nm
+
+from conftest import blob_image
+
+
+def test_split_layout_pairs_and_reads(blob_dataset):
+    pairs = split_pairs(blob_dataset, "train")
+    assert [p.image.name for p in pairs] == [f"im{i:04d}.png" for i in range(4)]
+    assert [p.label.name for p in pairs] == [f"seg{i:04d}.tif" for i in range(4)]
+    img, lbl = read_pair(pairs[0])
+    assert img.dtype == np.uint8 and img.shape == (128, 128)
+    assert set(np.unique(lbl)) <= {0, 1}
+    assert find_pairs(blob_dataset, "val") == split_pairs(blob_dataset, "val")
+    assert find_pairs(blob_dataset / "test") == split_pairs(blob_dataset, "test")
+
+
+def test_split_layout_errors(blob_dataset, tmp_path):
+    with pytest.raises(DataError, match="nope: data folder not found"):
+        split_pairs(tmp_path / "nope", "train")
+    with pytest.raises(DataError, match="split 'holdout' not found"):
+        find_pairs(blob_dataset, "holdout")
+    (blob_dataset / "train" / "y" / "seg0003.tif").unlink()
+    with pytest.raises(DataError, match="4 images but .* 3 labels"):
+        split_pairs(blob_dataset, "train")
+    # numbers in names must agree
+    (blob_dataset / "val" / "y" / "seg0005.tif").rename(blob_dataset / "val" / "y" / "seg0009.tif")
+    with pytest.raises(DataError, match="numbers differ"):
+        split_pairs(blob_dataset, "val")
+    empty = tmp_path / "empty" / "train" / "x"
+    empty.mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        split_pairs(tmp_path / "empty", "train")
+
+
+def test_folder_pairs_by_stem(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lbl").mkdir()
+    for name in ("b", "a"):
+        img, msk = blob_image(64)
+        cv2.imwrite(str(tmp_path / "img" / f"{name}.png"), img)
+        tifffile.imwrite(tmp_path / "lbl" / f"{name}_mask.tif", msk * 255)
+    pairs = folder_pairs(tmp_path / "img", tmp_path / "lbl")
+    assert [(p.image.stem, p.label.stem) for p in pairs] == [("a", "a_mask"), ("b", "b_mask")]
+    _, lbl = read_pair(pairs[0])
+    assert set(np.unique(lbl)) <= {0, 255}  # 0/255 masks kept; foreground is > 0
+    globbed = folder_pairs(str(tmp_path / "img" / "*.png"), str(tmp_path / "lbl" / "*.tif"))
+    assert globbed == pairs
+    (tmp_path / "lbl" / "b_mask.tif").rename(tmp_path / "lbl" / "c_mask.tif")
+    with pytest.raises(DataError, match="no label with a matching name.*b.png"):
+        folder_pairs(tmp_path / "img", tmp_path / "lbl")
+    with pytest.raises(DataError, match="no files match"):
+        folder_pairs(str(tmp_path / "img" / "*.tif"), tmp_path / "lbl")
+
+
+def test_stack_pairs(tmp_path):
+    imgs = np.stack([blob_image(64, seed=s)[0] for s in range(3)])
+    msks = np.stack([blob_image(64, seed=s)[1] for s in range(3)]).astype(np.uint16) * 7  # instance-like ids
+    tifffile.imwrite(tmp_path / "stack.tif", imgs)
+    tifffile.imwrite(tmp_path / "labels.tif", msks)
+    pairs = find_pairs(tmp_path / "stack.tif", labels=tmp_path / "labels.tif")
+    assert len(pairs) == 3 and pairs[2].page == 2 and pairs[2].name == "stack_z0002"
+    img, lbl = read_pair(pairs[2])
+    np.testing.assert_array_equal(img, imgs[2])
+    np.testing.assert_array_equal(lbl, msks[2])
+    tifffile.imwrite(tmp_path / "short.tif", msks[:2])
+    with pytest.raises(DataError, match="3 slices but .*short.tif has 2"):
+        stack_pairs(tmp_path / "stack.tif", tmp_path / "short.tif")
+    tifffile.imwrite(tmp_path / "wide.tif", np.zeros((3, 64, 80), np.uint8))
+    with pytest.raises(DataError, match="wide.tif slices are"):
+        stack_pairs(tmp_path / "stack.tif", tmp_path / "wide.tif")
+
+
+def test_image_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.png.*not a readable image"):
+        read_image(bad)
+    with pytest.raises(DataError, match="missing.png: file not found"):
+        read_image(tmp_path / "missing.png")
+    const = tmp_path / "const.png"
+    cv2.imwrite(str(const), np.full((32, 32), 9, np.uint8))
+    with pytest.raises(DataError, match="const.png: constant image"):
+        read_image(const)
+    tifffile.imwrite(tmp_path / "float.tif", np.random.default_rng(0).random((8, 8)).astype(np.float32))
+    with pytest.raises(DataError, match="float.tif: unsupported image dtype"):
+        read_image(tmp_path / "float.tif")
+
+
+def test_shape_mismatch_named(tmp_path, blob_dataset):
+    tifffile.imwrite(blob_dataset / "train" / "y" / "seg0001.tif", np.zeros((100, 128), np.uint8))
+    pairs = split_pairs(blob_dataset, "train")
+    with pytest.raises(DataError, match="im0001.png is .*seg0001.tif is"):
+        read_pair(pairs[1])
+    with pytest.raises(DataError, match="seg0001.tif"):
+        check_pairs(pairs)
+
+
+def test_16bit_and_rgb(tmp_path):
+    img16 = (blob_image(64)[0].astype(np.uint16) * 200)
+    tifffile.imwrite(tmp_path / "a.tif", img16)
+    assert read_image(tmp_path / "a.tif").dtype == np.uint16
+    rgb = np.stack([blob_image(64)[0], blob_image(64, seed=1)[0], blob_image(64)[0]], -1)
+    cv2.imwrite(str(tmp_path / "rgb.png"), rgb)
+    with pytest.warns(UserWarning, match="RGB image converted to grayscale"):
+        gray = read_image(tmp_path / "rgb.png")
+    assert gray.ndim == 2 and gray.dtype == np.uint8
+
+
+def test_lossy_label_warns(tmp_path):
+    msk = blob_image(64)[1] * 255
+    cv2.imwrite(str(tmp_path / "m.jpg"), msk)
+    with pytest.warns(UserWarning, match="lossy JPEG"):
+        lbl = read_label(tmp_path / "m.jpg")
+    assert set(np.unique(lbl)) <= {0, 1}
+    assert abs(int(lbl.sum()) - int((msk > 0).sum())) < 0.05 * (msk > 0).sum()
+
+
+def test_pixel_size_from_imagej_tiff(tmp_path):
+    tifffile.imwrite(tmp_path / "ij.tif", blob_image(32)[0], imagej=True, resolution=(1 / 0.0046, 1 / 0.0046),
+                     metadata={"unit": "um"})
+    assert read_pixel_size_nm(tmp_path / "ij.tif") == pytest.approx(4.6, rel=1e-4)
+    tifffile.imwrite(tmp_path / "plain.tif", blob_image(32)[0])
+    assert read_pixel_size_nm(tmp_path / "plain.tif") is None

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from xmdl_tf.config import VARIANTS
+from xmdl_tf.model import build_model, conv_layer_names
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_shapes_and_names(variant):
+    residual, attention = VARIANTS[variant]
+    m = build_model(depth=3, base_filters=4, residual=residual, attention=attention)
+    for h, w in [(48, 80), (4, 4), (100, 36)]:
+        out = m(np.random.default_rng(0).random((2, h, w, 1)).astype(np.float32))
+        assert out.shape == (2, h, w, 2)
+        np.testing.assert_allclose(out.numpy().sum(-1), 1.0, atol=1e-5)
+    names = {l.name for l in m.layers}
+    assert {"enc1_conv1", "enc2_conv2", "bottleneck_conv2", "dec2_up", "dec1_conv2", "softmax"} <= names
+    assert ("dec1_att_gate" in names) == attention
+    assert ("enc1_add" in names) == residual
+    assert "dec1_conv2" in conv_layer_names(m)
+
+
+def test_six_levels_default():
+    m = build_model(depth=6, base_filters=2)
+    assert sum(1 for l in m.layers if l.name.endswith("_pool")) == 5
+    assert m.get_layer("bottleneck_conv2").filters == 2 * 2**5
+    assert m(np.zeros((1, 32, 64, 1), np.float32)).shape == (1, 32, 64, 2)
+
+
+def test_parameter_counts_grow_with_residual_and_attention():
+    counts = {v: build_model(3, 4, *VARIANTS[v]).count_params() for v in VARIANTS}
+    assert counts["unet"] < counts["residual"] < counts["residual_attention"]
+    assert counts["unet"] < counts["attention"] < counts["residual_attention"]
+
+
+def test_keras_round_trip(tmp_path):
+    import keras
+
+    m = build_model(3, 4)
+    x = np.random.default_rng(1).random((1, 32, 32, 1)).astype(np.float32)
+    m.save(tmp_path / "m.keras")
+    m2 = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(m(x).numpy(), m2(x).numpy(), atol=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        build_model(depth=1)
+    with pytest.raises(ValueError):
+        build_model(n_classes=1)

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from xmdl_tf.tiling import plan_tiles, predict_tiled, tile_starts, window_1d
+
+
+def test_tile_starts_cover():
+    for length, tile, ov in [(100, 32, 8), (32, 32, 8), (20, 32, 8), (1000, 256, 64)]:
+        starts = tile_starts(length, tile, ov)
+        covered = np.zeros(max(length, tile), bool)
+        for s in starts:
+            covered[s: s + tile] = True
+        assert covered[:length].all()
+        assert all(b - a <= tile - ov for a, b in zip(starts, starts[1:]))
+    with pytest.raises(ValueError):
+        tile_starts(100, 32, 32)
+
+
+def test_windows_complement():
+    left = window_1d(64, 16, 4, left=False, right=True)
+    right = window_1d(64, 16, 4, left=True, right=False)
+    overlap = left[-16:] + right[:16]
+    np.testing.assert_allclose(overlap[4:-4], 1.0, atol=1e-6)  # Hann ramps hand over exactly
+    assert left[0] == 1 and left[-1] == 0 and right[0] == 0
+
+
+def test_plan_small_and_indivisible():
+    (th, tw), (ph, pw), origins = plan_tiles((20, 70), 64, 16, 8)
+    assert (th, tw) == (24, 64) and (ph, pw) == (24, 70)
+    with pytest.raises(ValueError, match="divisible"):
+        plan_tiles((100, 100), 60, 8, 16)
+
+
+def identity_channels(x):
+    return np.concatenate([1 - x, x], -1)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (200, 130), (128, 128)])
+def test_pointwise_model_stitches_exactly(shape):
+    img = np.random.default_rng(0).random(shape).astype(np.float32)
+    out = predict_tiled(identity_channels, img, tile=64, overlap=16, divisor=8, batch_size=3)
+    assert out.shape == (*shape, 2)
+    np.testing.assert_allclose(out[..., 1], img, atol=1e-6)
+
+
+def test_stitched_equals_whole_image_prediction_of_a_conv_net():
+    """Tiled == untiled away from the border for a fully convolutional U-Net."""
+    from xmdl_tf.model import build_model
+    from xmdl_tf.predict import receptive_field
+
+    model = build_model(depth=2, base_filters=4)
+    fn = lambda x: model(x, training=False).numpy()  # noqa: E731
+    rf = receptive_field(fn, size=64)
+    assert 5 < rf < 64
+    img = np.random.default_rng(1).random((150, 170)).astype(np.float32)
+    overlap = 2 * rf + 8
+    whole = fn(img[None, ..., None])[0]
+    tile = 64 + 2 * overlap  # several tiles per axis, each overlap discarding rf pixels per side
+    assert len(plan_tiles(img.shape, tile, overlap, 2)[2]) >= 4
+    tiled = predict_tiled(fn, img, tile=tile, overlap=overlap, divisor=2, batch_size=4, margin=rf)
+    inner = (slice(rf, -rf), slice(rf, -rf))
+    np.testing.assert_allclose(tiled[inner], whole[inner], atol=1e-4)

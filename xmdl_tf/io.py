@@ -1,0 +1,420 @@
+"""Reading EM images, label masks and stacks, with errors that name the file.
+
+Three layouts are understood (see `find_pairs`):
+
+(a) split layout (MitoEM as distributed for BiaPy, and `../shared/data`):
+    `<dir>/{train,val,test}/x/*.png|tif` with `<dir>/<split>/y/*.tif|png`,
+    paired by sorted order and checked by the number in the file names;
+(b) an image folder (or glob) plus a label folder (or glob), paired by stem;
+(c) a multi-page TIFF image stack plus a label stack of the same shape.
+
+Images are 2-D 8- or 16-bit grayscale (RGB is converted with a warning).
+Labels are binary (0/1 or 0/255) or instance ids; foreground is label > 0.
+"""
+from __future__ import annotations
+
+import functools
+import glob as _glob
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+LABEL_EXTS = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
+LOSSY_EXTS = (".jpg", ".jpeg")
+TIFF_EXTS = (".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SlicePair:
+    """One 2-D slice: an image file (page `page` of a stack, if set) and its label."""
+
+    image: Path
+    label: Path | None = None
+    page: int | None = None
+
+    @property
+    def name(self) -> str:
+        stem = self.image.stem
+        return stem if self.page is None else f"{stem}_z{self.page:04d}"
+
+
+# ----------------------------------------------------------------------------
+# Single files
+
+
+def _read_raw(path: Path, page: int | None) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected an image file")
+    ext = path.suffix.lower()
+    try:
+        if ext in TIFF_EXTS:
+            arr = _read_tiff_plane(path, page or 0)
+        else:
+            if page not in (None, 0):
+                raise DataError(f"{path}: page {page} requested from a single-page {ext} file")
+            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise DataError(f"{path}: not a readable image (unsupported or corrupt {ext or 'file'})")
+            if arr.ndim == 3:  # OpenCV gives BGR(A); make it RGB(A) for the conversion below
+                arr = arr[..., ::-1] if arr.shape[2] in (3, 4) else arr
+    except DataError:
+        raise
+    except Exception as err:  # tifffile raises many types for corrupt files
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    return np.asarray(arr)
+
+
+def _planes(shape: tuple[int, ...]) -> int:
+    """Number of 2-D planes in a TIFF series shape ((Z, H, W), (Z, H, W, 3), (H, W), ...)."""
+    if len(shape) >= 3 and shape[-1] in (3, 4):
+        return int(np.prod(shape[:-3])) if len(shape) > 3 else 1
+    return int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+
+
+@functools.lru_cache(maxsize=2)
+def _whole_series(path: Path, mtime: float) -> np.ndarray:
+    return tifffile.imread(path, series=0)
+
+
+def _read_tiff_plane(path: Path, page: int) -> np.ndarray:
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        n = _planes(series.shape)
+        if page >= n:
+            raise DataError(f"{path}: page {page} requested but the stack has {n} slices")
+        if n == 1:
+            return series.asarray()
+        pages = series.pages
+        if len(pages) == n and pages[page] is not None:
+            return pages[page].asarray()
+    # One TIFF page holds the whole volume: read it once, keep it for the next planes.
+    vol = _whole_series(path, path.stat().st_mtime)
+    return vol.reshape(-1, *vol.shape[-3 if vol.shape[-1] in (3, 4) and vol.ndim > 3 else -2:])[page]
+
+
+def _to_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
+    arr = np.squeeze(arr)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            warnings.warn(f"{path}: RGB {what} converted to grayscale", stacklevel=3)
+        dtype = arr.dtype
+        arr = (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(dtype)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D {what}, got shape {arr.shape}")
+    if arr.size == 0:
+        raise DataError(f"{path}: empty {what}")
+    return arr
+
+
+def read_image(path: str | Path, page: int | None = None) -> np.ndarray:
+    """Read one EM slice as a 2-D uint8 or uint16 array (H, W).
+
+    Raises DataError for missing, unreadable, non-2-D, empty or constant images
+    and for unsupported dtypes (float images are accepted only if integral).
+    """
+    path = Path(path)
+    arr = _to_2d(_read_raw(path, page), path, "image")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype not in (np.uint8, np.uint16):
+        if np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0 and arr.max() <= 65535:
+            arr = arr.astype(np.uint16)
+        elif np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and np.array_equal(arr, np.round(arr)) and arr.min() >= 0 and arr.max() <= 65535:
+            arr = arr.astype(np.uint16)
+        else:
+            raise DataError(f"{path}: unsupported image dtype {arr.dtype}; expected 8- or 16-bit grayscale")
+    if arr.min() == arr.max():
+        raise DataError(f"{path}: constant image (every pixel is {arr.flat[0]}); nothing to segment")
+    return arr
+
+
+def read_label(path: str | Path, page: int | None = None) -> np.ndarray:
+    """Read a label image as a 2-D integer array (H, W); foreground is > 0.
+
+    Binary masks (0/1, 0/255) and instance-id images are returned unchanged.
+    Lossy formats (JPEG) are read with a warning: compression noise changes
+    label values, so such a mask is thresholded at half its maximum instead.
+    """
+    path = Path(path)
+    arr = _to_2d(_read_raw(path, page), path, "label")
+    if path.suffix.lower() in LOSSY_EXTS:
+        warnings.warn(
+            f"{path}: label read from a lossy JPEG; values are corrupted by compression, "
+            "thresholding at half the maximum. Save labels as PNG or TIFF.",
+            stacklevel=2,
+        )
+        arr = (arr > arr.max() / 2).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.array_equal(arr, np.round(arr)) or arr.min() < 0:
+            raise DataError(f"{path}: label has non-integer or negative values; expected a mask or instance ids")
+        arr = arr.astype(np.uint32)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.signedinteger):
+        if arr.min() < 0:
+            raise DataError(f"{path}: label has negative values")
+        arr = arr.astype(np.uint32)
+    return arr
+
+
+def stack_depth(path: str | Path) -> int:
+    """Number of 2-D pages in a TIFF (1 for other formats)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_EXTS:
+        return 1
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return _planes(tif.series[0].shape)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+
+
+def read_pixel_size_nm(path: str | Path) -> float | None:
+    """Pixel size in nm from TIFF metadata (ImageJ or OME or resolution tags), or None."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_EXTS or not path.is_file():
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.ome_metadata:
+                m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+                if m:
+                    unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+                    return float(m.group(1)) * _UNIT_NM.get(unit.group(1) if unit else "µm", 1000.0)
+            page = tif.pages[0]
+            tag = page.tags.get("XResolution")
+            if tag is None:
+                return None
+            num, den = tag.value
+            if num == 0:
+                return None
+            pixels_per_unit = num / den
+            unit = None
+            if tif.imagej_metadata:
+                unit = tif.imagej_metadata.get("unit")
+            if unit is None:
+                res_unit = page.tags.get("ResolutionUnit")
+                code = int(res_unit.value) if res_unit is not None else 2
+                unit = {3: "cm", 2: "inch"}.get(code)
+                if unit == "inch":
+                    return None  # 72 dpi etc. is a display setting, not a pixel size
+            scale = _UNIT_NM.get(unit)
+            return None if scale is None else scale / pixels_per_unit
+    except Exception:
+        return None
+
+
+_UNIT_NM = {"nm": 1.0, "nanometer": 1.0, "µm": 1000.0, "um": 1000.0, "micron": 1000.0,
+            "\\u00B5m": 1000.0, "mm": 1e6, "cm": 1e7, "m": 1e9}
+
+
+# ----------------------------------------------------------------------------
+# Layouts
+
+
+def _list_files(folder: Path, exts: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+
+
+def _number(stem: str) -> int | None:
+    nums = re.findall(r"\d+", stem)
+    return int(nums[-1]) if nums else None
+
+
+def split_pairs(root: str | Path, split: str = "train", require_labels: bool = True) -> list[SlicePair]:
+    """Layout (a): `<root>/<split>/x/*` paired with `<root>/<split>/y/*` by sorted order.
+
+    The numbers in the names (im0050.png / seg0050.tif) must agree.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    xdir, ydir = root / split / "x", root / split / "y"
+    if not xdir.is_dir():
+        raise DataError(f"{xdir}: missing image folder (expected the layout <dir>/{split}/x and <dir>/{split}/y)")
+    images = _list_files(xdir, IMAGE_EXTS)
+    if not images:
+        raise DataError(f"{xdir}: no images found (looked for {', '.join(IMAGE_EXTS)})")
+    if not ydir.is_dir():
+        if require_labels:
+            raise DataError(f"{ydir}: missing label folder")
+        return [SlicePair(p) for p in images]
+    labels = _list_files(ydir, LABEL_EXTS)
+    if len(images) != len(labels):
+        raise DataError(f"{xdir} has {len(images)} images but {ydir} has {len(labels)} labels")
+    pairs = []
+    for img, lbl in zip(images, labels):
+        ni, nl = _number(img.stem), _number(lbl.stem)
+        if ni is not None and nl is not None and ni != nl:
+            raise DataError(f"{img} is paired with {lbl} by sorted order but their numbers differ ({ni} vs {nl})")
+        pairs.append(SlicePair(img, lbl))
+    return pairs
+
+
+_LABEL_SUFFIXES = ("_mask", "_masks", "_label", "_labels", "_seg", "_gt", "_groundtruth")
+
+
+def _expand(spec: str | Path, exts: tuple[str, ...]) -> list[Path]:
+    spec_s = str(spec)
+    if any(c in spec_s for c in "*?["):
+        files = sorted(Path(p) for p in _glob.glob(spec_s) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{spec_s}: no files match this pattern")
+        return files
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"{path}: folder not found")
+    if path.is_file():
+        return [path]
+    files = _list_files(path, exts)
+    if not files:
+        raise DataError(f"{path}: no images found (looked for {', '.join(exts)})")
+    return files
+
+
+def folder_pairs(images: str | Path, labels: str | Path | None = None) -> list[SlicePair]:
+    """Layout (b): image folder or glob plus label folder or glob, paired by file stem.
+
+    A label may carry a suffix such as `_mask` or `_label` (`a.png` <-> `a_mask.tif`).
+    """
+    img_files = _expand(images, IMAGE_EXTS)
+    if labels is None:
+        return [SlicePair(p) for p in img_files]
+    lbl_files = _expand(labels, LABEL_EXTS)
+    by_stem: dict[str, Path] = {}
+    for p in lbl_files:
+        stem = p.stem
+        for suf in _LABEL_SUFFIXES:
+            if stem.lower().endswith(suf):
+                stem = stem[: -len(suf)]
+                break
+        by_stem[stem] = p
+    pairs, missing = [], []
+    for p in img_files:
+        lbl = by_stem.get(p.stem)
+        if lbl is None:
+            missing.append(p)
+        else:
+            pairs.append(SlicePair(p, lbl))
+    if missing:
+        raise DataError(f"no label with a matching name for {len(missing)} image(s), e.g. {missing[0]} (labels in {labels})")
+    if len(lbl_files) != len(img_files):
+        raise DataError(f"{images}: {len(img_files)} images but {labels}: {len(lbl_files)} labels")
+    return pairs
+
+
+def stack_pairs(image_stack: str | Path, label_stack: str | Path | None = None) -> list[SlicePair]:
+    """Layout (c): a multi-page TIFF image stack and a label stack of the same shape."""
+    image_stack = Path(image_stack)
+    if not image_stack.is_file():
+        raise DataError(f"{image_stack}: image stack not found")
+    n = stack_depth(image_stack)
+    if label_stack is None:
+        return [SlicePair(image_stack, None, z) for z in range(n)]
+    label_stack = Path(label_stack)
+    if not label_stack.is_file():
+        raise DataError(f"{label_stack}: label stack not found")
+    m = stack_depth(label_stack)
+    if n != m:
+        raise DataError(f"{image_stack} has {n} slices but {label_stack} has {m}")
+    shape_i = _page_shape(image_stack)
+    shape_l = _page_shape(label_stack)
+    if shape_i[:2] != shape_l[:2]:
+        raise DataError(f"{image_stack} slices are {shape_i[:2]} but {label_stack} slices are {shape_l[:2]}")
+    return [SlicePair(image_stack, label_stack, z) for z in range(n)]
+
+
+def _page_shape(path: Path) -> tuple[int, ...]:
+    with tifffile.TiffFile(path) as tif:
+        shape = tif.series[0].shape
+    return tuple(shape[-3:-1]) if len(shape) >= 3 and shape[-1] in (3, 4) else tuple(shape[-2:])
+
+
+def find_pairs(data: str | Path, split: str = "train", labels: str | Path | None = None,
+               require_labels: bool = True) -> list[SlicePair]:
+    """Resolve any supported layout into slice pairs.
+
+    data: a split-layout root (with `<split>/x`), a folder with `x/` and `y/`,
+        an image folder or glob (with `labels`), or a TIFF stack (with `labels`).
+    """
+    p = Path(data)
+    if labels is not None:
+        if p.is_file() and p.suffix.lower() in TIFF_EXTS and stack_depth(p) > 1:
+            return stack_pairs(p, labels)
+        return folder_pairs(data, labels)
+    if p.is_dir():
+        if (p / split / "x").is_dir():
+            return split_pairs(p, split, require_labels)
+        if (p / "x").is_dir():
+            return split_pairs(p.parent, p.name, require_labels)
+        if any((p / s).is_dir() for s in ("train", "val", "test")):
+            raise DataError(f"{p / split}: split '{split}' not found in {p}")
+        if require_labels:
+            raise DataError(f"{p}: no '{split}/x' folder; give labels explicitly for an image folder")
+        return folder_pairs(p)
+    if p.is_file():
+        if p.suffix.lower() in TIFF_EXTS and stack_depth(p) > 1:
+            if require_labels:
+                raise DataError(f"{p}: an image stack needs a label stack")
+            return stack_pairs(p)
+        if require_labels:
+            raise DataError(f"{p}: a single image needs a label file")
+        return [SlicePair(p)]
+    if any(c in str(data) for c in "*?["):
+        if require_labels:
+            raise DataError(f"{data}: an image glob needs a label glob")
+        return folder_pairs(data)
+    raise DataError(f"{p}: not found")
+
+
+def read_pair(pair: SlicePair) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read image (H, W) uint8/uint16 and label (H, W) int (or None), checking shapes agree."""
+    image = read_image(pair.image, pair.page)
+    if pair.label is None:
+        return image, None
+    label = read_label(pair.label, pair.page)
+    if label.shape != image.shape:
+        raise DataError(f"{pair.image} is {image.shape} but its label {pair.label} is {label.shape}")
+    return image, label
+
+
+def image_shape(path: str | Path, page: int | None = None) -> tuple[int, int]:
+    """(H, W) of an image from its header, without decoding the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        if path.suffix.lower() in TIFF_EXTS:
+            return tuple(int(v) for v in _page_shape(path))
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as err:
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+def check_pairs(pairs: list[SlicePair]) -> list[tuple[int, int]]:
+    """Check every pair from file headers (exists, readable, same shape); return (H, W) each."""
+    shapes = []
+    for p in pairs:
+        shape = image_shape(p.image, p.page)
+        if p.label is not None:
+            lshape = image_shape(p.label, p.page)
+            if lshape != shape:
+                raise DataError(f"{p.image} is {shape} but its label {p.label} is {lshape}")
+        shapes.append(shape)
+    return shapes

@@ -1,0 +1,113 @@
+"""The residual attention U-Net of XM-DL, built with the Keras functional API.
+
+Layout for depth D (the paper: D = 6), filters f_i = base_filters * 2**i:
+
+    enc1 .. enc{D-1}   conv block (f_i), then max-pool 2x2
+    bottleneck         conv block (f_{D-1})
+    dec{D-1} .. dec1   transposed conv 2x2 stride 2 (`dec{i}_up`), additive attention
+                       gate on the skip from enc{i} (`dec{i}_att_*`), concat, conv block
+    output             1x1 conv to n_classes logits, softmax (float32)
+
+Conv block (`{stage}_conv1`, `{stage}_bn1`, `{stage}_relu1`, `{stage}_conv2`, ...):
+two 3x3 conv + batch norm + ReLU; with `residual=True` a projection shortcut
+(`{stage}_shortcut`, 1x1 conv + BN) is added before the second ReLU (He et
+al. 2016). The attention gate follows Oktay et al. 2018 (additive attention),
+evaluated at the skip's resolution after the transposed convolution so that
+the gating signal and the skip align pixel for pixel. Layer names are stable
+so Grad-CAM can pick a layer by name (default `dec1_conv2`).
+
+The model is fully convolutional: input (None, None, 1); height and width
+must be multiples of 2**(D-1).
+"""
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from .config import ModelConfig
+
+# ----------------------------------------------------------------------------
+# Layers (tensor -> tensor blocks)
+
+
+def conv_block(x, filters: int, stage: str, residual: bool = True, dropout: float = 0.0):
+    """Two 3x3 conv-BN-ReLU; optionally residual. (B, H, W, C) -> (B, H, W, filters)."""
+    shortcut = x
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal", name=f"{stage}_conv1")(x)
+    y = layers.BatchNormalization(name=f"{stage}_bn1")(y)
+    y = layers.Activation("relu", name=f"{stage}_relu1")(y)
+    if dropout:
+        y = layers.SpatialDropout2D(dropout, name=f"{stage}_dropout")(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal", name=f"{stage}_conv2")(y)
+    y = layers.BatchNormalization(name=f"{stage}_bn2")(y)
+    if residual:
+        if shortcut.shape[-1] != filters:
+            shortcut = layers.Conv2D(filters, 1, use_bias=False, kernel_initializer="he_normal", name=f"{stage}_shortcut")(shortcut)
+            shortcut = layers.BatchNormalization(name=f"{stage}_shortcut_bn")(shortcut)
+        y = layers.Add(name=f"{stage}_add")([y, shortcut])
+    return layers.Activation("relu", name=f"{stage}_relu2")(y)
+
+
+def attention_gate(skip, gate, inter_filters: int, stage: str):
+    """Additive attention: skip * sigmoid(psi(relu(W_x skip + W_g gate))).
+
+    skip, gate: (B, H, W, C_s), (B, H, W, C_g) at the same resolution.
+    Returns the gated skip (B, H, W, C_s); the map itself is layer `{stage}_att_coef`.
+    """
+    theta = layers.Conv2D(inter_filters, 1, use_bias=False, name=f"{stage}_att_theta")(skip)
+    phi = layers.Conv2D(inter_filters, 1, use_bias=True, name=f"{stage}_att_phi")(gate)
+    f = layers.Activation("relu", name=f"{stage}_att_relu")(layers.Add(name=f"{stage}_att_add")([theta, phi]))
+    psi = layers.Conv2D(1, 1, use_bias=True, name=f"{stage}_att_psi")(f)
+    coef = layers.Activation("sigmoid", name=f"{stage}_att_coef")(psi)
+    return layers.Multiply(name=f"{stage}_att_gate")([skip, coef])
+
+
+# ----------------------------------------------------------------------------
+# Functional model
+
+
+def build_model(depth: int = 6, base_filters: int = 8, residual: bool = True, attention: bool = True,
+                n_classes: int = 2, dropout: float = 0.0, name: str | None = None) -> keras.Model:
+    """Build the (residual) (attention) U-Net.
+
+    Returns a keras.Model mapping float32 (B, H, W, 1) normalised images to
+    (B, H, W, n_classes) softmax probabilities (float32 even under mixed
+    precision). Channel 1 is the mitochondria class when n_classes == 2.
+    residual=False, attention=False gives the plain U-Net of the ablation.
+    """
+    if depth < 2:
+        raise ValueError(f"depth must be >= 2, got {depth}")
+    if base_filters < 1 or n_classes < 2:
+        raise ValueError("base_filters must be >= 1 and n_classes >= 2")
+    cfg = ModelConfig(depth, base_filters, residual, attention, n_classes, dropout)
+    inputs = keras.Input((None, None, 1), name="image")
+    x = inputs
+    skips = []
+    for i in range(1, depth):
+        x = conv_block(x, base_filters * 2 ** (i - 1), f"enc{i}", residual)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{i}_pool")(x)
+    x = conv_block(x, base_filters * 2 ** (depth - 1), "bottleneck", residual, dropout)
+    for i in range(depth - 1, 0, -1):
+        filters = base_filters * 2 ** (i - 1)
+        up = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"dec{i}_up")(x)
+        skip = skips[i - 1]
+        if attention:
+            skip = attention_gate(skip, up, max(filters // 2, 1), f"dec{i}")
+        x = layers.Concatenate(name=f"dec{i}_concat")([up, skip])
+        x = conv_block(x, filters, f"dec{i}", residual)
+    logits = layers.Conv2D(n_classes, 1, name="logits")(x)
+    outputs = layers.Activation("softmax", dtype="float32", name="softmax")(logits)
+    return keras.Model(inputs, outputs, name=name or f"xmdl_{cfg.variant}_d{depth}_f{base_filters}")
+
+
+def build_from_config(cfg: ModelConfig) -> keras.Model:
+    return build_model(cfg.depth, cfg.base_filters, cfg.residual, cfg.attention, cfg.n_classes, cfg.dropout)
+
+
+DEFAULT_GRADCAM_LAYER = "dec1_conv2"
+
+
+def conv_layer_names(model: keras.Model) -> list[str]:
+    """Names of every convolution layer (valid Grad-CAM targets), input to output."""
+    return [l.name for l in model.layers if isinstance(l, (layers.Conv2D, layers.Conv2DTranspose))]

@@ -1,0 +1,133 @@
+"""Whole-slice inference for trained models (`.keras` files and model folders).
+
+`load_model` returns a `Predictor` that knows its normalisation, size divisor
+and Grad-CAM layers from the `config.json` beside the model; `predict_slice`
+normalises a whole slice once and stitches overlapping tiles (see `tiling`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import Config, ModelConfig
+from .tiling import predict_tiled
+
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 64
+
+
+class ModelError(ValueError):
+    """A model file or folder that cannot be used; the message names it."""
+
+
+def resolve_model_path(path: str | Path) -> tuple[Path, Path | None]:
+    """(model.keras path, config.json path or None) for a file or a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.keras").is_file():
+            path = path / "model.keras"
+        else:
+            raise ModelError(f"{path}: no model.keras in this folder")
+    elif not path.is_file():
+        raise ModelError(f"{path}: model not found")
+    if path.suffix != ".keras":
+        raise ModelError(f"{path}: expected a .keras model file")
+    cfg = path.parent / "config.json"
+    return path, (cfg if cfg.is_file() else None)
+
+
+def load_keras(path: str | Path):
+    """Load a `.keras` model with safe_mode=True (no arbitrary Python code is run)."""
+    import keras
+
+    from . import losses  # noqa: F401  (registers the custom loss and metrics)
+
+    path = Path(path)
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except ValueError as err:
+        if "safe_mode" in str(err) or "Lambda" in str(err) or "lambda" in str(err):
+            raise ModelError(
+                f"{path}: refused to load: the file contains arbitrary Python code (e.g. a Lambda layer), "
+                "which could execute anything on this machine. Only load such files from a source you trust."
+            ) from None
+        raise ModelError(f"{path}: cannot load model ({err})") from None
+    except Exception as err:
+        raise ModelError(f"{path}: cannot load model ({type(err).__name__}: {err})") from None
+
+
+@dataclass
+class Predictor:
+    """A loaded model plus what is needed to feed it."""
+
+    model: object
+    config: Config
+    path: Path
+    jit_compile: bool = True
+
+    def __post_init__(self):
+        import tensorflow as tf
+
+        model = self.model
+        self._fn = tf.function(lambda x: model(x, training=False), jit_compile=self.jit_compile, reduce_retracing=True)
+
+    @property
+    def size_divisor(self) -> int:
+        return self.config.model.size_divisor
+
+    def predict_batch(self, x: np.ndarray) -> np.ndarray:
+        """float32 (n, h, w, 1) normalised tiles -> float32 (n, h, w, C) probabilities."""
+        return self._fn(x).numpy()
+
+    def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+                      batch_size: int = 4, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1]."""
+        from .data import normalize_np
+
+        x = normalize_np(image)
+        probs = predict_tiled(self._batch_fn(batch_size), x, tile, overlap, self.size_divisor, batch_size,
+                              progress=progress)
+        return probs[..., 1]
+
+    def _batch_fn(self, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+        # Pad the last, short batch so the compiled function sees one shape only.
+        def fn(x: np.ndarray) -> np.ndarray:
+            n = len(x)
+            if n < batch_size:
+                x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+            return self.predict_batch(x)[:n]
+
+        return fn
+
+
+def load_model(path: str | Path, jit_compile: bool = True) -> Predictor:
+    """Load a trained model (run folder or `.keras` file with `config.json` beside it)."""
+    mpath, cpath = resolve_model_path(path)
+    model = load_keras(mpath)
+    if cpath is not None:
+        config = Config.load(cpath)
+    else:  # a bare .keras file: infer what we can from the graph
+        depth = 1 + sum(1 for l in model.layers if l.name.endswith("_pool"))
+        config = Config(model=ModelConfig(depth=depth, n_classes=int(model.output_shape[-1])))
+    if model.input_shape[-1] != 1:
+        raise ModelError(f"{mpath}: model expects {model.input_shape[-1]} channels; xmdl_tf works on 1-channel EM")
+    return Predictor(model, config, mpath, jit_compile)
+
+
+def receptive_field(predict_batch: Callable[[np.ndarray], np.ndarray], size: int = 256, tol: float = 1e-6) -> int:
+    """Width in pixels of the region an impulse at the centre changes (the empirical receptive field).
+
+    Pushes a single bright pixel through the network (as CSBDeep does) and
+    measures how far the output changes relative to a blank input.
+    """
+    x0 = np.zeros((1, size, size, 1), np.float32)
+    x1 = x0.copy()
+    x1[0, size // 2, size // 2, 0] = 1.0
+    diff = np.abs(predict_batch(x1) - predict_batch(x0)).max(axis=(0, 3))
+    ys, xs = np.nonzero(diff > tol)
+    if len(ys) == 0:
+        return 1
+    return int(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)

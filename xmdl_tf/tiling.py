@@ -1,0 +1,108 @@
+"""Tile grids and tapered, blended stitching for whole-slice inference (NumPy only).
+
+A slice of any size is covered by tiles of size (th, tw) that overlap by
+`overlap` pixels. Each tile's prediction is weighted by a window that is zero
+in a `margin` along edges shared with a neighbour (where zero padding inside
+the network corrupts the output), rises smoothly (Hann ramp) over the rest of
+the overlap and is one elsewhere; along the slice border the window stays one,
+because there is no neighbour to hand over to. Dividing the accumulated sum by
+the accumulated weights gives the stitched map. With `margin` at least half
+the network's receptive field the result equals a prediction of the whole
+slice at once away from the slice border (checked in the tests).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+def ceil_to(n: int, divisor: int) -> int:
+    return -(-n // divisor) * divisor
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, length) with >= `overlap` overlap."""
+    if tile >= length:
+        return [0]
+    step = tile - overlap
+    if step <= 0:
+        raise ValueError(f"overlap {overlap} must be smaller than the tile size {tile}")
+    starts = list(range(0, length - tile, step))
+    starts.append(length - tile)
+    return starts
+
+
+def _ramp(n: int) -> np.ndarray:
+    # Hann half-window: ramp(i) + ramp(n-1-i) == 1, so neighbours' weights sum to one.
+    return (0.5 - 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)).astype(np.float32)
+
+
+def window_1d(tile: int, overlap: int, margin: int, left: bool, right: bool) -> np.ndarray:
+    """Weights along one axis; `left`/`right` say whether that side has a neighbour."""
+    w = np.ones(tile, np.float32)
+    ramp_len = max(overlap - 2 * margin, 1)
+    if left:
+        w[:margin] = 0.0
+        w[margin: margin + ramp_len] = _ramp(ramp_len)
+    if right:
+        w[tile - margin:] = 0.0
+        w[tile - margin - ramp_len: tile - margin] = _ramp(ramp_len)[::-1]
+    return w
+
+
+def plan_tiles(shape: tuple[int, int], tile: int, overlap: int, divisor: int) -> tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]:
+    """Tile size (th, tw), padded slice shape and the tile origins for a slice of `shape`.
+
+    The tile shrinks to the slice (rounded up to `divisor`) for small slices;
+    the slice is padded only when it is smaller than one tile.
+    """
+    if tile % divisor:
+        raise ValueError(f"tile size {tile} is not divisible by the model's size divisor {divisor}")
+    h, w = shape
+    th, tw = min(tile, ceil_to(h, divisor)), min(tile, ceil_to(w, divisor))
+    ph, pw = max(h, th), max(w, tw)
+    ov_h, ov_w = min(overlap, th // 2), min(overlap, tw // 2)
+    origins = [(y, x) for y in tile_starts(ph, th, ov_h) for x in tile_starts(pw, tw, ov_w)]
+    return (th, tw), (ph, pw), origins
+
+
+def iter_batches(items: list, batch_size: int) -> Iterator[list]:
+    for i in range(0, len(items), batch_size):
+        yield items[i: i + batch_size]
+
+
+def predict_tiled(predict_batch: Callable[[np.ndarray], np.ndarray], image: np.ndarray, tile: int = 512,
+                  overlap: int = 64, divisor: int = 32, batch_size: int = 4, margin: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Stitch a per-tile prediction over a whole slice.
+
+    predict_batch: maps float32 (n, th, tw, 1) to float32 (n, th, tw, C).
+    image: float32 (H, W), already normalised. Returns float32 (H, W, C).
+    Memory is O(H * W * C), independent of the number of tiles.
+    """
+    h, w = image.shape
+    (th, tw), (ph, pw), origins = plan_tiles((h, w), tile, overlap, divisor)
+    if (ph, pw) != (h, w):
+        image = np.pad(image, ((0, ph - h), (0, pw - w)), mode="symmetric")
+    ov_h, ov_w = min(overlap, th // 2), min(overlap, tw // 2)
+    m_h = ov_h // 4 if margin is None else min(margin, ov_h // 2)
+    m_w = ov_w // 4 if margin is None else min(margin, ov_w // 2)
+    acc: np.ndarray | None = None
+    wsum = np.zeros((ph, pw), np.float32)
+    for batch in iter_batches(origins, batch_size):
+        x = np.stack([image[y: y + th, x0: x0 + tw] for y, x0 in batch])[..., None].astype(np.float32)
+        out = np.asarray(predict_batch(x), np.float32)
+        if acc is None:
+            acc = np.zeros((ph, pw, out.shape[-1]), np.float32)
+        for (y, x0), o in zip(batch, out):
+            wy = window_1d(th, ov_h, m_h, y > 0, y + th < ph)
+            wx = window_1d(tw, ov_w, m_w, x0 > 0, x0 + tw < pw)
+            wgt = wy[:, None] * wx[None, :]
+            acc[y: y + th, x0: x0 + tw] += o * wgt[..., None]
+            wsum[y: y + th, x0: x0 + tw] += wgt
+        if progress is not None:
+            progress(len(batch))
+    assert acc is not None
+    acc /= np.maximum(wsum, 1e-12)[..., None]
+    return acc[:h, :w]
