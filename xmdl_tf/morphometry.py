@@ -53,7 +53,7 @@ _PHYSICAL = {
     "skeleton_length_px": ("skeleton_length_nm", 1),
 }
 
-# 8-neighbour offsets in cyclic order (N, NE, E, SE, S, SW, W, NW).
+# 8-neighbour offsets.
 _RING = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
 
 
@@ -65,16 +65,10 @@ def _shifted(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return np.roll(a, (-dy, -dx), axis=(0, 1))
 
 
-def _crossings(skel: np.ndarray) -> np.ndarray:
-    """Crossing number: 0->1 transitions around each pixel's 8-neighbour ring.
-
-    1 at an end, 2 along a branch, >= 3 at a junction. Unlike a plain
-    neighbour count it is not fooled by the corner pixels of 8-connected
-    staircases (3 neighbours, but still one path through).
-    """
-    ring = [_shifted(skel, dy, dx) for dy, dx in _RING]
-    cn = sum((~ring[k] & ring[(k + 1) % 8]).astype(np.uint8) for k in range(8))
-    return np.where(skel, cn, 0)
+def _neighbours(skel: np.ndarray) -> np.ndarray:
+    """Number of 8-neighbours of each skeleton pixel (0 off the skeleton)."""
+    count = sum(_shifted(skel, dy, dx).astype(np.uint8) for dy, dx in _RING)
+    return np.where(skel, count, 0)
 
 
 def _segments(skel: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
@@ -87,7 +81,7 @@ def _segments(skel: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
     Returns:
         labels of the pieces (8-connected), their number, and the junction mask.
     """
-    junction = _crossings(skel) >= 3
+    junction = _neighbours(skel) >= 3
     core = skel & ~ndi.binary_dilation(junction, np.ones((3, 3), bool))
     labels, n = ndi.label(core, np.ones((3, 3), bool))
     return labels, n, junction
@@ -131,7 +125,7 @@ def skeleton_stats(obj: np.ndarray, spur_factor: float = 1.0) -> tuple[float, in
     labels, n, junction = _segments(skel)
     if junction.any() and n:
         dist = cv2.distanceTransform(obj.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-        ends = _crossings(skel) == 1
+        ends = _neighbours(skel) == 1
         idx = np.arange(1, n + 1)
         length = ndi.sum(np.ones_like(labels), labels, idx)
         is_terminal = ndi.maximum(ends, labels, idx) > 0
