@@ -12,7 +12,7 @@ fragmented     small round/oval bodies, area 0.008-0.022 um^2
 round          ellipse, aspect ratio 1.0-1.2, area 0.10-0.30 um^2
 elongated      convex ellipse, aspect ratio 1.9-2.4, area 0.10-0.35, solidity > 0.92
 tubular        straight or gently bent tube, aspect ratio >= 4.5, area >= 0.10,
-               solidity > 0.85
+               solidity > 0.85 (measured as skimage does)
 irregular      branched Y/T/star (3-5 arms) or a strongly bent cup,
                solidity < 0.65, area >= 0.10
 =============  ==============================================================
@@ -202,7 +202,7 @@ def _in_band(shape_class: str, area_um2: float, ratio: float, solidity: float) -
     if shape_class == "elongated":
         return area_um2 >= 0.09 and 1.9 <= ratio <= 2.45 and solidity > 0.92
     if shape_class == "tubular":
-        return area_um2 >= 0.09 and ratio >= 4.5 and solidity > 0.85
+        return area_um2 >= 0.09 and ratio >= 4.5 and solidity > 0.88
     return area_um2 >= 0.09 and solidity < 0.65  # irregular
 
 
@@ -240,6 +240,8 @@ def _place_free(instances: np.ndarray, grown: np.ndarray, rng: np.random.Generat
                 tries: int = 300) -> tuple[int, int] | None:
     """Top-left corner for ``grown`` (the mask padded and dilated by the clearance), or None."""
     h, w = grown.shape
+    if h >= instances.shape[0] - 1 or w >= instances.shape[1] - 1:
+        return None
     for _ in range(tries):
         r0 = int(rng.integers(1, instances.shape[0] - h))
         c0 = int(rng.integers(1, instances.shape[1] - w))
