@@ -1,0 +1,377 @@
+"""Converters: each real format written small by the test, converted, read back exactly."""
+
+import json
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from data_prep import _common as c
+from data_prep import generic, lucchi, mitoem
+
+H, W = 48, 64
+
+
+def _images(n: int, seed: int = 0, dtype=np.uint8) -> np.ndarray:
+    top = 255 if dtype == np.uint8 else 4000
+    return np.random.default_rng(seed).integers(0, top, (n, H, W)).astype(dtype)
+
+
+def _instances(n: int, seed: int = 1, max_id: int = 300) -> np.ndarray:
+    """Blocky instance labels with ids up to ``max_id`` (uint16 needed)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((n, H, W), np.uint16)
+    for z in range(n):
+        for k in range(4):
+            y, x = rng.integers(0, H - 10), rng.integers(0, W - 10)
+            labels[z, y:y + 10, x:x + 10] = rng.integers(1, max_id)
+    return labels
+
+
+def _read_split(out: Path, split: str) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    xs = sorted((out / split / "x").iterdir())
+    ys = sorted((out / split / "y").iterdir())
+    assert [p.stem[2:] for p in xs] == [p.stem[3:] for p in ys]
+    return ([int(p.stem[2:]) for p in xs], [c.read_image_file(p) for p in xs],
+            [tifffile.imread(p) for p in ys])
+
+
+def _assert_zlib(path: Path) -> None:
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].compression == 8
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers
+
+
+def test_split_counts_and_contiguous_assignment():
+    assert c.split_counts(20, (0.7, 0.15, 0.15)) == [14, 3, 3]
+    assert c.split_counts(5, (0.7, 0.15, 0.15)) == [3, 1, 1]
+    assert c.split_counts(10, (1, 0, 0)) == [10, 0, 0]
+    splits = c.assign_splits(10, (0.6, 0.2, 0.2))
+    assert splits == {"train": [0, 1, 2, 3, 4, 5], "val": [6, 7], "test": [8, 9]}
+    shuffled = c.assign_splits(10, (0.6, 0.2, 0.2), shuffle=True, seed=3)
+    assert sorted(sum(shuffled.values(), [])) == list(range(10))
+    assert shuffled == c.assign_splits(10, (0.6, 0.2, 0.2), shuffle=True, seed=3)
+    assert shuffled != splits
+
+
+def test_resampling_labels_nearest_neighbour_keeps_ids():
+    label = np.zeros((40, 40), np.uint32)
+    label[4:20, 4:20] = 70000
+    label[20:36, 20:36] = 3
+    half = c.resample_label(label, 0.5)
+    assert half.shape == (20, 20) and half.dtype == np.uint32
+    assert set(np.unique(half)) == {0, 3, 70000}
+    np.testing.assert_array_equal(c.resample_label(half, 2.0)[::2, ::2], half)
+    image = np.full((40, 40), 100, np.uint8)
+    image[:, :20] = 200
+    binned = c.resample_image(image, 0.5)
+    assert binned.dtype == np.uint8 and binned.shape == (20, 20)
+    assert set(np.unique(binned)) == {100, 200}  # area binning of whole 2x2 blocks
+    with pytest.raises(ValueError, match="pixel-size-in"):
+        c.scale_factor(None, 8.0)
+
+
+def test_output_folder_refuses_non_empty(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=str(out)):
+        c.prepare_output(out, overwrite=False)
+    (out / "train" / "x").mkdir(parents=True)
+    (out / "train" / "x" / "im0001.png").write_bytes(b"stale")
+    c.prepare_output(out, overwrite=True)
+    assert not (out / "train" / "x" / "im0001.png").exists()
+    assert (out / "notes.txt").read_text() == "keep me"  # only the layout's own items go
+
+
+def test_unsupported_and_missing_inputs_name_the_file(tmp_path):
+    bad = tmp_path / "stack.xyz"
+    bad.write_text("?")
+    with pytest.raises(ValueError, match="stack.xyz"):
+        c.open_stack(bad)
+    with pytest.raises(FileNotFoundError, match="nowhere.tif"):
+        c.open_stack(tmp_path / "nowhere.tif")
+    jpg = tmp_path / "seg0000.jpg"
+    cv2.imwrite(str(jpg), np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="seg0000.jpg"):
+        c.read_image_file(jpg, label=True)  # labels are never read from a lossy format
+
+
+# ---------------------------------------------------------------------------
+# Lucchi
+
+
+def _write_lucchi(src: Path, n_train: int = 10, n_test: int = 4) -> dict[str, np.ndarray]:
+    src.mkdir(parents=True, exist_ok=True)
+    data = {"training": _images(n_train, 1), "testing": _images(n_test, 2)}
+    for name, n in (("training", n_train), ("testing", n_test)):
+        masks = (np.random.default_rng(n).random((n, H, W)) > 0.8).astype(np.uint8) * 255
+        data[f"{name}_groundtruth"] = masks
+    for name, array in data.items():
+        tifffile.imwrite(src / f"{name}.tif", array)  # multi-page, one page per slice
+    return data
+
+
+def test_lucchi_round_trip_and_val_fraction(tmp_path):
+    data = _write_lucchi(tmp_path / "src")
+    out = tmp_path / "lucchi"
+    lucchi.main(["--src", str(tmp_path / "src"), "--out", str(out), "--val-fraction", "0.2"])
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["counts"] == {"train": 8, "val": 2, "test": 4}
+    assert meta["splits"]["val"]["slices"] == [8, 9]  # a z block at the end of training
+    assert meta["pixel_size_nm"] == 5.0 and meta["labels"]["kind"] == "binary"
+    assert any(p.endswith("training_groundtruth.tif") for p in meta["source_files"])
+    for split, stack in (("train", "training"), ("val", "training"), ("test", "testing")):
+        index, images, labels = _read_split(out, split)
+        for z, image, label in zip(index, images, labels):
+            np.testing.assert_array_equal(image, data[stack][z])
+            assert label.dtype == np.uint8
+            np.testing.assert_array_equal(label, data[f"{stack}_groundtruth"][z] // 255)
+        _assert_zlib(next((out / split / "y").iterdir()))
+
+
+def test_lucchi_errors_name_the_file(tmp_path):
+    src = tmp_path / "src"
+    _write_lucchi(src)
+    (src / "testing_groundtruth.tif").unlink()
+    with pytest.raises(FileNotFoundError, match="testing_groundtruth.tif"):
+        lucchi.convert_lucchi(src, tmp_path / "a")
+    tifffile.imwrite(src / "testing_groundtruth.tif", np.zeros((3, H, W), np.uint8))
+    with pytest.raises(ValueError, match="testing_groundtruth.tif"):
+        lucchi.convert_lucchi(src, tmp_path / "b")  # 3 label slices for 4 images
+    tifffile.imwrite(src / "testing_groundtruth.tif", np.full((4, H, W), 7, np.uint8))
+    with pytest.raises(ValueError, match="testing_groundtruth.tif"):
+        lucchi.convert_lucchi(src, tmp_path / "c")  # not a 0/255 mask
+    tifffile.imwrite(src / "testing_groundtruth.tif", np.zeros((4, H, W + 1), np.uint8))
+    with pytest.raises(ValueError, match="shape mismatch.*testing_groundtruth.tif"):
+        lucchi.convert_lucchi(src, tmp_path / "d")
+    assert not any((tmp_path / "d").iterdir())  # a failed run leaves no half-written layout
+
+
+def test_lucchi_binning_to_a_pixel_size(tmp_path):
+    data = _write_lucchi(tmp_path / "src", n_train=4, n_test=2)
+    out = tmp_path / "binned"
+    lucchi.main(["--src", str(tmp_path / "src"), "--out", str(out), "--pixel-size-out", "10"])
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["pixel_size_nm"] == 10.0 and meta["source_pixel_size_nm"] == 5.0
+    _, images, labels = _read_split(out, "test")
+    assert images[0].shape == labels[0].shape == (H // 2, W // 2)
+    np.testing.assert_array_equal(labels[0], data["testing_groundtruth"][0][1::2, 1::2] // 255)  # centre samples
+
+
+# ---------------------------------------------------------------------------
+# MitoEM
+
+
+def _write_mitoem_release(root: Path, n: int = 12, val_start: int = 8, test_start: int = 10):
+    """im/imNNNN.png, mito-train-v2/segNNNN.tif, mito-val-v2/segNNNN.tif (as released)."""
+    images, labels = _images(n, 3), _instances(n)
+    (root / "im").mkdir(parents=True)
+    (root / "mito-train-v2").mkdir()
+    (root / "mito-val-v2").mkdir()
+    for z in range(n):
+        cv2.imwrite(str(root / "im" / f"im{z:04d}.png"), images[z])
+        if z < test_start:
+            folder = "mito-train-v2" if z < val_start else "mito-val-v2"
+            tifffile.imwrite(root / folder / f"seg{z:04d}.tif", labels[z])
+    return images, labels
+
+
+def test_mitoem_release_tiff_folders(tmp_path):
+    images, labels = _write_mitoem_release(tmp_path / "EM30-H")
+    out = tmp_path / "out"
+    mitoem.main(["release", "--images", str(tmp_path / "EM30-H" / "im"),
+                 "--train-labels", str(tmp_path / "EM30-H" / "mito-train-v2"),
+                 "--val-labels", str(tmp_path / "EM30-H" / "mito-val-v2"), "--out", str(out)])
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["counts"] == {"train": 8, "val": 2, "test": 0}
+    assert meta["pixel_size_nm"] == 8.0 and meta["labels"]["kind"] == "instance"
+    for split in ("train", "val"):
+        index, got_images, got_labels = _read_split(out, split)
+        assert index == meta["splits"][split]["slices"]
+        for z, image, label in zip(index, got_images, got_labels):
+            np.testing.assert_array_equal(image, images[z])
+            assert label.dtype == np.uint16
+            np.testing.assert_array_equal(label, labels[z])  # ids exactly as released
+
+
+def test_mitoem_release_hdf5_volumes(tmp_path):
+    images, labels = _write_mitoem_release(tmp_path / "EM30-R")
+    with h5py.File(tmp_path / "mito_train_instance.h5", "w") as f:
+        f.create_dataset("main", data=labels[:8].astype(np.uint32), compression="gzip")
+    with h5py.File(tmp_path / "mito_val_instance.h5", "w") as f:
+        f.create_dataset("main", data=labels[8:10].astype(np.uint32))
+    with h5py.File(tmp_path / "mito_test_instance.h5", "w") as f:
+        f.create_dataset("dataset_1", data=labels[10:12].astype(np.uint32))
+        f.create_dataset("extra", data=np.zeros(3))
+    out = tmp_path / "out"
+    common = ["release", "--images", str(tmp_path / "EM30-R" / "im"),
+              "--train-labels", str(tmp_path / "mito_train_instance.h5"),
+              "--val-labels", str(tmp_path / "mito_val_instance.h5"), "--val-z0", "8",
+              "--test-labels", str(tmp_path / "mito_test_instance.h5"), "--test-z0", "10",
+              "--out", str(out), "--z-step", "2"]
+    with pytest.raises(ValueError, match="mito_test_instance.h5.*--h5-key"):
+        mitoem.main(common)  # two datasets: the key must be chosen
+    with pytest.raises(KeyError, match="mito_train_instance.h5"):
+        mitoem.main(common + ["--h5-key", "dataset_1"])
+    test_only = tmp_path / "test_only.h5"
+    with h5py.File(test_only, "w") as f:
+        f.create_dataset("dataset_1", data=labels[10:12].astype(np.uint32))
+    common[common.index(str(tmp_path / "mito_test_instance.h5"))] = str(test_only)
+    mitoem.main(common)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["splits"]["train"]["slices"] == [0, 2, 4, 6]
+    assert meta["splits"]["val"]["slices"] == [8]
+    assert meta["splits"]["test"]["slices"] == [10]
+    for split in ("train", "val", "test"):
+        index, got_images, got_labels = _read_split(out, split)
+        for z, image, label in zip(index, got_images, got_labels):
+            np.testing.assert_array_equal(image, images[z])
+            assert label.dtype == np.uint32
+            np.testing.assert_array_equal(label, labels[z])
+
+
+def test_mitoem_release_missing_image_names_it(tmp_path):
+    _write_mitoem_release(tmp_path / "EM30-H")
+    (tmp_path / "EM30-H" / "im" / "im0003.png").unlink()
+    with pytest.raises(FileNotFoundError, match="im0003.png"):
+        mitoem.convert_release(tmp_path / "EM30-H" / "im", tmp_path / "out",
+                               train_labels=tmp_path / "EM30-H" / "mito-train-v2")
+
+
+def _write_biapy(src: Path, splits=("train", "val", "test"), n: int = 3) -> dict:
+    written = {}
+    for k, split in enumerate(splits):
+        (src / split / "x").mkdir(parents=True)
+        (src / split / "y").mkdir(parents=True)
+        images, labels = _images(n, 10 + k), _instances(n, 20 + k)
+        for i in range(n):
+            z = 100 * k + i
+            tifffile.imwrite(src / split / "x" / f"im{z:04d}.tif", images[i])
+            tifffile.imwrite(src / split / "y" / f"im{z:04d}.tif", labels[i], compression="zlib")
+            written[(split, z)] = (images[i], labels[i])
+    return written
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_mitoem_biapy_layout_checked_and_copied(tmp_path, link):
+    written = _write_biapy(tmp_path / "MitoEM-H")
+    out = tmp_path / "out"
+    mitoem.main(["biapy", "--src", str(tmp_path / "MitoEM-H"), "--out", str(out)] + (["--link"] if link else []))
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["counts"] == {"train": 3, "val": 3, "test": 3} and meta["linked"] is link
+    for (split, z), (image, label) in written.items():
+        x, y = out / split / "x" / f"im{z:04d}.tif", out / split / "y" / f"seg{z:04d}.tif"
+        assert x.is_symlink() is link and y.is_symlink() is link
+        np.testing.assert_array_equal(tifffile.imread(x), image)
+        np.testing.assert_array_equal(tifffile.imread(y), label)
+        assert y.read_bytes() == (tmp_path / "MitoEM-H" / split / "y" / f"im{z:04d}.tif").read_bytes()
+
+
+def test_mitoem_biapy_val_carved_and_errors(tmp_path):
+    _write_biapy(tmp_path / "A", splits=("train",), n=10)
+    mitoem.convert_biapy(tmp_path / "A", tmp_path / "outA", val_fraction=0.2)
+    meta = json.loads((tmp_path / "outA" / "dataset.json").read_text())
+    assert meta["counts"] == {"train": 8, "val": 2, "test": 0} and meta["val_from_train"]
+    assert meta["splits"]["val"]["slices"] == [8, 9]
+
+    _write_biapy(tmp_path / "B", splits=("train", "test"))
+    bad = tmp_path / "B" / "test" / "y" / "im0101.tif"
+    tifffile.imwrite(bad, np.zeros((H + 2, W), np.uint16))
+    with pytest.raises(ValueError, match="shape mismatch.*im0101.tif"):
+        mitoem.convert_biapy(tmp_path / "B", tmp_path / "outB")
+    tifffile.imwrite(bad, np.zeros((H, W), np.float32))
+    with pytest.raises(ValueError, match="im0101.tif.*integer"):
+        mitoem.convert_biapy(tmp_path / "B", tmp_path / "outB")
+    bad.unlink()
+    with pytest.raises(ValueError, match="test/x has 3 slices but .*test/y has 2"):
+        mitoem.convert_biapy(tmp_path / "B", tmp_path / "outB")
+    with pytest.raises(FileNotFoundError, match="train"):
+        mitoem.convert_biapy(tmp_path / "nothing", tmp_path / "outC")
+
+
+# ---------------------------------------------------------------------------
+# Generic
+
+
+def test_generic_png_folders_with_numbers(tmp_path):
+    images, labels = _images(10, 5), _instances(10, 6)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    for z in range(10):
+        cv2.imwrite(str(tmp_path / "img" / f"slice_{z}.png"), images[z])  # unpadded numbers: natural order
+        cv2.imwrite(str(tmp_path / "lab" / f"mask{z:03d}.png"), labels[z])  # 16-bit PNG ids
+    out = tmp_path / "out"
+    generic.main(["--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "--out", str(out),
+                  "--splits", "0.6,0.2,0.2", "--pixel-size-in", "4"])
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["counts"] == {"train": 6, "val": 2, "test": 2}
+    assert meta["splits"]["test"]["slices"] == [8, 9] and meta["pixel_size_nm"] == 4.0
+    assert meta["labels"]["kind"] == "instance"
+    for split in ("train", "val", "test"):
+        for z, image, label in zip(*_read_split(out, split)):
+            np.testing.assert_array_equal(image, images[z])
+            np.testing.assert_array_equal(label, labels[z])
+
+
+def test_generic_stacks_binary_uint16_images_and_shuffle(tmp_path):
+    images = _images(8, 7, dtype=np.uint16)
+    masks = (np.random.default_rng(8).random((8, H, W)) > 0.7).astype(np.uint8) * 255
+    tifffile.imwrite(tmp_path / "stack.tif", images)
+    np.save(tmp_path / "masks.npy", masks)
+    out = tmp_path / "out"
+    generic.main(["--images", str(tmp_path / "stack.tif"), "--labels", str(tmp_path / "masks.npy"),
+                  "--out", str(out), "--shuffle", "--seed", "1"])
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"]["kind"] == "binary" and meta["shuffled"] and meta["seed"] == 1
+    slices = sum((meta["splits"][s]["slices"] for s in c.SPLITS), [])
+    assert sorted(slices) == list(range(8)) and slices != list(range(8))
+    for split in c.SPLITS:
+        for z, image, label in zip(*_read_split(out, split)):
+            assert image.dtype == np.uint16  # 16-bit PNG, lossless
+            np.testing.assert_array_equal(image, images[z])
+            assert label.dtype == np.uint8
+            np.testing.assert_array_equal(label, masks[z] // 255)
+
+
+def test_generic_errors_and_overwrite(tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", _images(4))
+    tifffile.imwrite(tmp_path / "lab.tif", _instances(3))
+    with pytest.raises(ValueError, match="lab.tif.*3"):
+        generic.convert_generic(tmp_path / "img.tif", tmp_path / "lab.tif", tmp_path / "o")
+    tifffile.imwrite(tmp_path / "lab.tif", np.zeros((4, H, W + 4), np.uint8))
+    with pytest.raises(ValueError, match="shape mismatch: image img.tif\\[0\\].*lab.tif\\[0\\]"):
+        generic.convert_generic(tmp_path / "img.tif", tmp_path / "lab.tif", tmp_path / "o")
+    tifffile.imwrite(tmp_path / "lab.tif", np.full((4, H, W), 0.5, np.float32))
+    with pytest.raises(ValueError, match="lab.tif\\[0\\].*non-integer"):
+        generic.convert_generic(tmp_path / "img.tif", tmp_path / "lab.tif", tmp_path / "o")
+    (tmp_path / "img.gif").write_bytes(b"GIF89a")
+    with pytest.raises(ValueError, match="unsupported format '.gif' for .*img.gif"):
+        generic.convert_generic(tmp_path / "img.gif", tmp_path / "lab.tif", tmp_path / "o")
+
+    tifffile.imwrite(tmp_path / "lab.tif", _instances(4))
+    out = tmp_path / "ok"
+    generic.convert_generic(tmp_path / "img.tif", tmp_path / "lab.tif", out)
+    before = (out / "dataset.json").read_text()
+    with pytest.raises(FileExistsError, match=str(out)):
+        generic.main(["--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "--out", str(out)])
+    assert (out / "dataset.json").read_text() == before  # nothing was touched
+    generic.main(["--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"),
+                  "--out", str(out), "--overwrite", "--crop", "8", "8", "32", "40"])
+    _, images, labels = _read_split(out, "train")
+    assert images[0].shape == labels[0].shape == (32, 40)
+
+
+def test_clis_have_help(capsys):
+    for module in (lucchi, generic, mitoem):
+        with pytest.raises(SystemExit) as exc:
+            module.main(["--help"])
+        assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "training_groundtruth.tif" in text and "mito-train-v2" in text and "--shuffle" in text
