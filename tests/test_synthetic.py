@@ -176,3 +176,16 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
         synthetic.main(args)
     synthetic.main(args + ["--overwrite", "--appearance", '{"contrast": 0.5}'])
     assert json.loads((out / "dataset.json").read_text())["generator"]["appearance"]["contrast"] == 0.5
+
+
+def test_compare_figure_writes_png(tmp_path):
+    from data_prep import compare_figure
+
+    real = tmp_path / "real.png"
+    image, _, _ = generate_slice(160, seed=9, n_objects=5)
+    import cv2
+
+    cv2.imwrite(str(real), image)
+    out = tmp_path / "docs" / "fig.png"
+    compare_figure.main(["--real", str(real), "--out", str(out), "--crop", "128"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
