@@ -29,21 +29,26 @@ from .config import ModelConfig
 # ----------------------------------------------------------------------------
 # Layers (tensor -> tensor blocks)
 
+# Moving statistics follow the data within tens of steps instead of hundreds
+# (Keras' 0.99): with few slices and short epochs, validation otherwise runs on
+# stale batch statistics. Same value as PyTorch's default (momentum 0.1).
+BN_MOMENTUM = 0.9
+
 
 def conv_block(x, filters: int, stage: str, residual: bool = True, dropout: float = 0.0):
     """Two 3x3 conv-BN-ReLU; optionally residual. (B, H, W, C) -> (B, H, W, filters)."""
     shortcut = x
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal", name=f"{stage}_conv1")(x)
-    y = layers.BatchNormalization(name=f"{stage}_bn1")(y)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{stage}_bn1")(y)
     y = layers.Activation("relu", name=f"{stage}_relu1")(y)
     if dropout:
         y = layers.SpatialDropout2D(dropout, name=f"{stage}_dropout")(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal", name=f"{stage}_conv2")(y)
-    y = layers.BatchNormalization(name=f"{stage}_bn2")(y)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{stage}_bn2")(y)
     if residual:
         if shortcut.shape[-1] != filters:
             shortcut = layers.Conv2D(filters, 1, use_bias=False, kernel_initializer="he_normal", name=f"{stage}_shortcut")(shortcut)
-            shortcut = layers.BatchNormalization(name=f"{stage}_shortcut_bn")(shortcut)
+            shortcut = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{stage}_shortcut_bn")(shortcut)
         y = layers.Add(name=f"{stage}_add")([y, shortcut])
     return layers.Activation("relu", name=f"{stage}_relu2")(y)
 

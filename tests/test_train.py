@@ -1,0 +1,122 @@
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from xmdl_tf.config import Config
+from xmdl_tf.train import main as train_main
+
+ARGS = ["--tile-size", "32", "--depth", "3", "--base-filters", "8", "--batch-size", "8", "--tiles-per-slice", "8",
+        "--no-jit"]
+
+
+def test_short_training_learns_blobs(blob_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(["--data", str(blob_dataset), "--out", str(out), *ARGS, "--epochs", "14",
+                       "--steps-per-epoch", "12", "--patience", "5", "--lr", "3e-3"]) == 0
+    for name in ("model.keras", "config.json", "history.csv", "training_curves.png"):
+        assert (out / name).is_file(), name
+    h = pd.read_csv(out / "history.csv")
+    assert {"loss", "val_loss", "f1", "val_f1", "val_iou", "val_precision", "val_recall"} <= set(h.columns)
+    assert h["val_f1"].max() > 0.9
+    cfg = Config.load(out / "config.json")
+    assert cfg.model.depth == 3 and cfg.train.learning_rate == 3e-3 and cfg.data.tile_size == 32
+    assert cfg.info["versions"]["tensorflow"] and cfg.info["data"][0]["train_slices"] == ["im0000", "im0001", "im0002", "im0003"]
+
+    # EarlyStopping kept the best weights: model.keras scores the best validation loss.
+    from xmdl_tf.data import SliceRegion, validation_dataset
+    from xmdl_tf.io import split_pairs
+    from xmdl_tf.losses import SegmentationLoss, pooled_metrics
+
+    model = keras.models.load_model(out / "model.keras", compile=False)
+    model.compile(loss=SegmentationLoss(), metrics=pooled_metrics())
+    val = validation_dataset([SliceRegion(p) for p in split_pairs(blob_dataset, "val")], cfg.data, 8)
+    res = model.evaluate(val, return_dict=True, verbose=0)
+    best = h["val_loss"].idxmin()
+    assert res["loss"] == pytest.approx(h["val_loss"][best], abs=2e-3)
+    assert res["f1"] == pytest.approx(h["val_f1"][best], abs=2e-3)
+
+    # Evaluate whole test slices with the trained model.
+    from xmdl_tf.evaluate import main as eval_main
+
+    assert eval_main(["--model", str(out), "--data", str(blob_dataset), "--split", "test", "--out", str(tmp_path / "ev"),
+                      "--tile", "64", "--overlap", "16"]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n_images"] == 2 and metrics["n_pixels"] == 2 * 128 * 128
+    assert metrics["f1"] > 0.85 and 0 <= metrics["iou"] <= metrics["f1"] <= 1
+    per = pd.read_csv(tmp_path / "ev" / "per_image.csv")
+    assert list(per["image"]) == ["im0006", "im0007"] and int(per["tp"].sum()) == metrics["tp"]
+    with pytest.raises(FileExistsError):
+        eval_main(["--model", str(out), "--data", str(blob_dataset), "--out", str(tmp_path / "ev")])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(blob_dataset, tmp_path):
+    from xmdl_tf.train import build_parser, config_from_args, train
+
+    out = tmp_path / "run"
+    argv = ["--data", str(blob_dataset), "--out", str(out), *ARGS, "--epochs", "4", "--steps-per-epoch", "3",
+            "--patience", "10"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+
+    class KillMidEpoch(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if self._epoch == 2 and batch == 1:
+                raise Interrupt()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch = epoch
+
+    with pytest.raises(Interrupt):
+        train([str(blob_dataset)], out, cfg, callbacks=[KillMidEpoch()], verbose=0)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and not state["finished"]  # epochs 1 and 2 done, the third lost
+    weights_before = keras.models.load_model(out / "checkpoint" / "last.keras").get_weights()
+
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+        def on_train_begin(self, logs=None):
+            # Resumed from the checkpoint, not from scratch.
+            np.testing.assert_allclose(self.model.get_weights()[0], weights_before[0])
+
+    train([str(blob_dataset)], out, cfg, callbacks=[Record()], verbose=0)
+    assert seen == [2, 3]
+    h = pd.read_csv(out / "history.csv")
+    assert list(h["epoch"]) == [1, 2, 3, 4]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["finished"]
+    # A different configuration in the same folder is refused, nothing is overwritten.
+    with pytest.raises(FileExistsError, match="different configuration"):
+        train_main([*argv[:4], *ARGS, "--epochs", "9"])
+
+
+def test_carves_validation_when_no_val_split(tmp_path):
+    from conftest import write_split
+
+    write_split(tmp_path / "one", "train", 1, size=96)
+    out = tmp_path / "run"
+    train_main(["--data", str(tmp_path / "one"), "--out", str(out), *ARGS, "--epochs", "1", "--steps-per-epoch", "2"])
+    info = Config.load(out / "config.json").info["data"][0]
+    assert "held-back" in info["validation"]
+
+
+def test_errors(blob_dataset, tmp_path):
+    from xmdl_tf.io import DataError
+
+    with pytest.raises(DataError, match="not found"):
+        train_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), *ARGS])
+    with pytest.raises(ValueError, match="not divisible"):
+        train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "r"), *ARGS[2:], "--tile-size", "30"])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a resumable run"):
+        train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "busy"), *ARGS])
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
