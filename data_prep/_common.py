@@ -152,7 +152,10 @@ def _folder_stack(path: Path, *, label: bool, pattern: str | None) -> Stack:
 def _tiff_stack(path: Path) -> Stack:
     with tifffile.TiffFile(path) as tif:
         shape = tif.series[0].shape
+        axes = tif.series[0].axes
         n_pages = len(tif.pages)
+    if "S" in axes:  # RGB(A) samples: one colour slice, converted to grey on reading
+        return Stack(path, (path.name,), (0,), lambda i: read_image_file(path))
     squeezed = tuple(s for s in shape if s != 1)
     if len(squeezed) == 2:
         n = 1

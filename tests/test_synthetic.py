@@ -2,6 +2,8 @@
 
 import json
 
+import cv2
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from skimage.measure import regionprops
 from skimage.morphology import skeletonize
 
 from data_prep import synthetic
+from data_prep._common import read_image_file
 from data_prep.synthetic import SHAPE_CLASSES, generate_dataset, generate_slice, slice_seed
 
 NM = 5.0
@@ -131,7 +134,7 @@ def test_each_class_has_its_geometry(slices):
 
 def test_geometry_is_physical_at_another_pixel_size():
     """At 10 nm/px the classes keep their areas in um^2, not in px."""
-    _, instances, objects = generate_slice(256, seed=2, pixel_size_nm=10.0, n_objects=5)
+    _, _, objects = generate_slice(256, seed=2, pixel_size_nm=10.0, n_objects=5)
     assert len(objects) == 5
     for row in objects.itertuples():
         assert row.area_um2 == pytest.approx(row.area_px * 1e-4)
@@ -159,7 +162,6 @@ def test_generate_dataset_layout_and_round_trip(tmp_path):
             np.testing.assert_array_equal(label, instances)  # exact, lossless
             with tifffile.TiffFile(out / split / "y" / f"seg{i:04d}.tif") as tif:
                 assert tif.pages[0].compression == 8  # zlib
-            from data_prep._common import read_image_file
             np.testing.assert_array_equal(read_image_file(out / split / "x" / f"im{i:04d}.png"), image)
             csv = pd.read_csv(out / split / "objects" / f"obj{i:04d}.csv")
             np.testing.assert_array_equal(csv["id"], objects["id"])
@@ -183,8 +185,6 @@ def test_compare_figure_writes_png(tmp_path):
 
     real = tmp_path / "real.png"
     image, _, _ = generate_slice(160, seed=9, n_objects=5)
-    import cv2
-
     cv2.imwrite(str(real), image)
     out = tmp_path / "docs" / "fig.png"
     compare_figure.main(["--real", str(real), "--out", str(out), "--crop", "128"])
