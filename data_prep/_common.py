@@ -154,7 +154,7 @@ def _tiff_stack(path: Path) -> Stack:
         shape = tif.series[0].shape
         axes = tif.series[0].axes
         n_pages = len(tif.pages)
-    if "S" in axes:  # RGB(A) samples: one colour slice, converted to grey on reading
+    if axes.endswith("S") and shape[-1] in (3, 4):  # one RGB(A) slice, made grey on reading
         return Stack(path, (path.name,), (0,), lambda i: read_image_file(path))
     squeezed = tuple(s for s in shape if s != 1)
     if len(squeezed) == 2:
