@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from skimage.measure import regionprops_table
-from skimage.morphology import skeletonize
+from skimage.morphology import skeletonize, thin
 
 __all__ = ["SHAPE_CLASSES", "ShapeRules", "classify", "measure", "skeleton_stats", "summarize"]
 
@@ -71,22 +71,6 @@ def _neighbours(skel: np.ndarray) -> np.ndarray:
     return np.where(skel, count, 0)
 
 
-def _segments(skel: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-    """Branch pieces: the skeleton minus its junction pixels and their neighbours.
-
-    Removing the 3x3 neighbourhood of every junction separates branches that
-    touch diagonally around it and merges junction clusters (e.g. the short
-    middle piece of an X) into one node.
-
-    Returns:
-        labels of the pieces (8-connected), their number, and the junction mask.
-    """
-    junction = _neighbours(skel) >= 3
-    core = skel & ~ndi.binary_dilation(junction, np.ones((3, 3), bool))
-    labels, n = ndi.label(core, np.ones((3, 3), bool))
-    return labels, n, junction
-
-
 def _path_length(skel: np.ndarray) -> float:
     """Centre-to-centre length of an 8-connected skeleton, pixels.
 
@@ -101,16 +85,115 @@ def _path_length(skel: np.ndarray) -> float:
     return ortho + math.sqrt(2) * (np.count_nonzero(dr) + np.count_nonzero(dl))
 
 
+def _trace_spur(skel: np.ndarray, nb: np.ndarray, end: tuple[int, int]) -> tuple[list, tuple[int, int]] | None:
+    """Walk from an end pixel to the first junction pixel (>= 3 neighbours).
+
+    Returns:
+        the path (end first, junction excluded) and the junction, or None if
+        the walk reaches another end (the skeleton is a simple curve).
+    """
+    path, prev, cur = [], None, end
+    while True:
+        path.append(cur)
+        nxt = [
+            (cur[0] + dy, cur[1] + dx)
+            for dy, dx in _RING
+            if skel[cur[0] + dy, cur[1] + dx] and (cur[0] + dy, cur[1] + dx) != prev
+        ]
+        if not nxt:
+            return None
+        prev, cur = cur, nxt[0]
+        if nb[cur] >= 3:
+            return path, cur
+        if nb[cur] == 1:
+            return None
+
+
+def _graph(skel: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Cut a skeleton into junction zones and branch pieces.
+
+    Junction pixels (>= 3 neighbours) with their 3x3 neighbourhood form the
+    zones (clusters, e.g. the short middle of an X, are one zone); the rest
+    are pieces. Cutting the neighbourhood too separates pieces that touch
+    diagonally around a junction.
+
+    Returns:
+        zone labels, piece labels (both 8-connected, int32), the number of
+        pieces, and each zone's degree (pieces touching it; index 0 unused).
+    """
+    eight = np.ones((3, 3), bool)
+    zone = ndi.binary_dilation(_neighbours(skel) >= 3, eight) & skel
+    pieces, n_pieces = ndi.label(skel & ~zone, eight)
+    zones, n_zones = ndi.label(zone, eight)
+    keys = []
+    for dy, dx in _RING:  # every (zone, piece) pair that touches, even diagonally
+        near = _shifted(zones, dy, dx)
+        touch = (near > 0) & (pieces > 0)
+        keys.append(near[touch].astype(np.int64) * (n_pieces + 1) + pieces[touch])
+    pairs = np.unique(np.concatenate(keys))
+    degree = np.bincount(pairs // (n_pieces + 1), minlength=n_zones + 1)
+    return zones, pieces, n_pieces, degree
+
+
+def _prune(skel: np.ndarray, dist: np.ndarray, spur_factor: float, max_rounds: int = 10) -> np.ndarray:
+    """Remove terminal branches that do not protrude beyond the junction's disc.
+
+    A terminal branch from junction J to end E protrudes by
+    |JE| + r(E) - r(J) beyond the largest disc centred at J (r = distance to
+    the background); it is noise if that is < ``spur_factor`` * r(J). Zones
+    touched by a single piece are tiny forks or loops at a branch end and are
+    cut first. Rounds repeat because removing spurs can expose new ones.
+    """
+    skel = skel.copy()
+    for _ in range(max_rounds):
+        nb = _neighbours(skel)
+        if not (nb >= 3).any():
+            break
+        zones, _, n_pieces, degree = _graph(skel)
+        tips = np.flatnonzero(degree <= 1)
+        tips = tips[tips > 0]
+        if n_pieces and len(tips):
+            skel &= ~np.isin(zones, tips)
+            continue
+        drop = []
+        for end in zip(*np.nonzero(nb == 1)):
+            traced = _trace_spur(skel, nb, end)
+            if traced is None:
+                continue
+            path, junction = traced
+            reach = math.hypot(end[0] - junction[0], end[1] - junction[1]) + dist[end] - dist[junction]
+            if reach < spur_factor * dist[junction]:
+                drop.extend(path)
+        if not drop:
+            break
+        skel[tuple(np.array(drop).T)] = False
+    return skel
+
+
+def _count_branches(skel: np.ndarray) -> int:
+    """Branches of a pruned skeleton: 1 for a curve or loop, 3 for a Y, 4 for an X.
+
+    A zone touched by exactly two pieces is a kink, not a junction: its two
+    pieces are one branch.
+    """
+    if not skel.any():
+        return 0
+    _, _, n_pieces, degree = _graph(skel)
+    return max(1, n_pieces - int(np.count_nonzero(degree[1:] == 2)))
+
+
 def skeleton_stats(obj: np.ndarray, spur_factor: float = 1.0) -> tuple[float, int, np.ndarray]:
     """Pruned medial skeleton of one object, its length and number of branches.
 
-    Terminal branches shorter than ``spur_factor`` x the object's local
-    half-width at their junction are boundary noise (every blunt end of a
-    thick object grows such forks) and are pruned once before measuring.
+    Every blunt end or boundary bump of a thick object grows a short skeleton
+    spur; a terminal branch counts only if it protrudes beyond the largest
+    disc inscribed at its junction by at least ``spur_factor`` times that
+    disc's radius (see ``_prune``).
 
     Args:
         obj: (h, w) bool mask of one object.
-        spur_factor: spur pruning length, in units of the local half-width.
+        spur_factor: minimum protrusion of a terminal branch, in units of the
+            local half-width at its junction.
 
     Returns:
         skeleton length in pixels (centre to centre; for a straight bar of
@@ -119,26 +202,13 @@ def skeleton_stats(obj: np.ndarray, spur_factor: float = 1.0) -> tuple[float, in
         Y, 4 for an X, 0 for an empty mask) and the (h, w) bool skeleton.
     """
     obj = np.pad(np.asarray(obj, bool), 2)
-    skel = skeletonize(obj)
-    if not skel.any():
-        return 0.0, 0, skel[2:-2, 2:-2]
-    labels, n, junction = _segments(skel)
-    if junction.any() and n:
+    # thin() removes the small loops and plus-shaped clusters skeletonize()
+    # leaves at blunt ends, so every free end is a pixel with one neighbour.
+    skel = thin(skeletonize(obj))
+    if (_neighbours(skel) >= 3).any():
         dist = cv2.distanceTransform(obj.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-        ends = _neighbours(skel) == 1
-        idx = np.arange(1, n + 1)
-        length = ndi.sum(np.ones_like(labels), labels, idx)
-        is_terminal = ndi.maximum(ends, labels, idx) > 0
-        # Local half-width next to each piece: the widest junction pixel it touches.
-        near = ndi.grey_dilation(np.where(junction, dist, 0), size=(5, 5))
-        width = ndi.maximum(near, labels, idx)
-        reach = length + 1  # + the pixel next to the junction, removed with it
-        spur = is_terminal & (reach < spur_factor * width)
-        if spur.any():
-            skel = skel & ~np.isin(labels, idx[spur])
-            labels, n, junction = _segments(skel)
-    n_branches = n if junction.any() and n else 1
-    return _path_length(skel), int(n_branches), skel[2:-2, 2:-2]
+        skel = _prune(skel, dist, spur_factor)
+    return _path_length(skel), _count_branches(skel), skel[2:-2, 2:-2]
 
 
 # Measurements
@@ -225,9 +295,9 @@ def measure(
         }
     )  # fmt: skip
     if image is not None:
-        table["mean_intensity"] = _means(np.asarray(image, np.float64), labels, ids)
+        table["mean_intensity"] = _means(np.asarray(image, np.float64), labels, ids, area)
     if heatmap is not None:
-        table["gradcam_mean"] = _means(np.asarray(heatmap, np.float64), labels, ids)
+        table["gradcam_mean"] = _means(np.asarray(heatmap, np.float64), labels, ids, area)
     table["pixel_size_nm"] = float(pixel_size_nm) if pixel_size_nm is not None else np.nan
     if pixel_size_nm is not None:
         for col, (phys, power) in _PHYSICAL.items():
@@ -235,11 +305,10 @@ def measure(
     return table
 
 
-def _means(values: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Mean of ``values`` over each object id, (n,) float64."""
-    if len(ids) == 0:
-        return np.zeros(0)
-    return np.asarray(ndi.mean(values, labels, ids), np.float64)
+def _means(values: np.ndarray, labels: np.ndarray, ids: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Mean of (H, W) ``values`` over each object id, (n,) float64."""
+    sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=int(ids.max(initial=0)) + 1)
+    return sums[ids] / area
 
 
 # Shape classes

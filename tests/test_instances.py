@@ -1,0 +1,200 @@
+"""Instance separation and instance-level scores on hand-drawn masks."""
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+from skimage.draw import disk, ellipse
+
+from xmdl_tf.instances import mask_to_instances, match_instances, min_size_px_from_area
+
+
+def _discs(shape, centres, radius):
+    mask = np.zeros(shape, bool)
+    for c in centres:
+        rr, cc = disk(c, radius, shape=shape)
+        mask[rr, cc] = True
+    return mask
+
+
+def _thick_polyline(shape, points, width):
+    mask = np.zeros(shape, np.uint8)
+    cv2.polylines(mask, [np.asarray(points, np.int32)], False, 1, width)
+    return mask.astype(bool)
+
+
+def test_separated_objects_counted_exactly():
+    centres = [(16 + 32 * i, 16 + 32 * j) for i in range(3) for j in range(3)]
+    mask = _discs((96, 96), centres, 10)
+    labels = mask_to_instances(mask)
+    assert labels.dtype == np.uint16
+    assert labels.max() == 9
+    assert sorted(np.unique(labels)) == list(range(10))  # consecutive ids
+    assert np.array_equal(labels > 0, mask)
+
+
+def test_two_touching_discs_are_split_evenly():
+    mask = _discs((64, 96), [(32, 30), (32, 58)], 15)  # neck half-width ~5 px
+    assert mask_to_instances(mask, separate=False).max() == 1
+    labels = mask_to_instances(mask)
+    assert labels.max() == 2
+    areas = np.bincount(labels.ravel())[1:]
+    assert abs(areas[0] - areas[1]) <= 0.05 * areas.mean()
+    left, right = labels[32, 30], labels[32, 58]
+    assert left != right and left > 0 and right > 0
+
+
+def test_small_touching_discs_are_split():
+    mask = _discs((40, 60), [(20, 20), (20, 33)], 7)
+    assert mask_to_instances(mask).max() == 2
+
+
+def test_wide_overlap_is_one_object():
+    # Neck almost as wide as the bodies: one (peanut-shaped) object, not two.
+    mask = _discs((64, 96), [(32, 38), (32, 56)], 15)
+    assert mask_to_instances(mask).max() == 1
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        _thick_polyline((64, 256), [(20, 32), (236, 32)], 16),  # straight tube
+        _thick_polyline((128, 256), [(20, 100), (80, 30), (160, 90), (236, 20)], 12),  # bent tube
+    ],
+    ids=["straight_tube", "bent_tube"],
+)
+def test_tubes_are_not_split(mask):
+    assert mask_to_instances(mask).max() == 1
+
+
+def test_long_ellipse_is_not_split():
+    mask = np.zeros((100, 260), bool)
+    rr, cc = ellipse(50, 130, 12, 115, rotation=0.3, shape=mask.shape)
+    mask[rr, cc] = True
+    assert mask_to_instances(mask).max() == 1
+
+
+def test_noisy_tube_and_branched_object_are_not_split():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((96, 256), bool)
+    for x in np.linspace(20, 236, 300):
+        rr, cc = disk((48 + 20 * math.sin(x / 30), x), 7 + rng.normal(0, 0.8), shape=mask.shape)
+        mask[rr, cc] = True
+    assert mask_to_instances(mask).max() == 1
+    y = np.zeros((160, 160), np.uint8)
+    for angle in (90, 210, 330):
+        a = math.radians(angle)
+        cv2.line(y, (80, 80), (int(80 + 60 * math.cos(a)), int(80 - 60 * math.sin(a))), 1, 10)
+    assert mask_to_instances(y).max() == 1
+
+
+def test_input_kinds_and_threshold():
+    mask = _discs((48, 48), [(24, 24)], 10)
+    prob = np.where(mask, 0.8, 0.3).astype(np.float32)
+    for arr in (mask, mask.astype(np.uint8), mask.astype(np.uint8) * 255, prob):
+        assert mask_to_instances(arr).max() == 1
+    assert mask_to_instances(prob, threshold=0.9).max() == 0
+    prob[0, 0] = np.nan  # NaN is background, not an error
+    assert mask_to_instances(prob)[0, 0] == 0
+    with pytest.raises(ValueError, match="2-D"):
+        mask_to_instances(np.zeros((2, 8, 8)))
+
+
+def test_fill_holes_and_min_size():
+    mask = _discs((64, 64), [(32, 32)], 20)
+    mask[28:36, 28:36] = False  # enclosed hole
+    mask[2:4, 2:4] = True  # 4-pixel speck
+    filled = mask_to_instances(mask)
+    assert filled.max() == 2 and filled[32, 32] > 0
+    assert mask_to_instances(mask, fill_holes=False)[32, 32] == 0
+    kept = mask_to_instances(mask, min_size_px=5)
+    assert kept.max() == 1 and kept[3, 3] == 0
+    assert mask_to_instances(mask, min_size_px=4).max() == 2  # the limit is inclusive
+
+
+def test_uint32_when_ids_exceed_uint16():
+    mask = np.zeros((512, 512), bool)
+    mask[::2, ::2] = True  # 65,536 isolated pixels
+    labels = mask_to_instances(mask, separate=False)
+    assert labels.dtype == np.uint32 and labels.max() == 65_536
+
+
+def test_min_size_from_area():
+    assert min_size_px_from_area(50_000, 5.0) == 2000
+    assert min_size_px_from_area(1000, 3.0) == 112  # ceil(111.1)
+    assert min_size_px_from_area(100, 0.1) == 10_000  # no float round-up
+    with pytest.raises(ValueError):
+        min_size_px_from_area(100, 0)
+    with pytest.raises(ValueError):
+        min_size_px_from_area(-1, 5)
+
+
+def _labels_from_boxes(shape, boxes):
+    labels = np.zeros(shape, np.uint16)
+    for i, (y0, y1, x0, x1) in enumerate(boxes, start=1):
+        labels[y0:y1, x0:x1] = i
+    return labels
+
+
+def test_match_identical():
+    true = _labels_from_boxes((40, 40), [(0, 10, 0, 10), (20, 30, 0, 10), (0, 10, 20, 30)])
+    r = match_instances(true, true)
+    assert (r["tp"], r["fp"], r["fn"]) == (3, 0, 0)
+    assert r["precision"] == r["recall"] == r["f1"] == r["mean_matched_iou"] == 1.0
+    assert r["count_error"] == 0
+
+
+def test_match_one_missed_and_ids_arbitrary():
+    true = _labels_from_boxes((40, 40), [(0, 10, 0, 10), (20, 30, 0, 10), (0, 10, 20, 30)])
+    pred = np.where(true == 3, 0, true * 7).astype(np.uint32)  # ids 7 and 14, object 3 missed
+    r = match_instances(pred, true)
+    assert (r["tp"], r["fp"], r["fn"], r["n_pred"], r["n_true"]) == (2, 0, 1, 2, 3)
+    assert r["precision"] == 1.0
+    assert r["recall"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(0.8)
+    assert r["count_error"] == -1
+
+
+def test_match_shift_below_threshold_is_unmatched():
+    true = _labels_from_boxes((20, 40), [(0, 10, 0, 10)])
+    pred = _labels_from_boxes((20, 40), [(0, 10, 4, 14)])  # IoU = 60 / 140 = 0.43
+    r = match_instances(pred, true)
+    assert (r["tp"], r["fp"], r["fn"]) == (0, 1, 1)
+    assert r["f1"] == 0.0 and math.isnan(r["mean_matched_iou"])
+    r = match_instances(pred, true, iou_threshold=0.4)
+    assert r["tp"] == 1 and r["mean_matched_iou"] == pytest.approx(60 / 140)
+
+
+def test_match_maximises_number_of_matches():
+    # In one row: true X = [0, 10), Y = [10, 20); pred B = [0, 2), A = [2, 14).
+    # IoU: A-X 8/14, A-Y 4/18, B-X 2/10. Greedy A-X leaves B unmatched;
+    # the best matching at threshold 0.2 is A-Y + B-X.
+    true = _labels_from_boxes((1, 20), [(0, 1, 0, 10), (0, 1, 10, 20)])
+    pred = _labels_from_boxes((1, 20), [(0, 1, 0, 2), (0, 1, 2, 14)])
+    r = match_instances(pred, true, iou_threshold=0.2)
+    assert r["tp"] == 2
+    assert r["mean_matched_iou"] == pytest.approx((2 / 10 + 4 / 18) / 2)
+
+
+def test_match_empty_and_errors():
+    empty = np.zeros((8, 8), np.uint16)
+    r = match_instances(empty, empty)
+    assert r["tp"] == 0 and r["f1"] == 1.0
+    one = empty.copy()
+    one[2:4, 2:4] = 1
+    assert match_instances(empty, one)["f1"] == 0.0
+    assert match_instances(one, empty)["fp"] == 1
+    with pytest.raises(ValueError, match="shape"):
+        match_instances(empty, np.zeros((8, 9), np.uint16))
+
+
+def test_match_many_objects_against_separation():
+    # 400 separated discs: labels from the mask match the drawn truth exactly.
+    centres = [(10 + 20 * i, 10 + 20 * j) for i in range(20) for j in range(20)]
+    true = np.zeros((400, 400), np.uint16)
+    for k, c in enumerate(centres, start=1):
+        rr, cc = disk(c, 6)
+        true[rr, cc] = k
+    r = match_instances(mask_to_instances(true > 0), true)
+    assert r["tp"] == 400 and r["f1"] == 1.0
