@@ -36,6 +36,10 @@ from skimage.segmentation import watershed
 
 __all__ = ["mask_to_instances", "match_instances", "min_size_px_from_area"]
 
+# An enclosed hole at least this wide (inscribed radius, relative to the
+# thinnest object around it) is background between objects, not a gap to fill.
+_GAP_RATIO = 0.5
+
 
 def min_size_px_from_area(area_nm2: float, pixel_size_nm: float) -> int:
     """Minimum object size in pixels for a minimum area in nm^2.
@@ -78,6 +82,7 @@ def _as_label_dtype(labels: np.ndarray, n: int) -> np.ndarray:
 def _split_component(
     dist: np.ndarray,
     comp: np.ndarray,
+    *,
     min_distance_px: int,
     neck_ratio: float,
     min_depth_px: float,
@@ -91,7 +96,6 @@ def _split_component(
     Returns:
         (h, w) int32 labels 0..k (0 outside ``comp``), k >= 1.
     """
-    dist = np.where(comp, dist, 0)  # neighbours inside the bounding box must not mask peaks
     size = 2 * min_distance_px + 1
     peaks = comp & (dist == ndi.maximum_filter(dist, size=size, mode="constant"))
     markers, n = ndi.label(peaks, structure=np.ones((3, 3), bool))
@@ -167,7 +171,9 @@ def mask_to_instances(
         min_size_px: objects with fewer pixels (8-connected) are dropped,
             before separation. See ``min_size_px_from_area`` for nm^2.
         fill_holes: fill enclosed background holes (not those open to the
-            image border).
+            image border), except background enclosed by several touching
+            objects: holes that separate objects and are either cracks <= 2 px
+            wide or at least half as wide as the objects stay background.
         separate: split touching mitochondria; False keeps connected components.
         min_distance_px: radius of the local-maximum search for candidate
             markers; maxima closer than this are one candidate.
@@ -184,9 +190,8 @@ def mask_to_instances(
         objects 1..N in raster order of their first pixel's component.
     """
     fg = _foreground(mask_or_prob, threshold)
-    if fill_holes:
-        fg = ndi.binary_fill_holes(fg)
-    n, cc, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    filled = ndi.binary_fill_holes(fg) if fill_holes else fg
+    n, cc, stats, _ = cv2.connectedComponentsWithStats(filled.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     if min_size_px > 0:
         keep = stats[:, cv2.CC_STAT_AREA] >= min_size_px
         keep[0] = False
@@ -197,23 +202,74 @@ def mask_to_instances(
     if not separate or n <= 1:
         return _as_label_dtype(cc, n - 1)
 
-    fg = cc > 0
-    dist = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    if smooth_sigma_px > 0:
-        dist = cv2.GaussianBlur(dist, (0, 0), smooth_sigma_px)
-        dist[~fg] = 0
-
+    split = dict(min_distance_px=min_distance_px, neck_ratio=neck_ratio, min_depth_px=min_depth_px)
+    pad = 1 + math.ceil(3 * smooth_sigma_px)
     out = np.zeros(cc.shape, np.int64)
     next_id = 1
     for i, sl in enumerate(ndi.find_objects(cc), start=1):
         if sl is None:
             continue
+        sl = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, size)) for s, size in zip(sl, cc.shape))
         comp = cc[sl] == i
-        sub = _split_component(dist[sl], comp, min_distance_px, neck_ratio, min_depth_px)
-        k = int(sub.max())
+        holes = comp & ~fg[sl]
+        if holes.any():
+            # A hole enclosed by several touching mitochondria is background
+            # between them, not a gap inside one: filled, it would bridge them.
+            dist = _edt(comp & ~holes, smooth_sigma_px)
+            comp &= ~_gaps(holes, _split_component(dist, comp & ~holes, **split), dist)
+        sub = _split_component(_edt(comp, smooth_sigma_px), comp, **split)
         out[sl][comp] = sub[comp] + (next_id - 1)
-        next_id += k
+        next_id += int(sub.max())
     return _as_label_dtype(out, next_id - 1)
+
+
+def _edt(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """(h, w) float32 Euclidean distance to the background, Gaussian-smoothed.
+
+    OpenCV counts pixels beyond the array as foreground, which is right at
+    the image border; crops carry a background margin on their other sides.
+    """
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    if sigma > 0:
+        dist = cv2.GaussianBlur(dist, (0, 0), sigma)
+        dist[~mask] = 0
+    return dist
+
+
+def _gaps(holes: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """(h, w) bool: holes that are gaps between objects rather than inside one.
+
+    A hole is a gap if, with the holes left open, its rim touches two or more
+    separated objects and it is either at least ``_GAP_RATIO`` times as wide
+    (in inscribed radius) as the thinnest of them, or a crack at most two
+    pixels wide (the broken line of background left along a contact). Other holes are
+    gaps inside one mitochondrion, filled even if leaving them open would
+    make necks between them.
+
+    Args:
+        holes: (h, w) bool enclosed holes of one component.
+        labels: (h, w) int separation of the component with holes open.
+        dist: (h, w) float32 EDT used for that separation.
+    """
+    hole_ids, n = ndi.label(holes)
+    width = ndi.maximum(cv2.distanceTransform(holes.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE), hole_ids, np.arange(1, n + 1))
+    k = int(labels.max()) + 1
+    peak = np.zeros(k)
+    np.maximum.at(peak, labels.ravel(), dist.ravel())
+    pairs = []
+    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+        # Holes are enclosed, never on the crop edge, so roll never wraps onto them.
+        rim = np.roll(labels, (-dy, -dx), axis=(0, 1))
+        sel = (hole_ids > 0) & (rim > 0)
+        pairs.append(hole_ids[sel].astype(np.int64) * k + rim[sel])
+    pairs = np.unique(np.concatenate(pairs))
+    hole, obj = pairs // k, pairs % k
+    n_objects = np.bincount(hole, minlength=n + 1)
+    thinnest = np.full(n + 1, np.inf)
+    np.minimum.at(thinnest, hole, peak[obj])
+    width = np.asarray(width)
+    gap = (n_objects[1:] >= 2) & ((width >= _GAP_RATIO * thinnest[1:]) | (width <= 1))
+    return np.isin(hole_ids, np.flatnonzero(gap) + 1)
 
 
 def _ids_and_areas(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
