@@ -60,3 +60,14 @@ def test_stitched_equals_whole_image_prediction_of_a_conv_net():
     tiled = predict_tiled(fn, img, tile=tile, overlap=overlap, divisor=2, batch_size=4, margin=rf)
     inner = (slice(rf, -rf), slice(rf, -rf))
     np.testing.assert_allclose(tiled[inner], whole[inner], atol=1e-4)
+
+
+def test_dihedral_mean_is_exact_for_equivariant_and_restores_orientation():
+    from xmdl_tf.predict import dihedral_mean
+
+    x = np.random.default_rng(0).random((2, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(dihedral_mean(lambda t: t * 2, x), x * 2, atol=1e-6)
+    # A position-dependent function: its TTA is the mean over the symmetry group, still aligned with x.
+    ramp = np.arange(16, dtype=np.float32)[None, :, None, None]
+    out = dihedral_mean(lambda t: t + ramp, x)
+    np.testing.assert_allclose(out, x + 7.5, atol=1e-5)

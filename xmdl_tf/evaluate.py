@@ -21,7 +21,7 @@ DEFAULT_THRESHOLD = 0.5
 
 def evaluate(model, data: str, split: str = "test", out: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD,
              tile: int | None = None, overlap: int | None = None, batch_size: int = 4, labels: str | None = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, tta: bool = False) -> dict:
     """Whole-slice evaluation of `model` (a Predictor or a path) on a split.
 
     Returns the metrics dict written to `out/metrics.json`.
@@ -38,7 +38,7 @@ def evaluate(model, data: str, split: str = "test", out: str | Path | None = Non
         existing = [out / n for n in ("metrics.json", "per_image.csv") if (out / n).exists()]
         if existing and not overwrite:
             raise FileExistsError(f"{existing[0]} exists; use --overwrite or another --out")
-    predictor = load_model(model) if isinstance(model, (str, Path)) else model
+    predictor = load_model(model, tta=tta) if isinstance(model, (str, Path)) else model
     pairs = find_pairs(data, split, labels=labels)
     total: dict[str, int] = {}
     rows = []
@@ -59,6 +59,7 @@ def evaluate(model, data: str, split: str = "test", out: str | Path | None = Non
         "model": str(predictor.path),
         "data": str(Path(data).resolve()),
         "split": split,
+        "tta": bool(getattr(predictor, "tta", False)),
         "seconds": round(time.time() - t0, 1),
     }
     if out is not None:
@@ -87,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=None, help="inference tile size (default 512)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default 64)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 flips/rotations")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     result = evaluate(args.model, args.data, args.split, args.out, args.threshold, args.tile, args.overlap,
-                      args.batch_size, args.labels, args.overwrite)
+                      args.batch_size, args.labels, args.overwrite, args.tta)
     print(f"{args.data} [{args.split}]  pooled over {result['n_pixels']:,} pixels")
     print(format_table(result))
     if args.out:

@@ -67,6 +67,7 @@ class Predictor:
     config: Config
     path: Path
     jit_compile: bool = True
+    tta: bool = False  # average the 8 flips/rotations of each tile (8x the compute)
 
     def __post_init__(self):
         import tensorflow as tf
@@ -80,7 +81,9 @@ class Predictor:
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
         """float32 (n, h, w, 1) normalised tiles -> float32 (n, h, w, C) probabilities."""
-        return self._fn(x).numpy()
+        if not self.tta:
+            return self._fn(x).numpy()
+        return dihedral_mean(lambda t: self._fn(np.ascontiguousarray(t)).numpy(), x)
 
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                       batch_size: int = 4, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -103,7 +106,22 @@ class Predictor:
         return fn
 
 
-def load_model(path: str | Path, jit_compile: bool = True) -> Predictor:
+def dihedral_mean(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Test-time augmentation: mean of fn over the 8 flips/rotations of (n, h, w, c) tiles.
+
+    Each prediction is mapped back to the original orientation before averaging.
+    """
+    total = None
+    for flip in (False, True):
+        xf = x[:, :, ::-1] if flip else x
+        for k in range(4):
+            y = np.rot90(fn(np.rot90(xf, k, axes=(1, 2))), -k, axes=(1, 2))
+            y = y[:, :, ::-1] if flip else y
+            total = y if total is None else total + y
+    return total / 8.0
+
+
+def load_model(path: str | Path, jit_compile: bool = True, tta: bool = False) -> Predictor:
     """Load a trained model (run folder or `.keras` file with `config.json` beside it)."""
     mpath, cpath = resolve_model_path(path)
     model = load_keras(mpath)
@@ -114,7 +132,7 @@ def load_model(path: str | Path, jit_compile: bool = True) -> Predictor:
         config = Config(model=ModelConfig(depth=depth, n_classes=int(model.output_shape[-1])))
     if model.input_shape[-1] != 1:
         raise ModelError(f"{mpath}: model expects {model.input_shape[-1]} channels; xmdl_tf works on 1-channel EM")
-    return Predictor(model, config, mpath, jit_compile)
+    return Predictor(model, config, mpath, jit_compile, tta)
 
 
 def receptive_field(predict_batch: Callable[[np.ndarray], np.ndarray], size: int = 256, tol: float = 1e-6) -> int:
