@@ -294,19 +294,16 @@ def test_rules_recover_synthetic_classes():
     assert total > 0 and agree / total >= 0.9, f"{agree}/{total} agree"
 
 
-@pytest.mark.slow
-def test_large_slice_is_fast():
-    import time
-
+def test_large_slice_many_objects():
+    """~500 ellipses on a 4096 x 4096 slice: every object measured, areas exact (speed: benchmarks/)."""
     rng = np.random.default_rng(1)
     mask = np.zeros((4096, 4096), np.uint8)
     for _ in range(500):
         y, x = (int(v) for v in rng.integers(50, 4046, 2))
         axes = (int(rng.integers(10, 80)), int(rng.integers(8, 25)))
         cv2.ellipse(mask, (x, y), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-    start = time.perf_counter()
     labels = mask_to_instances(mask)
     table = measure(labels, image=mask, pixel_size_nm=5.0)
     classify(table)
-    assert time.perf_counter() - start < 20
-    assert len(table) >= 400
+    assert len(table) >= 400 and len(table) == labels.max()
+    np.testing.assert_array_equal(table["area_px2"].to_numpy(), np.bincount(labels.ravel())[1:])
