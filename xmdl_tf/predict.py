@@ -79,31 +79,69 @@ class Predictor:
     def size_divisor(self) -> int:
         return self.config.model.size_divisor
 
-    def predict_batch(self, x: np.ndarray) -> np.ndarray:
+    def predict_batch(self, x: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """float32 (n, h, w, 1) normalised tiles -> float32 (n, h, w, C) probabilities."""
-        if not self.tta:
+        if not (self.tta if tta is None else tta):
             return self._fn(x).numpy()
         return dihedral_mean(lambda t: self._fn(np.ascontiguousarray(t)).numpy(), x)
 
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-                      batch_size: int = 4, progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1]."""
+                      batch_size: int = 4, progress: Callable[[int], None] | None = None,
+                      tta: bool | None = None) -> np.ndarray:
+        """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1].
+
+        tta: override the predictor's test-time augmentation setting.
+        """
         from .data import normalize_np
 
         x = normalize_np(image)
-        probs = predict_tiled(self._batch_fn(batch_size), x, tile, overlap, self.size_divisor, batch_size,
+        probs = predict_tiled(self._pad_batches(lambda t: self.predict_batch(t, tta), batch_size), x, tile, overlap, self.size_divisor, batch_size,
                               progress=progress)
         return probs[..., 1]
 
-    def _batch_fn(self, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    def explain_slice(self, image: np.ndarray, layer: str | None = None, region: np.ndarray | None = None,
+                      tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, batch_size: int = 4,
+                      progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Probability and Grad-CAM of a raw slice in one tiled pass.
+
+        image: (H, W) uint8/uint16. region: optional (H, W) bool target region
+        (default: the predicted mask). layer: conv layer name (default `dec1_conv2`).
+        Returns (probability float32 (H, W), heatmap float32 (H, W) in [0, 1]).
+        """
+        from .data import normalize_np
+        from .gradcam import PREDICTED, scale_unit
+
+        fn = self._explainer(layer or self.gradcam_layer)
+        x = normalize_np(image)
+        r = np.full(x.shape, PREDICTED, np.float32) if region is None else np.asarray(region, np.float32)
+        out = predict_tiled(self._pad_batches(lambda t: fn(t).numpy(), batch_size), np.stack([x, r], -1), tile,
+                            overlap, self.size_divisor, batch_size, progress=progress)
+        return out[..., 1], scale_unit(out[..., -1])
+
+    @property
+    def gradcam_layer(self) -> str:
+        from .model import DEFAULT_GRADCAM_LAYER
+
+        return self.config.info.get("gradcam_layer", DEFAULT_GRADCAM_LAYER)
+
+    def _explainer(self, layer: str):
+        from .gradcam import explainer
+
+        cache = self.__dict__.setdefault("_explainers", {})
+        if layer not in cache:
+            cache[layer] = explainer(self.model, layer, self.jit_compile)
+        return cache[layer]
+
+    @staticmethod
+    def _pad_batches(fn: Callable[[np.ndarray], np.ndarray], batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
         # Pad the last, short batch so the compiled function sees one shape only.
-        def fn(x: np.ndarray) -> np.ndarray:
+        def padded(x: np.ndarray) -> np.ndarray:
             n = len(x)
             if n < batch_size:
                 x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-            return self.predict_batch(x)[:n]
+            return fn(x)[:n]
 
-        return fn
+        return padded
 
 
 def dihedral_mean(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:

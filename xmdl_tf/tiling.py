@@ -77,21 +77,25 @@ def predict_tiled(predict_batch: Callable[[np.ndarray], np.ndarray], image: np.n
                   progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Stitch a per-tile prediction over a whole slice.
 
-    predict_batch: maps float32 (n, th, tw, 1) to float32 (n, th, tw, C).
-    image: float32 (H, W), already normalised. Returns float32 (H, W, C).
+    predict_batch: maps float32 (n, th, tw, K) to float32 (n, th, tw, C).
+    image: float32 (H, W) or (H, W, K), already normalised (extra input
+    channels, e.g. a Grad-CAM target region, are tiled with the image).
+    Returns float32 (H, W, C).
     Memory is O(H * W * C), independent of the number of tiles.
     """
-    h, w = image.shape
+    if image.ndim == 2:
+        image = image[..., None]
+    h, w = image.shape[:2]
     (th, tw), (ph, pw), origins = plan_tiles((h, w), tile, overlap, divisor)
     if (ph, pw) != (h, w):
-        image = np.pad(image, ((0, ph - h), (0, pw - w)), mode="symmetric")
+        image = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
     ov_h, ov_w = min(overlap, th // 2), min(overlap, tw // 2)
     m_h = ov_h // 4 if margin is None else min(margin, ov_h // 2)
     m_w = ov_w // 4 if margin is None else min(margin, ov_w // 2)
     acc: np.ndarray | None = None
     wsum = np.zeros((ph, pw), np.float32)
     for batch in iter_batches(origins, batch_size):
-        x = np.stack([image[y: y + th, x0: x0 + tw] for y, x0 in batch])[..., None].astype(np.float32)
+        x = np.stack([image[y: y + th, x0: x0 + tw] for y, x0 in batch]).astype(np.float32)
         out = np.asarray(predict_batch(x), np.float32)
         if acc is None:
             acc = np.zeros((ph, pw, out.shape[-1]), np.float32)

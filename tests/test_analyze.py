@@ -1,0 +1,124 @@
+"""Grad-CAM and the unified analysis pipeline, with a tiny model trained briefly on synthetic blobs."""
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from xmdl_tf.analyze import OUTPUT_FILES, main as analyze_main
+from xmdl_tf.gradcam import GradCamError, energy_inside
+from xmdl_tf.predict import load_model
+from xmdl_tf.train import main as train_main
+
+from conftest import blob_image, write_split
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blobs")
+    write_split(root, "train", 4, seed=0)
+    write_split(root, "val", 2, seed=100, start=4)
+    run = root / "run"
+    train_main(["--data", str(root), "--out", str(run), "--tile-size", "32", "--depth", "3", "--base-filters", "8",
+                "--batch-size", "8", "--epochs", "8", "--steps-per-epoch", "12", "--patience", "8", "--lr", "3e-3",
+                "--no-jit"])
+    return run
+
+
+def test_gradcam_shape_range_and_focus(tiny_run):
+    pred = load_model(tiny_run, jit_compile=False)
+    img, msk = blob_image(160, seed=7, n=8)
+    prob, cam = pred.explain_slice(img, tile=64, overlap=16)
+    assert prob.shape == cam.shape == img.shape and cam.dtype == np.float32
+    assert cam.min() >= 0 and cam.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(prob, pred.predict_slice(img, tile=64, overlap=16), atol=1e-5)
+    mask = prob >= 0.5
+    inside = energy_inside(cam, mask)
+    rng = np.random.default_rng(0)
+    random_mask = np.zeros(mask.size, bool)
+    random_mask[rng.choice(mask.size, mask.sum(), replace=False)] = True
+    assert inside > energy_inside(cam, random_mask.reshape(mask.shape)) + 0.2
+    # Explaining one region concentrates the map there; the bottleneck layer can be chosen by name.
+    _, cam_region = pred.explain_slice(img, region=msk.astype(bool) & (np.arange(160)[None, :] < 80), tile=64,
+                                       overlap=16)
+    assert cam_region[:, :80].sum() > cam_region[:, 80:].sum()
+    _, cam_b = pred.explain_slice(img, layer="bottleneck_conv2", tile=64, overlap=16)
+    assert cam_b.shape == img.shape and 0 <= cam_b.min() and cam_b.max() <= 1
+    with pytest.raises(GradCamError, match="not in the model.*dec1_conv2"):
+        pred.explain_slice(img, layer="no_such_layer")
+
+
+def test_analyze_cli_end_to_end(tiny_run, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i in range(2):
+        img, msk = blob_image(128, seed=20 + i)
+        cv2.imwrite(str(inp / f"slice{i}.png"), img)
+        tifffile.imwrite(labels / f"slice{i}.tif", msk)
+    stack = np.stack([blob_image(96, seed=30 + z)[0] for z in range(2)])
+    # An ImageJ stack with a 5 nm pixel size in its metadata.
+    tifffile.imwrite(inp / "stack.tif", stack, imagej=True, resolution=(200.0, 200.0), metadata={"unit": "um"})
+    (inp / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    rc = analyze_main([str(inp), "--model", str(tiny_run), "--labels", str(labels), "--out", str(out),
+                       "--tile", "64", "--overlap", "16", "--faithfulness"])
+    assert rc == 1  # broken.png failed, the others were analysed
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["image"]) == ["slice0", "slice1", "stack_z0000", "stack_z0001"]
+    objects = pd.read_csv(out / "objects.csv")
+    for name in summary["image"]:
+        for f in OUTPUT_FILES:
+            assert (out / name / f).is_file(), (name, f)
+        inst = tifffile.imread(out / name / "instances.tif")
+        mask = tifffile.imread(out / name / "mask.tif")
+        heat = tifffile.imread(out / name / "gradcam.tif")
+        prob = tifffile.imread(out / name / "probability.tif")
+        assert inst.dtype in (np.uint16, np.uint32) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        assert heat.dtype == prob.dtype == np.float32 and 0 <= heat.min() and heat.max() <= 1
+        rows = objects[objects["image"] == name]
+        count = int(summary.loc[summary["image"] == name, "count"].iloc[0])
+        assert count == len(rows) == len(np.unique(inst)) - 1
+        assert set(rows["shape_class"]) <= {"round", "elongated", "tubular", "fragmented", "irregular"}
+        assert len(pd.read_csv(out / name / "morphometry.csv")) == count
+    s0 = summary.set_index("image").loc["slice0"]
+    assert 0.7 < s0["f1"] <= 1 and s0["gt_count"] >= 1 and np.isfinite(s0["deletion_ratio"])
+    assert np.isnan(s0["pixel_size_nm"])  # PNG without --pixel-size: pixels only
+    z0 = summary.set_index("image").loc["stack_z0000"]
+    assert z0["pixel_size_nm"] == pytest.approx(5.0)
+    zrows = objects[objects["image"] == "stack_z0000"]
+    np.testing.assert_allclose(zrows["area_nm2"], zrows["area_px2"] * 25.0)
+    # Nothing is overwritten without --overwrite.
+    before = (out / "summary.csv").read_bytes()
+    assert analyze_main([str(inp / "slice0.png"), "--model", str(tiny_run), "--out", str(out)]) == 2
+    assert (out / "summary.csv").read_bytes() == before
+    assert analyze_main([str(inp / "slice0.png"), "--model", str(tiny_run), "--out", str(out), "--overwrite",
+                         "--tile", "64", "--no-figure", "--rule", "round_max_aspect=2.0"]) == 0
+
+
+def test_analyze_errors(tiny_run, tmp_path, monkeypatch, capsys):
+    import xmdl_tf.analyze as an
+
+    img, _ = blob_image(64)
+    cv2.imwrite(str(tmp_path / "a.png"), img)
+    monkeypatch.setattr(an, "default_model_path", lambda: None)
+    assert analyze_main([str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "no default model is installed" in capsys.readouterr().err
+    assert analyze_main([str(tmp_path / "missing.png"), "--model", str(tiny_run), "--out", str(tmp_path / "o2")]) == 1
+    assert "missing.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        analyze_main([str(tmp_path / "a.png"), "--model", str(tiny_run), "--rule", "bogus=1"])
+
+
+def test_analyze_real_slice(tiny_run, shared_data, tmp_path):
+    x = shared_data / "drosophila_vnc_sstem" / "test" / "x" / "im0015.png"
+    y = shared_data / "drosophila_vnc_sstem" / "test" / "y" / "seg0015.tif"
+    out = tmp_path / "real"
+    assert analyze_main([str(x), "--labels", str(y), "--model", str(tiny_run), "--pixel-size", "4.6",
+                         "--out", str(out)]) == 0
+    s = pd.read_csv(out / "summary.csv").iloc[0]
+    assert s["pixel_size_nm"] == 4.6 and s["gt_count"] > 5
+    assert (out / "im0015" / "figure.png").stat().st_size > 10_000

@@ -1,0 +1,341 @@
+"""The unified XM-DL pipeline: `python -m xmdl_tf.analyze INPUT [INPUT ...]`.
+
+For every image: whole-slice segmentation -> separated instances -> count ->
+morphometry -> shape classes -> Grad-CAM (scored) -> one figure. Outputs:
+
+    OUT/summary.csv              one row per image
+    OUT/objects.csv              one row per mitochondrion, all images (`image` column)
+    OUT/<stem>/mask.tif          uint8, 0 background / 1 mitochondrion
+    OUT/<stem>/instances.tif     uint16 or uint32 instance ids, 0 background
+    OUT/<stem>/probability.tif   float32 mitochondria probability
+    OUT/<stem>/gradcam.tif       float32 heatmap in [0, 1]
+    OUT/<stem>/morphometry.csv   this image's rows of objects.csv
+    OUT/<stem>/figure.png        the unified figure
+
+INPUT may be image files (PNG, TIFF, JPEG), folders, globs or multi-page TIFF
+stacks (each page is analysed as `<stem>_z0000`, ...), 8- or 16-bit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .io import TIFF_EXTS, DataError, SlicePair, folder_pairs, stack_depth, stack_pairs
+
+OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "morphometry.csv", "figure.png")
+DEFAULT_MIN_AREA_NM2 = 5_000.0  # ~80 nm across: below the smallest mitochondrial profiles in EM
+DEFAULT_MIN_SIZE_PX = 30  # used when the pixel size is unknown
+
+
+def default_model_path() -> Path | None:
+    """The shipped reference model (or $XMDL_MODEL), or None when none is installed."""
+    env = os.environ.get("XMDL_MODEL")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "models" / "xmdl_ref", here / "models" / "xmdl_ref"):
+        if (cand / "model.keras").is_file():
+            return cand
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Inputs
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[SlicePair], list[tuple[str, str]]]:
+    """Image slices from files, folders, globs and stacks; plus (input, error) for bad ones."""
+    pairs: list[SlicePair] = []
+    failed: list[tuple[str, str]] = []
+    for spec in inputs:
+        try:
+            p = Path(spec)
+            if p.is_file() and p.suffix.lower() in TIFF_EXTS and stack_depth(p) > 1:
+                pairs += stack_pairs(p)
+            elif p.is_file():
+                pairs.append(SlicePair(p))
+            else:
+                for q in folder_pairs(spec):
+                    if q.image.suffix.lower() in TIFF_EXTS and stack_depth(q.image) > 1:
+                        pairs += stack_pairs(q.image)
+                    else:
+                        pairs.append(q)
+        except DataError as err:
+            failed.append((spec, str(err)))
+    names = [p.name for p in pairs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise DataError(f"several inputs share the output name(s) {sorted(dupes)}; analyse them into separate --out folders")
+    return pairs, failed
+
+
+def match_labels(pairs: list[SlicePair], labels: str | None) -> dict[str, SlicePair]:
+    """Map each input slice name to its label slice (file, folder/glob by stem, or stack by page)."""
+    if labels is None:
+        return {}
+    lp = Path(labels)
+    if lp.is_file():
+        if lp.suffix.lower() in TIFF_EXTS and stack_depth(lp) > 1:
+            return {p.name: SlicePair(lp, None, p.page) for p in pairs if p.page is not None}
+        if len(pairs) != 1:
+            raise DataError(f"{lp}: one label file given for {len(pairs)} images; give a folder or a stack")
+        return {pairs[0].name: SlicePair(lp)}
+    from .io import _LABEL_SUFFIXES, LABEL_EXTS, _expand, _number
+
+    by_stem, by_number = {}, {}
+    for f in _expand(labels, LABEL_EXTS):
+        stem = f.stem
+        for suf in _LABEL_SUFFIXES:
+            if stem.lower().endswith(suf):
+                stem = stem[: -len(suf)]
+        by_stem[stem] = f
+        by_number.setdefault(_number(f.stem), []).append(f)
+    out = {}
+    for p in pairs:
+        # Same stem (a.png <-> a_mask.tif), else the same number (im0050.png <-> seg0050.tif).
+        f = by_stem.get(p.image.stem)
+        if f is None and len(by_number.get(_number(p.image.stem), [])) == 1 and _number(p.image.stem) is not None:
+            f = by_number[_number(p.image.stem)][0]
+        if f is not None:
+            out[p.name] = SlicePair(f, None, p.page if stack_depth(f) > 1 else None)
+    if not out:
+        raise DataError(f"{labels}: no label file matches any input by name")
+    return out
+
+
+# ----------------------------------------------------------------------------
+# One image
+
+
+@dataclass
+class Settings:
+    """Post-processing and explanation settings shared by all images."""
+
+    threshold: float = 0.5
+    min_area_nm2: float = DEFAULT_MIN_AREA_NM2
+    min_size_px: int = DEFAULT_MIN_SIZE_PX
+    separate: bool = True
+    gradcam_layer: str | None = None
+    faithfulness: bool = False
+    tta: bool = False
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+    pixel_size_nm: float | None = None
+    rules: object = None
+    figure: bool = True
+
+
+@dataclass
+class Analysis:
+    """Everything computed for one image."""
+
+    name: str
+    image: np.ndarray
+    probability: np.ndarray
+    mask: np.ndarray
+    heatmap: np.ndarray
+    instances: np.ndarray
+    table: "object"
+    summary: dict = field(default_factory=dict)
+    true_mask: np.ndarray | None = None
+
+
+def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: Settings | None = None,
+                  label: np.ndarray | None = None, pixel_size_nm: float | None = None, progress=None) -> Analysis:
+    """Run the whole pipeline on one raw slice (H, W) uint8/uint16.
+
+    label: optional ground truth (binary mask or instance ids) for scores.
+    pixel_size_nm: nm per pixel, or None (measurements in pixels).
+    """
+    from skimage.measure import label as cc_label
+
+    from .gradcam import deletion_check, energy_inside
+    from .instances import mask_to_instances, match_instances, min_size_px_from_area
+    from .metrics import confusion, scores
+    from .morphometry import ShapeRules, classify, measure, summarize
+
+    s = settings or Settings()
+    prob, cam = predictor.explain_slice(image, s.gradcam_layer, None, s.tile, s.overlap, s.batch_size, progress)
+    if s.tta:
+        prob = predictor.predict_slice(image, s.tile, s.overlap, s.batch_size, tta=True)
+    min_px = min_size_px_from_area(s.min_area_nm2, pixel_size_nm) if pixel_size_nm else s.min_size_px
+    instances = mask_to_instances(prob, s.threshold, min_size_px=min_px, separate=s.separate)
+    table = measure(instances, image=image, pixel_size_nm=pixel_size_nm, heatmap=cam)
+    table["shape_class"] = classify(table, s.rules or ShapeRules(), pixel_size_nm)
+    mask = prob >= s.threshold
+    summary = {"image": name, **summarize(table), "foreground_fraction": float(mask.mean()),
+               "gradcam_energy_in_mask": energy_inside(cam, mask), "pixel_size_nm": pixel_size_nm}
+    true_mask = None
+    if label is not None:
+        true_mask = label > 0
+        gt = label if len(np.unique(label)) > 2 else cc_label(true_mask, connectivity=1)
+        inst = match_instances(instances, gt, 0.5)
+        summary.update(scores(confusion(mask, true_mask)))
+        summary.update({"instance_f1_iou50": inst["f1"], "instance_precision_iou50": inst["precision"],
+                        "instance_recall_iou50": inst["recall"], "gt_count": int(inst["n_true"]),
+                        "count_error": int(inst["count_error"]),
+                        "gradcam_energy_in_true_mask": energy_inside(cam, true_mask)})
+    if s.faithfulness:
+        check = deletion_check(lambda im: predictor.predict_slice(im, s.tile, s.overlap, s.batch_size), image, cam, prob,
+                               s.threshold)
+        summary.update({f"deletion_{k}": v for k, v in check.items()})
+    table.insert(0, "image", name)
+    return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask)
+
+
+def write_outputs(a: Analysis, folder: Path, make_figure: bool = True) -> None:
+    """Write the per-image files (see module docstring)."""
+    import tifffile
+
+    from .figure import unified_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    res = {}
+    if a.summary.get("pixel_size_nm"):
+        # ImageJ-readable pixel size, so Fiji opens the outputs calibrated.
+        res = {"resolution": (1.0 / (a.summary["pixel_size_nm"] / 1000.0),) * 2, "imagej": True,
+               "metadata": {"unit": "um"}}
+    tifffile.imwrite(folder / "mask.tif", a.mask.astype(np.uint8), compression="zlib", **res)
+    tifffile.imwrite(folder / "instances.tif", a.instances, compression="zlib", **res)
+    tifffile.imwrite(folder / "probability.tif", a.probability.astype(np.float32), compression="zlib", **res)
+    tifffile.imwrite(folder / "gradcam.tif", a.heatmap.astype(np.float32), compression="zlib", **res)
+    a.table.to_csv(folder / "morphometry.csv", index=False)
+    if make_figure:
+        unified_figure(a.image, a.instances, a.table, a.heatmap, folder / "figure.png", title=a.name,
+                       true_mask=a.true_mask, summary=a.summary)
+
+
+# ----------------------------------------------------------------------------
+# Many images
+
+
+def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels: str | None = None,
+            settings: Settings | None = None, overwrite: bool = False, verbose: bool = True) -> dict:
+    """Analyse every input slice; returns {"analysed": [...], "failed": [(input, error), ...]}.
+
+    A bad input is reported by name and skipped; the others are still analysed.
+    Existing outputs are never overwritten unless `overwrite`.
+    """
+    import pandas as pd
+    from keras.utils import Progbar
+
+    from .io import read_image, read_label, read_pixel_size_nm
+    from .predict import load_model
+
+    s = settings or Settings()
+    out = Path(out)
+    pairs, failed = expand_inputs(inputs)
+    if not pairs and failed:
+        return {"analysed": [], "failed": failed}
+    if not overwrite:
+        clash = [out / n for n in ("summary.csv", "objects.csv") if (out / n).exists()]
+        clash += [out / p.name / f for p in pairs for f in OUTPUT_FILES if (out / p.name / f).exists()]
+        if clash:
+            raise FileExistsError(f"{clash[0]} exists (and {len(clash) - 1} more output files); "
+                                  "use --overwrite or another --out")
+    if model is None:
+        model = default_model_path()
+        if model is None:
+            raise FileNotFoundError("no default model is installed (models/xmdl_ref); pass --model MODEL")
+    predictor = load_model(model, tta=s.tta) if isinstance(model, (str, Path)) else model
+    label_map = match_labels(pairs, labels)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, tables, done = [], [], []
+    t0 = time.time()
+    for i, pair in enumerate(pairs):
+        try:
+            image = read_image(pair.image, pair.page)
+            label = None
+            if pair.name in label_map:
+                lp = label_map[pair.name]
+                label = read_label(lp.image, lp.page)
+                if label.shape != image.shape:
+                    raise DataError(f"{lp.image} is {label.shape} but {pair.image} is {image.shape}")
+            px = read_pixel_size_nm(pair.image) or s.pixel_size_nm
+            bar = None
+            if verbose:
+                print(f"[{i + 1}/{len(pairs)}] {pair.name}  {image.shape[0]}x{image.shape[1]}", flush=True)
+                from .tiling import plan_tiles
+
+                n_tiles = len(plan_tiles(image.shape, s.tile, s.overlap, predictor.size_divisor)[2])
+                if n_tiles > 4:
+                    bar = Progbar(n_tiles, unit_name="tile")
+            a = analyze_image(predictor, image, pair.name, s, label, px,
+                              progress=(lambda n, b=bar: b.add(n)) if bar else None)
+            write_outputs(a, out / pair.name, s.figure)
+            rows.append(a.summary)
+            tables.append(a.table)
+            done.append(pair.name)
+            if verbose:
+                print(f"    {a.summary['count']} mitochondria -> {out / pair.name}", flush=True)
+        except (DataError, OSError, ValueError) as err:
+            failed.append((str(pair.image) + (f" (page {pair.page})" if pair.page is not None else ""), str(err)))
+            print(f"    skipped: {err}", file=sys.stderr, flush=True)
+    if rows:
+        pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
+        pd.concat(tables, ignore_index=True).to_csv(out / "objects.csv", index=False)
+    if verbose:
+        print(f"analysed {len(done)} image(s) in {time.time() - t0:.0f} s -> {out}/summary.csv, objects.csv")
+    return {"analysed": done, "failed": failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xmdl_tf.analyze", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or TIFF stacks")
+    p.add_argument("--model", default=None, help="run folder or .keras file (default: the shipped reference model)")
+    p.add_argument("--labels", default=None, help="ground-truth masks or instance labels (file, folder, glob or stack)")
+    p.add_argument("--pixel-size", type=float, default=None, help="nm per pixel when the files do not say")
+    p.add_argument("--out", default="xmdl_out")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--min-area", type=float, default=DEFAULT_MIN_AREA_NM2, help="smallest object, nm^2 (pixel size known)")
+    p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE_PX, help="smallest object, pixels (pixel size unknown)")
+    p.add_argument("--no-separate", action="store_true", help="do not split touching mitochondria")
+    p.add_argument("--rules", default=None, help="JSON file of shape-class thresholds")
+    p.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE", help="override one shape rule")
+    p.add_argument("--gradcam-layer", default=None, help="conv layer to explain (default dec1_conv2)")
+    p.add_argument("--faithfulness", action="store_true", help="deletion check of the Grad-CAM heatmap")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations for the probability map")
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-figure", action="store_true")
+    args = p.parse_args(argv)
+
+    from .morphometry import ShapeRules
+
+    rules = ShapeRules.from_json(args.rules) if args.rules else ShapeRules()
+    if args.rule:
+        try:
+            rules = rules.override({k: float(v) for k, v in (r.split("=", 1) for r in args.rule)})
+        except ValueError as err:
+            p.error(f"--rule: {err}")
+    settings = Settings(threshold=args.threshold, min_area_nm2=args.min_area, min_size_px=args.min_size,
+                        separate=not args.no_separate, gradcam_layer=args.gradcam_layer,
+                        faithfulness=args.faithfulness, tta=args.tta, tile=args.tile, overlap=args.overlap,
+                        batch_size=args.batch_size, pixel_size_nm=args.pixel_size, rules=rules,
+                        figure=not args.no_figure)
+    try:
+        result = analyze(args.inputs, args.model, args.out, args.labels, settings, args.overwrite)
+    except (FileNotFoundError, FileExistsError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result["failed"]:
+        print(f"{len(result['failed'])} input(s) failed:", file=sys.stderr)
+        for name, err in result["failed"]:
+            print(f"  {name}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The unified per-image figure: input | true mask | instances by shape class | Grad-CAM, plus a table.
+
+Large slices are downsampled for display only (area averaging for the image
+and heatmap, nearest neighbour for labels); every measurement comes from the
+full-resolution arrays.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .morphometry import SHAPE_CLASSES
+
+CLASS_COLORS = {
+    "round": "#1f77b4",
+    "elongated": "#ff7f0e",
+    "tubular": "#2ca02c",
+    "fragmented": "#d62728",
+    "irregular": "#9467bd",
+}
+DISPLAY_MAX = 1024
+
+
+def _display(arr: np.ndarray, step: int, labels: bool = False) -> np.ndarray:
+    if step == 1:
+        return arr
+    if labels:
+        return arr[::step, ::step]
+    import cv2
+
+    h, w = arr.shape[:2]
+    return cv2.resize(arr.astype(np.float32), (math.ceil(w / step), math.ceil(h / step)), interpolation=cv2.INTER_AREA)
+
+
+def _outline_rgba(instances: np.ndarray, classes: dict[int, str]) -> np.ndarray:
+    from matplotlib.colors import to_rgba
+    from skimage.segmentation import find_boundaries
+
+    rgba = np.zeros((*instances.shape, 4), np.float32)
+    edges = find_boundaries(instances, mode="inner")
+    ids = instances[edges]
+    lut = np.zeros((int(instances.max()) + 1, 4), np.float32)
+    for i, c in classes.items():
+        if i < len(lut):
+            lut[i] = to_rgba(CLASS_COLORS.get(c, "white"))
+    rgba[edges] = lut[ids]
+    return rgba
+
+
+def unified_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame, heatmap: np.ndarray,
+                   out: str | Path, title: str = "", true_mask: np.ndarray | None = None,
+                   summary: dict | None = None) -> Path:
+    """Write the figure for one image.
+
+    image: (H, W) raw slice; instances: (H, W) ids; table: the image's
+    morphometry rows with `id` and `shape_class`; heatmap: (H, W) in [0, 1];
+    true_mask: optional (H, W) ground truth; summary: the image's summary row.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    step = max(1, math.ceil(max(image.shape) / DISPLAY_MAX))
+    img = _display(image.astype(np.float32), step)
+    lo, hi = np.percentile(img, [1, 99.8])
+    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    inst = _display(instances, step, labels=True)
+    classes = dict(zip(table["id"].astype(int), table["shape_class"])) if len(table) else {}
+
+    panels = ["input"] + (["true mask"] if true_mask is not None else []) + ["predicted, by shape class", "Grad-CAM"]
+    n = len(panels)
+    fig = plt.figure(figsize=(4.2 * n, 6.4))
+    grid = fig.add_gridspec(2, n, height_ratios=[4.2, 1.6])
+    axes = [fig.add_subplot(grid[0, i]) for i in range(n)]
+    k = 0
+    axes[k].imshow(img, cmap="gray", interpolation="nearest")
+    if true_mask is not None:
+        k += 1
+        axes[k].imshow(_display(np.asarray(true_mask) > 0, step, labels=True), cmap="gray", interpolation="nearest")
+    k += 1
+    axes[k].imshow(img, cmap="gray", interpolation="nearest")
+    axes[k].imshow(np.ma.masked_equal(inst > 0, False), cmap="Wistia", alpha=0.35, interpolation="nearest")
+    axes[k].imshow(_outline_rgba(inst, classes), interpolation="nearest")
+    k += 1
+    axes[k].imshow(img, cmap="gray", interpolation="nearest")
+    im = axes[k].imshow(_display(heatmap, step), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+    fig.colorbar(im, ax=axes[k], fraction=0.046, pad=0.02)
+    for ax, name in zip(axes, panels):
+        ax.set_title(name, fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    counts = table["shape_class"].value_counts() if len(table) else pd.Series(dtype=int)
+    handles = [Patch(color=CLASS_COLORS[c], label=f"{c} ({int(counts.get(c, 0))})") for c in SHAPE_CLASSES]
+    legend_ax = fig.add_subplot(grid[1, 0])
+    legend_ax.axis("off")
+    legend_ax.legend(handles=handles, loc="center", title="shape class (count)", frameon=False, fontsize=10)
+    text_ax = fig.add_subplot(grid[1, 1:])
+    text_ax.axis("off")
+    text_ax.text(0, 1, _table_text(table, summary or {}), family="monospace", fontsize=9.5, va="top")
+    fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _table_text(table: pd.DataFrame, summary: dict) -> str:
+    nm = "area_nm2" in table
+    area_col, unit = ("area_nm2", "um^2") if nm else ("area_px2", "px^2")
+    scale = 1e-6 if nm else 1.0
+    lines = [f"mitochondria: {len(table)}"
+             + (f"    pixel size: {summary['pixel_size_nm']:.2f} nm" if summary.get("pixel_size_nm") else "    pixel size unknown: units are pixels")]
+    if len(table):
+        a = table[area_col] * scale
+        lines.append(f"area ({unit}): median {a.median():.4g}   mean {a.mean():.4g}   total {a.sum():.4g}")
+        lines.append(f"aspect ratio: median {table['aspect_ratio'].median():.2f}   solidity: median "
+                     f"{table['solidity'].median():.2f}   circularity: median {table['circularity'].median():.2f}")
+    if "gradcam_energy_in_mask" in summary:
+        lines.append(f"Grad-CAM energy inside the predicted mask: {summary['gradcam_energy_in_mask']:.2f}")
+    if "f1" in summary and summary.get("f1") == summary.get("f1"):
+        lines.append(f"vs. true mask: F1 {summary['f1']:.3f}  IoU {summary['iou']:.3f}  precision {summary['precision']:.3f}  "
+                     f"recall {summary['recall']:.3f}  instance F1@0.5 {summary['instance_f1_iou50']:.3f}  "
+                     f"true count {summary['gt_count']}")
+    return "\n".join(lines)
