@@ -159,8 +159,23 @@ def dihedral_mean(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.n
     return total / 8.0
 
 
+def is_saved_model(path: str | Path) -> bool:
+    """True for an exported SavedModel folder (TF Serving layout `DIR/<version>/` or one version)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / "saved_model.pb").is_file():
+        return True
+    return any((v / "saved_model.pb").is_file() for v in path.iterdir() if v.is_dir() and v.name.isdigit())
+
+
 def load_model(path: str | Path, jit_compile: bool = True, tta: bool = False) -> Predictor:
-    """Load a trained model (run folder or `.keras` file with `config.json` beside it)."""
+    """Load a trained model: a run folder or `.keras` file (with `config.json` beside it),
+    or a SavedModel exported by `python -m xmdl_tf.export` (see `xmdl_tf.export`)."""
+    if is_saved_model(path):
+        from .export import load_saved_model
+
+        return load_saved_model(path, tta=tta)
     mpath, cpath = resolve_model_path(path)
     model = load_keras(mpath)
     if cpath is not None:
