@@ -129,6 +129,7 @@ class Settings:
     overlap: int = 64
     batch_size: int = 4
     pixel_size_nm: float | None = None
+    rescale: bool = True  # resample inputs to the model's pixel size when both are known
     rules: object = None
     figure: bool = True
 
@@ -163,16 +164,18 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     from .morphometry import ShapeRules, classify, measure, summarize
 
     s = settings or Settings()
-    prob, cam = predictor.explain_slice(image, s.gradcam_layer, None, s.tile, s.overlap, s.batch_size, progress)
+    scale = {"pixel_size_nm": pixel_size_nm, "rescale": s.rescale}
+    prob, cam = predictor.explain_slice(image, s.gradcam_layer, None, s.tile, s.overlap, s.batch_size, progress, **scale)
     if s.tta:
-        prob = predictor.predict_slice(image, s.tile, s.overlap, s.batch_size, tta=True)
+        prob = predictor.predict_slice(image, s.tile, s.overlap, s.batch_size, tta=True, **scale)
     min_px = min_size_px_from_area(s.min_area_nm2, pixel_size_nm) if pixel_size_nm else s.min_size_px
     instances = mask_to_instances(prob, s.threshold, min_size_px=min_px, separate=s.separate)
     table = measure(instances, image=image, pixel_size_nm=pixel_size_nm, heatmap=cam)
     table["shape_class"] = classify(table, s.rules or ShapeRules(), pixel_size_nm)
     mask = prob >= s.threshold
     summary = {"image": name, **summarize(table), "foreground_fraction": float(mask.mean()),
-               "gradcam_energy_in_mask": energy_inside(cam, mask), "pixel_size_nm": pixel_size_nm}
+               "gradcam_energy_in_mask": energy_inside(cam, mask), "pixel_size_nm": pixel_size_nm,
+               "rescaled_by": predictor.scale_factor(pixel_size_nm, s.rescale)}
     true_mask = None
     if label is not None:
         true_mask = label > 0
@@ -184,8 +187,8 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
                         "count_error": int(inst["count_error"]),
                         "gradcam_energy_in_true_mask": energy_inside(cam, true_mask)})
     if s.faithfulness:
-        check = deletion_check(lambda im: predictor.predict_slice(im, s.tile, s.overlap, s.batch_size), image, cam, prob,
-                               s.threshold)
+        check = deletion_check(lambda im: predictor.predict_slice(im, s.tile, s.overlap, s.batch_size, **scale),
+                               image, cam, prob, s.threshold)
         summary.update({f"deletion_{k}": v for k, v in check.items()})
     table.insert(0, "image", name)
     return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask)
@@ -294,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="run folder or .keras file (default: the shipped reference model)")
     p.add_argument("--labels", default=None, help="ground-truth masks or instance labels (file, folder, glob or stack)")
     p.add_argument("--pixel-size", type=float, default=None, help="nm per pixel when the files do not say")
+    p.add_argument("--no-rescale", action="store_true",
+                   help="do not resample inputs to the model's pixel size (when both are known)")
     p.add_argument("--out", default="xmdl_out")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threshold", type=float, default=0.5)
@@ -322,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(threshold=args.threshold, min_area_nm2=args.min_area, min_size_px=args.min_size,
                         separate=not args.no_separate, gradcam_layer=args.gradcam_layer,
                         faithfulness=args.faithfulness, tta=args.tta, tile=args.tile, overlap=args.overlap,
-                        batch_size=args.batch_size, pixel_size_nm=args.pixel_size, rules=rules,
+                        batch_size=args.batch_size, pixel_size_nm=args.pixel_size, rescale=not args.no_rescale,
+                        rules=rules,
                         figure=not args.no_figure)
     try:
         result = analyze(args.inputs, args.model, args.out, args.labels, settings, args.overwrite)

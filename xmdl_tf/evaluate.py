@@ -21,15 +21,18 @@ DEFAULT_THRESHOLD = 0.5
 
 def evaluate(model, data: str, split: str = "test", out: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD,
              tile: int | None = None, overlap: int | None = None, batch_size: int = 4, labels: str | None = None,
-             overwrite: bool = False, tta: bool = False) -> dict:
+             overwrite: bool = False, tta: bool = False, pixel_size_nm: float | None = None,
+             rescale: bool = True) -> dict:
     """Whole-slice evaluation of `model` (a Predictor or a path) on a split.
 
+    pixel_size_nm: the data's pixel size (else read from TIFF metadata); with
+    `rescale`, slices are resampled to the model's pixel size when both are known.
     Returns the metrics dict written to `out/metrics.json`.
     """
     import numpy as np
     import pandas as pd
 
-    from .io import find_pairs, read_pair
+    from .io import find_pairs, read_pair, read_pixel_size_nm
     from .metrics import add_counts, confusion, scores
     from .predict import DEFAULT_OVERLAP, DEFAULT_TILE, load_model
 
@@ -45,7 +48,9 @@ def evaluate(model, data: str, split: str = "test", out: str | Path | None = Non
     t0 = time.time()
     for pair in pairs:
         image, label = read_pair(pair)
-        prob = predictor.predict_slice(image, tile or DEFAULT_TILE, overlap or DEFAULT_OVERLAP, batch_size)
+        px = read_pixel_size_nm(pair.image) or pixel_size_nm
+        prob = predictor.predict_slice(image, tile or DEFAULT_TILE, overlap or DEFAULT_OVERLAP, batch_size,
+                                       pixel_size_nm=px, rescale=rescale)
         c = confusion(prob >= threshold, label > 0)
         total = add_counts(total, c)
         rows.append({"image": pair.name, **scores(c), **c, "pixels": int(label.size)})
@@ -88,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=None, help="inference tile size (default 512)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default 64)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--pixel-size", type=float, default=None, help="nm per pixel of the data (else TIFF metadata)")
+    p.add_argument("--no-rescale", action="store_true", help="do not resample to the model's pixel size")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 flips/rotations")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     result = evaluate(args.model, args.data, args.split, args.out, args.threshold, args.tile, args.overlap,
-                      args.batch_size, args.labels, args.overwrite, args.tta)
+                      args.batch_size, args.labels, args.overwrite, args.tta, args.pixel_size, not args.no_rescale)
     print(f"{args.data} [{args.split}]  pooled over {result['n_pixels']:,} pixels")
     print(format_table(result))
     if args.out:

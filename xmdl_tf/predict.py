@@ -85,38 +85,81 @@ class Predictor:
             return self._fn(x).numpy()
         return dihedral_mean(lambda t: self._fn(np.ascontiguousarray(t)).numpy(), x)
 
+    @property
+    def pixel_size_nm(self) -> float | None:
+        """Pixel size (nm) of the data the model was trained on, or None if unknown."""
+        return self.config.data.pixel_size_nm
+
+    def scale_factor(self, pixel_size_nm: float | None, rescale: bool = True) -> float:
+        """Resize factor that brings an input of `pixel_size_nm` to the model's pixel size (1 = none)."""
+        if not rescale or not pixel_size_nm or not self.pixel_size_nm:
+            return 1.0
+        f = float(pixel_size_nm) / float(self.pixel_size_nm)
+        return 1.0 if abs(f - 1.0) < 0.02 else f  # within 2%: resampling would only blur
+
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                       batch_size: int = 4, progress: Callable[[int], None] | None = None,
-                      tta: bool | None = None) -> np.ndarray:
+                      tta: bool | None = None, pixel_size_nm: float | None = None,
+                      rescale: bool = True) -> np.ndarray:
         """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1].
 
         tta: override the predictor's test-time augmentation setting.
+        pixel_size_nm: the slice's pixel size; when it and the model's are known
+        (and `rescale`), the slice is resampled to the model's pixel size, predicted
+        there and the probabilities mapped back to the slice's own grid.
         """
         from .data import normalize_np
 
-        x = normalize_np(image)
-        probs = predict_tiled(self._pad_batches(lambda t: self.predict_batch(t, tta), batch_size), x, tile, overlap, self.size_divisor, batch_size,
-                              progress=progress)
-        return probs[..., 1]
+        def run(img: np.ndarray, _region: None) -> np.ndarray:
+            fn = self._pad_batches(lambda t: self.predict_batch(t, tta), batch_size)
+            return predict_tiled(fn, normalize_np(img), tile, overlap, self.size_divisor, batch_size,
+                                 progress=progress)[..., 1:2]
+
+        return self._at_model_scale(image, None, self.scale_factor(pixel_size_nm, rescale), run)[..., 0]
 
     def explain_slice(self, image: np.ndarray, layer: str | None = None, region: np.ndarray | None = None,
                       tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, batch_size: int = 4,
-                      progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      progress: Callable[[int], None] | None = None, pixel_size_nm: float | None = None,
+                      rescale: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Probability and Grad-CAM of a raw slice in one tiled pass.
 
         image: (H, W) uint8/uint16. region: optional (H, W) bool target region
         (default: the predicted mask). layer: conv layer name (default `dec1_conv2`).
+        pixel_size_nm, rescale: as in `predict_slice`.
         Returns (probability float32 (H, W), heatmap float32 (H, W) in [0, 1]).
         """
         from .data import normalize_np
         from .gradcam import PREDICTED, scale_unit
 
-        fn = self._explainer(layer or self.gradcam_layer)
-        x = normalize_np(image)
-        r = np.full(x.shape, PREDICTED, np.float32) if region is None else np.asarray(region, np.float32)
-        out = predict_tiled(self._pad_batches(lambda t: fn(t).numpy(), batch_size), np.stack([x, r], -1), tile,
-                            overlap, self.size_divisor, batch_size, progress=progress)
-        return out[..., 1], scale_unit(out[..., -1])
+        fn = self._pad_batches(lambda t: self._explainer(layer or self.gradcam_layer)(t).numpy(), batch_size)
+
+        def run(img: np.ndarray, reg: np.ndarray | None) -> np.ndarray:
+            x = normalize_np(img)
+            r = np.full(x.shape, PREDICTED, np.float32) if reg is None else reg.astype(np.float32)
+            out = predict_tiled(fn, np.stack([x, r], -1), tile, overlap, self.size_divisor, batch_size,
+                                progress=progress)
+            return out[..., [1, -1]]
+
+        out = self._at_model_scale(image, region, self.scale_factor(pixel_size_nm, rescale), run)
+        return out[..., 0], scale_unit(out[..., 1])
+
+    @staticmethod
+    def _at_model_scale(image: np.ndarray, region: np.ndarray | None, factor: float, run: Callable) -> np.ndarray:
+        """Apply `run` at the model's pixel size and map its (h, w, C) float output back to (H, W, C)."""
+        import cv2
+
+        if factor == 1.0:
+            return run(image, region)
+        h, w = image.shape
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        # Area averaging when shrinking (no aliasing), linear when enlarging.
+        interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+        img = cv2.resize(image, size, interpolation=interp)
+        if region is not None:
+            region = cv2.resize(np.asarray(region, np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        out = run(img, region)
+        back = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
+        return back.reshape(h, w, -1)
 
     @property
     def gradcam_layer(self) -> str:
