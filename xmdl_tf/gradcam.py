@@ -37,12 +37,11 @@ class GradCamError(ValueError):
     pass
 
 
-def explainer(model, layer: str = DEFAULT_GRADCAM_LAYER, jit_compile: bool = True) -> Callable:
-    """A compiled function (n, h, w, 2) -> (n, h, w, C + 1).
+def explain_function(model, layer: str = DEFAULT_GRADCAM_LAYER) -> Callable:
+    """The plain (untraced) Grad-CAM function behind `explainer`: (n, h, w, 2) -> (n, h, w, C + 1).
 
-    Input channels: the normalised image and a target region (1 inside, 0
-    outside, or PREDICTED everywhere for the predicted mask). Output: the C
-    class probabilities followed by the raw (unscaled, >= 0) Grad-CAM map.
+    Shared with `xmdl_tf.export`, which traces it inside the exported
+    signatures, so served and local heatmaps come from the same code.
     """
     import keras
     import tensorflow as tf
@@ -71,7 +70,19 @@ def explainer(model, layer: str = DEFAULT_GRADCAM_LAYER, jit_compile: bool = Tru
         cam = tf.image.resize(cam, tf.shape(image)[1:3], method="bilinear")
         return tf.concat([tf.cast(probs, tf.float32), cam], axis=-1)
 
-    return tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
+    return fn
+
+
+def explainer(model, layer: str = DEFAULT_GRADCAM_LAYER, jit_compile: bool = True) -> Callable:
+    """A compiled function (n, h, w, 2) -> (n, h, w, C + 1).
+
+    Input channels: the normalised image and a target region (1 inside, 0
+    outside, or PREDICTED everywhere for the predicted mask). Output: the C
+    class probabilities followed by the raw (unscaled, >= 0) Grad-CAM map.
+    """
+    import tensorflow as tf
+
+    return tf.function(explain_function(model, layer), jit_compile=jit_compile, reduce_retracing=True)
 
 
 def scale_unit(cam: np.ndarray) -> np.ndarray:

@@ -1,0 +1,373 @@
+"""SavedModel export for TF Serving, with Grad-CAM served too, and a predictor that consumes it.
+
+    python -m xmdl_tf.export --model runs/ref --out exports/xmdl [--version N] [--gradcam-layer NAME]
+
+writes the TF Serving layout `EXPORT_DIR/<version>/saved_model.pb + variables/
++ assets/xmdl.json` (version 1, else the next free number; an existing version
+is never overwritten). Signatures (see docs/serving.md for the full table):
+
+    serving_default     images uint8   [b, h, w, 1] raw pixels -> probabilities float32 [b, h, w], mask uint8 [b, h, w]
+    serving_float       images float32 [b, h, w, 1] raw grey values 0..65535 (16-bit EM) -> same outputs
+    explain             images uint8   [b, h, w, 1] -> probabilities, mask, gradcam float32 [b, h, w] in [0, 1]
+    explain_float       images float32 [b, h, w, 1] -> same as explain
+    predict_normalized  images float32 [b, h, w, 1] normalised tiles -> probabilities float32 [b, h, w, C]
+    explain_normalized  images float32 [b, h, w, 2] normalised tile + region -> probabilities [b, h, w, C], cam [b, h, w]
+
+The raw-pixel signatures normalise each image of the batch on its own, inside
+the graph, with `xmdl_tf.data.normalize` (the function training and inference
+use), mirror-pad height and width up to the model's size divisor and crop the
+outputs back, so any h, w >= 1 works. The whole request image is one forward
+pass. For slices too big for that, consumers tile around the two
+`*_normalized` signatures after normalising the whole slice once: normalising
+each tile on its own would give a different intensity mapping per tile. These
+two are internal but stable; `load_saved_model` uses them.
+
+Grad-CAM runs inside the exported functions (GradientTape on a sub-model that
+returns the chosen layer's activations and the logits), built by the same
+`xmdl_tf.gradcam.explain_function` as local explanations: gradients taken
+through a reloaded SavedModel are unreliable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import Config
+from .predict import DEFAULT_OVERLAP, DEFAULT_TILE, ModelError, Predictor
+
+META_FILE = "xmdl.json"  # in EXPORT_DIR/<version>/assets/
+MASK_THRESHOLD = 0.5  # mitochondria probability at or above which the served mask is 1
+MAX_GREY = 65535.0  # normalisation works on integer grey values of 8- or 16-bit EM
+
+# name -> (input dtype, input channels); outputs are documented in the module docstring.
+RAW_SIGNATURES = {
+    "serving_default": ("uint8", 1),
+    "serving_float": ("float32", 1),
+    "explain": ("uint8", 1),
+    "explain_float": ("float32", 1),
+}
+TILE_SIGNATURES = {"predict_normalized": ("float32", 1), "explain_normalized": ("float32", 2)}
+
+
+# ----------------------------------------------------------------------------
+# Versions
+
+
+def versions(out_dir: str | Path) -> list[int]:
+    """Existing version numbers (numeric sub-folders) of an export folder, ascending."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def resolve_version(path: str | Path) -> Path:
+    """The version folder holding `saved_model.pb`: `path` itself or its highest numeric version."""
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return path
+    found = [v for v in versions(path) if (path / str(v) / "saved_model.pb").is_file()]
+    if not found:
+        raise ModelError(f"{path}: no SavedModel here (expected saved_model.pb or <version>/saved_model.pb)")
+    return path / str(found[-1])
+
+
+# ----------------------------------------------------------------------------
+# Export
+
+
+def export_model(model_path: str | Path, out_dir: str | Path, version: int | None = None,
+                 gradcam_layer: str | None = None) -> Path:
+    """Export a trained model (run folder or `.keras`) to `out_dir/<version>/` for TF Serving.
+
+    version: None picks 1, or one more than the highest existing version; an
+    existing version raises FileExistsError and nothing is written.
+    gradcam_layer: conv layer explained by the `explain` signatures (default:
+    the layer recorded in config.json, else `dec1_conv2`).
+    Returns the version folder.
+    """
+    from .gradcam import GradCamError
+    from .predict import load_model
+
+    out_dir = Path(out_dir)
+    if version is not None and version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    existing = versions(out_dir)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    target = out_dir / str(version)
+    if target.exists():
+        raise FileExistsError(f"{target}: version {version} already exists; choose another --version or omit it "
+                              f"(next free: {(existing[-1] + 1) if existing else 1}); versions are never overwritten")
+    predictor = load_model(model_path, jit_compile=False)
+    if isinstance(predictor, SavedModelPredictor):
+        raise ModelError(f"{model_path}: already a SavedModel; export the .keras model it came from")
+    layer = gradcam_layer or predictor.gradcam_layer
+    try:
+        archive = _archive(predictor.model, predictor.config, layer)
+    except GradCamError as err:
+        raise GradCamError(f"--gradcam-layer: {err}") from None
+    meta = _metadata(predictor, layer, version)
+
+    # Write beside the target and rename at the end: TF Serving polls EXPORT_DIR
+    # and must never see a half-written version (it ignores non-numeric names).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir))
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        (tmp / "assets").mkdir(exist_ok=True)
+        (tmp / "assets" / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if target.exists():  # another export took this number meanwhile
+            raise FileExistsError(f"{target}: version {version} appeared during the export; nothing overwritten")
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def _archive(model, config: Config, layer: str):
+    """A keras.export.ExportArchive holding the six signatures around `model`."""
+    import keras
+    import tensorflow as tf
+
+    from .data import normalize
+    from .gradcam import PREDICTED, explain_function
+
+    divisor = config.model.size_divisor
+    norm = config.normalization
+    if norm.get("method", "percentile") != "percentile":
+        raise ModelError(f"normalisation method {norm.get('method')!r} is not supported by the export")
+    low, high, clip = float(norm["low"]), float(norm["high"]), bool(norm["clip"])
+    explain_tiles = explain_function(model, layer)
+
+    def checked(images: tf.Tensor, channels: int, multiple: int = 1) -> tf.Tensor:
+        # A served graph does not enforce its declared shape (TF Serving and loaded
+        # signatures pass any shape through), so check at run time, before a deep
+        # error inside the network. The rank itself cannot be checked (TF folds it
+        # from the declared shape), but a 2-D or 3-D grey image fails the channel test.
+        shape = tf.raw_ops.Shape(input=images)
+        form = tf.debugging.Assert(tf.equal(shape[-1], channels), [
+            f"images must have shape [batch, height, width, {channels}]; got shape", shape], summarize=8)
+        with tf.control_dependencies([form]):
+            size = "images: height and width must be at least 1 pixel"
+            if multiple > 1:
+                size += f" and multiples of the size divisor {multiple} (the caller pads tiles)"
+            checks = [tf.debugging.assert_positive(shape[1:3], message=size),
+                      tf.debugging.assert_equal(shape[1:3] % multiple, 0, message=size)]
+        with tf.control_dependencies(checks):
+            return tf.identity(images)
+
+    def checked_grey(images: tf.Tensor) -> tf.Tensor:
+        # Float requests must still be raw grey values: normalised [0, 1] data would
+        # round to two levels and give a meaningless prediction without any error.
+        checks = [
+            tf.debugging.assert_all_finite(images, "images: NaN or infinite grey values"),
+            tf.debugging.assert_greater_equal(images, 0.0, message=(
+                f"images: raw grey values must be in [0, {MAX_GREY:.0f}] (send raw pixels, not normalised ones)")),
+            tf.debugging.assert_less_equal(images, MAX_GREY, message=(
+                f"images: raw grey values must be in [0, {MAX_GREY:.0f}] (8- or 16-bit EM)")),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(images)
+
+    def prepare(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Raw [b, h, w, 1] -> (normalised float32 [b, H, W, 1] padded to the divisor, h, w)."""
+        images = checked(images, 1)
+        if images.dtype.is_floating:
+            images = checked_grey(images)
+        # One intensity mapping per image, from that image's own percentiles.
+        x = tf.map_fn(lambda im: normalize(im, low, high, clip), images, fn_output_signature=tf.float32)
+        h, w = tf.shape(x)[1], tf.shape(x)[2]
+        x = tf.gather(x, _mirror_index(h, -(-h // divisor) * divisor), axis=1)
+        x = tf.gather(x, _mirror_index(w, -(-w // divisor) * divisor), axis=2)
+        return x, h, w
+
+    def served(probs: tf.Tensor, h: tf.Tensor, w: tf.Tensor) -> dict[str, tf.Tensor]:
+        p = probs[:, :h, :w, 1]
+        return {"probabilities": p, "mask": tf.cast(p >= MASK_THRESHOLD, tf.uint8)}
+
+    def predict_raw(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        x, h, w = prepare(images)
+        return served(model(x, training=False), h, w)
+
+    def explain_raw(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        x, h, w = prepare(images)
+        out = explain_tiles(tf.concat([x, tf.fill(tf.shape(x), PREDICTED)], axis=-1))
+        cam = out[:, :h, :w, -1]
+        # Scaled per image by its maximum, as `gradcam.scale_unit` does for a slice.
+        cam = tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
+        return {**served(out[..., :-1], h, w), "gradcam": cam}
+
+    def predict_normalized(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probabilities": model(checked(images, 1, divisor), training=False)}
+
+    def explain_normalized(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        out = explain_tiles(checked(images, 2, divisor))
+        return {"probabilities": out[..., :-1], "cam": out[..., -1]}
+
+    fns = {"serving_default": predict_raw, "serving_float": predict_raw, "explain": explain_raw,
+           "explain_float": explain_raw, "predict_normalized": predict_normalized,
+           "explain_normalized": explain_normalized}
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name, (dtype, channels) in {**RAW_SIGNATURES, **TILE_SIGNATURES}.items():
+        # Each function's argument is named `images`, which becomes the signature's input key.
+        archive.add_endpoint(name, fns[name], input_signature=[tf.TensorSpec([None, None, None, channels], dtype, name="images")])
+    return archive
+
+
+def _mirror_index(n, size):
+    """Indices 0..size-1 folded into [0, n) by mirroring, as numpy.pad(mode="symmetric").
+
+    Unlike tf.pad(mode="SYMMETRIC") this works for padding wider than the image.
+    """
+    import tensorflow as tf
+
+    i = tf.range(size) % (2 * n)
+    return tf.where(i < n, i, 2 * n - 1 - i)
+
+
+def _metadata(predictor: Predictor, layer: str, version: int) -> dict:
+    """Contents of assets/xmdl.json: everything a consumer needs besides the graph."""
+    import keras
+    import tensorflow as tf
+
+    from . import __version__
+
+    model_dir = predictor.path.parent
+    card = {p.name: json.loads(p.read_text()) for p in sorted(model_dir.glob("metrics*.json"))}
+    config = predictor.config
+    return {
+        "format": "xmdl_tf SavedModel",
+        "version": version,
+        "source_model": str(predictor.path),
+        "tile_size": DEFAULT_TILE,
+        "overlap": DEFAULT_OVERLAP,
+        "size_divisor": config.model.size_divisor,
+        "n_classes": config.model.n_classes,
+        "mitochondria_class": 1,
+        "mask_threshold": MASK_THRESHOLD,
+        "normalization": config.normalization,
+        "gradcam_layer": layer,
+        "pixel_size_nm": config.data.pixel_size_nm,
+        "signatures": {
+            **{n: {"images": f"{d} [batch, height, width, {c}]"} for n, (d, c) in RAW_SIGNATURES.items()},
+            **{n: {"images": f"{d} [batch, height, width, {c}]"} for n, (d, c) in TILE_SIGNATURES.items()},
+        },
+        "model_card": card or None,
+        "config": config.to_dict(),
+        "versions": {"xmdl_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+    }
+
+
+# ----------------------------------------------------------------------------
+# Consumer
+
+
+def read_metadata(path: str | Path) -> dict:
+    """assets/xmdl.json of an export (EXPORT_DIR or EXPORT_DIR/<version>)."""
+    vdir = resolve_version(path)
+    meta = vdir / "assets" / META_FILE
+    if not meta.is_file():
+        raise ModelError(f"{vdir}: no assets/{META_FILE}; not exported by `python -m xmdl_tf.export`")
+    return json.loads(meta.read_text())
+
+
+@dataclass
+class SavedModelPredictor(Predictor):
+    """A `Predictor` over an exported SavedModel: the same tiling, calling the `*_normalized` signatures.
+
+    `model` is the object returned by tf.saved_model.load; `meta` is assets/xmdl.json.
+    """
+
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        import tensorflow as tf
+
+        predict = self.model.signatures["predict_normalized"]
+        self._fn = lambda x: predict(images=tf.constant(self._checked(x, 1)))["probabilities"]
+
+    @property
+    def gradcam_layer(self) -> str:
+        return self.meta["gradcam_layer"]
+
+    def _explainer(self, layer: str) -> Callable:
+        import tensorflow as tf
+
+        from .gradcam import GradCamError
+
+        if layer != self.gradcam_layer:
+            raise GradCamError(f"{self.path}: Grad-CAM was exported for layer {self.gradcam_layer!r} only; "
+                               f"re-export with --gradcam-layer {layer} to explain {layer!r}")
+        explain = self.model.signatures["explain_normalized"]
+
+        def fn(x: np.ndarray):
+            out = explain(images=tf.constant(self._checked(x, 2)))
+            return tf.concat([out["probabilities"], out["cam"][..., None]], axis=-1)
+
+        return fn
+
+    def _checked(self, x: np.ndarray, channels: int) -> np.ndarray:
+        """Refuse, before TensorFlow sees them, tiles the signatures cannot take."""
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[-1] != channels:
+            raise ValueError(f"expected normalised tiles of shape (n, h, w, {channels}), got {x.shape}")
+        if x.shape[1] % self.size_divisor or x.shape[2] % self.size_divisor:
+            raise ValueError(f"tile size {x.shape[1:3]} is not a multiple of the size divisor {self.size_divisor}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"expected float tiles normalised to [0, 1], got dtype {x.dtype}")
+        return x.astype(np.float32, copy=False)
+
+
+def load_saved_model(path: str | Path, tta: bool = False) -> SavedModelPredictor:
+    """Load an export (EXPORT_DIR, highest version, or EXPORT_DIR/<version>) as a Predictor."""
+    import tensorflow as tf
+
+    vdir = resolve_version(path)
+    meta = read_metadata(vdir)
+    loaded = tf.saved_model.load(str(vdir))
+    missing = [s for s in TILE_SIGNATURES if s not in loaded.signatures]
+    if missing:
+        raise ModelError(f"{vdir}: SavedModel lacks the signature(s) {missing}; re-export with this xmdl_tf")
+    config = Config.from_dict(meta["config"], source=f"{vdir}/assets/{META_FILE}")
+    return SavedModelPredictor(loaded, config, vdir, jit_compile=False, tta=tta, meta=meta)
+
+
+# ----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xmdl_tf.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="run folder or .keras file (config.json beside it)")
+    p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="TF Serving base folder; writes EXPORT_DIR/<version>/")
+    p.add_argument("--version", type=int, default=None, help="version number (default: 1, or the next free one)")
+    p.add_argument("--gradcam-layer", default=None, help="conv layer for the explain signatures (default dec1_conv2)")
+    args = p.parse_args(argv)
+
+    from .gradcam import GradCamError
+
+    try:
+        path = export_model(args.model, args.out, args.version, args.gradcam_layer)
+    except (FileExistsError, ValueError) as err:  # ModelError, GradCamError and bad versions
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = json.loads((path / "assets" / META_FILE).read_text())
+    print(f"exported {args.model} -> {path}")
+    print(f"signatures: {', '.join(meta['signatures'])}; Grad-CAM layer {meta['gradcam_layer']}; "
+          f"size divisor {meta['size_divisor']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
