@@ -114,6 +114,8 @@ def _split_component(
         keys.append(lo.astype(np.int64) * (n + 1) + hi)
         vals.append(np.minimum(da[sel], db[sel]))
     key, val = np.concatenate(keys), np.concatenate(vals)
+    if key.size == 0:  # regions meet only diagonally: no pass to judge, keep the component whole
+        return comp.astype(np.int32)
     order = np.lexsort((-val, key))
     key, val = key[order], val[order]
     first = np.r_[True, key[1:] != key[:-1]]

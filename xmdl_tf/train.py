@@ -164,10 +164,13 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     if tile % config.model.size_divisor:
         raise ValueError(f"tile size {tile} is not divisible by 2**(depth-1) = {config.model.size_divisor}")
     steps = config.train.steps_per_epoch or default_steps_per_epoch(train_regions, shapes, tile, config.train.batch_size)
+    # --pixel-size fills in the sets whose files do not say; the model's pixel
+    # size is the sets' common one, and unknown (None) when they differ.
+    for i in info:
+        if i["pixel_size_nm"] is None:
+            i["pixel_size_nm"] = config.data.pixel_size_nm
     pixel_sizes = {i["pixel_size_nm"] for i in info}
-    pixel_size = config.data.pixel_size_nm
-    if pixel_size is None and len(pixel_sizes) == 1:
-        pixel_size = next(iter(pixel_sizes))
+    pixel_size = next(iter(pixel_sizes)) if len(pixel_sizes) == 1 else None
     config = replace(config, data=replace(config.data, pixel_size_nm=pixel_size),
                      train=replace(config.train, steps_per_epoch=steps))
 
@@ -376,7 +379,8 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="rows held back for validation when a data set has no val split")
     p.add_argument("--ignore-value", type=int, default=None, help="label value of unlabelled pixels (ignored by the loss)")
-    p.add_argument("--pixel-size", type=float, default=None, help="pixel size of the training data in nm")
+    p.add_argument("--pixel-size", type=float, default=None,
+                   help="pixel size in nm of data sets whose dataset.json / TIFF metadata do not give one")
     p.add_argument("--max-slices", type=int, default=None, help="use only the first N training slices of each set")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--augment-strength", type=float, default=2.0 if finetune else 1.0)

@@ -1,0 +1,31 @@
+"""Adapt a trained model to your microscope from a few annotated slices: `python -m xmdl_tf.finetune`.
+
+    python -m xmdl_tf.finetune --model models/xmdl_ref --data my_annotated/ --out runs/mine --max-slices 2
+
+The same trainer as `python -m xmdl_tf.train --init-from MODEL` (one code path),
+with fine-tuning defaults: the parent's architecture, weights and
+normalisation; learning rate 1e-4; heavy augmentation (strength 2);
+optionally a frozen encoder. A single annotated slice is enough: without a
+`val` split, validation is carved from it as held-back rows, and config.json
+says so. Sparse annotation: label the pixels you are sure of and give the
+rest the value `--ignore-value` (e.g. 255, with mitochondria 1 and background
+0); the loss ignores them. The new `config.json` records the lineage (parent
+model and its data, the slices used here).
+"""
+from __future__ import annotations
+
+import sys
+
+from .train import build_parser, config_from_args, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser("python -m xmdl_tf.finetune", finetune=True).parse_args(argv)
+    train(args.data, args.out, config_from_args(args), val_fraction=args.val_fraction, init_from=args.model,
+          freeze_encoder=args.freeze_encoder, augment_strength=args.augment_strength,
+          max_slices=args.max_slices, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
