@@ -1,0 +1,299 @@
+"""SavedModel export for TF Serving: signatures, a stand-in server process, the REST client, consumers.
+
+One tiny model (depth 3, 4 filters, untrained; its logits bias is nudged so
+the predicted mask covers part of the image and Grad-CAM has a target) is
+exported once per module.
+"""
+import hashlib
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from xmdl_tf.config import Config, ModelConfig
+from xmdl_tf.export import META_FILE, SavedModelPredictor, export_model, main as export_main, versions
+from xmdl_tf.gradcam import GradCamError
+from xmdl_tf.predict import ModelError, load_model
+
+from conftest import ROOT, blob_image
+
+# The documented signatures (docs/serving.md): name -> inputs and outputs as (dtype, shape).
+SIGNATURES = {
+    "serving_default": ({"images": ("DT_UINT8", "(-1, -1, -1, 1)")},
+                        {"probabilities": ("DT_FLOAT", "(-1, -1, -1)"), "mask": ("DT_UINT8", "(-1, -1, -1)")}),
+    "serving_float": ({"images": ("DT_FLOAT", "(-1, -1, -1, 1)")},
+                      {"probabilities": ("DT_FLOAT", "(-1, -1, -1)"), "mask": ("DT_UINT8", "(-1, -1, -1)")}),
+    "explain": ({"images": ("DT_UINT8", "(-1, -1, -1, 1)")},
+                {"probabilities": ("DT_FLOAT", "(-1, -1, -1)"), "mask": ("DT_UINT8", "(-1, -1, -1)"),
+                 "gradcam": ("DT_FLOAT", "(-1, -1, -1)")}),
+    "explain_float": ({"images": ("DT_FLOAT", "(-1, -1, -1, 1)")},
+                      {"probabilities": ("DT_FLOAT", "(-1, -1, -1)"), "mask": ("DT_UINT8", "(-1, -1, -1)"),
+                       "gradcam": ("DT_FLOAT", "(-1, -1, -1)")}),
+    "predict_normalized": ({"images": ("DT_FLOAT", "(-1, -1, -1, 1)")},
+                           {"probabilities": ("DT_FLOAT", "(-1, -1, -1, 2)")}),
+    "explain_normalized": ({"images": ("DT_FLOAT", "(-1, -1, -1, 2)")},
+                           {"probabilities": ("DT_FLOAT", "(-1, -1, -1, 2)"), "cam": ("DT_FLOAT", "(-1, -1, -1)")}),
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A run folder (model.keras, config.json, metrics.json) whose mask covers part of a blob image."""
+    import keras
+
+    from xmdl_tf.data import normalize_np
+    from xmdl_tf.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(depth=3, base_filters=4)
+    img, _ = blob_image(64, seed=3)
+    logits = keras.Model(model.input, model.get_layer("logits").output)(normalize_np(img)[None, ..., None])
+    margin = np.asarray(logits[..., 1] - logits[..., 0])
+    # Shift the mitochondria logit so that about 40% of pixels are predicted mitochondria.
+    bias = model.get_layer("logits").bias
+    bias.assign(bias.numpy() + np.array([0.0, -np.percentile(margin, 60)], np.float32))
+    folder = tmp_path_factory.mktemp("run")
+    model.save(folder / "model.keras")
+    Config(model=ModelConfig(depth=3, base_filters=4)).save(folder / "config.json")
+    (folder / "metrics.json").write_text(json.dumps({"f1": 0.5, "iou": 0.33}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def export_dir(run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "xmdl"
+    assert export_main(["--model", str(run), "--out", str(out)]) == 0
+    return out
+
+
+def raw_images() -> np.ndarray:
+    """Two uint8 slices of an odd size (37 x 53) as a batch [2, 37, 53, 1]."""
+    return np.stack([blob_image(64, seed=s)[0][:37, :53] for s in (3, 4)])[..., None]
+
+
+# A TF Serving stand-in: TensorFlow only, no xmdl_tf and no new Keras import (the
+# import guard goes in after `import tensorflow`, which itself imports a Keras shim).
+SERVER_SCRIPT = textwrap.dedent("""
+    import importlib.abc, json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    class Guard(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("xmdl_tf", "keras", "tf_keras"):
+                raise ImportError(f"the serving stand-in imported {name}")
+
+    sys.meta_path.insert(0, Guard())
+    folder = sys.argv[1]
+    sig = tf.saved_model.load(sys.argv[2]).signatures
+    images = np.load(f"{folder}/images.npy")
+    out = {}
+    for name in ("serving_default", "explain"):
+        out.update({f"{name}.{k}": v.numpy() for k, v in sig[name](images=tf.constant(images)).items()})
+    wide = (images.astype(np.float32) * 257.0)  # the same slices as 16-bit grey values
+    out.update({f"explain_float.{k}": v.numpy() for k, v in sig["explain_float"](images=tf.constant(wide)).items()})
+    np.savez(f"{folder}/served.npz", **out)
+    bad = {
+        "dtype": lambda: sig["serving_default"](images=tf.constant(wide)),
+        "rank": lambda: sig["serving_default"](images=tf.constant(images[..., 0])),
+        "channels": lambda: sig["explain"](images=tf.constant(np.repeat(images, 3, axis=-1))),
+        "empty": lambda: sig["serving_default"](images=tf.constant(images[:, :0])),
+        "normalised floats": lambda: sig["serving_float"](images=tf.constant(wide / 65535.0 - 0.5)),
+        "tile size": lambda: sig["predict_normalized"](images=tf.constant(np.zeros((1, 30, 32, 1), np.float32))),
+    }
+    errors = {}
+    for case, call in bad.items():
+        try:
+            call()
+            errors[case] = None
+        except Exception as err:
+            errors[case] = str(err)
+    json.dump(errors, open(f"{folder}/errors.json", "w"))
+""")
+
+
+def test_served_signatures_match_keras_in_a_separate_process(run, export_dir, tmp_path):
+    images = raw_images()
+    np.save(tmp_path / "images.npy", images)
+    proc = subprocess.run([sys.executable, "-c", SERVER_SCRIPT, str(tmp_path), str(export_dir / "1")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = np.load(tmp_path / "served.npz")
+
+    keras_pred = load_model(run, jit_compile=False)
+    for i, img in enumerate(images[..., 0]):
+        prob = keras_pred.predict_slice(img)
+        prob_e, cam = keras_pred.explain_slice(img)
+        assert 0.05 < (prob >= 0.5).mean() < 0.95  # Grad-CAM has a target and a background
+        sure = np.abs(prob - 0.5) > 1e-4
+        for sig in ("serving_default", "explain", "explain_float"):
+            assert served[f"{sig}.probabilities"].shape == (2, 37, 53)
+            assert served[f"{sig}.mask"].dtype == np.uint8
+            np.testing.assert_allclose(served[f"{sig}.probabilities"][i], prob, atol=1e-5)
+            np.testing.assert_array_equal(served[f"{sig}.mask"][i][sure], (prob >= 0.5)[sure])
+        for sig in ("explain", "explain_float"):
+            assert served[f"{sig}.gradcam"].dtype == np.float32
+            assert served[f"{sig}.gradcam"][i].min() >= 0 and served[f"{sig}.gradcam"][i].max() == pytest.approx(1)
+            np.testing.assert_allclose(served[f"{sig}.gradcam"][i], cam, atol=1e-4)
+        np.testing.assert_allclose(prob_e, prob, atol=1e-6)
+
+    errors = json.loads((tmp_path / "errors.json").read_text())
+    assert "expected to be a uint8 tensor but is a float tensor" in errors["dtype"]
+    assert "images must have shape [batch, height, width, 1]; got shape] [2 37 53]" in errors["rank"]
+    assert "images must have shape [batch, height, width, 1]; got shape] [2 37 53 3]" in errors["channels"]
+    assert "height and width must be at least 1 pixel" in errors["empty"]
+    assert "raw grey values must be in [0, 65535]" in errors["normalised floats"]
+    assert "multiples of the size divisor 4" in errors["tile size"]
+
+
+def test_saved_model_cli_lists_the_documented_signatures(export_dir):
+    cli = Path(sys.executable).parent / "saved_model_cli"
+    proc = subprocess.run([str(cli), "show", "--dir", str(export_dir / "1"), "--all"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout.split("Concrete Functions")[0]
+    found = {}
+    for block in re.split(r"\nsignature_def\['", text)[1:]:
+        name = block.split("'")[0]
+        ins, outs = block.split("output(s):")
+        parse = lambda part: {k: (d, s) for k, d, s in re.findall(
+            r"\w+\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: (\([-\d, ]*\))", part)}
+        found[name] = (parse(ins), parse(outs))
+    found.pop("__saved_model_init_op", None)
+    assert found == SIGNATURES
+
+
+def test_metadata_asset(run, export_dir):
+    meta = json.loads((export_dir / "1" / "assets" / META_FILE).read_text())
+    assert meta["size_divisor"] == 4 and meta["n_classes"] == 2 and meta["tile_size"] == 512
+    assert meta["gradcam_layer"] == "dec1_conv2" and meta["normalization"]["high"] == 99.8
+    assert meta["config"] == json.loads((run / "config.json").read_text())
+    assert meta["model_card"] == {"metrics.json": {"f1": 0.5, "iou": 0.33}}
+    assert set(meta["signatures"]) == set(SIGNATURES)
+
+
+def load_client():
+    spec = importlib.util.spec_from_file_location("serving_client", ROOT / "examples" / "serving_client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rest_client_round_trip(export_dir, tmp_path):
+    """The client's JSON body goes through a stand-in for TF Serving's REST API and back into TIFFs."""
+    import tensorflow as tf
+
+    client = load_client()
+    signatures = tf.saved_model.load(str(export_dir / "1")).signatures
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # what TF Serving does with a row-format request
+            assert self.path == "/v1/models/xmdl:predict"
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            sig = signatures[body["signature_name"]]
+            spec = sig.structured_input_signature[1]["images"]
+            x = tf.constant([row["images"] for row in body["instances"]], spec.dtype)
+            out = {k: v.numpy() for k, v in sig(images=x).items()}
+            rows = [{k: v[i].tolist() for k, v in out.items()} for i in range(len(x))]
+            data = json.dumps({"predictions": rows}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    img = blob_image(64, seed=5)[0][:45, :50]
+    cv2.imwrite(str(tmp_path / "slice.png"), img)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1/models/xmdl:predict"
+        assert client.main([str(tmp_path / "slice.png"), "--url", url, "--out", str(tmp_path / "out")]) == 0
+    finally:
+        server.shutdown()
+    direct = {k: v.numpy()[0] for k, v in signatures["explain"](images=tf.constant(img[None, ..., None])).items()}
+    mask = tifffile.imread(tmp_path / "out" / "slice_mask.tif")
+    heat = tifffile.imread(tmp_path / "out" / "slice_gradcam.tif")
+    assert mask.shape == heat.shape == (45, 50) and mask.dtype == np.uint8 and heat.dtype == np.float32
+    np.testing.assert_array_equal(mask, direct["mask"])
+    np.testing.assert_allclose(heat, direct["gradcam"], atol=1e-6)
+
+    # --dry-run writes the body; a 16-bit TIFF goes to explain_float; columnar responses parse too.
+    tifffile.imwrite(tmp_path / "wide.tif", img.astype(np.uint16) * 257)
+    assert client.main([str(tmp_path / "wide.tif"), "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    body = json.loads((tmp_path / "dry" / "wide_request.json").read_text())
+    assert body["signature_name"] == "explain_float" and np.shape(body["instances"][0]["images"]) == (45, 50, 1)
+    parsed = client.parse_response({"outputs": {k: v[None].tolist() for k, v in direct.items()}})
+    assert parsed["mask"].shape == parsed["gradcam"].shape == (1, 45, 50) and parsed["mask"].dtype == np.uint8
+    with pytest.raises(RuntimeError, match="TF Serving: bad input"):
+        client.parse_response({"error": "bad input"})
+
+
+def test_grpc_without_serving_api_is_explained(tmp_path):
+    if importlib.util.find_spec("tensorflow_serving") is not None:
+        pytest.skip("tensorflow-serving-api is installed")
+    client = load_client()
+    with pytest.raises(SystemExit, match="pip install tensorflow-serving-api"):
+        client.grpc_predict(np.zeros((8, 8), np.uint8))
+
+
+def test_versions_are_never_overwritten(run, export_dir, capsys):
+    before = hashlib.sha256((export_dir / "1" / "saved_model.pb").read_bytes()).hexdigest()
+    assert export_main(["--model", str(run), "--out", str(export_dir)]) == 0
+    assert versions(export_dir) == [1, 2]
+    assert export_main(["--model", str(run), "--out", str(export_dir), "--version", "1"]) == 2
+    assert "version 1 already exists" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_model(run, export_dir, version=2)
+    assert export_main(["--model", str(run), "--out", str(export_dir), "--gradcam-layer", "nope"]) == 2
+    assert "'nope' not in the model" in capsys.readouterr().err
+    assert hashlib.sha256((export_dir / "1" / "saved_model.pb").read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]  # no half-written leftovers
+
+
+def test_load_model_on_export_dir_matches_keras(run, export_dir):
+    keras_pred = load_model(run)
+    served = load_model(export_dir)  # the highest version
+    assert isinstance(served, SavedModelPredictor) and served.path.parent == export_dir
+    assert load_model(export_dir / "1").path == export_dir / "1"
+    assert served.size_divisor == 4 and served.gradcam_layer == "dec1_conv2" and not served.tta
+    assert served.config == keras_pred.config
+    img = blob_image(130, seed=9, n=10)[0][:100]
+    kw = dict(tile=64, overlap=16, batch_size=3)
+    prob = served.predict_slice(img, **kw)
+    np.testing.assert_allclose(prob, keras_pred.predict_slice(img, **kw), atol=1e-4)
+    prob_e, cam = served.explain_slice(img, **kw)
+    ref_prob, ref_cam = keras_pred.explain_slice(img, **kw)
+    assert cam.shape == (100, 130) and cam.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(prob_e, ref_prob, atol=1e-4)
+    np.testing.assert_allclose(cam, ref_cam, atol=1e-4)
+    with pytest.raises(GradCamError, match="re-export with --gradcam-layer bottleneck_conv2"):
+        served.explain_slice(img, layer="bottleneck_conv2", **kw)
+    with pytest.raises(ValueError, match="size divisor 4"):
+        served.predict_batch(np.zeros((1, 30, 32, 1), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(n, h, w, 1\)"):
+        served.predict_batch(np.zeros((30, 32), np.float32))
+
+
+def test_keras_file_with_lambda_layer_is_refused(tmp_path):
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    keras.Model(inputs, keras.layers.Conv2D(2, 1, activation="softmax")(x)).save(tmp_path / "lambda.keras")
+    with pytest.raises(ModelError, match="refused to load.*arbitrary Python code.*Lambda"):
+        load_model(tmp_path / "lambda.keras")
+    assert export_main(["--model", str(tmp_path / "lambda.keras"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
