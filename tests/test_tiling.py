@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from xmdl_tf.tiling import plan_tiles, predict_tiled, tile_starts, window_1d
+from xmdl_tf.tiling import fit_tile, plan_tiles, predict_tiled, tile_starts, window_1d
 
 
 def test_tile_starts_cover():
@@ -24,9 +24,12 @@ def test_windows_complement():
     assert left[0] == 1 and left[-1] == 0 and right[0] == 0
 
 
-def test_plan_small_and_indivisible():
+def test_plan_small_indivisible_and_evened_out():
     (th, tw), (ph, pw), origins = plan_tiles((20, 70), 64, 16, 8)
-    assert (th, tw) == (24, 64) and (ph, pw) == (24, 70)
+    assert (th, tw) == (24, 48) and (ph, pw) == (24, 70) and len(origins) == 2
+    (th, tw), _, origins = plan_tiles((4096, 4096), 1024, 64, 32)
+    assert th == tw == 896 and len(origins) == 25  # 5 x 5 evenly spread tiles instead of 5 x 5 of 1024
+    assert fit_tile(1000, 512, 32, 32) == 384 and fit_tile(100, 256, 32, 32) == 128
     with pytest.raises(ValueError, match="divisible"):
         plan_tiles((100, 100), 60, 8, 16)
 
