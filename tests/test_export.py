@@ -25,7 +25,7 @@ from xmdl_tf.export import META_FILE, SavedModelPredictor, export_model, main as
 from xmdl_tf.gradcam import GradCamError
 from xmdl_tf.predict import ModelError, load_model
 
-from conftest import ROOT, blob_image
+from conftest import ROOT, blob_image, write_split
 
 # The documented signatures (docs/serving.md): name -> inputs and outputs as (dtype, shape).
 SIGNATURES = {
@@ -285,6 +285,16 @@ def test_load_model_on_export_dir_matches_keras(run, export_dir):
         served.predict_batch(np.zeros((1, 30, 32, 1), np.float32))
     with pytest.raises(ValueError, match=r"shape \(n, h, w, 1\)"):
         served.predict_batch(np.zeros((30, 32), np.float32))
+
+
+def test_evaluate_accepts_export_dir(run, export_dir, tmp_path):
+    from xmdl_tf.evaluate import evaluate
+
+    write_split(tmp_path / "data", "test", 2, size=96, seed=30)
+    served = evaluate(export_dir, str(tmp_path / "data"), "test", tile=64, overlap=16)
+    local = evaluate(run, str(tmp_path / "data"), "test", tile=64, overlap=16)
+    assert Path(served["model"]).parent == export_dir and served["n_pixels"] == 2 * 96 * 96
+    assert served["f1"] == pytest.approx(local["f1"], abs=1e-3) and served["iou"] == pytest.approx(local["iou"], abs=1e-3)
 
 
 def test_keras_file_with_lambda_layer_is_refused(tmp_path):
