@@ -1,0 +1,48 @@
+"""Shared helpers for the benchmark scripts: machine description and timing."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from contextlib import contextmanager
+
+
+def machine() -> str:
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {len(gpus)} GPU(s); "
+            f"TensorFlow {tf.__version__}, Python {platform.python_version()}")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextmanager
+def timer(results: dict, key: str):
+    t = time.perf_counter()
+    yield
+    results[key] = results.get(key, 0.0) + time.perf_counter() - t
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    out = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    out += ["  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return "" if v is None else str(v)
