@@ -79,3 +79,18 @@ def test_numpy_scores_edge_cases():
     assert scores(c)["iou"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError):
         confusion(np.zeros(3), np.zeros(4))
+
+
+def test_instance_scores_pooled():
+    from xmdl_tf.evaluate import instance_counts, pooled_instance_scores
+
+    true = np.zeros((20, 20), np.uint8)
+    true[2:6, 2:6] = 1
+    true[10:15, 10:15] = 1  # two objects (binary label -> connected components)
+    pred = np.zeros((20, 20), np.uint16)
+    pred[2:6, 2:6] = 1  # one exact match
+    pred[17:19, 0:3] = 2  # one false positive
+    r = instance_counts(pred, true)
+    assert (r["inst_tp"], r["inst_fp"], r["inst_fn"], r["count_error"]) == (1, 1, 1, 0)
+    s = pooled_instance_scores([r, {**r, "count_error": -2}])
+    assert s["instance_f1_iou50"] == pytest.approx(0.5) and s["mean_abs_count_error"] == 1.0
