@@ -11,7 +11,8 @@ is never overwritten). Signatures (see docs/serving.md for the full table):
     explain             images uint8   [b, h, w, 1] -> probabilities, mask, gradcam float32 [b, h, w] in [0, 1]
     explain_float       images float32 [b, h, w, 1] -> same as explain
     predict_normalized  images float32 [b, h, w, 1] normalised tiles -> probabilities float32 [b, h, w, C]
-    explain_normalized  images float32 [b, h, w, 2] normalised tile + region -> probabilities [b, h, w, C], cam [b, h, w]
+    explain_normalized  images float32 [b, h, w, 2] normalised tile + region -> probabilities [b, h, w, C],
+                        cam float32 [b, h, w] (raw Grad-CAM)
 
 The raw-pixel signatures normalise each image of the batch on its own, inside
 the graph, with `xmdl_tf.data.normalize` (the function training and inference
@@ -48,14 +49,20 @@ META_FILE = "xmdl.json"  # in EXPORT_DIR/<version>/assets/
 MASK_THRESHOLD = 0.5  # mitochondria probability at or above which the served mask is 1
 MAX_GREY = 65535.0  # normalisation works on integer grey values of 8- or 16-bit EM
 
-# name -> (input dtype, input channels); outputs are documented in the module docstring.
-RAW_SIGNATURES = {
-    "serving_default": ("uint8", 1),
-    "serving_float": ("float32", 1),
-    "explain": ("uint8", 1),
-    "explain_float": ("float32", 1),
+_MAP = "[batch, height, width]"
+_SERVED = {"probabilities": f"float32 {_MAP}", "mask": f"uint8 {_MAP}"}
+_PROBS = {"probabilities": "float32 [batch, height, width, n_classes]"}
+# name -> (input `images` dtype, its channels, outputs). Raw-pixel signatures take
+# [batch, height, width, 1]; the tile-level ones normalised tiles (see the docstring).
+SIGNATURES = {
+    "serving_default": ("uint8", 1, _SERVED),
+    "serving_float": ("float32", 1, _SERVED),
+    "explain": ("uint8", 1, {**_SERVED, "gradcam": f"float32 {_MAP} in [0, 1]"}),
+    "explain_float": ("float32", 1, {**_SERVED, "gradcam": f"float32 {_MAP} in [0, 1]"}),
+    "predict_normalized": ("float32", 1, _PROBS),
+    "explain_normalized": ("float32", 2, {**_PROBS, "cam": f"float32 {_MAP}, raw Grad-CAM >= 0"}),
 }
-TILE_SIGNATURES = {"predict_normalized": ("float32", 1), "explain_normalized": ("float32", 2)}
+TILE_SIGNATURES = ("predict_normalized", "explain_normalized")
 
 
 # ----------------------------------------------------------------------------
@@ -95,7 +102,6 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     the layer recorded in config.json, else `dec1_conv2`).
     Returns the version folder.
     """
-    from .gradcam import GradCamError
     from .predict import load_model
 
     out_dir = Path(out_dir)
@@ -111,10 +117,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     if isinstance(predictor, SavedModelPredictor):
         raise ModelError(f"{model_path}: already a SavedModel; export the .keras model it came from")
     layer = gradcam_layer or predictor.gradcam_layer
-    try:
-        archive = _archive(predictor.model, predictor.config, layer)
-    except GradCamError as err:
-        raise GradCamError(f"--gradcam-layer: {err}") from None
+    archive = _archive(predictor.model, predictor.config, layer)
     meta = _metadata(predictor, layer, version)
 
     # Write beside the target and rename at the end: TF Serving polls EXPORT_DIR
@@ -219,9 +222,10 @@ def _archive(model, config: Config, layer: str):
            "explain_normalized": explain_normalized}
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, (dtype, channels) in {**RAW_SIGNATURES, **TILE_SIGNATURES}.items():
+    for name, (dtype, channels, _) in SIGNATURES.items():
         # Each function's argument is named `images`, which becomes the signature's input key.
-        archive.add_endpoint(name, fns[name], input_signature=[tf.TensorSpec([None, None, None, channels], dtype, name="images")])
+        spec = tf.TensorSpec([None, None, None, channels], dtype, name="images")
+        archive.add_endpoint(name, fns[name], input_signature=[spec])
     return archive
 
 
@@ -259,10 +263,8 @@ def _metadata(predictor: Predictor, layer: str, version: int) -> dict:
         "normalization": config.normalization,
         "gradcam_layer": layer,
         "pixel_size_nm": config.data.pixel_size_nm,
-        "signatures": {
-            **{n: {"images": f"{d} [batch, height, width, {c}]"} for n, (d, c) in RAW_SIGNATURES.items()},
-            **{n: {"images": f"{d} [batch, height, width, {c}]"} for n, (d, c) in TILE_SIGNATURES.items()},
-        },
+        "signatures": {name: {"inputs": {"images": f"{dtype} [batch, height, width, {channels}]"}, "outputs": outputs}
+                       for name, (dtype, channels, outputs) in SIGNATURES.items()},
         "model_card": card or None,
         "config": config.to_dict(),
         "versions": {"xmdl_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
@@ -350,12 +352,11 @@ def load_saved_model(path: str | Path, tta: bool = False) -> SavedModelPredictor
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xmdl_tf.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="run folder or .keras file (config.json beside it)")
-    p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="TF Serving base folder; writes EXPORT_DIR/<version>/")
+    p.add_argument("--out", required=True, metavar="EXPORT_DIR",
+                   help="TF Serving base folder; writes EXPORT_DIR/<version>/")
     p.add_argument("--version", type=int, default=None, help="version number (default: 1, or the next free one)")
     p.add_argument("--gradcam-layer", default=None, help="conv layer for the explain signatures (default dec1_conv2)")
     args = p.parse_args(argv)
-
-    from .gradcam import GradCamError
 
     try:
         path = export_model(args.model, args.out, args.version, args.gradcam_layer)
