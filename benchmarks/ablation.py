@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import table  # noqa: E402
+from _util import markdown, table  # noqa: E402
 
 VARIANT_ORDER = ("unet", "residual", "attention", "residual_attention")
 
@@ -60,11 +60,8 @@ def main(argv=None) -> int:
         rows += run_variant(v, args.data, out, args)
         print(table(rows, list(rows[0])), flush=True)
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
-    cols = list(rows[0])
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / "ablation.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    (out / "ablation.md").write_text(markdown(rows))
+    print(markdown(rows))
     return 0
 
 

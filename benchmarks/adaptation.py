@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import table  # noqa: E402
+from _util import markdown, table  # noqa: E402
 
 
 def scored(model: Path, data: str, out: Path) -> dict:
@@ -68,12 +68,9 @@ def main(argv=None) -> int:
                          "recall": round(m["recall"], 4)})
         print(table(rows, list(rows[0])), flush=True)
     (out / "adaptation.json").write_text(json.dumps(rows, indent=2) + "\n")
-    cols = list(rows[0])
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / "adaptation.md").write_text("\n".join(md) + "\n")
+    (out / "adaptation.md").write_text(markdown(rows))
     plot(rows, out / "adaptation.png")
-    print("\n".join(md))
+    print(markdown(rows))
     return 0
 
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import sys
 
-from .train import build_parser, config_from_args, train
+from .train import build_parser, train_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser("python -m xmdl_tf.finetune", finetune=True).parse_args(argv)
-    train(args.data, args.out, config_from_args(args), val_fraction=args.val_fraction, init_from=args.model,
-          freeze_encoder=args.freeze_encoder, augment_strength=args.augment_strength,
-          max_slices=args.max_slices, overwrite=args.overwrite)
+    train_from_args(args, args.model)
     return 0
 
 

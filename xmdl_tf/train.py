@@ -414,13 +414,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
+def train_from_args(args: argparse.Namespace, init_from: str | None) -> Path:
+    """`train` with everything taken from parsed `train` or `finetune` arguments."""
+    return train(args.data, args.out, config_from_args(args), val_fraction=args.val_fraction, init_from=init_from,
+                 freeze_encoder=args.freeze_encoder, augment_strength=args.augment_strength,
+                 max_slices=args.max_slices, overwrite=args.overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.freeze_encoder and not args.init_from:
         build_parser().error("--freeze-encoder needs --init-from")
-    train(args.data, args.out, config_from_args(args), val_fraction=args.val_fraction, init_from=args.init_from,
-          freeze_encoder=args.freeze_encoder, augment_strength=args.augment_strength,
-          max_slices=args.max_slices, overwrite=args.overwrite)
+    train_from_args(args, args.init_from)
     return 0
 
 
