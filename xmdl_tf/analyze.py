@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xmdl_tf.analyze", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or TIFF stacks")
-    p.add_argument("--model", default=None, help="run folder or .keras file (default: the shipped reference model)")
+    p.add_argument("--model", default=None, help="run folder, .keras file or exported SavedModel folder (default: the shipped reference model)")
     p.add_argument("--labels", default=None, help="ground-truth masks or instance labels (file, folder, glob or stack)")
     p.add_argument("--pixel-size", type=float, default=None, help="nm per pixel when the files do not say")
     p.add_argument("--no-rescale", action="store_true",

@@ -115,7 +115,7 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xmdl_tf.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="run folder or .keras file")
+    p.add_argument("--model", required=True, help="run folder, .keras file or exported SavedModel folder")
     p.add_argument("--data", required=True, help="data set folder (split layout), image folder or stack")
     p.add_argument("--labels", default=None, help="label folder/glob/stack when --data is not in the split layout")
     p.add_argument("--split", default="test")
