@@ -219,7 +219,8 @@ def training_dataset(regions: list[SliceRegion], cfg: DataConfig, batch_size: in
     tile, k = cfg.tile_size, cfg.tiles_per_slice
     n = len(regions)
     ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(_loader(regions, cfg.ignore_value, tile), num_parallel_calls=min(4, n), deterministic=False)
+    # Deterministic order: a seed reproduces a run (decode times vary, so this costs a little speed).
+    ds = ds.map(_loader(regions, cfg.ignore_value, tile), num_parallel_calls=min(4, n), deterministic=True)
     # One stateless seed per decoded slice and per tile keeps randomness explicit.
     ds = tf.data.Dataset.zip(ds, tf.data.Dataset.counter())
     ds = ds.map(
