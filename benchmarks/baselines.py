@@ -43,7 +43,7 @@ class _Classical:
 def otsu_baseline(train_pairs) -> _Classical:
     from scipy import ndimage as ndi
     from skimage.filters import gaussian, threshold_otsu
-    from skimage.morphology import binary_opening, disk, remove_small_objects
+    from skimage.morphology import disk, remove_small_objects
 
     from xmdl_tf.data import normalize_np
     from xmdl_tf.io import read_pair
@@ -52,8 +52,8 @@ def otsu_baseline(train_pairs) -> _Classical:
     def segment(image, dark: bool) -> np.ndarray:
         x = gaussian(normalize_np(image), 2)
         fg = x < threshold_otsu(x) if dark else x > threshold_otsu(x)
-        fg = binary_opening(fg, disk(2))
-        return remove_small_objects(ndi.binary_fill_holes(fg), 200)
+        fg = ndi.binary_opening(fg, structure=disk(2))
+        return remove_small_objects(ndi.binary_fill_holes(fg), max_size=199)  # drop objects under 200 px
 
     counts = {True: {}, False: {}}
     for pair in train_pairs:
@@ -73,7 +73,7 @@ def forest_baseline(train_pairs, per_slice: int = 30_000, seed: int = 0) -> _Cla
 
     def features(image) -> np.ndarray:
         return multiscale_basic_features(normalize_np(image), intensity=True, edges=True, texture=True,
-                                         sigma_min=1, sigma_max=16, num_workers=2)
+                                         sigma_min=1, sigma_max=16, workers=2)
 
     rng = np.random.default_rng(seed)
     xs, ys = [], []
