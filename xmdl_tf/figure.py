@@ -35,18 +35,19 @@ def _display(arr: np.ndarray, step: int, labels: bool = False) -> np.ndarray:
     return cv2.resize(arr.astype(np.float32), (math.ceil(w / step), math.ceil(h / step)), interpolation=cv2.INTER_AREA)
 
 
-def _outline_rgba(instances: np.ndarray, classes: dict[int, str]) -> np.ndarray:
+def _class_rgba(instances: np.ndarray, classes: dict[int, str], fill_alpha: float = 0.45) -> np.ndarray:
+    """Each object filled with its shape-class colour (translucent) and outlined (opaque)."""
     from matplotlib.colors import to_rgba
     from skimage.segmentation import find_boundaries
 
-    rgba = np.zeros((*instances.shape, 4), np.float32)
-    edges = find_boundaries(instances, mode="inner")
-    ids = instances[edges]
     lut = np.zeros((int(instances.max()) + 1, 4), np.float32)
     for i, c in classes.items():
         if i < len(lut):
             lut[i] = to_rgba(CLASS_COLORS.get(c, "white"))
-    rgba[edges] = lut[ids]
+    rgba = lut[instances]
+    rgba[..., 3] *= fill_alpha
+    edges = find_boundaries(instances, mode="inner")
+    rgba[edges, 3] = lut[instances[edges], 3]
     return rgba
 
 
@@ -84,8 +85,7 @@ def unified_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame
         axes[k].imshow(_display(np.asarray(true_mask) > 0, step, labels=True), cmap="gray", interpolation="nearest")
     k += 1
     axes[k].imshow(img, cmap="gray", interpolation="nearest")
-    axes[k].imshow(np.ma.masked_equal(inst > 0, False), cmap="Wistia", alpha=0.35, interpolation="nearest")
-    axes[k].imshow(_outline_rgba(inst, classes), interpolation="nearest")
+    axes[k].imshow(_class_rgba(inst, classes), interpolation="nearest")
     k += 1
     axes[k].imshow(img, cmap="gray", interpolation="nearest")
     im = axes[k].imshow(_display(heatmap, step), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
