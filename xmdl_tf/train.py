@@ -108,6 +108,15 @@ def _atomic_save(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _save_inference(model, path: Path) -> None:
+    """Save weights and architecture only (no optimizer state): a third of the size, safe to ship."""
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    _atomic_save(clone, path)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -256,7 +265,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs, steps_per_epoch=steps,
               initial_epoch=initial_epoch, callbacks=[early, ckpt, *(callbacks or [])], verbose=verbose)
     # EarlyStopping restored the best weights; make model.keras exactly those.
-    _atomic_save(model, out / "model.keras")
+    _save_inference(model, out / "model.keras")
     final = json.loads(state_path.read_text())
     final["finished"] = True
     _atomic_write(state_path, json.dumps(final))
@@ -309,7 +318,7 @@ def _make_callbacks():
             self._seconds += time.time() - self._t
             self.history.append({"epoch": epoch + 1, **logs, "seconds": round(self._seconds, 1)})
             if self.early.best_epoch == epoch:
-                _atomic_save(self.model, self.out / "model.keras")
+                _save_inference(self.model, self.out / "model.keras")
             _atomic_save(self.model, self.out / LAST)
             write_history(self.history, self.out / "history.csv")
             state = {"run": str(self.out), "epoch": epoch, "wait": self.early.wait,
