@@ -94,3 +94,13 @@ def test_holdout_split_bands(blob_dataset):
     assert int((y >= 0).sum()) == 4 * 32 * 128  # bottom 25% of rows of each 128 x 128 slice
     with pytest.raises(ValueError):
         holdout_split(pairs, 1.0)
+
+
+def test_validation_cardinality_declared(tmp_path):
+    from conftest import write_split
+
+    write_split(tmp_path, "val", 2, size=100)
+    pairs = split_pairs(tmp_path, "val")
+    tr, va = holdout_split(pairs, 0.3)
+    ds = validation_dataset(va, DataConfig(tile_size=32), batch_size=3, shapes=[(100, 100)] * 2)
+    assert int(ds.cardinality()) == len(list(ds)) == 3  # 2 slices x (1 x 4) tiles of the 30-row band, in 3s

@@ -254,16 +254,27 @@ def grid_tiles(xy: tf.Tensor, tile: int) -> tf.Tensor:
     return tf.reshape(t, [nh * nw, tile, tile, 2])
 
 
-def validation_dataset(regions: list[SliceRegion], cfg: DataConfig, batch_size: int) -> tf.data.Dataset:
-    """Deterministic, finite set of grid tiles covering every validation slice once."""
+def validation_dataset(regions: list[SliceRegion], cfg: DataConfig, batch_size: int,
+                       shapes: list[tuple[int, int]] | None = None) -> tf.data.Dataset:
+    """Deterministic, finite set of grid tiles covering every validation slice once.
+
+    shapes: (H, W) of each region's slice, if known; the batch count is then
+    declared, so Keras knows the length of a validation pass.
+    """
     if not regions:
         raise DataError("no validation slices")
     tile = cfg.tile_size
     ds = tf.data.Dataset.range(len(regions))
     ds = ds.map(_loader(regions, cfg.ignore_value, tile), num_parallel_calls=min(4, len(regions)), deterministic=True)
     ds = ds.map(lambda xy: grid_tiles(xy, tile)).unbatch()
-    ds = ds.map(_split_xy)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(_split_xy).batch(batch_size)
+    if shapes is not None:
+        n = 0
+        for r, (h, w) in zip(regions, shapes):
+            band = round(r.row_to * h) - round(r.row_from * h)
+            n += math.ceil(max(band, tile) / tile) * math.ceil(max(w, tile) / tile)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def default_steps_per_epoch(regions: list[SliceRegion], shapes: list[tuple[int, int]], tile: int, batch_size: int) -> int:

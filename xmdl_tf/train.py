@@ -168,7 +168,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     state_path = out / STATE
     train_regions, val_regions, info = resolve_data(data_dirs, val_fraction, max_slices=max_slices)
     shapes = check_pairs([r.pair for r in train_regions])
-    check_pairs([r.pair for r in val_regions])
+    val_shapes = check_pairs([r.pair for r in val_regions])
     tile = config.data.tile_size
     if tile % config.model.size_divisor:
         raise ValueError(f"tile size {tile} is not divisible by 2**(depth-1) = {config.model.size_divisor}")
@@ -231,7 +231,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     strategy = _strategy()
     global_batch = config.train.batch_size
     train_ds = training_dataset(train_regions, config.data, global_batch, config.train.seed, augment_strength)
-    val_ds = validation_dataset(val_regions, config.data, global_batch)
+    val_ds = validation_dataset(val_regions, config.data, global_batch, val_shapes)
 
     jit = config.train.jit_compile
     with strategy.scope():
