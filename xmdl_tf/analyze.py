@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import TIFF_EXTS, DataError, SlicePair, folder_pairs, stack_depth, stack_pairs
+from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
 
 OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "morphometry.csv", "figure.png")
 DEFAULT_MIN_AREA_NM2 = 5_000.0  # ~80 nm across: below the smallest mitochondrial profiles in EM
@@ -87,22 +87,10 @@ def match_labels(pairs: list[SlicePair], labels: str | None) -> dict[str, SliceP
         if len(pairs) != 1:
             raise DataError(f"{lp}: one label file given for {len(pairs)} images; give a folder or a stack")
         return {pairs[0].name: SlicePair(lp)}
-    from .io import _LABEL_SUFFIXES, LABEL_EXTS, _expand, _number
-
-    by_stem, by_number = {}, {}
-    for f in _expand(labels, LABEL_EXTS):
-        stem = f.stem
-        for suf in _LABEL_SUFFIXES:
-            if stem.lower().endswith(suf):
-                stem = stem[: -len(suf)]
-        by_stem[stem] = f
-        by_number.setdefault(_number(f.stem), []).append(f)
+    index = LabelIndex(labels)
     out = {}
     for p in pairs:
-        # Same stem (a.png <-> a_mask.tif), else the same number (im0050.png <-> seg0050.tif).
-        f = by_stem.get(p.image.stem)
-        if f is None and len(by_number.get(_number(p.image.stem), [])) == 1 and _number(p.image.stem) is not None:
-            f = by_number[_number(p.image.stem)][0]
+        f = index.find(p.image)
         if f is not None:
             out[p.name] = SlicePair(f, None, p.page if stack_depth(f) > 1 else None)
     if not out:

@@ -285,6 +285,32 @@ def _expand(spec: str | Path, exts: tuple[str, ...]) -> list[Path]:
     return files
 
 
+class LabelIndex:
+    """Label files found by an image's stem (`a.png` <-> `a.tif`, `a_mask.tif`, `a_label.png`, ...)
+    or, failing that, by the number in its name (`im0050.png` <-> `seg0050.tif`)."""
+
+    def __init__(self, spec: str | Path):
+        self.spec = spec
+        self.files = _expand(spec, LABEL_EXTS)
+        self._by_stem: dict[str, Path] = {}
+        self._by_number: dict[int | None, list[Path]] = {}
+        for f in self.files:
+            stem = f.stem
+            for suf in _LABEL_SUFFIXES:
+                if stem.lower().endswith(suf):
+                    stem = stem[: -len(suf)]
+                    break
+            self._by_stem[stem] = f
+            self._by_number.setdefault(_number(f.stem), []).append(f)
+
+    def find(self, image: Path, by_number: bool = True) -> Path | None:
+        found = self._by_stem.get(image.stem)
+        n = _number(image.stem)
+        if found is None and by_number and n is not None and len(self._by_number.get(n, [])) == 1:
+            found = self._by_number[n][0]
+        return found
+
+
 def folder_pairs(images: str | Path, labels: str | Path | None = None) -> list[SlicePair]:
     """Layout (b): image folder or glob plus label folder or glob, paired by file stem.
 
@@ -293,18 +319,11 @@ def folder_pairs(images: str | Path, labels: str | Path | None = None) -> list[S
     img_files = _expand(images, IMAGE_EXTS)
     if labels is None:
         return [SlicePair(p) for p in img_files]
-    lbl_files = _expand(labels, LABEL_EXTS)
-    by_stem: dict[str, Path] = {}
-    for p in lbl_files:
-        stem = p.stem
-        for suf in _LABEL_SUFFIXES:
-            if stem.lower().endswith(suf):
-                stem = stem[: -len(suf)]
-                break
-        by_stem[stem] = p
+    index = LabelIndex(labels)
+    lbl_files = index.files
     pairs, missing = [], []
     for p in img_files:
-        lbl = by_stem.get(p.stem)
+        lbl = index.find(p, by_number=False)
         if lbl is None:
             missing.append(p)
         else:
