@@ -48,3 +48,22 @@ def test_bad_arguments():
         build_model(depth=1)
     with pytest.raises(ValueError):
         build_model(n_classes=1)
+
+
+def test_mixed_precision_outputs_float32_and_trains():
+    import keras
+
+    from xmdl_tf.losses import SegmentationLoss
+
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        m = build_model(depth=2, base_filters=2)
+        assert m.get_layer("enc1_conv1").compute_dtype == "float16"
+        x = np.random.default_rng(0).random((2, 32, 32, 1)).astype(np.float32)
+        y = (x > 0.7).astype(np.float32)
+        assert m(x).dtype.name == "float32"
+        m.compile(keras.optimizers.Adam(1e-3), SegmentationLoss())
+        loss = m.train_on_batch(x, y)
+        assert np.isfinite(loss)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
