@@ -36,10 +36,13 @@ def train_rate(variant: str, base: int, tile: int, batch: int, steps: int, jit: 
     x = rng.random((batch, tile, tile, 1), np.float32)
     y = (rng.random((batch, tile, tile, 1)) > 0.9).astype(np.float32)
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
-    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # compile and warm up
-    t = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
-    return steps * batch / (time.perf_counter() - t), model.count_params()
+    model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0)  # compile and warm up
+    best = 0.0
+    for _ in range(2):  # best of two: other processes on the machine only ever slow a run down
+        t = time.perf_counter()
+        model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+        best = max(best, steps * batch / (time.perf_counter() - t))
+    return best, model.count_params()
 
 
 def pipeline_rate(data: list[str], tile: int, batch: int, batches: int) -> float:
