@@ -69,6 +69,8 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     seed: int = 0
     mixed_precision: bool = False
+    # "auto": XLA on GPUs only. On CPU, XLA measured 2x slower for this model
+    # (benchmarks/bench_training.py: 5.9 vs 11.7 tiles/s on 2 cores).
     jit_compile: bool | str = "auto"
 
 
@@ -78,6 +80,15 @@ VARIANTS = {
     "attention": (False, True),
     "residual_attention": (True, True),
 }
+
+
+def resolve_jit(jit_compile: bool | str | None) -> bool:
+    """True/False as given; "auto" (or None) means XLA when a GPU is present."""
+    if jit_compile in ("auto", None):
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    return bool(jit_compile)
 
 
 def variant_name(residual: bool, attention: bool) -> str:

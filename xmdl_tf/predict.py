@@ -66,12 +66,15 @@ class Predictor:
     model: object
     config: Config
     path: Path
-    jit_compile: bool = True
+    jit_compile: bool | str | None = "auto"  # XLA on GPUs; on CPU it measured slower
     tta: bool = False  # average the 8 flips/rotations of each tile (8x the compute)
 
     def __post_init__(self):
         import tensorflow as tf
 
+        from .config import resolve_jit
+
+        self.jit_compile = resolve_jit(self.jit_compile)
         model = self.model
         self._fn = tf.function(lambda x: model(x, training=False), jit_compile=self.jit_compile, reduce_retracing=True)
 
@@ -212,7 +215,7 @@ def is_saved_model(path: str | Path) -> bool:
     return any((v / "saved_model.pb").is_file() for v in path.iterdir() if v.is_dir() and v.name.isdigit())
 
 
-def load_model(path: str | Path, jit_compile: bool = True, tta: bool = False) -> Predictor:
+def load_model(path: str | Path, jit_compile: bool | str = "auto", tta: bool = False) -> Predictor:
     """Load a trained model: a run folder or `.keras` file (with `config.json` beside it),
     or a SavedModel exported by `python -m xmdl_tf.export` (see `xmdl_tf.export`)."""
     if is_saved_model(path):

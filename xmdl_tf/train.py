@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .config import VARIANTS, Config, DataConfig, ModelConfig, TrainConfig
+from .config import VARIANTS, Config, DataConfig, ModelConfig, TrainConfig, resolve_jit
 
 STATE = "checkpoint/state.json"
 LAST = "checkpoint/last.keras"
@@ -124,7 +124,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k != "info"}
+    """The parts of a config that must match to resume a run (not provenance, not XLA on/off)."""
+    out = {k: v for k, v in cfg.items() if k != "info"}
+    out["train"] = {k: v for k, v in out.get("train", {}).items() if k != "jit_compile"}
+    return out
 
 
 def _strategy():
@@ -233,7 +236,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     train_ds = training_dataset(train_regions, config.data, global_batch, config.train.seed, augment_strength)
     val_ds = validation_dataset(val_regions, config.data, global_batch, val_shapes)
 
-    jit = config.train.jit_compile
+    jit = resolve_jit(config.train.jit_compile)
     with strategy.scope():
         if resume:
             model = keras.models.load_model(out / LAST, safe_mode=True)
@@ -394,7 +397,8 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--augment-strength", type=float, default=2.0 if finetune else 1.0)
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPUs)")
-    p.add_argument("--no-jit", action="store_true", help="disable XLA compilation")
+    p.add_argument("--no-jit", action="store_true",
+                   help="never use XLA (default: XLA on GPUs only; on CPU it measured slower)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     if finetune:
         p.add_argument("--model", required=True, help="parent model (.keras file or run folder)")
@@ -419,7 +423,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                           residual=residual, attention=attention, dropout=getattr(args, "dropout", 0.0)),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                           patience=args.patience, loss=args.loss, steps_per_epoch=args.steps_per_epoch,
-                          seed=args.seed, mixed_precision=args.mixed_precision, jit_compile=not args.no_jit),
+                          seed=args.seed, mixed_precision=args.mixed_precision, jit_compile=False if args.no_jit else "auto"),
     )
 
 
