@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
+from .predict import DEFAULT_OVERLAP, DEFAULT_TILE
 
 OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "morphometry.csv", "figure.png")
 DEFAULT_MIN_AREA_NM2 = 5_000.0  # ~80 nm across: below the smallest mitochondrial profiles in EM
@@ -113,8 +114,8 @@ class Settings:
     gradcam_layer: str | None = None
     faithfulness: bool = False
     tta: bool = False
-    tile: int = 512
-    overlap: int = 64
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
     batch_size: int = 4
     pixel_size_nm: float | None = None
     rescale: bool = True  # resample inputs to the model's pixel size when both are known
@@ -298,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradcam-layer", default=None, help="conv layer to explain (default dec1_conv2)")
     p.add_argument("--faithfulness", action="store_true", help="deletion check of the Grad-CAM heatmap")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations for the probability map")
-    p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE)
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-figure", action="store_true")
     args = p.parse_args(argv)
