@@ -1,13 +1,19 @@
-"""Inference speed: raw model calls on tiles vs whole-slice stitched inference, and the knobs.
+"""Inference speed: raw model calls on tiles vs whole-slice stitched inference, and the seams.
 
-    python benchmarks/bench_inference.py [--model runs/ref] [--size 4096]
+    python benchmarks/bench_inference.py [--model models/xmdl_ref] [--size 4096] [--data ../shared/data/SET]
 
-Measured in one run on the same model: raw compiled calls on batches of
-tiles (tiles/s and the implied seconds for the slice's area), whole-slice
-stitched inference of a SIZE x SIZE slice (seconds per slice), the stitching
-overhead (stitched time / raw time for the same number of pixels - 1), XLA on
-and off, tile and batch sizes, and how close stitched is to a single
-full-image prediction on a 1024 x 1024 slice.
+Measured in one run on the same model, for several tile sizes, overlaps and
+XLA on/off:
+- raw: compiled calls on batches of tiles of the shape the slice plan uses
+  (tiles/s, and the seconds those calls would need for the slice's pixels);
+- stitched: `Predictor.predict_slice` on a SIZE x SIZE slice (seconds per
+  slice, normalisation and blending included);
+- overhead = stitched / raw - 1, split into the part that recomputes the
+  overlaps (tile pixels / slice pixels - 1) and the rest (normalise, copy, blend).
+With --data (a set with test/x) and a trained --model, the context section
+then measures how far from a cut tile edge predictions still differ from a
+one-pass prediction of the whole slice (this sets the blending margin), and
+how many mask pixels a stitched slice differs in, per overlap.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine, table  # noqa: E402
 
 
-def predictor(model: str | None, base: int, jit: bool):
+def predictor(model: str | None, base: int, jit: bool | str = "auto"):
     from xmdl_tf.config import Config, ModelConfig
     from xmdl_tf.model import build_model
     from xmdl_tf.predict import Predictor, load_model
@@ -30,62 +36,126 @@ def predictor(model: str | None, base: int, jit: bool):
     return Predictor(build_model(6, base), Config(model=ModelConfig(base_filters=base)), Path("untrained"), jit)
 
 
-def raw_rate(pred, tile: int, batch: int, reps: int = 3) -> float:
+def raw_rate(pred, shape: tuple[int, int], batch: int, min_seconds: float = 3.0) -> float:
+    """Tiles/s of bare compiled model calls on (batch, *shape, 1) tiles (after a warm-up call)."""
     import numpy as np
 
-    x = np.random.default_rng(0).random((batch, tile, tile, 1)).astype(np.float32)
+    x = np.random.default_rng(0).random((batch, *shape, 1)).astype(np.float32)
     pred.predict_batch(x)
-    t = time.perf_counter()
-    for _ in range(reps):
+    n, t = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t < min_seconds:
         pred.predict_batch(x)
-    return reps * batch / (time.perf_counter() - t)
+        n += batch
+    return n / (time.perf_counter() - t)
 
 
-def slice_seconds(pred, image, tile: int, overlap: int, batch: int) -> float:
-    pred.predict_slice(image[:tile, :tile], tile, overlap, batch)  # compile for this tile shape
+def stitched_seconds(pred, image, tile: int, overlap: int) -> float:
+    """Seconds for predict_slice on the whole slice; a first call traces/compiles every tile shape."""
+    pred.predict_slice(image, tile, overlap)
     t = time.perf_counter()
-    pred.predict_slice(image, tile, overlap, batch)
+    pred.predict_slice(image, tile, overlap)
     return time.perf_counter() - t
 
 
-def main(argv=None) -> int:
+def speed_rows(model: str | None, base: int, size: int) -> list[dict]:
+    from data_prep.synthetic import generate_slice
+    from xmdl_tf.predict import DEFAULT_OVERLAP, DEFAULT_TILE
+    from xmdl_tf.tiling import auto_batch_size, plan_tiles
+
+    image, _, _ = generate_slice(size=size, seed=0, pixel_size_nm=5.0)
+    configs = [(False, 512, 64), (False, 1024, 128), (False, DEFAULT_TILE, DEFAULT_OVERLAP),
+               (False, 2048, 128), (False, 4096, 128), (True, DEFAULT_TILE, DEFAULT_OVERLAP)]
+    preds = {jit: predictor(model, base, jit) for jit in (False, True)}
+    rows = []
+    for jit, tile, overlap in configs:
+        pred = preds[jit]
+        (th, tw), _, origins = plan_tiles(image.shape, tile, overlap, pred.size_divisor)
+        batch = auto_batch_size((th, tw))
+        rate = raw_rate(pred, (th, tw), batch)
+        secs = stitched_seconds(pred, image, tile, overlap)
+        raw_s = image.size / (th * tw) / rate  # raw seconds for the slice's own pixels
+        recompute = len(origins) * th * tw / image.size - 1
+        rows.append({"XLA": jit, "tile": tile, "overlap": overlap, "tile used": f"{th}x{tw}",
+                     "tiles": len(origins), "batch": batch, "raw tiles/s": rate, "raw s": raw_s,
+                     "stitched s": secs, "overhead %": 100 * (secs / raw_s - 1),
+                     "of which overlap %": 100 * recompute,
+                     "default": "yes" if (tile, overlap) == (DEFAULT_TILE, DEFAULT_OVERLAP) else ""})
+        print(table(rows, list(rows[0])).splitlines()[-1], flush=True)
+    return rows
+
+
+def context_profile(pred, images, crop: int = 512) -> list[dict]:
+    """Mask disagreement between a crop's own prediction and the one-pass whole-slice prediction,
+    by distance (px) from the crop's cut edges."""
     import numpy as np
 
-    from data_prep.synthetic import generate_slice
-    from xmdl_tf.tiling import plan_tiles
+    from xmdl_tf.data import normalize_np
+
+    bins = [0, 16, 32, 48, 64, 96, 128, 192]
+    diff, total = np.zeros(len(bins)), np.zeros(len(bins))
+    for img in images:
+        x = normalize_np(img)
+        h, w = x.shape
+        whole = pred.predict_batch(x[None, ..., None])[0, ..., 1]
+        for y0, x0 in ((h // 2 - crop // 2, w // 2 - crop // 2), (0, w - crop), (h - crop, 0)):
+            part = pred.predict_batch(x[y0: y0 + crop, x0: x0 + crop][None, ..., None])[0, ..., 1]
+            ref = whole[y0: y0 + crop, x0: x0 + crop]
+            yy, xx = np.mgrid[:crop, :crop]
+            d = np.full((crop, crop), 10**6)
+            for cut, dist in ((y0 > 0, yy), (y0 + crop < h, crop - 1 - yy), (x0 > 0, xx), (x0 + crop < w, crop - 1 - xx)):
+                if cut:
+                    d = np.minimum(d, dist)
+            k = np.digitize(d, bins) - 1
+            dis = (part >= 0.5) != (ref >= 0.5)
+            diff += np.bincount(k.ravel(), dis.ravel(), len(bins))
+            total += np.bincount(k.ravel(), minlength=len(bins))
+    edges = bins[1:] + [None]
+    return [{"px from cut edge": f"{a}-{b}" if b else f">={a}", "pixels": int(n),
+             "mask differs %": 100 * dd / max(n, 1)} for a, b, dd, n in zip(bins, edges, diff, total)]
+
+
+def seam_rows(pred, images, tile: int = 512) -> list[dict]:
+    """Stitched (TILE-px tiles, forcing seams) vs one-pass prediction of whole test slices, per overlap."""
+    import numpy as np
+
+    from xmdl_tf.data import normalize_np
+    from xmdl_tf.tiling import default_margin, plan_tiles
+
+    rows = []
+    for overlap in (64, 96, 128, 192):
+        dis = n = 0
+        for img in images:
+            whole = pred.predict_batch(normalize_np(img)[None, ..., None])[0, ..., 1]
+            stitched = pred.predict_slice(img, tile, overlap)
+            dis += np.sum((whole >= 0.5) != (stitched >= 0.5))
+            n += whole.size
+        (th, _), _, origins = plan_tiles(images[0].shape, tile, overlap, pred.size_divisor)
+        rows.append({"overlap": overlap, "margin": default_margin(overlap), "tile used": th, "tiles": len(origins),
+                     "mask differs %": 100 * dis / n})
+    return rows
+
+
+def main(argv=None) -> int:
+    from xmdl_tf.io import find_pairs, read_pair
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="trained model (default: untrained 8-filter six-level model)")
     p.add_argument("--base-filters", type=int, default=8)
     p.add_argument("--size", type=int, default=4096)
-    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--data", default=None, help="data set with test/x for the context and seam section")
     args = p.parse_args(argv)
     print(machine())
-    image, _, _ = generate_slice(size=args.size, seed=0, pixel_size_nm=5.0)
-    rows = []
-    for jit, tile, batch in ((True, 512, 4), (True, 1024, 1), (True, 1024, 2), (False, 1024, 2), (True, 2048, 1)):
-        pred = predictor(args.model, args.base_filters, jit)
-        rate = raw_rate(pred, tile, batch)
-        secs = slice_seconds(pred, image, tile, args.overlap, batch)
-        (th, tw), _, origins = plan_tiles(image.shape, tile, args.overlap, pred.size_divisor)
-        raw_equiv = image.size / tile**2 / rate  # raw seconds for the slice's pixels
-        rows.append({"XLA": jit, "tile": tile, "batch": batch, "raw tiles/s": rate, "tiles in slice": len(origins),
-                     "tile used": f"{th}x{tw}", "slice s": secs, "raw s (same px)": raw_equiv,
-                     "overhead %": 100 * (secs / raw_equiv - 1)})
-        print(table(rows, list(rows[0])).splitlines()[-1], flush=True)
+    print(f"\nstitched inference of a {args.size} x {args.size} slice vs raw model calls:")
+    rows = speed_rows(args.model, args.base_filters, args.size)
     print()
     print(table(rows, list(rows[0])))
-    pred = predictor(args.model, args.base_filters, True)
-    small = image[:1024, :1024]
-    from xmdl_tf.data import normalize_np
-
-    whole = pred.predict_batch(normalize_np(small)[None, ..., None])[0, ..., 1]
-    stitched = pred.predict_slice(small, 512, args.overlap, 4)
-    diff = np.abs(whole - stitched)
-    inner = diff[64:-64, 64:-64]
-    print(f"\nstitched (512-px tiles, overlap {args.overlap}) vs one full 1024 x 1024 prediction: "
-          f"max |diff| {diff.max():.2e} (interior {inner.max():.2e}), mean {diff.mean():.2e}; "
-          f"mask disagreement {np.mean((whole >= 0.5) != (stitched >= 0.5)) * 100:.3f}% of pixels")
+    if args.data and args.model:
+        pred = predictor(args.model, args.base_filters)
+        images = [read_pair(pair)[0] for pair in find_pairs(args.data, split="test")]
+        print(f"\ncontext: crops vs one-pass prediction of {len(images)} whole test slices of {args.data}")
+        print(table(rows := context_profile(pred, images), list(rows[0])))
+        print("\nseams: stitched 512-px tiles vs one-pass prediction of the same slices")
+        print(table(rows := seam_rows(pred, images), list(rows[0])))
     return 0
 
 

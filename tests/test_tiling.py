@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from xmdl_tf.tiling import fit_tile, plan_tiles, predict_tiled, tile_starts, window_1d
+from xmdl_tf.tiling import auto_batch_size, fit_tile, plan_tiles, predict_tiled, seam_overlap, tile_starts, window_1d
 
 
 def test_tile_starts_cover():
@@ -14,6 +14,17 @@ def test_tile_starts_cover():
         assert all(b - a <= tile - ov for a, b in zip(starts, starts[1:]))
     with pytest.raises(ValueError):
         tile_starts(100, 32, 32)
+
+
+def test_tile_starts_aligned_and_evenly_spread():
+    for length, tile, ov, align in [(4096, 1440, 96, 32), (1000, 384, 64, 32), (1024, 480, 192, 32), (777, 64, 8, 8)]:
+        starts = tile_starts(length, tile, ov, align)
+        assert all(s % align == 0 for s in starts[:-1]) and starts[-1] == length - tile
+        steps = np.diff(starts)
+        assert steps.max() <= tile - ov and steps.max() - steps.min() <= 2 * align  # even, up to snapping
+        assert seam_overlap(starts, tile) >= ov
+    assert seam_overlap([0], 64) == 0
+    assert auto_batch_size((512, 512)) == 4 and auto_batch_size((1440, 1440)) == 1
 
 
 def test_windows_complement():
@@ -29,6 +40,8 @@ def test_plan_small_indivisible_and_evened_out():
     assert (th, tw) == (24, 48) and (ph, pw) == (24, 70) and len(origins) == 2
     (th, tw), _, origins = plan_tiles((4096, 4096), 1024, 64, 32)
     assert th == tw == 896 and len(origins) == 25  # 5 x 5 evenly spread tiles instead of 5 x 5 of 1024
+    (th, tw), _, origins = plan_tiles((4096, 4096), 2048, 96, 32)
+    assert th == 1440 and len(origins) == 9  # the default: 11% of the pixels computed twice
     assert fit_tile(1000, 512, 32, 32) == 384 and fit_tile(100, 256, 32, 32) == 128
     with pytest.raises(ValueError, match="divisible"):
         plan_tiles((100, 100), 60, 8, 16)

@@ -116,7 +116,7 @@ class Settings:
     tta: bool = False
     tile: int = DEFAULT_TILE
     overlap: int = DEFAULT_OVERLAP
-    batch_size: int = 4
+    batch_size: int | None = None  # tiles per call; None: by tile size (tiling.auto_batch_size)
     pixel_size_nm: float | None = None
     rescale: bool = True  # resample inputs to the model's pixel size when both are known
     rules: object = None
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations for the probability map")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE)
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per call (default: by tile size)")
     p.add_argument("--no-figure", action="store_true")
     args = p.parse_args(argv)
 

@@ -45,7 +45,7 @@ def pooled_instance_scores(rows: list[dict]) -> dict:
 
 
 def evaluate(model, data: str, split: str = "test", out: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD,
-             tile: int | None = None, overlap: int | None = None, batch_size: int = 4, labels: str | None = None,
+             tile: int | None = None, overlap: int | None = None, batch_size: int | None = None, labels: str | None = None,
              overwrite: bool = False, tta: bool = False, pixel_size_nm: float | None = None,
              rescale: bool = True, min_size_px: int = 30) -> dict:
     """Whole-slice evaluation of `model` (a Predictor or a path) on a split.
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     p.add_argument("--tile", type=int, default=None, help="inference tile size (default 512)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default 64)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per call (default: by tile size)")
     p.add_argument("--pixel-size", type=float, default=None, help="nm per pixel of the data (else TIFF metadata)")
     p.add_argument("--no-rescale", action="store_true", help="do not resample to the model's pixel size")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 flips/rotations")
