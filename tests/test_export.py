@@ -23,7 +23,7 @@ import tifffile
 from xmdl_tf.config import Config, ModelConfig
 from xmdl_tf.export import META_FILE, SavedModelPredictor, export_model, main as export_main, versions
 from xmdl_tf.gradcam import GradCamError
-from xmdl_tf.predict import ModelError, load_model
+from xmdl_tf.predict import DEFAULT_OVERLAP, DEFAULT_TILE, ModelError, load_model
 
 from conftest import ROOT, blob_image, write_split
 
@@ -175,7 +175,7 @@ def test_saved_model_cli_lists_the_documented_signatures(export_dir):
 
 def test_metadata_asset(run, export_dir):
     meta = json.loads((export_dir / "1" / "assets" / META_FILE).read_text())
-    assert meta["size_divisor"] == 4 and meta["n_classes"] == 2 and meta["tile_size"] == 512
+    assert meta["size_divisor"] == 4 and meta["n_classes"] == 2 and (meta["tile_size"], meta["overlap"]) == (DEFAULT_TILE, DEFAULT_OVERLAP)
     assert meta["gradcam_layer"] == "dec1_conv2" and meta["normalization"]["high"] == 99.8
     assert meta["config"] == json.loads((run / "config.json").read_text())
     assert meta["model_card"] == {"metrics.json": {"f1": 0.5, "iou": 0.33}}

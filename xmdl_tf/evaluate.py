@@ -113,6 +113,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .predict import DEFAULT_OVERLAP, DEFAULT_TILE
+
     p = argparse.ArgumentParser(prog="python -m xmdl_tf.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="run folder, .keras file or exported SavedModel folder")
@@ -121,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="folder for metrics.json and per_image.csv")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    p.add_argument("--tile", type=int, default=None, help="inference tile size (default 512)")
-    p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default 64)")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per call (default: by tile size)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="largest inference tile, px")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="least tile overlap, px")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per call (None: by tile size)")
     p.add_argument("--pixel-size", type=float, default=None, help="nm per pixel of the data (else TIFF metadata)")
     p.add_argument("--no-rescale", action="store_true", help="do not resample to the model's pixel size")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 flips/rotations")
