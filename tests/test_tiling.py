@@ -40,8 +40,8 @@ def test_plan_small_indivisible_and_evened_out():
     assert (th, tw) == (24, 48) and (ph, pw) == (24, 70) and len(origins) == 2
     (th, tw), _, origins = plan_tiles((4096, 4096), 1024, 64, 32)
     assert th == tw == 896 and len(origins) == 25  # 5 x 5 evenly spread tiles instead of 5 x 5 of 1024
-    (th, tw), _, origins = plan_tiles((4096, 4096), 2048, 96, 32)
-    assert th == 1440 and len(origins) == 9  # the default: 11% of the pixels computed twice
+    (th, tw), _, origins = plan_tiles((4096, 4096), 2048, 64, 32)
+    assert th == 1408 and len(origins) == 9  # the default: 6% of the pixels computed twice
     assert fit_tile(1000, 512, 32, 32) == 384 and fit_tile(100, 256, 32, 32) == 128
     with pytest.raises(ValueError, match="divisible"):
         plan_tiles((100, 100), 60, 8, 16)
