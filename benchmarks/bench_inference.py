@@ -38,14 +38,14 @@ def predictor(model: str | None, base: int, jit: bool | str = "auto"):
     return Predictor(build_model(6, base), Config(model=ModelConfig(base_filters=base)), Path("untrained"), jit)
 
 
-def timings(pred, image, tile: int, overlap: int, rounds: int = 3) -> tuple[float, float]:
+def timings(pred, image, tile: int, overlap: int, rounds: int = 4) -> tuple[float, float]:
     """(raw tiles/s, stitched seconds per slice), each the best of `rounds` interleaved measurements.
 
     Raw: bare model calls on batches of random tiles of the shape and batch
     size the slice plan uses, as many tiles as the slice needs. Stitched:
     `predict_slice` on the whole slice. A first stitched call traces every
-    shape; interleaving and best-of keep other load on the machine from
-    favouring either side.
+    shape; interleaving in alternating order and best-of keep other load
+    on the machine from favouring either side.
     """
     import numpy as np
 
@@ -57,14 +57,16 @@ def timings(pred, image, tile: int, overlap: int, rounds: int = 3) -> tuple[floa
     calls = -(-len(origins) // batch)
     pred.predict_slice(image, tile, overlap)
     rate, secs = 0.0, float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(calls):
-            pred.predict_batch(x)
-        rate = max(rate, calls * batch / (time.perf_counter() - t))
-        t = time.perf_counter()
-        pred.predict_slice(image, tile, overlap)
-        secs = min(secs, time.perf_counter() - t)
+    for r in range(rounds):
+        for side in (("raw", "stitched") if r % 2 == 0 else ("stitched", "raw")):  # no order bias
+            t = time.perf_counter()
+            if side == "raw":
+                for _ in range(calls):
+                    pred.predict_batch(x)
+                rate = max(rate, calls * batch / (time.perf_counter() - t))
+            else:
+                pred.predict_slice(image, tile, overlap)
+                secs = min(secs, time.perf_counter() - t)
     return rate, secs
 
 
