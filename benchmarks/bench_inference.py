@@ -5,11 +5,13 @@
 Measured in one run on the same model, for several tile sizes, overlaps and
 XLA on/off:
 - raw: compiled calls on batches of tiles of the shape the slice plan uses
-  (tiles/s, and the seconds those calls would need for the slice's pixels);
+  (tiles/s, and the seconds those calls would need for the slice's pixels),
+  and Keras' `model.predict` on the same tiles;
 - stitched: `Predictor.predict_slice` on a SIZE x SIZE slice (seconds per
   slice, normalisation and blending included);
-- overhead = stitched / raw - 1, split into the part that recomputes the
-  overlaps (tile pixels / slice pixels - 1) and the rest (normalise, copy, blend).
+- overhead = stitched / raw - 1 (against `model.predict` and against the
+  bare calls), beside the part that recomputes the overlaps (tile pixels /
+  slice pixels - 1); the rest is normalising, copying, blending.
 With --data (a set with test/x) and a trained --model, the context section
 then measures how far from a cut tile edge predictions still differ from a
 one-pass prediction of the whole slice (this sets the blending margin), and
@@ -38,11 +40,13 @@ def predictor(model: str | None, base: int, jit: bool | str = "auto"):
     return Predictor(build_model(6, base), Config(model=ModelConfig(base_filters=base)), Path("untrained"), jit)
 
 
-def timings(pred, image, tile: int, overlap: int, rounds: int = 4) -> tuple[float, float]:
-    """(raw tiles/s, stitched seconds per slice), each the best of `rounds` interleaved measurements.
+def timings(pred, image, tile: int, overlap: int, rounds: int = 3) -> tuple[float, float]:
+    """(raw tiles/s, `model.predict` tiles/s, stitched seconds per slice), each the best of
+    `rounds` interleaved measurements.
 
-    Raw: bare model calls on batches of random tiles of the shape and batch
-    size the slice plan uses, as many tiles as the slice needs. Stitched:
+    Raw: bare compiled model calls on batches of random tiles of the shape
+    and batch size the slice plan uses, as many tiles as the slice needs;
+    `model.predict`: Keras' own loop on the same tiles. Stitched:
     `predict_slice` on the whole slice. A first stitched call traces every
     shape; interleaving in alternating order and best-of keep other load
     on the machine from favouring either side.
@@ -56,18 +60,23 @@ def timings(pred, image, tile: int, overlap: int, rounds: int = 4) -> tuple[floa
     x = np.random.default_rng(0).random((batch, th, tw, 1)).astype(np.float32)
     calls = -(-len(origins) // batch)
     pred.predict_slice(image, tile, overlap)
-    rate, secs = 0.0, float("inf")
+    tiles = np.concatenate([x] * calls)
+    pred.model.predict(tiles, batch_size=batch, verbose=0)
+    rate, keras_rate, secs = 0.0, 0.0, float("inf")
     for r in range(rounds):
-        for side in (("raw", "stitched") if r % 2 == 0 else ("stitched", "raw")):  # no order bias
+        for side in ("raw", "keras", "stitched")[:: 1 if r % 2 == 0 else -1]:  # alternate: no order bias
             t = time.perf_counter()
             if side == "raw":
                 for _ in range(calls):
                     pred.predict_batch(x)
                 rate = max(rate, calls * batch / (time.perf_counter() - t))
+            elif side == "keras":
+                pred.model.predict(tiles, batch_size=batch, verbose=0)
+                keras_rate = max(keras_rate, len(tiles) / (time.perf_counter() - t))
             else:
                 pred.predict_slice(image, tile, overlap)
                 secs = min(secs, time.perf_counter() - t)
-    return rate, secs
+    return rate, keras_rate, secs
 
 
 def speed_rows(model: str | None, base: int, size: int) -> list[dict]:
@@ -84,13 +93,16 @@ def speed_rows(model: str | None, base: int, size: int) -> list[dict]:
         pred = preds[jit]
         (th, tw), _, origins = plan_tiles(image.shape, tile, overlap, pred.size_divisor)
         batch = auto_batch_size((th, tw))
-        rate, secs = timings(pred, image, tile, overlap)
+        rate, keras_rate, secs = timings(pred, image, tile, overlap)
         raw_s = image.size / (th * tw) / rate  # raw seconds for the slice's own pixels
+        keras_s = image.size / (th * tw) / keras_rate
         recompute = len(origins) * th * tw / image.size - 1
         rows.append({"XLA": jit, "tile": tile, "overlap": overlap, "tile used": f"{th}x{tw}",
                      "tiles": len(origins), "batch": batch, "raw tiles/s": rate, "raw s": raw_s,
-                     "stitched s": secs, "overhead %": 100 * (secs / raw_s - 1),
-                     "overlap recompute %": 100 * recompute, "rest %": 100 * (secs / raw_s - 1 - recompute),
+                     "model.predict s": keras_s, "stitched s": secs,
+                     "overhead vs model.predict %": 100 * (secs / keras_s - 1),
+                     "overhead vs raw %": 100 * (secs / raw_s - 1),
+                     "overlap recompute %": 100 * recompute,
                      "default": "yes" if (tile, overlap) == (DEFAULT_TILE, DEFAULT_OVERLAP) else ""})
         print(table(rows, list(rows[0])).splitlines()[-1], flush=True)
     return rows

@@ -176,15 +176,12 @@ def predict_tiled(predict_batch: Callable[[np.ndarray], np.ndarray], image: np.n
     wsum = np.zeros((ph, pw), np.float32)
     for batch in iter_batches(origins, batch_size):
         x = np.stack([image[y: y + th, x0: x0 + tw] for y, x0 in batch]).astype(np.float32, copy=False)
-        out = np.asarray(predict_batch(x), np.float32)
-        if not out.flags.writeable or np.may_share_memory(out, image):
-            out = out.copy()  # weighted in place below
+        out = np.asarray(predict_batch(x), np.float32)  # may be a read-only view of a tensor
         if acc is None:
             acc = np.zeros((ph, pw, out.shape[-1]), np.float32)
         for (y, x0), o in zip(batch, out):
             wgt = windows(y > 0, y + th < ph, x0 > 0, x0 + tw < pw)
-            o *= wgt[..., None]  # in place: `out` is ours
-            acc[y: y + th, x0: x0 + tw] += o
+            acc[y: y + th, x0: x0 + tw] += o * wgt[..., None]
             wsum[y: y + th, x0: x0 + tw] += wgt
         if progress is not None:
             progress(len(batch))
