@@ -19,7 +19,8 @@ from .tiling import auto_batch_size, plan_tiles, predict_tiled
 # evened out by plan_tiles (a 4096-px slice: 3 x 3 tiles of 1408 px, 6% of the
 # pixels computed twice). The 64-px overlap keeps pixels >= 24 px from a cut
 # edge (tiling.default_margin); measured, stitched 4096-px slices then differ
-# from one-pass predictions on ~0.01% of mask pixels (benchmarks/bench_inference.py).
+# from one-pass predictions on 0.5% of mask pixels, at seams (--overlap 128:
+# 0.03%, 10% more compute; benchmarks/bench_inference.py).
 DEFAULT_TILE = 2048
 DEFAULT_OVERLAP = 64
 
@@ -120,7 +121,7 @@ class Predictor:
 
         def run(img: np.ndarray, _region: None) -> np.ndarray:
             x = normalize_np(img)
-            bs = batch_size or auto_batch_size(plan_tiles(x.shape, tile, overlap, self.size_divisor)[0])
+            bs = self._batch_size(x.shape, tile, overlap, batch_size)
             # Only the foreground channel is blended: half the stitching work of both.
             fn = self._pad_batches(lambda t: self.predict_batch(t, tta)[..., 1:2], bs)
             return predict_tiled(fn, x, tile, overlap, self.size_divisor, bs, progress=progress)
@@ -146,7 +147,7 @@ class Predictor:
         def run(img: np.ndarray, reg: np.ndarray | None) -> np.ndarray:
             x = normalize_np(img)
             r = np.full(x.shape, PREDICTED, np.float32) if reg is None else reg.astype(np.float32)
-            bs = batch_size or auto_batch_size(plan_tiles(x.shape, tile, overlap, self.size_divisor)[0])
+            bs = self._batch_size(x.shape, tile, overlap, batch_size)
             fn = self._pad_batches(lambda t: np.asarray(explain(t))[..., [1, -1]], bs)
             return predict_tiled(fn, np.stack([x, r], -1), tile, overlap, self.size_divisor, bs,
                                  progress=progress)
@@ -185,6 +186,10 @@ class Predictor:
         if layer not in cache:
             cache[layer] = explainer(self.model, layer, self.jit_compile)
         return cache[layer]
+
+    def _batch_size(self, shape: tuple[int, int], tile: int, overlap: int, batch_size: int | None) -> int:
+        """`batch_size`, or the automatic one for the tiles a slice of `shape` is cut into."""
+        return batch_size or auto_batch_size(plan_tiles(shape, tile, overlap, self.size_divisor)[0])
 
     def _pad_batches(self, fn: Callable[[np.ndarray], np.ndarray], batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
         # Under XLA pad the last, short batch so the compiled function sees one shape
