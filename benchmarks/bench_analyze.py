@@ -24,8 +24,6 @@ from _util import machine, table  # noqa: E402
 
 
 def breakdown(model: str | None, size: int, base: int) -> dict:
-    import numpy as np
-
     from data_prep.synthetic import generate_slice
     from xmdl_tf.analyze import Settings
     from xmdl_tf.figure import unified_figure

@@ -40,25 +40,22 @@ def predictor(model: str | None, base: int, jit: bool | str = "auto"):
     return Predictor(build_model(6, base), Config(model=ModelConfig(base_filters=base)), Path("untrained"), jit)
 
 
-def timings(pred, image, tile: int, overlap: int, rounds: int = 3) -> tuple[float, float]:
+def timings(pred, image, tile: int, overlap: int, tile_shape: tuple[int, int], n_tiles: int, batch: int,
+            rounds: int = 3) -> tuple[float, float, float]:
     """(raw tiles/s, `model.predict` tiles/s, stitched seconds per slice), each the best of
     `rounds` interleaved measurements.
 
     Raw: bare compiled model calls on batches of random tiles of the shape
-    and batch size the slice plan uses, as many tiles as the slice needs;
-    `model.predict`: Keras' own loop on the same tiles. Stitched:
-    `predict_slice` on the whole slice. A first stitched call traces every
-    shape; interleaving in alternating order and best-of keep other load
-    on the machine from favouring either side.
+    and batch size the slice plan uses (`tile_shape`, `batch`), as many tiles
+    as the slice needs (`n_tiles`); `model.predict`: Keras' own loop on the
+    same tiles. Stitched: `predict_slice` on the whole slice. A first stitched
+    call traces every shape; interleaving in alternating order and best-of
+    keep other load on the machine from favouring either side.
     """
     import numpy as np
 
-    from xmdl_tf.tiling import auto_batch_size, plan_tiles
-
-    (th, tw), _, origins = plan_tiles(image.shape, tile, overlap, pred.size_divisor)
-    batch = auto_batch_size((th, tw))
-    x = np.random.default_rng(0).random((batch, th, tw, 1)).astype(np.float32)
-    calls = -(-len(origins) // batch)
+    x = np.random.default_rng(0).random((batch, *tile_shape, 1)).astype(np.float32)
+    calls = -(-n_tiles // batch)
     pred.predict_slice(image, tile, overlap)
     tiles = np.concatenate([x] * calls)
     pred.model.predict(tiles, batch_size=batch, verbose=0)
@@ -93,7 +90,7 @@ def speed_rows(model: str | None, base: int, size: int) -> list[dict]:
         pred = preds[jit]
         (th, tw), _, origins = plan_tiles(image.shape, tile, overlap, pred.size_divisor)
         batch = auto_batch_size((th, tw))
-        rate, keras_rate, secs = timings(pred, image, tile, overlap)
+        rate, keras_rate, secs = timings(pred, image, tile, overlap, (th, tw), len(origins), batch)
         raw_s = image.size / (th * tw) / rate  # raw seconds for the slice's own pixels
         keras_s = image.size / (th * tw) / keras_rate
         recompute = len(origins) * th * tw / image.size - 1
@@ -108,6 +105,13 @@ def speed_rows(model: str | None, base: int, size: int) -> list[dict]:
     return rows
 
 
+def one_pass(pred, image):
+    """Mitochondria probability float32 (H, W) of a whole slice in a single model call (no tiles)."""
+    from xmdl_tf.data import normalize_np
+
+    return pred.predict_batch(normalize_np(image)[None, ..., None])[0, ..., 1]
+
+
 def context_profile(pred, images, crop: int = 512) -> list[dict]:
     """Mask disagreement between a crop's own prediction and the one-pass whole-slice prediction,
     by distance (px) from the crop's cut edges."""
@@ -120,7 +124,7 @@ def context_profile(pred, images, crop: int = 512) -> list[dict]:
     for img in images:
         x = normalize_np(img)
         h, w = x.shape
-        whole = pred.predict_batch(x[None, ..., None])[0, ..., 1]
+        whole = one_pass(pred, img)
         for y0, x0 in ((h // 2 - crop // 2, w // 2 - crop // 2), (0, w - crop), (h - crop, 0)):
             part = pred.predict_batch(x[y0: y0 + crop, x0: x0 + crop][None, ..., None])[0, ..., 1]
             ref = whole[y0: y0 + crop, x0: x0 + crop]
@@ -142,14 +146,13 @@ def seam_rows(pred, images, tile: int = 512) -> list[dict]:
     """Stitched (TILE-px tiles, forcing seams) vs one-pass prediction of whole test slices, per overlap."""
     import numpy as np
 
-    from xmdl_tf.data import normalize_np
     from xmdl_tf.tiling import default_margin, plan_tiles
 
     rows = []
     for overlap in (64, 96, 128, 192):
         dis = n = 0
         for img in images:
-            whole = pred.predict_batch(normalize_np(img)[None, ..., None])[0, ..., 1]
+            whole = one_pass(pred, img)
             stitched = pred.predict_slice(img, tile, overlap)
             dis += np.sum((whole >= 0.5) != (stitched >= 0.5))
             n += whole.size
@@ -167,7 +170,6 @@ def mosaic_rows(pred, images, size: int = 4096) -> list[dict]:
     """
     import numpy as np
 
-    from xmdl_tf.data import normalize_np
     from xmdl_tf.predict import DEFAULT_TILE
     from xmdl_tf.tiling import plan_tiles
 
@@ -180,7 +182,7 @@ def mosaic_rows(pred, images, size: int = 4096) -> list[dict]:
             im = im[:, ::-1] if (k // len(images)) % 2 else im
             mosaic[y: y + h, x: x + w] = im[: size - y, : size - x]
             k += 1
-    whole = pred.predict_batch(normalize_np(mosaic)[None, ..., None])[0, ..., 1] >= 0.5
+    whole = one_pass(pred, mosaic) >= 0.5
     rows = []
     for overlap in (64, 96, 128):
         stitched = pred.predict_slice(mosaic, DEFAULT_TILE, overlap) >= 0.5

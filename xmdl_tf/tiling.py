@@ -12,6 +12,7 @@ slice at once away from the slice border (checked in the tests).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import numpy as np
@@ -127,23 +128,6 @@ def default_margin(overlap: int) -> int:
     return (3 * overlap) // 8
 
 
-class _Windows:
-    """Blending weights per tile position (edge flags), built once per slice plan."""
-
-    def __init__(self, th: int, tw: int, ov_h: int, ov_w: int, m_h: int, m_w: int):
-        self.args = (th, tw, ov_h, ov_w, m_h, m_w)
-        self.cache: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}
-
-    def __call__(self, top: bool, bottom: bool, left: bool, right: bool) -> np.ndarray:
-        key = (top, bottom, left, right)
-        if key not in self.cache:
-            th, tw, ov_h, ov_w, m_h, m_w = self.args
-            wy = window_1d(th, ov_h, m_h, top, bottom)
-            wx = window_1d(tw, ov_w, m_w, left, right)
-            self.cache[key] = wy[:, None] * wx[None, :]
-        return self.cache[key]
-
-
 def predict_tiled(predict_batch: Callable[[np.ndarray], np.ndarray], image: np.ndarray, tile: int = 512,
                   overlap: int = 64, divisor: int = 32, batch_size: int | None = None, margin: int | None = None,
                   progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -171,7 +155,11 @@ def predict_tiled(predict_batch: Callable[[np.ndarray], np.ndarray], image: np.n
     ov_w = min(seam_overlap(sorted({x for _, x in origins}), tw), tw // 2)
     m_h = default_margin(ov_h) if margin is None else min(margin, ov_h // 2)
     m_w = default_margin(ov_w) if margin is None else min(margin, ov_w // 2)
-    windows = _Windows(th, tw, ov_h, ov_w, m_h, m_w)
+
+    @lru_cache(maxsize=None)  # one window per combination of neighbours, at most 9 distinct
+    def windows(top: bool, bottom: bool, left: bool, right: bool) -> np.ndarray:
+        return window_1d(th, ov_h, m_h, top, bottom)[:, None] * window_1d(tw, ov_w, m_w, left, right)[None, :]
+
     acc: np.ndarray | None = None
     wsum = np.zeros((ph, pw), np.float32)
     for batch in iter_batches(origins, batch_size):
