@@ -39,7 +39,7 @@ def base_run(tmp_path_factory):
     write_synthetic(root / "data", "val", [4])
     run = root / "base"
     train_main(["--data", str(root / "data"), "--out", str(run), *TRAIN, "--epochs", "10", "--steps-per-epoch", "12",
-                "--lr", "3e-3", "--patience", "10", "--pixel-size", "5"])
+                "--lr", "3e-3", "--patience", "10", "--pixel-size", "5", "--augment", "basic"])
     return run
 
 
@@ -130,7 +130,8 @@ def test_same_slice_at_two_pixel_sizes_gives_same_counts_and_areas(base_run):
     assert a10.summary["rescaled_by"] == 2.0 and a5.summary["rescaled_by"] == 1.0
     assert a10.probability.shape == img10.shape  # mapped back to the input's own grid
     assert a5.summary["count"] == a10.summary["count"] > 0
-    assert a10.summary["total_area_nm2"] == pytest.approx(a5.summary["total_area_nm2"], rel=0.05)
+    # One 10-nm pixel of boundary is about 5% of a typical object's area here: allow two.
+    assert a10.summary["total_area_nm2"] == pytest.approx(a5.summary["total_area_nm2"], rel=0.1)
 
 
 def test_clear_errors_when_model_and_data_disagree(base_run, tmp_path):
@@ -140,9 +141,10 @@ def test_clear_errors_when_model_and_data_disagree(base_run, tmp_path):
     with pytest.raises(ModelError, match="rgb.keras: model expects 3 channels"):
         load_model(tmp_path / "rgb.keras")
     write_synthetic(tmp_path / "d", "train", [5], size=128)
-    with pytest.raises(ValueError, match="tile size 60 is not divisible"):
+    # The parent has depth 3: tiles must be multiples of 4.
+    with pytest.raises(ValueError, match="tile size 62 is not divisible by 2\\*\\*\\(depth-1\\) = 4"):
         finetune_main(["--model", str(base_run), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
-                       "--tile-size", "60"])
+                       "--tile-size", "62"])
     (tmp_path / "nolabels" / "train" / "x").mkdir(parents=True)
     cv2.imwrite(str(tmp_path / "nolabels" / "train" / "x" / "im0000.png"), generate_slice(size=64, seed=1)[0])
     with pytest.raises(DataError, match="missing label folder"):

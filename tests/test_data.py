@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from xmdl_tf.config import DataConfig
-from xmdl_tf.data import IGNORE, SliceRegion, augment, grid_tiles, holdout_split, normalize_np, target_from_label, training_dataset, validation_dataset
+from xmdl_tf.data import IGNORE, SliceRegion, holdout_split, normalize_np, target_from_label, training_dataset, validation_dataset
 from xmdl_tf.io import split_pairs
 
 from conftest import blob_image
@@ -29,6 +29,15 @@ def test_target_from_label_ignore():
     np.testing.assert_array_equal(target_from_label(lbl, 255), [[0, 1, 1], [IGNORE, 0, 1]])
 
 
+def test_normalize_numpy_equals_tensorflow():
+    from xmdl_tf.data import normalize
+
+    rng = np.random.default_rng(1)
+    for img in (blob_image(96, seed=3)[0], (rng.gamma(2.0, 3000.0, (50, 70))).clip(0, 65535).astype(np.uint16),
+                rng.normal(100, 30, (40, 40)).clip(0, 255)):  # float input: rounded first
+        np.testing.assert_allclose(normalize_np(img), normalize(img).numpy(), atol=1e-6)
+
+
 def test_training_tiles_shapes_ranges_and_foreground_sampling(blob_dataset):
     regions = [SliceRegion(p) for p in split_pairs(blob_dataset, "train")]
     cfg = DataConfig(tile_size=32, tiles_per_slice=4, shuffle_buffer=16)
@@ -36,7 +45,7 @@ def test_training_tiles_shapes_ranges_and_foreground_sampling(blob_dataset):
     assert x.shape == (8, 32, 32, 1) and y.shape == (8, 32, 32, 1)
     assert x.dtype.name == "float32" and y.dtype.name == "float32"
     assert 0.0 <= float(x.numpy().min()) and float(x.numpy().max()) <= 1.0
-    assert set(np.unique(y.numpy())) <= {0.0, 1.0}
+    assert set(np.unique(y.numpy())) <= {-1.0, 0.0, 1.0}
 
     def fg_share(fraction):
         ds = training_dataset(regions, DataConfig(tile_size=16, tiles_per_slice=8, foreground_fraction=fraction,
@@ -48,19 +57,133 @@ def test_training_tiles_shapes_ranges_and_foreground_sampling(blob_dataset):
     assert focused >= 0.85 and focused > uniform
 
 
-def test_augment_keeps_image_and_label_aligned():
-    import tensorflow as tf
+def test_plain_tiles_are_exact_crops(blob_dataset):
+    """Without augmentation, at the native pixel size, tiles are crops of the normalised slice."""
+    from xmdl_tf.sampling import TileSampler, TrainingSet, load_region
 
-    img, msk = blob_image(32)
-    xy = tf.constant(np.stack([normalize_np(img), msk.astype(np.float32)], -1))
-    for s in range(6):
-        out = augment(xy, tf.constant([s, 7], tf.int64), strength=0.0).numpy()
-        # Geometric only: the label must be the same rotation/flip of the image's dark discs.
-        dark = out[..., 0] < 0.45
-        assert np.mean(dark == (out[..., 1] > 0.5)) > 0.97
-    out = augment(xy, tf.constant([1, 2], tf.int64), strength=2.0).numpy()
-    assert out[..., 0].min() >= 0 and out[..., 0].max() <= 1
-    assert set(np.unique(out[..., 1])) <= {0.0, 1.0}
+    regions = [SliceRegion(p) for p in split_pairs(blob_dataset, "train")]
+    slices = [load_region(r) for r in regions]
+    sampler = TileSampler([TrainingSet("b", regions)], DataConfig(tile_size=32, tiles_per_slice=4, augment=False), None, 3)
+    x, y = sampler.group(0)
+    for xt, yt in zip(x[..., 0], y[..., 0]):
+        found = False
+        for img, tgt in slices:
+            hits = np.argwhere(np.all(np.lib.stride_tricks.sliding_window_view(img, (32, 32)) == xt, axis=(2, 3)))
+            if len(hits):
+                r, c = hits[0]
+                np.testing.assert_array_equal(tgt[r:r + 32, c:c + 32], yt)
+                found = True
+                break
+        assert found
+
+
+def test_balanced_sampling_follows_set_weights(tmp_path):
+    """Tiles come from each set in proportion to its weight, not to its number of slices."""
+    import cv2
+    import tifffile
+    from conftest import write_split
+    from xmdl_tf.sampling import TileSampler, TrainingSet
+
+    write_split(tmp_path / "big", "train", 12, size=64)
+    for d in ("train/x", "train/y"):
+        (tmp_path / "small" / d).mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "small/train/x/im0000.png"), blob_image(64, seed=9)[0])
+    tifffile.imwrite(tmp_path / "small/train/y/seg0000.tif", np.ones((64, 64), np.uint8))  # all foreground: recognisable
+    big = [SliceRegion(p) for p in split_pairs(tmp_path / "big", "train")]
+    small = [SliceRegion(p) for p in split_pairs(tmp_path / "small", "train")]
+    cfg = DataConfig(tile_size=32, tiles_per_slice=1, shuffle_buffer=8, augment=False)
+    for w_small, expected in ((1.0, 0.5), (3.0, 0.75)):
+        sampler = TileSampler([TrainingSet("big", big, weight=1.0), TrainingSet("small", small, weight=w_small)], cfg, None)
+        y = np.concatenate([sampler.group(g)[1] for g in range(40)])  # 320 tiles
+        share = np.mean(y.reshape(len(y), -1).min(axis=1) == 1.0)
+        assert abs(share - expected) < 0.08, (w_small, share)
+
+
+def test_resampling_to_model_pixel_size_scales_objects(tmp_path):
+    """A set at 2x the model's pixel size is enlarged 2x in training tiles and validation tiles."""
+    from xmdl_tf.sampling import TileSampler, TrainingSet, validation_tiles
+
+    import cv2
+    import tifffile
+
+    img = np.full((96, 96), 200, np.uint8)
+    msk = np.zeros((96, 96), np.uint8)
+    msk[40:56, 40:56] = 1  # a 16 x 16 square
+    img[msk > 0] = 60
+    for d in ("train/x", "train/y"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(tmp_path / "train/x/im0000.png"), img)
+    tifffile.imwrite(tmp_path / "train/y/seg0000.tif", msk)
+    region = SliceRegion(split_pairs(tmp_path, "train")[0])
+    _, vy = validation_tiles(region, 64, factor=2.0)
+    assert vy.shape == (9, 64, 64, 1) and int((vy > 0.5).sum()) == 32 * 32
+    sampler = TileSampler([TrainingSet("s", [region], factor=2.0)],
+                          DataConfig(tile_size=64, tiles_per_slice=4, foreground_fraction=1.0, augment=False), None)
+    _, y = sampler.group(0)
+    areas = [(t > 0.5).sum() for t in y[..., 0]]
+    assert max(areas) == 32 * 32
+
+
+def test_em_augmentation_keeps_image_and_label_aligned():
+    """Any rotation, zoom and elastic field move image and label together."""
+    from xmdl_tf.augment import warp_tile, elastic_field
+    from xmdl_tf.config import AugmentConfig
+    from xmdl_tf.sampling import sample_tiles
+
+    img, msk = blob_image(128, seed=4, n=10)
+    x, y = normalize_np(img), msk.astype(np.float32)
+    rng = np.random.default_rng(0)
+    xs, ys = sample_tiles(x, y, rng, 16, 64, 1.0, 0.0, AugmentConfig(blur=0, contrast=0, brightness=0, gamma=0,
+                                                                      noise=0, poisson=0, stripes=0, illumination=0))
+    valid = ys >= 0
+    assert valid.mean() > 0.95
+    dark = xs < 0.45  # discs are dark, background bright
+    assert np.mean(dark[valid] == (ys[valid] > 0.5)) > 0.95
+    assert set(np.unique(ys)) <= {-1.0, 0.0, 1.0}
+    # An identity warp is an exact crop; a quarter turn is np.rot90 of it.
+    a, _ = warp_tile(x, y, (63.5, 63.5), 64)
+    np.testing.assert_array_equal(a, x[32:96, 32:96])
+    b, _ = warp_tile(x, y, (63.5, 63.5), 64, angle=np.pi / 2)
+    np.testing.assert_allclose(b, np.rot90(x[32:96, 32:96], -1), atol=1e-5)
+    f = elastic_field(rng, 64, 5.0)
+    assert f.shape == (2, 64, 64) and 1.0 < f.std() < 10.0
+
+
+@pytest.mark.parametrize("part", ["blur", "contrast", "noise", "poisson", "stripes", "illumination"])
+def test_each_intensity_augmentation_changes_the_image_in_range(part):
+    from xmdl_tf.augment import augment_intensity
+    from xmdl_tf.config import AugmentConfig
+
+    x = normalize_np(blob_image(64, seed=2)[0])
+    only = AugmentConfig().without(*[c for c in AugmentConfig.COMPONENTS if c != part])
+    changed = 0
+    for seed in range(40):
+        out = augment_intensity(x.copy(), np.random.default_rng(seed), only)
+        assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+        changed += not np.allclose(out, x, atol=1e-4)
+    assert changed >= 2  # the probabilistic ones fire on some tiles
+    none = AugmentConfig().without(*AugmentConfig.COMPONENTS)
+    np.testing.assert_allclose(augment_intensity(x.copy(), np.random.default_rng(0), none), x, atol=1e-6)
+
+
+def test_pydataset_gives_the_same_batches_as_tf_data(tmp_path):
+    """The backend-neutral PyDataset and tf.data cut the same tile stream, batch for batch."""
+    from conftest import write_split
+    from xmdl_tf.pydata import TrainingTiles
+    from xmdl_tf.sampling import TrainingSet
+
+    write_split(tmp_path / "a", "train", 3, size=96)
+    write_split(tmp_path / "b", "train", 2, size=80, seed=30)
+    sets = [TrainingSet("a", [SliceRegion(p) for p in split_pairs(tmp_path / "a", "train")], factor=1.0, weight=2),
+            TrainingSet("b", [SliceRegion(p) for p in split_pairs(tmp_path / "b", "train")], factor=1.3, weight=1)]
+    cfg = DataConfig(tile_size=32, tiles_per_slice=3, shuffle_buffer=12, foreground_fraction=0.5)
+    tfd = list(training_dataset(sets, cfg, batch_size=5, seed=7, start_group=2).take(6))  # 30 tiles: spans 3 groups
+    pyd = TrainingTiles(sets, cfg, batch_size=5, seed=7, start_group=2)
+    for i, (x, y) in enumerate(tfd):
+        px, py = pyd[i]
+        np.testing.assert_array_equal(px, x.numpy())
+        np.testing.assert_array_equal(py, y.numpy())
+    assert not np.array_equal(pyd[0][0], pyd[1][0])
 
 
 def test_validation_grid_is_deterministic_and_covers_each_pixel_once(tmp_path):
@@ -77,12 +200,14 @@ def test_validation_grid_is_deterministic_and_covers_each_pixel_once(tmp_path):
 
 
 def test_grid_tiles_reassemble():
-    import tensorflow as tf
+    from xmdl_tf.sampling import grid_tiles_np
 
-    xy = np.random.default_rng(0).random((64, 96, 2)).astype(np.float32)
-    t = grid_tiles(tf.constant(xy), 32).numpy()
-    assert t.shape == (6, 32, 32, 2)
-    np.testing.assert_array_equal(t[4], xy[32:64, 32:64])
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 96)).astype(np.float32), rng.random((64, 96)).astype(np.float32)
+    tx, ty = grid_tiles_np(x, y, 32)
+    assert tx.shape == ty.shape == (6, 32, 32, 1)
+    np.testing.assert_array_equal(tx[4, ..., 0], x[32:64, 32:64])
+    np.testing.assert_array_equal(ty[5, ..., 0], y[32:64, 64:96])
 
 
 def test_holdout_split_bands(blob_dataset):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,16 +25,79 @@ class DataConfig:
         mitochondrion pixel (0 = uniform random crops, the default).
     ignore_value: label value marking unlabelled pixels that the loss ignores
         (sparse annotation); None means every pixel is labelled.
-    pixel_size_nm: pixel size of the training data in nm, or None if unknown.
+    shuffle_buffer: tiles mixed together before they are batched; the tiles of
+        shuffle_buffer // tiles_per_slice slices are shuffled as one group.
+    pixel_size_nm: the model's pixel size in nm (training slices of known pixel
+        size are resampled to it on the fly), or None if unknown.
+    set_weights: share of the training tiles drawn from each data set, in the
+        order the sets are given (normalised to sum 1); None = equal shares,
+        however many slices each set has.
     """
 
     tile_size: int = 256
     tiles_per_slice: int = 8
     foreground_fraction: float = 0.0
     augment: bool = True
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 64
     ignore_value: int | None = None
     pixel_size_nm: float | None = None
+    set_weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (see `xmdl_tf.augment`); ranges are at strength 1.
+
+    Geometry (image and label together, one resampling per tile):
+      rotate: "any" (continuous angle + mirror) or "90" (dihedral group only).
+      scale: (min, max) random zoom, log-uniform; (1, 1) = none. Tolerates
+          unknown or wrong pixel sizes.
+      elastic: amplitude (model pixels) of a smooth random displacement field; 0 = none.
+    Intensity (image only, on the normalised [0, 1] image):
+      blur: largest defocus sigma (pixels), applied to half the tiles.
+      contrast, gamma: largest |log| factor; brightness: largest shift.
+      noise: largest Gaussian noise sigma; poisson: probability of shot noise
+          at a random dose (10-300 counts at full scale).
+      stripes: probability of section / scan stripes (row or column offsets).
+      illumination: largest amplitude of a smooth multiplicative shading field.
+    strength: multiplies every intensity range (2 = heavy, as for fine-tuning).
+    """
+
+    rotate: str = "any"
+    scale: tuple[float, float] = (0.7, 1.4)
+    elastic: float = 6.0
+    blur: float = 2.0
+    contrast: float = 0.4
+    brightness: float = 0.12
+    gamma: float = 0.5
+    noise: float = 0.04
+    poisson: float = 0.3
+    stripes: float = 0.2
+    illumination: float = 0.25
+    strength: float = 1.0
+
+    COMPONENTS = ("rotate", "scale", "elastic", "blur", "contrast", "brightness", "gamma",
+                  "noise", "poisson", "stripes", "illumination")
+
+    @classmethod
+    def preset(cls, name: str) -> "AugmentConfig":
+        """"em" (the default: ranges spanning TEM, SBEM and FIB-SEM) or "basic"
+        (flips, 90-degree rotations, mild blur and intensity jitter: the recipe of
+        the first reference model)."""
+        if name == "em":
+            return cls()
+        if name == "basic":
+            return cls(rotate="90", scale=(1.0, 1.0), elastic=0.0, blur=1.2, contrast=0.2, brightness=0.08,
+                       gamma=0.3, noise=0.02, poisson=0.0, stripes=0.0, illumination=0.0)
+        raise ValueError(f"unknown augmentation preset {name!r}; choose 'em' or 'basic'")
+
+    def without(self, *components: str) -> "AugmentConfig":
+        """A copy with the named components switched off (for the augmentation study)."""
+        off = {"rotate": "90", "scale": (1.0, 1.0)}
+        for c in components:
+            if c not in self.COMPONENTS:
+                raise ValueError(f"unknown augmentation component {c!r}; choose from {', '.join(self.COMPONENTS)}")
+        return dataclasses.replace(self, **{c: off.get(c, 0.0) for c in components})
 
 
 @dataclass(frozen=True)
@@ -68,7 +132,7 @@ class TrainConfig:
     loss: str = "dice"  # "dice" or "dice_ce"
     steps_per_epoch: int | None = None
     seed: int = 0
-    mixed_precision: bool = False
+    mixed_precision: bool | str = False  # False, "float16" (True in old configs) or "bfloat16"
     # "auto": XLA on GPUs only. On CPU, XLA measured 2x slower for this model
     # (benchmarks/bench_training.py: 5.9 vs 11.7 tiles/s on 2 cores).
     jit_compile: bool | str = "auto"
@@ -83,8 +147,16 @@ VARIANTS = {
 
 
 def resolve_jit(jit_compile: bool | str | None) -> bool:
-    """True/False as given; "auto" (or None) means XLA when a GPU is present."""
+    """True/False as given; "auto" (or None) means: on TensorFlow, XLA when a GPU is
+    present; on JAX always (uncompiled JAX is many times slower); on PyTorch never."""
     if jit_compile in ("auto", None):
+        import keras
+
+        backend = keras.backend.backend()
+        if backend == "jax":
+            return True
+        if backend != "tensorflow":
+            return False
         import tensorflow as tf
 
         return bool(tf.config.list_physical_devices("GPU"))
@@ -105,6 +177,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     normalization: dict = field(default_factory=lambda: dict(NORMALIZATION))
     # Free-form provenance: data paths, versions, lineage, timing.
     info: dict = field(default_factory=dict)
@@ -113,16 +186,22 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        """Write config.json atomically (a kill mid-write never leaves half a file)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "Config":
         _check_keys(d, {f.name for f in dataclasses.fields(cls)}, source)
         sub = {}
-        for name, klass in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
+        for name, klass in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig),
+                            ("augment", AugmentConfig)):
             part = d.get(name, {})
             _check_keys(part, {f.name for f in dataclasses.fields(klass)}, f"{source}[{name!r}]")
-            sub[name] = klass(**part)
+            # JSON has no tuples: restore them so configs compare equal after a round trip.
+            sub[name] = klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in part.items()})
         return cls(
             **sub,
             normalization=d.get("normalization", dict(NORMALIZATION)),

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import sys
 
-from .train import build_parser, train_from_args
+from .train import build_parser, check_args, train_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser("python -m xmdl_tf.finetune", finetune=True).parse_args(argv)
+    parser = build_parser("python -m xmdl_tf.finetune", finetune=True)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     train_from_args(args, args.model)
     return 0
 

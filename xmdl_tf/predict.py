@@ -238,6 +238,15 @@ def load_model(path: str | Path, jit_compile: bool | str = "auto", tta: bool = F
         from .export import load_saved_model
 
         return load_saved_model(path, tta=tta)
+    model, config, mpath = load_keras_with_config(path)
+    return Predictor(model, config, mpath, jit_compile, tta)
+
+
+def load_keras_with_config(path: str | Path):
+    """(keras model, Config, model path) of a run folder or `.keras` file, on any Keras backend.
+
+    A bare `.keras` file without config.json gets a Config inferred from its graph.
+    """
     mpath, cpath = resolve_model_path(path)
     model = load_keras(mpath)
     if cpath is not None:
@@ -247,7 +256,7 @@ def load_model(path: str | Path, jit_compile: bool | str = "auto", tta: bool = F
         config = Config(model=ModelConfig(depth=depth, n_classes=int(model.output_shape[-1])))
     if model.input_shape[-1] != 1:
         raise ModelError(f"{mpath}: model expects {model.input_shape[-1]} channels; xmdl_tf works on 1-channel EM")
-    return Predictor(model, config, mpath, jit_compile, tta)
+    return model, config, mpath
 
 
 def receptive_field(predict_batch: Callable[[np.ndarray], np.ndarray], size: int = 256, tol: float = 1e-6) -> int:

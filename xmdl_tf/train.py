@@ -13,6 +13,7 @@ Fine-tuning a trained model is the same trainer: `--init-from MODEL`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,7 +23,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .config import VARIANTS, Config, DataConfig, ModelConfig, TrainConfig, resolve_jit
+import numpy as np
+
+from .config import VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig, resolve_jit
 
 STATE = "checkpoint/state.json"
 LAST = "checkpoint/last.keras"
@@ -31,21 +34,78 @@ LAST = "checkpoint/last.keras"
 # ----------------------------------------------------------------------------
 # Data resolution (no TensorFlow needed)
 
+# A data set's pixel size within 2% of the model's is used as is: resampling would only blur.
+SAME_PIXEL_SIZE = 0.02
+
+
+def parse_pixel_sizes(values: list[str] | None, n_sets: int) -> list[float | None]:
+    """`--pixel-size` values (nm, or "unknown") -> one entry per data set.
+
+    One value applies to every set; otherwise give exactly one per set.
+    """
+    if not values:
+        return [None] * n_sets
+    if len(values) not in (1, n_sets):
+        raise ValueError(f"--pixel-size: give one value or one per data set ({n_sets}), got {len(values)}")
+    out: list[float | None] = []
+    for v in values:
+        if str(v).lower() in ("unknown", "none", "-"):
+            out.append(None)
+            continue
+        try:
+            f = float(v)
+        except ValueError:
+            raise ValueError(f"--pixel-size: {v!r} is not a number of nm (or 'unknown')") from None
+        if not 0.1 <= f <= 10000:
+            raise ValueError(f"--pixel-size: {v} nm is outside the plausible range 0.1-10000 nm for EM")
+        out.append(f)
+    return out * n_sets if len(out) == 1 else out
+
+
+def choose_model_pixel_size(known: list[float]) -> float | None:
+    """The model's pixel size when none is asked for: the sets' common one, the median
+    of differing ones (so as few sets as possible are resampled far), or None."""
+    if not known:
+        return None
+    if max(known) <= min(known) * (1 + SAME_PIXEL_SIZE):
+        return known[0]
+    return float(sorted(known)[len(known) // 2])
+
+
+def resample_factor(set_px: float | None, model_px: float | None) -> float:
+    """Data pixel size / model pixel size; 1 when either is unknown or they agree within 2%."""
+    if not set_px or not model_px:
+        return 1.0
+    f = set_px / model_px
+    return 1.0 if abs(f - 1.0) < SAME_PIXEL_SIZE else f
+
 
 def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: str = "train",
-                 val_split: str = "val", max_slices: int | None = None):
-    """Training and validation regions for one or several data sets.
+                 val_split: str = "val", max_slices: int | None = None, pixel_sizes: list[float | None] | None = None,
+                 model_pixel_size: float | None = None, weights: list[float] | None = None):
+    """Training and validation sets for one or several data sets.
 
     Each data set uses its own `val` split when present; otherwise validation is
     carved from its training slices as held-back rows (and reported as such).
     max_slices: use only the first N training slices of each set (fine-tuning
-    from a few annotated slices).
-    Returns (train_regions, val_regions, provenance list of dicts).
+    from a few annotated slices). pixel_sizes: nm per set where the set's
+    dataset.json / TIFF metadata do not say (None = unknown). model_pixel_size:
+    the model's pixel size (default `choose_model_pixel_size`). weights: share of
+    the training tiles per set (default equal).
+    Returns (train sets, val sets, model pixel size, provenance list of dicts).
     """
-    from .data import SliceRegion, holdout_split
     from .io import DataError, find_pairs
+    from .sampling import SliceRegion, TrainingSet, holdout_split
 
-    train, val, info = [], [], []
+    if weights is not None and len(weights) != len(data_dirs):
+        raise ValueError(f"--set-weights: give one weight per data set ({len(data_dirs)}), got {len(weights)}")
+    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise ValueError(f"--set-weights must be >= 0 with a positive sum, got {weights}")
+    given = pixel_sizes or [None] * len(data_dirs)
+    names = [Path(d).resolve().name for d in data_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two data sets share a folder name: {names}; give each set its own name")
+    found = []
     for d in data_dirs:
         pairs = find_pairs(d, train_split)
         if max_slices is not None:
@@ -54,22 +114,35 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
             vpairs = find_pairs(d, val_split)
         except DataError:
             vpairs = []
+        found.append((pairs, vpairs))
+    set_px = [dataset_pixel_size(d, found[i][0][0].image) or given[i] for i, d in enumerate(data_dirs)]
+    if model_pixel_size is None:
+        model_pixel_size = choose_model_pixel_size([p for p in set_px if p])
+    w = [1.0] * len(data_dirs) if weights is None else [float(x) for x in weights]
+    total = sum(w)
+    train, val, info = [], [], []
+    for i, d in enumerate(data_dirs):
+        pairs, vpairs = found[i]
         if vpairs:
             t_regions, v_regions = [SliceRegion(p) for p in pairs], [SliceRegion(p) for p in vpairs]
             how = f"split '{val_split}'"
         else:
             t_regions, v_regions = holdout_split(pairs, val_fraction)
             how = f"held-back bottom {val_fraction:.0%} of rows of each training slice"
-        train += t_regions
-        val += v_regions
+        factor = resample_factor(set_px[i], model_pixel_size)
+        train.append(TrainingSet(names[i], t_regions, factor, w[i] / total))
+        val.append(TrainingSet(names[i], v_regions, factor, 1.0))
         info.append({
+            "name": names[i],
             "path": str(Path(d).resolve()),
             "train_slices": [p.name for p in pairs],
             "val_slices": [p.name for p in vpairs] if vpairs else [p.name for p in pairs],
             "validation": how,
-            "pixel_size_nm": dataset_pixel_size(d, pairs[0].image),
+            "pixel_size_nm": set_px[i],
+            "resample_factor": round(factor, 4),
+            "sampling_weight": round(w[i] / total, 4),
         })
-    return train, val, info
+    return train, val, model_pixel_size, info
 
 
 def dataset_pixel_size(data_dir: str, first_image: Path) -> float | None:
@@ -87,6 +160,13 @@ def dataset_pixel_size(data_dir: str, first_image: Path) -> float | None:
     return read_pixel_size_nm(first_image)
 
 
+def with_shapes(sets, check_pairs) -> list:
+    """The same sets with (H, W) of every slice filled in (checks every pair on the way)."""
+    from dataclasses import replace as dc_replace
+
+    return [dc_replace(s, shapes=check_pairs([r.pair for r in s.regions])) for s in sets]
+
+
 # ----------------------------------------------------------------------------
 # Training
 
@@ -94,12 +174,15 @@ def dataset_pixel_size(data_dir: str, first_image: Path) -> float | None:
 def _versions() -> dict:
     import keras
     import numpy
-    import tensorflow as tf
 
     from . import __version__
 
-    return {"xmdl_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
+    out = {"xmdl_tf": __version__, "keras": keras.__version__, "backend": keras.backend.backend(),
+           "numpy": numpy.__version__, "python": platform.python_version()}
+    for mod in ("tensorflow", "jax", "torch"):
+        if mod in sys.modules:
+            out[mod] = getattr(sys.modules[mod], "__version__", "?")
+    return out
 
 
 def _atomic_save(model, path: Path) -> None:
@@ -131,12 +214,14 @@ def _comparable(cfg: dict) -> dict:
 
 
 def _strategy():
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return contextlib.nullcontext()
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    return (tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()).scope()
 
 
 def _freeze_encoder(model) -> int:
@@ -148,52 +233,65 @@ def _freeze_encoder(model) -> int:
     return n
 
 
+def _dtype_policy(mixed_precision: bool | str) -> str | None:
+    """Keras dtype policy for TrainConfig.mixed_precision (True = float16, for old configs)."""
+    if mixed_precision in (False, None, "", "float32"):
+        return None
+    kind = "float16" if mixed_precision is True else str(mixed_precision)
+    if kind not in ("float16", "bfloat16"):
+        raise ValueError(f"mixed_precision must be float16 or bfloat16, got {mixed_precision!r}")
+    return f"mixed_{kind}"
+
+
 def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: float = 0.2,
-          init_from: str | Path | None = None, freeze_encoder: bool = False, augment_strength: float = 1.0,
+          init_from: str | Path | None = None, freeze_encoder: bool = False, augment_strength: float | None = None,
           max_slices: int | None = None, overwrite: bool = False, verbose: int = 2,
-          callbacks: list | None = None) -> Path:
+          callbacks: list | None = None, pixel_sizes: list[float | None] | None = None) -> Path:
     """Train (or resume, or fine-tune) a model; returns the run folder.
 
-    The best model by validation loss is `out/model.keras`; a run killed
-    mid-epoch resumes from `out/checkpoint/` with the same call.
+    Data sets are sampled by `config.data.set_weights` (equal by default) and
+    resampled to `config.data.pixel_size_nm` where their pixel size is known
+    (`pixel_sizes` fills in sets whose files do not say). Validation runs on
+    every set's val split; the monitored `val_loss` is the mean of the sets'
+    pooled losses, so each set counts equally whatever its size.
+    The best model by that loss is `out/model.keras`; a run killed mid-epoch
+    resumes from `out/checkpoint/` with the same call. The input pipeline is
+    tf.data on the TensorFlow backend and a PyDataset on JAX / PyTorch.
     callbacks: extra Keras callbacks, run after the checkpointing ones.
     """
     import keras
-    import numpy as np
-    import tensorflow as tf
 
-    from .data import default_steps_per_epoch, training_dataset, validation_dataset
     from .io import check_pairs
     from .losses import SegmentationLoss, pooled_metrics
     from .model import build_from_config
+    from .sampling import default_steps_per_epoch
 
     out = Path(out)
     state_path = out / STATE
-    train_regions, val_regions, info = resolve_data(data_dirs, val_fraction, max_slices=max_slices)
-    shapes = check_pairs([r.pair for r in train_regions])
-    val_shapes = check_pairs([r.pair for r in val_regions])
+    if augment_strength is not None:
+        config = replace(config, augment=replace(config.augment, strength=augment_strength))
+    parent = None
+    model_px = config.data.pixel_size_nm
+    if init_from is not None:
+        from .predict import load_keras_with_config
+
+        parent, parent_config, parent_path = load_keras_with_config(init_from)
+        # The architecture, normalisation and pixel size come from the parent; the rest from this call.
+        config = replace(config, model=parent_config.model, normalization=parent_config.normalization)
+        model_px = model_px or parent_config.data.pixel_size_nm
+    train_sets, val_sets, model_px, info = resolve_data(
+        data_dirs, val_fraction, max_slices=max_slices, pixel_sizes=pixel_sizes, model_pixel_size=model_px,
+        weights=list(config.data.set_weights) if config.data.set_weights else None)
+    train_sets, val_sets = with_shapes(train_sets, check_pairs), with_shapes(val_sets, check_pairs)
     tile = config.data.tile_size
     if tile % config.model.size_divisor:
         raise ValueError(f"tile size {tile} is not divisible by 2**(depth-1) = {config.model.size_divisor}")
-    steps = config.train.steps_per_epoch or default_steps_per_epoch(train_regions, shapes, tile, config.train.batch_size)
-    # --pixel-size fills in the sets whose files do not say; the model's pixel
-    # size is the sets' common one, and unknown (None) when they differ.
-    for i in info:
-        if i["pixel_size_nm"] is None:
-            i["pixel_size_nm"] = config.data.pixel_size_nm
-    pixel_sizes = {i["pixel_size_nm"] for i in info}
-    pixel_size = next(iter(pixel_sizes)) if len(pixel_sizes) == 1 else None
-    config = replace(config, data=replace(config.data, pixel_size_nm=pixel_size),
+    steps = config.train.steps_per_epoch or default_steps_per_epoch(train_sets, tile, config.train.batch_size)
+    config = replace(config, data=replace(config.data, pixel_size_nm=model_px),
                      train=replace(config.train, steps_per_epoch=steps))
-
     parent_info = None
-    if init_from is not None:
-        from .predict import load_model
-
-        parent = load_model(init_from, jit_compile=False)
-        # The architecture comes from the parent; everything else from this call.
-        config = replace(config, model=parent.config.model, normalization=parent.config.normalization)
-        parent_info = {"model": str(Path(parent.path).resolve()), "config": parent.config.info.get("data", [])}
+    if parent is not None:
+        parent_info = {"model": str(Path(parent_path).resolve()), "config": parent_config.info.get("data", [])}
 
     info_block = {
         "data": info,
@@ -201,7 +299,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         "train_slices": sum(len(i["train_slices"]) for i in info),
         "lineage": parent_info,
         "freeze_encoder": freeze_encoder,
-        "augment_strength": augment_strength,
+        "augment_strength": config.augment.strength,
         "command": " ".join(sys.argv) if sys.argv and "xmdl_tf" in " ".join(sys.argv) else None,
     }
     config = replace(config, info=info_block)
@@ -229,25 +327,28 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(config.train.seed)
-    if config.train.mixed_precision:
-        keras.mixed_precision.set_dtype_policy("mixed_float16")
-    strategy = _strategy()
-    global_batch = config.train.batch_size
-    train_ds = training_dataset(train_regions, config.data, global_batch, config.train.seed, augment_strength)
-    val_ds = validation_dataset(val_regions, config.data, global_batch, val_shapes)
+    policy = _dtype_policy(config.train.mixed_precision)
+    if policy:
+        keras.mixed_precision.set_dtype_policy(policy)
+    batch = config.train.batch_size
+    initial_epoch = state["epoch"] + 1 if resume else 0
+    aug = config.augment if config.data.augment else None
+    # A resumed run continues the tile stream instead of replaying its first epochs.
+    sampler_groups = -(-initial_epoch * steps * batch // (max(1, config.data.shuffle_buffer // config.data.tiles_per_slice)
+                                                          * config.data.tiles_per_slice))
+    train_ds = make_training_input(train_sets, config, sampler_groups)
 
     jit = resolve_jit(config.train.jit_compile)
-    with strategy.scope():
+    with _strategy():
         if resume:
             model = keras.models.load_model(out / LAST, safe_mode=True)
-            initial_epoch = state["epoch"] + 1
             history = state["history"]
             print(f"{out}: resuming after epoch {initial_epoch} (best so far: epoch {state['best_epoch'] + 1}, "
                   f"val_loss {state['best']:.4f})")
         else:
             model = build_from_config(config.model)
-            if init_from is not None:
-                model.set_weights(parent.model.get_weights())
+            if parent is not None:
+                model.set_weights(parent.get_weights())
             if freeze_encoder:
                 _freeze_encoder(model)
             model.compile(
@@ -256,17 +357,19 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
                 metrics=pooled_metrics(),
                 jit_compile=jit,
             )
-            initial_epoch, history, state = 0, [], None
-    config = replace(config, info={**config.info, "parameters": int(model.count_params())})
+            history, state = [], None
+    config = replace(config, info={**config.info, "parameters": int(model.count_params()),
+                                   "augment": "on" if aug else "off"})
     config.save(out / "config.json")
 
     ResumableEarlyStopping, RunCheckpoint = _make_callbacks()
+    validate = SetValidation(val_sets, config.data, batch, config.train.loss)
     early = ResumableEarlyStopping(state, monitor="val_loss", patience=config.train.patience,
                                    restore_best_weights=True, verbose=1)
-    ckpt = RunCheckpoint(out, history, early)
+    ckpt = RunCheckpoint(out, history, early, steps * batch)
     t0 = time.time()
-    model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs, steps_per_epoch=steps,
-              initial_epoch=initial_epoch, callbacks=[early, ckpt, *(callbacks or [])], verbose=verbose)
+    model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
+              callbacks=[validate, early, ckpt, *(callbacks or [])], verbose=verbose)
     # EarlyStopping restored the best weights; make model.keras exactly those.
     _save_inference(model, out / "model.keras")
     final = json.loads(state_path.read_text())
@@ -274,12 +377,96 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     _atomic_write(state_path, json.dumps(final))
     cfg_final = replace(config, info={**config.info, "best_epoch": final["best_epoch"] + 1,
                                       "epochs_run": final["epoch"] + 1,
+                                      "tiles_seen": (final["epoch"] + 1) * steps * batch,
                                       "train_seconds": round(final.get("seconds", 0.0), 1)})
     cfg_final.save(out / "config.json")
     plot_history(out / "history.csv", out / "training_curves.png")
     print(f"{out}: done in {time.time() - t0:.0f} s; best epoch {final['best_epoch'] + 1} "
           f"(val_loss {final['best']:.4f}); model at {out / 'model.keras'}")
     return out
+
+
+def make_training_input(train_sets, config: Config, start_group: int = 0):
+    """tf.data on the TensorFlow backend, a PyDataset elsewhere; the same batches either way."""
+    import keras
+
+    aug = config.augment if config.data.augment else None
+    args = (train_sets, config.data, config.train.batch_size, config.train.seed, aug, start_group)
+    if keras.backend.backend() == "tensorflow":
+        from .data import training_dataset
+
+        return training_dataset(*args)
+    from .pydata import TrainingTiles
+
+    return TrainingTiles(*args)
+
+
+def _validation_counts(model, sets, data_cfg, batch_size: int) -> dict[str, np.ndarray]:
+    """Per set: pooled [sum p*t, sum p, sum t, tp, fp, fn, tn, sum CE, n valid] over its grid tiles."""
+    from .sampling import validation_tiles
+
+    out = {}
+    for s in sets:
+        acc = np.zeros(9, np.float64)
+        for r in s.regions:
+            x, y = validation_tiles(r, data_cfg.tile_size, s.factor, data_cfg.ignore_value)
+            for i in range(0, len(x), batch_size):
+                xb, yb = x[i:i + batch_size], y[i:i + batch_size, ..., 0]
+                n = len(xb)
+                if n < batch_size:  # one input shape only: no retracing for the last batch
+                    xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
+                p = np.asarray(model.predict_on_batch(xb), np.float32)[:n, ..., 1]
+                v = yb >= 0
+                t, pv = np.where(v, yb, 0.0), np.where(v, p, 0.0)
+                pred = (p >= 0.5) & v
+                truth = (yb > 0.5) & v
+                pc = np.clip(pv, 1e-7, 1 - 1e-7)
+                ce = -(t * np.log(pc) + (1 - t) * np.log(1 - pc))
+                acc += [np.sum(pv * t), np.sum(pv), np.sum(t), np.sum(pred & truth), np.sum(pred & ~truth),
+                        np.sum(~pred & truth), np.sum(~pred & ~truth & v), np.sum(ce * v), np.sum(v)]
+        out[s.name] = acc
+    return out
+
+
+def validation_scores(counts: dict[str, np.ndarray], loss: str = "dice") -> dict[str, float]:
+    """Per-set and mean validation figures from `_validation_counts`.
+
+    Each set's loss is the soft Dice (+ mean CE for "dice_ce") pooled over its
+    whole val split; `val_loss`, `val_f1`, ... are means over sets, so a set
+    with many slices does not outweigh the others.
+    """
+    from .metrics import scores
+
+    per = {}
+    for name, (spt, sp, st, tp, fp, fn, tn, ce, nv) in counts.items():
+        loss_v = 1.0 - (2 * spt + 1.0) / (sp + st + 1.0)
+        if loss == "dice_ce":
+            loss_v += ce / max(nv, 1.0)
+        sc = scores({"tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn)})
+        per[name] = {"loss": float(loss_v), **{k: float(sc[k]) for k in ("f1", "iou", "precision", "recall")}}
+    logs = {f"val_{k}": float(np.mean([p[k] for p in per.values()])) for k in ("loss", "f1", "iou", "precision", "recall")}
+    if len(per) > 1:
+        for name, p in per.items():
+            logs.update({f"val_{name}_{k}": p[k] for k in ("loss", "f1", "iou")})
+    return logs
+
+
+def SetValidation(val_sets, data_cfg, batch_size: int, loss: str = "dice"):
+    """Keras callback: after each epoch, validate on every set and put `val_*` into the logs
+    (before EarlyStopping and the checkpoint read them)."""
+    import keras
+
+    class _SetValidation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            t = time.time()
+            v = validation_scores(_validation_counts(self.model, val_sets, data_cfg, batch_size), loss)
+            if logs is not None:
+                logs.update(v)
+            per = "  ".join(f"{s.name} F1 {v.get(f'val_{s.name}_f1', v['val_f1']):.3f}" for s in val_sets)
+            print(f"epoch {epoch + 1}: val_loss {v['val_loss']:.4f}  val_f1 {v['val_f1']:.4f}  ({per}; "
+                  f"{time.time() - t:.0f} s)", flush=True)
+
+    return _SetValidation()
 
 
 def _make_callbacks():
@@ -303,9 +490,10 @@ def _make_callbacks():
     class RunCheckpoint(keras.callbacks.Callback):
         """After each epoch: best model, last full state (with optimizer), history, state.json."""
 
-        def __init__(self, out: Path, history: list, early):
+        def __init__(self, out: Path, history: list, early, tiles_per_epoch: int):
             super().__init__()
             self.out, self.history, self.early = out, history, early
+            self.tiles_per_epoch = tiles_per_epoch
             self._t = time.time()
             self._seconds = 0.0
 
@@ -319,7 +507,8 @@ def _make_callbacks():
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
             self._seconds += time.time() - self._t
-            self.history.append({"epoch": epoch + 1, **logs, "seconds": round(self._seconds, 1)})
+            self.history.append({"epoch": epoch + 1, **logs, "seconds": round(self._seconds, 1),
+                                 "tiles_seen": (epoch + 1) * self.tiles_per_epoch})
             if self.early.best_epoch == epoch:
                 _save_inference(self.model, self.out / "model.keras")
             _atomic_save(self.model, self.out / LAST)
@@ -391,12 +580,22 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="rows held back for validation when a data set has no val split")
     p.add_argument("--ignore-value", type=int, default=None, help="label value of unlabelled pixels (ignored by the loss)")
-    p.add_argument("--pixel-size", type=float, default=None,
-                   help="pixel size in nm of data sets whose dataset.json / TIFF metadata do not give one")
+    p.add_argument("--pixel-size", nargs="+", default=None, metavar="NM",
+                   help="pixel size in nm of data sets whose dataset.json / TIFF metadata do not give one: one value "
+                        "for all, or one per --data set ('unknown' for a set whose pixel size is not known)")
+    p.add_argument("--set-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="share of the training tiles from each --data set (default: equal shares)")
     p.add_argument("--max-slices", type=int, default=None, help="use only the first N training slices of each set")
     p.add_argument("--no-augment", action="store_true")
+    # Fine-tuning keeps the recipe its adaptation curve was measured with (models/README.md).
+    p.add_argument("--augment", choices=("em", "basic"), default="basic" if finetune else "em",
+                   help="augmentation preset: 'em' spans TEM, SBEM and FIB-SEM (zoom, any rotation, elastic, defocus, "
+                        "noise, stripes, shading); 'basic' is flips, 90-degree turns and mild intensity jitter")
+    p.add_argument("--augment-off", nargs="+", default=[], choices=AugmentConfig.COMPONENTS, metavar="PART",
+                   help=f"switch parts of the preset off (one of: {', '.join(AugmentConfig.COMPONENTS)})")
     p.add_argument("--augment-strength", type=float, default=2.0 if finetune else 1.0)
-    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPUs)")
+    p.add_argument("--mixed-precision", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
+                   help="mixed-precision compute: float16 (GPUs) or bfloat16 (GPUs, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-jit", action="store_true",
                    help="never use XLA (default: XLA on GPUs only; on CPU it measured slower)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -404,6 +603,9 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
         p.add_argument("--model", required=True, help="parent model (.keras file or run folder)")
         p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder")
     else:
+        p.add_argument("--model-pixel-size", type=float, default=None, metavar="NM",
+                       help="the model's pixel size; sets of known pixel size are resampled to it (default: the sets' "
+                            "common pixel size, or the median of differing ones)")
         p.add_argument("--depth", type=int, default=6)
         p.add_argument("--base-filters", type=int, default=8)
         p.add_argument("--variant", choices=sorted(VARIANTS), default="residual_attention")
@@ -418,12 +620,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         data=DataConfig(tile_size=args.tile_size, tiles_per_slice=args.tiles_per_slice,
                         foreground_fraction=args.foreground_fraction, augment=not args.no_augment,
-                        ignore_value=args.ignore_value, pixel_size_nm=args.pixel_size),
+                        ignore_value=args.ignore_value, pixel_size_nm=getattr(args, "model_pixel_size", None),
+                        set_weights=tuple(args.set_weights) if args.set_weights else None),
         model=ModelConfig(depth=getattr(args, "depth", 6), base_filters=getattr(args, "base_filters", 8),
                           residual=residual, attention=attention, dropout=getattr(args, "dropout", 0.0)),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                           patience=args.patience, loss=args.loss, steps_per_epoch=args.steps_per_epoch,
-                          seed=args.seed, mixed_precision=args.mixed_precision, jit_compile=False if args.no_jit else "auto"),
+                          seed=args.seed, mixed_precision=args.mixed_precision or False,
+                          jit_compile=False if args.no_jit else "auto"),
+        augment=AugmentConfig.preset(args.augment).without(*args.augment_off),
     )
 
 
@@ -431,15 +636,31 @@ def train_from_args(args: argparse.Namespace, init_from: str | None) -> Path:
     """`train` with everything taken from parsed `train` or `finetune` arguments."""
     return train(args.data, args.out, config_from_args(args), val_fraction=args.val_fraction, init_from=init_from,
                  freeze_encoder=args.freeze_encoder, augment_strength=args.augment_strength,
-                 max_slices=args.max_slices, overwrite=args.overwrite)
+                 max_slices=args.max_slices, overwrite=args.overwrite,
+                 pixel_sizes=parse_pixel_sizes(args.pixel_size, len(args.data)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.freeze_encoder and not args.init_from:
-        build_parser().error("--freeze-encoder needs --init-from")
+        parser.error("--freeze-encoder needs --init-from")
+    check_args(parser, args)
     train_from_args(args, args.init_from)
     return 0
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse arguments that would only fail later, with one line naming the problem."""
+    try:
+        parse_pixel_sizes(args.pixel_size, len(args.data))
+    except ValueError as err:
+        parser.error(str(err))
+    if args.set_weights is not None and (len(args.set_weights) != len(args.data) or min(args.set_weights) < 0
+                                         or sum(args.set_weights) <= 0):
+        parser.error(f"--set-weights: give one weight >= 0 per --data set ({len(args.data)}), with a positive sum")
+    if getattr(args, "model_pixel_size", None) is not None and not 0.1 <= args.model_pixel_size <= 10000:
+        parser.error("--model-pixel-size must be between 0.1 and 10000 nm")
 
 
 if __name__ == "__main__":

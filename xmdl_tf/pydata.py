@@ -1,0 +1,58 @@
+"""Training and validation batches as `keras.utils.PyDataset`: the input path without TensorFlow.
+
+Selected automatically when `KERAS_BACKEND` is not `tensorflow` (JAX or
+PyTorch, e.g. on a GPU machine without TensorFlow). Batch i is the same as
+batch i of `xmdl_tf.data.training_dataset` for the same sets, configuration
+and seed: both cut the same tile stream from `TileSampler` (tested).
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from .config import AugmentConfig, DataConfig
+from .sampling import SliceRegion, TileSampler, TrainingSet, as_sets, validation_tiles
+
+
+class TrainingTiles(keras.utils.PyDataset):
+    """Endless (x, y) float32 batches (B, T, T, 1); use with `fit(steps_per_epoch=...)`.
+
+    workers: threads building batches (OpenCV releases the GIL); 0 = in the
+    training thread.
+    """
+
+    def __init__(self, data: list[TrainingSet] | list[SliceRegion], cfg: DataConfig, batch_size: int,
+                 seed: int = 0, augment: AugmentConfig | None = None, start_group: int = 0, workers: int = 2):
+        super().__init__(workers=max(workers, 1), use_multiprocessing=False, max_queue_size=8)
+        self.sampler = TileSampler(as_sets(data), cfg, augment or AugmentConfig(), seed)
+        self.batch_size, self.start_group = batch_size, start_group
+
+    @property
+    def num_batches(self):
+        return None  # endless: the index keeps counting across epochs
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sampler.batch(int(i), self.batch_size, self.start_group)
+
+
+class ValidationTiles(keras.utils.PyDataset):
+    """The grid tiles of every validation region, in order, in batches; finite."""
+
+    def __init__(self, data: list[TrainingSet] | list[SliceRegion], cfg: DataConfig, batch_size: int):
+        super().__init__(workers=1, use_multiprocessing=False)
+        xs, ys = [], []
+        for s in as_sets(data):
+            for r in s.regions:
+                x, y = validation_tiles(r, cfg.tile_size, s.factor, cfg.ignore_value)
+                xs.append(x)
+                ys.append(y)
+        self.x, self.y = np.concatenate(xs), np.concatenate(ys)
+        self.batch_size = batch_size
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[sl], self.y[sl]

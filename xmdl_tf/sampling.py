@@ -1,0 +1,300 @@
+"""Training and validation tiles in NumPy: normalisation, balanced multi-set sampling, resampling.
+
+Everything here is backend-neutral (NumPy + OpenCV), so the `tf.data` pipeline
+(`xmdl_tf.data`) and the `keras.utils.PyDataset` path for JAX/PyTorch
+(`xmdl_tf.pydata`) are thin wrappers over the same functions and give the same
+tiles for the same seed.
+
+The training stream is a sequence of *groups*, each a pure function of
+(seed, group index):
+
+    for each of G slots: pick a data set by its weight, a slice of it uniformly,
+    decode + normalise the whole slice, resample k tiles from it at the model's
+    pixel size (random zoom, rotation, mirror, elastic; see `augment`),
+    augment their intensities
+    -> shuffle the G*k tiles together -> emit
+
+G = shuffle_buffer // tiles_per_slice. Only one slice is in memory per worker at
+a time, and an interrupted run can restart the stream at any group.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from .augment import IGNORE, augment_intensity, draw_geometry, elastic_field, footprint_half_extent, warp_tile
+from .config import NORMALIZATION, AugmentConfig, DataConfig
+from .io import DataError, SlicePair, read_pair
+
+# ----------------------------------------------------------------------------
+# Normalisation (NumPy twin of `xmdl_tf.data.normalize`; tested equal)
+
+
+def normalize_np(image: np.ndarray, low: float = NORMALIZATION["low"], high: float = NORMALIZATION["high"],
+                 clip: bool = NORMALIZATION["clip"]) -> np.ndarray:
+    """Map raw grey values of ONE image to float32 [0, 1] by its own percentiles.
+
+    image: (H, W) or (H, W, 1) integer grey values 0..65535 (float inputs are rounded).
+    Percentiles are the inverted-CDF ones of a 65536-bin histogram, exactly as
+    the TensorFlow `normalize` used in the exported SavedModel computes them.
+    """
+    x = np.asarray(image)
+    if x.dtype not in (np.uint8, np.uint16):
+        x = np.clip(np.round(x.astype(np.float32)), 0, 65535).astype(np.int32)
+    counts = np.bincount(x.ravel(), minlength=65536 if x.dtype != np.uint8 else 256)
+    cdf = np.cumsum(counts)
+    n = float(cdf[-1])
+    ranks = np.maximum(np.ceil(np.array([low, high], np.float64) / 100.0 * n), 1.0)
+    lo, hi = np.searchsorted(cdf, ranks.astype(np.int64), side="left").astype(np.float32)
+    y = (x.astype(np.float32) - lo) / max(hi - lo, 1.0)
+    if clip:
+        np.clip(y, 0.0, 1.0, out=y)
+    return y
+
+
+def target_from_label(label: np.ndarray, ignore_value: int | None = None) -> np.ndarray:
+    """Label (H, W) ints -> float32 target: 1 foreground (> 0), 0 background, -1 ignored."""
+    target = (label > 0).astype(np.float32)
+    if ignore_value is not None:
+        target[label == ignore_value] = IGNORE
+    return target
+
+
+# ----------------------------------------------------------------------------
+# Slice tables
+
+
+@dataclass(frozen=True)
+class SliceRegion:
+    """A slice pair and the band of rows [row_from, row_to) (fractions of height) to use.
+
+    Bands let validation be carved from the training slices themselves as
+    held-back rows when a data set has no validation split (e.g. one slice).
+    """
+
+    pair: SlicePair
+    row_from: float = 0.0
+    row_to: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """The slices of one data set and how they enter training.
+
+    factor: resampling factor to the model's pixel size (data pixel size /
+        model pixel size; 1 = keep the grid, e.g. when the pixel size is unknown).
+    weight: relative share of the training tiles drawn from this set.
+    """
+
+    name: str
+    regions: list[SliceRegion]
+    factor: float = 1.0
+    weight: float = 1.0
+    shapes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) per region, if known
+
+
+def as_sets(data: list[TrainingSet] | list[SliceRegion]) -> list[TrainingSet]:
+    """Accept a plain region list (one set, native grid) wherever sets are expected."""
+    if data and all(isinstance(r, SliceRegion) for r in data):
+        return [TrainingSet("data", list(data))]
+    return list(data)
+
+
+def holdout_split(pairs: list[SlicePair], val_fraction: float = 0.2) -> tuple[list[SliceRegion], list[SliceRegion]]:
+    """Carve validation from training slices: the bottom `val_fraction` of rows of every slice."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    cut = 1.0 - val_fraction
+    return [SliceRegion(p, 0.0, cut) for p in pairs], [SliceRegion(p, cut, 1.0) for p in pairs]
+
+
+def load_region(region: SliceRegion, ignore_value: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32 [0, 1], target float32) of a region, both (h, W).
+
+    The whole slice is normalised before the band is cut: the same intensity
+    mapping as at inference, where whole slices are normalised.
+    """
+    image, label = read_pair(region.pair)
+    if label is None:
+        raise DataError(f"{region.pair.image}: no label for a training/validation slice")
+    h = image.shape[0]
+    r0, r1 = int(round(region.row_from * h)), int(round(region.row_to * h))
+    return normalize_np(image)[r0:r1], target_from_label(label, ignore_value)[r0:r1]
+
+
+def resample_pair(x: np.ndarray, y: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resize image (area when shrinking, linear when enlarging, as at inference) and
+    target (nearest neighbour) by `factor`; factor 1 returns the inputs."""
+    if factor == 1.0:
+        return x, y
+    size = (max(1, round(x.shape[1] * factor)), max(1, round(x.shape[0] * factor)))
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return cv2.resize(x, size, interpolation=interp), cv2.resize(y, size, interpolation=cv2.INTER_NEAREST)
+
+
+# ----------------------------------------------------------------------------
+# Training tiles
+
+
+def sample_tiles(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, k: int, tile: int, factor: float = 1.0,
+                 fg_fraction: float = 0.0, aug: AugmentConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k tiles (k, tile, tile) float32 image and target from one slice at the model's pixel size.
+
+    x, y: normalised slice and target (H, W). factor: slice pixel size / model
+    pixel size. fg_fraction: expected share of tiles centred near a
+    mitochondrion pixel (then jittered by up to a quarter tile). aug: augmentation,
+    or None for plain crops (flips/rotations included only with aug).
+    """
+    h, w = x.shape
+    xs = np.empty((k, tile, tile), np.float32)
+    ys = np.empty((k, tile, tile), np.float32)
+    fg = None
+    for i in range(k):
+        zoom, angle, mirror = draw_geometry(rng, aug)
+        step = 1.0 / (factor * zoom)
+        disp = elastic_field(rng, tile, aug.elastic) if aug is not None and aug.elastic > 0 else None
+        # Centres keep the (rotated) tile inside the slice when it fits.
+        half = step * tile / 2 * (abs(math.cos(angle)) + abs(math.sin(angle)))
+        lo_r, hi_r = half - 0.5, h - half - 0.5
+        lo_c, hi_c = half - 0.5, w - half - 0.5
+        if fg_fraction > 0 and rng.uniform() < fg_fraction:
+            if fg is None:
+                fg = np.argwhere(y > 0.5)
+            if len(fg):
+                cy, cx = fg[rng.integers(len(fg))] + rng.uniform(-1, 1, 2) * step * tile / 4
+            else:
+                cy, cx = rng.uniform(lo_r, max(lo_r, hi_r)), rng.uniform(lo_c, max(lo_c, hi_c))
+        else:
+            cy, cx = rng.uniform(lo_r, max(lo_r, hi_r)), rng.uniform(lo_c, max(lo_c, hi_c))
+        cy = np.clip(cy, lo_r, hi_r) if hi_r >= lo_r else (h - 1) / 2
+        cx = np.clip(cx, lo_c, hi_c) if hi_c >= lo_c else (w - 1) / 2
+        # Snap to the pixel grid so unzoomed, unrotated tiles are exact crops.
+        off = (tile - 1) / 2
+        cy, cx = math.floor(cy - off + 0.5) + off, math.floor(cx - off + 0.5) + off
+        xs[i], ys[i] = warp_tile(x, y, (cy, cx), tile, step, angle, mirror, disp)
+        if aug is not None:
+            xs[i] = augment_intensity(xs[i], rng, aug)
+    return xs, ys
+
+
+class TileSampler:
+    """Deterministic, endless stream of training tiles from several data sets.
+
+    `group(g)` returns the g-th group of tiles: image and target float32
+    (n, tile, tile, 1), n = tiles_per_group. It depends only on (seed, g), so any
+    pipeline that emits groups 0, 1, 2, ... in order reproduces the stream.
+    """
+
+    def __init__(self, sets: list[TrainingSet], cfg: DataConfig, aug: AugmentConfig | None, seed: int = 0):
+        sets = [s for s in sets if s.regions]
+        if not sets:
+            raise DataError("no training slices")
+        weights = np.array([s.weight for s in sets], np.float64)
+        if (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
+            raise ValueError(f"set weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        self.sets, self.cfg, self.aug, self.seed = sets, cfg, aug if cfg.augment else None, int(seed)
+        self.p = weights / weights.sum()
+        self.slices_per_group = max(1, cfg.shuffle_buffer // cfg.tiles_per_slice)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def tiles_per_group(self) -> int:
+        return self.slices_per_group * self.cfg.tiles_per_slice
+
+    def group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.cfg
+        rng = np.random.default_rng([self.seed, int(g)])
+        xs, ys = [], []
+        for slot in range(self.slices_per_group):
+            s = self.sets[rng.choice(len(self.sets), p=self.p)]
+            region = s.regions[rng.integers(len(s.regions))]
+            x, y = load_region(region, cfg.ignore_value)
+            tx, ty = sample_tiles(x, y, np.random.default_rng([self.seed, int(g), slot]), cfg.tiles_per_slice,
+                                  cfg.tile_size, s.factor, cfg.foreground_fraction, self.aug)
+            xs.append(tx)
+            ys.append(ty)
+        order = rng.permutation(self.tiles_per_group)
+        return np.concatenate(xs)[order, ..., None], np.concatenate(ys)[order, ..., None]
+
+    def batch(self, i: int, batch_size: int, start_group: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Batch i of the stream that starts at group `start_group` (batches may span groups).
+
+        Recent groups are cached (thread-safe), so consecutive batches cost one
+        group build per tiles_per_group / batch_size batches.
+        """
+        n = self.tiles_per_group
+        first, last = i * batch_size, (i + 1) * batch_size
+        parts_x, parts_y = [], []
+        for g in range(first // n, (last - 1) // n + 1):
+            gx, gy = self._cached_group(start_group + g)
+            a, b = max(first - g * n, 0), min(last - g * n, n)
+            parts_x.append(gx[a:b])
+            parts_y.append(gy[a:b])
+        return np.concatenate(parts_x), np.concatenate(parts_y)
+
+    def _cached_group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            hit = self._cache.get(g)
+        if hit is not None:
+            return hit
+        built = self.group(g)  # outside the lock: other threads keep working
+        with self._lock:
+            self._cache[g] = built
+            while len(self._cache) > 4:
+                self._cache.pop(next(iter(self._cache)))
+        return built
+
+
+# ----------------------------------------------------------------------------
+# Validation tiles
+
+
+def grid_tiles_np(x: np.ndarray, y: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut (H, W) image and target into non-overlapping (n, tile, tile, 1) tiles, row-major.
+
+    Edges are padded: the image mirrored, the target IGNORE so padding never counts.
+    """
+    h, w = x.shape
+    ph, pw = (-h) % tile, (-w) % tile
+    if ph or pw:
+        # Mirror padding larger than the slice (tiny slices) needs several reflections.
+        x = np.pad(x, ((0, ph), (0, pw)), mode="symmetric")
+        y = np.pad(y, ((0, ph), (0, pw)), constant_values=IGNORE)
+    nh, nw = x.shape[0] // tile, x.shape[1] // tile
+
+    def cut(a):
+        return a.reshape(nh, tile, nw, tile).transpose(0, 2, 1, 3).reshape(nh * nw, tile, tile, 1)
+
+    return cut(x), cut(y)
+
+
+def validation_tiles(region: SliceRegion, tile: int, factor: float = 1.0,
+                     ignore_value: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grid tiles (n, tile, tile, 1) covering one validation region once, at the model's pixel size."""
+    x, y = resample_pair(*load_region(region, ignore_value), factor)
+    return grid_tiles_np(x, y, tile)
+
+
+def n_grid_tiles(h: int, w: int, tile: int) -> int:
+    return math.ceil(h / tile) * math.ceil(w / tile)
+
+
+def region_shape(region: SliceRegion, shape: tuple[int, int], factor: float = 1.0) -> tuple[int, int]:
+    """(h, w) of a region's band after resampling by `factor`."""
+    h, w = shape
+    band = round(region.row_to * h) - round(region.row_from * h)
+    if factor == 1.0:
+        return band, w
+    return max(1, round(band * factor)), max(1, round(w * factor))
+
+
+def default_steps_per_epoch(sets: list[TrainingSet], tile: int, batch_size: int) -> int:
+    """Steps that draw, on average, as many tiles as cover the training area once
+    (at the model's pixel size)."""
+    area = sum(math.prod(region_shape(r, hw, s.factor)) for s in sets for r, hw in zip(s.regions, s.shapes))
+    return max(1, math.ceil(area / tile**2 / batch_size))
