@@ -1,12 +1,15 @@
-"""Training throughput per model variant, and the tf.data input pipeline alone.
+"""Training throughput per model variant, size and precision, and the tf.data input pipeline alone.
 
-    python benchmarks/bench_training.py [--base-filters 8] [--tile 256] [--batch 8] [--steps 30]
+    python benchmarks/bench_training.py [--base-filters 8] [--tile 256] [--batch 8] [--steps 30] [--wide 16]
 
 Prints tiles/s for each of the four variants (with the CPU default, XLA off;
-XLA on and a doubled batch for the shipped residual+attention model) on in-memory tensors, so only the model is
-timed, and tiles/s of the real input pipeline (decode, crop, augment, batch)
-on ../shared/data or synthetic slices, which must be well above the training
-rate for the input never to be the bottleneck.
+XLA on, a doubled batch and mixed bfloat16 for the shipped residual+attention
+model; then the --wide base-filter counts in float32 and bfloat16) on
+in-memory tensors, so only the model is timed, and tiles/s of the real input
+pipeline (decode, resample, augment, batch; "em" and "basic" augmentation) on
+../shared/data or synthetic slices, which must be well above the training
+rate for the input never to be the bottleneck. `--only-precision` skips the
+variants (a quick bfloat16-vs-float32 check).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine, table  # noqa: E402
 
 
-def train_rate(variant: str, base: int, tile: int, batch: int, steps: int, jit: bool) -> float:
+def train_rate(variant: str, base: int, tile: int, batch: int, steps: int, jit: bool,
+               policy: str = "float32") -> tuple[float, int]:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -30,7 +34,11 @@ def train_rate(variant: str, base: int, tile: int, batch: int, steps: int, jit: 
     from xmdl_tf.model import build_model
 
     keras.utils.set_random_seed(0)
-    model = build_model(6, base, *VARIANTS[variant])
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        model = build_model(6, base, *VARIANTS[variant])
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
     model.compile(keras.optimizers.Adam(1e-3), SegmentationLoss(), metrics=pooled_metrics(), jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.random((batch, tile, tile, 1), np.float32)
@@ -48,13 +56,13 @@ def train_rate(variant: str, base: int, tile: int, batch: int, steps: int, jit: 
     return best, model.count_params()
 
 
-def pipeline_rate(data: list[str], tile: int, batch: int, batches: int) -> float:
-    from xmdl_tf.config import DataConfig
+def pipeline_rate(data: list[str], tile: int, batch: int, batches: int, preset: str = "em") -> float:
+    from xmdl_tf.config import AugmentConfig, DataConfig
     from xmdl_tf.data import training_dataset
     from xmdl_tf.train import resolve_data
 
-    regions, _, _ = resolve_data(data)
-    ds = training_dataset(regions, DataConfig(tile_size=tile), batch, seed=0)
+    sets, _, _, _ = resolve_data(data)
+    ds = training_dataset(sets, DataConfig(tile_size=tile), batch, seed=0, augment=AugmentConfig.preset(preset))
     it = iter(ds)
     for _ in range(5):
         next(it)
@@ -70,17 +78,28 @@ def main(argv=None) -> int:
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--wide", nargs="*", type=int, default=[16], help="larger base-filter counts to time")
+    p.add_argument("--only-precision", action="store_true", help="only float32 vs bfloat16 of each size")
     p.add_argument("--data", nargs="*", default=None, help="split-layout sets (default: ../shared/data or synthetic)")
     args = p.parse_args(argv)
     print(machine())
     rows = []
+    ra, b, f = "residual_attention", args.batch, args.base_filters
     # XLA off is the CPU default (resolve_jit); the XLA and batch-size rows are the before/after.
-    for variant, jit, batch in (("residual_attention", False, args.batch), ("residual_attention", True, args.batch),
-                                ("residual_attention", False, 2 * args.batch), ("unet", False, args.batch),
-                                ("residual", False, args.batch), ("attention", False, args.batch)):
-        rate, params = train_rate(variant, args.base_filters, args.tile, batch, args.steps, jit)
-        rows.append({"variant": variant, "XLA": jit, "batch": batch, "params": params, "train tiles/s": rate})
-        print(f"  {variant:<20} XLA={jit!s:<5} batch {batch:<3} {params:>9,} params  {rate:6.2f} tiles/s", flush=True)
+    cases = [] if args.only_precision else [
+        (ra, f, False, b, "float32"), (ra, f, True, b, "float32"), (ra, f, False, 2 * b, "float32"),
+        ("unet", f, False, b, "float32"), ("residual", f, False, b, "float32"), ("attention", f, False, b, "float32")]
+    if args.only_precision:
+        cases.append((ra, f, False, b, "float32"))
+    cases.append((ra, f, False, b, "mixed_bfloat16"))
+    for w in args.wide:
+        cases += [(ra, w, False, b, "float32"), (ra, w, False, b, "mixed_bfloat16")]
+    for variant, base, jit, batch, policy in cases:
+        rate, params = train_rate(variant, base, args.tile, batch, args.steps, jit, policy)
+        rows.append({"variant": variant, "filters": base, "XLA": jit, "batch": batch, "precision": policy,
+                     "params": params, "train tiles/s": rate})
+        print(f"  {variant:<20} f{base:<3} XLA={jit!s:<5} batch {batch:<3} {policy:<15} {params:>10,} params  "
+              f"{rate:6.2f} tiles/s", flush=True)
     data = args.data
     if not data:
         shared = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -92,9 +111,11 @@ def main(argv=None) -> int:
             tmp = tempfile.mkdtemp()
             generate_dataset(tmp, n=8, size=1024, seed=0)
             data = [tmp]
-    rate = pipeline_rate(data, args.tile, args.batch, 60)
     best = max(r["train tiles/s"] for r in rows)
-    print(f"\ninput pipeline alone: {rate:.0f} tiles/s ({rate / best:.1f}x the fastest training rate) on {', '.join(Path(d).name for d in data)}")
+    for preset in ("em", "basic"):
+        rate = pipeline_rate(data, args.tile, args.batch, 60, preset)
+        print(f"\ninput pipeline alone, {preset} augmentation: {rate:.0f} tiles/s ({rate / best:.1f}x the fastest "
+              f"training rate) on {', '.join(Path(d).name for d in data)}")
     print("\n" + table(rows, list(rows[0])))
     return 0
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
            ("zoom x0.7", A.warp_tile(x, y, c, t, step=1 / 0.7)),
            ("zoom x1.4", A.warp_tile(x, y, c, t, step=1 / 1.4)),
            ("rotate 30 deg + mirror", A.warp_tile(x, y, c, t, angle=math.radians(30), mirror=True)),
-           ("elastic (6 px)", A.warp_tile(x, y, c, t, displacement=A.elastic_field(rng, t, 6.0)))]
+           ("elastic (2 px)", A.warp_tile(x, y, c, t, displacement=A.elastic_field(rng, t, 2.0)))]
     base = geo[0][1][0]
     cfg = AugmentConfig()
     inten = [("defocus sigma 2", A.defocus(base, cfg.blur)),

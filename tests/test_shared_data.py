@@ -9,12 +9,17 @@ from xmdl_tf.train import main as train_main
 
 
 def test_real_layouts_read(shared_data):
-    for name, n_train in (("cdeep3m_sbem_mouse", 16), ("drosophila_vnc_sstem", 12)):
+    from xmdl_tf.evaluate import held_out_split
+
+    for name, n_train, shape, split in (("cdeep3m_sbem_mouse", 16, (1024, 1024), "test"),
+                                        ("drosophila_vnc_sstem", 12, (1024, 1024), "test"),
+                                        ("lucchipp_fibsem_mouse", 140, (768, 1024), "val")):
         pairs = find_pairs(shared_data / name, "train")
         assert len(pairs) == n_train
         img, lbl = read_pair(pairs[0])
-        assert img.shape == lbl.shape == (1024, 1024) and img.dtype.name == "uint8"
+        assert img.shape == lbl.shape == shape and img.dtype.name == "uint8"
         assert 0.01 < (lbl > 0).mean() < 0.3
+        assert held_out_split(shared_data / name) == split  # Lucchi++ has train and val only
 
 
 def test_train_and_evaluate_tiny_model_on_real_data(shared_data, tmp_path):

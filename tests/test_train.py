@@ -118,3 +118,39 @@ def test_errors(blob_dataset, tmp_path):
     with pytest.raises(FileExistsError, match="not a resumable run"):
         train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "busy"), *ARGS])
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_pixel_sizes_weights_and_resampling_factors_are_resolved_and_recorded(tmp_path):
+    from conftest import write_split
+    from xmdl_tf.train import choose_model_pixel_size, parse_pixel_sizes, resolve_data
+
+    for name in ("a", "b", "c"):
+        write_split(tmp_path / name, "train", 2, size=64)
+        write_split(tmp_path / name, "val", 1, size=64, seed=5)
+    (tmp_path / "b" / "dataset.json").write_text('{"pixel_size_nm": 10}')  # the file wins over --pixel-size
+    dirs = [str(tmp_path / n) for n in ("a", "b", "c")]
+    px = parse_pixel_sizes(["unknown", "3", "4.6"], 3)
+    assert px == [None, 3.0, 4.6]
+    train_sets, val_sets, model_px, info = resolve_data(dirs, pixel_sizes=px, model_pixel_size=5.0, weights=[2, 1, 1])
+    assert model_px == 5.0
+    assert [s.factor for s in train_sets] == pytest.approx([1.0, 2.0, 0.92])
+    assert [s.factor for s in val_sets] == [s.factor for s in train_sets]
+    assert [s.weight for s in train_sets] == [0.5, 0.25, 0.25]
+    assert [i["pixel_size_nm"] for i in info] == [None, 10.0, 4.6]
+    assert [i["sampling_weight"] for i in info] == [0.5, 0.25, 0.25] and info[0]["name"] == "a"
+    # Without --model-pixel-size: the median of the known ones; agreeing sets keep their grid.
+    assert choose_model_pixel_size([10.0, 4.6]) == 10.0 and choose_model_pixel_size([4.6, 4.65]) == 4.6
+    assert choose_model_pixel_size([]) is None
+    for bad in (["1", "2"], ["-3"], ["abc"]):
+        with pytest.raises(ValueError):
+            parse_pixel_sizes(bad, 3)
+
+
+def test_cli_refuses_bad_pixel_sizes_and_weights_in_one_line(blob_dataset, tmp_path, capsys):
+    for extra, msg in ((["--pixel-size", "0"], "outside the plausible range"),
+                       (["--set-weights", "1", "2"], "--set-weights"),
+                       (["--augment-off", "sparkle"], "invalid choice")):
+        with pytest.raises(SystemExit) as err:
+            train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "x"), *ARGS, *extra])
+        assert err.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing created before the arguments were checked

@@ -36,12 +36,14 @@ IGNORE = -1.0
 # Geometry
 
 
-def elastic_field(rng: np.random.Generator, tile: int, amplitude: float, grid: int = 4) -> np.ndarray:
+def elastic_field(rng: np.random.Generator, tile: int, amplitude: float, grid: int = 3) -> np.ndarray:
     """Smooth random displacement (2, tile, tile) float32 in output pixels, typical size `amplitude`.
 
     Control points on a (grid+1)^2 lattice are drawn from N(0, amplitude) and
     interpolated bicubically: deformations a few pixels large over distances of
-    about tile/grid, the scale of section compression and warping in EM.
+    about tile/grid, the scale of section compression and warping in EM. Local
+    strain stays below about 20% at amplitude 2 on 256-px tiles (measured: a
+    finer lattice or larger amplitude smears texture into streaks).
     """
     coarse = rng.normal(0.0, amplitude, (2, grid + 1, grid + 1)).astype(np.float32)
     return np.stack([cv2.resize(c, (tile, tile), interpolation=cv2.INTER_CUBIC) for c in coarse])

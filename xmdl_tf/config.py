@@ -65,7 +65,7 @@ class AugmentConfig:
 
     rotate: str = "any"
     scale: tuple[float, float] = (0.7, 1.4)
-    elastic: float = 6.0
+    elastic: float = 2.0
     blur: float = 2.0
     contrast: float = 0.4
     brightness: float = 0.12

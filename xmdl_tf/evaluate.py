@@ -44,7 +44,16 @@ def pooled_instance_scores(rows: list[dict]) -> dict:
             "mean_abs_count_error": sum(abs(r["count_error"]) for r in rows) / max(len(rows), 1)}
 
 
-def evaluate(model, data: str, split: str = "test", out: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD,
+def held_out_split(data: str | Path) -> str:
+    """The split to score by default: `test` where the data set has one, else `val`
+    (e.g. Lucchi++, whose test volume is kept apart), else `test` (for the error message)."""
+    p = Path(data)
+    if not (p / "test" / "x").is_dir() and (p / "val" / "x").is_dir():
+        return "val"
+    return "test"
+
+
+def evaluate(model, data: str, split: str = "auto", out: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD,
              tile: int | None = None, overlap: int | None = None, batch_size: int | None = None, labels: str | None = None,
              overwrite: bool = False, tta: bool = False, pixel_size_nm: float | None = None,
              rescale: bool = True, min_size_px: int = 30) -> dict:
@@ -54,6 +63,7 @@ def evaluate(model, data: str, split: str = "test", out: str | Path | None = Non
     `rescale`, slices are resampled to the model's pixel size when both are known.
     Instance figures: predicted instances (`mask_to_instances`, objects under
     `min_size_px` dropped) matched at IoU >= 0.5 to the true instances.
+    split: "auto" = `held_out_split(data)`.
     Returns the metrics dict written to `out/metrics.json`.
     """
     import numpy as np
@@ -69,8 +79,10 @@ def evaluate(model, data: str, split: str = "test", out: str | Path | None = Non
         existing = [out / n for n in ("metrics.json", "per_image.csv") if (out / n).exists()]
         if existing and not overwrite:
             raise FileExistsError(f"{existing[0]} exists; use --overwrite or another --out")
-    predictor = load_model(model, tta=tta) if isinstance(model, (str, Path)) else model
+    if split == "auto":
+        split = held_out_split(data)
     pairs = find_pairs(data, split, labels=labels)
+    predictor = load_model(model, tta=tta) if isinstance(model, (str, Path)) else model
     total: dict[str, int] = {}
     rows = []
     t0 = time.time()
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="run folder, .keras file or exported SavedModel folder")
     p.add_argument("--data", required=True, help="data set folder (split layout), image folder or stack")
     p.add_argument("--labels", default=None, help="label folder/glob/stack when --data is not in the split layout")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="auto", help="split to score; auto: test, or val for a set without one")
     p.add_argument("--out", default=None, help="folder for metrics.json and per_image.csv")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="largest inference tile, px")
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = evaluate(args.model, args.data, args.split, args.out, args.threshold, args.tile, args.overlap,
                       args.batch_size, args.labels, args.overwrite, args.tta, args.pixel_size, not args.no_rescale)
-    print(f"{args.data} [{args.split}]  pooled over {result['n_pixels']:,} pixels")
+    print(f"{args.data} [{result['split']}]  pooled over {result['n_pixels']:,} pixels")
     print(format_table(result))
     if args.out:
         print(f"wrote {Path(args.out) / 'metrics.json'} and per_image.csv")
