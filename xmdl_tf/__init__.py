@@ -6,6 +6,13 @@ do not pay for importing TensorFlow.
 from __future__ import annotations
 
 import importlib
+import os
+
+# TensorFlow 2.21 leaves its oneDNN kernels off on some x86 CPUs; on, training
+# measured 1.9x faster on this project's 2-core AVX2 machine (3.9 -> 7.4
+# tiles/s). Takes effect only if TensorFlow is imported after xmdl_tf; set
+# TF_ENABLE_ONEDNN_OPTS=0 to keep it off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
 

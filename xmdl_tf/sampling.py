@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import cv2
@@ -189,7 +190,8 @@ class TileSampler:
     pipeline that emits groups 0, 1, 2, ... in order reproduces the stream.
     """
 
-    def __init__(self, sets: list[TrainingSet], cfg: DataConfig, aug: AugmentConfig | None, seed: int = 0):
+    def __init__(self, sets: list[TrainingSet], cfg: DataConfig, aug: AugmentConfig | None, seed: int = 0,
+                 cache_mb: float = 1024):
         sets = [s for s in sets if s.regions]
         if not sets:
             raise DataError("no training slices")
@@ -201,6 +203,29 @@ class TileSampler:
         self.slices_per_group = max(1, cfg.shuffle_buffer // cfg.tiles_per_slice)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
+        # Decoded, normalised slices, least recently used dropped first: decoding a
+        # PNG costs more than cutting and augmenting its tiles. Bounded, so a
+        # MitoEM-sized set streams as before.
+        self._slices: OrderedDict = OrderedDict()
+        self._slice_bytes, self._slice_budget = 0, int(cache_mb * 2**20)
+
+    def _load(self, region: SliceRegion) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            hit = self._slices.get(region)
+            if hit is not None:
+                self._slices.move_to_end(region)
+                return hit
+        x, y = load_region(region, self.cfg.ignore_value)
+        x.flags.writeable = y.flags.writeable = False  # shared between groups: never modified in place
+        size = x.nbytes + y.nbytes
+        with self._lock:
+            if size <= self._slice_budget and region not in self._slices:
+                self._slices[region] = (x, y)
+                self._slice_bytes += size
+                while self._slice_bytes > self._slice_budget:
+                    _, (ox, oy) = self._slices.popitem(last=False)
+                    self._slice_bytes -= ox.nbytes + oy.nbytes
+        return x, y
 
     @property
     def tiles_per_group(self) -> int:
@@ -213,7 +238,7 @@ class TileSampler:
         for slot in range(self.slices_per_group):
             s = self.sets[rng.choice(len(self.sets), p=self.p)]
             region = s.regions[rng.integers(len(s.regions))]
-            x, y = load_region(region, cfg.ignore_value)
+            x, y = self._load(region)
             tx, ty = sample_tiles(x, y, np.random.default_rng([self.seed, int(g), slot]), cfg.tiles_per_slice,
                                   cfg.tile_size, s.factor, cfg.foreground_fraction, self.aug)
             xs.append(tx)
