@@ -2,7 +2,7 @@
 
     python benchmarks/loso.py --out runs/loso/em \
         --data ../shared/data/cdeep3m_sbem_mouse ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse \
-        --pixel-size unknown 4.6 5 --model-pixel-size 5 --epochs 8 --steps-per-epoch 100 [any train option ...]
+        --pixel-size unknown 4.6 5 --model-pixel-size 5 --epochs 6 --steps-per-epoch 100 [any train option ...]
 
 For each set S: trains `OUT/without_<S>` on the other sets (a fixed budget:
 --epochs x --steps-per-epoch batches; options this script does not know are

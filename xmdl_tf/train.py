@@ -401,31 +401,33 @@ def make_training_input(train_sets, config: Config, start_group: int = 0):
     return TrainingTiles(*args)
 
 
-def _validation_counts(model, sets, data_cfg, batch_size: int) -> dict[str, np.ndarray]:
-    """Per set: pooled [sum p*t, sum p, sum t, tp, fp, fn, tn, sum CE, n valid] over its grid tiles."""
+def region_counts(model, region, factor: float, data_cfg, batch_size: int) -> np.ndarray:
+    """Pooled [sum p*t, sum p, sum t, tp, fp, fn, tn, sum CE, n valid] of one validation region's grid tiles."""
     from .sampling import validation_tiles
 
-    out = {}
-    for s in sets:
-        acc = np.zeros(9, np.float64)
-        for r in s.regions:
-            x, y = validation_tiles(r, data_cfg.tile_size, s.factor, data_cfg.ignore_value)
-            for i in range(0, len(x), batch_size):
-                xb, yb = x[i:i + batch_size], y[i:i + batch_size, ..., 0]
-                n = len(xb)
-                if n < batch_size:  # one input shape only: no retracing for the last batch
-                    xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
-                p = np.asarray(model.predict_on_batch(xb), np.float32)[:n, ..., 1]
-                v = yb >= 0
-                t, pv = np.where(v, yb, 0.0), np.where(v, p, 0.0)
-                pred = (p >= 0.5) & v
-                truth = (yb > 0.5) & v
-                pc = np.clip(pv, 1e-7, 1 - 1e-7)
-                ce = -(t * np.log(pc) + (1 - t) * np.log(1 - pc))
-                acc += [np.sum(pv * t), np.sum(pv), np.sum(t), np.sum(pred & truth), np.sum(pred & ~truth),
-                        np.sum(~pred & truth), np.sum(~pred & ~truth & v), np.sum(ce * v), np.sum(v)]
-        out[s.name] = acc
-    return out
+    acc = np.zeros(9, np.float64)
+    x, y = validation_tiles(region, data_cfg.tile_size, factor, data_cfg.ignore_value)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size, ..., 0]
+        n = len(xb)
+        if n < batch_size:  # one input shape only: no retracing for the last batch
+            xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
+        p = np.asarray(model.predict_on_batch(xb), np.float32)[:n, ..., 1]
+        v = yb >= 0
+        t, pv = np.where(v, yb, 0.0), np.where(v, p, 0.0)
+        pred = (p >= 0.5) & v
+        truth = (yb > 0.5) & v
+        pc = np.clip(pv, 1e-7, 1 - 1e-7)
+        ce = -(t * np.log(pc) + (1 - t) * np.log(1 - pc))
+        acc += [np.sum(pv * t), np.sum(pv), np.sum(t), np.sum(pred & truth), np.sum(pred & ~truth),
+                np.sum(~pred & truth), np.sum(~pred & ~truth & v), np.sum(ce * v), np.sum(v)]
+    return acc
+
+
+def _validation_counts(model, sets, data_cfg, batch_size: int) -> dict[str, np.ndarray]:
+    """Per set: `region_counts` summed over its validation regions."""
+    return {s.name: sum((region_counts(model, r, s.factor, data_cfg, batch_size) for r in s.regions), np.zeros(9))
+            for s in sets}
 
 
 def validation_scores(counts: dict[str, np.ndarray], loss: str = "dice") -> dict[str, float]:
