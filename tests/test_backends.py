@@ -20,11 +20,11 @@ class Guard(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Guard())
 import keras, numpy as np
 from xmdl_tf.train import main
-data, out = sys.argv[1], sys.argv[2]
+data, out, probe = sys.argv[1], sys.argv[2], sys.argv[3]
 main(["--data", data, "--out", out, "--tile-size", "32", "--depth", "3", "--base-filters", "4", "--batch-size", "4",
       "--epochs", "2", "--steps-per-epoch", "3", "--lr", "3e-3"])
 model = keras.models.load_model(out + "/model.keras", compile=False)
-x = np.load(out + "/probe.npy")
+x = np.load(probe)
 np.save(out + "/jax_pred.npy", np.asarray(model.predict_on_batch(x)))
 print(json.dumps({"backend": keras.backend.backend()}))
 """
@@ -35,11 +35,10 @@ def test_jax_trained_weights_load_into_tensorflow_with_the_same_predictions(blob
     import keras
 
     out = tmp_path / "jaxrun"
-    out.mkdir()
     probe = np.random.default_rng(0).random((2, 64, 64, 1)).astype(np.float32)
-    np.save(out / "probe.npy", probe)
+    np.save(tmp_path / "probe.npy", probe)
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(blob_dataset), str(out)], env=env,
+    res = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(blob_dataset), str(out), str(tmp_path / "probe.npy")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["backend"] == "jax"
