@@ -177,13 +177,17 @@ def test_pydataset_gives_the_same_batches_as_tf_data(tmp_path):
     sets = [TrainingSet("a", [SliceRegion(p) for p in split_pairs(tmp_path / "a", "train")], factor=1.0, weight=2),
             TrainingSet("b", [SliceRegion(p) for p in split_pairs(tmp_path / "b", "train")], factor=1.3, weight=1)]
     cfg = DataConfig(tile_size=32, tiles_per_slice=3, shuffle_buffer=12, foreground_fraction=0.5)
-    tfd = list(training_dataset(sets, cfg, batch_size=5, seed=7, start_group=2).take(6))  # 30 tiles: spans 3 groups
-    pyd = TrainingTiles(sets, cfg, batch_size=5, seed=7, start_group=2)
+    # 12 tiles a group; start mid-group, as a resumed run does: 30 tiles span 4 groups.
+    tfd = list(training_dataset(sets, cfg, batch_size=5, seed=7, start_tile=29).take(6))
+    pyd = TrainingTiles(sets, cfg, batch_size=5, seed=7, start_tile=29)
     for i, (x, y) in enumerate(tfd):
         px, py = pyd[i]
         np.testing.assert_array_equal(px, x.numpy())
         np.testing.assert_array_equal(py, y.numpy())
     assert not np.array_equal(pyd[0][0], pyd[1][0])
+    # Resuming at tile 29 continues the stream that started at tile 0.
+    whole = np.concatenate([b[0].numpy() for b in training_dataset(sets, cfg, batch_size=1, seed=7).take(34)])
+    np.testing.assert_array_equal(whole[29:34], tfd[0][0].numpy())
 
 
 def test_validation_grid_is_deterministic_and_covers_each_pixel_once(tmp_path):
@@ -229,3 +233,20 @@ def test_validation_cardinality_declared(tmp_path):
     tr, va = holdout_split(pairs, 0.3)
     ds = validation_dataset(va, DataConfig(tile_size=32), batch_size=3, shapes=[(100, 100)] * 2)
     assert int(ds.cardinality()) == len(list(ds)) == 3  # 2 slices x (1 x 4) tiles of the 30-row band, in 3s
+
+
+def test_zoomed_out_tiles_are_as_smooth_as_inference_resampling():
+    """Training's blur-then-sample matches cv2.INTER_AREA (what inference uses) in noise level,
+    and validation labels stay centred on their image when a set is shrunk."""
+    import cv2
+    from xmdl_tf.augment import warp_tile
+    from xmdl_tf.sampling import resample_pair
+
+    noise = np.random.default_rng(0).random((600, 600)).astype(np.float32)
+    for step in (1.5, 2.0, 3.0):
+        train, _ = warp_tile(noise, np.zeros_like(noise), (299.5, 299.5), 128, step=step)
+        infer = cv2.resize(noise, None, fx=1 / step, fy=1 / step, interpolation=cv2.INTER_AREA)
+        assert train.std() == pytest.approx(infer.std(), rel=0.25), step
+    cols = np.tile(np.arange(64, dtype=np.float32), (64, 1))
+    x, y = resample_pair(cols, cols.copy(), 0.25)  # plain INTER_NEAREST would be 1.5 px off
+    np.testing.assert_allclose(y[0], x[0], atol=0.51)  # nearest label within half a source pixel of the image

@@ -51,7 +51,7 @@ def elastic_field(rng: np.random.Generator, tile: int, amplitude: float, grid: i
 
 def footprint_half_extent(tile: int, step: float, angle: float, elastic: float = 0.0) -> float:
     """Half the side of the axis-aligned square (slice pixels) a warped tile can touch."""
-    return step * (tile / 2 * (abs(math.cos(angle)) + abs(math.sin(angle))) + 3 * elastic) + 2
+    return step * (tile / 2 + 3 * elastic) * (abs(math.cos(angle)) + abs(math.sin(angle))) + 2
 
 
 def warp_tile(image: np.ndarray, target: np.ndarray, centre: tuple[float, float], tile: int, step: float = 1.0,
@@ -79,7 +79,7 @@ def warp_tile(image: np.ndarray, target: np.ndarray, centre: tuple[float, float]
     if step > 1.05:
         # Zooming out: low-pass first (as cv2.INTER_AREA does at inference), so
         # fine texture does not alias into patterns the slice does not have.
-        img = cv2.GaussianBlur(img, (0, 0), 0.5 * math.sqrt(step * step - 1.0))
+        img = cv2.GaussianBlur(img, (0, 0), (step - 1.0) / 2)  # skimage's rule; tested against INTER_AREA
     u = np.arange(tile, dtype=np.float32) - (tile - 1) / 2.0
     vv, uu = np.meshgrid(u, u)  # uu: tile rows, vv: tile columns, centred
     if mirror:

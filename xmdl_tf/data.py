@@ -77,11 +77,12 @@ def normalize(image, low: float = NORMALIZATION["low"], high: float = NORMALIZAT
 
 
 def training_dataset(data: list[TrainingSet] | list[SliceRegion], cfg: DataConfig, batch_size: int, seed: int = 0,
-                     augment: AugmentConfig | None = None, start_group: int = 0) -> tf.data.Dataset:
+                     augment: AugmentConfig | None = None, start_tile: int = 0) -> tf.data.Dataset:
     """Endless stream of augmented training batches (see `TileSampler`).
 
     augment: augmentation settings (default: the "em" preset); ignored when
-    cfg.augment is False. start_group: skip the first groups (resuming a run).
+    cfg.augment is False. start_tile: skip the first tiles of the stream (a resumed
+    run continues exactly where the interrupted one stopped).
     Yields (x, y): x float32 (B, T, T, 1) in [0, 1]; y float32 (B, T, T, 1) in {1, 0, -1}.
     """
     sampler = TileSampler(as_sets(data), cfg, augment or AugmentConfig(), seed)
@@ -91,9 +92,10 @@ def training_dataset(data: list[TrainingSet] | list[SliceRegion], cfg: DataConfi
         xy = tf.numpy_function(sampler.group, [g], (tf.float32, tf.float32), stateful=False)
         return tuple(tf.ensure_shape(t, [sampler.tiles_per_group, tile, tile, 1]) for t in xy)
 
-    ds = tf.data.Dataset.counter(start=start_group)
+    n = sampler.tiles_per_group
+    ds = tf.data.Dataset.counter(start=start_tile // n)
     # deterministic=True: a seed reproduces a run (and the PyDataset path) exactly.
-    ds = ds.map(group, num_parallel_calls=2, deterministic=True).unbatch()
+    ds = ds.map(group, num_parallel_calls=2, deterministic=True).unbatch().skip(start_tile % n)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

@@ -168,7 +168,7 @@ class Predictor:
         interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
         img = cv2.resize(image, size, interpolation=interp)
         if region is not None:
-            region = cv2.resize(np.asarray(region, np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+            region = cv2.resize(np.asarray(region, np.uint8), size, interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
         out = run(img, region)
         back = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
         return back.reshape(h, w, -1)

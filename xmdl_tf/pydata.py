@@ -22,17 +22,17 @@ class TrainingTiles(keras.utils.PyDataset):
     """
 
     def __init__(self, data: list[TrainingSet] | list[SliceRegion], cfg: DataConfig, batch_size: int,
-                 seed: int = 0, augment: AugmentConfig | None = None, start_group: int = 0, workers: int = 2):
+                 seed: int = 0, augment: AugmentConfig | None = None, start_tile: int = 0, workers: int = 2):
         super().__init__(workers=max(workers, 1), use_multiprocessing=False, max_queue_size=8)
         self.sampler = TileSampler(as_sets(data), cfg, augment or AugmentConfig(), seed)
-        self.batch_size, self.start_group = batch_size, start_group
+        self.batch_size, self.start_tile = batch_size, start_tile
 
     @property
     def num_batches(self):
         return None  # endless: the index keeps counting across epochs
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.sampler.batch(int(i), self.batch_size, self.start_group)
+        return self.sampler.batch(int(i), self.batch_size, self.start_tile)
 
 
 class ValidationTiles(keras.utils.PyDataset):

@@ -134,7 +134,9 @@ def resample_pair(x: np.ndarray, y: np.ndarray, factor: float) -> tuple[np.ndarr
         return x, y
     size = (max(1, round(x.shape[1] * factor)), max(1, round(x.shape[0] * factor)))
     interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return cv2.resize(x, size, interpolation=interp), cv2.resize(y, size, interpolation=cv2.INTER_NEAREST)
+    # INTER_NEAREST_EXACT samples pixel centres as INTER_AREA/LINEAR do; plain
+    # INTER_NEAREST would shift labels by (1/factor - 1)/2 pixels against the image.
+    return cv2.resize(x, size, interpolation=interp), cv2.resize(y, size, interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 # ----------------------------------------------------------------------------
@@ -215,7 +217,8 @@ class TileSampler:
             if hit is not None:
                 self._slices.move_to_end(region)
                 return hit
-        x, y = load_region(region, self.cfg.ignore_value)
+        # Copies of the band: a view would keep the whole slice alive, uncounted.
+        x, y = (np.ascontiguousarray(a) for a in load_region(region, self.cfg.ignore_value))
         x.flags.writeable = y.flags.writeable = False  # shared between groups: never modified in place
         size = x.nbytes + y.nbytes
         with self._lock:
@@ -246,17 +249,17 @@ class TileSampler:
         order = rng.permutation(self.tiles_per_group)
         return np.concatenate(xs)[order, ..., None], np.concatenate(ys)[order, ..., None]
 
-    def batch(self, i: int, batch_size: int, start_group: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Batch i of the stream that starts at group `start_group` (batches may span groups).
+    def batch(self, i: int, batch_size: int, start_tile: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Batch i of the tile stream that starts at tile `start_tile` (batches may span groups).
 
         Recent groups are cached (thread-safe), so consecutive batches cost one
         group build per tiles_per_group / batch_size batches.
         """
         n = self.tiles_per_group
-        first, last = i * batch_size, (i + 1) * batch_size
+        first, last = start_tile + i * batch_size, start_tile + (i + 1) * batch_size
         parts_x, parts_y = [], []
         for g in range(first // n, (last - 1) // n + 1):
-            gx, gy = self._cached_group(start_group + g)
+            gx, gy = self._cached_group(g)
             a, b = max(first - g * n, 0), min(last - g * n, n)
             parts_x.append(gx[a:b])
             parts_y.append(gy[a:b])

@@ -278,7 +278,11 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         parent, parent_config, parent_path = load_keras_with_config(init_from)
         # The architecture, normalisation and pixel size come from the parent; the rest from this call.
         config = replace(config, model=parent_config.model, normalization=parent_config.normalization)
-        model_px = model_px or parent_config.data.pixel_size_nm
+        parent_px = parent_config.data.pixel_size_nm
+        if model_px and parent_px and abs(model_px / parent_px - 1) > SAME_PIXEL_SIZE:
+            raise ValueError(f"--model-pixel-size {model_px} nm differs from the parent model's {parent_px} nm; "
+                             "a fine-tuned model keeps its parent's pixel size")
+        model_px = model_px or parent_px
     train_sets, val_sets, model_px, info = resolve_data(
         data_dirs, val_fraction, max_slices=max_slices, pixel_sizes=pixel_sizes, model_pixel_size=model_px,
         weights=list(config.data.set_weights) if config.data.set_weights else None)
@@ -334,9 +338,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     initial_epoch = state["epoch"] + 1 if resume else 0
     aug = config.augment if config.data.augment else None
     # A resumed run continues the tile stream instead of replaying its first epochs.
-    sampler_groups = -(-initial_epoch * steps * batch // (max(1, config.data.shuffle_buffer // config.data.tiles_per_slice)
-                                                          * config.data.tiles_per_slice))
-    train_ds = make_training_input(train_sets, config, sampler_groups)
+    train_ds = make_training_input(train_sets, config, start_tile=initial_epoch * steps * batch)
 
     jit = resolve_jit(config.train.jit_compile)
     with _strategy():
@@ -386,12 +388,12 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     return out
 
 
-def make_training_input(train_sets, config: Config, start_group: int = 0):
+def make_training_input(train_sets, config: Config, start_tile: int = 0):
     """tf.data on the TensorFlow backend, a PyDataset elsewhere; the same batches either way."""
     import keras
 
     aug = config.augment if config.data.augment else None
-    args = (train_sets, config.data, config.train.batch_size, config.train.seed, aug, start_group)
+    args = (train_sets, config.data, config.train.batch_size, config.train.seed, aug, start_tile)
     if keras.backend.backend() == "tensorflow":
         from .data import training_dataset
 
