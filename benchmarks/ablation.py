@@ -36,7 +36,7 @@ def run_variant(variant: str, data: list[str], out: Path, args) -> list[dict]:
     for d in data:
         ev = run / f"test_{Path(d).name}"
         m = (json.loads((ev / "metrics.json").read_text()) if (ev / "metrics.json").is_file()
-             else evaluate(run, d, "test", ev))
+             else evaluate(run, d, "auto", ev))
         rows.append({"variant": variant, "set": Path(d).name, "params": info.get("parameters"),
                      "train min": round(info.get("train_seconds", 0) / 60, 1), "epochs": info.get("epochs_run"),
                      **{k: round(m[k], 4) for k in ("f1", "iou", "precision", "recall", "instance_f1_iou50")}})

@@ -27,7 +27,7 @@ def scored(model: Path, data: str, out: Path) -> dict:
 
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    return evaluate(model, data, "test", out)
+    return evaluate(model, data, "auto", out)
 
 
 def main(argv=None) -> int:

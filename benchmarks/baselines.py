@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="auto", help="test, or val for a set without a test split")
     args = p.parse_args(argv)
     train = [pair for d in args.data for pair in find_pairs(d, "train")]
     rows = []

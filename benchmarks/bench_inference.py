@@ -194,6 +194,7 @@ def mosaic_rows(pred, images, size: int = 4096) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from xmdl_tf.evaluate import held_out_split
     from xmdl_tf.io import find_pairs, read_pair
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     print(table(rows, list(rows[0])))
     if args.data and args.model:
         pred = predictor(args.model, args.base_filters)
-        images = [read_pair(pair)[0] for pair in find_pairs(args.data, split="test")]
+        images = [read_pair(pair)[0] for pair in find_pairs(args.data, split=held_out_split(args.data))]
         print(f"\ncontext: crops vs one-pass prediction of {len(images)} whole test slices of {args.data}")
         print(table(rows := context_profile(pred, images), list(rows[0])))
         print("\nseams, worst case: stitched 512-px tiles vs one-pass prediction of the same slices")
