@@ -8,8 +8,9 @@ For each set S: trains `OUT/without_<S>` on the other sets (a fixed budget:
 --epochs x --steps-per-epoch batches; options this script does not know are
 passed to `python -m xmdl_tf.train`), then scores that model on every set with
 `evaluate` defaults, on each set's `val` split and on its `test` split (where it
-has one). Prints two 3 x 3 tables (rows: the set left out of training; columns:
-the set scored; the diagonal is zero-shot) and writes `OUT/loso.json` and
+has one). Prints 3 x 3 tables of F1 and IoU (rows: the set left out of training;
+columns: the set scored; the diagonal is zero-shot) on the val splits and on
+the held-out splits (test, or val for a set without one, as for Lucchi++) and writes `OUT/loso.json` and
 `OUT/loso.md`. Choices (augmentation, scale handling, model size, loss) are
 made on the mean zero-shot F1 of the *val* table: every split of a left-out set
 is unseen by its model, and the test splits stay out of every choice.
@@ -86,9 +87,20 @@ def main(argv: list[str] | None = None) -> int:
                 if m is not None:
                     cells.setdefault(left, {}).setdefault(scored, {})[split] = {
                         k: m[k] for k in ("f1", "iou", "precision", "recall", "instance_f1_iou50", "n_images")}
-    (out / "loso.json").write_text(json.dumps({"sets": names, "pixel_size_nm": px, "train_args": train_args,
+            # The held-out figure: test where the set has one, else val (Lucchi++).
+            c = cells.get(left, {}).get(scored, {})
+            if c:
+                c["held_out"] = c.get("test", c.get("val"))
+    # Each run's own config says how it was trained (this call's options may be fewer on a rerun).
+    recipes = {}
+    for left in cells:
+        cfg = json.loads((out / f"without_{left}" / "config.json").read_text())
+        recipes[left] = {k: cfg[k] for k in ("data", "model", "train", "augment") if k in cfg}
+        recipes[left]["tiles_seen"] = cfg["info"].get("tiles_seen")
+        recipes[left]["train_seconds"] = cfg["info"].get("train_seconds")
+    (out / "loso.json").write_text(json.dumps({"sets": names, "pixel_size_nm": px, "runs": recipes,
                                                "cells": cells}, indent=2) + "\n")
-    md = "\n".join(table_md(cells, names, split, key) for split in ("val", "test") for key in ("f1", "iou"))
+    md = "\n".join(table_md(cells, names, split, key) for split in ("val", "held_out") for key in ("f1", "iou"))
     (out / "loso.md").write_text(md)
     print(md)
     return 0
