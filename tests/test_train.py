@@ -154,3 +154,18 @@ def test_cli_refuses_bad_pixel_sizes_and_weights_in_one_line(blob_dataset, tmp_p
             train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "x"), *ARGS, *extra])
         assert err.value.code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing created before the arguments were checked
+
+
+def test_cosine_schedule_is_a_function_of_the_epoch(blob_dataset, tmp_path):
+    from xmdl_tf.config import TrainConfig
+    from xmdl_tf.train import lr_at
+
+    cfg = TrainConfig(learning_rate=1e-3, epochs=4, lr_schedule="cosine")
+    assert [round(lr_at(e, cfg), 7) for e in range(4)] == [1e-3, 8.536e-4, 5e-4, 1.464e-4]
+    assert lr_at(3, TrainConfig(learning_rate=2e-3)) == 2e-3
+    out = tmp_path / "cos"
+    train_main(["--data", str(blob_dataset), "--out", str(out), *ARGS, "--epochs", "2", "--steps-per-epoch", "2",
+                "--lr-schedule", "cosine", "--lr", "1e-3"])
+    h = pd.read_csv(out / "history.csv")
+    assert h["learning_rate"].tolist() == pytest.approx([1e-3, 5e-4])
+    assert Config.load(out / "config.json").train.lr_schedule == "cosine"

@@ -129,6 +129,9 @@ class TrainConfig:
     batch_size: int = 8
     learning_rate: float = 1e-3
     patience: int = 5
+    # "constant" (the paper), or "cosine": lr * (1 + cos(pi * epoch / epochs)) / 2,
+    # a function of the epoch only, so a resumed run continues it exactly.
+    lr_schedule: str = "constant"
     loss: str = "dice"  # "dice" or "dice_ce"
     steps_per_epoch: int | None = None
     seed: int = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -366,12 +367,14 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
 
     ResumableEarlyStopping, RunCheckpoint = _make_callbacks()
     validate = SetValidation(val_sets, config.data, batch, config.train.loss)
+    schedule = [] if config.train.lr_schedule == "constant" else [
+        keras.callbacks.LearningRateScheduler(lambda e, _lr: lr_at(e, config.train))]
     early = ResumableEarlyStopping(state, monitor="val_loss", patience=config.train.patience,
                                    restore_best_weights=True, verbose=1)
     ckpt = RunCheckpoint(out, history, early, steps * batch)
     t0 = time.time()
     model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
-              callbacks=[validate, early, ckpt, *(callbacks or [])], verbose=verbose)
+              callbacks=[*schedule, validate, early, ckpt, *(callbacks or [])], verbose=verbose)
     # EarlyStopping restored the best weights; make model.keras exactly those.
     _save_inference(model, out / "model.keras")
     final = json.loads(state_path.read_text())
@@ -386,6 +389,15 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     print(f"{out}: done in {time.time() - t0:.0f} s; best epoch {final['best_epoch'] + 1} "
           f"(val_loss {final['best']:.4f}); model at {out / 'model.keras'}")
     return out
+
+
+def lr_at(epoch: int, cfg: TrainConfig) -> float:
+    """Learning rate of epoch `epoch` (0-based) under cfg.lr_schedule."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        return float(cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * epoch / max(cfg.epochs, 1))))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
 
 
 def make_training_input(train_sets, config: Config, start_tile: int = 0):
@@ -578,6 +590,8 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
     p.add_argument("--patience", type=int, default=5, help="EarlyStopping patience on validation loss")
     p.add_argument("--lr", type=float, default=1e-4 if finetune else 1e-3, help="Adam learning rate")
     p.add_argument("--loss", choices=("dice", "dice_ce"), default="dice")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: decay the learning rate to 0 over --epochs (steadier validation late in long runs)")
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="default: enough tiles to cover the training slices once")
     p.add_argument("--seed", type=int, default=0)
@@ -630,6 +644,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                           residual=residual, attention=attention, dropout=getattr(args, "dropout", 0.0)),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                           patience=args.patience, loss=args.loss, steps_per_epoch=args.steps_per_epoch,
+                          lr_schedule=args.lr_schedule,
                           seed=args.seed, mixed_precision=args.mixed_precision or False,
                           jit_compile=False if args.no_jit else "auto"),
         augment=AugmentConfig.preset(args.augment).without(*args.augment_off),
