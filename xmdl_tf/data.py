@@ -26,7 +26,6 @@ Targets are float32 (B, T, T, 1): 1 mitochondrion, 0 background, -1 ignored.
 """
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 
 from .augment import IGNORE

@@ -101,10 +101,9 @@ class Predictor:
 
     def scale_factor(self, pixel_size_nm: float | None, rescale: bool = True) -> float:
         """Resize factor that brings an input of `pixel_size_nm` to the model's pixel size (1 = none)."""
-        if not rescale or not pixel_size_nm or not self.pixel_size_nm:
-            return 1.0
-        f = float(pixel_size_nm) / float(self.pixel_size_nm)
-        return 1.0 if abs(f - 1.0) < 0.02 else f  # within 2%: resampling would only blur
+        from .sampling import resample_factor
+
+        return resample_factor(pixel_size_nm, self.pixel_size_nm) if rescale else 1.0
 
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                       batch_size: int | None = None, progress: Callable[[int], None] | None = None,

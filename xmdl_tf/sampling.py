@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .augment import IGNORE, augment_intensity, draw_geometry, elastic_field, footprint_half_extent, warp_tile
+from .augment import IGNORE, augment_intensity, draw_geometry, elastic_field, warp_tile
 from .config import NORMALIZATION, AugmentConfig, DataConfig
 from .io import DataError, SlicePair, read_pair
 
@@ -125,6 +125,18 @@ def load_region(region: SliceRegion, ignore_value: int | None = None) -> tuple[n
     h = image.shape[0]
     r0, r1 = int(round(region.row_from * h)), int(round(region.row_to * h))
     return normalize_np(image)[r0:r1], target_from_label(label, ignore_value)[r0:r1]
+
+
+# A pixel size within 2% of the model's is used as is: resampling would only blur.
+SAME_PIXEL_SIZE = 0.02
+
+
+def resample_factor(data_px: float | None, model_px: float | None) -> float:
+    """Data pixel size / model pixel size; 1 when either is unknown or they agree within 2%."""
+    if not data_px or not model_px:
+        return 1.0
+    f = float(data_px) / float(model_px)
+    return 1.0 if abs(f - 1.0) < SAME_PIXEL_SIZE else f
 
 
 def resample_pair(x: np.ndarray, y: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:

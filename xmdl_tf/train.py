@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig, resolve_jit
+from .sampling import SAME_PIXEL_SIZE, resample_factor
 
 STATE = "checkpoint/state.json"
 LAST = "checkpoint/last.keras"
@@ -34,10 +35,6 @@ LAST = "checkpoint/last.keras"
 
 # ----------------------------------------------------------------------------
 # Data resolution (no TensorFlow needed)
-
-# A data set's pixel size within 2% of the model's is used as is: resampling would only blur.
-SAME_PIXEL_SIZE = 0.02
-
 
 def parse_pixel_sizes(values: list[str] | None, n_sets: int) -> list[float | None]:
     """`--pixel-size` values (nm, or "unknown") -> one entry per data set.
@@ -71,14 +68,6 @@ def choose_model_pixel_size(known: list[float]) -> float | None:
     if max(known) <= min(known) * (1 + SAME_PIXEL_SIZE):
         return known[0]
     return float(sorted(known)[len(known) // 2])
-
-
-def resample_factor(set_px: float | None, model_px: float | None) -> float:
-    """Data pixel size / model pixel size; 1 when either is unknown or they agree within 2%."""
-    if not set_px or not model_px:
-        return 1.0
-    f = set_px / model_px
-    return 1.0 if abs(f - 1.0) < SAME_PIXEL_SIZE else f
 
 
 def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: str = "train",
@@ -161,11 +150,11 @@ def dataset_pixel_size(data_dir: str, first_image: Path) -> float | None:
     return read_pixel_size_nm(first_image)
 
 
-def with_shapes(sets, check_pairs) -> list:
+def with_shapes(sets: list) -> list:
     """The same sets with (H, W) of every slice filled in (checks every pair on the way)."""
-    from dataclasses import replace as dc_replace
+    from .io import check_pairs
 
-    return [dc_replace(s, shapes=check_pairs([r.pair for r in s.regions])) for s in sets]
+    return [replace(s, shapes=check_pairs([r.pair for r in s.regions])) for s in sets]
 
 
 # ----------------------------------------------------------------------------
@@ -262,7 +251,6 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     """
     import keras
 
-    from .io import check_pairs
     from .losses import SegmentationLoss, pooled_metrics
     from .model import build_from_config
     from .sampling import default_steps_per_epoch
@@ -287,7 +275,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     train_sets, val_sets, model_px, info = resolve_data(
         data_dirs, val_fraction, max_slices=max_slices, pixel_sizes=pixel_sizes, model_pixel_size=model_px,
         weights=list(config.data.set_weights) if config.data.set_weights else None)
-    train_sets, val_sets = with_shapes(train_sets, check_pairs), with_shapes(val_sets, check_pairs)
+    train_sets, val_sets = with_shapes(train_sets), with_shapes(val_sets)
     tile = config.data.tile_size
     if tile % config.model.size_divisor:
         raise ValueError(f"tile size {tile} is not divisible by 2**(depth-1) = {config.model.size_divisor}")
