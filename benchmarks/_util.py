@@ -7,6 +7,8 @@ import resource
 import time
 from contextlib import contextmanager
 
+import xmdl_tf  # noqa: F401  (before TensorFlow loads: xmdl_tf sets its oneDNN default)
+
 
 def machine() -> str:
     import tensorflow as tf
@@ -19,8 +21,16 @@ def machine() -> str:
         pass
     gpus = tf.config.list_physical_devices("GPU")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {len(gpus)} GPU(s); "
-            f"TensorFlow {tf.__version__}, Python {platform.python_version()}")
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = set(next(l for l in f if l.startswith("flags")).split())
+        flags = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if x in have)
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu} [{flags}], {os.cpu_count()} cores, {mem:.0f} GiB RAM, {len(gpus)} GPU(s); "
+            f"TensorFlow {tf.__version__} (oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')}), "
+            f"Python {platform.python_version()}")
 
 
 def peak_rss_mb() -> float:
