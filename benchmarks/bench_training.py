@@ -8,8 +8,9 @@ model; then the --wide base-filter counts in float32 and bfloat16) on
 in-memory tensors, so only the model is timed, and tiles/s of the real input
 pipeline (decode, resample, augment, batch; "em" and "basic" augmentation) on
 ../shared/data or synthetic slices, which must be well above the training
-rate for the input never to be the bottleneck. `--only-precision` skips the
-variants (a quick bfloat16-vs-float32 check).
+rate for the input never to be the bottleneck. `--only precision` times just
+float32 vs bfloat16 (shipped model and --wide); `--only shipped` just the
+shipped model in float32 (e.g. to compare TF_ENABLE_ONEDNN_OPTS=0 and 1).
 """
 from __future__ import annotations
 
@@ -79,21 +80,22 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--wide", nargs="*", type=int, default=[16], help="larger base-filter counts to time")
-    p.add_argument("--only-precision", action="store_true", help="only float32 vs bfloat16 of each size")
+    p.add_argument("--only", choices=("precision", "shipped"), default=None,
+                   help="precision: float32 vs bfloat16 of each size; shipped: the shipped model in float32")
     p.add_argument("--data", nargs="*", default=None, help="split-layout sets (default: ../shared/data or synthetic)")
     args = p.parse_args(argv)
     print(machine())
     rows = []
     ra, b, f = "residual_attention", args.batch, args.base_filters
     # XLA off is the CPU default (resolve_jit); the XLA and batch-size rows are the before/after.
-    cases = [] if args.only_precision else [
-        (ra, f, False, b, "float32"), (ra, f, True, b, "float32"), (ra, f, False, 2 * b, "float32"),
-        ("unet", f, False, b, "float32"), ("residual", f, False, b, "float32"), ("attention", f, False, b, "float32")]
-    if args.only_precision:
-        cases.append((ra, f, False, b, "float32"))
-    cases.append((ra, f, False, b, "mixed_bfloat16"))
-    for w in args.wide:
-        cases += [(ra, w, False, b, "float32"), (ra, w, False, b, "mixed_bfloat16")]
+    cases = [(ra, f, False, b, "float32")]
+    if args.only is None:
+        cases += [(ra, f, True, b, "float32"), (ra, f, False, 2 * b, "float32"), ("unet", f, False, b, "float32"),
+                  ("residual", f, False, b, "float32"), ("attention", f, False, b, "float32")]
+    if args.only != "shipped":
+        cases.append((ra, f, False, b, "mixed_bfloat16"))
+        for w in args.wide:
+            cases += [(ra, w, False, b, "float32"), (ra, w, False, b, "mixed_bfloat16")]
     for variant, base, jit, batch, policy in cases:
         rate, params = train_rate(variant, base, args.tile, batch, args.steps, jit, policy)
         rows.append({"variant": variant, "filters": base, "XLA": jit, "batch": batch, "precision": policy,
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
             generate_dataset(tmp, n=8, size=1024, seed=0)
             data = [tmp]
     best = max(r["train tiles/s"] for r in rows)
-    for preset in ("em", "basic"):
+    for preset in ("em",) if args.only else ("em", "basic"):
         rate = pipeline_rate(data, args.tile, args.batch, 60, preset)
         print(f"\ninput pipeline alone, {preset} augmentation: {rate:.0f} tiles/s ({rate / best:.1f}x the fastest "
               f"training rate) on {', '.join(Path(d).name for d in data)}")
