@@ -9,9 +9,10 @@ import importlib
 import os
 
 # TensorFlow 2.21 leaves its oneDNN kernels off on some x86 CPUs; on, training
-# measured 1.9x faster on this project's 2-core AVX2 machine (3.9 -> 7.4
-# tiles/s). Takes effect only if TensorFlow is imported after xmdl_tf; set
-# TF_ENABLE_ONEDNN_OPTS=0 to keep it off.
+# measured 2x faster on this project's 2-core AVX2 machine (3.72 -> 7.62
+# tiles/s, `benchmarks/bench_training.py --only shipped` with
+# TF_ENABLE_ONEDNN_OPTS=0 and without). Takes effect only if TensorFlow is
+# imported after xmdl_tf; set TF_ENABLE_ONEDNN_OPTS=0 to keep it off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
