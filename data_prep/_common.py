@@ -541,6 +541,7 @@ def write_dataset_json(out: Path, *, name: str, converter: str, source_files: Se
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     """--out, --overwrite, --crop, --pixel-size-out (shared by all converters)."""
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty unless --overwrite)")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     parser.add_argument("--overwrite", action="store_true", help="replace the split folders and dataset.json in a non-empty --out")
     parser.add_argument("--crop", nargs=4, type=int, metavar=("Y", "X", "H", "W"),
                         help="crop every slice to this box (source pixels) before resampling")

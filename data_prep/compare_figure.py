@@ -12,8 +12,11 @@ ssTEM dataset of neural tissue", CC BY-NC-SA 3.0.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
+
+from xmdl_tf.cli import add_debug, guarded
 
 ATTRIBUTION = ("Right: real ssTEM, Drosophila larva VNC (Gerhard, Funke, Cardona et al. 2013, "
                "CC BY-NC-SA 3.0)")
@@ -64,6 +67,7 @@ def make_figure(real: str | Path, out: str | Path, *, seed: int = 0, pixel_size_
     return out
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_prep.compare_figure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,9 +77,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pixel-size", type=float, default=4.6, metavar="NM",
                         help="pixel size of the real slice, used for the synthetic one (default 4.6)")
     parser.add_argument("--crop", type=int, default=512, help="side of the shown square, px (default 512)")
+    add_debug(parser)
     args = parser.parse_args(argv)
     print(make_figure(args.real, args.out, seed=args.seed, pixel_size_nm=args.pixel_size, crop=args.crop))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

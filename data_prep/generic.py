@@ -20,12 +20,14 @@ order), so no test slice is a z-neighbour of a training slice. ``--shuffle``
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from data_prep import _common as c
+from xmdl_tf.cli import guarded
 
 
 def scan_labels(labels: c.Stack) -> tuple[str, int]:
@@ -72,6 +74,7 @@ def convert_generic(images: str | Path, labels: str | Path, out: str | Path, *,
         )
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_prep.generic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,4 +104,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

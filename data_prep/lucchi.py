@@ -17,12 +17,14 @@ train), test from the testing stack. Labels are written 0/1 uint8.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from data_prep import _common as c
+from xmdl_tf.cli import guarded
 
 FILES = {
     "train_images": "training.tif",
@@ -82,6 +84,7 @@ def convert_lucchi(src: str | Path, out: str | Path, *, val_fraction: float = 0.
         )
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_prep.lucchi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,4 +101,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

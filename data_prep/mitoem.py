@@ -39,6 +39,7 @@ mitochondria instance labels. Two inputs are understood:
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import shutil
 from pathlib import Path
@@ -49,6 +50,7 @@ import tifffile
 from PIL import Image
 
 from data_prep import _common as c
+from xmdl_tf.cli import guarded
 
 PIXEL_SIZE_NM = 8.0
 RELEASE_Z0 = {"train": 0, "val": 400, "test": 500}
@@ -214,6 +216,7 @@ def _place(src: Path, dst: Path, link: bool) -> None:
 # CLI
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_prep.mitoem", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      help="when there is no val/, move this fraction of train (last slices) to val (default 0.1)")
     bia.add_argument("--pixel-size-in", type=float, default=PIXEL_SIZE_NM, help=f"recorded; default {PIXEL_SIZE_NM} nm")
     bia.add_argument("--name", default="mitoem")
+    bia.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
     args = parser.parse_args(argv)
     if args.layout == "release":
@@ -257,4 +261,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,6 +30,7 @@ streams, so changing ``appearance`` alters only grey values, never labels.
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import json
 import math
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep import _common as c
+from xmdl_tf.cli import add_debug, guarded
 
 SHAPE_CLASSES = ("round", "elongated", "tubular", "fragmented", "irregular")
 OBJECTS_PER_UM2 = 0.9  # about the density of the real ssTEM slices
@@ -544,6 +546,7 @@ def slice_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -558,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--appearance", type=json.loads, default=None,
                         help='JSON dict of Appearance fields, e.g. \'{"contrast": 0.6, "noise": 12}\'')
     parser.add_argument("--overwrite", action="store_true")
+    add_debug(parser)
     args = parser.parse_args(argv)
     path = generate_dataset(args.out, n=args.n, size=args.size, seed=args.seed, pixel_size_nm=args.pixel_size,
                             splits=args.splits, overwrite=args.overwrite, touching_fraction=args.touching_fraction,
@@ -566,4 +570,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

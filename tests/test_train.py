@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from xmdl_tf.config import Config
+from xmdl_tf.io import DataError
 from xmdl_tf.train import main as train_main
 
 ARGS = ["--tile-size", "32", "--depth", "3", "--base-filters", "8", "--batch-size", "8", "--tiles-per-slice", "8",
@@ -46,15 +47,14 @@ def test_short_training_learns_blobs(blob_dataset, tmp_path):
     assert metrics["f1"] > 0.85 and 0 <= metrics["iou"] <= metrics["f1"] <= 1
     per = pd.read_csv(tmp_path / "ev" / "per_image.csv")
     assert list(per["image"]) == ["im0006", "im0007"] and int(per["tp"].sum()) == metrics["tp"]
-    with pytest.raises(FileExistsError):
-        eval_main(["--model", str(out), "--data", str(blob_dataset), "--out", str(tmp_path / "ev")])
+    assert eval_main(["--model", str(out), "--data", str(blob_dataset), "--out", str(tmp_path / "ev")]) == 2
 
 
 class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption(blob_dataset, tmp_path):
+def test_resume_after_interruption(blob_dataset, tmp_path, capsys):
     from xmdl_tf.train import build_parser, config_from_args, train
 
     out = tmp_path / "run"
@@ -74,7 +74,7 @@ def test_resume_after_interruption(blob_dataset, tmp_path):
         train([str(blob_dataset)], out, cfg, callbacks=[KillMidEpoch()], verbose=0)
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 1 and not state["finished"]  # epochs 1 and 2 done, the third lost
-    weights_before = keras.models.load_model(out / "checkpoint" / "last.keras").get_weights()
+    weights_before = keras.models.load_model(out / "checkpoint" / state["last"]).get_weights()
 
     seen = []
 
@@ -92,8 +92,8 @@ def test_resume_after_interruption(blob_dataset, tmp_path):
     assert list(h["epoch"]) == [1, 2, 3, 4]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["finished"]
     # A different configuration in the same folder is refused, nothing is overwritten.
-    with pytest.raises(FileExistsError, match="different configuration"):
-        train_main([*argv[:4], *ARGS, "--epochs", "9"])
+    assert train_main([*argv[:4], *ARGS, "--epochs", "9"]) == 2
+    assert "different configuration" in capsys.readouterr().err
 
 
 def test_carves_validation_when_no_val_split(tmp_path):
@@ -106,18 +106,23 @@ def test_carves_validation_when_no_val_split(tmp_path):
     assert "held-back" in info["validation"]
 
 
-def test_errors(blob_dataset, tmp_path):
-    from xmdl_tf.io import DataError
+def test_errors(blob_dataset, tmp_path, capsys):
+    def fails(argv, message):
+        assert train_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
-    with pytest.raises(DataError, match="not found"):
-        train_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), *ARGS])
-    with pytest.raises(ValueError, match="not divisible"):
+    fails(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), *ARGS], "missing: not found")
+    with pytest.raises(SystemExit):  # argparse: usage + one line
         train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "r"), *ARGS[2:], "--tile-size", "30"])
+    assert "multiple of 2**(depth-1)" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a resumable run"):
-        train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "busy"), *ARGS])
+    fails(["--data", str(blob_dataset), "--out", str(tmp_path / "busy"), *ARGS], "not a resumable run")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(DataError):  # --debug: the exception itself, for a traceback
+        train_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), *ARGS, "--debug"])
 
 
 def test_pixel_sizes_weights_and_resampling_factors_are_resolved_and_recorded(tmp_path):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cli
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
 from .predict import DEFAULT_OVERLAP, DEFAULT_TILE
 
@@ -279,29 +280,29 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
     return {"analysed": done, "failed": failed}
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmdl_tf.analyze", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m xmdl_tf.analyze", __doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or TIFF stacks")
     p.add_argument("--model", default=None, help="run folder, .keras file or exported SavedModel folder (default: the shipped reference model)")
     p.add_argument("--labels", default=None, help="ground-truth masks or instance labels (file, folder, glob or stack)")
-    p.add_argument("--pixel-size", type=float, default=None, help="nm per pixel when the files do not say")
+    p.add_argument("--pixel-size", type=cli.pixel_size, default=None, help="nm per pixel when the files do not say")
     p.add_argument("--no-rescale", action="store_true",
                    help="do not resample inputs to the model's pixel size (when both are known)")
     p.add_argument("--out", default="xmdl_out")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--min-area", type=float, default=DEFAULT_MIN_AREA_NM2, help="smallest object, nm^2 (pixel size known)")
-    p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE_PX, help="smallest object, pixels (pixel size unknown)")
+    p.add_argument("--threshold", type=cli.probability, default=0.5)
+    p.add_argument("--min-area", type=cli.nonnegative_float, default=DEFAULT_MIN_AREA_NM2, help="smallest object, nm^2 (pixel size known)")
+    p.add_argument("--min-size", type=cli.nonnegative_int, default=DEFAULT_MIN_SIZE_PX, help="smallest object, pixels (pixel size unknown)")
     p.add_argument("--no-separate", action="store_true", help="do not split touching mitochondria")
     p.add_argument("--rules", default=None, help="JSON file of shape-class thresholds")
     p.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE", help="override one shape rule")
     p.add_argument("--gradcam-layer", default=None, help="conv layer to explain (default dec1_conv2)")
     p.add_argument("--faithfulness", action="store_true", help="deletion check of the Grad-CAM heatmap")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations for the probability map")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="largest inference tile, px (default %(default)s)")
-    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="least tile overlap, px (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per call (default: by tile size)")
+    p.add_argument("--tile", type=cli.positive_int, default=DEFAULT_TILE, help="largest inference tile, px (default %(default)s)")
+    p.add_argument("--overlap", type=cli.nonnegative_int, default=DEFAULT_OVERLAP, help="least tile overlap, px (default %(default)s)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="tiles per call (default: by tile size)")
     p.add_argument("--no-figure", action="store_true")
     args = p.parse_args(argv)
 

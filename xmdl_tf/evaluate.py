@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli
+
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -124,21 +126,21 @@ def format_table(result: dict) -> str:
     return head + "\n" + row
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     from .predict import DEFAULT_OVERLAP, DEFAULT_TILE
 
-    p = argparse.ArgumentParser(prog="python -m xmdl_tf.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m xmdl_tf.evaluate", __doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="run folder, .keras file or exported SavedModel folder")
     p.add_argument("--data", required=True, help="data set folder (split layout), image folder or stack")
     p.add_argument("--labels", default=None, help="label folder/glob/stack when --data is not in the split layout")
     p.add_argument("--split", default="auto", help="split to score; auto: test, or val for a set without one")
     p.add_argument("--out", default=None, help="folder for metrics.json and per_image.csv")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="largest inference tile, px")
-    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="least tile overlap, px")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per call (None: by tile size)")
-    p.add_argument("--pixel-size", type=float, default=None, help="nm per pixel of the data (else TIFF metadata)")
+    p.add_argument("--threshold", type=cli.probability, default=DEFAULT_THRESHOLD)
+    p.add_argument("--tile", type=cli.positive_int, default=DEFAULT_TILE, help="largest inference tile, px")
+    p.add_argument("--overlap", type=cli.nonnegative_int, default=DEFAULT_OVERLAP, help="least tile overlap, px")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="tiles per call (None: by tile size)")
+    p.add_argument("--pixel-size", type=cli.pixel_size, default=None, help="nm per pixel of the data (else TIFF metadata)")
     p.add_argument("--no-rescale", action="store_true", help="do not resample to the model's pixel size")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 flips/rotations")
     p.add_argument("--overwrite", action="store_true")

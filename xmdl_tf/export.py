@@ -42,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import cli
 from .config import Config
 from .predict import DEFAULT_OVERLAP, DEFAULT_TILE, ModelError, Predictor
 
@@ -349,12 +350,13 @@ def load_saved_model(path: str | Path, tta: bool = False) -> SavedModelPredictor
 # CLI
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmdl_tf.export", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m xmdl_tf.export", __doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="run folder or .keras file (config.json beside it)")
     p.add_argument("--out", required=True, metavar="EXPORT_DIR",
                    help="TF Serving base folder; writes EXPORT_DIR/<version>/")
-    p.add_argument("--version", type=int, default=None, help="version number (default: 1, or the next free one)")
+    p.add_argument("--version", type=cli.positive_int, default=None, help="version number (default: 1, or the next free one)")
     p.add_argument("--gradcam-layer", default=None, help="conv layer for the explain signatures (default dec1_conv2)")
     args = p.parse_args(argv)
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import sys
 
+from . import cli
 from .train import build_parser, check_args, train_from_args
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("python -m xmdl_tf.finetune", finetune=True)
     args = parser.parse_args(argv)

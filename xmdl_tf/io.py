@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import glob as _glob
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -437,3 +438,37 @@ def check_pairs(pairs: list[SlicePair]) -> list[tuple[int, int]]:
                 raise DataError(f"{p.image} is {shape} but its label {p.label} is {lshape}")
         shapes.append(shape)
     return shapes
+
+
+def check_labels(pairs: list[SlicePair], ignore_value: int | None = None, workers: int | None = None,
+                 progress=None) -> dict[str, int]:
+    """Decode every label once, up front, so bad ones fail before anything is trained.
+
+    Each label must be readable as a mask or instance ids (`read_label`) and
+    match its image's (H, W) (from the image header). Runs in threads (the
+    decoders release the GIL). progress: called with the number of labels done.
+    Returns pooled pixel counts: {"slices", "pixels", "foreground", "ignored"}
+    (foreground excludes `ignore_value`).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p: SlicePair) -> tuple[int, int, int]:
+        label = read_label(p.label, p.page)
+        shape = image_shape(p.image, p.page)
+        if label.shape != shape:
+            raise DataError(f"{p.image} is {shape} but its label {p.label} is {label.shape}")
+        ignored = int(np.count_nonzero(label == ignore_value)) if ignore_value is not None else 0
+        fg = int(np.count_nonzero(label)) - (ignored if ignore_value else 0)
+        return label.size, fg, ignored
+
+    todo = [p for p in pairs if p.label is not None]
+    total = {"slices": len(todo), "pixels": 0, "foreground": 0, "ignored": 0}
+    workers = workers or min(8, (os.cpu_count() or 2) + 2)
+    with ThreadPoolExecutor(workers) as pool:
+        for i, (n, fg, ig) in enumerate(pool.map(one, todo)):
+            total["pixels"] += n
+            total["foreground"] += fg
+            total["ignored"] += ig
+            if progress is not None:
+                progress(i + 1)
+    return total

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cli
 from .config import VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig, resolve_jit
 from .sampling import SAME_PIXEL_SIZE, resample_factor
 
@@ -244,19 +245,20 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     (`pixel_sizes` fills in sets whose files do not say). Validation runs on
     every set's val split; the monitored `val_loss` is the mean of the sets'
     pooled losses, so each set counts equally whatever its size.
-    The best model by that loss is `out/model.keras`; a run killed mid-epoch
-    resumes from `out/checkpoint/` with the same call. The input pipeline is
+    The best model by that loss is `out/model.keras`. The input pipeline is
     tf.data on the TensorFlow backend and a PyDataset on JAX / PyTorch.
+
+    Safety: every image header and label is checked before anything is
+    written; `out` is locked against a second process; a run killed at any
+    moment (the first epoch included) resumes with the same call; with
+    `overwrite`, the new run trains beside the old one and replaces it only
+    when finished, so a failed or killed new run loses nothing.
     callbacks: extra Keras callbacks, run after the checkpointing ones.
     """
-    import keras
-
-    from .losses import SegmentationLoss, pooled_metrics
-    from .model import build_from_config
+    from .runlock import FolderLock
     from .sampling import default_steps_per_epoch
 
     out = Path(out)
-    state_path = out / STATE
     if augment_strength is not None:
         config = replace(config, augment=replace(config.augment, strength=augment_strength))
     parent = None
@@ -276,6 +278,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         data_dirs, val_fraction, max_slices=max_slices, pixel_sizes=pixel_sizes, model_pixel_size=model_px,
         weights=list(config.data.set_weights) if config.data.set_weights else None)
     train_sets, val_sets = with_shapes(train_sets), with_shapes(val_sets)
+    check_training_labels(train_sets, val_sets, config.data.ignore_value, verbose=bool(verbose))
     tile = config.data.tile_size
     if tile % config.model.size_divisor:
         raise ValueError(f"tile size {tile} is not divisible by 2**(depth-1) = {config.model.size_divisor}")
@@ -296,34 +299,97 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         "command": " ".join(sys.argv) if sys.argv and "xmdl_tf" in " ".join(sys.argv) else None,
     }
     config = replace(config, info=info_block)
+    with FolderLock(out, "training run"):
+        return _train_locked(out, config, train_sets, val_sets, parent, freeze_encoder, overwrite, verbose,
+                             callbacks)
 
-    resume = False
-    if out.exists() and any(out.iterdir()):
+
+def check_training_labels(train_sets, val_sets, ignore_value: int | None, verbose: bool = True) -> None:
+    """Decode every training and validation label before training (see `io.check_labels`).
+
+    Refuses a training set with no mitochondrion pixel at all, and an
+    `ignore_value` that swallows every foreground pixel (0/255 masks with
+    --ignore-value 255).
+    """
+    from .io import DataError, check_labels
+
+    pairs = list(dict.fromkeys(r.pair for s in [*train_sets, *val_sets] for r in s.regions))
+    n = len(pairs)
+    step = max(n // 4, 1)
+    report = (lambda i: print(f"checked {i}/{n} labels", flush=True) if i % step == 0 or i == n else None)
+    t = time.time()
+    stats = check_labels(pairs, ignore_value, progress=report if verbose and n >= 100 else None)
+    train_pairs = list(dict.fromkeys(r.pair for s in train_sets for r in s.regions))
+    if verbose:
+        print(f"checked {n} labels in {time.time() - t:.1f} s", flush=True)
+    if stats["foreground"] == 0:
+        if ignore_value is not None and stats["ignored"]:
+            raise DataError(f"--ignore-value {ignore_value}: every non-zero label pixel has this value, so no pixel is "
+                            "a mitochondrion (in 0/{0} masks {0} marks mitochondria); leave --ignore-value out, or mark "
+                            "unlabelled pixels with another value".format(ignore_value))
+        raise DataError(f"no mitochondrion pixel in any of the {len(train_pairs)} training labels "
+                        f"(e.g. {train_pairs[0].label}); check the label folder")
+
+
+def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freeze_encoder: bool, overwrite: bool,
+                  verbose: int, callbacks: list | None) -> Path:
+    """The part of `train` that writes: run with `out` locked."""
+    import keras
+
+    from .losses import SegmentationLoss, pooled_metrics
+    from .model import build_from_config
+    from .runlock import atomic_replace_dir, finish_replace_dir
+
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    finish_replace_dir(out)
+    staging = out.with_name(f".{out.name}.overwrite")
+    has_run = out.exists() and any(out.iterdir())
+    run_dir = staging if overwrite and has_run else out
+    if run_dir is out and staging.exists():
         if overwrite:
-            for name in ("model.keras", "config.json", "history.csv", "training_curves.png"):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / "checkpoint", ignore_errors=True)
-        elif state_path.is_file():
-            state = json.loads(state_path.read_text())
-            old = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
-            if _comparable(old) != _comparable(json.loads(json.dumps(config.to_dict(), default=str))):
+            shutil.rmtree(staging)  # out is empty: nothing to replace, train in place
+        elif has_run:
+            print(f"note: {staging} holds an unfinished --overwrite run for {out}; add --overwrite to continue it")
+    comparable = _comparable(json.loads(json.dumps(config.to_dict(), default=str)))
+    state = _read_state(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        old = _read_config_dict(run_dir / "config.json")
+        if state is None or old is None:
+            if run_dir is staging or _only_startup_files(run_dir):
+                # Killed while starting, before anything worth keeping was written.
+                shutil.rmtree(run_dir)
+                state = None
+            else:
+                raise FileExistsError(f"{out}: folder exists and is not a resumable run; choose another --out "
+                                      "or pass --overwrite")
+        elif _comparable(old) != comparable:
+            if run_dir is staging:
+                shutil.rmtree(staging)  # an older --overwrite attempt with other settings
+                state = None
+            else:
                 raise FileExistsError(f"{out}: holds a run with a different configuration; "
                                       "use another --out, or --overwrite to replace it")
-            if state.get("finished"):
+        elif state.get("finished"):
+            if run_dir is staging:
+                atomic_replace_dir(staging, out)
+                print(f"{out}: replaced by the finished --overwrite run")
+            else:
                 print(f"{out}: training already finished (best epoch {state['best_epoch'] + 1}); "
                       "nothing to do. Use --overwrite to train again.")
-                return out
-            resume = True
-        else:
-            raise FileExistsError(f"{out}: folder exists and is not a resumable run; choose another --out "
-                                  "or pass --overwrite")
-    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+            return out
+    else:
+        state = None
+    ckpt_dir = run_dir / "checkpoint"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    resume = state is not None and state.get("epoch", -1) >= 0
 
     keras.utils.set_random_seed(config.train.seed)
     policy = _dtype_policy(config.train.mixed_precision)
     if policy:
         keras.mixed_precision.set_dtype_policy(policy)
     batch = config.train.batch_size
+    steps = config.train.steps_per_epoch
     initial_epoch = state["epoch"] + 1 if resume else 0
     aug = config.augment if config.data.augment else None
     # A resumed run continues the tile stream instead of replaying its first epochs.
@@ -332,7 +398,8 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     jit = resolve_jit(config.train.jit_compile)
     with _strategy():
         if resume:
-            model = keras.models.load_model(out / LAST, safe_mode=True)
+            _sync_best(run_dir, state)
+            model = keras.models.load_model(ckpt_dir / state.get("last", "last.keras"), safe_mode=True)
             history = state["history"]
             print(f"{out}: resuming after epoch {initial_epoch} (best so far: epoch {state['best_epoch'] + 1}, "
                   f"val_loss {state['best']:.4f})")
@@ -351,32 +418,76 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
             history, state = [], None
     config = replace(config, info={**config.info, "parameters": int(model.count_params()),
                                    "augment": "on" if aug else "off"})
-    config.save(out / "config.json")
+    config.save(run_dir / "config.json")
+    if not resume:
+        # Written before the first epoch, so a run killed during it resumes (from the start).
+        _atomic_write(run_dir / STATE, json.dumps({"epoch": -1, "finished": False}))
 
     ResumableEarlyStopping, RunCheckpoint = _make_callbacks()
     validate = SetValidation(val_sets, config.data, batch, config.train.loss)
     schedule = [] if config.train.lr_schedule == "constant" else [
         keras.callbacks.LearningRateScheduler(lambda e, _lr: lr_at(e, config.train))]
-    early = ResumableEarlyStopping(state, monitor="val_loss", patience=config.train.patience,
+    early = ResumableEarlyStopping(state, run_dir, monitor="val_loss", patience=config.train.patience,
                                    restore_best_weights=True, verbose=1)
-    ckpt = RunCheckpoint(out, history, early, steps * batch)
+    ckpt = RunCheckpoint(run_dir, history, early, steps * batch)
     t0 = time.time()
     model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
               callbacks=[*schedule, validate, early, ckpt, *(callbacks or [])], verbose=verbose)
-    # EarlyStopping restored the best weights; make model.keras exactly those.
-    _save_inference(model, out / "model.keras")
-    final = json.loads(state_path.read_text())
+    final = _read_state(run_dir)
+    # model.keras is the best epoch's weights (saved when it was reached).
+    _sync_best(run_dir, final)
     final["finished"] = True
-    _atomic_write(state_path, json.dumps(final))
+    _atomic_write(run_dir / STATE, json.dumps(final))
     cfg_final = replace(config, info={**config.info, "best_epoch": final["best_epoch"] + 1,
                                       "epochs_run": final["epoch"] + 1,
                                       "tiles_seen": (final["epoch"] + 1) * steps * batch,
                                       "train_seconds": round(final.get("seconds", 0.0), 1)})
-    cfg_final.save(out / "config.json")
-    plot_history(out / "history.csv", out / "training_curves.png")
+    cfg_final.save(run_dir / "config.json")
+    plot_history(run_dir / "history.csv", run_dir / "training_curves.png")
+    if run_dir is staging:
+        atomic_replace_dir(staging, out)
     print(f"{out}: done in {time.time() - t0:.0f} s; best epoch {final['best_epoch'] + 1} "
           f"(val_loss {final['best']:.4f}); model at {out / 'model.keras'}")
     return out
+
+
+def _only_startup_files(run_dir: Path) -> bool:
+    """True if `run_dir` holds nothing but what `train` writes before the first epoch ends."""
+    startup = {"config.json", "checkpoint", STATE}
+    return all(str(f.relative_to(run_dir)) in startup or f.name.endswith(".tmp")
+               for f in run_dir.rglob("*"))
+
+
+def _read_state(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_config_dict(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _sync_best(run_dir: Path, state: dict) -> None:
+    """Make model.keras the best checkpoint the state names (a kill may have come in between)."""
+    best = state.get("best_file")
+    if best and (run_dir / "checkpoint" / best).is_file():
+        src = run_dir / "checkpoint" / best
+        tmp = run_dir / ".model.keras.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, run_dir / "model.keras")
+    _prune_checkpoints(run_dir / "checkpoint", keep={state.get("last"), best})
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: set) -> None:
+    """Delete checkpoint files the state no longer names (and half-written temporaries)."""
+    for f in ckpt_dir.glob("*.keras"):
+        if f.name not in keep and (f.name.startswith(("last-", "best-")) or ".tmp" in f.name):
+            f.unlink(missing_ok=True)
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
@@ -479,20 +590,24 @@ def _make_callbacks():
     class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         """EarlyStopping whose counter, best value and best weights survive a restart."""
 
-        def __init__(self, state: dict | None, **kw):
+        def __init__(self, state: dict | None, run_dir: Path, **kw):
             super().__init__(**kw)
-            self._resume = state
+            self._resume, self.run_dir = state, run_dir
 
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
             s = self._resume
             if s:
                 self.wait, self.best, self.best_epoch = s["wait"], s["best"], s["best_epoch"]
-                best = keras.models.load_model(Path(s["run"]) / "model.keras", compile=False, safe_mode=True)
-                self.best_weights = best.get_weights()
+                best = self.run_dir / "checkpoint" / s["best_file"] if s.get("best_file") else self.run_dir / "model.keras"
+                self.best_weights = keras.models.load_model(best, compile=False, safe_mode=True).get_weights()
 
     class RunCheckpoint(keras.callbacks.Callback):
-        """After each epoch: best model, last full state (with optimizer), history, state.json."""
+        """After each epoch: best and last checkpoints (named by epoch), history, then state.json.
+
+        state.json is written last and names the files it belongs to, so a kill
+        at any point leaves a consistent state: the previous epoch's or this one's.
+        """
 
         def __init__(self, out: Path, history: list, early, tiles_per_epoch: int):
             super().__init__()
@@ -500,10 +615,12 @@ def _make_callbacks():
             self.tiles_per_epoch = tiles_per_epoch
             self._t = time.time()
             self._seconds = 0.0
+            self._best_file = None
 
         def on_train_begin(self, logs=None):
             if self.early._resume:
                 self._seconds = self.early._resume.get("seconds", 0.0)
+                self._best_file = self.early._resume.get("best_file")
 
         def on_epoch_begin(self, epoch, logs=None):
             self._t = time.time()
@@ -513,14 +630,23 @@ def _make_callbacks():
             self._seconds += time.time() - self._t
             self.history.append({"epoch": epoch + 1, **logs, "seconds": round(self._seconds, 1),
                                  "tiles_seen": (epoch + 1) * self.tiles_per_epoch})
-            if self.early.best_epoch == epoch:
-                _save_inference(self.model, self.out / "model.keras")
-            _atomic_save(self.model, self.out / LAST)
+            ckpt = self.out / "checkpoint"
+            new_best = self.early.best_epoch == epoch
+            if new_best:
+                self._best_file = f"best-{epoch + 1:04d}.keras"
+                _save_inference(self.model, ckpt / self._best_file)
+            last = f"last-{epoch + 1:04d}.keras"
+            _atomic_save(self.model, ckpt / last)
             write_history(self.history, self.out / "history.csv")
-            state = {"run": str(self.out), "epoch": epoch, "wait": self.early.wait,
+            state = {"epoch": epoch, "wait": self.early.wait,
                      "best": float(self.early.best), "best_epoch": self.early.best_epoch,
+                     "best_file": self._best_file, "last": last,
                      "seconds": self._seconds, "history": self.history, "finished": False}
             _atomic_write(self.out / STATE, json.dumps(state))
+            if new_best:
+                _sync_best(self.out, state)
+            else:
+                _prune_checkpoints(ckpt, {last, self._best_file})
 
     return ResumableEarlyStopping, RunCheckpoint
 
@@ -565,33 +691,32 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
 
 
 def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(prog, __doc__.split("\n\n")[0])
     p.add_argument("--data", nargs="+", required=True, help="data set folder(s) in the split layout <dir>/{train,val}/{x,y}")
     p.add_argument("--out", required=True, help="run folder (created; an interrupted run here is resumed)")
-    p.add_argument("--tile-size", type=int, default=256)
-    p.add_argument("--tiles-per-slice", type=int, default=8, help="random crops per decoded slice")
-    p.add_argument("--foreground-fraction", type=float, default=0.0,
+    p.add_argument("--tile-size", type=cli.positive_int, default=256)
+    p.add_argument("--tiles-per-slice", type=cli.positive_int, default=8, help="random crops per decoded slice")
+    p.add_argument("--foreground-fraction", type=cli.fraction, default=0.0,
                    help="expected minimum share of tiles centred on a mitochondrion (0 = uniform)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--patience", type=int, default=5, help="EarlyStopping patience on validation loss")
-    p.add_argument("--lr", type=float, default=1e-4 if finetune else 1e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--epochs", type=cli.positive_int, default=50)
+    p.add_argument("--patience", type=cli.nonnegative_int, default=5, help="EarlyStopping patience on validation loss")
+    p.add_argument("--lr", type=cli.learning_rate, default=1e-4 if finetune else 1e-3, help="Adam learning rate")
     p.add_argument("--loss", choices=("dice", "dice_ce"), default="dice")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: decay the learning rate to 0 over --epochs (steadier validation late in long runs)")
-    p.add_argument("--steps-per-epoch", type=int, default=None,
+    p.add_argument("--steps-per-epoch", type=cli.positive_int, default=None,
                    help="default: enough tiles to cover the training slices once")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2,
+    p.add_argument("--val-fraction", type=cli.probability, default=0.2,
                    help="rows held back for validation when a data set has no val split")
-    p.add_argument("--ignore-value", type=int, default=None, help="label value of unlabelled pixels (ignored by the loss)")
+    p.add_argument("--ignore-value", type=cli.nonnegative_int, default=None, help="label value of unlabelled pixels (ignored by the loss)")
     p.add_argument("--pixel-size", nargs="+", default=None, metavar="NM",
                    help="pixel size in nm of data sets whose dataset.json / TIFF metadata do not give one: one value "
                         "for all, or one per --data set ('unknown' for a set whose pixel size is not known)")
-    p.add_argument("--set-weights", nargs="+", type=float, default=None, metavar="W",
+    p.add_argument("--set-weights", nargs="+", type=cli.nonnegative_float, default=None, metavar="W",
                    help="share of the training tiles from each --data set (default: equal shares)")
-    p.add_argument("--max-slices", type=int, default=None, help="use only the first N training slices of each set")
+    p.add_argument("--max-slices", type=cli.positive_int, default=None, help="use only the first N training slices of each set")
     p.add_argument("--no-augment", action="store_true")
     # Fine-tuning keeps the recipe its adaptation curve was measured with (models/README.md).
     p.add_argument("--augment", choices=("em", "basic"), default="basic" if finetune else "em",
@@ -599,7 +724,7 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
                         "noise, stripes, shading); 'basic' is flips, 90-degree turns and mild intensity jitter")
     p.add_argument("--augment-off", nargs="+", default=[], choices=AugmentConfig.COMPONENTS, metavar="PART",
                    help=f"switch parts of the preset off (one of: {', '.join(AugmentConfig.COMPONENTS)})")
-    p.add_argument("--augment-strength", type=float, default=2.0 if finetune else 1.0)
+    p.add_argument("--augment-strength", type=cli.nonnegative_float, default=2.0 if finetune else 1.0)
     p.add_argument("--mixed-precision", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
                    help="mixed-precision compute: float16 (GPUs) or bfloat16 (GPUs, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-jit", action="store_true",
@@ -609,13 +734,13 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
         p.add_argument("--model", required=True, help="parent model (.keras file or run folder)")
         p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder")
     else:
-        p.add_argument("--model-pixel-size", type=float, default=None, metavar="NM",
+        p.add_argument("--model-pixel-size", type=cli.pixel_size, default=None, metavar="NM",
                        help="the model's pixel size; sets of known pixel size are resampled to it (default: the sets' "
                             "common pixel size, or the median of differing ones)")
-        p.add_argument("--depth", type=int, default=6)
-        p.add_argument("--base-filters", type=int, default=8)
+        p.add_argument("--depth", type=cli.positive_int, default=6)
+        p.add_argument("--base-filters", type=cli.positive_int, default=8)
         p.add_argument("--variant", choices=sorted(VARIANTS), default="residual_attention")
-        p.add_argument("--dropout", type=float, default=0.0)
+        p.add_argument("--dropout", type=cli.fraction, default=0.0)
         p.add_argument("--init-from", default=None, help="start from this model's weights (fine-tuning)")
         p.add_argument("--freeze-encoder", action="store_true", help="with --init-from: train only the decoder")
     return p
@@ -647,6 +772,7 @@ def train_from_args(args: argparse.Namespace, init_from: str | None) -> Path:
                  pixel_sizes=parse_pixel_sizes(args.pixel_size, len(args.data)))
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -666,8 +792,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.set_weights is not None and (len(args.set_weights) != len(args.data) or min(args.set_weights) < 0
                                          or sum(args.set_weights) <= 0):
         parser.error(f"--set-weights: give one weight >= 0 per --data set ({len(args.data)}), with a positive sum")
-    if getattr(args, "model_pixel_size", None) is not None and not 0.1 <= args.model_pixel_size <= 10000:
-        parser.error("--model-pixel-size must be between 0.1 and 10000 nm")
+    depth = getattr(args, "depth", None)
+    if depth is not None:
+        if not 2 <= depth <= 8:
+            parser.error(f"--depth must be between 2 and 8, got {depth}")
+        if args.tile_size % 2 ** (depth - 1):
+            parser.error(f"--tile-size {args.tile_size} must be a multiple of 2**(depth-1) = {2 ** (depth - 1)}")
+    if getattr(args, "dropout", 0.0) >= 1:
+        parser.error("--dropout must be below 1")
 
 
 if __name__ == "__main__":

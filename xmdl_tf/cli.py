@@ -1,0 +1,163 @@
+"""What every command line shares: one-line errors, argument ranges, `--debug`.
+
+A command's `main(argv=None)` is wrapped in `guarded`: a mistake of the user's
+(bad data, a missing model, an existing output, an argument out of range, a
+full disk) ends with one line `error: ...` on stderr and exit code 2, no
+traceback; `--debug` (or XMDL_DEBUG=1) shows the traceback instead. An
+interrupt exits with 130 after saying what is safe to do next.
+
+The `type=` helpers below refuse out-of-range values at parse time, so a
+negative overlap or a threshold of 2 never reaches the library.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from typing import Callable
+
+# Plausible EM pixel sizes: from sub-nm cryo-EM to 10 um overview scans. Outside
+# this a value is a unit mistake (m for nm, pixels per unit for size, ...).
+PIXEL_SIZE_RANGE_NM = (0.1, 10_000.0)
+
+
+class UsageError(ValueError):
+    """A command-line mistake found after parsing (the message says which flag)."""
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, not a bug: reported in one line."""
+    from .io import DataError
+    from .runlock import FolderBusy
+
+    return (DataError, UsageError, FolderBusy, FileExistsError, FileNotFoundError, PermissionError, OSError, ValueError)
+
+
+def guarded(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Decorator for `main(argv)`: expected errors -> `error: <message>` and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        args = sys.argv[1:] if argv is None else list(argv)
+        debug = "--debug" in args or os.environ.get("XMDL_DEBUG", "") not in ("", "0")
+        try:
+            return int(main(argv) or 0)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("interrupted; outputs written so far are complete (run the same command again to continue)",
+                  file=sys.stderr)
+            return 130
+        except expected_errors() as err:
+            if debug:
+                raise
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an exception on one line (OSErrors with their file name)."""
+    if isinstance(err, OSError) and not isinstance(err, (FileExistsError, FileNotFoundError)) and err.strerror:
+        name = f"{err.filename}: " if err.filename else ""
+        msg = f"{name}{err.strerror}"
+        if err.errno == 28:  # ENOSPC
+            msg += " (the disk is full; outputs finished before this point are complete)"
+        return msg
+    text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+
+
+def parser(prog: str, description: str, **kw) -> argparse.ArgumentParser:
+    """An ArgumentParser that shows every default in --help and has --debug."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=kw.pop("formatter_class", argparse.ArgumentDefaultsHelpFormatter), **kw)
+    add_debug(p)
+    return p
+
+
+# ----------------------------------------------------------------------------
+# argparse types
+
+
+def _number(kind: type, text: str) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def positive_int(text: str) -> int:
+    v = _number(int, text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    v = _number(int, text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _number(float, text)
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def nonnegative_float(text: str) -> float:
+    v = _number(float, text)
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return v
+
+
+def probability(text: str) -> float:
+    """A threshold strictly between 0 and 1."""
+    v = _number(float, text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A share in [0, 1]."""
+    v = _number(float, text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return v
+
+
+def learning_rate(text: str) -> float:
+    v = _number(float, text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (Adam's usual range is 1e-5 to 1e-2), got {text}")
+    return v
+
+
+def pixel_size(text: str) -> float:
+    """Pixel size in nm within `PIXEL_SIZE_RANGE_NM`."""
+    v = _number(float, text)
+    check_pixel_size(v, "value")
+    return v
+
+
+def check_pixel_size(value: float, source: str) -> float:
+    """`value` (nm) if plausible for EM; else a one-line error naming `source`."""
+    lo, hi = PIXEL_SIZE_RANGE_NM
+    if not lo <= value <= hi:
+        msg = (f"{source}: pixel size {value:g} nm is outside the plausible range {lo:g}-{hi:g} nm for EM "
+               "(a unit mistake? give nm per pixel)")
+        if source == "value":
+            raise argparse.ArgumentTypeError(msg.split(": ", 1)[1])
+        raise UsageError(msg)
+    return value
