@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -79,7 +80,10 @@ def read_image_file(path: Path, *, label: bool = False) -> np.ndarray:
         kind = "label" if label else "image"
         raise ValueError(f"unsupported {kind} format '{ext}' for {path}; expected one of {allowed}")
     if ext in (".tif", ".tiff"):
-        array = tifffile.imread(path)
+        try:
+            array = tifffile.imread(path)
+        except Exception as err:  # tifffile raises many types for corrupt files
+            raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
     else:
         array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if array is None:
@@ -150,10 +154,13 @@ def _folder_stack(path: Path, *, label: bool, pattern: str | None) -> Stack:
 
 
 def _tiff_stack(path: Path) -> Stack:
-    with tifffile.TiffFile(path) as tif:
-        shape = tif.series[0].shape
-        axes = tif.series[0].axes
-        n_pages = len(tif.pages)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            shape = tif.series[0].shape
+            axes = tif.series[0].axes
+            n_pages = len(tif.pages)
+    except Exception as err:  # tifffile raises many types for corrupt files
+        raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
     if axes.endswith("S") and shape[-1] in (3, 4):  # one RGB(A) slice, made grey on reading
         return Stack(path, (path.name,), (0,), lambda i: read_image_file(path))
     squeezed = tuple(s for s in shape if s != 1)
@@ -192,7 +199,7 @@ def _h5_stack(path: Path, key: str | None) -> Stack:
             raise ValueError(f"HDF5 file {path} holds datasets {names}; choose one with --h5-key")
         key = names[0]
     elif key not in names:
-        raise KeyError(f"HDF5 file {path} has no dataset '{key}'; it holds {names}")
+        raise ValueError(f"HDF5 file {path} has no dataset '{key}'; it holds {names}")
     with h5py.File(path, "r") as f:
         shape = f[key].shape
     if len(shape) == 2:
@@ -395,23 +402,18 @@ def assign_splits(n: int, fractions: Sequence[float], *, shuffle: bool = False,
 # Writing
 
 
-def prepare_output(out: str | Path, overwrite: bool) -> Path:
-    """Create ``out`` with empty split folders.
+STAGING_PREFIX = ".xmdl-staging-"
+REPLACED_PREFIX = ".xmdl-replaced-"
 
-    Refuses (FileExistsError naming the folder) when ``out`` is not empty,
-    unless ``overwrite``; then only the layout's own items (split folders,
-    dataset.json, objects.csv) are removed, never other files.
-    """
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Refuse (FileExistsError naming the folder) a non-folder ``out``, or a
+    non-empty one without ``overwrite``. Creates nothing."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
-        remove_layout(out)
-    for split in SPLITS:
-        (out / split / "x").mkdir(parents=True, exist_ok=True)
-        (out / split / "y").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not overwrite and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
     return out
 
 
@@ -425,16 +427,52 @@ def remove_layout(out: Path) -> None:
             item.unlink()
 
 
+def _recover(out: Path) -> None:
+    """Undo what a killed conversion left: half-written staging folders, and old
+    layout items moved aside for a swap that never completed (put back)."""
+    for stage in out.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(stage, ignore_errors=True)
+    for trash in out.glob(REPLACED_PREFIX + "*"):
+        for item in trash.iterdir():
+            if not (out / item.name).exists():
+                os.replace(item, out / item.name)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def output_folder(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    """:func:`prepare_output`, and on any error remove the half-written layout
-    so a failed run never leaves files that look like a finished dataset."""
-    out = prepare_output(out, overwrite)
-    try:
-        yield out
-    except BaseException:
-        remove_layout(out)
-        raise
+    """A staging folder (empty split folders) inside ``out`` to write the new data set into.
+
+    Nothing in ``out`` is touched while the conversion runs, so inputs that
+    live inside ``out`` stay readable, and a failure or a kill leaves the old
+    contents exactly as they were. Only when the block completes are the old
+    layout items (split folders, dataset.json, objects.csv; never other files)
+    replaced by the new ones. ``out`` is locked against a second converter.
+    """
+    from xmdl_tf.runlock import FolderLock
+
+    out = check_output(out, overwrite)
+    with FolderLock(out, "data set"):
+        out.mkdir(parents=True, exist_ok=True)
+        _recover(out)
+        stage = out / f"{STAGING_PREFIX}{os.getpid()}"
+        for split in SPLITS:
+            (stage / split / "x").mkdir(parents=True, exist_ok=True)
+            (stage / split / "y").mkdir(parents=True, exist_ok=True)
+        try:
+            yield stage
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        trash = out / f"{REPLACED_PREFIX}{os.getpid()}"
+        trash.mkdir()
+        for name in LAYOUT_ITEMS:
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, trash / name)
+        for item in stage.iterdir():
+            os.replace(item, out / item.name)
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_image(path_stem: Path, image: np.ndarray) -> Path:

@@ -64,14 +64,15 @@ def convert_generic(images: str | Path, labels: str | Path, out: str | Path, *,
     pairs = [c.Pair(split, image_stack, positions[k][0], label_stack, positions[k][1])
              for split in c.SPLITS for k in assignment[split]]
 
-    with c.output_folder(out, overwrite) as out:
-        records = c.convert_pairs(out, pairs, kind=kind, box=box, factor=factor, label_dtype=dtype)
-        return c.write_dataset_json(
-            out, name=name or Path(out).name, converter="data_prep.generic",
+    with c.output_folder(out, overwrite) as stage:
+        records = c.convert_pairs(stage, pairs, kind=kind, box=box, factor=factor, label_dtype=dtype)
+        c.write_dataset_json(
+            stage, name=name or Path(out).name, converter="data_prep.generic",
             source_files=[image_stack.path, label_stack.path], splits=records, kind=kind,
             pixel_size_in=pixel_size_in, factor=factor, box=box,
             split_fractions=[float(f) for f in splits], shuffled=shuffle, seed=seed if shuffle else None,
         )
+    return Path(out) / "dataset.json"
 
 
 @guarded

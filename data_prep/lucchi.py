@@ -74,14 +74,15 @@ def convert_lucchi(src: str | Path, out: str | Path, *, val_fraction: float = 0.
              for z in range(n_train)]
     pairs += [c.Pair("test", stacks["test_images"], z, stacks["test_labels"]) for z in range(len(stacks["test_images"]))]
 
-    with c.output_folder(out, overwrite) as out:
-        records = c.convert_pairs(out, pairs, kind="binary", box=box, factor=factor)
-        return c.write_dataset_json(
-            out, name="lucchi_epfl_hippocampus", converter="data_prep.lucchi", source_files=list(paths.values()),
+    with c.output_folder(out, overwrite) as stage:
+        records = c.convert_pairs(stage, pairs, kind="binary", box=box, factor=factor)
+        c.write_dataset_json(
+            stage, name="lucchi_epfl_hippocampus", converter="data_prep.lucchi", source_files=list(paths.values()),
             splits=records, kind="binary", pixel_size_in=pixel_size_in, factor=factor, box=box,
             val_fraction=val_fraction,
             note="train/val from training.tif (val = last slices in z), test from testing.tif",
         )
+    return Path(out) / "dataset.json"
 
 
 @guarded

@@ -101,14 +101,15 @@ def convert_release(images: str | Path, out: str | Path, *, train_labels: str | 
     # One dtype for the whole dataset, wide enough for the source's ids.
     dtype = None if binary else (np.dtype(np.uint16) if max_bytes <= 2 else np.dtype(np.uint32))
     factor = c.scale_factor(pixel_size_in, pixel_size_out)
-    with c.output_folder(out, overwrite) as out:
-        records = c.convert_pairs(out, pairs, kind=kind, box=box, factor=factor, label_dtype=dtype)
-        return c.write_dataset_json(
-            out, name=name, converter="data_prep.mitoem release", source_files=[image_stack.path, *label_paths],
+    with c.output_folder(out, overwrite) as stage:
+        records = c.convert_pairs(stage, pairs, kind=kind, box=box, factor=factor, label_dtype=dtype)
+        c.write_dataset_json(
+            stage, name=name, converter="data_prep.mitoem release", source_files=[image_stack.path, *label_paths],
             splits=records, kind=kind, pixel_size_in=pixel_size_in, factor=factor, box=box,
             z_step=z_step, label_z0={s: z0[s] for s in sources if sources[s] is not None},
             section_thickness_nm=30.0,
         )
+    return Path(out) / "dataset.json"
 
 
 # ---------------------------------------------------------------------------
@@ -183,11 +184,11 @@ def convert_biapy(src: str | Path, out: str | Path, *, link: bool = False, val_f
         n_val = c.split_counts(len(train), (1 - val_fraction, val_fraction))[1]
         found["train"], found["val"] = train[:len(train) - n_val], train[len(train) - n_val:]
     records = {s: {"count": 0, "slices": [], "sources": [], "labelled": True} for s in c.SPLITS}
-    with c.output_folder(out, overwrite) as out:
+    with c.output_folder(out, overwrite) as stage:
         for split, triples in found.items():
             for image_file, label_file, index in triples:
-                _place(image_file, out / split / "x" / f"im{index:04d}{image_file.suffix.lower()}", link)
-                label_out = out / split / "y" / f"seg{index:04d}.tif"
+                _place(image_file, stage / split / "x" / f"im{index:04d}{image_file.suffix.lower()}", link)
+                label_out = stage / split / "y" / f"seg{index:04d}.tif"
                 if label_file.suffix.lower() in (".tif", ".tiff"):
                     _place(label_file, label_out, link)
                 else:
@@ -196,11 +197,12 @@ def convert_biapy(src: str | Path, out: str | Path, *, link: bool = False, val_f
                 rec["count"] += 1
                 rec["slices"].append(int(index))
                 rec["sources"].append({"image": str(image_file), "label": str(label_file)})
-        return c.write_dataset_json(
-            out, name=name, converter="data_prep.mitoem biapy", source_files=[src], splits=records,
+        c.write_dataset_json(
+            stage, name=name, converter="data_prep.mitoem biapy", source_files=[src], splits=records,
             kind="instance", pixel_size_in=pixel_size_in, linked=link,
             val_from_train=carved, val_fraction=val_fraction if carved else None,
         )
+    return Path(out) / "dataset.json"
 
 
 def _place(src: Path, dst: Path, link: bool) -> None:

@@ -512,25 +512,25 @@ def generate_dataset(out_dir: str | Path, n: int = 20, size: int = 1024, seed: i
     split_of = {i: s for s, idx in assignment.items() for i in idx}
     records = {s: {"count": 0, "slices": [], "seeds": [], "labelled": True} for s in c.SPLITS}
     tables = []
-    with c.output_folder(out_dir, overwrite) as out:
+    with c.output_folder(out_dir, overwrite) as stage:
         for i in range(n):
             split, s_seed = split_of[i], slice_seed(seed, i)
             image, instances, objects = generate_slice(size, s_seed, pixel_size_nm, None, touching_fraction,
                                                        appearance)
-            c.write_image(out / split / "x" / f"im{i:04d}", image)
-            c.write_label(out / split / "y" / f"seg{i:04d}.tif",
+            c.write_image(stage / split / "x" / f"im{i:04d}", image)
+            c.write_label(stage / split / "y" / f"seg{i:04d}.tif",
                           c.encode_label(instances, "instance", c.instance_dtype(len(objects))))
-            (out / split / "objects").mkdir(exist_ok=True)
-            objects.to_csv(out / split / "objects" / f"obj{i:04d}.csv", index=False)
+            (stage / split / "objects").mkdir(exist_ok=True)
+            objects.to_csv(stage / split / "objects" / f"obj{i:04d}.csv", index=False)
             tables.append(objects.assign(split=split, slice=i))
             rec = records[split]
             rec["count"] += 1
             rec["slices"].append(i)
             rec["seeds"].append(s_seed)
         all_objects = pd.concat(tables, ignore_index=True)
-        all_objects.to_csv(out / "objects.csv", index=False)
-        return c.write_dataset_json(
-            out, name=Path(out).name, converter="data_prep.synthetic", source_files=[], splits=records,
+        all_objects.to_csv(stage / "objects.csv", index=False)
+        c.write_dataset_json(
+            stage, name=Path(out_dir).name, converter="data_prep.synthetic", source_files=[], splits=records,
             kind="instance", pixel_size_in=pixel_size_nm,
             generator={"seed": seed, "n": n, "size": size, "touching_fraction": touching_fraction,
                        "appearance": dataclasses.asdict(appearance), "split_fractions": list(splits)},
@@ -539,6 +539,7 @@ def generate_dataset(out_dir: str | Path, n: int = 20, size: int = 1024, seed: i
                      .astype(int).to_dict(),
                      "total": int(len(all_objects))},
         )
+    return Path(out_dir) / "dataset.json"
 
 
 def slice_seed(seed: int, index: int) -> int:

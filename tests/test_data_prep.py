@@ -1,6 +1,7 @@
 """Converters: each real format written small by the test, converted, read back exactly."""
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -77,17 +78,56 @@ def test_resampling_labels_nearest_neighbour_keeps_ids():
         c.scale_factor(None, 8.0)
 
 
-def test_output_folder_refuses_non_empty(tmp_path):
+def test_output_folder_refuses_non_empty_and_replaces_only_when_complete(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match=str(out)):
-        c.prepare_output(out, overwrite=False)
+        with c.output_folder(out, overwrite=False):
+            pass
     (out / "train" / "x").mkdir(parents=True)
     (out / "train" / "x" / "im0001.png").write_bytes(b"stale")
-    c.prepare_output(out, overwrite=True)
-    assert not (out / "train" / "x" / "im0001.png").exists()
+    with pytest.raises(RuntimeError):
+        with c.output_folder(out, overwrite=True) as stage:
+            (stage / "train" / "x" / "im0002.png").write_bytes(b"new")
+            raise RuntimeError("conversion failed half-way")
+    assert (out / "train" / "x" / "im0001.png").read_bytes() == b"stale"  # failed: nothing replaced
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train"]
+    with c.output_folder(out, overwrite=True) as stage:
+        (stage / "train" / "x" / "im0002.png").write_bytes(b"new")
+    assert not (out / "train" / "x" / "im0001.png").exists() and (out / "train" / "x" / "im0002.png").exists()
     assert (out / "notes.txt").read_text() == "keep me"  # only the layout's own items go
+    assert not [p for p in out.iterdir() if p.name.startswith(".xmdl")]
+
+
+def test_overwrite_with_inputs_inside_out_or_a_corrupt_input_loses_nothing(tmp_path, capsys):
+    """The issue's reproduction: `generic --images D/train/x --labels D/train/y --out D --overwrite`."""
+    from conftest import write_split
+
+    from data_prep.generic import main as generic_main
+
+    d = tmp_path / "D"
+    write_split(d, "train", 6, size=64)
+    before = {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    # A corrupt label among the inputs: the conversion fails, D is as it was.
+    bad = d / "train" / "y" / "seg0003.tif"
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a tiff")
+    argv = ["--images", str(d / "train" / "x"), "--labels", str(d / "train" / "y"), "--out", str(d), "--overwrite"]
+    assert generic_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "seg0003.tif" in err and "Traceback" not in err
+    bad.write_bytes(good)
+    assert {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    # Good inputs inside --out: read whole before anything is replaced.
+    assert generic_main([*argv, "--splits", "0.5,0.5,0"]) == 0
+    meta = json.loads((d / "dataset.json").read_text())
+    assert meta["counts"] == {"train": 3, "val": 3, "test": 0} and meta["name"] == "D"
+    for i in range(6):
+        split = "train" if i < 3 else "val"
+        np.testing.assert_array_equal(cv2.imread(str(d / split / "x" / f"im{i:04d}.png"), cv2.IMREAD_UNCHANGED),
+                                      cv2.imdecode(np.frombuffer(before[Path("train/x") / f"im{i:04d}.png"], np.uint8),
+                                                   cv2.IMREAD_UNCHANGED))
 
 
 def test_unsupported_and_missing_inputs_name_the_file(tmp_path):
@@ -201,7 +241,7 @@ def test_mitoem_release_tiff_folders(tmp_path):
             np.testing.assert_array_equal(label, labels[z])  # ids exactly as released
 
 
-def test_mitoem_release_hdf5_volumes(tmp_path):
+def test_mitoem_release_hdf5_volumes(tmp_path, capsys):
     images, labels = _write_mitoem_release(tmp_path / "EM30-R")
     with h5py.File(tmp_path / "mito_train_instance.h5", "w") as f:
         f.create_dataset("main", data=labels[:8].astype(np.uint32), compression="gzip")
@@ -216,10 +256,10 @@ def test_mitoem_release_hdf5_volumes(tmp_path):
               "--val-labels", str(tmp_path / "mito_val_instance.h5"), "--val-z0", "8",
               "--test-labels", str(tmp_path / "mito_test_instance.h5"), "--test-z0", "10",
               "--out", str(out), "--z-step", "2"]
-    with pytest.raises(ValueError, match="mito_test_instance.h5.*--h5-key"):
-        mitoem.main(common)  # two datasets: the key must be chosen
-    with pytest.raises(KeyError, match="mito_train_instance.h5"):
-        mitoem.main(common + ["--h5-key", "dataset_1"])
+    assert mitoem.main(common) == 2  # two datasets: the key must be chosen
+    assert re.search("mito_test_instance.h5.*--h5-key", capsys.readouterr().err)
+    assert mitoem.main(common + ["--h5-key", "dataset_1"]) == 2
+    assert "mito_train_instance.h5 has no dataset 'dataset_1'" in capsys.readouterr().err
     test_only = tmp_path / "test_only.h5"
     with h5py.File(test_only, "w") as f:
         f.create_dataset("dataset_1", data=labels[10:12].astype(np.uint32))
@@ -359,8 +399,8 @@ def test_generic_errors_and_overwrite(tmp_path):
     out = tmp_path / "ok"
     generic.convert_generic(tmp_path / "img.tif", tmp_path / "lab.tif", out)
     before = (out / "dataset.json").read_text()
-    with pytest.raises(FileExistsError, match=str(out)):
-        generic.main(["--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "--out", str(out)])
+    assert generic.main(["--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"),
+                         "--out", str(out)]) == 2
     assert (out / "dataset.json").read_text() == before  # nothing was touched
     generic.main(["--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"),
                   "--out", str(out), "--overwrite", "--crop", "8", "8", "32", "40"])
