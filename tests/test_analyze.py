@@ -62,7 +62,9 @@ def test_analyze_cli_end_to_end(tiny_run, tmp_path):
     stack = np.stack([blob_image(96, seed=30 + z)[0] for z in range(2)])
     # An ImageJ stack with a 5 nm pixel size in its metadata.
     tifffile.imwrite(inp / "stack.tif", stack, imagej=True, resolution=(200.0, 200.0), metadata={"unit": "um"})
+    tifffile.imwrite(labels / "stack.tif", np.stack([blob_image(96, seed=30 + z)[1] for z in range(2)]))
     (inp / "broken.png").write_bytes(b"not a png")
+    tifffile.imwrite(labels / "broken.tif", np.zeros((8, 8), np.uint8))
     out = tmp_path / "out"
     rc = analyze_main([str(inp), "--model", str(tiny_run), "--labels", str(labels), "--out", str(out),
                        "--tile", "64", "--overlap", "16", "--faithfulness"])

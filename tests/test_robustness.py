@@ -180,3 +180,172 @@ def test_train_resumes_after_kills_at_any_moment(blob_dataset, tmp_path):
 
     keras.models.load_model(out / "model.keras", compile=False)
     json.loads((out / "config.json").read_text())
+
+
+# ----------------------------------------------------------------------------
+# analyze: rows as it goes, --resume, kills, a full disk
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """An untrained tiny model folder (predictions are deterministic, which is all these tests need)."""
+    from xmdl_tf.config import Config, DataConfig, ModelConfig
+    from xmdl_tf.model import build_from_config
+
+    folder = tmp_path_factory.mktemp("model")
+    cfg = Config(model=ModelConfig(depth=3, base_filters=4), data=DataConfig(pixel_size_nm=5.0))
+    build_from_config(cfg.model).save(folder / "model.keras")
+    cfg.save(folder / "config.json")
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    import cv2
+
+    from conftest import blob_image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(folder / f"s{i}.png"), blob_image(96, seed=40 + i)[0])
+    return folder
+
+
+def _table_ok(out: Path) -> pd.DataFrame:
+    """summary.csv parses, and every image it lists has its whole set of files."""
+    from xmdl_tf.analyze import OUTPUT_FILES
+
+    summary = pd.read_csv(out / "summary.csv")
+    for name in summary["image"]:
+        for f in OUTPUT_FILES:
+            if f.endswith(".tif"):
+                tifffile.imread(out / name / f)  # whole, not truncated
+            else:
+                assert (out / name / f).stat().st_size > 0
+    return summary
+
+
+ANALYZE = ["--tile", "64", "--overlap", "16"]
+
+
+def test_analyze_failure_of_one_image_loses_nothing_and_resume_continues(small_model, images, tmp_path, capsys,
+                                                                         monkeypatch):
+    import xmdl_tf.analyze as an
+
+    out = tmp_path / "out"
+    real = an.analyze_image
+    calls = []
+
+    def flaky(predictor, image, name, *a, **k):
+        calls.append(name)
+        if name == "s2":
+            raise RuntimeError("an unexpected failure")  # not one of the error types an image used to be allowed
+        if name == "s4":
+            raise KeyboardInterrupt  # as a kill would
+        return real(predictor, image, name, *a, **k)
+
+    monkeypatch.setattr(an, "analyze_image", flaky)
+    assert an.main([str(images), "--model", str(small_model), "--out", str(out), *ANALYZE]) == 130
+    summary = _table_ok(out)
+    assert list(summary["image"]) == ["s0", "s1", "s3"]  # rows written as each image finished
+    assert "s2" in capsys.readouterr().err
+    monkeypatch.setattr(an, "analyze_image", real)
+    before = {n: (out / n / "instances.tif").read_bytes() for n in ("s0", "s1", "s3")}
+    # Without --resume the finished results are not touched.
+    assert an.main([str(images), "--model", str(small_model), "--out", str(out), *ANALYZE]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert an.main([str(images), "--model", str(small_model), "--out", str(out), *ANALYZE, "--resume"]) == 0
+    summary = _table_ok(out)
+    assert list(summary["image"]) == [f"s{i}" for i in range(6)]
+    assert {n: (out / n / "instances.tif").read_bytes() for n in before} == before
+    objects = pd.read_csv(out / "objects.csv")
+    assert objects.groupby("image").size().reindex(summary["image"], fill_value=0).tolist() == summary["count"].tolist()
+
+
+def test_analyze_refuses_missing_labels_and_implausible_pixel_sizes_up_front(small_model, images, tmp_path, capsys):
+    from xmdl_tf.analyze import main
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    tifffile.imwrite(labels / "s0.tif", np.zeros((96, 96), np.uint8))
+    out = tmp_path / "out"
+    assert main([str(images), "--model", str(small_model), "--labels", str(labels), "--out", str(out)]) == 2
+    one_line_error(capsys, "no label for 5 input(s)")
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main([str(images), "--model", str(small_model), "--pixel-size", "1e-6", "--out", str(out)])
+    assert "outside the plausible range" in capsys.readouterr().err
+    for bad in (["--overlap", "-8"], ["--tile", "0"], ["--batch-size", "-1"], ["--threshold", "2"]):
+        with pytest.raises(SystemExit):
+            main([str(images), "--model", str(small_model), "--out", str(out), *bad])
+        assert bad[0] in capsys.readouterr().err
+    # Implausible metadata is ignored with a warning; a plausible one that would resample
+    # absurdly far (200 nm into a 5 nm model: x40) is refused for that image, clearly.
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)
+    tifffile.imwrite(images / "huge.tif", noise, imagej=True, resolution=(1e-3, 1e-3), metadata={"unit": "um"})
+    tifffile.imwrite(images / "far.tif", noise, imagej=True, resolution=(5.0, 5.0), metadata={"unit": "um"})
+    assert main([str(images / "huge.tif"), str(images / "far.tif"), "--model", str(small_model), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "huge.tif metadata: pixel size 1e+06 nm is outside the plausible range" in err
+    assert "skipped far: pixel size 200 nm would resample the image by x40" in err
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["image"]) == ["huge"] and np.isnan(summary["pixel_size_nm"][0])
+
+
+@pytest.mark.slow
+def test_analyze_resumes_after_a_random_kill(small_model, images, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cmd = [sys.executable, "-m", "xmdl_tf.analyze", str(images), "--model", str(small_model), "--out", str(out),
+           *ANALYZE]
+    rng = random.Random(5)
+    after_rows, delay = rng.randint(1, 4), rng.uniform(0, 0.5)
+
+    def rows() -> int:
+        try:
+            return len(pd.read_csv(out / "summary.csv"))
+        except (OSError, ValueError):
+            return 0
+
+    t_hit = []
+
+    def until() -> bool:
+        if not t_hit and rows() >= after_rows:
+            t_hit.append(time.time())
+        return bool(t_hit) and time.time() > t_hit[0] + delay
+
+    p = _run_until(cmd, env, until)
+    assert p.returncode == -signal.SIGKILL
+    partial = _table_ok(out)
+    assert 1 <= len(partial) < 6
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{len(partial)} image(s) already done" in done.stdout
+    resumed = _table_ok(out)
+    # The same numbers as one uninterrupted run.
+    from xmdl_tf.analyze import main
+
+    assert main([str(images), "--model", str(small_model), "--out", str(tmp_path / "ref"), *ANALYZE]) == 0
+    ref = pd.read_csv(tmp_path / "ref" / "summary.csv")
+    pd.testing.assert_series_equal(resumed["count"], ref["count"])
+    assert list(resumed["image"]) == list(ref["image"])
+
+
+def test_analyze_on_a_full_disk_keeps_what_was_finished(small_model, images, tmp_path, capsys):
+    from xmdl_tf.analyze import main
+
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
+    try:
+        out = disk / "out"
+        rc = main([str(images), "--model", str(small_model), "--out", str(out), *ANALYZE])
+        err = capsys.readouterr().err
+        assert rc == 2 and "No space left on device" in err and "Traceback" not in err
+        summary = _table_ok(out)  # parses, and lists only images whose files are all whole
+        assert 1 <= len(summary) < 6
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -17,8 +17,6 @@ stacks (each page is analysed as `<stem>_z0000`, ...), 8- or 16-bit.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -185,25 +183,41 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
 
 
 def write_outputs(a: Analysis, folder: Path, make_figure: bool = True) -> None:
-    """Write the per-image files (see module docstring)."""
+    """Write the per-image files (see module docstring) into `folder`, atomically.
+
+    They are written into a hidden sibling folder first and renamed into place
+    when complete, so `folder` holds either a whole result or none (an earlier
+    result it replaces stays until then).
+    """
+    import shutil
+
     import tifffile
 
     from .figure import unified_figure
+    from .runlock import atomic_replace_dir
 
-    folder.mkdir(parents=True, exist_ok=True)
-    res = {}
-    if a.summary.get("pixel_size_nm"):
-        # ImageJ-readable pixel size, so Fiji opens the outputs calibrated.
-        res = {"resolution": (1.0 / (a.summary["pixel_size_nm"] / 1000.0),) * 2, "imagej": True,
-               "metadata": {"unit": "um"}}
-    tifffile.imwrite(folder / "mask.tif", a.mask.astype(np.uint8), compression="zlib", **res)
-    tifffile.imwrite(folder / "instances.tif", a.instances, compression="zlib", **res)
-    tifffile.imwrite(folder / "probability.tif", a.probability.astype(np.float32), compression="zlib", **res)
-    tifffile.imwrite(folder / "gradcam.tif", a.heatmap.astype(np.float32), compression="zlib", **res)
-    a.table.to_csv(folder / "morphometry.csv", index=False)
-    if make_figure:
-        unified_figure(a.image, a.instances, a.table, a.heatmap, folder / "figure.png", title=a.name,
-                       true_mask=a.true_mask, summary=a.summary)
+    stage = folder.with_name(f".{folder.name}.partial")
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        res = {}
+        if a.summary.get("pixel_size_nm"):
+            # ImageJ-readable pixel size, so Fiji opens the outputs calibrated.
+            res = {"resolution": (1.0 / (a.summary["pixel_size_nm"] / 1000.0),) * 2, "imagej": True,
+                   "metadata": {"unit": "um"}}
+        tifffile.imwrite(stage / "mask.tif", a.mask.astype(np.uint8), compression="zlib", **res)
+        tifffile.imwrite(stage / "instances.tif", a.instances, compression="zlib", **res)
+        tifffile.imwrite(stage / "probability.tif", a.probability.astype(np.float32), compression="zlib", **res)
+        tifffile.imwrite(stage / "gradcam.tif", a.heatmap.astype(np.float32), compression="zlib", **res)
+        a.table.to_csv(stage / "morphometry.csv", index=False)
+        if make_figure:
+            unified_figure(a.image, a.instances, a.table, a.heatmap, stage / "figure.png", title=a.name,
+                           true_mask=a.true_mask, summary=a.summary)
+        atomic_replace_dir(stage, folder)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------
@@ -211,73 +225,162 @@ def write_outputs(a: Analysis, folder: Path, make_figure: bool = True) -> None:
 
 
 def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels: str | None = None,
-            settings: Settings | None = None, overwrite: bool = False, verbose: bool = True) -> dict:
-    """Analyse every input slice; returns {"analysed": [...], "failed": [(input, error), ...]}.
+            settings: Settings | None = None, overwrite: bool = False, verbose: bool = True,
+            resume: bool = False) -> dict:
+    """Analyse every input slice; returns {"analysed": [...], "skipped": [...], "failed": [(input, error), ...]}.
 
-    A bad input is reported by name and skipped; the others are still analysed.
-    Existing outputs are never overwritten unless `overwrite`.
+    Everything is checked before anything is written: the inputs (a bad one is
+    reported by name and left out), a label for every input when `labels` is
+    given, the model, the pixel size and the output folder. Then each image's
+    files land atomically in `out/<name>/` and its rows are added to
+    `out/summary.csv` and `out/objects.csv` as soon as it is done, so a kill or
+    a failure loses at most the image in progress; one failing image never
+    stops the others (a full disk stops the batch). `out` is locked against a
+    second process.
+
+    Existing results are never overwritten unless `overwrite` (each image's
+    old files and rows are replaced when its new ones are complete); `resume`
+    continues an interrupted batch, skipping images whose outputs and rows are
+    complete.
     """
-    import pandas as pd
+    import errno
+
     from keras.utils import Progbar
 
     from .io import read_image, read_label, read_pixel_size_nm
     from .predict import load_model
+    from .runlock import FolderLock
 
     s = settings or Settings()
+    if s.pixel_size_nm is not None:
+        cli.check_pixel_size(s.pixel_size_nm, "--pixel-size")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
     pairs, failed = expand_inputs(inputs)
     if not pairs and failed:
-        return {"analysed": [], "failed": failed}
-    if not overwrite:
-        clash = [out / n for n in ("summary.csv", "objects.csv") if (out / n).exists()]
-        clash += [out / p.name / f for p in pairs for f in OUTPUT_FILES if (out / p.name / f).exists()]
-        if clash:
-            raise FileExistsError(f"{clash[0]} exists (and {len(clash) - 1} more output files); "
-                                  "use --overwrite or another --out")
+        return {"analysed": [], "skipped": [], "failed": failed}
+    label_map = match_labels(pairs, labels)
+    if labels is not None:
+        unlabelled = [p.name for p in pairs if p.name not in label_map]
+        if unlabelled:
+            raise DataError(f"{labels}: no label for {len(unlabelled)} input(s), e.g. {unlabelled[0]}; give a label "
+                            "for every input, or analyse the unlabelled ones without --labels")
     if model is None:
         model = default_model_path()
         if model is None:
             raise FileNotFoundError("no default model is installed (models/xmdl_ref); pass --model MODEL")
     predictor = load_model(model, tta=s.tta) if isinstance(model, (str, Path)) else model
-    label_map = match_labels(pairs, labels)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, tables, done = [], [], []
-    t0 = time.time()
-    for i, pair in enumerate(pairs):
-        try:
-            image = read_image(pair.image, pair.page)
-            label = None
-            if pair.name in label_map:
-                lp = label_map[pair.name]
-                label = read_label(lp.image, lp.page)
-                if label.shape != image.shape:
-                    raise DataError(f"{lp.image} is {label.shape} but {pair.image} is {image.shape}")
-            px = read_pixel_size_nm(pair.image) or s.pixel_size_nm
-            bar = None
-            if verbose:
-                print(f"[{i + 1}/{len(pairs)}] {pair.name}  {image.shape[0]}x{image.shape[1]}", flush=True)
-                from .tiling import plan_tiles
 
-                n_tiles = len(plan_tiles(image.shape, s.tile, s.overlap, predictor.size_divisor)[2])
-                if n_tiles > 4:
-                    bar = Progbar(n_tiles, unit_name="tile")
-            a = analyze_image(predictor, image, pair.name, s, label, px,
-                              progress=(lambda n, b=bar: b.add(n)) if bar else None)
-            write_outputs(a, out / pair.name, s.figure)
-            rows.append(a.summary)
-            tables.append(a.table)
-            done.append(pair.name)
+    with FolderLock(out, "analysis"):
+        rows, objects = _previous_rows(out)
+        complete = {n for n in rows if _complete(out / n, s.figure)}
+        if not (overwrite or resume):
+            clash = [out / n for n in ("summary.csv", "objects.csv") if (out / n).exists()]
+            clash += [out / p.name for p in pairs if (out / p.name).exists()]
+            if clash:
+                raise FileExistsError(f"{clash[0]} exists (and {len(clash) - 1} more outputs); use --resume to "
+                                      "continue an interrupted batch, --overwrite to replace, or another --out")
+        todo = [p for p in pairs if overwrite or p.name not in complete]
+        skipped = [p.name for p in pairs if p not in todo]
+        if verbose and skipped:
+            print(f"--resume: {len(skipped)} image(s) already done, {len(todo)} to go", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        done = []
+        t0 = time.time()
+        for i, pair in enumerate(todo):
+            where = str(pair.image) + (f" (page {pair.page})" if pair.page is not None else "")
+            try:
+                image = read_image(pair.image, pair.page)
+                label = None
+                if pair.name in label_map:
+                    lp = label_map[pair.name]
+                    label = read_label(lp.image, lp.page)
+                    if label.shape != image.shape:
+                        raise DataError(f"{lp.image} is {label.shape} but {pair.image} is {image.shape}")
+                px = _pixel_size(pair, read_pixel_size_nm(pair.image), s.pixel_size_nm, verbose)
+                bar = None
+                if verbose:
+                    factor = predictor.scale_factor(px, s.rescale)
+                    note = f"  (resampled x{factor:.3g} to the model's {predictor.pixel_size_nm:g} nm)" if factor != 1 else ""
+                    print(f"[{i + 1}/{len(todo)}] {pair.name}  {image.shape[0]}x{image.shape[1]}{note}", flush=True)
+                    from .tiling import plan_tiles
+
+                    n_tiles = len(plan_tiles(image.shape, s.tile, s.overlap, predictor.size_divisor)[2])
+                    if n_tiles > 4:
+                        bar = Progbar(n_tiles, unit_name="tile")
+                a = analyze_image(predictor, image, pair.name, s, label, px,
+                                  progress=(lambda n, b=bar: b.add(n)) if bar else None)
+                write_outputs(a, out / pair.name, s.figure)
+                rows[pair.name] = a.summary
+                objects[pair.name] = a.table
+                _write_tables(out, rows, objects, [p.name for p in pairs])
+                done.append(pair.name)
+                if verbose:
+                    print(f"    {a.summary['count']} mitochondria -> {out / pair.name}", flush=True)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise  # every further image would fail the same way
+                failed.append((where, cli.one_line(err)))
+                print(f"    skipped {pair.name}: {cli.one_line(err)}", file=sys.stderr, flush=True)
+            except Exception as err:  # noqa: BLE001 - one image's failure must not lose the others
+                msg = str(err) if isinstance(err, (DataError, ValueError)) else f"{type(err).__name__}: {err}"
+                failed.append((where, " ".join(msg.split())))
+                print(f"    skipped {pair.name}: {failed[-1][1]}", file=sys.stderr, flush=True)
+        if verbose:
+            print(f"analysed {len(done)} image(s) in {time.time() - t0:.0f} s -> {out}/summary.csv, objects.csv")
+    return {"analysed": done, "skipped": skipped, "failed": failed}
+
+
+def _pixel_size(pair: SlicePair, from_file: float | None, given: float | None, verbose: bool) -> float | None:
+    """The slice's pixel size: its metadata if plausible, else `given` (--pixel-size), else None."""
+    if from_file is not None:
+        try:
+            return cli.check_pixel_size(from_file, f"{pair.image} metadata")
+        except cli.UsageError as err:
             if verbose:
-                print(f"    {a.summary['count']} mitochondria -> {out / pair.name}", flush=True)
-        except (DataError, OSError, ValueError) as err:
-            failed.append((str(pair.image) + (f" (page {pair.page})" if pair.page is not None else ""), str(err)))
-            print(f"    skipped: {err}", file=sys.stderr, flush=True)
-    if rows:
-        pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
-        pd.concat(tables, ignore_index=True).to_csv(out / "objects.csv", index=False)
-    if verbose:
-        print(f"analysed {len(done)} image(s) in {time.time() - t0:.0f} s -> {out}/summary.csv, objects.csv")
-    return {"analysed": done, "failed": failed}
+                print(f"    warning: {err}; ignored", file=sys.stderr, flush=True)
+    return given
+
+
+def _complete(folder: Path, figure: bool) -> bool:
+    need = [f for f in OUTPUT_FILES if figure or f != "figure.png"]
+    return all((folder / f).is_file() for f in need)
+
+
+def _previous_rows(out: Path) -> tuple[dict, dict]:
+    """Rows of an earlier (possibly interrupted) run in `out`: {image: summary row}, {image: objects table}."""
+    import pandas as pd
+
+    rows, objects = {}, {}
+    if (out / "summary.csv").is_file():
+        try:
+            for r in pd.read_csv(out / "summary.csv").to_dict("records"):
+                rows[str(r["image"])] = r
+        except (ValueError, KeyError, pd.errors.EmptyDataError) as err:
+            raise DataError(f"{out / 'summary.csv'}: unreadable ({err}); move it away to start again") from None
+    if (out / "objects.csv").is_file():
+        try:
+            table = pd.read_csv(out / "objects.csv")
+        except (ValueError, pd.errors.EmptyDataError):
+            table = pd.DataFrame(columns=["image"])
+        for name, t in table.groupby("image", sort=False) if "image" in table else []:
+            objects[str(name)] = t
+    # An image counts as done only with both its summary row and its files.
+    return rows, {n: t for n, t in objects.items() if n in rows}
+
+
+def _write_tables(out: Path, rows: dict, objects: dict, order: list[str]) -> None:
+    """Rewrite summary.csv and objects.csv atomically: this batch in input order, then earlier images."""
+    import pandas as pd
+
+    from .runlock import atomic_write_text
+
+    names = [n for n in order if n in rows] + [n for n in rows if n not in set(order)]
+    atomic_write_text(out / "summary.csv", pd.DataFrame([rows[n] for n in names]).to_csv(index=False))
+    tables = [objects[n] for n in names if n in objects and len(objects[n])]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["image"])
+    atomic_write_text(out / "objects.csv", table.to_csv(index=False))
 
 
 @cli.guarded
@@ -290,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rescale", action="store_true",
                    help="do not resample inputs to the model's pixel size (when both are known)")
     p.add_argument("--out", default="xmdl_out")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out (each image's when its new one is done)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted batch: skip images already done")
     p.add_argument("--threshold", type=cli.probability, default=0.5)
     p.add_argument("--min-area", type=cli.nonnegative_float, default=DEFAULT_MIN_AREA_NM2, help="smallest object, nm^2 (pixel size known)")
     p.add_argument("--min-size", type=cli.nonnegative_int, default=DEFAULT_MIN_SIZE_PX, help="smallest object, pixels (pixel size unknown)")
@@ -320,11 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                         batch_size=args.batch_size, pixel_size_nm=args.pixel_size, rescale=not args.no_rescale,
                         rules=rules,
                         figure=not args.no_figure)
-    try:
-        result = analyze(args.inputs, args.model, args.out, args.labels, settings, args.overwrite)
-    except (FileNotFoundError, FileExistsError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
+    result = analyze(args.inputs, args.model, args.out, args.labels, settings, args.overwrite, resume=args.resume)
     if result["failed"]:
         print(f"{len(result['failed'])} input(s) failed:", file=sys.stderr)
         for name, err in result["failed"]:

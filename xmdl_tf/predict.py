@@ -23,6 +23,9 @@ from .tiling import auto_batch_size, plan_tiles, predict_tiled
 # 0.03%, 10% more compute; benchmarks/bench_inference.py).
 DEFAULT_TILE = 2048
 DEFAULT_OVERLAP = 64
+# Beyond 16x either way the pixel size is almost surely wrong (a unit mistake),
+# and a 4096-px slice would become a 65536-px one.
+MAX_RESAMPLE = 16.0
 
 
 class ModelError(ValueError):
@@ -103,7 +106,12 @@ class Predictor:
         """Resize factor that brings an input of `pixel_size_nm` to the model's pixel size (1 = none)."""
         from .sampling import resample_factor
 
-        return resample_factor(pixel_size_nm, self.pixel_size_nm) if rescale else 1.0
+        factor = resample_factor(pixel_size_nm, self.pixel_size_nm) if rescale else 1.0
+        if not 1 / MAX_RESAMPLE <= factor <= MAX_RESAMPLE:
+            raise ValueError(f"pixel size {pixel_size_nm:g} nm would resample the image by x{factor:.3g} to the model's "
+                             f"{self.pixel_size_nm:g} nm (more than x{MAX_RESAMPLE:g} either way); check the pixel size, "
+                             "or pass --no-rescale to predict on the image's own grid")
+        return factor
 
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                       batch_size: int | None = None, progress: Callable[[int], None] | None = None,
