@@ -25,14 +25,13 @@ from _util import machine, table  # noqa: E402
 
 def breakdown(model: str | None, size: int, base: int) -> dict:
     from data_prep.synthetic import generate_slice
-    from xmdl_tf.analyze import Settings
     from xmdl_tf.figure import unified_figure
     from xmdl_tf.instances import mask_to_instances
     from xmdl_tf.morphometry import ShapeRules, classify, measure
     from bench_inference import predictor
 
     pred = predictor(model, base)
-    s = Settings()
+    s = pred.config.inference
     image, _, _ = generate_slice(size=size, seed=0, pixel_size_nm=5.0)
     pred.predict_slice(image, s.tile, s.overlap, s.batch_size)  # trace every tile shape once
     pred.explain_slice(image, None, None, s.tile, s.overlap, s.batch_size)

@@ -124,7 +124,7 @@ def test_same_slice_at_two_pixel_sizes_gives_same_counts_and_areas(base_run):
     img5, inst5, _ = generate_slice(size=384, seed=77, pixel_size_nm=5.0, touching_fraction=0.0)
     img10 = cv2.resize(img5, (192, 192), interpolation=cv2.INTER_AREA)  # the same field at 10 nm per pixel
     # The tiny test model leaves a few specks of false positives below 0.02 um^2; drop them.
-    s = Settings(tile=128, overlap=32, min_area_nm2=20_000)
+    s = Settings(inference={"tile": 128, "overlap": 32, "min_area_nm2": 20_000})
     a5 = analyze_image(pred, img5, "5nm", s, pixel_size_nm=5.0)
     a10 = analyze_image(pred, img10, "10nm", s, pixel_size_nm=10.0)
     assert a10.summary["rescaled_by"] == 2.0 and a5.summary["rescaled_by"] == 1.0

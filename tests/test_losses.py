@@ -82,7 +82,8 @@ def test_numpy_scores_edge_cases():
 
 
 def test_instance_scores_pooled():
-    from xmdl_tf.evaluate import instance_counts, pooled_instance_scores
+    from xmdl_tf.config import InferenceConfig
+    from xmdl_tf.postprocess import pooled_instance_scores, score_slice
 
     true = np.zeros((20, 20), np.uint8)
     true[2:6, 2:6] = 1
@@ -90,7 +91,7 @@ def test_instance_scores_pooled():
     pred = np.zeros((20, 20), np.uint16)
     pred[2:6, 2:6] = 1  # one exact match
     pred[17:19, 0:3] = 2  # one false positive
-    r = instance_counts(pred, true)
+    r = score_slice((pred > 0).astype(np.float32), true, InferenceConfig(), predicted=pred)
     assert (r["inst_tp"], r["inst_fp"], r["inst_fn"], r["count_error"]) == (1, 1, 1, 0)
     s = pooled_instance_scores([r, {**r, "count_error": -2}])
     assert s["instance_f1_iou50"] == pytest.approx(0.5) and s["mean_abs_count_error"] == 1.0

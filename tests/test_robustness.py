@@ -349,3 +349,64 @@ def test_analyze_on_a_full_disk_keeps_what_was_finished(small_model, images, tmp
         assert 1 <= len(summary) < 6
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+# ----------------------------------------------------------------------------
+# One inference configuration, one post-processing and scoring path
+
+
+def test_analyze_and_evaluate_agree_by_construction(small_model, tmp_path):
+    """The same slices scored by `evaluate` and by `analyze --labels` give the same numbers,
+    with the model's stored inference settings and with the same flags overriding them."""
+    from conftest import write_split
+    from xmdl_tf.analyze import main as analyze_main
+    from xmdl_tf.config import Config, InferenceConfig
+    from xmdl_tf.evaluate import main as evaluate_main
+
+    data = tmp_path / "d"
+    write_split(data, "test", 3, size=96)
+    # A model whose stored settings differ from the built-in ones: both commands must use them.
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.keras").write_bytes((small_model / "model.keras").read_bytes())
+    cfg = Config.load(small_model / "config.json")
+    Config(**{**cfg.__dict__, "inference": InferenceConfig(threshold=0.45, min_size_px=5, tile=64, overlap=16)}).save(
+        model / "config.json")
+    for flags in ([], ["--threshold", "0.55", "--no-separate"]):
+        tag = "-".join(flags) or "stored"
+        assert evaluate_main(["--model", str(model), "--data", str(data), "--out", str(tmp_path / f"ev{tag}"),
+                              *flags]) == 0
+        assert analyze_main([str(data / "test" / "x"), "--labels", str(data / "test" / "y"), "--model", str(model),
+                             "--out", str(tmp_path / f"an{tag}"), "--no-figure", *flags]) == 0
+        ev = pd.read_csv(tmp_path / f"ev{tag}" / "per_image.csv").set_index("image")
+        an = pd.read_csv(tmp_path / f"an{tag}" / "summary.csv").set_index("image")
+        for col_ev, col_an in (("f1", "f1"), ("iou", "iou"), ("count", "count"), ("gt_count", "gt_count"),
+                               ("count_error", "count_error")):
+            np.testing.assert_allclose(ev[col_ev], an.loc[ev.index, col_an], err_msg=f"{tag}: {col_ev}")
+        metrics = json.loads((tmp_path / f"ev{tag}" / "metrics.json").read_text())
+        assert metrics["inference"]["threshold"] == (0.55 if flags else 0.45)
+        assert metrics["inference"]["separate"] is (not flags)
+
+
+def test_one_threshold_operator_and_ignored_pixels():
+    from xmdl_tf.config import InferenceConfig
+    from xmdl_tf.postprocess import foreground, instances, score_slice
+
+    prob = np.zeros((32, 32), np.float32)
+    prob[4:12, 4:12] = 0.5  # exactly at the threshold: foreground, in the mask and in the instances
+    prob[20:28, 20:28] = np.nan
+    ic = InferenceConfig(threshold=0.5, min_size_px=0)
+    assert foreground(prob, 0.5).sum() == 64 and (instances(prob, ic) > 0).sum() == 64
+    label = np.zeros((32, 32), np.uint8)
+    label[4:12, 4:12] = 1
+    label[0:2, :] = 255  # unlabelled rows: left out of every count
+    prob[0:2, :] = 0.9
+    sc = score_slice(prob, label, ic, ignore_value=255)
+    assert (sc["tp"], sc["fp"], sc["fn"], sc["tn"]) == (64, 0, 0, 32 * 32 - 64 - 64)
+    assert (sc["inst_tp"], sc["inst_fp"], sc["count"]) == (1, 0, 1)
+    with pytest.raises(ValueError, match="threshold"):
+        InferenceConfig(threshold=2)
+    with pytest.raises(ValueError, match="overlap"):
+        InferenceConfig(tile=64, overlap=-1)
+    with pytest.raises(ValueError, match="tile"):
+        InferenceConfig(tile=0)

@@ -20,18 +20,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import cli
+from .config import InferenceConfig
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
-from .predict import DEFAULT_OVERLAP, DEFAULT_TILE
 
 OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "morphometry.csv", "figure.png")
-DEFAULT_MIN_AREA_NM2 = 5_000.0  # ~80 nm across: below the smallest mitochondrial profiles in EM
-DEFAULT_MIN_SIZE_PX = 30  # used when the pixel size is unknown
 
 
 def default_model_path() -> Path | None:
@@ -104,22 +102,26 @@ def match_labels(pairs: list[SlicePair], labels: str | None) -> dict[str, SliceP
 
 @dataclass
 class Settings:
-    """Post-processing and explanation settings shared by all images."""
+    """What applies to every image of one `analyze` call.
 
-    threshold: float = 0.5
-    min_area_nm2: float = DEFAULT_MIN_AREA_NM2
-    min_size_px: int = DEFAULT_MIN_SIZE_PX
-    separate: bool = True
-    gradcam_layer: str | None = None
+    inference: overrides of the model's `InferenceConfig` (config.json
+    "inference"): a dict of its fields, a whole InferenceConfig, or None for
+    the model's own settings.
+    """
+
+    inference: InferenceConfig | dict | None = None
+    pixel_size_nm: float | None = None  # used when a file does not say
     faithfulness: bool = False
-    tta: bool = False
-    tile: int = DEFAULT_TILE
-    overlap: int = DEFAULT_OVERLAP
-    batch_size: int | None = None  # tiles per call; None: by tile size (tiling.auto_batch_size)
-    pixel_size_nm: float | None = None
-    rescale: bool = True  # resample inputs to the model's pixel size when both are known
     rules: object = None
     figure: bool = True
+
+    def resolve(self, predictor) -> InferenceConfig:
+        """The InferenceConfig to apply with `predictor`."""
+        base = getattr(predictor, "config", None)
+        base = base.inference if base is not None else InferenceConfig()
+        if isinstance(self.inference, InferenceConfig):
+            return self.inference
+        return replace(base, **(self.inference or {}))
 
 
 @dataclass
@@ -144,39 +146,38 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     label: optional ground truth (binary mask or instance ids) for scores.
     pixel_size_nm: nm per pixel, or None (measurements in pixels).
     """
-    from skimage.measure import label as cc_label
-
     from .gradcam import deletion_check, energy_inside
-    from .instances import mask_to_instances, match_instances, min_size_px_from_area
-    from .metrics import confusion, scores
+    from .metrics import scores
     from .morphometry import ShapeRules, classify, measure, summarize
+    from .postprocess import foreground, instances as to_instances, score_slice, truth
 
     s = settings or Settings()
-    scale = {"pixel_size_nm": pixel_size_nm, "rescale": s.rescale}
-    prob, cam = predictor.explain_slice(image, s.gradcam_layer, None, s.tile, s.overlap, s.batch_size, progress, **scale)
-    if s.tta:
-        prob = predictor.predict_slice(image, s.tile, s.overlap, s.batch_size, tta=True, **scale)
-    min_px = min_size_px_from_area(s.min_area_nm2, pixel_size_nm) if pixel_size_nm else s.min_size_px
-    instances = mask_to_instances(prob, s.threshold, min_size_px=min_px, separate=s.separate)
+    ic = s.resolve(predictor)
+    scale = {"pixel_size_nm": pixel_size_nm, "rescale": ic.rescale}
+    prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size, progress,
+                                        **scale)
+    if ic.tta:
+        prob = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True, **scale)
+    instances = to_instances(prob, ic, pixel_size_nm)
     table = measure(instances, image=image, pixel_size_nm=pixel_size_nm, heatmap=cam)
     table["shape_class"] = classify(table, s.rules or ShapeRules(), pixel_size_nm)
-    mask = prob >= s.threshold
+    mask = foreground(prob, ic.threshold)
     summary = {"image": name, **summarize(table), "foreground_fraction": float(mask.mean()),
                "gradcam_energy_in_mask": energy_inside(cam, mask), "pixel_size_nm": pixel_size_nm,
-               "rescaled_by": predictor.scale_factor(pixel_size_nm, s.rescale)}
+               "rescaled_by": predictor.scale_factor(pixel_size_nm, ic.rescale)}
     true_mask = None
     if label is not None:
-        true_mask = label > 0
-        gt = label if len(np.unique(label)) > 2 else cc_label(true_mask, connectivity=1)
-        inst = match_instances(instances, gt, 0.5)
-        summary.update(scores(confusion(mask, true_mask)))
-        summary.update({"instance_f1_iou50": inst["f1"], "instance_precision_iou50": inst["precision"],
-                        "instance_recall_iou50": inst["recall"], "gt_count": int(inst["n_true"]),
-                        "count_error": int(inst["count_error"]),
+        true_mask = truth(label)[0]
+        sc = score_slice(prob, label, ic, pixel_size_nm, predicted=instances)
+        tp, fp, fn = sc["inst_tp"], sc["inst_fp"], sc["inst_fn"]
+        summary.update(scores(sc))
+        summary.update({"instance_f1_iou50": 2 * tp / max(2 * tp + fp + fn, 1),
+                        "instance_precision_iou50": tp / max(tp + fp, 1), "instance_recall_iou50": tp / max(tp + fn, 1),
+                        "gt_count": sc["gt_count"], "count_error": sc["count_error"],
                         "gradcam_energy_in_true_mask": energy_inside(cam, true_mask)})
     if s.faithfulness:
-        check = deletion_check(lambda im: predictor.predict_slice(im, s.tile, s.overlap, s.batch_size, **scale),
-                               image, cam, prob, s.threshold)
+        check = deletion_check(lambda im: predictor.predict_slice(im, ic.tile, ic.overlap, ic.batch_size, **scale),
+                               image, cam, prob, ic.threshold)
         summary.update({f"deletion_{k}": v for k, v in check.items()})
     table.insert(0, "image", name)
     return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask)
@@ -270,7 +271,8 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
         model = default_model_path()
         if model is None:
             raise FileNotFoundError("no default model is installed (models/xmdl_ref); pass --model MODEL")
-    predictor = load_model(model, tta=s.tta) if isinstance(model, (str, Path)) else model
+    predictor = load_model(model) if isinstance(model, (str, Path)) else model
+    ic = s.resolve(predictor)
 
     with FolderLock(out, "analysis"):
         rows, objects = _previous_rows(out)
@@ -301,12 +303,12 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 px = _pixel_size(pair, read_pixel_size_nm(pair.image), s.pixel_size_nm, verbose)
                 bar = None
                 if verbose:
-                    factor = predictor.scale_factor(px, s.rescale)
+                    factor = predictor.scale_factor(px, ic.rescale)
                     note = f"  (resampled x{factor:.3g} to the model's {predictor.pixel_size_nm:g} nm)" if factor != 1 else ""
                     print(f"[{i + 1}/{len(todo)}] {pair.name}  {image.shape[0]}x{image.shape[1]}{note}", flush=True)
                     from .tiling import plan_tiles
 
-                    n_tiles = len(plan_tiles(image.shape, s.tile, s.overlap, predictor.size_divisor)[2])
+                    n_tiles = len(plan_tiles(image.shape, ic.tile, ic.overlap, predictor.size_divisor)[2])
                     if n_tiles > 4:
                         bar = Progbar(n_tiles, unit_name="tile")
                 a = analyze_image(predictor, image, pair.name, s, label, px,
@@ -390,24 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="run folder, .keras file or exported SavedModel folder (default: the shipped reference model)")
     p.add_argument("--labels", default=None, help="ground-truth masks or instance labels (file, folder, glob or stack)")
     p.add_argument("--pixel-size", type=cli.pixel_size, default=None, help="nm per pixel when the files do not say")
-    p.add_argument("--no-rescale", action="store_true",
-                   help="do not resample inputs to the model's pixel size (when both are known)")
     p.add_argument("--out", default="xmdl_out")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out (each image's when its new one is done)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted batch: skip images already done")
-    p.add_argument("--threshold", type=cli.probability, default=0.5)
-    p.add_argument("--min-area", type=cli.nonnegative_float, default=DEFAULT_MIN_AREA_NM2, help="smallest object, nm^2 (pixel size known)")
-    p.add_argument("--min-size", type=cli.nonnegative_int, default=DEFAULT_MIN_SIZE_PX, help="smallest object, pixels (pixel size unknown)")
-    p.add_argument("--no-separate", action="store_true", help="do not split touching mitochondria")
     p.add_argument("--rules", default=None, help="JSON file of shape-class thresholds")
     p.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE", help="override one shape rule")
-    p.add_argument("--gradcam-layer", default=None, help="conv layer to explain (default dec1_conv2)")
     p.add_argument("--faithfulness", action="store_true", help="deletion check of the Grad-CAM heatmap")
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations for the probability map")
-    p.add_argument("--tile", type=cli.positive_int, default=DEFAULT_TILE, help="largest inference tile, px (default %(default)s)")
-    p.add_argument("--overlap", type=cli.nonnegative_int, default=DEFAULT_OVERLAP, help="least tile overlap, px (default %(default)s)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="tiles per call (default: by tile size)")
     p.add_argument("--no-figure", action="store_true")
+    cli.add_inference_args(p)
     args = p.parse_args(argv)
 
     from .morphometry import ShapeRules
@@ -418,19 +410,16 @@ def main(argv: list[str] | None = None) -> int:
             rules = rules.override({k: float(v) for k, v in (r.split("=", 1) for r in args.rule)})
         except ValueError as err:
             p.error(f"--rule: {err}")
-    settings = Settings(threshold=args.threshold, min_area_nm2=args.min_area, min_size_px=args.min_size,
-                        separate=not args.no_separate, gradcam_layer=args.gradcam_layer,
-                        faithfulness=args.faithfulness, tta=args.tta, tile=args.tile, overlap=args.overlap,
-                        batch_size=args.batch_size, pixel_size_nm=args.pixel_size, rescale=not args.no_rescale,
-                        rules=rules,
-                        figure=not args.no_figure)
+    cli.inference_from_args(args, InferenceConfig())  # the flags' values must form a valid config
+    settings = Settings(inference=cli.inference_overrides(args), pixel_size_nm=args.pixel_size,
+                        faithfulness=args.faithfulness, rules=rules, figure=not args.no_figure)
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
     result = analyze(args.inputs, args.model, args.out, args.labels, settings, args.overwrite, resume=args.resume)
     if result["failed"]:
         print(f"{len(result['failed'])} input(s) failed:", file=sys.stderr)
         for name, err in result["failed"]:
-            print(f"  {name}: {err}", file=sys.stderr)
+            print(f"  {err}" if err.startswith(name.split(" (page")[0]) else f"  {name}: {err}", file=sys.stderr)
         return 1
     return 0
 

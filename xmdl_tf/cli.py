@@ -161,3 +161,51 @@ def check_pixel_size(value: float, source: str) -> float:
             raise argparse.ArgumentTypeError(msg.split(": ", 1)[1])
         raise UsageError(msg)
     return value
+
+
+# ----------------------------------------------------------------------------
+# Inference flags, defined once for analyze, evaluate and the benchmarks
+
+
+def add_inference_args(p: argparse.ArgumentParser, explain: bool = True) -> None:
+    """Flags overriding the model's `InferenceConfig` (config.json "inference"); unset = the model's."""
+    from .config import InferenceConfig
+
+    d = InferenceConfig()
+    g = p.add_argument_group("inference (default: the model's settings in config.json; built-in defaults shown)")
+    g.add_argument("--tile", type=positive_int, default=None, help=f"largest inference tile, px ({d.tile})")
+    g.add_argument("--overlap", type=nonnegative_int, default=None, help=f"least tile overlap, px ({d.overlap})")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="tiles per call (by tile size)")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"average the 8 flips/rotations of each tile, 8x the compute ({d.tta})")
+    g.add_argument("--threshold", type=probability, default=None,
+                   help=f"foreground is probability >= threshold ({d.threshold})")
+    g.add_argument("--min-area", type=nonnegative_float, default=None,
+                   help=f"smallest object, nm^2, when the pixel size is known ({d.min_area_nm2:g})")
+    g.add_argument("--min-size", type=nonnegative_int, default=None,
+                   help=f"smallest object, px, when the pixel size is unknown ({d.min_size_px})")
+    g.add_argument("--separate", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"split touching mitochondria at necks ({d.separate})")
+    g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"resample inputs of known pixel size to the model's ({d.rescale})")
+    if explain:
+        g.add_argument("--gradcam-layer", default=None, help="conv layer to explain (dec1_conv2)")
+
+
+def inference_overrides(args: argparse.Namespace) -> dict:
+    """The `InferenceConfig` fields given on the command line (see `add_inference_args`)."""
+    given = {"tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size, "tta": args.tta,
+             "threshold": args.threshold, "min_area_nm2": args.min_area, "min_size_px": args.min_size,
+             "separate": args.separate, "rescale": args.rescale,
+             "gradcam_layer": getattr(args, "gradcam_layer", None)}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def inference_from_args(args: argparse.Namespace, base):
+    """`base` (an InferenceConfig, usually the model's) with the flags given on the command line."""
+    import dataclasses
+
+    try:
+        return dataclasses.replace(base, **inference_overrides(args))
+    except ValueError as err:
+        raise UsageError(str(err)) from None

@@ -69,7 +69,7 @@ def _foreground(mask_or_prob: np.ndarray, threshold: float) -> np.ndarray:
     if arr.dtype == bool:
         return arr
     if np.issubdtype(arr.dtype, np.floating):
-        return arr > threshold  # NaN compares False -> background
+        return arr >= threshold  # as postprocess.foreground; NaN compares False -> background
     if np.issubdtype(arr.dtype, np.integer):
         return arr != 0
     raise TypeError(f"unsupported dtype {arr.dtype} (expected bool, integer or float)")
@@ -167,7 +167,7 @@ def mask_to_instances(
 
     Args:
         mask_or_prob: (H, W) foreground. Float arrays are probabilities and
-            ``> threshold`` is foreground; bool and integer arrays are masks
+            ``>= threshold`` is foreground; bool and integer arrays are masks
             (any nonzero value is foreground, so 0/1 and 0/255 both work).
         threshold: probability cut-off for float input.
         min_size_px: objects with fewer pixels (8-connected) are dropped,

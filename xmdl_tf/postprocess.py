@@ -1,0 +1,82 @@
+"""One post-processing and scoring path, shared by `analyze`, `evaluate` and the benchmarks.
+
+Everything that turns a probability map into a mask and instances, and
+everything that compares them with a label, lives here, so the numbers those
+commands report agree by construction:
+
+- foreground is `probability >= threshold` (one operator; NaN is background);
+- instances: `mask_to_instances` with the minimum size of `InferenceConfig.min_size`;
+- ground truth: foreground is label > 0 except `ignore_value`; instances are the
+  label's ids when it has several, else its 4-connected components;
+- pixels equal to `ignore_value` are left out of every pixel count and the
+  instance matching; an image with nothing to find and nothing found scores
+  1.0 (`metrics.scores`).
+NumPy only (no TensorFlow).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import InferenceConfig
+
+
+def foreground(probability: np.ndarray, threshold: float) -> np.ndarray:
+    """(H, W) bool: probability >= threshold (NaN -> False)."""
+    return np.asarray(probability) >= threshold
+
+
+def instances(probability: np.ndarray, inference: InferenceConfig, pixel_size_nm: float | None = None) -> np.ndarray:
+    """Instance ids (H, W) uint16/uint32 of a probability map under `inference`."""
+    from .instances import mask_to_instances
+
+    return mask_to_instances(foreground(probability, inference.threshold), min_size_px=inference.min_size(pixel_size_nm),
+                             separate=inference.separate)
+
+
+def truth(label: np.ndarray, ignore_value: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(foreground bool (H, W), valid bool (H, W) or None) of a label image."""
+    label = np.asarray(label)
+    if ignore_value is None:
+        return label > 0, None
+    valid = label != ignore_value
+    return (label > 0) & valid, valid
+
+
+def ground_truth_instances(label: np.ndarray, ignore_value: int | None = None) -> np.ndarray:
+    """Instances of a label image: its ids if it has several, else 4-connected components of its foreground."""
+    from skimage.measure import label as cc_label
+
+    fg, valid = truth(label, ignore_value)
+    ids = np.unique(label[valid] if valid is not None else label)
+    if len(ids[ids > 0]) > 1:
+        return np.where(fg, label, 0)
+    return cc_label(fg, connectivity=1)
+
+
+def score_slice(probability: np.ndarray, label: np.ndarray, inference: InferenceConfig,
+                pixel_size_nm: float | None = None, ignore_value: int | None = None,
+                predicted: np.ndarray | None = None) -> dict:
+    """Pixel counts and instance matches (IoU >= 0.5) of one slice.
+
+    predicted: the slice's instances if already computed (else `instances`).
+    Returns tp/fp/fn/tn (pixels), inst_tp/inst_fp/inst_fn, count, gt_count, count_error.
+    """
+    from .instances import match_instances
+    from .metrics import confusion
+
+    fg, valid = truth(label, ignore_value)
+    counts = confusion(foreground(probability, inference.threshold), fg, valid)
+    pred = instances(probability, inference, pixel_size_nm) if predicted is None else predicted
+    if valid is not None:
+        pred = np.where(valid, pred, 0)
+    m = match_instances(pred, ground_truth_instances(label, ignore_value), 0.5)
+    return {**counts, "inst_tp": int(m["tp"]), "inst_fp": int(m["fp"]), "inst_fn": int(m["fn"]),
+            "count": int(m["n_pred"]), "gt_count": int(m["n_true"]), "count_error": int(m["count_error"])}
+
+
+def pooled_instance_scores(rows: list[dict]) -> dict:
+    """Instance F1 at IoU 0.5 pooled over images, and the mean absolute count error per image."""
+    tp, fp, fn = (sum(r[k] for r in rows) for k in ("inst_tp", "inst_fp", "inst_fn"))
+    return {"instance_f1_iou50": 2 * tp / max(2 * tp + fp + fn, 1),
+            "instance_precision_iou50": tp / max(tp + fp, 1), "instance_recall_iou50": tp / max(tp + fn, 1),
+            "mean_abs_count_error": sum(abs(r["count_error"]) for r in rows) / max(len(rows), 1)}
