@@ -110,6 +110,10 @@ SERVER_SCRIPT = textwrap.dedent("""
         "empty": lambda: sig["serving_default"](images=tf.constant(images[:, :0])),
         "normalised floats": lambda: sig["serving_float"](images=tf.constant(wide / 65535.0 - 0.5)),
         "tile size": lambda: sig["predict_normalized"](images=tf.constant(np.zeros((1, 30, 32, 1), np.float32))),
+        "empty batch": lambda: sig["serving_default"](images=tf.constant(images[:0])),
+        "constant": lambda: sig["serving_default"](images=tf.constant(np.full((1, 32, 32, 1), 7, np.uint8))),
+        "too large": lambda: sig["serving_default"](images=tf.zeros((1, 4100, 4100, 1), tf.uint8)),
+        "nan tile": lambda: sig["predict_normalized"](images=tf.constant(np.full((1, 32, 32, 1), np.nan, np.float32))),
     }
     errors = {}
     for case, call in bad.items():
@@ -154,6 +158,10 @@ def test_served_signatures_match_keras_in_a_separate_process(run, export_dir, tm
     assert "height and width must be at least 1 pixel" in errors["empty"]
     assert "raw grey values must be in [0, 65535]" in errors["normalised floats"]
     assert "multiples of the size divisor 4" in errors["tile size"]
+    assert "empty batch" in errors["empty batch"]
+    assert "constant image" in errors["constant"]
+    assert "request too large" in errors["too large"]
+    assert "NaN or infinite" in errors["nan tile"]
 
 
 def test_saved_model_cli_lists_the_documented_signatures(export_dir):

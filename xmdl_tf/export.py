@@ -17,8 +17,11 @@ is never overwritten). Signatures (see docs/serving.md for the full table):
 The raw-pixel signatures normalise each image of the batch on its own, inside
 the graph, with `xmdl_tf.data.normalize` (the function training and inference
 use), mirror-pad height and width up to the model's size divisor and crop the
-outputs back, so any h, w >= 1 works. The whole request image is one forward
-pass. For slices too big for that, consumers tile around the two
+outputs back, so any h, w >= 1 works. The whole request is one forward pass,
+so one request may carry at most MAX_REQUEST_PIXELS (batch x height x width =
+4096 x 4096) pixels; larger ones, empty batches, constant images (refused by
+the CLI too), NaN and out-of-range grey values are refused with an
+InvalidArgument error that says which. For slices too big for one request, consumers tile around the two
 `*_normalized` signatures after normalising the whole slice once: normalising
 each tile on its own would give a different intensity mapping per tile. These
 two are internal but stable; `load_saved_model` uses them.
@@ -30,7 +33,7 @@ through a reloaded SavedModel are unreliable.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -44,11 +47,16 @@ import numpy as np
 
 from . import cli
 from .config import Config
-from .predict import DEFAULT_OVERLAP, DEFAULT_TILE, ModelError, Predictor
+from .predict import ModelError, Predictor
 
 META_FILE = "xmdl.json"  # in EXPORT_DIR/<version>/assets/
 MASK_THRESHOLD = 0.5  # mitochondria probability at or above which the served mask is 1
 MAX_GREY = 65535.0  # normalisation works on integer grey values of 8- or 16-bit EM
+# Largest request (batch x height x width) one call may carry: one 4096 x 4096
+# slice, or four 2048-px tiles. A whole-request pass over an 8192^2 image took
+# more than 6 GB even with a tiny model; callers tile larger images
+# (`load_model(EXPORT_DIR).predict_slice` does, 2048-px tiles by default).
+MAX_REQUEST_PIXELS = 4096 * 4096
 
 _MAP = "[batch, height, width]"
 _SERVED = {"probabilities": f"float32 {_MAP}", "mask": f"uint8 {_MAP}"}
@@ -165,9 +173,28 @@ def _archive(model, config: Config, layer: str):
             size = "images: height and width must be at least 1 pixel"
             if multiple > 1:
                 size += f" and multiples of the size divisor {multiple} (the caller pads tiles)"
-            checks = [tf.debugging.assert_positive(shape[1:3], message=size),
-                      tf.debugging.assert_equal(shape[1:3] % multiple, 0, message=size)]
+            pixels = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64) * tf.cast(shape[2], tf.int64)
+            checks = [tf.debugging.assert_positive(shape[0:1], message="images: empty batch (no image in the request)"),
+                      tf.debugging.assert_positive(shape[1:3], message=size),
+                      tf.debugging.assert_equal(shape[1:3] % multiple, 0, message=size),
+                      tf.debugging.assert_less_equal(pixels, tf.constant(MAX_REQUEST_PIXELS, tf.int64), message=(
+                          f"images: request too large (batch x height x width above {MAX_REQUEST_PIXELS} pixels); "
+                          "send tiles, as xmdl_tf.export.load_saved_model(...).predict_slice does"))]
         with tf.control_dependencies(checks):
+            return tf.identity(images)
+
+    def not_constant(images: tf.Tensor) -> tf.Tensor:
+        # As the CLI: a constant image has no contrast to normalise and nothing to segment.
+        x = tf.cast(images, tf.float32)
+        spread = tf.reduce_max(x, axis=[1, 2, 3]) - tf.reduce_min(x, axis=[1, 2, 3])
+        check = tf.debugging.assert_positive(spread, message=(
+            "images: a constant image (every pixel the same value) has nothing to segment"))
+        with tf.control_dependencies([check]):
+            return tf.identity(images)
+
+    def finite(images: tf.Tensor) -> tf.Tensor:
+        check = tf.debugging.assert_all_finite(images, "images: NaN or infinite values in normalised tiles")
+        with tf.control_dependencies([check]):
             return tf.identity(images)
 
     def checked_grey(images: tf.Tensor) -> tf.Tensor:
@@ -188,6 +215,7 @@ def _archive(model, config: Config, layer: str):
         images = checked(images, 1)
         if images.dtype.is_floating:
             images = checked_grey(images)
+        images = not_constant(images)
         # One intensity mapping per image, from that image's own percentiles.
         x = tf.map_fn(lambda im: normalize(im, low, high, clip), images, fn_output_signature=tf.float32)
         h, w = tf.shape(x)[1], tf.shape(x)[2]
@@ -212,10 +240,10 @@ def _archive(model, config: Config, layer: str):
         return {**served(out[..., :-1], h, w), "gradcam": cam}
 
     def predict_normalized(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probabilities": model(checked(images, 1, divisor), training=False)}
+        return {"probabilities": model(finite(checked(images, 1, divisor)), training=False)}
 
     def explain_normalized(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        out = explain_tiles(checked(images, 2, divisor))
+        out = explain_tiles(finite(checked(images, 2, divisor)))
         return {"probabilities": out[..., :-1], "cam": out[..., -1]}
 
     fns = {"serving_default": predict_raw, "serving_float": predict_raw, "explain": explain_raw,
@@ -255,8 +283,10 @@ def _metadata(predictor: Predictor, layer: str, version: int) -> dict:
         "format": "xmdl_tf SavedModel",
         "version": version,
         "source_model": str(predictor.path),
-        "tile_size": DEFAULT_TILE,
-        "overlap": DEFAULT_OVERLAP,
+        "tile_size": config.inference.tile,
+        "overlap": config.inference.overlap,
+        "inference": dataclasses.asdict(config.inference),
+        "max_request_pixels": MAX_REQUEST_PIXELS,
         "size_divisor": config.model.size_divisor,
         "n_classes": config.model.n_classes,
         "mitochondria_class": 1,
@@ -329,6 +359,11 @@ class SavedModelPredictor(Predictor):
             raise ValueError(f"tile size {x.shape[1:3]} is not a multiple of the size divisor {self.size_divisor}")
         if not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"expected float tiles normalised to [0, 1], got dtype {x.dtype}")
+        if not len(x):
+            raise ValueError("empty batch: no tile to predict")
+        if x.shape[0] * x.shape[1] * x.shape[2] > MAX_REQUEST_PIXELS:
+            raise ValueError(f"{x.shape[0]} tiles of {x.shape[1]}x{x.shape[2]} exceed the export's "
+                             f"{MAX_REQUEST_PIXELS} pixels per request; use smaller tiles or batches")
         return x.astype(np.float32, copy=False)
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import Config, ModelConfig
+from .config import Config, InferenceConfig, ModelConfig
 from .tiling import auto_batch_size, plan_tiles, predict_tiled
 
 # Slices up to 2048 px go through in one pass; larger ones are tiled, the tiles
@@ -21,8 +21,8 @@ from .tiling import auto_batch_size, plan_tiles, predict_tiled
 # edge (tiling.default_margin); measured, stitched 4096-px slices then differ
 # from one-pass predictions on 0.5% of mask pixels, at seams (--overlap 128:
 # 0.03%, 10% more compute; benchmarks/bench_inference.py).
-DEFAULT_TILE = 2048
-DEFAULT_OVERLAP = 64
+DEFAULT_TILE = InferenceConfig().tile  # 2048
+DEFAULT_OVERLAP = InferenceConfig().overlap  # 64
 # Beyond 16x either way the pixel size is almost surely wrong (a unit mistake),
 # and a 4096-px slice would become a 65536-px one.
 MAX_RESAMPLE = 16.0
