@@ -88,9 +88,45 @@ def test_image_errors_name_the_file(tmp_path):
     cv2.imwrite(str(const), np.full((32, 32), 9, np.uint8))
     with pytest.raises(DataError, match="const.png: constant image"):
         read_image(const)
-    tifffile.imwrite(tmp_path / "float.tif", np.random.default_rng(0).random((8, 8)).astype(np.float32))
-    with pytest.raises(DataError, match="float.tif: unsupported image dtype"):
-        read_image(tmp_path / "float.tif")
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((1, 1), np.uint8))
+    with pytest.raises(DataError, match="one.tif: constant image"):  # not a misleading "shape ()"
+        read_image(tmp_path / "one.tif")
+    nan = np.ones((8, 8), np.float32)
+    nan[0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    with pytest.raises(DataError, match="nan.tif: float image with NaN"):
+        read_image(tmp_path / "nan.tif")
+
+
+def test_float_images_in_0_1_are_read_as_the_same_picture(tmp_path):
+    from xmdl_tf.sampling import normalize_np
+
+    img = blob_image(64)[0]
+    tifffile.imwrite(tmp_path / "float.tif", img.astype(np.float32) / 255.0)
+    got = read_image(tmp_path / "float.tif")
+    assert got.dtype == np.uint16 and got.min() == 0 and got.max() == 65535
+    # The model sees (nearly) the same normalised image as from the 8-bit original.
+    np.testing.assert_allclose(normalize_np(got), normalize_np(img), atol=2e-3)
+
+
+def test_multipage_tiffs_in_the_split_layout_give_every_page(tmp_path):
+    from xmdl_tf.io import find_pairs, read_pair
+
+    root = tmp_path / "d"
+    (root / "train" / "x").mkdir(parents=True)
+    (root / "train" / "y").mkdir(parents=True)
+    stack = np.stack([blob_image(48, seed=z) for z in range(3)])  # (3, 2, 48, 48): images, masks
+    tifffile.imwrite(root / "train" / "x" / "vol.tif", stack[:, 0])
+    tifffile.imwrite(root / "train" / "y" / "vol.tif", stack[:, 1])
+    pairs = find_pairs(root, "train")
+    assert [p.page for p in pairs] == [0, 1, 2]  # not page 0 only
+    for z, p in enumerate(pairs):
+        image, label = read_pair(p)
+        np.testing.assert_array_equal(image, stack[z, 0])
+        np.testing.assert_array_equal(label, stack[z, 1])
+    tifffile.imwrite(root / "train" / "y" / "vol.tif", stack[:2, 1])
+    with pytest.raises(DataError, match="vol.tif has 3 slices but its label .*vol.tif has 2"):
+        find_pairs(root, "train")
 
 
 def test_shape_mismatch_named(tmp_path, blob_dataset):

@@ -410,3 +410,29 @@ def test_one_threshold_operator_and_ignored_pixels():
         InferenceConfig(tile=64, overlap=-1)
     with pytest.raises(ValueError, match="tile"):
         InferenceConfig(tile=0)
+
+
+def test_model_mistakes_are_one_clear_line_in_every_command(small_model, images, tmp_path, capsys):
+    from xmdl_tf.analyze import main as analyze_main
+    from xmdl_tf.evaluate import main as evaluate_main
+    from xmdl_tf.export import main as export_main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.keras").write_bytes(b"junk, not a zip")
+    (bad / "config.json").write_text((small_model / "config.json").read_text())
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "model.keras").write_bytes((small_model / "model.keras").read_bytes())
+    (truncated / "config.json").write_text((small_model / "config.json").read_text()[:200])
+    data = tmp_path / "d"
+    write_split(data, "test", 1, size=64)
+    for model, message in ((bad, "not a Keras model file"), (truncated, "not valid JSON"),
+                           (tmp_path / "nowhere", "model not found")):
+        assert analyze_main([str(images), "--model", str(model), "--out", str(tmp_path / "o")]) == 2
+        one_line_error(capsys, message)
+        assert evaluate_main(["--model", str(model), "--data", str(data)]) == 2
+        one_line_error(capsys, message)
+        assert export_main(["--model", str(model), "--out", str(tmp_path / "e")]) == 2
+        one_line_error(capsys, message)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()

@@ -106,7 +106,11 @@ def _read_tiff_plane(path: Path, page: int) -> np.ndarray:
 
 
 def _to_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
-    arr = np.squeeze(arr)
+    # Drop singleton stack/channel axes, never height or width (a 1 x 1 image stays 2-D).
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         rgb = arr[..., :3]
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
@@ -124,7 +128,8 @@ def read_image(path: str | Path, page: int | None = None) -> np.ndarray:
     """Read one EM slice as a 2-D uint8 or uint16 array (H, W).
 
     Raises DataError for missing, unreadable, non-2-D, empty or constant images
-    and for unsupported dtypes (float images are accepted only if integral).
+    and for unsupported dtypes. Float images (e.g. 0..1) are mapped linearly
+    onto 0..65535, which the percentile normalisation does not see.
     """
     path = Path(path)
     arr = _to_2d(_read_raw(path, page), path, "image")
@@ -135,11 +140,30 @@ def read_image(path: str | Path, page: int | None = None) -> np.ndarray:
             arr = arr.astype(np.uint16)
         elif np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and np.array_equal(arr, np.round(arr)) and arr.min() >= 0 and arr.max() <= 65535:
             arr = arr.astype(np.uint16)
+        elif np.issubdtype(arr.dtype, np.floating):
+            arr = _float_to_uint16(arr, path)
         else:
             raise DataError(f"{path}: unsupported image dtype {arr.dtype}; expected 8- or 16-bit grayscale")
     if arr.min() == arr.max():
         raise DataError(f"{path}: constant image (every pixel is {arr.flat[0]}); nothing to segment")
     return arr
+
+
+def _float_to_uint16(arr: np.ndarray, path: Path) -> np.ndarray:
+    """A float EM image (e.g. 0..1 or calibrated values) mapped linearly onto 0..65535.
+
+    The normalisation is percentile-based, so a linear map leaves what the
+    model sees unchanged (up to 1/65535 quantisation).
+    """
+    finite = np.isfinite(arr)
+    if not finite.any():
+        raise DataError(f"{path}: float image with no finite pixel value")
+    if not finite.all():
+        raise DataError(f"{path}: float image with NaN or infinite pixels ({int((~finite).sum())} of {arr.size})")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi == lo:
+        raise DataError(f"{path}: constant image (every pixel is {lo}); nothing to segment")
+    return np.round((arr.astype(np.float64) - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
 
 
 def read_label(path: str | Path, page: int | None = None) -> np.ndarray:
@@ -252,7 +276,7 @@ def split_pairs(root: str | Path, split: str = "train", require_labels: bool = T
     if not ydir.is_dir():
         if require_labels:
             raise DataError(f"{ydir}: missing label folder")
-        return [SlicePair(p) for p in images]
+        return [q for p in images for q in _pages(p, None)]
     labels = _list_files(ydir, LABEL_EXTS)
     if len(images) != len(labels):
         raise DataError(f"{xdir} has {len(images)} images but {ydir} has {len(labels)} labels")
@@ -261,8 +285,18 @@ def split_pairs(root: str | Path, split: str = "train", require_labels: bool = T
         ni, nl = _number(img.stem), _number(lbl.stem)
         if ni is not None and nl is not None and ni != nl:
             raise DataError(f"{img} is paired with {lbl} by sorted order but their numbers differ ({ni} vs {nl})")
-        pairs.append(SlicePair(img, lbl))
+        pairs += _pages(img, lbl)
     return pairs
+
+
+def _pages(image: Path, label: Path | None) -> list[SlicePair]:
+    """One pair per slice: a multi-page TIFF gives one per page (with a label stack of as many pages)."""
+    n = stack_depth(image)
+    if n == 1:
+        return [SlicePair(image, label)]
+    if label is not None and stack_depth(label) != n:
+        raise DataError(f"{image} has {n} slices but its label {label} has {stack_depth(label)}")
+    return [SlicePair(image, label, z) for z in range(n)]
 
 
 _LABEL_SUFFIXES = ("_mask", "_masks", "_label", "_labels", "_seg", "_gt", "_groundtruth")

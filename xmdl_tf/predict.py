@@ -55,6 +55,11 @@ def load_keras(path: str | Path):
     from . import losses  # noqa: F401  (registers the custom loss and metrics)
 
     path = Path(path)
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: not a Keras model file (a .keras file is a zip archive; this one is corrupt, "
+                         "truncated or of another format)")
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except ValueError as err:
