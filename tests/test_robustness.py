@@ -436,3 +436,23 @@ def test_model_mistakes_are_one_clear_line_in_every_command(small_model, images,
         assert export_main(["--model", str(model), "--out", str(tmp_path / "e")]) == 2
         one_line_error(capsys, message)
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_inference_normalises_with_the_models_stored_settings(small_model, tmp_path):
+    from conftest import blob_image
+    from xmdl_tf.config import Config
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.sampling import normalize_np
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.keras").write_bytes((small_model / "model.keras").read_bytes())
+    cfg = Config.load(small_model / "config.json")
+    Config(**{**cfg.__dict__, "normalization": {"method": "percentile", "low": 10.0, "high": 90.0, "clip": True}}).save(
+        model / "config.json")
+    img = blob_image(64, seed=3)[0]
+    pred = load_model(model, jit_compile=False)
+    direct = pred.model(normalize_np(img, 10.0, 90.0)[None, ..., None], training=False).numpy()[0, ..., 1]
+    np.testing.assert_allclose(pred.predict_slice(img, 64, 0), direct, atol=1e-5)
+    default = load_model(small_model, jit_compile=False).predict_slice(img, 64, 0)
+    assert np.abs(default - direct).max() > 1e-3

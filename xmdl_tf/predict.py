@@ -129,10 +129,10 @@ class Predictor:
         (and `rescale`), the slice is resampled to the model's pixel size, predicted
         there and the probabilities mapped back to the slice's own grid.
         """
-        from .data import normalize_np
+        from .sampling import normalize_as
 
         def run(img: np.ndarray, _region: None) -> np.ndarray:
-            x = normalize_np(img)
+            x = normalize_as(img, self.config.normalization)
             bs = self._batch_size(x.shape, tile, overlap, batch_size)
             # Only the foreground channel is blended: half the stitching work of both.
             fn = self._pad_batches(lambda t: self.predict_batch(t, tta)[..., 1:2], bs)
@@ -151,13 +151,13 @@ class Predictor:
         pixel_size_nm, rescale: as in `predict_slice`.
         Returns (probability float32 (H, W), heatmap float32 (H, W) in [0, 1]).
         """
-        from .data import normalize_np
+        from .sampling import normalize_as
         from .gradcam import PREDICTED, scale_unit
 
         explain = self._explainer(layer or self.gradcam_layer)
 
         def run(img: np.ndarray, reg: np.ndarray | None) -> np.ndarray:
-            x = normalize_np(img)
+            x = normalize_as(img, self.config.normalization)
             r = np.full(x.shape, PREDICTED, np.float32) if reg is None else reg.astype(np.float32)
             bs = self._batch_size(x.shape, tile, overlap, batch_size)
             fn = self._pad_batches(lambda t: np.asarray(explain(t))[..., [1, -1]], bs)

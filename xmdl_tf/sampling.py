@@ -57,6 +57,14 @@ def normalize_np(image: np.ndarray, low: float = NORMALIZATION["low"], high: flo
     return y
 
 
+def normalize_as(image: np.ndarray, normalization: dict) -> np.ndarray:
+    """`normalize_np` with a model's stored settings (config.json "normalization")."""
+    if normalization.get("method", "percentile") != "percentile":
+        raise ValueError(f"normalisation method {normalization.get('method')!r} is not supported")
+    return normalize_np(image, float(normalization["low"]), float(normalization["high"]),
+                        bool(normalization.get("clip", True)))
+
+
 def target_from_label(label: np.ndarray, ignore_value: int | None = None) -> np.ndarray:
     """Label (H, W) ints -> float32 target: 1 foreground (> 0), 0 background, -1 ignored."""
     target = (label > 0).astype(np.float32)
