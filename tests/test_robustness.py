@@ -464,3 +464,14 @@ def test_inference_normalises_with_the_models_stored_settings(small_model, tmp_p
     np.testing.assert_allclose(pred.predict_slice(img, 64, 0), direct, atol=1e-5)
     default = load_model(small_model, jit_compile=False).predict_slice(img, 64, 0)
     assert np.abs(default - direct).max() > 1e-3
+
+
+def test_a_run_started_before_a_new_setting_existed_still_resumes():
+    from xmdl_tf.config import Config
+    from xmdl_tf.train import _comparable
+
+    new = json.loads(json.dumps(Config().to_dict(), default=str))
+    old = {k: v for k, v in new.items() if k != "inference"}  # written before InferenceConfig existed
+    old["train"] = {k: v for k, v in old["train"].items() if k != "lr_schedule"}
+    assert _comparable(old) == _comparable(new)
+    assert _comparable({**old, "train": {**old["train"], "learning_rate": 0.1}}) != _comparable(new)

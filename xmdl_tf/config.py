@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,10 +244,9 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write config.json atomically (a kill mid-write never leaves half a file)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        from .runlock import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "Config":

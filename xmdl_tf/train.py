@@ -28,6 +28,7 @@ import numpy as np
 
 from . import cli
 from .config import VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig, resolve_jit
+from .runlock import atomic_write_text
 from .sampling import SAME_PIXEL_SIZE, resample_factor
 
 STATE = "checkpoint/state.json"
@@ -191,15 +192,15 @@ def _save_inference(model, path: Path) -> None:
     _atomic_save(clone, path)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _comparable(cfg: dict) -> dict:
-    """The parts of a config that must match to resume a run (not provenance, not XLA on/off)."""
-    out = {k: v for k, v in cfg.items() if k != "info"}
+    """The parts of a config that must match to resume a run: not provenance, not XLA on/off,
+    not how the finished model is applied (inference). Read through `Config.from_dict`, so a
+    run started before a new setting existed compares by that setting's default."""
+    try:
+        cfg = json.loads(json.dumps(Config.from_dict(cfg).to_dict(), default=str))
+    except (TypeError, ValueError):
+        pass  # unreadable: compared as is, and refused as different
+    out = {k: v for k, v in cfg.items() if k not in ("info", "inference")}
     out["train"] = {k: v for k, v in out.get("train", {}).items() if k != "jit_compile"}
     return out
 
@@ -421,7 +422,7 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     config.save(run_dir / "config.json")
     if not resume:
         # Written before the first epoch, so a run killed during it resumes (from the start).
-        _atomic_write(run_dir / STATE, json.dumps({"epoch": -1, "finished": False}))
+        atomic_write_text(run_dir / STATE, json.dumps({"epoch": -1, "finished": False}))
 
     ResumableEarlyStopping, RunCheckpoint = _make_callbacks()
     validate = SetValidation(val_sets, config.data, batch, config.train.loss)
@@ -437,7 +438,7 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     # model.keras is the best epoch's weights (saved when it was reached).
     _sync_best(run_dir, final)
     final["finished"] = True
-    _atomic_write(run_dir / STATE, json.dumps(final))
+    atomic_write_text(run_dir / STATE, json.dumps(final))
     cfg_final = replace(config, info={**config.info, "best_epoch": final["best_epoch"] + 1,
                                       "epochs_run": final["epoch"] + 1,
                                       "tiles_seen": (final["epoch"] + 1) * steps * batch,
@@ -642,7 +643,7 @@ def _make_callbacks():
                      "best": float(self.early.best), "best_epoch": self.early.best_epoch,
                      "best_file": self._best_file, "last": last,
                      "seconds": self._seconds, "history": self.history, "finished": False}
-            _atomic_write(self.out / STATE, json.dumps(state))
+            atomic_write_text(self.out / STATE, json.dumps(state))
             if new_best:
                 _sync_best(self.out, state)
             else:
