@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     bia.add_argument("--val-fraction", type=float, default=0.1,
                      help="when there is no val/, move this fraction of train (last slices) to val (default 0.1)")
     bia.add_argument("--pixel-size-in", type=float, default=PIXEL_SIZE_NM, help=f"recorded; default {PIXEL_SIZE_NM} nm")
-    bia.add_argument("--name", default="mitoem")
+    bia.add_argument("--name", default="mitoem", help="dataset name (default mitoem)")
     bia.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
     args = parser.parse_args(argv)

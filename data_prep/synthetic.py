@@ -558,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pixel-size", type=float, default=5.0, metavar="NM", help="nm per px (default 5)")
     parser.add_argument("--splits", type=c.fractions_arg, default=(0.7, 0.15, 0.15),
                         help="train,val,test fractions (default 0.7,0.15,0.15)")
-    parser.add_argument("--touching-fraction", type=float, default=0.2)
+    parser.add_argument("--touching-fraction", type=float, default=0.2,
+                        help="share of objects placed touching a neighbour (default 0.2)")
     parser.add_argument("--appearance", type=json.loads, default=None,
                         help='JSON dict of Appearance fields, e.g. \'{"contrast": 0.6, "noise": 12}\'')
     parser.add_argument("--overwrite", action="store_true")

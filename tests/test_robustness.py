@@ -475,3 +475,66 @@ def test_a_run_started_before_a_new_setting_existed_still_resumes():
     old["train"] = {k: v for k, v in old["train"].items() if k != "lr_schedule"}
     assert _comparable(old) == _comparable(new)
     assert _comparable({**old, "train": {**old["train"], "learning_rate": 0.1}}) != _comparable(new)
+
+
+# ----------------------------------------------------------------------------
+# --help
+
+
+def _parsers(main) -> list:
+    """The ArgumentParser(s) a CLI builds (sub-commands included), captured at parse time."""
+    import argparse
+
+    seen = []
+
+    def capture(self, *a, **k):
+        seen.append(self)
+        raise SystemExit(0)
+
+    old = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        with pytest.raises(SystemExit):
+            main(["--help"])
+    finally:
+        argparse.ArgumentParser.parse_args = old
+    out = []
+    todo = list(seen)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo += list(a.choices.values())
+    return out
+
+
+@pytest.mark.parametrize("module", ["xmdl_tf.train", "xmdl_tf.finetune", "xmdl_tf.evaluate", "xmdl_tf.analyze",
+                                    "xmdl_tf.export", "data_prep.generic", "data_prep.lucchi", "data_prep.mitoem",
+                                    "data_prep.synthetic", "data_prep.compare_figure"])
+def test_help_shows_the_default_of_every_flag(module):
+    import argparse
+    import importlib
+
+    missing = []
+    for p in _parsers(importlib.import_module(module).main):
+        for a in p._actions:
+            if not a.option_strings or a.default in (None, False, argparse.SUPPRESS, []) or a.help == argparse.SUPPRESS:
+                continue
+            f = p._get_formatter()
+            f.add_argument(a)
+            text = " ".join(f.format_help().split())
+            shown = a.default if not isinstance(a.default, (tuple, list)) else a.default[0]
+            forms = {str(shown)} | ({f"{shown:g}"} if isinstance(shown, float) else set())
+            if not any(form in text for form in forms):
+                missing.append(f"{a.option_strings[0]} (default {a.default!r})")
+    assert not missing, f"{module}: --help does not show the default of {missing}"
+
+
+def test_train_refuses_out_of_range_numbers_before_anything(blob_dataset, tmp_path, capsys):
+    for flag, value in (("--lr", "-1"), ("--batch-size", "-2"), ("--epochs", "0"), ("--val-fraction", "1.5"),
+                        ("--tile-size", "0"), ("--model-pixel-size", "1e6")):
+        with pytest.raises(SystemExit) as exc:
+            train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "r"), *ARGS, flag, value])
+        assert exc.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="run folder, .keras file or exported SavedModel folder (default: the shipped reference model)")
     p.add_argument("--labels", default=None, help="ground-truth masks or instance labels (file, folder, glob or stack)")
     p.add_argument("--pixel-size", type=cli.pixel_size, default=None, help="nm per pixel when the files do not say")
-    p.add_argument("--out", default="xmdl_out")
+    p.add_argument("--out", default="xmdl_out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out (each image's when its new one is done)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted batch: skip images already done")
     p.add_argument("--rules", default=None, help="JSON file of shape-class thresholds")

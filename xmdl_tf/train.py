@@ -695,12 +695,12 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
     p = cli.parser(prog, __doc__.split("\n\n")[0])
     p.add_argument("--data", nargs="+", required=True, help="data set folder(s) in the split layout <dir>/{train,val}/{x,y}")
     p.add_argument("--out", required=True, help="run folder (created; an interrupted run here is resumed)")
-    p.add_argument("--tile-size", type=cli.positive_int, default=256)
+    p.add_argument("--tile-size", type=cli.positive_int, default=256, help="training tile height and width, px")
     p.add_argument("--tiles-per-slice", type=cli.positive_int, default=8, help="random crops per decoded slice")
     p.add_argument("--foreground-fraction", type=cli.fraction, default=0.0,
                    help="expected minimum share of tiles centred on a mitochondrion (0 = uniform)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8)
-    p.add_argument("--epochs", type=cli.positive_int, default=50)
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="tiles per training step")
+    p.add_argument("--epochs", type=cli.positive_int, default=50, help="most epochs (EarlyStopping may end sooner)")
     p.add_argument("--patience", type=cli.nonnegative_int, default=5, help="EarlyStopping patience on validation loss")
     p.add_argument("--lr", type=cli.learning_rate, default=1e-4 if finetune else 1e-3, help="Adam learning rate")
     p.add_argument("--loss", choices=("dice", "dice_ce"), default="dice")
@@ -725,7 +725,8 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
                         "noise, stripes, shading); 'basic' is flips, 90-degree turns and mild intensity jitter")
     p.add_argument("--augment-off", nargs="+", default=[], choices=AugmentConfig.COMPONENTS, metavar="PART",
                    help=f"switch parts of the preset off (one of: {', '.join(AugmentConfig.COMPONENTS)})")
-    p.add_argument("--augment-strength", type=cli.nonnegative_float, default=2.0 if finetune else 1.0)
+    p.add_argument("--augment-strength", type=cli.nonnegative_float, default=2.0 if finetune else 1.0,
+                   help="multiplies every intensity augmentation range")
     p.add_argument("--mixed-precision", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
                    help="mixed-precision compute: float16 (GPUs) or bfloat16 (GPUs, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-jit", action="store_true",
@@ -738,8 +739,8 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
         p.add_argument("--model-pixel-size", type=cli.pixel_size, default=None, metavar="NM",
                        help="the model's pixel size; sets of known pixel size are resampled to it (default: the sets' "
                             "common pixel size, or the median of differing ones)")
-        p.add_argument("--depth", type=cli.positive_int, default=6)
-        p.add_argument("--base-filters", type=cli.positive_int, default=8)
+        p.add_argument("--depth", type=cli.positive_int, default=6, help="U-Net levels")
+        p.add_argument("--base-filters", type=cli.positive_int, default=8, help="filters of the first level (doubling per level)")
         p.add_argument("--variant", choices=sorted(VARIANTS), default="residual_attention")
         p.add_argument("--dropout", type=cli.fraction, default=0.0)
         p.add_argument("--init-from", default=None, help="start from this model's weights (fine-tuning)")
