@@ -452,6 +452,7 @@ def output_folder(out: str | Path, overwrite: bool) -> Iterator[Path]:
     from xmdl_tf.runlock import FolderLock
 
     out = check_output(out, overwrite)
+    created = not out.exists()
     with FolderLock(out, "data set"):
         out.mkdir(parents=True, exist_ok=True)
         _recover(out)
@@ -463,6 +464,8 @@ def output_folder(out: str | Path, overwrite: bool) -> Iterator[Path]:
             yield stage
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a failed first conversion leaves no empty folder behind
             raise
         trash = out / f"{REPLACED_PREFIX}{os.getpid()}"
         trash.mkdir()

@@ -119,6 +119,11 @@ def test_overwrite_with_inputs_inside_out_or_a_corrupt_input_loses_nothing(tmp_p
     assert "seg0003.tif" in err and "Traceback" not in err
     bad.write_bytes(good)
     assert {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    bad.write_bytes(b"not a tiff")
+    fresh = tmp_path / "fresh"
+    assert generic_main([*argv[:4], "--out", str(fresh)]) == 2
+    assert not fresh.exists()  # nothing created by a failed conversion
+    bad.write_bytes(good)
     # Good inputs inside --out: read whole before anything is replaced.
     assert generic_main([*argv, "--splits", "0.5,0.5,0"]) == 0
     meta = json.loads((d / "dataset.json").read_text())
