@@ -683,8 +683,10 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
         best = h["val_loss"].idxmin()
         axes[0].axvline(h["epoch"][best], color="grey", ls="--", lw=1)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, out_png)
 
 
 # ----------------------------------------------------------------------------
