@@ -54,3 +54,25 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+# The one "really trained" tiny model of the suite (depth 3, 8 filters, 32-px tiles,
+# 14 epochs of 12 steps on blob_dataset's images): test_train checks how it trained,
+# test_analyze uses it as a model that segments. Trained once per session.
+BLOB_RUN_ARGS = ["--tile-size", "32", "--depth", "3", "--base-filters", "8", "--batch-size", "8",
+                 "--tiles-per-slice", "8", "--no-jit", "--epochs", "14", "--steps-per-epoch", "12", "--patience", "5",
+                 "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="session")
+def blob_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data set, run folder) of the suite's trained tiny model."""
+    from xmdl_tf.train import main as train_main
+
+    root = tmp_path_factory.mktemp("blob_run")
+    data = root / "blobs"
+    write_split(data, "train", 4, seed=0)
+    write_split(data, "val", 2, seed=100, start=4)
+    write_split(data, "test", 2, seed=200, start=6)
+    assert train_main(["--data", str(data), "--out", str(root / "run"), *BLOB_RUN_ARGS]) == 0
+    return data, root / "run"

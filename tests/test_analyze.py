@@ -1,5 +1,4 @@
 """Grad-CAM and the unified analysis pipeline, with a tiny model trained briefly on synthetic blobs."""
-import json
 
 import cv2
 import numpy as np
@@ -10,21 +9,13 @@ import tifffile
 from xmdl_tf.analyze import OUTPUT_FILES, main as analyze_main
 from xmdl_tf.gradcam import GradCamError, energy_inside
 from xmdl_tf.predict import load_model
-from xmdl_tf.train import main as train_main
 
-from conftest import blob_image, write_split
+from conftest import blob_image
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("blobs")
-    write_split(root, "train", 4, seed=0)
-    write_split(root, "val", 2, seed=100, start=4)
-    run = root / "run"
-    train_main(["--data", str(root), "--out", str(run), "--tile-size", "32", "--depth", "3", "--base-filters", "8",
-                "--batch-size", "8", "--epochs", "8", "--steps-per-epoch", "12", "--patience", "8", "--lr", "3e-3",
-                "--no-jit"])
-    return run
+@pytest.fixture
+def tiny_run(blob_run):
+    return blob_run[1]
 
 
 def test_gradcam_shape_range_and_focus(tiny_run):

@@ -13,10 +13,8 @@ ARGS = ["--tile-size", "32", "--depth", "3", "--base-filters", "8", "--batch-siz
         "--no-jit"]
 
 
-def test_short_training_learns_blobs(blob_dataset, tmp_path):
-    out = tmp_path / "run"
-    assert train_main(["--data", str(blob_dataset), "--out", str(out), *ARGS, "--epochs", "14",
-                       "--steps-per-epoch", "12", "--patience", "5", "--lr", "3e-3"]) == 0
+def test_short_training_learns_blobs(blob_run, tmp_path):
+    blob_dataset, out = blob_run  # trained by the session fixture with conftest.BLOB_RUN_ARGS
     for name in ("model.keras", "config.json", "history.csv", "training_curves.png"):
         assert (out / name).is_file(), name
     h = pd.read_csv(out / "history.csv")
@@ -96,16 +94,6 @@ def test_resume_after_interruption(blob_dataset, tmp_path, capsys):
     assert "different configuration" in capsys.readouterr().err
 
 
-def test_carves_validation_when_no_val_split(tmp_path):
-    from conftest import write_split
-
-    write_split(tmp_path / "one", "train", 1, size=96)
-    out = tmp_path / "run"
-    train_main(["--data", str(tmp_path / "one"), "--out", str(out), *ARGS, "--epochs", "1", "--steps-per-epoch", "2"])
-    info = Config.load(out / "config.json").info["data"][0]
-    assert "held-back" in info["validation"]
-
-
 def test_errors(blob_dataset, tmp_path, capsys):
     def fails(argv, message):
         assert train_main(argv) == 2
@@ -161,16 +149,22 @@ def test_cli_refuses_bad_pixel_sizes_and_weights_in_one_line(blob_dataset, tmp_p
     assert not (tmp_path / "x").exists()  # nothing created before the arguments were checked
 
 
-def test_cosine_schedule_is_a_function_of_the_epoch(blob_dataset, tmp_path):
+def test_cosine_schedule_and_validation_carved_when_no_val_split(tmp_path):
+    """One short run checks both: the cosine learning rate per epoch, and validation rows
+    held back from the only training slice of a set without a val split."""
+    from conftest import write_split
     from xmdl_tf.config import TrainConfig
     from xmdl_tf.train import lr_at
 
     cfg = TrainConfig(learning_rate=1e-3, epochs=4, lr_schedule="cosine")
     assert [round(lr_at(e, cfg), 7) for e in range(4)] == [1e-3, 8.536e-4, 5e-4, 1.464e-4]
     assert lr_at(3, TrainConfig(learning_rate=2e-3)) == 2e-3
+    write_split(tmp_path / "one", "train", 1, size=96)
     out = tmp_path / "cos"
-    train_main(["--data", str(blob_dataset), "--out", str(out), *ARGS, "--epochs", "2", "--steps-per-epoch", "2",
-                "--lr-schedule", "cosine", "--lr", "1e-3"])
+    assert train_main(["--data", str(tmp_path / "one"), "--out", str(out), *ARGS, "--epochs", "2",
+                       "--steps-per-epoch", "2", "--lr-schedule", "cosine", "--lr", "1e-3"]) == 0
     h = pd.read_csv(out / "history.csv")
     assert h["learning_rate"].tolist() == pytest.approx([1e-3, 5e-4])
-    assert Config.load(out / "config.json").train.lr_schedule == "cosine"
+    cfg = Config.load(out / "config.json")
+    assert cfg.train.lr_schedule == "cosine"
+    assert "held-back" in cfg.info["data"][0]["validation"]
