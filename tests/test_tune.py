@@ -1,0 +1,40 @@
+"""Inference defaults chosen on validation data (`python -m xmdl_tf.tune`)."""
+import json
+import shutil
+
+import pytest
+
+from xmdl_tf.config import Config
+
+
+def test_tune_picks_the_best_validation_setting_and_stores_it(blob_run, tmp_path, capsys):
+    from xmdl_tf.evaluate import evaluate
+    from xmdl_tf.tune import main
+
+    data, run = blob_run
+    model = tmp_path / "model"
+    shutil.copytree(run, model)
+    argv = ["--model", str(model), "--data", str(data), "--thresholds", "0.2", "0.5", "0.8",
+            "--min-areas", "0", "2500", "--json", str(tmp_path / "tune.json")]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "tune.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 2 * 3 * 2  # TTA off/on x thresholds x minimum areas
+    best = max(r["mean_f1"] for r in rows)
+    assert result["chosen_row"]["mean_f1"] == best and result["split"] == "val"
+    assert Config.load(model / "config.json").inference.threshold == 0.5  # nothing written without --write
+
+    assert main([*argv, "--write"]) == 0
+    cfg = Config.load(model / "config.json")
+    chosen = result["chosen_row"]
+    assert (cfg.inference.tta, cfg.inference.threshold, cfg.inference.min_area_nm2) == (
+        chosen["tta"], chosen["threshold"], chosen["min_area_nm2"])
+    assert cfg.info["inference_tuning"]["split"] == "val"
+    # evaluate now applies the tuned settings by default, and reproduces the tuned score on val.
+    m = evaluate(model, str(data), "val")
+    assert m["inference"]["threshold"] == chosen["threshold"] and m["tta"] == chosen["tta"]
+    assert m["f1"] == pytest.approx(chosen["blobs_f1"], abs=1e-4)
+
+    with pytest.raises(SystemExit):
+        main(["--model", str(model), "--data", str(data), "--split", "test"])
+    assert "never on test data" in capsys.readouterr().err
