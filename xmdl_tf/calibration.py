@@ -1,0 +1,107 @@
+"""Probability calibration in NumPy: temperature scaling, reliability and expected calibration error.
+
+A segmentation network's softmax probabilities are usually over-confident.
+Temperature scaling divides the foreground logit, log(p / (1 - p)), by one
+number T fitted on validation pixels (T > 1 softens, T < 1 sharpens); it
+never changes which side of 0.5 a pixel falls, so masks at threshold 0.5
+are unchanged. Everything here works on flat arrays of foreground
+probabilities `p` (float, [0, 1]) and truths `y` (bool or 0/1), optionally
+with a `valid` mask to leave ignored pixels out.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-6
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) as float64, with p clipped to [EPS, 1 - EPS]."""
+    p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities sigmoid(logit(p) / T), float32, same shape as p (NaN stays NaN)."""
+    if temperature == 1.0:
+        return np.asarray(p, np.float32)
+    z = logit(p) / temperature
+    out = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # a sigmoid that never overflows
+    return np.where(np.isnan(p), np.float32(np.nan), out) if np.isnan(p).any() else out
+
+
+def nll(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary negative log-likelihood (nats) of truths y under probabilities p."""
+    p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
+    y = np.asarray(y, bool)
+    return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
+
+
+def fit_temperature(p: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0),
+                    iterations: int = 60) -> float:
+    """The T minimising the NLL of sigmoid(logit(p) / T) against y (golden-section search on log T).
+
+    The NLL is convex in 1/T, so the search finds the global minimum within `bounds`.
+    """
+    z = logit(np.ravel(p))
+    y = np.ravel(np.asarray(y, bool))
+    if z.size == 0:
+        raise ValueError("no pixels to fit a temperature on")
+    if y.all() or not y.any():
+        raise ValueError("fitting a temperature needs both foreground and background pixels")
+    sign = np.where(y, 1.0, -1.0)
+
+    def loss(log_t: float) -> float:
+        # -log sigmoid(s * z / T), computed stably
+        return float(np.mean(np.logaddexp(0.0, -sign * z / np.exp(log_t))))
+
+    a, b = np.log(bounds[0]), np.log(bounds[1])
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iterations):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return float(np.exp((a + b) / 2.0))
+
+
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
+    """Reliability diagram data: per equal-width probability bin, the mean predicted foreground
+    probability, the observed foreground frequency and the pixel count (empty bins: NaN, 0)."""
+    p = np.ravel(np.asarray(p, np.float64))
+    y = np.ravel(np.asarray(y, bool))
+    idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    count = np.bincount(idx, minlength=bins).astype(np.int64)
+    sum_p = np.bincount(idx, weights=p, minlength=bins)
+    sum_y = np.bincount(idx, weights=y.astype(np.float64), minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"edges": np.linspace(0.0, 1.0, bins + 1), "mean_probability": sum_p / count,
+                "frequency": sum_y / count, "count": count}
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: the pixel-weighted mean |mean probability - observed frequency| over the bins."""
+    r = reliability(p, y, bins)
+    used = r["count"] > 0
+    n = r["count"][used].sum()
+    if n == 0:
+        raise ValueError("no pixels to measure calibration on")
+    gap = np.abs(r["mean_probability"][used] - r["frequency"][used])
+    return float(np.sum(r["count"][used] * gap) / n)
+
+
+def sample_pixels(p: np.ndarray, y: np.ndarray, valid: np.ndarray | None, k: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Up to k random (probability, truth) pixels of one slice, leaving invalid ones out."""
+    p, y = np.ravel(p), np.ravel(np.asarray(y, bool))
+    keep = np.flatnonzero(np.ravel(valid)) if valid is not None else np.arange(p.size)
+    keep = keep[~np.isnan(p[keep])]
+    if keep.size > k:
+        keep = rng.choice(keep, k, replace=False)
+    return p[keep].astype(np.float32), y[keep]
