@@ -1,0 +1,66 @@
+"""Per-pixel uncertainty and per-object confidence on synthetic probability maps (NumPy only)."""
+import numpy as np
+import pytest
+
+from xmdl_tf.confidence import FEATURES, ObjectConfidence, auroc, entropy, feature_matrix, object_features
+
+
+def disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_entropy_is_one_at_half_and_zero_when_sure():
+    e = entropy(np.array([0.0, 0.5, 1.0, np.nan]))
+    assert e[1] == pytest.approx(1.0) and e[0] < 1e-5 and e[2] < 1e-5 and e[3] == pytest.approx(1.0)
+
+
+def test_features_tell_a_sharp_confident_object_from_a_faint_blurry_one():
+    from scipy.ndimage import gaussian_filter
+
+    shape = (64, 128)
+    sure, faint = disc(shape, 32, 32, 10), disc(shape, 32, 96, 10)
+    p = np.where(sure, 0.98, 0.02)
+    p = np.where(faint, 0.6, p)
+    p[:, 64:] = gaussian_filter(p[:, 64:], 3)  # the faint one also has a soft edge
+    inst = (sure * 1 + faint * 2).astype(np.uint16)
+    heat = np.where(sure, 0.9, 0.1)
+    f = object_features(inst, p, heat)
+    assert list(f["label"]) == [1, 2]
+    assert f["mean_probability"][0] > f["mean_probability"][1]
+    assert f["low_probability"][0] > f["low_probability"][1]
+    assert f["mean_uncertainty"][0] < f["mean_uncertainty"][1]
+    assert f["edge_contrast"][0] > f["edge_contrast"][1] + 0.3
+    assert f["log_area"][0] == pytest.approx(np.log10(sure.sum()))
+    assert f["mean_gradcam"][0] == pytest.approx(0.9) and f["mean_gradcam"][1] == pytest.approx(0.1)
+    assert feature_matrix(f).shape == (2, len(FEATURES))
+    empty = object_features(np.zeros(shape, np.uint16), p)
+    assert feature_matrix(empty).shape == (0, len(FEATURES))
+
+
+def test_logistic_confidence_separates_and_is_calibrated_on_its_data():
+    rng = np.random.default_rng(0)
+    n = 20000
+    real = rng.random(n) < 0.6
+    # Real objects: higher mean probability and edge contrast, on average; overlapping distributions.
+    x = np.column_stack([rng.normal(np.where(real, 0.85, 0.65), 0.08), rng.normal(np.where(real, 0.6, 0.3), 0.2),
+                         rng.normal(0, 1, n), rng.normal(0, 1, n), rng.normal(2, 0.5, n), rng.normal(0, 1, n)])
+    model = ObjectConfidence().fit(x, real)
+    c = model.predict(x)
+    assert auroc(c, real) > 0.9
+    for lo in (0.1, 0.3, 0.5, 0.7):  # 0.8 means right about 80% of the time
+        sel = (c >= lo) & (c < lo + 0.2)
+        assert real[sel].mean() == pytest.approx(c[sel].mean(), abs=0.05)
+    again = ObjectConfidence.from_dict(model.to_dict())
+    np.testing.assert_allclose(again.predict(x[:10]), c[:10])
+    with pytest.raises(ValueError, match="true and false"):
+        ObjectConfidence().fit(x[:10], np.ones(10, bool))
+
+
+def test_auroc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 5, 60).astype(float)  # with ties
+    pos = rng.random(60) < 0.4
+    pairs = [(a > b) + 0.5 * (a == b) for a in s[pos] for b in s[~pos]]
+    assert auroc(s, pos) == pytest.approx(np.mean(pairs))
+    assert np.isnan(auroc(s, np.ones(60, bool)))

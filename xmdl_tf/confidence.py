@@ -1,0 +1,151 @@
+"""Per-pixel uncertainty and per-object confidence in NumPy (no TensorFlow).
+
+uncertainty: the binary entropy (bits, [0, 1]) of the calibrated foreground
+probability: 0 where the model is sure, 1 at p = 0.5.
+
+Per-object confidence: a handful of features of each predicted object
+(`object_features`) fed to a logistic model (`ObjectConfidence`) fitted on
+validation objects labelled true (matched to a true mitochondrion at
+IoU >= 0.5) or false. A logistic fit is calibrated on the data it was fitted
+on, so a confidence of 0.8 means about 80% of such objects were real there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FEATURES = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "log_area",
+            "mean_gradcam")
+REVIEW_BELOW = 0.5  # objects with confidence under this are flagged `needs_review`
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Binary entropy in bits of foreground probabilities, float32 in [0, 1] (NaN -> 1)."""
+    p = np.clip(np.nan_to_num(np.asarray(p, np.float64), nan=0.5), 1e-7, 1 - 1e-7)
+    return (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).astype(np.float32)
+
+
+def _means(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Mean of `values` over each label 1..n (NaN for labels with no pixel)."""
+    s = np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64), minlength=n + 1)[1:n + 1]
+    c = np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return s / c
+
+
+def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.ndarray | None = None,
+                    ring_px: int = 3) -> dict[str, np.ndarray]:
+    """Features of each object 1..N of `instances` (H, W) from its calibrated `probability` (H, W).
+
+    mean_probability / low_probability: mean and 10th percentile inside.
+    mean_uncertainty: mean `entropy` inside.
+    edge_contrast: mean probability inside minus that of the background ring
+        up to `ring_px` px around it (each ring pixel belongs to its nearest object).
+    log_area: log10 of the area in pixels. mean_gradcam: mean heat inside (0 if none).
+    Returns {"label": ids, feature: values (N,)}.
+    """
+    from scipy import ndimage
+
+    inst = np.asarray(instances)
+    n = int(inst.max()) if inst.size else 0
+    ids = np.arange(1, n + 1)
+    if n == 0:
+        return {"label": ids, **{f: np.zeros(0) for f in FEATURES}}
+    p = np.nan_to_num(np.asarray(probability, np.float64), nan=0.5)
+    inside = inst > 0
+    area = np.bincount(inst.ravel(), minlength=n + 1)[1:]
+    dist, (iy, ix) = ndimage.distance_transform_edt(~inside, return_indices=True)
+    ring = (~inside) & (dist <= ring_px)
+    nearest = np.where(ring, inst[iy, ix], 0)
+    ring_mean = _means(p, nearest, n)
+    inner = _means(p, inst, n)
+    order = np.argsort(inst.ravel(), kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(inst.ravel(), minlength=n + 1))])
+    flat = p.ravel()[order]
+    low = np.array([np.percentile(flat[starts[i]:starts[i + 1]], 10) for i in ids])
+    return {
+        "label": ids,
+        "mean_probability": inner,
+        "low_probability": low,
+        "mean_uncertainty": _means(entropy(p), inst, n),
+        "edge_contrast": inner - np.nan_to_num(ring_mean, nan=0.0),
+        "log_area": np.log10(np.maximum(area, 1)),
+        "mean_gradcam": _means(np.asarray(heatmap), inst, n) if heatmap is not None else np.zeros(n),
+    }
+
+
+def feature_matrix(features: dict[str, np.ndarray], names: tuple[str, ...] = FEATURES) -> np.ndarray:
+    return np.stack([np.asarray(features[f], np.float64) for f in names], axis=1) if len(features["label"]) \
+        else np.zeros((0, len(names)))
+
+
+@dataclass
+class ObjectConfidence:
+    """Logistic model of P(object is a real mitochondrion | features), standardised inputs, L2-penalised.
+
+    Stored in config.json as `to_dict()`.
+    """
+
+    features: tuple[str, ...] = FEATURES
+    mean: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    coef: list[float] = field(default_factory=list)
+    intercept: float = 0.0
+
+    def fit(self, x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> "ObjectConfidence":
+        """Newton-Raphson (IRLS) on standardised features; x (N, F), y (N,) bool.
+
+        l2: ridge on the summed log-loss (as scikit-learn's C = 1/l2): enough to keep
+        separable data finite, too little to shrink the probabilities of a real fit.
+        """
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        if len(x) < 4 or y.min() == y.max():
+            raise ValueError("fitting object confidence needs true and false detections (at least 4 objects)")
+        mu, sd = x.mean(0), x.std(0)
+        sd[sd == 0] = 1.0
+        z = np.hstack([np.ones((len(x), 1)), (x - mu) / sd])
+        w = np.zeros(z.shape[1])
+        reg = np.full(z.shape[1], float(l2))
+        reg[0] = 0.0  # no penalty on the intercept
+        for _ in range(iterations):
+            q = 1.0 / (1.0 + np.exp(-z @ w))
+            grad = z.T @ (q - y) + reg * w
+            hess = (z * (q * (1 - q))[:, None]).T @ z + np.diag(reg)
+            step = np.linalg.solve(hess + 1e-9 * np.eye(len(w)), grad)
+            w -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        self.mean, self.scale = mu.tolist(), sd.tolist()
+        self.intercept, self.coef = float(w[0]), w[1:].tolist()
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Confidence in [0, 1] for feature rows x (N, F)."""
+        if not self.coef:
+            raise ValueError("object confidence is not fitted")
+        x = np.asarray(x, np.float64)
+        z = (np.nan_to_num(x) - np.array(self.mean)) / np.array(self.scale)
+        return 1.0 / (1.0 + np.exp(-(self.intercept + z @ np.array(self.coef))))
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "mean": self.mean, "scale": self.scale, "coef": self.coef,
+                "intercept": self.intercept}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ObjectConfidence":
+        return cls(tuple(d["features"]), list(d["mean"]), list(d["scale"]), list(d["coef"]), float(d["intercept"]))
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > that of a random negative), ties half."""
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, np.float64)
+    pos = np.asarray(positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
