@@ -1,0 +1,130 @@
+"""How unlike the training data is an image? An out-of-distribution score from the network's own features.
+
+Each image is cut (at the model's pixel size, after the model's
+normalisation) into up to `MAX_TILES` evenly spread tiles of `TILE` px; each
+tile's bottleneck activations (`bottleneck_conv2`) are averaged over space
+into one feature vector. `FeatureDistribution` models the training tiles'
+vectors by their mean and principal components (a Mahalanobis distance in
+the leading components, plus the normalised residual off them). An image's
+score is the median over its tiles; `threshold` is a high quantile of the
+scores of held-out in-distribution images (the model's val slices), above
+which `analyze` warns. The NumPy part (`FeatureDistribution`) needs no model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+OOD_LAYER = "bottleneck_conv2"
+TILE = 256
+MAX_TILES = 16
+OOD_FILE = "ood.npz"  # beside model.keras
+
+
+def tile_origins(shape: tuple[int, int], tile: int = TILE, k: int = MAX_TILES) -> list[tuple[int, int]]:
+    """Up to k (y, x) origins of tile x tile windows spread evenly over an image of (H, W) (deterministic)."""
+    h, w = shape
+    ny, nx = max(1, -(-h // tile)), max(1, -(-w // tile))
+    ys = np.linspace(0, max(h - tile, 0), ny).round().astype(int)
+    xs = np.linspace(0, max(w - tile, 0), nx).round().astype(int)
+    grid = [(int(y), int(x)) for y in ys for x in xs]
+    if len(grid) > k:
+        grid = [grid[i] for i in np.linspace(0, len(grid) - 1, k).round().astype(int)]
+    return grid
+
+
+def feature_extractor(model, layer: str = OOD_LAYER):
+    """A function (n, t, t, 1) normalised tiles -> (n, D) spatially averaged activations of `layer`."""
+    import keras
+
+    sub = keras.Model(model.inputs, model.get_layer(layer).output)
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        acts = np.asarray(sub([x], training=False), np.float64)  # a list: the functional input structure
+        return acts.mean(axis=(1, 2))
+
+    return fn
+
+
+def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = None, rescale: bool = True,
+                   tile: int = TILE, k: int = MAX_TILES) -> np.ndarray:
+    """(n_tiles, D) bottleneck features of one raw slice (H, W), at the model's pixel size."""
+    import cv2
+
+    from .sampling import normalize_as
+
+    cache = predictor.__dict__.setdefault("_ood_features", {})
+    if "fn" not in cache:
+        cache["fn"] = feature_extractor(predictor.model)
+    x = normalize_as(image, predictor.config.normalization)
+    factor = predictor.scale_factor(pixel_size_nm, rescale)
+    if factor != 1.0:
+        h, w = x.shape
+        x = cv2.resize(x, (max(1, round(w * factor)), max(1, round(h * factor))),
+                       interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    if min(x.shape) < tile:  # small images: mirror-pad up to one tile (never downscale)
+        x = np.pad(x, [(0, max(0, tile - x.shape[0])), (0, max(0, tile - x.shape[1]))], mode="symmetric")
+    tiles = np.stack([x[y:y + tile, x0:x0 + tile] for y, x0 in tile_origins(x.shape, tile, k)])
+    return cache["fn"](tiles[..., None].astype(np.float32))
+
+
+@dataclass
+class FeatureDistribution:
+    """Mean, leading principal axes and their variances of in-distribution tile features."""
+
+    mean: np.ndarray
+    components: np.ndarray  # (k, D), orthonormal rows
+    variances: np.ndarray  # (k,)
+    residual_variance: float  # mean variance per dimension off the k axes
+    threshold: float = float("inf")  # image scores above this are out of distribution
+
+    @classmethod
+    def fit(cls, features: np.ndarray, k: int = 16) -> "FeatureDistribution":
+        """Fit on (N, D) training tile features."""
+        x = np.asarray(features, np.float64)
+        if len(x) < 3:
+            raise ValueError("need at least 3 feature vectors to fit the feature distribution")
+        mu = x.mean(0)
+        u, s, vt = np.linalg.svd(x - mu, full_matrices=False)
+        var = s ** 2 / (len(x) - 1)
+        k = int(min(k, len(var) - 1, x.shape[1] - 1)) or 1
+        rest = var[k:]
+        resid = float(rest.sum() / max(x.shape[1] - k, 1)) if rest.size else 1e-12
+        floor = 1e-6 * max(float(var[0]), 1e-12)  # no division by a zero-variance axis
+        return cls(mu, vt[:k], np.maximum(var[:k], floor), max(resid, floor))
+
+    def tile_scores(self, features: np.ndarray) -> np.ndarray:
+        """Per tile: sqrt of the mean squared whitened distance (about 1 for in-distribution tiles)."""
+        d = np.asarray(features, np.float64) - self.mean
+        proj = d @ self.components.T
+        inside = np.sum(proj ** 2 / self.variances, axis=1)
+        residual = np.sum(d ** 2, axis=1) - np.sum(proj ** 2, axis=1)
+        dims = len(self.mean)
+        return np.sqrt((inside + np.maximum(residual, 0) / self.residual_variance) / dims)
+
+    def score(self, features: np.ndarray) -> float:
+        """One image's score: the median of its tiles' scores."""
+        return float(np.median(self.tile_scores(features)))
+
+    def calibrate(self, image_scores: list[float], quantile: float = 0.99) -> "FeatureDistribution":
+        """Set the warning threshold at `quantile` of in-distribution images' scores (held out from the fit)."""
+        self.threshold = float(np.quantile(np.asarray(image_scores, np.float64), quantile))
+        return self
+
+    def save(self, path: str | Path) -> None:
+        import io
+
+        from .runlock import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, components=self.components, variances=self.variances,
+                 residual_variance=self.residual_variance, threshold=self.threshold)
+        atomic_write_bytes(Path(path), buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureDistribution":
+        with np.load(path) as z:
+            return cls(z["mean"], z["components"], z["variances"], float(z["residual_variance"]),
+                       float(z["threshold"]))
