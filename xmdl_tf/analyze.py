@@ -9,8 +9,14 @@ morphometry -> shape classes -> Grad-CAM (scored) -> one figure. Outputs:
     OUT/<stem>/instances.tif     uint16 or uint32 instance ids, 0 background
     OUT/<stem>/probability.tif   float32 mitochondria probability
     OUT/<stem>/gradcam.tif       float32 heatmap in [0, 1]
+    OUT/<stem>/uncertainty.tif   float32 entropy (bits, [0, 1]) of the calibrated probability
     OUT/<stem>/morphometry.csv   this image's rows of objects.csv
     OUT/<stem>/figure.png        the unified figure
+
+With a calibrated model (`python -m xmdl_tf.calibrate`), objects.csv has each
+object's `confidence` (probability that it is a real mitochondrion) and
+`needs_review` (confidence < 0.5), and summary.csv `n_needs_review`,
+`ood_score` and `ood_warning` (the image is unlike the training data).
 
 INPUT may be image files (PNG, TIFF, JPEG), folders, globs or multi-page TIFF
 stacks (each page is analysed as `<stem>_z0000`, ...), 8- or 16-bit.
@@ -29,7 +35,8 @@ from . import cli
 from .config import InferenceConfig
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
 
-OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "morphometry.csv", "figure.png")
+OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "uncertainty.tif", "morphometry.csv",
+                "figure.png")
 
 
 def default_model_path() -> Path | None:
@@ -137,6 +144,7 @@ class Analysis:
     table: "object"
     summary: dict = field(default_factory=dict)
     true_mask: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None  # (H, W) float32 entropy of the calibrated probability
 
 
 def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: Settings | None = None,
@@ -179,8 +187,54 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
         check = deletion_check(lambda im: predictor.predict_slice(im, ic.tile, ic.overlap, ic.batch_size, **scale),
                                image, cam, prob, ic.threshold)
         summary.update({f"deletion_{k}": v for k, v in check.items()})
+    uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic.rescale)
     table.insert(0, "image", name)
-    return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask)
+    return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask, uncertainty)
+
+
+def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, rescale) -> np.ndarray:
+    """Per-pixel uncertainty; per-object `confidence` / `needs_review` and per-image OOD columns
+    when the model is calibrated (`python -m xmdl_tf.calibrate`), else NaN / False / empty."""
+    from .calibration import apply_temperature
+    from .confidence import REVIEW_BELOW, ObjectConfidence, entropy, feature_matrix, object_features
+
+    config = getattr(predictor, "config", None)
+    cal = config.calibration if config is not None else {}
+    p_cal = apply_temperature(prob, float(cal.get("temperature", 1.0)))
+    uncertainty = entropy(p_cal)
+    if cal.get("object_confidence") and len(table):
+        f = object_features(instances, p_cal, cam)
+        conf = ObjectConfidence.from_dict(cal["object_confidence"]).predict(feature_matrix(f))
+        by_id = dict(zip(f["label"].tolist(), conf.tolist()))
+        table["confidence"] = [round(by_id[int(i)], 4) for i in table["id"]]
+        table["needs_review"] = table["confidence"] < REVIEW_BELOW
+    else:
+        table["confidence"] = np.nan
+        table["needs_review"] = False
+    summary["calibrated"] = bool(cal)
+    summary["n_needs_review"] = int(table["needs_review"].sum()) if cal.get("object_confidence") else None
+    summary["mean_uncertainty"] = float(uncertainty.mean())
+    dist = _ood_model(predictor)
+    summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), False
+    if dist is not None:
+        from .ood import image_features
+
+        score = dist.score(image_features(predictor, image, pixel_size_nm, rescale, tile=dist.tile))
+        summary.update(ood_score=round(score, 4), ood_threshold=round(dist.threshold, 4),
+                       ood_warning=bool(score > dist.threshold))
+    return uncertainty
+
+
+def _ood_model(predictor):
+    """The model's FeatureDistribution (ood.npz beside it), loaded once; None without one or for a SavedModel."""
+    from .ood import OOD_FILE, FeatureDistribution
+
+    cache = predictor.__dict__.setdefault("_ood_model", {})
+    if "dist" not in cache:
+        path = Path(getattr(predictor, "path", "")).parent / OOD_FILE
+        keras_model = hasattr(getattr(predictor, "model", None), "get_layer")
+        cache["dist"] = FeatureDistribution.load(path) if keras_model and path.is_file() else None
+    return cache["dist"]
 
 
 def write_outputs(a: Analysis, folder: Path, make_figure: bool = True) -> None:
@@ -211,10 +265,12 @@ def write_outputs(a: Analysis, folder: Path, make_figure: bool = True) -> None:
         tifffile.imwrite(stage / "instances.tif", a.instances, compression="zlib", **res)
         tifffile.imwrite(stage / "probability.tif", a.probability.astype(np.float32), compression="zlib", **res)
         tifffile.imwrite(stage / "gradcam.tif", a.heatmap.astype(np.float32), compression="zlib", **res)
+        if a.uncertainty is not None:
+            tifffile.imwrite(stage / "uncertainty.tif", a.uncertainty.astype(np.float32), compression="zlib", **res)
         a.table.to_csv(stage / "morphometry.csv", index=False)
         if make_figure:
             unified_figure(a.image, a.instances, a.table, a.heatmap, stage / "figure.png", title=a.name,
-                           true_mask=a.true_mask, summary=a.summary)
+                           true_mask=a.true_mask, summary=a.summary, uncertainty=a.uncertainty)
         atomic_replace_dir(stage, folder)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -320,6 +376,11 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 done.append(pair.name)
                 if verbose:
                     print(f"    {a.summary['count']} mitochondria -> {out / pair.name}", flush=True)
+                if a.summary.get("ood_warning"):
+                    print(f"    warning: {pair.name} is unlike the model's training data (OOD score "
+                          f"{a.summary['ood_score']:.2f} > {a.summary['ood_threshold']:.2f}); check its results and "
+                          "consider fine-tuning on a few annotated slices (python -m xmdl_tf.finetune)",
+                          file=sys.stderr, flush=True)
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                     raise  # every further image would fail the same way

@@ -238,6 +238,9 @@ class Config:
     normalization: dict = field(default_factory=lambda: dict(NORMALIZATION))
     # Free-form provenance: data paths, versions, lineage, timing.
     info: dict = field(default_factory=dict)
+    # Fitted after training by `python -m xmdl_tf.calibrate` (temperature, object
+    # confidence, OOD threshold); empty until then.
+    calibration: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,6 +265,7 @@ class Config:
             **sub,
             normalization=d.get("normalization", dict(NORMALIZATION)),
             info=d.get("info", {}),
+            calibration=d.get("calibration", {}),
         )
 
     @classmethod

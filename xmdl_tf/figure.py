@@ -53,12 +53,14 @@ def _class_rgba(instances: np.ndarray, classes: dict[int, str], fill_alpha: floa
 
 def unified_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame, heatmap: np.ndarray,
                    out: str | Path, title: str = "", true_mask: np.ndarray | None = None,
-                   summary: dict | None = None) -> Path:
+                   summary: dict | None = None, uncertainty: np.ndarray | None = None) -> Path:
     """Write the figure for one image.
 
     image: (H, W) raw slice; instances: (H, W) ids; table: the image's
-    morphometry rows with `id` and `shape_class`; heatmap: (H, W) in [0, 1];
-    true_mask: optional (H, W) ground truth; summary: the image's summary row.
+    morphometry rows with `id` and `shape_class` (and `needs_review`: those
+    objects get a dashed outline); heatmap: (H, W) in [0, 1]; true_mask:
+    optional (H, W) ground truth; summary: the image's summary row;
+    uncertainty: optional (H, W) in [0, 1], shown as its own panel.
     """
     import matplotlib
 
@@ -73,7 +75,11 @@ def unified_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame
     inst = _display(instances, step, labels=True)
     classes = dict(zip(table["id"].astype(int), table["shape_class"])) if len(table) else {}
 
-    panels = ["input"] + (["true mask"] if true_mask is not None else []) + ["predicted, by shape class", "Grad-CAM"]
+    review = (table["id"][table["needs_review"].astype(bool)].astype(int).tolist()
+              if len(table) and "needs_review" in table else [])
+    panels = (["input"] + (["true mask"] if true_mask is not None else [])
+              + ["predicted, by shape class" + (" (dashed: review)" if review else ""), "Grad-CAM"]
+              + (["uncertainty (entropy)"] if uncertainty is not None else []))
     n = len(panels)
     fig = plt.figure(figsize=(4.2 * n, 6.4))
     grid = fig.add_gridspec(2, n, height_ratios=[4.2, 1.6])
@@ -86,10 +92,17 @@ def unified_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame
     k += 1
     axes[k].imshow(img, cmap="gray", interpolation="nearest")
     axes[k].imshow(_class_rgba(inst, classes), interpolation="nearest")
+    if review:
+        axes[k].contour(np.isin(inst, review).astype(np.float32), levels=[0.5], colors="white",
+                        linestyles="dashed", linewidths=1.2)
     k += 1
     axes[k].imshow(img, cmap="gray", interpolation="nearest")
     im = axes[k].imshow(_display(heatmap, step), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
     fig.colorbar(im, ax=axes[k], fraction=0.046, pad=0.02)
+    if uncertainty is not None:
+        k += 1
+        im = axes[k].imshow(_display(uncertainty, step), cmap="magma", vmin=0, vmax=1, interpolation="bilinear")
+        fig.colorbar(im, ax=axes[k], fraction=0.046, pad=0.02)
     for ax, name in zip(axes, panels):
         ax.set_title(name, fontsize=11)
         ax.set_xticks([])
@@ -122,6 +135,11 @@ def _table_text(table: pd.DataFrame, summary: dict) -> str:
         lines.append(f"area ({unit}): median {a.median():.4g}   mean {a.mean():.4g}   total {a.sum():.4g}")
         lines.append(f"aspect ratio: median {table['aspect_ratio'].median():.2f}   solidity: median "
                      f"{table['solidity'].median():.2f}   circularity: median {table['circularity'].median():.2f}")
+    if summary.get("n_needs_review") is not None and "needs_review" in table:
+        lines.append(f"needs review (confidence < 0.5, dashed): {summary['n_needs_review']} of {len(table)}")
+    if summary.get("ood_warning"):
+        lines.append(f"WARNING: unlike the training data (OOD score {summary['ood_score']:.2f} > "
+                     f"{summary['ood_threshold']:.2f}); check the result, consider fine-tuning")
     if "gradcam_energy_in_mask" in summary:
         lines.append(f"Grad-CAM energy inside the predicted mask: {summary['gradcam_energy_in_mask']:.2f}")
     if "f1" in summary and summary.get("f1") == summary.get("f1"):

@@ -79,10 +79,11 @@ class FeatureDistribution:
     variances: np.ndarray  # (k,)
     residual_variance: float  # mean variance per dimension off the k axes
     threshold: float = float("inf")  # image scores above this are out of distribution
+    tile: int = TILE  # tile size (model px) the features were computed on
 
     @classmethod
-    def fit(cls, features: np.ndarray, k: int = 16) -> "FeatureDistribution":
-        """Fit on (N, D) training tile features."""
+    def fit(cls, features: np.ndarray, k: int = 16, tile: int = TILE) -> "FeatureDistribution":
+        """Fit on (N, D) training tile features computed on `tile`-px tiles."""
         x = np.asarray(features, np.float64)
         if len(x) < 3:
             raise ValueError("need at least 3 feature vectors to fit the feature distribution")
@@ -93,7 +94,7 @@ class FeatureDistribution:
         rest = var[k:]
         resid = float(rest.sum() / max(x.shape[1] - k, 1)) if rest.size else 1e-12
         floor = 1e-6 * max(float(var[0]), 1e-12)  # no division by a zero-variance axis
-        return cls(mu, vt[:k], np.maximum(var[:k], floor), max(resid, floor))
+        return cls(mu, vt[:k], np.maximum(var[:k], floor), max(resid, floor), tile=tile)
 
     def tile_scores(self, features: np.ndarray) -> np.ndarray:
         """Per tile: sqrt of the mean squared whitened distance (about 1 for in-distribution tiles)."""
@@ -120,11 +121,11 @@ class FeatureDistribution:
 
         buf = io.BytesIO()
         np.savez(buf, mean=self.mean, components=self.components, variances=self.variances,
-                 residual_variance=self.residual_variance, threshold=self.threshold)
+                 residual_variance=self.residual_variance, threshold=self.threshold, tile=self.tile)
         atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureDistribution":
         with np.load(path) as z:
             return cls(z["mean"], z["components"], z["variances"], float(z["residual_variance"]),
-                       float(z["threshold"]))
+                       float(z["threshold"]), int(z["tile"]) if "tile" in z else TILE)

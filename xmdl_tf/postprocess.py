@@ -74,6 +74,26 @@ def score_slice(probability: np.ndarray, label: np.ndarray, inference: Inference
             "count": int(m["n_pred"]), "gt_count": int(m["n_true"]), "count_error": int(m["count_error"])}
 
 
+def matched_objects(predicted: np.ndarray, true: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
+    """Per predicted object 1..N (N = predicted.max()): True if some true object overlaps it with
+    IoU >= iou_threshold (unique at 0.5 and above, as in `instances.match_instances`)."""
+    if iou_threshold < 0.5:
+        raise ValueError("matched_objects needs iou_threshold >= 0.5 (where matches are unique)")
+    pred, true = np.asarray(predicted, np.int64), np.asarray(true, np.int64)
+    n = int(pred.max()) if pred.size else 0
+    out = np.zeros(n, bool)
+    both = (pred > 0) & (true > 0)
+    if not both.any():
+        return out
+    p_area = np.bincount(pred.ravel(), minlength=n + 1)
+    t_area = np.bincount(true.ravel())
+    key, inter = np.unique(pred[both] * (int(true.max()) + 1) + true[both], return_counts=True)
+    pi, ti = key // (int(true.max()) + 1), key % (int(true.max()) + 1)
+    iou = inter / (p_area[pi] + t_area[ti] - inter)
+    out[pi[iou >= iou_threshold] - 1] = True
+    return out
+
+
 def pooled_instance_scores(rows: list[dict]) -> dict:
     """Instance F1 at IoU 0.5 pooled over images, and the mean absolute count error per image."""
     tp, fp, fn = (sum(r[k] for r in rows) for k in ("inst_tp", "inst_fp", "inst_fn"))

@@ -200,7 +200,7 @@ def _comparable(cfg: dict) -> dict:
         cfg = json.loads(json.dumps(Config.from_dict(cfg).to_dict(), default=str))
     except (TypeError, ValueError):
         pass  # unreadable: compared as is, and refused as different
-    out = {k: v for k, v in cfg.items() if k not in ("info", "inference")}
+    out = {k: v for k, v in cfg.items() if k not in ("info", "inference", "calibration")}
     out["train"] = {k: v for k, v in out.get("train", {}).items() if k != "jit_compile"}
     return out
 

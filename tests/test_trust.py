@@ -1,0 +1,99 @@
+"""Knowing when not to trust the model: calibrate a trained tiny model, then analyze with it."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from conftest import blob_image
+from xmdl_tf.config import Config
+
+
+def distractor_image(size: int, seed: int):
+    """Blob image plus unlabelled fainter discs (look-alikes, as secretory granules are): (image, label)."""
+    image, mask = blob_image(size, seed=seed, n=6)
+    rng = np.random.default_rng(seed + 1000)
+    yy, xx = np.mgrid[:size, :size]
+    image = image.astype(np.float32)
+    for _ in range(5):
+        r = rng.integers(6, 11)
+        cy, cx = rng.integers(r, size - r, 2)
+        d = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (mask == 0)
+        image[d] = 115 + rng.normal(0, 12, d.sum())
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="module")
+def calibrated(blob_run, tmp_path_factory):
+    """The suite's tiny model calibrated on val slices that hold unlabelled look-alikes (false detections)."""
+    from xmdl_tf.calibrate import main
+
+    data, run = blob_run
+    root = tmp_path_factory.mktemp("calibrated")
+    model = root / "model"
+    shutil.copytree(run, model)
+    cal = root / "blobs"
+    shutil.copytree(data / "train", cal / "train")
+    (cal / "val" / "x").mkdir(parents=True)
+    (cal / "val" / "y").mkdir(parents=True)
+    for i in range(4):
+        image, mask = distractor_image(192, 700 + i)
+        tifffile.imwrite(cal / "val" / "x" / f"im{i:04d}.tif", image)
+        tifffile.imwrite(cal / "val" / "y" / f"seg{i:04d}.tif", mask)
+    assert main(["--model", str(model), "--data", str(cal), "--ood-tile", "32"]) == 0
+    return cal, model
+
+
+def test_calibration_is_stored_with_the_model(calibrated):
+    _, model = calibrated
+    cal = Config.load(model / "config.json").calibration
+    assert 0.05 < cal["temperature"] < 20 and cal["fitted_on"]["split"] == "val"
+    assert cal["nll"]["after"] <= cal["nll"]["before"]  # fitted to minimise it on these pixels
+    assert set(cal["ece"]["blobs"]) == {"before", "after"}
+    assert cal["objects"] > 3 and cal["object_confidence"]["coef"]
+    assert (model / "ood.npz").is_file() and np.isfinite(cal["ood_threshold"])
+
+
+def test_analyze_reports_uncertainty_confidence_and_ood(calibrated, tmp_path, capsys):
+    from xmdl_tf.analyze import main
+
+    _, model = calibrated
+    inp = tmp_path / "in"
+    inp.mkdir()
+    clean = blob_image(160, seed=500, n=10)[0]
+    tifffile.imwrite(inp / "clean.tif", clean)
+    tifffile.imwrite(inp / "inverted.tif", (255 - blob_image(160, seed=501, n=10)[0]).astype(np.uint8))
+    out = tmp_path / "out"
+    assert main([str(inp), "--model", str(model), "--out", str(out), "--tile", "64", "--overlap", "16"]) == 0
+    summary = pd.read_csv(out / "summary.csv").set_index("image")
+    objects = pd.read_csv(out / "objects.csv")
+    assert {"confidence", "needs_review"} <= set(objects.columns)
+    assert objects["confidence"].between(0, 1).all()
+    assert (objects["needs_review"] == (objects["confidence"] < 0.5)).all()
+    for name in ("clean", "inverted"):
+        n_review = int(objects[(objects["image"] == name)]["needs_review"].sum())
+        assert summary.loc[name, "n_needs_review"] == n_review
+        u = tifffile.imread(out / name / "uncertainty.tif")
+        assert u.dtype == np.float32 and u.shape == (160, 160) and 0 <= u.min() and u.max() <= 1
+    assert summary.loc["inverted", "ood_score"] > summary.loc["clean", "ood_score"]
+    assert bool(summary.loc["inverted", "ood_warning"]) and not bool(summary.loc["clean", "ood_warning"])
+    assert "inverted is unlike the model's training data" in capsys.readouterr().err
+
+
+def test_confidence_is_lower_on_a_deliberately_corrupted_region(calibrated):
+    from xmdl_tf.analyze import Settings, analyze_image
+    from xmdl_tf.predict import load_model
+
+    _, model = calibrated
+    pred = load_model(model, jit_compile=False)
+    image = blob_image(256, seed=600, n=30)[0].astype(np.float32)
+    rng = np.random.default_rng(0)
+    image[:, 128:] = image[:, 128:] * 0.6 + 68 + rng.normal(0, 20, (256, 128))  # lower contrast, more noise
+    a = analyze_image(pred, np.clip(image, 0, 255).astype(np.uint8), "half", Settings(inference={"tile": 64, "overlap": 16}))
+    t = a.table
+    clean, corrupted = t[t["centroid_x_px"] < 120], t[t["centroid_x_px"] > 136]
+    assert len(clean) >= 3 and len(corrupted) >= 1
+    assert corrupted["confidence"].mean() < clean["confidence"].mean()
+    assert a.uncertainty[:, 140:].mean() > a.uncertainty[:, :116].mean()

@@ -1,0 +1,180 @@
+"""Fit what tells a user when not to trust the model: `python -m xmdl_tf.calibrate`.
+
+    python -m xmdl_tf.calibrate --model runs/ref --data ../shared/data/cdeep3m_sbem_mouse \
+        ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
+
+On the model's own data (never a test split):
+1. temperature scaling of the foreground probability, fitted on val pixels
+   (the same number of pixels from every set), with the expected calibration
+   error of each set before and after;
+2. the per-object confidence model (`confidence.ObjectConfidence`), fitted on
+   the val split's predicted objects labelled true or false by matching them
+   to the labels at IoU >= 0.5;
+3. the out-of-distribution model (`ood.FeatureDistribution`) of the training
+   slices' bottleneck features, its warning threshold the 99th percentile of
+   the val slices' scores.
+Stored beside the model: `calibration` in config.json, and `ood.npz`.
+`analyze` then writes uncertainty.tif, per-object `confidence` and
+`needs_review`, and per-image `ood_score` and `ood_warning`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import cli
+from .config import Config
+
+PIXELS_PER_SET = 400_000
+MIN_EACH = 5  # true and false val detections needed to fit the object confidence model
+
+
+def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], split: str = "val",
+                verbose: bool = True) -> dict[str, list[dict]]:
+    """Per set, per slice of `split`: probability, Grad-CAM, predicted instances, labels and pixel size."""
+    from .io import find_pairs, read_pair, read_pixel_size_nm
+    from .postprocess import ground_truth_instances, instances
+
+    ic = predictor.config.inference
+    out = {}
+    for d, px_given in zip(data, pixel_sizes):
+        name = Path(d).resolve().name
+        rows = []
+        pairs = find_pairs(d, split)
+        for i, pair in enumerate(pairs):
+            image, label = read_pair(pair)
+            px = read_pixel_size_nm(pair.image) or px_given
+            prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size,
+                                                pixel_size_nm=px, rescale=ic.rescale)
+            rows.append({"name": pair.name, "image": image, "probability": prob, "gradcam": cam, "label": label,
+                         "pixel_size_nm": px, "instances": instances(prob, ic, px),
+                         "truth": ground_truth_instances(label)})
+            if verbose:
+                print(f"{name} [{split}] {i + 1}/{len(pairs)}", flush=True)
+        out[name] = rows
+    return out
+
+
+def fit_temperature_on(slices: dict[str, list[dict]], per_set: int = PIXELS_PER_SET, seed: int = 0) -> dict:
+    """Temperature from an equal number of random val pixels of each set; ECE per set before and after."""
+    from .calibration import apply_temperature, expected_calibration_error, fit_temperature, nll, sample_pixels
+
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for name, rows in slices.items():
+        k = max(1, per_set // max(len(rows), 1))
+        ps, ys = zip(*(sample_pixels(r["probability"], r["label"] > 0, None, k, rng) for r in rows))
+        samples[name] = (np.concatenate(ps), np.concatenate(ys))
+    p = np.concatenate([s[0] for s in samples.values()])
+    y = np.concatenate([s[1] for s in samples.values()])
+    t = fit_temperature(p, y)
+    ece = {name: {"before": round(expected_calibration_error(ps, ys), 4),
+                  "after": round(expected_calibration_error(apply_temperature(ps, t), ys), 4)}
+           for name, (ps, ys) in samples.items()}
+    nlls = {"before": round(nll(p, y), 5), "after": round(nll(apply_temperature(p, t), y), 5)}
+    return {"temperature": round(t, 4), "ece": ece, "nll": nlls, "pixels_per_set": per_set}
+
+
+def object_table(rows: list[dict], temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, F), is_true (N,)) of every predicted object of the given slices."""
+    from .calibration import apply_temperature
+    from .confidence import feature_matrix, object_features
+    from .postprocess import matched_objects
+
+    xs, ys = [], []
+    for r in rows:
+        f = object_features(r["instances"], apply_temperature(r["probability"], temperature), r["gradcam"])
+        xs.append(feature_matrix(f))
+        ys.append(matched_objects(r["instances"], r["truth"]))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_ood(predictor, data: list[str], pixel_sizes: list[float | None], val_slices: dict[str, list[dict]],
+            quantile: float = 0.99, verbose: bool = True, tile: int | None = None):
+    """FeatureDistribution of the training slices' tile features; threshold from the val slices."""
+    from .io import find_pairs, read_image, read_pixel_size_nm
+    from .ood import TILE, FeatureDistribution, image_features
+
+    ic = predictor.config.inference
+    tile = tile or TILE
+    feats = []
+    for d, px_given in zip(data, pixel_sizes):
+        for pair in find_pairs(d, "train"):
+            px = read_pixel_size_nm(pair.image) or px_given
+            feats.append(image_features(predictor, read_image(pair.image, pair.page), px, ic.rescale, tile=tile))
+        if verbose:
+            print(f"{Path(d).name}: training features done", flush=True)
+    dist = FeatureDistribution.fit(np.concatenate(feats), tile=tile)
+    scores = [dist.score(image_features(predictor, r["image"], r["pixel_size_nm"], ic.rescale, tile=tile))
+              for rows in val_slices.values() for r in rows]
+    return dist.calibrate(scores, quantile), scores
+
+
+def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = None, split: str = "val",
+              verbose: bool = True, ood_tile: int | None = None) -> dict:
+    """Fit temperature, object confidence and the OOD model; store them beside the model; return the report."""
+    from .confidence import FEATURES, ObjectConfidence, auroc
+    from .ood import OOD_FILE
+    from .predict import load_model, resolve_model_path
+
+    if split == "test":
+        raise cli.UsageError("--split test: calibration is fitted on validation data, never on test data")
+    t0 = time.time()
+    pixel_sizes = pixel_sizes or [None] * len(data)
+    predictor = load_model(model) if isinstance(model, (str, Path)) else model
+    model_path, cfg_path = resolve_model_path(predictor.path)
+    if cfg_path is None:
+        raise FileNotFoundError(f"{model_path}: no config.json beside the model to store the calibration in")
+    slices = collect_val(predictor, data, pixel_sizes, split, verbose)
+    temp = fit_temperature_on(slices)
+    x, y = object_table([r for rows in slices.values() for r in rows], temp["temperature"])
+    conf = None
+    if min(y.sum(), (~y).sum()) >= MIN_EACH:
+        conf = ObjectConfidence().fit(x, y)
+    elif verbose:
+        print(f"warning: only {int(y.sum())} true and {int((~y).sum())} false detections on {split}; at least "
+              f"{MIN_EACH} of each are needed to fit object confidence, so objects get none", file=sys.stderr)
+    dist, _ = fit_ood(predictor, data, pixel_sizes, slices, verbose=verbose, tile=ood_tile)
+    dist.save(model_path.parent / OOD_FILE)
+    report = {**temp, "object_confidence": conf.to_dict() if conf else None, "features": list(FEATURES),
+              "objects": int(len(y)), "true_objects": int(y.sum()),
+              "object_auroc_in_sample": round(auroc(conf.predict(x), y), 4) if conf else None,
+              "ood_file": OOD_FILE, "ood_threshold": round(dist.threshold, 4),
+              "fitted_on": {"split": split, "sets": [str(Path(d).resolve()) for d in data]},
+              "seconds": round(time.time() - t0, 1)}
+    cfg = Config.load(cfg_path)
+    dataclasses.replace(cfg, calibration=report).save(cfg_path)
+    return report
+
+
+@cli.guarded
+def main(argv: list[str] | None = None) -> int:
+    from .train import parse_pixel_sizes
+
+    p = cli.parser("python -m xmdl_tf.calibrate", __doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="run folder or .keras file (config.json beside it)")
+    p.add_argument("--data", nargs="+", required=True, help="the model's data set folder(s), split layout")
+    p.add_argument("--pixel-size", nargs="+", default=None, metavar="NM",
+                   help="nm per pixel of each set whose files do not say ('unknown' allowed)")
+    p.add_argument("--split", default="val", help="split to fit on (never a test split)")
+    p.add_argument("--ood-tile", type=cli.positive_int, default=256,
+                   help="tile size (model px) of the out-of-distribution features")
+    args = p.parse_args(argv)
+    try:
+        sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
+    except ValueError as err:
+        p.error(str(err))
+    r = calibrate(args.model, args.data, sizes, args.split, ood_tile=args.ood_tile)
+    print(f"temperature {r['temperature']}; ECE before -> after: " +
+          ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in r["ece"].items()))
+    print(f"object confidence fitted on {r['objects']} objects ({r['true_objects']} true), in-sample AUROC "
+          f"{r['object_auroc_in_sample']}; OOD threshold {r['ood_threshold']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
