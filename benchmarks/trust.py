@@ -1,0 +1,132 @@
+"""Is the model's self-assessment worth reading? Measured on data it never saw (leave one set out).
+
+    python benchmarks/trust.py --loso runs/loso/em --data ../shared/data/cdeep3m_sbem_mouse \
+        ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
+
+For each leave-one-set-out model (`benchmarks/loso.py`): calibrate it on its
+own training sets' val splits (`xmdl_tf.calibrate`, written into its run
+folder), then on the left-out set (val and test slices: zero-shot) and on
+its training sets' held-out slices (test, or val for a set without one:
+in-distribution) report
+- object confidence: AUROC of `confidence` for true (IoU >= 0.5 with a true
+  mitochondrion) against false detections, beside the bar set by the mean
+  Grad-CAM heat inside each object; instance F1 before and after a user
+  reviews only the flagged objects (`needs_review`: flagged false ones removed);
+- pixel uncertainty: AUROC of the per-pixel entropy for wrong pixels;
+- calibration: ECE of the raw and the calibrated probabilities;
+- out of distribution: AUROC of the image OOD score, left-out slices against
+  the training sets' held-out slices, and the share of left-out slices warned.
+Writes OUT/trust.json and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def detections(rows, temperature: float, confidence) -> dict:
+    """Pooled object-level figures of some slices (from calibrate.collect_val rows)."""
+    from xmdl_tf.calibrate import object_table
+    from xmdl_tf.confidence import FEATURES, REVIEW_BELOW, auroc
+
+    x, y = object_table(rows, temperature)
+    conf = confidence.predict(x) if confidence is not None and len(x) else np.full(len(x), np.nan)
+    heat = x[:, FEATURES.index("mean_gradcam")] if len(x) else np.zeros(0)
+    n_true = sum(len(np.unique(r["truth"])) - (1 if (r["truth"] == 0).any() else 0) for r in rows)
+    tp, fp = int(y.sum()), int((~y).sum())
+    flagged = conf < REVIEW_BELOW
+    fp_left = int((~y & ~flagged).sum())
+    f1 = 2 * tp / max(2 * tp + fp + (n_true - tp), 1)
+    f1_reviewed = 2 * tp / max(2 * tp + fp_left + (n_true - tp), 1)
+    return {"objects": len(y), "true": tp, "false": fp, "auroc_confidence": auroc(conf, y),
+            "auroc_gradcam": auroc(heat, y), "flagged": int(flagged.sum()), "instance_f1": round(f1, 4),
+            "instance_f1_after_review": round(f1_reviewed, 4)}
+
+
+def pixels(rows, temperature: float, k: int = 200_000, seed: int = 0) -> dict:
+    from xmdl_tf.calibration import apply_temperature, expected_calibration_error
+    from xmdl_tf.confidence import auroc, entropy
+
+    rng = np.random.default_rng(seed)
+    ps, ys = [], []
+    for r in rows:
+        idx = rng.choice(r["probability"].size, min(k // max(len(rows), 1), r["probability"].size), replace=False)
+        ps.append(r["probability"].ravel()[idx])
+        ys.append((r["label"] > 0).ravel()[idx])
+    p, y = np.concatenate(ps), np.concatenate(ys)
+    cal = apply_temperature(p, temperature)
+    wrong = (p >= 0.5) != y
+    return {"ece_raw": round(expected_calibration_error(p, y), 4), "ece_calibrated": round(expected_calibration_error(cal, y), 4),
+            "auroc_entropy_for_errors": round(auroc(entropy(cal), wrong), 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--loso", required=True, help="folder of benchmarks/loso.py runs (without_<set>/)")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--pixel-size", nargs="+", default=None)
+    p.add_argument("--out", default=None, help="folder for trust.json (default: --loso)")
+    args = p.parse_args(argv)
+    from xmdl_tf.calibrate import calibrate, collect_val
+    from xmdl_tf.confidence import ObjectConfidence, auroc
+    from xmdl_tf.evaluate import held_out_split
+    from xmdl_tf.ood import OOD_FILE, FeatureDistribution, image_features
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.train import parse_pixel_sizes
+
+    sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
+    by_name = {Path(d).resolve().name: (d, px) for d, px in zip(args.data, sizes)}
+    report = {}
+    for left, (d_left, px_left) in by_name.items():
+        run = Path(args.loso) / f"without_{left}"
+        if not (run / "model.keras").is_file():
+            print(f"{run}: no model; skipped")
+            continue
+        seen = [(d, px) for n, (d, px) in by_name.items() if n != left]
+        cal = calibrate(run, [d for d, _ in seen], [px for _, px in seen], verbose=False)
+        pred = load_model(run)
+        conf = ObjectConfidence.from_dict(cal["object_confidence"]) if cal["object_confidence"] else None
+        t = cal["temperature"]
+        unseen = [r for split in ("val", "test") if (Path(d_left) / split / "x").is_dir()
+                  for r in collect_val(pred, [d_left], [px_left], split, verbose=False)[left]]
+        held = [r for d, px in seen for r in collect_val(pred, [d], [px], held_out_split(d), verbose=False)[Path(d).resolve().name]]
+        dist = FeatureDistribution.load(run / OOD_FILE)
+        score = lambda rows: [dist.score(image_features(pred, r["image"], r["pixel_size_nm"], tile=dist.tile)) for r in rows]
+        s_un, s_in = score(unseen), score(held)
+        report[left] = {
+            "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},
+            "zero_shot": {**detections(unseen, t, conf), **pixels(unseen, t)},
+            "in_distribution": {**detections(held, t, conf), **pixels(held, t)},
+            "ood": {"auroc": round(auroc(np.r_[s_un, s_in], np.r_[np.ones(len(s_un), bool), np.zeros(len(s_in), bool)]), 4),
+                    "warned_unseen": float(np.mean(np.array(s_un) > dist.threshold)),
+                    "warned_seen": float(np.mean(np.array(s_in) > dist.threshold)), "threshold": dist.threshold},
+        }
+        print(left, json.dumps(report[left], indent=1), flush=True)
+    out = Path(args.out or args.loso)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trust.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = ["| left out | data | objects (true/false) | AUROC confidence | AUROC Grad-CAM | flagged | instance F1 -> after review | ECE raw -> calibrated | AUROC entropy (pixel errors) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for left, r in report.items():
+        for part in ("zero_shot", "in_distribution"):
+            x = r[part]
+            rows.append(f"| {left} | {part.replace('_', ' ')} | {x['objects']} ({x['true']}/{x['false']}) | "
+                        f"{x['auroc_confidence']:.3f} | {x['auroc_gradcam']:.3f} | {x['flagged']} | "
+                        f"{x['instance_f1']:.3f} -> {x['instance_f1_after_review']:.3f} | {x['ece_raw']:.3f} -> "
+                        f"{x['ece_calibrated']:.3f} | {x['auroc_entropy_for_errors']:.3f} |")
+    rows += ["", "| left out | OOD AUROC (left-out vs seen held-out slices) | warned: left-out | warned: seen |", "|---|---|---|---|"]
+    rows += [f"| {k} | {r['ood']['auroc']:.3f} | {r['ood']['warned_unseen']:.0%} | {r['ood']['warned_seen']:.0%} |"
+             for k, r in report.items()]
+    print("\n".join(rows))
+    (out / "trust.md").write_text("\n".join(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
