@@ -35,10 +35,10 @@ SIGNATURES = {
                       {"probabilities": ("DT_FLOAT", "(-1, -1, -1)"), "mask": ("DT_UINT8", "(-1, -1, -1)")}),
     "explain": ({"images": ("DT_UINT8", "(-1, -1, -1, 1)")},
                 {"probabilities": ("DT_FLOAT", "(-1, -1, -1)"), "mask": ("DT_UINT8", "(-1, -1, -1)"),
-                 "gradcam": ("DT_FLOAT", "(-1, -1, -1)")}),
+                 "gradcam": ("DT_FLOAT", "(-1, -1, -1)"), "uncertainty": ("DT_FLOAT", "(-1, -1, -1)")}),
     "explain_float": ({"images": ("DT_FLOAT", "(-1, -1, -1, 1)")},
                       {"probabilities": ("DT_FLOAT", "(-1, -1, -1)"), "mask": ("DT_UINT8", "(-1, -1, -1)"),
-                       "gradcam": ("DT_FLOAT", "(-1, -1, -1)")}),
+                       "gradcam": ("DT_FLOAT", "(-1, -1, -1)"), "uncertainty": ("DT_FLOAT", "(-1, -1, -1)")}),
     "predict_normalized": ({"images": ("DT_FLOAT", "(-1, -1, -1, 1)")},
                            {"probabilities": ("DT_FLOAT", "(-1, -1, -1, 2)")}),
     "explain_normalized": ({"images": ("DT_FLOAT", "(-1, -1, -1, 2)")},
@@ -64,7 +64,7 @@ def run(tmp_path_factory) -> Path:
     bias.assign(bias.numpy() + np.array([0.0, -np.percentile(margin, 60)], np.float32))
     folder = tmp_path_factory.mktemp("run")
     model.save(folder / "model.keras")
-    Config(model=ModelConfig(depth=3, base_filters=4)).save(folder / "config.json")
+    Config(model=ModelConfig(depth=3, base_filters=4), calibration={"temperature": 2.0}).save(folder / "config.json")
     (folder / "metrics.json").write_text(json.dumps({"f1": 0.5, "iou": 0.33}))
     return folder
 
@@ -270,6 +270,20 @@ def test_versions_are_never_overwritten(run, export_dir, capsys):
     assert "'nope' not in the model" in capsys.readouterr().err
     assert hashlib.sha256((export_dir / "1" / "saved_model.pb").read_bytes()).hexdigest() == before
     assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]  # no half-written leftovers
+
+
+def test_explain_serves_the_uncertainty_of_the_calibrated_probability(run, export_dir):
+    import tensorflow as tf
+
+    from xmdl_tf.calibration import apply_temperature
+    from xmdl_tf.confidence import entropy
+
+    sig = tf.saved_model.load(str(export_dir / "1")).signatures["explain"]
+    out = {k: v.numpy() for k, v in sig(images=tf.constant(raw_images())).items()}
+    t = Config.load(run / "config.json").calibration["temperature"]
+    assert t == 2.0
+    np.testing.assert_allclose(out["uncertainty"], entropy(apply_temperature(out["probabilities"], t)), atol=1e-4)
+    assert out["uncertainty"].shape == out["probabilities"].shape
 
 
 def test_load_model_on_export_dir_matches_keras(run, export_dir):

@@ -8,7 +8,8 @@ is never overwritten). Signatures (see docs/serving.md for the full table):
 
     serving_default     images uint8   [b, h, w, 1] raw pixels -> probabilities float32 [b, h, w], mask uint8 [b, h, w]
     serving_float       images float32 [b, h, w, 1] raw grey values 0..65535 (16-bit EM) -> same outputs
-    explain             images uint8   [b, h, w, 1] -> probabilities, mask, gradcam float32 [b, h, w] in [0, 1]
+    explain             images uint8   [b, h, w, 1] -> probabilities, mask, gradcam and uncertainty
+                        (entropy of the calibrated probability) float32 [b, h, w] in [0, 1]
     explain_float       images float32 [b, h, w, 1] -> same as explain
     predict_normalized  images float32 [b, h, w, 1] normalised tiles -> probabilities float32 [b, h, w, C]
     explain_normalized  images float32 [b, h, w, 2] normalised tile + region -> probabilities [b, h, w, C],
@@ -66,8 +67,10 @@ _PROBS = {"probabilities": "float32 [batch, height, width, n_classes]"}
 SIGNATURES = {
     "serving_default": ("uint8", 1, _SERVED),
     "serving_float": ("float32", 1, _SERVED),
-    "explain": ("uint8", 1, {**_SERVED, "gradcam": f"float32 {_MAP} in [0, 1]"}),
-    "explain_float": ("float32", 1, {**_SERVED, "gradcam": f"float32 {_MAP} in [0, 1]"}),
+    "explain": ("uint8", 1, {**_SERVED, "gradcam": f"float32 {_MAP} in [0, 1]",
+                             "uncertainty": f"float32 {_MAP} in [0, 1] (entropy, bits)"}),
+    "explain_float": ("float32", 1, {**_SERVED, "gradcam": f"float32 {_MAP} in [0, 1]",
+                                     "uncertainty": f"float32 {_MAP} in [0, 1] (entropy, bits)"}),
     "predict_normalized": ("float32", 1, _PROBS),
     "explain_normalized": ("float32", 2, {**_PROBS, "cam": f"float32 {_MAP}, raw Grad-CAM >= 0"}),
 }
@@ -237,7 +240,19 @@ def _archive(model, config: Config, layer: str):
         cam = out[:, :h, :w, -1]
         # Scaled per image by its maximum, as `gradcam.scale_unit` does for a slice.
         cam = tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
-        return {**served(out[..., :-1], h, w), "gradcam": cam}
+        result = served(out[..., :-1], h, w)
+        return {**result, "gradcam": cam, "uncertainty": uncertainty(result["probabilities"])}
+
+    temperature = float(config.calibration.get("temperature", 1.0))
+
+    def uncertainty(p: tf.Tensor) -> tf.Tensor:
+        # As `confidence.entropy(calibration.apply_temperature(p, T))`: a few element-wise ops
+        # on the output, negligible beside the network (the explain signatures already run it twice).
+        eps = 1e-6
+        pc = tf.clip_by_value(p, eps, 1 - eps)
+        q = tf.sigmoid((tf.math.log(pc) - tf.math.log1p(-pc)) / temperature)
+        q = tf.clip_by_value(q, 1e-7, 1 - 1e-7)
+        return -(q * tf.math.log(q) + (1 - q) * tf.math.log1p(-q)) / np.log(2.0)
 
     def predict_normalized(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"probabilities": model(finite(checked(images, 1, divisor)), training=False)}
