@@ -331,10 +331,10 @@ def test_analyze_resumes_after_a_random_kill(small_model, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{len(partial)} image(s) already done" in done.stdout
     resumed = _table_ok(out)
-    # The same numbers as one uninterrupted run.
-    from xmdl_tf.analyze import main
-
-    assert main([str(images), "--model", str(small_model), "--out", str(tmp_path / "ref"), *ANALYZE]) == 0
+    # The same numbers as one uninterrupted run of the same command (in a process of its own:
+    # an untrained model's probabilities sit near the threshold, where thread pools differ).
+    ref_cmd = [*cmd[:cmd.index("--out") + 1], str(tmp_path / "ref"), *ANALYZE]
+    assert subprocess.run(ref_cmd, env=env, capture_output=True, timeout=300).returncode == 0
     ref = pd.read_csv(tmp_path / "ref" / "summary.csv")
     pd.testing.assert_series_equal(resumed["count"], ref["count"])
     assert list(resumed["image"]) == list(ref["image"])
