@@ -26,13 +26,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import cli
-from .config import InferenceConfig
+from .config import InferenceConfig, resolve_inference
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
 
 OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "uncertainty.tif", "morphometry.csv",
@@ -123,12 +123,8 @@ class Settings:
     figure: bool = True
 
     def resolve(self, predictor) -> InferenceConfig:
-        """The InferenceConfig to apply with `predictor`."""
-        base = getattr(predictor, "config", None)
-        base = base.inference if base is not None else InferenceConfig()
-        if isinstance(self.inference, InferenceConfig):
-            return self.inference
-        return replace(base, **(self.inference or {}))
+        """The InferenceConfig to apply with `predictor` (`config.resolve_inference`)."""
+        return resolve_inference(predictor, self.inference)
 
 
 @dataclass

@@ -194,6 +194,17 @@ class InferenceConfig:
         return min_size_px_from_area(self.min_area_nm2, pixel_size_nm)
 
 
+def resolve_inference(predictor, inference: "InferenceConfig | dict | None" = None, **overrides) -> InferenceConfig:
+    """The InferenceConfig to apply with `predictor`: a whole `inference` as given, else the
+    model's own (config.json "inference"; the built-in defaults for objects without a config)
+    with the fields of an `inference` dict replaced; `overrides` are applied last."""
+    if isinstance(inference, InferenceConfig):
+        return dataclasses.replace(inference, **overrides)
+    config = getattr(predictor, "config", None)
+    base = config.inference if config is not None else InferenceConfig()
+    return dataclasses.replace(base, **{**(inference or {}), **overrides})
+
+
 VARIANTS = {
     "unet": (False, False),
     "residual": (True, False),

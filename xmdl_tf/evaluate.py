@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from . import cli
-from .config import InferenceConfig
+from .config import InferenceConfig, resolve_inference
 
 def held_out_split(data: str | Path) -> str:
     """The split to score by default: `test` where the data set has one, else `val`
@@ -63,12 +63,7 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
         split = held_out_split(data)
     pairs = find_pairs(data, split, labels=labels)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
-    base = getattr(predictor, "config", None)
-    base = base.inference if base is not None else InferenceConfig()
-    if isinstance(inference, InferenceConfig):
-        ic = replace(inference, **overrides)
-    else:
-        ic = replace(base, **{**(inference or {}), **overrides})
+    ic = resolve_inference(predictor, inference, **overrides)
     total: dict[str, int] = {}
     rows = []
     t0 = time.time()
