@@ -311,7 +311,7 @@ def _expand(spec: str | Path, exts: tuple[str, ...]) -> list[Path]:
         return files
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"{path}: folder not found")
+        raise DataError(f"{path}: not found (no such file or folder)")
     if path.is_file():
         return [path]
     files = _list_files(path, exts)
