@@ -184,6 +184,10 @@ def add_inference_args(p: argparse.ArgumentParser, explain: bool = True) -> None
                    help=f"smallest object, nm^2, when the pixel size is known ({d.min_area_nm2:g})")
     g.add_argument("--min-size", type=nonnegative_int, default=None,
                    help=f"smallest object, px, when the pixel size is unknown ({d.min_size_px})")
+    g.add_argument("--min-volume", type=nonnegative_float, default=None,
+                   help=f"smallest 3-D object (--volume), nm^3, when the voxel size is known ({d.min_volume_nm3:g})")
+    g.add_argument("--min-volume-vox", type=nonnegative_int, default=None,
+                   help=f"smallest 3-D object (--volume), voxels, when the voxel size is unknown ({d.min_volume_vox})")
     g.add_argument("--separate", action=argparse.BooleanOptionalAction, default=None,
                    help=f"split touching mitochondria at necks ({d.separate})")
     g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
@@ -196,7 +200,7 @@ def inference_overrides(args: argparse.Namespace) -> dict:
     """The `InferenceConfig` fields given on the command line (see `add_inference_args`)."""
     given = {"tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size, "tta": args.tta,
              "threshold": args.threshold, "min_area_nm2": args.min_area, "min_size_px": args.min_size,
-             "separate": args.separate, "rescale": args.rescale,
+             "min_volume_nm3": args.min_volume, "min_volume_vox": args.min_volume_vox, "separate": args.separate, "rescale": args.rescale,
              "gradcam_layer": getattr(args, "gradcam_layer", None)}
     return {k: v for k, v in given.items() if v is not None}
 

@@ -154,6 +154,7 @@ class InferenceConfig:
     threshold: foreground is probability >= threshold.
     min_area_nm2 / min_size_px: smallest object kept, in nm^2 when the pixel
         size is known, else in pixels.
+    min_volume_nm3 / min_volume_vox: the same for 3-D objects (`analyze --volume`).
     separate: split touching mitochondria at necks.
     rescale: resample inputs of known pixel size to the model's.
     gradcam_layer: conv layer explained (None = dec1_conv2).
@@ -166,6 +167,9 @@ class InferenceConfig:
     threshold: float = 0.5
     min_area_nm2: float = 5_000.0  # ~80 nm across: below the smallest mitochondrial profiles in EM
     min_size_px: int = 30
+    # A sphere ~80 nm across, the 2-D minimum's width: smaller is speckle, not a mitochondrion.
+    min_volume_nm3: float = 250_000.0
+    min_volume_vox: int = 100
     separate: bool = True
     rescale: bool = True
     gradcam_layer: str | None = None
@@ -180,7 +184,7 @@ class InferenceConfig:
             problems.append(f"batch_size {self.batch_size} must be positive")
         if not 0 < self.threshold < 1:
             problems.append(f"threshold {self.threshold} must be between 0 and 1")
-        if self.min_area_nm2 < 0 or self.min_size_px < 0:
+        if min(self.min_area_nm2, self.min_size_px, self.min_volume_nm3, self.min_volume_vox) < 0:
             problems.append("minimum object sizes must be >= 0")
         if problems:
             raise ValueError("inference settings: " + "; ".join(problems))
@@ -192,6 +196,14 @@ class InferenceConfig:
         from .instances import min_size_px_from_area
 
         return min_size_px_from_area(self.min_area_nm2, pixel_size_nm)
+
+    def min_volume(self, voxel_size_nm: "tuple[float, float, float] | None") -> int:
+        """Smallest 3-D object in voxels at `voxel_size_nm` (z, y, x) (min_volume_vox when unknown)."""
+        if not voxel_size_nm:
+            return self.min_volume_vox
+        from .instances3d import min_volume_vox
+
+        return min_volume_vox(self.min_volume_nm3, voxel_size_nm)
 
 
 def resolve_inference(predictor, inference: "InferenceConfig | dict | None" = None, **overrides) -> InferenceConfig:

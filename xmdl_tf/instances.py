@@ -34,7 +34,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import watershed
 
-__all__ = ["mask_to_instances", "match_instances", "min_size_px_from_area"]
+__all__ = ["average_precision", "mask_to_instances", "match_instances", "min_size_px_from_area", "split_component"]
 
 # An enclosed hole at least this wide (inscribed radius, relative to the
 # thinnest object around it) is background between objects, not a gap to fill.
@@ -79,36 +79,40 @@ def _as_label_dtype(labels: np.ndarray, n: int) -> np.ndarray:
     return labels.astype(np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32, copy=False)
 
 
-def _split_component(
+def split_component(
     dist: np.ndarray,
     comp: np.ndarray,
     *,
-    min_distance_px: int,
+    min_distance_px: int | tuple[int, ...],
     neck_ratio: float,
     min_depth_px: float,
 ) -> np.ndarray:
-    """Split one connected component at its necks.
+    """Split one connected component at its necks (2-D or 3-D; see the module docstring).
 
     Args:
-        dist: (h, w) float32 smoothed EDT of the crop.
-        comp: (h, w) bool mask of the component in the crop.
+        dist: (h, w) or (d, h, w) float smoothed EDT of the crop (in any
+            length unit: pixels in 2-D, nm for anisotropic volumes).
+        comp: bool mask of the component in the crop, same shape.
+        min_distance_px: radius of the local-maximum search, in array cells;
+            one int, or one per axis (anisotropic voxels).
+        min_depth_px: least body-minus-neck half-width, in the unit of ``dist``.
 
     Returns:
-        (h, w) int32 labels 0..k (0 outside ``comp``), k >= 1.
+        int32 labels 0..k (0 outside ``comp``), k >= 1, same shape.
     """
-    size = 2 * min_distance_px + 1
-    peaks = comp & (dist == ndi.maximum_filter(dist, size=size, mode="constant"))
-    markers, n = ndi.label(peaks, structure=np.ones((3, 3), bool))
+    radius = np.broadcast_to(np.asarray(min_distance_px, int), (dist.ndim,))
+    peaks = comp & (dist == ndi.maximum_filter(dist, size=tuple(2 * radius + 1), mode="constant"))
+    markers, n = ndi.label(peaks, structure=np.ones((3,) * dist.ndim, bool))
     if n <= 1:
         return comp.astype(np.int32)
     ws = watershed(-dist, markers, mask=comp)
 
-    # Highest boundary value (the pass) between every pair of touching regions.
+    # Highest boundary value (the pass) between every pair of face-adjacent regions.
     keys, vals = [], []
-    for a, b, da, db in (
-        (ws[:, :-1], ws[:, 1:], dist[:, :-1], dist[:, 1:]),
-        (ws[:-1, :], ws[1:, :], dist[:-1, :], dist[1:, :]),
-    ):
+    for axis in range(dist.ndim):
+        lo_side = tuple(slice(None, -1) if i == axis else slice(None) for i in range(dist.ndim))
+        hi_side = tuple(slice(1, None) if i == axis else slice(None) for i in range(dist.ndim))
+        a, b, da, db = ws[lo_side], ws[hi_side], dist[lo_side], dist[hi_side]
         sel = (a != b) & (a > 0) & (b > 0)
         lo, hi = np.minimum(a[sel], b[sel]), np.maximum(a[sel], b[sel])
         keys.append(lo.astype(np.int64) * (n + 1) + hi)
@@ -218,8 +222,8 @@ def mask_to_instances(
             # A hole enclosed by several touching mitochondria is background
             # between them, not a gap inside one: filled, it would bridge them.
             dist = _edt(comp & ~holes, smooth_sigma_px)
-            comp &= ~_gaps(holes, _split_component(dist, comp & ~holes, **split), dist)
-        sub = _split_component(_edt(comp, smooth_sigma_px), comp, **split)
+            comp &= ~_gaps(holes, split_component(dist, comp & ~holes, **split), dist)
+        sub = split_component(_edt(comp, smooth_sigma_px), comp, **split)
         out[sl][comp] = sub[comp] + (next_id - 1)
         next_id += int(sub.max())
     return _as_label_dtype(out, next_id - 1)
@@ -365,3 +369,69 @@ def match_instances(pred: np.ndarray, true: np.ndarray, iou_threshold: float = 0
         "mean_matched_iou": float(matched_iou.mean()) if tp else float("nan"),
         "count_error": n_pred - n_true,
     }
+
+
+# The MitoEM challenge's recall grid (COCO): 101 points 0, 0.01, ..., 1.
+_RECALL_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def average_precision(
+    pred: np.ndarray,
+    true: np.ndarray,
+    iou_thresholds: tuple[float, ...] = (0.5, 0.75),
+    scores: dict[int, float] | None = None,
+) -> dict[str, float]:
+    """Instance average precision as the MitoEM challenge computes it (2-D or 3-D).
+
+    As in the challenge's evaluation code (mAP_3Dvolume, COCO-style): the
+    predictions are ranked by score, highest first; each one is a true
+    positive at threshold t when its best IoU with any true object is >= t
+    (for t >= 0.5 no true object can be claimed twice, since predictions are
+    disjoint); precision is made monotone from the right and read at the 101
+    recall points 0, 0.01, ..., 1 (0 beyond the highest recall reached); AP is
+    their mean. Without ``scores`` objects are ranked by size (voxel count),
+    the challenge's default when no score file is given.
+
+    Args:
+        pred, true: integer instance labels of the same shape, 0 background.
+        iou_thresholds: each in [0.5, 1].
+        scores: optional {predicted id: confidence}.
+
+    Returns:
+        {"ap50": ..., "ap75": ...} (key ``ap`` + round(100 t) per threshold);
+        NaN when ``true`` has no object (the challenge reports -1); 1.0 when
+        every true object is matched before the first false positive.
+    """
+    pred, true = np.asarray(pred), np.asarray(true)
+    if pred.shape != true.shape:
+        raise ValueError(f"pred and true shapes differ: {pred.shape} vs {true.shape}")
+    if any(not 0.5 <= t <= 1 for t in iou_thresholds):
+        raise ValueError(f"iou_thresholds must lie in [0.5, 1], got {iou_thresholds}")
+    p_ids, p_area = _ids_and_areas(pred)
+    t_ids, t_area = _ids_and_areas(true)
+    best = np.zeros(len(p_ids))
+    both = (pred != 0) & (true != 0)
+    if both.any():
+        pi = np.searchsorted(p_ids, pred[both].astype(np.int64))
+        ti = np.searchsorted(t_ids, true[both].astype(np.int64))
+        key, inter = np.unique(pi.astype(np.int64) * len(t_ids) + ti, return_counts=True)
+        pi, ti = key // len(t_ids), key % len(t_ids)
+        np.maximum.at(best, pi, inter / (p_area[pi] + t_area[ti] - inter))
+    rank = p_area.astype(np.float64) if scores is None else np.array([scores.get(int(i), 0.0) for i in p_ids], float)
+    best = best[np.argsort(-rank, kind="stable")]
+    out = {}
+    for t in iou_thresholds:
+        key = f"ap{round(100 * t)}"
+        if len(t_ids) == 0:
+            out[key] = float("nan")
+            continue
+        hit = best >= t
+        tp, fp = np.cumsum(hit), np.cumsum(~hit)
+        recall = tp / len(t_ids)
+        precision = tp / np.maximum(tp + fp, 1)
+        precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+        idx = np.searchsorted(recall, _RECALL_GRID, side="left")
+        q = np.zeros(len(_RECALL_GRID))
+        q[idx < len(precision)] = precision[idx[idx < len(precision)]]
+        out[key] = float(q.mean())
+    return out

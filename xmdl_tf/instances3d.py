@@ -1,0 +1,180 @@
+"""Foreground volume -> separated 3-D mitochondria, one id through all their slices.
+
+The 2-D rule of `instances` (marker-controlled watershed on the distance
+transform, regions merged back unless the pass between them is a real neck)
+applied in three dimensions and in physical units, so anisotropic voxels
+(e.g. 45 x 4.6 x 4.6 nm serial sections) are measured as what they are:
+
+- foreground: probability >= threshold (or a given mask);
+- 3-D connected components (26-connected, as 8-connected in 2-D); enclosed
+  cavities filled; components under ``min_volume`` dropped;
+- each component is split at its necks by `instances.split_component` on its
+  Euclidean distance transform computed with the voxel spacing (nm), so a
+  neck is judged by its real half-width whatever the slice thickness.
+
+Memory: the volume-sized arrays are the foreground (1 byte per voxel) and one
+int32 label array (4 bytes) that is relabelled in place; the distance
+transforms, hole filling and watershed run on one component's bounding box at
+a time. The result is uint16 (2 bytes) when there are at most 65,535 objects,
+else the int32 array reinterpreted as uint32 (no copy). So a volume is never
+copied as float64, and peak memory stays near 7 bytes per voxel beyond the
+input.
+
+NumPy / SciPy / scikit-image only; no TensorFlow.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .instances import split_component
+
+__all__ = ["volume_instances", "min_volume_vox"]
+
+# Defaults of the 2-D rule (instances.mask_to_instances), in in-plane pixels;
+# in 3-D they become nm through the in-plane voxel size.
+_MIN_DISTANCE_PX = 3
+_MIN_DEPTH_PX = 2.0
+_SMOOTH_SIGMA_PX = 1.0
+# Components this small (a 4 x 4 x 4 cube) hold neither a cavity nor a neck worth
+# a distance transform; relabelling them directly keeps speckle cheap.
+_SMALL = 64
+
+
+def _spacing(voxel_size_nm: Sequence[float] | None) -> tuple[float, float, float]:
+    if voxel_size_nm is None:
+        return (1.0, 1.0, 1.0)
+    vs = tuple(float(v) for v in voxel_size_nm)
+    if len(vs) != 3 or not all(v > 0 and math.isfinite(v) for v in vs):
+        raise ValueError(f"voxel_size_nm must be three positive numbers (z, y, x) in nm, got {voxel_size_nm!r}")
+    return vs
+
+
+def min_volume_vox(volume_nm3: float, voxel_size_nm: Sequence[float]) -> int:
+    """Smallest object in voxels for a volume in nm^3: ceil(volume / voxel volume)."""
+    if not volume_nm3 >= 0 or not math.isfinite(volume_nm3):
+        raise ValueError(f"volume_nm3 must be a non-negative number, got {volume_nm3!r}")
+    z, y, x = _spacing(voxel_size_nm)
+    return int(math.ceil(round(volume_nm3 / (z * y * x), 9)))
+
+
+def volume_instances(
+    mask_or_prob: np.ndarray,
+    voxel_size_nm: Sequence[float] | None = None,
+    threshold: float = 0.5,
+    min_size_vox: int = 0,
+    fill_holes: bool = True,
+    separate: bool = True,
+    min_distance_nm: float | None = None,
+    neck_ratio: float = 0.7,
+    min_depth_nm: float | None = None,
+    smooth_sigma_nm: float | None = None,
+) -> np.ndarray:
+    """Label the mitochondria of a volume, separated in 3-D.
+
+    Args:
+        mask_or_prob: (Z, Y, X) foreground: float probabilities (>= threshold
+            is foreground; NaN is background), or a bool/integer mask (nonzero).
+        voxel_size_nm: (z, y, x) nm; None = unknown, distances in voxels.
+        threshold: probability cut-off for float input.
+        min_size_vox: components with fewer voxels are dropped (see `min_volume_vox`).
+        fill_holes: fill cavities enclosed in 3-D (not those open to a face of
+            the volume or to the outside).
+        separate: split touching mitochondria at necks; False keeps 3-D
+            connected components.
+        min_distance_nm: radius of the local-maximum search for markers
+            (default 3 in-plane pixels).
+        neck_ratio: a neck is split if its half-width is at most this fraction
+            of the half-width of the thinner body it joins (as in 2-D).
+        min_depth_nm: ...and the body is at least this much wider (half-width)
+            than the neck (default 2 in-plane pixels).
+        smooth_sigma_nm: Gaussian sigma applied to the distance transform
+            (default 1 in-plane pixel); 0 disables smoothing.
+
+    Returns:
+        (Z, Y, X) labels, uint16 if N <= 65535 else uint32; 0 background,
+        objects 1..N ordered by the first voxel of their component.
+    """
+    arr = np.asarray(mask_or_prob)
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3-D (Z, Y, X) mask or probability volume, got shape {arr.shape}")
+    spacing = _spacing(voxel_size_nm)
+    if arr.dtype == bool:
+        fg = arr
+    elif np.issubdtype(arr.dtype, np.floating):
+        fg = arr >= threshold
+    elif np.issubdtype(arr.dtype, np.integer):
+        fg = arr != 0
+    else:
+        raise TypeError(f"unsupported dtype {arr.dtype} (expected bool, integer or float)")
+    px = spacing[2]  # in-plane pixel, the unit of the 2-D defaults
+    min_distance = _MIN_DISTANCE_PX * px if min_distance_nm is None else float(min_distance_nm)
+    min_depth = _MIN_DEPTH_PX * px if min_depth_nm is None else float(min_depth_nm)
+    sigma = _SMOOTH_SIGMA_PX * px if smooth_sigma_nm is None else float(smooth_sigma_nm)
+    radius = tuple(max(0, round(min_distance / s)) for s in spacing)
+    sigma_vox = tuple(sigma / s for s in spacing)
+    pad = tuple(1 + math.ceil(3 * sv) for sv in sigma_vox)
+
+    labels = np.empty(fg.shape, np.int32)
+    n = ndi.label(fg, structure=np.ones((3, 3, 3), bool), output=labels)
+    del fg
+    if n == 0:
+        return labels.astype(np.uint16)
+    sizes = np.zeros(n + 1, np.int64)
+    for z in range(len(labels)):  # slice by slice: bincount would copy the volume as int64
+        sizes += np.bincount(labels[z].ravel(), minlength=n + 1)
+    # New ids are written above n, so components not yet visited keep theirs.
+    next_id = n + 1
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        if sizes[i] < min_size_vox:
+            crop = labels[sl]
+            crop[crop == i] = 0
+            continue
+        if sizes[i] < _SMALL:
+            crop = labels[sl]
+            crop[crop == i] = next_id
+            next_id += 1
+            continue
+        sl = tuple(slice(max(s.start - p, 0), min(s.stop + p, size)) for s, p, size in zip(sl, pad, labels.shape))
+        crop = labels[sl]
+        comp = crop == i
+        if fill_holes:
+            # Only background is filled: another component inside a cavity keeps its id.
+            comp = ndi.binary_fill_holes(comp) & ((crop == 0) | comp)
+        if separate:
+            sub = split_component(_edt(comp, sl, labels.shape, spacing, sigma_vox), comp, min_distance_px=radius,
+                                  neck_ratio=neck_ratio, min_depth_px=min_depth)
+        else:
+            sub = comp.astype(np.int32)
+        crop[comp] = sub[comp] + (next_id - 1)
+        next_id += int(sub.max())
+    count = next_id - n - 1
+    out = np.empty(labels.shape, np.uint16) if count <= np.iinfo(np.uint16).max else labels.view(np.uint32)
+    for z in range(len(labels)):  # slice by slice, so no volume-sized temporary
+        np.subtract(labels[z], n, out=labels[z], where=labels[z] > n)
+        out[z] = labels[z]
+    return out
+
+
+def _edt(comp: np.ndarray, sl: tuple[slice, ...], shape: tuple[int, ...], spacing: tuple[float, ...],
+         sigma_vox: tuple[float, ...]) -> np.ndarray:
+    """Distance to the background (nm) of one component's crop, smoothed; 0 outside it.
+
+    Where the crop meets a face of the volume the object is cut, not ended:
+    the mask is extended there by edge replication (as OpenCV treats pixels
+    beyond a 2-D image) so the cut face does not read as a thin neck.
+    """
+    widths = [(min(c, 16) if s.start == 0 else 0, min(c, 16) if s.stop == size else 0)
+              for s, size, c in zip(sl, shape, comp.shape)]
+    padded = np.pad(comp, widths, mode="edge") if any(a or b for a, b in widths) else comp
+    dist = ndi.distance_transform_edt(padded, sampling=spacing).astype(np.float32)
+    dist = dist[tuple(slice(a, a + c) for (a, _), c in zip(widths, comp.shape))]
+    if any(s > 0 for s in sigma_vox):
+        dist = ndi.gaussian_filter(dist, sigma_vox, mode="nearest")
+        dist[~comp] = 0
+    return dist
