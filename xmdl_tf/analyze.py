@@ -20,6 +20,11 @@ object's `confidence` (probability that it is a real mitochondrion) and
 
 INPUT may be image files (PNG, TIFF, JPEG), folders, globs or multi-page TIFF
 stacks (each page is analysed as `<stem>_z0000`, ...), 8- or 16-bit.
+
+With `--volume` each INPUT is one EM volume (multi-page TIFF, folder of
+numbered slices, `file.h5:/dataset`, Zarr / OME-Zarr) analysed in 3-D:
+mitochondria linked across slices, measured in nm^3 and classified by 3-D
+shape (see `xmdl_tf.volume` for its outputs).
 """
 from __future__ import annotations
 
@@ -407,29 +412,30 @@ def _complete(folder: Path, figure: bool) -> bool:
     return all((folder / f).is_file() for f in need)
 
 
-def _previous_rows(out: Path) -> tuple[dict, dict]:
-    """Rows of an earlier (possibly interrupted) run in `out`: {image: summary row}, {image: objects table}."""
+def _previous_rows(out: Path, key: str = "image") -> tuple[dict, dict]:
+    """Rows of an earlier (possibly interrupted) run in `out`: {name: summary row}, {name: objects table};
+    `key` is the column naming the image (or the volume, for `--volume`)."""
     import pandas as pd
 
     rows, objects = {}, {}
     if (out / "summary.csv").is_file():
         try:
             for r in pd.read_csv(out / "summary.csv").to_dict("records"):
-                rows[str(r["image"])] = r
+                rows[str(r[key])] = r
         except (ValueError, KeyError, pd.errors.EmptyDataError) as err:
             raise DataError(f"{out / 'summary.csv'}: unreadable ({err}); move it away to start again") from None
     if (out / "objects.csv").is_file():
         try:
             table = pd.read_csv(out / "objects.csv")
         except (ValueError, pd.errors.EmptyDataError):
-            table = pd.DataFrame(columns=["image"])
-        for name, t in table.groupby("image", sort=False) if "image" in table else []:
+            table = pd.DataFrame(columns=[key])
+        for name, t in table.groupby(key, sort=False) if key in table else []:
             objects[str(name)] = t
     # An image counts as done only with both its summary row and its files.
     return rows, {n: t for n, t in objects.items() if n in rows}
 
 
-def _write_tables(out: Path, rows: dict, objects: dict, order: list[str]) -> None:
+def _write_tables(out: Path, rows: dict, objects: dict, order: list[str], key: str = "image") -> None:
     """Rewrite summary.csv and objects.csv atomically: this batch in input order, then earlier images."""
     import pandas as pd
 
@@ -438,7 +444,7 @@ def _write_tables(out: Path, rows: dict, objects: dict, order: list[str]) -> Non
     names = [n for n in order if n in rows] + [n for n in rows if n not in set(order)]
     atomic_write_text(out / "summary.csv", pd.DataFrame([rows[n] for n in names]).to_csv(index=False))
     tables = [objects[n] for n in names if n in objects and len(objects[n])]
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["image"])
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=[key])
     atomic_write_text(out / "objects.csv", table.to_csv(index=False))
 
 
@@ -456,23 +462,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE", help="override one shape rule")
     p.add_argument("--faithfulness", action="store_true", help="deletion check of the Grad-CAM heatmap")
     p.add_argument("--no-figure", action="store_true")
+    v = p.add_argument_group("volumes (each STACK analysed in 3-D)")
+    v.add_argument("--volume", action="store_true",
+                   help="treat each input (multi-page TIFF, folder of slices, file.h5:/dataset, Zarr) as one volume")
+    v.add_argument("--voxel-size", type=cli.pixel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                   help="voxel size in nm when the metadata does not say")
+    v.add_argument("--planes", default="xy", help="xy, or xy,xz,yz to also predict the XZ/YZ planes of near-isotropic volumes")
+    v.add_argument("--meshes", choices=("ply", "obj"), default=None, help="also write every object's surface mesh")
+    v.add_argument("--ignore-value", type=cli.nonnegative_int, default=None,
+                   help="label value of unlabelled voxels, left out of the scores")
     cli.add_inference_args(p)
     args = p.parse_args(argv)
 
-    from .morphometry import ShapeRules
+    if not args.volume:
+        given = [f for f, val in (("--voxel-size", args.voxel_size), ("--meshes", args.meshes),
+                                  ("--ignore-value", args.ignore_value)) if val is not None]
+        given += ["--planes"] if args.planes != "xy" else []
+        if given:
+            p.error(f"{given[0]} needs --volume")
+    elif args.faithfulness:
+        p.error("--faithfulness is for 2-D slices; it is not available with --volume")
+    elif args.pixel_size is not None:
+        p.error("with --volume give the voxel size as --voxel-size Z Y X (nm), not --pixel-size")
 
-    rules = ShapeRules.from_json(args.rules) if args.rules else ShapeRules()
+    if args.volume:
+        from .morphometry3d import ShapeRules3D as Rules
+    else:
+        from .morphometry import ShapeRules as Rules
+
+    rules = Rules.from_json(args.rules) if args.rules else Rules()
     if args.rule:
         try:
             rules = rules.override({k: float(v) for k, v in (r.split("=", 1) for r in args.rule)})
         except ValueError as err:
             p.error(f"--rule: {err}")
     cli.inference_from_args(args, InferenceConfig())  # the flags' values must form a valid config
-    settings = Settings(inference=cli.inference_overrides(args), pixel_size_nm=args.pixel_size,
-                        faithfulness=args.faithfulness, rules=rules, figure=not args.no_figure)
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
+    if args.volume:
+        from .volume import VolumeSettings, analyze_volumes, parse_planes
+
+        vs = VolumeSettings(inference=cli.inference_overrides(args),
+                            voxel_size_nm=tuple(args.voxel_size) if args.voxel_size else None,
+                            planes=parse_planes(args.planes), rules=rules, figure=not args.no_figure,
+                            meshes=args.meshes)
+        result = analyze_volumes(args.inputs, args.model, args.out, args.labels, vs, args.overwrite, args.resume,
+                                 args.ignore_value)
+        return _report_failed(result)
+    settings = Settings(inference=cli.inference_overrides(args), pixel_size_nm=args.pixel_size,
+                        faithfulness=args.faithfulness, rules=rules, figure=not args.no_figure)
     result = analyze(args.inputs, args.model, args.out, args.labels, settings, args.overwrite, resume=args.resume)
+    return _report_failed(result)
+
+
+def _report_failed(result: dict) -> int:
     if result["failed"]:
         print(f"{len(result['failed'])} input(s) failed:", file=sys.stderr)
         for name, err in result["failed"]:

@@ -98,6 +98,87 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     return result
 
 
+def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | None = None,
+                    inference: InferenceConfig | dict | None = None, labels: str | None = None,
+                    overwrite: bool = False, voxel_size_nm=None, pixel_size_nm: float | None = None,
+                    ignore_value: int | None = None, planes=("xy",), **overrides) -> dict:
+    """3-D scores of `model` on a split whose slices, in order, form one volume.
+
+    The slices are predicted one by one (as `analyze --volume` does), separated
+    into 3-D mitochondria (`instances3d.volume_instances`) and scored by
+    `volume.score_volume`: foreground precision / recall / F1 / IoU pooled over
+    all voxels, instance F1 at IoU 0.5, AP at IoU 0.50 and 0.75 as the MitoEM
+    challenge computes it, and the count error.
+    voxel_size_nm: (z, y, x) nm; without it the in-plane `pixel_size_nm` (or
+    TIFF metadata) still drives resampling, and 3-D distances are in voxels.
+    Returns the metrics dict written to `out/metrics.json`.
+    """
+    import numpy as np
+
+    from .instances3d import volume_instances
+    from .io import DataError, find_pairs, read_pair, read_pixel_size_nm
+    from .predict import load_model
+    from .runlock import atomic_write_text
+    from .volume import check_planes, predict_volume, score_volume
+
+    if out is not None:
+        out = Path(out)
+        if (out / "metrics.json").exists() and not overwrite:
+            raise FileExistsError(f"{out / 'metrics.json'} exists; use --overwrite or another --out")
+    voxel = None
+    if voxel_size_nm is not None:
+        voxel = tuple(cli.check_pixel_size(float(v), "--voxel-size") for v in voxel_size_nm)
+        if len(voxel) != 3:
+            raise cli.UsageError(f"--voxel-size takes three numbers (z y x, nm), got {len(voxel)}")
+    if pixel_size_nm is not None:
+        cli.check_pixel_size(pixel_size_nm, "--pixel-size")
+    if split == "auto":
+        split = held_out_split(data)
+    pairs = find_pairs(data, split, labels=labels)
+    check_planes(planes, voxel, str(data))
+    predictor = load_model(model) if isinstance(model, (str, Path)) else model
+    ic = resolve_inference(predictor, inference, **overrides)
+    t0 = time.time()
+    read = [read_pair(p) for p in pairs]
+    shapes = {im.shape for im, _ in read}
+    if len(shapes) > 1:
+        raise DataError(f"{data} [{split}]: slices differ in size ({sorted(shapes)}); they cannot form one volume")
+    image = np.stack([im for im, _ in read])
+    label = np.stack([lb for _, lb in read])
+    del read
+    px = pixel_size_nm or read_pixel_size_nm(pairs[0].image)
+    prob, _ = predict_volume(predictor, image, ic, voxel, planes, gradcam=False, pixel_size_nm=px)
+    instances = volume_instances(prob, voxel, ic.threshold, ic.min_volume(voxel), separate=ic.separate)
+    result = {
+        **score_volume(prob, instances, label, ic.threshold, ignore_value),
+        "n_slices": int(image.shape[0]),
+        "shape_zyx": list(image.shape),
+        "voxel_size_nm": list(voxel) if voxel else None,
+        "planes": ",".join(planes),
+        "inference": asdict(ic),
+        "pooling": "all voxels of the volume; instances in 3-D",
+        "ap_definition": "MitoEM challenge (mAP_3Dvolume): objects ranked by size, 101-point interpolated precision",
+        "model": str(getattr(predictor, "path", predictor)),
+        "data": str(Path(data).resolve()),
+        "split": split,
+        "tta": ic.tta,
+        "seconds": round(time.time() - t0, 1),
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_volume_table(result: dict) -> str:
+    cols = {"precision": "precision", "recall": "recall", "f1": "F1", "iou": "IoU",
+            "instance_f1_iou50": "inst F1@0.5", "ap50": "AP50", "ap75": "AP75"}
+    head = f"{'slices':>7} " + " ".join(f"{label:>12}" for label in cols.values()) + f" {'count':>7} {'true':>7}"
+    row = (f"{result['n_slices']:>7} " + " ".join(f"{result[k]:>12.4f}" for k in cols)
+           + f" {result['count']:>7} {result['gt_count']:>7}")
+    return head + "\n" + row
+
+
 def format_table(result: dict) -> str:
     cols = {"precision": "precision", "recall": "recall", "f1": "F1", "iou": "IoU", "accuracy": "accuracy",
             "instance_f1_iou50": "inst F1@0.5", "mean_abs_count_error": "|count err|"}
@@ -118,9 +199,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore-value", type=cli.nonnegative_int, default=None,
                    help="label value of unlabelled pixels, left out of the scores")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--volume", action="store_true",
+                   help="score the split's slices, in order, as one volume (3-D instances, AP50/AP75 as MitoEM)")
+    p.add_argument("--voxel-size", type=cli.pixel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                   help="voxel size in nm for --volume")
+    p.add_argument("--planes", default="xy", help="--volume: xy, or xy,xz,yz for near-isotropic volumes")
     cli.add_inference_args(p, explain=False)
     args = p.parse_args(argv)
     cli.inference_from_args(args, InferenceConfig())  # the flags' values must form a valid config
+    if not args.volume and (args.voxel_size is not None or args.planes != "xy"):
+        p.error("--voxel-size and --planes need --volume")
+    if args.volume:
+        from .volume import parse_planes
+
+        result = evaluate_volume(args.model, args.data, args.split, args.out, cli.inference_overrides(args),
+                                 args.labels, args.overwrite, args.voxel_size, args.pixel_size, args.ignore_value,
+                                 parse_planes(args.planes))
+        print(f"{args.data} [{result['split']}] as one volume, {' x '.join(map(str, result['shape_zyx']))} voxels")
+        print(format_volume_table(result))
+        if args.out:
+            print(f"wrote {Path(args.out) / 'metrics.json'}")
+        return 0
     result = evaluate(args.model, args.data, args.split, args.out, cli.inference_overrides(args), args.labels,
                       args.overwrite, args.pixel_size, args.ignore_value)
     print(f"{args.data} [{result['split']}]  pooled over {result['n_pixels']:,} pixels")

@@ -147,3 +147,134 @@ def _table_text(table: pd.DataFrame, summary: dict) -> str:
                      f"recall {summary['recall']:.3f}  instance F1@0.5 {summary['instance_f1_iou50']:.3f}  "
                      f"true count {summary['gt_count']}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Volumes
+
+CLASS_COLORS_3D = {
+    "globular": "#1f77b4",
+    "elongated": "#ff7f0e",
+    "tubular": "#2ca02c",
+    "branched": "#9467bd",
+    "fragmented": "#d62728",
+}
+MAX_RENDERED = 80  # surfaces drawn in the 3-D panel (the largest objects)
+
+
+def volume_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame, out: str | Path,
+                  voxel_size_nm=None, point: tuple[int, int, int] | None = None, title: str = "",
+                  summary: dict | None = None) -> Path:
+    """Orthogonal views (XY, XZ, YZ through `point`) with objects coloured by 3-D shape class,
+    a 3-D rendering of the object surfaces, and a summary.
+
+    image, instances: (Z, Y, X). table: `measure3d` rows with `id`, `shape_class`.
+    voxel_size_nm: (z, y, x) nm; views keep the physical aspect ratio (voxels when None).
+    point: (z, y, x) voxel; default: the centroid of the largest object, else the centre.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    from .morphometry3d import SHAPE_CLASSES_3D, object_mesh
+
+    vz, vy, vx = voxel_size_nm or (1.0, 1.0, 1.0)
+    classes = dict(zip(table["id"].astype(int), table["shape_class"])) if len(table) else {}
+    if point is None:
+        if len(table):
+            big = table.loc[table["volume_vox"].idxmax()]
+            point = tuple(int(round(big[f"centroid_{a}_vox"])) for a in "zyx")
+        else:
+            point = tuple(n // 2 for n in image.shape)
+    z0, y0, x0 = (min(max(int(p), 0), n - 1) for p, n in zip(point, image.shape))
+    lo, hi = np.percentile(image[z0], [1, 99.8])
+
+    def gray(a):
+        return np.clip((a.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
+
+    def rgba(ids):
+        return _class_rgba(ids, {i: c for i, c in classes.items()}, fill_alpha=0.45) if ids.any() else None
+
+    views = [("XY (z = %d)" % z0, image[z0], instances[z0], vy / vx),
+             ("XZ (y = %d)" % y0, image[:, y0, :], instances[:, y0, :], vz / vx),
+             ("YZ (x = %d)" % x0, image[:, :, x0], instances[:, :, x0], vz / vy)]
+    fig = plt.figure(figsize=(16, 10))
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.1])
+    for k, (name, img, ids, aspect) in enumerate(views):
+        ax = fig.add_subplot(grid[0, k])
+        step = max(1, math.ceil(max(img.shape) / DISPLAY_MAX))
+        shown = _display(gray(img), step)
+        ax.imshow(shown, cmap="gray", interpolation="nearest", aspect=aspect)
+        colours = rgba(_display(ids, step, labels=True))
+        if colours is not None:
+            ax.imshow(colours, interpolation="nearest", aspect=aspect)
+        ax.set_title(name, fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    ax3 = fig.add_subplot(grid[1, :2], projection="3d")
+    order = table.sort_values("volume_vox", ascending=False)["id"].astype(int).tolist()[:MAX_RENDERED] if len(table) else []
+    from scipy import ndimage as ndi
+
+    slices = ndi.find_objects(instances)
+    for i in order:
+        sl = slices[i - 1] if i - 1 < len(slices) else None
+        if sl is None:
+            continue
+        crop = instances[sl] == i
+        step = max(1, int(round(max(crop.shape) / 48)))  # coarse meshes: a picture, not a measurement
+        verts, faces = object_mesh(crop, (vz, vy, vx), offset_vox=tuple(s.start for s in sl), step=step)
+        if len(faces) == 0:
+            continue
+        xyz = verts[:, ::-1]  # (x, y, z) for display
+        poly = Poly3DCollection(xyz[faces], facecolor=CLASS_COLORS_3D.get(classes.get(i), "gray"),
+                                edgecolor="none", alpha=0.9, linewidth=0)
+        ax3.add_collection3d(poly)
+    ext = np.array(image.shape[::-1], float) * np.array([vx, vy, vz])
+    ax3.set_xlim(0, ext[0])
+    ax3.set_ylim(0, ext[1])
+    ax3.set_zlim(0, ext[2])
+    ax3.set_box_aspect(tuple(ext / ext.max()))
+    unit = "nm" if voxel_size_nm else "voxels"
+    ax3.set_xlabel(f"x ({unit})")
+    ax3.set_ylabel(f"y ({unit})")
+    ax3.set_zlabel(f"z ({unit})")
+    shown = f"{len(order)} largest of {len(table)}" if len(table) > len(order) else f"all {len(table)}"
+    ax3.set_title(f"3-D surfaces ({shown} objects)", fontsize=11)
+
+    text_ax = fig.add_subplot(grid[1, 2])
+    text_ax.axis("off")
+    counts = table["shape_class"].value_counts() if len(table) else pd.Series(dtype=int)
+    handles = [Patch(color=CLASS_COLORS_3D[c], label=f"{c} ({int(counts.get(c, 0))})") for c in SHAPE_CLASSES_3D]
+    text_ax.legend(handles=handles, loc="upper left", title="3-D shape class (count)", frameon=False, fontsize=10)
+    text_ax.text(0, 0.55, _volume_text(summary or {}, voxel_size_nm), family="monospace", fontsize=9.5, va="top",
+                 transform=text_ax.transAxes)
+    fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _volume_text(summary: dict, voxel_size_nm) -> str:
+    def num(key, fmt="{:.3g}"):
+        v = summary.get(key)
+        return "n/a" if v is None or v != v else fmt.format(v)
+
+    lines = [f"mitochondria (3-D): {summary.get('count', 0)}",
+             ("voxel: " + " x ".join(f"{v:g}" for v in voxel_size_nm) + " nm") if voxel_size_nm else
+             "voxel size unknown: units are voxels",
+             f"volume fraction: {num('volume_fraction')}",
+             f"density: {num('density_per_um3')} per um^3"]
+    for key in ("median_volume_nm3", "median_volume_vox", "median_sphericity", "median_elongation"):
+        if key in summary:
+            lines.append(f"{key.replace('_', ' ')}: {num(key)}")
+    if "ap50" in summary:
+        lines.append(f"vs. labels: F1 {num('f1')}  IoU {num('iou')}")
+        lines.append(f"  instance F1@0.5 {num('instance_f1_iou50')}  AP50 {num('ap50')}  AP75 {num('ap75')}")
+        lines.append(f"  true count {summary.get('gt_count')}  count error {summary.get('count_error')}")
+    return "\n".join(lines)

@@ -149,18 +149,20 @@ def read_image(path: str | Path, page: int | None = None) -> np.ndarray:
     return arr
 
 
-def _float_to_uint16(arr: np.ndarray, path: Path) -> np.ndarray:
+def _float_to_uint16(arr: np.ndarray, path: Path, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """A float EM image (e.g. 0..1 or calibrated values) mapped linearly onto 0..65535.
 
     The normalisation is percentile-based, so a linear map leaves what the
-    model sees unchanged (up to 1/65535 quantisation).
+    model sees unchanged (up to 1/65535 quantisation). value_range: (lo, hi)
+    mapped to (0, 65535), default the image's own; a volume passes its global
+    range so that every slab gets the same map.
     """
     finite = np.isfinite(arr)
     if not finite.any():
         raise DataError(f"{path}: float image with no finite pixel value")
     if not finite.all():
         raise DataError(f"{path}: float image with NaN or infinite pixels ({int((~finite).sum())} of {arr.size})")
-    lo, hi = float(arr.min()), float(arr.max())
+    lo, hi = (float(arr.min()), float(arr.max())) if value_range is None else map(float, value_range)
     if hi == lo:
         raise DataError(f"{path}: constant image (every pixel is {lo}); nothing to segment")
     return np.round((arr.astype(np.float64) - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
