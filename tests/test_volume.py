@@ -294,3 +294,28 @@ def test_evaluate_volume_matches_a_hand_computed_case(tiny_run, tmp_path):
     prob, _ = predict_volume(pred, image, ic, gradcam=False)
     direct = score_volume(prob, volume_instances(prob, None, ic.threshold, 50), (ids > 0).astype(np.uint8), 0.5)
     assert direct["f1"] == pytest.approx(r["f1"]) and direct["ap50"] == pytest.approx(r["ap50"])
+
+
+@pytest.mark.parametrize("voxel", [(10.0, 10.0, 10.0), (30.0, 10.0, 10.0)])
+def test_shape_classes_recovered_through_3d_separation(voxel):
+    # The synthetic volume's mask (touching objects included) -> volume_instances -> measure3d
+    # -> classify3d: >= 90% of the drawn objects come back as one object of their class.
+    from data_prep.synthetic3d import generate_volume, touching_pairs
+    from xmdl_tf.morphometry3d import classify3d, measure3d
+
+    ok = total = touching = 0
+    for seed in (1, 2):
+        g = generate_volume(shape=(int(480 / voxel[0]), 256, 256), seed=seed, voxel_size_nm=voxel)
+        truth = g["instances"]
+        touching += len(touching_pairs(truth))
+        found = volume_instances(truth > 0, voxel)
+        table = measure3d(found, voxel)
+        cls = dict(zip(table["id"].astype(int), classify3d(table)))
+        for k, c in g["classes"].items():
+            ids, n = np.unique(found[truth == k], return_counts=True)
+            j = ids[np.argmax(n)]
+            iou = n.max() / np.count_nonzero((found == j) | (truth == k))
+            ok += j > 0 and iou >= 0.5 and cls.get(int(j)) == c
+            total += 1
+    assert touching > 0  # the separation had something to split
+    assert ok / total >= 0.9, f"{ok}/{total}"
