@@ -319,3 +319,15 @@ def test_shape_classes_recovered_through_3d_separation(voxel):
             total += 1
     assert touching > 0  # the separation had something to split
     assert ok / total >= 0.9, f"{ok}/{total}"
+
+
+def test_analyze_one_slice_stack(tiny_run, tmp_path):
+    from xmdl_tf.analyze import main
+
+    image, _ = blob_volume((24, 96, 96), seed=5, n=3)
+    stack = _write_stack(tmp_path / "one.tif", image[12:13], (30.0, 10.0, 10.0))
+    assert main([str(stack), "--volume", "--model", str(tiny_run), "--out", str(tmp_path / "o"), "--tile", "64",
+                 "--min-volume", "0"]) == 0
+    objects = pd.read_csv(tmp_path / "o" / "objects.csv")
+    assert len(objects) >= 1 and (objects["z_extent_slices"] == 1).all()
+    assert np.isfinite(objects["volume_nm3"]).all() and np.isfinite(objects["surface_area_nm2"]).all()
