@@ -432,3 +432,13 @@ def test_summarize_counts_density_fraction_medians():
     labelled = table.assign(shape_class=["tubular"] * 3)
     summary = summarize3d(labelled, (100, 100, 100))
     assert summary["count_tubular"] == 3 and math.isnan(summary["density_per_um3"])
+
+
+def test_coarse_mesh_of_a_thin_object_does_not_fail():
+    # A coarse marching-cubes step can miss a thin object; the mesh falls back to step 1.
+    from xmdl_tf.morphometry3d import object_mesh
+
+    plate = np.zeros((3, 40, 40), bool)
+    plate[1, 5:35, 5:35] = True
+    verts, faces = object_mesh(plate, (30.0, 5.0, 5.0), step=6)
+    assert verts.ndim == 2 and verts.shape[1] == 3 and faces.shape[1] == 3

@@ -141,9 +141,18 @@ def _smoothed(mask: np.ndarray, spacing: VoxelSize) -> tuple[np.ndarray, float, 
 
 def _mesh(field: np.ndarray, level: float, spacing: VoxelSize, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes of ``field`` at ``level``: verts (n, 3) float32 in the crop's
-    physical frame (z, y, x), faces (m, 3) int."""
-    verts, faces, _, _ = marching_cubes(field, level, spacing=spacing, step_size=step, allow_degenerate=False)
-    return verts.astype(np.float32), faces
+    physical frame (z, y, x), faces (m, 3) int.
+
+    A coarse step can jump over a thin object entirely; it then falls back to
+    step 1, and to an empty mesh if even that finds no surface.
+    """
+    for s in dict.fromkeys((step, 1)):
+        try:
+            verts, faces, _, _ = marching_cubes(field, level, spacing=spacing, step_size=s, allow_degenerate=False)
+            return verts.astype(np.float32), faces
+        except (RuntimeError, ValueError):  # "No surface found at the given iso value"
+            continue
+    return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64)
 
 
 def _mesh_volume(verts: np.ndarray, faces: np.ndarray) -> float:
