@@ -45,7 +45,7 @@ import pandas as pd
 import tifffile
 from scipy import ndimage as ndi
 
-from data_prep.synthetic import Appearance, _dots, _finish
+from data_prep.synthetic import Appearance, _arc as _arc2d, _dots, _finish
 from xmdl_tf.cli import add_debug, guarded
 from xmdl_tf.morphometry3d import SHAPE_CLASSES_3D
 
@@ -95,15 +95,10 @@ def _design(shape_class: str, rng: np.random.Generator) -> list[Primitive]:
 
 
 def _arc(length: float, bend: float, n: int = 12) -> np.ndarray:
-    """(n, 3) points of a circular arc in the local x-y plane, of ``length`` nm
-    turning by ``bend`` radians, centred on its midpoint."""
-    s = np.linspace(-length / 2, length / 2, n)
-    if abs(bend) < 1e-6:
-        u, v = s, np.zeros_like(s)
-    else:
-        radius = length / bend
-        u, v = radius * np.sin(s / radius), radius * (1 - np.cos(s / radius))
-    return np.stack([np.zeros_like(s), v - v.mean(), u], axis=1)
+    """(n, 3) points (z, y, x) of a circular arc in the local y-x plane, of ``length`` nm
+    turning by ``bend`` radians, centred on its midpoint (the 2-D generator's arc)."""
+    u, v = _arc2d(length, bend, 0.0, n).T
+    return np.stack([np.zeros_like(u), v, u], axis=1)
 
 
 def _rotation(rng: np.random.Generator, tilt: float) -> np.ndarray:

@@ -83,19 +83,20 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
         "n_images": len(rows),
         "n_pixels": int(sum(r["pixels"] for r in rows)),
         "threshold": ic.threshold,
-        "inference": asdict(ic),
         "pooling": "all pixels of all slices",
-        "model": str(getattr(predictor, "path", predictor)),
-        "data": str(Path(data).resolve()),
-        "split": split,
-        "tta": ic.tta,
-        "seconds": round(time.time() - t0, 1),
+        **_provenance(predictor, data, split, ic, t0),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "per_image.csv", pd.DataFrame(rows).to_csv(index=False))
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _provenance(predictor, data, split: str, ic: InferenceConfig, t0: float) -> dict:
+    """What was scored, how, and how long it took (the tail of metrics.json)."""
+    return {"inference": asdict(ic), "model": str(getattr(predictor, "path", predictor)),
+            "data": str(Path(data).resolve()), "split": split, "tta": ic.tta, "seconds": round(time.time() - t0, 1)}
 
 
 def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | None = None,
@@ -155,14 +156,9 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
         "shape_zyx": list(image.shape),
         "voxel_size_nm": list(voxel) if voxel else None,
         "planes": ",".join(planes),
-        "inference": asdict(ic),
         "pooling": "all voxels of the volume; instances in 3-D",
         "ap_definition": "MitoEM challenge (mAP_3Dvolume): objects ranked by size, 101-point interpolated precision",
-        "model": str(getattr(predictor, "path", predictor)),
-        "data": str(Path(data).resolve()),
-        "split": split,
-        "tta": ic.tta,
-        "seconds": round(time.time() - t0, 1),
+        **_provenance(predictor, data, split, ic, t0),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

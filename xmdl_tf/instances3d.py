@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 
 from .instances import split_component
 
-__all__ = ["volume_instances", "min_volume_vox"]
+__all__ = ["as_voxel_size", "min_volume_vox", "volume_instances"]
 
 # Defaults of the 2-D rule (instances.mask_to_instances), in in-plane pixels;
 # in 3-D they become nm through the in-plane voxel size.
@@ -44,13 +44,21 @@ _SMOOTH_SIGMA_PX = 1.0
 _SMALL = 64
 
 
-def _spacing(voxel_size_nm: Sequence[float] | None) -> tuple[float, float, float]:
+def as_voxel_size(voxel_size_nm: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """(z, y, x) nm as floats, or None; ValueError unless three positive finite numbers."""
     if voxel_size_nm is None:
-        return (1.0, 1.0, 1.0)
-    vs = tuple(float(v) for v in voxel_size_nm)
-    if len(vs) != 3 or not all(v > 0 and math.isfinite(v) for v in vs):
+        return None
+    try:
+        vs = tuple(float(v) for v in voxel_size_nm)
+    except (TypeError, ValueError):
+        vs = ()
+    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
         raise ValueError(f"voxel_size_nm must be three positive numbers (z, y, x) in nm, got {voxel_size_nm!r}")
     return vs
+
+
+def _spacing(voxel_size_nm: Sequence[float] | None) -> tuple[float, float, float]:
+    return as_voxel_size(voxel_size_nm) or (1.0, 1.0, 1.0)
 
 
 def min_volume_vox(volume_nm3: float, voxel_size_nm: Sequence[float]) -> int:

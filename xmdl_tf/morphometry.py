@@ -37,7 +37,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops_table
 from skimage.morphology import skeletonize, thin
 
-__all__ = ["SHAPE_CLASSES", "ShapeRules", "classify", "measure", "skeleton_stats", "summarize"]
+__all__ = ["SHAPE_CLASSES", "Rules", "ShapeRules", "classify", "measure", "skeleton_stats", "summarize"]
 
 SHAPE_CLASSES: tuple[str, ...] = ("round", "elongated", "tubular", "fragmented", "irregular")
 
@@ -314,8 +314,64 @@ def _means(values: np.ndarray, labels: np.ndarray, ids: np.ndarray, area: np.nda
 # Shape classes
 
 
+class Rules:
+    """Base of the frozen threshold dataclasses (`ShapeRules`, `morphometry3d.ShapeRules3D`):
+    every field a finite number >= 0 (ints stay ints), JSON in and out, overrides by name.
+    Subclasses add their own cross-field checks in `_check`."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}.{f.name} must be a finite number, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name}.{f.name} must be >= 0, got {value!r}")
+            # Normalise JSON numbers (3.0 for an int field, 2 for a float one).
+            if f.type in (int, "int"):
+                if not float(value).is_integer():
+                    raise ValueError(f"{name}.{f.name} must be an integer, got {value!r}")
+                object.__setattr__(self, f.name, int(value))
+            else:
+                object.__setattr__(self, f.name, float(value))
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field checks of a subclass (raise ValueError)."""
+
+    def to_dict(self) -> dict[str, float | int]:
+        """All thresholds by name (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    def override(self, values: Mapping[str, Any]):
+        """A copy with some thresholds replaced; unknown names raise ValueError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {type(self).__name__} rule(s) {unknown}; valid names: {sorted(known)}")
+        return dataclasses.replace(self, **values)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Defaults overridden by ``values``; unknown names raise ValueError."""
+        return cls().override(values)
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        """Read a JSON object of thresholds (a subset is fine; the rest default)."""
+        with open(path, encoding="utf-8") as fh:
+            values = json.load(fh)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object of {cls.__name__} thresholds, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def to_json(self, path: str | Path) -> None:
+        """Write all thresholds as a JSON object."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
 @dataclass(frozen=True)
-class ShapeRules:
+class ShapeRules(Rules):
     """Every threshold of the shape classes, in one place.
 
     Rules, first match wins (``*_max_*`` bounds are exclusive, ``*_min_*``
@@ -343,20 +399,7 @@ class ShapeRules:
     round_max_aspect: float = 1.5
     elongated_max_aspect: float = 3.0
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"ShapeRules.{f.name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise ValueError(f"ShapeRules.{f.name} must be >= 0, got {value!r}")
-            # Normalise JSON numbers (3.0 for an int field, 2 for a float one).
-            if f.type in (int, "int"):
-                if not float(value).is_integer():
-                    raise ValueError(f"ShapeRules.{f.name} must be an integer, got {value!r}")
-                object.__setattr__(self, f.name, int(value))
-            else:
-                object.__setattr__(self, f.name, float(value))
+    def _check(self) -> None:
         if self.irregular_max_solidity > 1:
             raise ValueError(f"ShapeRules.irregular_max_solidity must be <= 1, got {self.irregular_max_solidity}")
         if not 1 <= self.round_max_aspect <= self.elongated_max_aspect:
@@ -364,36 +407,6 @@ class ShapeRules:
                 "ShapeRules needs 1 <= round_max_aspect <= elongated_max_aspect, got "
                 f"{self.round_max_aspect} and {self.elongated_max_aspect}"
             )
-
-    def to_dict(self) -> dict[str, float | int]:
-        """All thresholds by name (JSON-ready)."""
-        return dataclasses.asdict(self)
-
-    def override(self, values: Mapping[str, Any]) -> ShapeRules:
-        """A copy with some thresholds replaced; unknown names raise ValueError."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown shape rule(s) {unknown}; valid names: {sorted(known)}")
-        return dataclasses.replace(self, **values)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ShapeRules:
-        """Defaults overridden by ``values``; unknown names raise ValueError."""
-        return cls().override(values)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> ShapeRules:
-        """Read a JSON object of thresholds (a subset is fine; the rest default)."""
-        with open(path, encoding="utf-8") as fh:
-            values = json.load(fh)
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a JSON object of shape rules, got {type(values).__name__}")
-        return cls.from_dict(values)
-
-    def to_json(self, path: str | Path) -> None:
-        """Write all thresholds as a JSON object."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 def classify(

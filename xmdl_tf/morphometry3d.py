@@ -46,9 +46,7 @@ Conventions
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import math
 import os
 import tempfile
@@ -64,6 +62,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import marching_cubes, mesh_surface_area
 from skimage.morphology import skeletonize
+from .morphometry import Rules
 
 __all__ = [
     "SHAPE_CLASSES_3D", "ShapeRules3D", "classify3d", "measure3d", "object_mesh",
@@ -88,15 +87,9 @@ _SPUR_FACTOR = 1.0  # terminal branches must protrude >= 1 local radius (see ske
 
 def _voxel_size(voxel_size_nm: Sequence[float] | None) -> VoxelSize | None:
     """(z, y, x) nm as floats, or None; ValueError unless 3 positive finite numbers."""
-    if voxel_size_nm is None:
-        return None
-    try:
-        values = tuple(float(v) for v in voxel_size_nm)
-    except (TypeError, ValueError):
-        raise ValueError(f"voxel_size_nm must be 3 positive numbers (z, y, x) or None, got {voxel_size_nm!r}") from None
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"voxel_size_nm must be 3 positive finite numbers (z, y, x) or None, got {voxel_size_nm!r}")
-    return values  # type: ignore[return-value]
+    from .instances3d import as_voxel_size
+
+    return as_voxel_size(voxel_size_nm)
 
 
 def _check_labels(instances: np.ndarray) -> np.ndarray:
@@ -682,7 +675,7 @@ def _write_obj(fh, ids, verts, faces, offsets, unit: str) -> None:
 
 
 @dataclass(frozen=True)
-class ShapeRules3D:
+class ShapeRules3D(Rules):
     """Every threshold of the 3-D shape classes, in one place.
 
     Rules, first match wins (``*_max_*`` bounds exclusive, ``*_min_*``
@@ -713,55 +706,12 @@ class ShapeRules3D:
     globular_max_aspect: float = 1.6
     elongated_max_aspect: float = 3.5
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"ShapeRules3D.{f.name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise ValueError(f"ShapeRules3D.{f.name} must be >= 0, got {value!r}")
-            # Normalise JSON numbers (3.0 for an int field, 2 for a float one).
-            if f.type in (int, "int"):
-                if not float(value).is_integer():
-                    raise ValueError(f"ShapeRules3D.{f.name} must be an integer, got {value!r}")
-                object.__setattr__(self, f.name, int(value))
-            else:
-                object.__setattr__(self, f.name, float(value))
+    def _check(self) -> None:
         if not 1 <= self.globular_max_aspect <= self.elongated_max_aspect:
             raise ValueError(
                 "ShapeRules3D needs 1 <= globular_max_aspect <= elongated_max_aspect, got "
                 f"{self.globular_max_aspect} and {self.elongated_max_aspect}"
             )
-
-    def to_dict(self) -> dict[str, float | int]:
-        """All thresholds by name (JSON-ready)."""
-        return dataclasses.asdict(self)
-
-    def override(self, values: Mapping[str, Any]) -> ShapeRules3D:
-        """A copy with some thresholds replaced; unknown names raise ValueError."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown 3-D shape rule(s) {unknown}; valid names: {sorted(known)}")
-        return dataclasses.replace(self, **values)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ShapeRules3D:
-        """Defaults overridden by ``values``; unknown names raise ValueError."""
-        return cls().override(values)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> ShapeRules3D:
-        """Read a JSON object of thresholds (a subset is fine; the rest default)."""
-        with open(path, encoding="utf-8") as fh:
-            values = json.load(fh)
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a JSON object of 3-D shape rules, got {type(values).__name__}")
-        return cls.from_dict(values)
-
-    def to_json(self, path: str | Path) -> None:
-        """Write all thresholds as a JSON object."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 def _physical_or_voxel(table: pd.DataFrame, name: str) -> np.ndarray:

@@ -272,12 +272,13 @@ def resolve_voxel_size(volume: Volume, given: Sequence[float] | None) -> Triple 
     """
     if given is None:
         return volume.voxel_size_nm
+    from .instances3d import as_voxel_size
+
     try:
-        vals = tuple(float(v) for v in given)
-    except (TypeError, ValueError):
-        raise DataError(f"--voxel-size needs 3 numbers Z Y X in nm, got {given!r}") from None
-    if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
-        raise DataError(f"--voxel-size needs exactly 3 positive numbers Z Y X in nm, got {' '.join(map(str, given))}")
+        vals = as_voxel_size(given)
+    except ValueError:
+        shown = " ".join(map(str, given)) if isinstance(given, (list, tuple)) else repr(given)
+        raise DataError(f"--voxel-size needs exactly 3 positive numbers Z Y X in nm, got {shown}") from None
     if not _plausible(vals):
         logger.warning("--voxel-size %s nm is outside %g..%g nm; the values are in nm, not µm",
                        _fmt(vals), *PLAUSIBLE_NM)
