@@ -35,15 +35,17 @@ def _display(arr: np.ndarray, step: int, labels: bool = False) -> np.ndarray:
     return cv2.resize(arr.astype(np.float32), (math.ceil(w / step), math.ceil(h / step)), interpolation=cv2.INTER_AREA)
 
 
-def _class_rgba(instances: np.ndarray, classes: dict[int, str], fill_alpha: float = 0.45) -> np.ndarray:
+def _class_rgba(instances: np.ndarray, classes: dict[int, str], fill_alpha: float = 0.45,
+                colors: dict[str, str] | None = None) -> np.ndarray:
     """Each object filled with its shape-class colour (translucent) and outlined (opaque)."""
     from matplotlib.colors import to_rgba
     from skimage.segmentation import find_boundaries
 
+    colors = CLASS_COLORS if colors is None else colors
     lut = np.zeros((int(instances.max()) + 1, 4), np.float32)
     for i, c in classes.items():
         if i < len(lut):
-            lut[i] = to_rgba(CLASS_COLORS.get(c, "white"))
+            lut[i] = to_rgba(colors.get(c, "white"))
     rgba = lut[instances]
     rgba[..., 3] *= fill_alpha
     edges = find_boundaries(instances, mode="inner")
@@ -196,11 +198,16 @@ def volume_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame,
         return np.clip((a.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
 
     def rgba(ids):
-        return _class_rgba(ids, {i: c for i, c in classes.items()}, fill_alpha=0.45) if ids.any() else None
+        return _class_rgba(ids, classes, fill_alpha=0.45, colors=CLASS_COLORS_3D) if ids.any() else None
 
+    # A shallow stack (25 slices of a 1024-px field) would show as a hairline:
+    # depth is stretched to at least a quarter of the width, and the titles say so.
+    depth, width = image.shape[0] * vz, max(image.shape[1] * vy, image.shape[2] * vx)
+    zx = max(1.0, 0.25 * width / depth)
+    note = f", z x{zx:.3g}" if zx > 1 else ""
     views = [("XY (z = %d)" % z0, image[z0], instances[z0], vy / vx),
-             ("XZ (y = %d)" % y0, image[:, y0, :], instances[:, y0, :], vz / vx),
-             ("YZ (x = %d)" % x0, image[:, :, x0], instances[:, :, x0], vz / vy)]
+             ("XZ (y = %d%s)" % (y0, note), image[:, y0, :], instances[:, y0, :], zx * vz / vx),
+             ("YZ (x = %d%s)" % (x0, note), image[:, :, x0], instances[:, :, x0], zx * vz / vy)]
     fig = plt.figure(figsize=(16, 10))
     grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.1])
     for k, (name, img, ids, aspect) in enumerate(views):
@@ -237,13 +244,13 @@ def volume_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame,
     ax3.set_xlim(0, ext[0])
     ax3.set_ylim(0, ext[1])
     ax3.set_zlim(0, ext[2])
-    ax3.set_box_aspect(tuple(ext / ext.max()))
+    ax3.set_box_aspect(tuple(ext * [1, 1, zx] / (ext * [1, 1, zx]).max()))
     unit = "nm" if voxel_size_nm else "voxels"
     ax3.set_xlabel(f"x ({unit})")
     ax3.set_ylabel(f"y ({unit})")
     ax3.set_zlabel(f"z ({unit})")
     shown = f"{len(order)} largest of {len(table)}" if len(table) > len(order) else f"all {len(table)}"
-    ax3.set_title(f"3-D surfaces ({shown} objects)", fontsize=11)
+    ax3.set_title(f"3-D surfaces ({shown} objects{note})", fontsize=11)
 
     text_ax = fig.add_subplot(grid[1, 2])
     text_ax.axis("off")
