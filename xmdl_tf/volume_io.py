@@ -120,18 +120,29 @@ class Volume:
     voxel_size_nm: Triple | None
     kind: str = "image"
     voxel_note: str = ""
-    _read: Callable[[int, int], np.ndarray] = field(default=None, repr=False, compare=False)
+    _read: Callable[..., np.ndarray] = field(default=None, repr=False, compare=False)
+    _reads_yx: bool = field(default=False, repr=False, compare=False)  # _read takes a (y, x) slice pair
     _stats: tuple[float, float, bool] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def slab(self, z0: int, z1: int) -> np.ndarray:
-        """Raw slices z0..z1-1 as (z1 - z0, Y, X) in `dtype`; reads only those slices."""
+    def slab(self, z0: int, z1: int, yx: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Raw slices z0..z1-1 as (z1 - z0, Y, X) in `dtype`; reads only those slices.
+
+        yx: optional (y slice, x slice) of each slice (step 1); HDF5 and Zarr
+        read only that region, other formats read whole slices and crop.
+        """
         if not 0 <= z0 < z1 <= self.shape[0]:
             raise IndexError(f"{self.source}: slab {z0}:{z1} outside 0:{self.shape[0]}")
-        arr = np.asarray(self._read(z0, z1))
-        want = (z1 - z0, *self.shape[1:])
+        if yx is not None and self._reads_yx:
+            arr = np.asarray(self._read(z0, z1, yx))
+        else:
+            arr = np.asarray(self._read(z0, z1))
+            if yx is not None:
+                arr = arr[:, yx[0], yx[1]]
+        plane = self.shape[1:] if yx is None else tuple(len(range(*sl.indices(n))) for sl, n in zip(yx, self.shape[1:]))
+        want = (z1 - z0, *plane)
         if arr.shape != want:
             raise DataError(f"{self.source}: slices {z0}..{z1 - 1} read as {_shape_str(arr.shape)}, "
                             f"expected {_shape_str(want)}")
@@ -160,7 +171,7 @@ class Volume:
             self._stats = (lo, hi, integral)
         return self._stats
 
-    def image_slab(self, z0: int, z1: int) -> np.ndarray:
+    def image_slab(self, z0: int, z1: int, yx: tuple[slice, slice] | None = None) -> np.ndarray:
         """Slices z0..z1-1 as an EM image (z1 - z0, Y, X), uint8 or uint16, like `io.read_image`.
 
         bool -> 0/255 uint8; other integers in 0..65535 -> uint16. A float volume
@@ -169,7 +180,7 @@ class Volume:
         values are integers in 0..65535. A constant volume is a DataError; a
         constant slice inside a varying volume is not.
         """
-        raw = self.slab(z0, z1)
+        raw = self.slab(z0, z1, yx)
         where = f"{self.source} (slices {z0}..{z1 - 1})"
         if raw.dtype == np.bool_:
             out = raw.astype(np.uint8) * np.uint8(255)
@@ -193,14 +204,14 @@ class Volume:
             raise DataError(f"{self.source}: constant volume (every voxel is {raw.flat[0]}); nothing to segment")
         return out
 
-    def label_slab(self, z0: int, z1: int) -> np.ndarray:
+    def label_slab(self, z0: int, z1: int, yx: tuple[slice, slice] | None = None) -> np.ndarray:
         """Slices z0..z1-1 as label ids (z1 - z0, Y, X); foreground is > 0.
 
         Unsigned ids are returned unchanged, bool as uint8, signed and float ids
         as uint32; negative or non-integer values are a DataError (checked as
         each slab is read).
         """
-        raw = self.slab(z0, z1)
+        raw = self.slab(z0, z1, yx)
         where = f"{self.source} (slices {z0}..{z1 - 1})"
         if raw.dtype == np.bool_:
             return raw.astype(np.uint8)
@@ -437,12 +448,12 @@ def _gray(arr: np.ndarray, where: Path, kind: str) -> np.ndarray:
 
 
 def _make(source: str, name: str, shape: Sequence[int], dtype: Any, found: Sequence[float | None] | None,
-          origin: str, kind: str, read: Callable[[int, int], np.ndarray]) -> Volume:
+          origin: str, kind: str, read: Callable[..., np.ndarray], reads_yx: bool = False) -> Volume:
     voxel, note = _voxel_from(found, origin)
     shape3 = tuple(int(n) for n in shape)
     if any(n == 0 for n in shape3):
         raise DataError(f"{source}: empty volume {_shape_str(shape3)}")
-    return Volume(source, name, shape3, np.dtype(dtype), voxel, kind, note, read)
+    return Volume(source, name, shape3, np.dtype(dtype), voxel, kind, note, read, reads_yx)
 
 
 # --- TIFF
@@ -602,8 +613,8 @@ def _array_plan(shape: Sequence[int], where: str) -> tuple[Callable[[int, int], 
                         "before (Y, X); expected one (Z, Y, X) stack")
     z_axis = big[0] if big else len(lead) - 1
 
-    def key(z0: int, z1: int) -> tuple:
-        return tuple(slice(z0, z1) if i == z_axis else 0 for i in range(len(lead))) + (slice(None),) * 2 + tail
+    def key(z0: int, z1: int, yx: tuple = (slice(None), slice(None))) -> tuple:
+        return tuple(slice(z0, z1) if i == z_axis else 0 for i in range(len(lead))) + tuple(yx) + tail
 
     return key, (lead[z_axis], shape[-2], shape[-1]), rgb
 
@@ -622,8 +633,9 @@ def _named_plan(shape: Sequence[int], names: Sequence[str], where: str
         dims = ", ".join(f"{a}={n}" for a, n in zip(names, shape))
         raise DataError(f"{where}: axes ({dims}) do not reduce to (z, y, x); expected one channel and time point")
 
-    def key(z0: int, z1: int) -> tuple:
-        return tuple(0 if i in dropped else slice(z0, z1) if a == "z" else slice(None) for i, a in enumerate(names))
+    def key(z0: int, z1: int, yx: tuple = (slice(None), slice(None))) -> tuple:
+        where_ = {"z": slice(z0, z1), "y": yx[0], "x": yx[1]}
+        return tuple(0 if i in dropped else where_.get(a, slice(None)) for i, a in enumerate(names))
 
     return key, tuple(int(shape[names.index(a)]) for a in ("z", "y", "x")), False
 
@@ -663,13 +675,13 @@ def _open_h5(source: str, path: Path, inner: str | None, kind: str) -> Volume:
         found = _attrs_voxel_nm(dict(obj.attrs))
         dtype = obj.dtype
 
-    def read(z0: int, z1: int) -> np.ndarray:
+    def read(z0: int, z1: int, yx: tuple = (slice(None), slice(None))) -> np.ndarray:
         with h5py.File(path, "r") as h:
-            arr = h[key_name][key(z0, z1)]
+            arr = h[key_name][key(z0, z1, yx)]
         return _gray(arr, Path(where), kind) if rgb else arr
 
     name = _stem(path) if inner is None else f"{_stem(path)}_{Path(key_name).name}"
-    return _make(source, name, shape, dtype, found, f"attributes of {where}", kind, read)
+    return _make(source, name, shape, dtype, found, f"attributes of {where}", kind, read, reads_yx=True)
 
 
 def _ngff(attrs: dict) -> dict | None:
@@ -768,12 +780,12 @@ def _open_zarr(source: str, path: Path, inner: str | None, kind: str) -> Volume:
         found = _attrs_voxel_nm(dict(arr.attrs))
         origin = f"attributes of {where}"
 
-    def read(z0: int, z1: int) -> np.ndarray:
-        data = np.asarray(arr[key(z0, z1)])
+    def read(z0: int, z1: int, yx: tuple = (slice(None), slice(None))) -> np.ndarray:
+        data = np.asarray(arr[key(z0, z1, yx)])
         return _gray(data, Path(where), kind) if rgb else data
 
     name = _stem(path) if inner is None else f"{_stem(path)}_{Path(node_path).name}"
-    return _make(source, name, shape, arr.dtype, found, origin, kind, read)
+    return _make(source, name, shape, arr.dtype, found, origin, kind, read, reads_yx=True)
 
 
 # ----------------------------------------------------------------------------
