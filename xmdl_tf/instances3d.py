@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from .instances import split_component
 
-__all__ = ["as_voxel_size", "min_volume_vox", "volume_instances"]
+__all__ = ["Separation", "as_voxel_size", "min_volume_vox", "split_crop", "volume_instances"]
 
 # Defaults of the 2-D rule (instances.mask_to_instances), in in-plane pixels;
 # in 3-D they become nm through the in-plane voxel size.
@@ -118,13 +119,8 @@ def volume_instances(
         fg = arr != 0
     else:
         raise TypeError(f"unsupported dtype {arr.dtype} (expected bool, integer or float)")
-    px = spacing[2]  # in-plane pixel, the unit of the 2-D defaults
-    min_distance = _MIN_DISTANCE_PX * px if min_distance_nm is None else float(min_distance_nm)
-    min_depth = _MIN_DEPTH_PX * px if min_depth_nm is None else float(min_depth_nm)
-    sigma = _SMOOTH_SIGMA_PX * px if smooth_sigma_nm is None else float(smooth_sigma_nm)
-    radius = tuple(max(0, round(min_distance / s)) for s in spacing)
-    sigma_vox = tuple(sigma / s for s in spacing)
-    pad = tuple(1 + math.ceil(3 * sv) for sv in sigma_vox)
+    params = Separation.make(spacing, neck_ratio, min_distance_nm, min_depth_nm, smooth_sigma_nm, fill_holes,
+                             separate)
 
     labels = np.empty(fg.shape, np.int32)
     n = ndi.label(fg, structure=np.ones((3, 3, 3), bool), output=labels)
@@ -134,31 +130,20 @@ def volume_instances(
     sizes = np.zeros(n + 1, np.int64)
     for z in range(len(labels)):  # slice by slice: bincount would copy the volume as int64
         sizes += np.bincount(labels[z].ravel(), minlength=n + 1)
+    dropped = sizes < min_size_vox
+    dropped[0] = False
+    if dropped.any():
+        for z in range(len(labels)):  # before any split, so every crop sees the same background
+            lz = labels[z]
+            lz[dropped[lz]] = 0
     # New ids are written above n, so components not yet visited keep theirs.
     next_id = n + 1
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
-        if sizes[i] < min_size_vox:
-            crop = labels[sl]
-            crop[crop == i] = 0
-            continue
-        if sizes[i] < _SMALL:
-            crop = labels[sl]
-            crop[crop == i] = next_id
-            next_id += 1
-            continue
-        sl = tuple(slice(max(s.start - p, 0), min(s.stop + p, size)) for s, p, size in zip(sl, pad, labels.shape))
-        crop = labels[sl]
-        comp = crop == i
-        if fill_holes:
-            # Only background is filled: another component inside a cavity keeps its id.
-            comp = ndi.binary_fill_holes(comp) & ((crop == 0) | comp)
-        if separate:
-            sub = split_component(_edt(comp, sl, labels.shape, spacing, sigma_vox), comp, min_distance_px=radius,
-                                  neck_ratio=neck_ratio, min_depth_px=min_depth)
-        else:
-            sub = comp.astype(np.int32)
+        region = params.region(sl, labels.shape) if sizes[i] >= _SMALL else sl
+        crop = labels[region]
+        comp, sub = split_crop(crop, i, region, labels.shape, params, small=sizes[i] < _SMALL)
         crop[comp] = sub[comp] + (next_id - 1)
         next_id += int(sub.max())
     count = next_id - n - 1
@@ -169,7 +154,65 @@ def volume_instances(
     return out
 
 
-def _edt(comp: np.ndarray, sl: tuple[slice, ...], shape: tuple[int, ...], spacing: tuple[float, ...],
+@dataclass(frozen=True)
+class Separation:
+    """The settings of the 3-D neck rule, in voxels and nm (see `volume_instances`)."""
+
+    spacing: tuple[float, float, float]
+    radius_vox: tuple[int, int, int]
+    min_depth_nm: float
+    neck_ratio: float
+    sigma_vox: tuple[float, float, float]
+    pad_vox: tuple[int, int, int]
+    fill_holes: bool = True
+    separate: bool = True
+
+    @classmethod
+    def make(cls, voxel_size_nm: Sequence[float] | None, neck_ratio: float = 0.7, min_distance_nm: float | None = None,
+             min_depth_nm: float | None = None, smooth_sigma_nm: float | None = None, fill_holes: bool = True,
+             separate: bool = True) -> "Separation":
+        spacing = _spacing(voxel_size_nm)
+        px = spacing[2]  # in-plane pixel, the unit of the 2-D defaults
+        min_distance = _MIN_DISTANCE_PX * px if min_distance_nm is None else float(min_distance_nm)
+        min_depth = _MIN_DEPTH_PX * px if min_depth_nm is None else float(min_depth_nm)
+        sigma = _SMOOTH_SIGMA_PX * px if smooth_sigma_nm is None else float(smooth_sigma_nm)
+        sigma_vox = tuple(sigma / s for s in spacing)
+        return cls(spacing, tuple(max(0, round(min_distance / s)) for s in spacing), min_depth, neck_ratio,
+                   sigma_vox, tuple(1 + math.ceil(3 * sv) for sv in sigma_vox), fill_holes, separate)
+
+    def region(self, bbox: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """A component's bounding box grown by the smoothing margin, clipped to the volume."""
+        return tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(bbox, self.pad_vox, shape))
+
+
+def split_crop(crop: np.ndarray, i: int, region: tuple[slice, ...], shape: tuple[int, ...], params: Separation,
+               small: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Separate component `i` of a connected-component crop (the work of one component).
+
+    crop: integer component ids of `region` of a volume of `shape` (dropped
+    components already 0), grown by `Separation.region`; small: a component
+    under _SMALL voxels, kept whole without hole filling or splitting.
+    Returns (comp bool mask of the component, holes filled; sub int32 labels
+    0..k of its objects), both crop-shaped. A pure function of its inputs, so
+    the in-memory path and the chunked one (`xmdl_tf.distributed`) agree.
+    """
+    comp = crop == i
+    if small:
+        return comp, comp.astype(np.int32)
+    if params.fill_holes:
+        # Only background is filled: another component inside a cavity keeps its id.
+        comp = ndi.binary_fill_holes(comp) & ((crop == 0) | comp)
+    if params.separate:
+        faces = [(s.start == 0, s.stop == n) for s, n in zip(region, shape)]
+        sub = split_component(_edt(comp, faces, params.spacing, params.sigma_vox), comp,
+                              min_distance_px=params.radius_vox, neck_ratio=params.neck_ratio,
+                              min_depth_px=params.min_depth_nm)
+    else:
+        sub = comp.astype(np.int32)
+    return comp, sub
+
+
+def _edt(comp: np.ndarray, faces: Sequence[tuple[bool, bool]], spacing: tuple[float, ...],
          sigma_vox: tuple[float, ...]) -> np.ndarray:
     """Distance to the background (nm) of one component's crop, smoothed; 0 outside it.
 
@@ -177,8 +220,7 @@ def _edt(comp: np.ndarray, sl: tuple[slice, ...], shape: tuple[int, ...], spacin
     the mask is extended there by edge replication (as OpenCV treats pixels
     beyond a 2-D image) so the cut face does not read as a thin neck.
     """
-    widths = [(min(c, 16) if s.start == 0 else 0, min(c, 16) if s.stop == size else 0)
-              for s, size, c in zip(sl, shape, comp.shape)]
+    widths = [(min(c, 16) if lo else 0, min(c, 16) if hi else 0) for (lo, hi), c in zip(faces, comp.shape)]
     padded = np.pad(comp, widths, mode="edge") if any(a or b for a, b in widths) else comp
     dist = ndi.distance_transform_edt(padded, sampling=spacing).astype(np.float32)
     dist = dist[tuple(slice(a, a + c) for (a, _), c in zip(widths, comp.shape))]

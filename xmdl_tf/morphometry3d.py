@@ -546,41 +546,62 @@ def measure3d(
         if arr is not None and np.shape(arr) != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} differs from instances shape {labels.shape}")
     size = _voxel_size(voxel_size_nm)
-    known = size is not None
-    spacing = size or (1.0, 1.0, 1.0)
-    unit = "nm" if known else "vox"
-    columns = _columns(unit, known, image is not None, heatmap is not None)
-
     rows = []
     for index, box in enumerate(ndi.find_objects(labels)):
         if box is None:
             continue
         obj_id = index + 1
-        mask = labels[box] == obj_id
-        lo = np.array([s.start for s in box])
-        hi = np.array([s.stop for s in box])
-        geo = _measure_one(mask, spacing, unit)
-        centroid = lo + geo.pop("centroid")
-        row: dict[str, Any] = {"id": obj_id}
-        row.update(zip(("centroid_z_vox", "centroid_y_vox", "centroid_x_vox"), centroid))
-        if known:
-            row.update(zip(("centroid_z_nm", "centroid_y_nm", "centroid_x_nm"), centroid * np.asarray(spacing)))
-        row.update(zip(("bbox_z0", "bbox_y0", "bbox_x0"), lo.tolist()))
-        row.update(zip(("bbox_z1", "bbox_y1", "bbox_x1"), hi.tolist()))
-        row["volume_vox"] = int(np.count_nonzero(mask))
-        if known:
-            row["volume_nm3"] = row["volume_vox"] * float(np.prod(spacing))
-        row.update(geo)
-        row["z_extent_slices"] = int(hi[0] - lo[0])
-        if known:
-            row["z_extent_nm"] = row["z_extent_slices"] * spacing[0]
-        row["touches_border"] = bool((lo == 0).any() or (hi == labels.shape).any())
-        if image is not None:
-            row["mean_intensity"] = float(np.asarray(image[box])[mask].mean(dtype=np.float64))
-        if heatmap is not None:
-            row["gradcam_mean"] = float(np.asarray(heatmap[box])[mask].mean(dtype=np.float64))
-        rows.append(row)
+        rows.append(object_row(obj_id, labels[box] == obj_id, tuple(s.start for s in box), labels.shape, size,
+                               None if image is None else image[box], None if heatmap is None else heatmap[box]))
+    return table_from_rows(rows, voxel_size_nm, image is not None, heatmap is not None)
 
+
+def object_row(obj_id: int, mask: np.ndarray, origin: Sequence[int], volume_shape: Sequence[int],
+               voxel_size_nm: Sequence[float] | None = None, image: np.ndarray | None = None,
+               heatmap: np.ndarray | None = None) -> dict[str, Any]:
+    """One object's `measure3d` row from its tight bounding-box mask.
+
+    mask: (z, y, x) bool, the object in its bounding box; origin: the box's
+    first voxel in the volume; volume_shape: (Z, Y, X) of the whole volume (for
+    `touches_border`); image / heatmap: the same box of those volumes. Used by
+    `measure3d` and by the chunked path, which sees each object on its own.
+    """
+    size = _voxel_size(voxel_size_nm)
+    known = size is not None
+    spacing = size or (1.0, 1.0, 1.0)
+    unit = "nm" if known else "vox"
+    lo = np.asarray(origin, np.int64)
+    hi = lo + np.asarray(mask.shape)
+    geo = _measure_one(mask, spacing, unit)
+    centroid = lo + geo.pop("centroid")
+    row: dict[str, Any] = {"id": int(obj_id)}
+    row.update(zip(("centroid_z_vox", "centroid_y_vox", "centroid_x_vox"), centroid))
+    if known:
+        row.update(zip(("centroid_z_nm", "centroid_y_nm", "centroid_x_nm"), centroid * np.asarray(spacing)))
+    row.update(zip(("bbox_z0", "bbox_y0", "bbox_x0"), lo.tolist()))
+    row.update(zip(("bbox_z1", "bbox_y1", "bbox_x1"), hi.tolist()))
+    row["volume_vox"] = int(np.count_nonzero(mask))
+    if known:
+        row["volume_nm3"] = row["volume_vox"] * float(np.prod(spacing))
+    row.update(geo)
+    row["z_extent_slices"] = int(hi[0] - lo[0])
+    if known:
+        row["z_extent_nm"] = row["z_extent_slices"] * spacing[0]
+    row["touches_border"] = bool((lo == 0).any() or (hi == np.asarray(volume_shape)).any())
+    if image is not None:
+        row["mean_intensity"] = float(np.asarray(image)[mask].mean(dtype=np.float64))
+    if heatmap is not None:
+        row["gradcam_mean"] = float(np.asarray(heatmap)[mask].mean(dtype=np.float64))
+    return row
+
+
+def table_from_rows(rows: list[dict], voxel_size_nm: Sequence[float] | None = None, image: bool = False,
+                    heatmap: bool = False) -> pd.DataFrame:
+    """`object_row` rows as a `measure3d` table (columns, dtypes, voxel-size columns)."""
+    size = _voxel_size(voxel_size_nm)
+    known = size is not None
+    spacing = size or (1.0, 1.0, 1.0)
+    columns = _columns("nm" if known else "vox", known, image, heatmap)
     table = pd.DataFrame(rows, columns=columns)
     for axis, value in zip("zyx", spacing):
         table[f"voxel_size_{axis}_nm"] = value if known else np.nan
