@@ -121,18 +121,20 @@ class Predictor:
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                       batch_size: int | None = None, progress: Callable[[int], None] | None = None,
                       tta: bool | None = None, pixel_size_nm: float | None = None,
-                      rescale: bool = True) -> np.ndarray:
+                      rescale: bool = True, bounds: tuple[float, float] | None = None) -> np.ndarray:
         """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1].
 
         tta: override the predictor's test-time augmentation setting.
         pixel_size_nm: the slice's pixel size; when it and the model's are known
         (and `rescale`), the slice is resampled to the model's pixel size, predicted
         there and the probabilities mapped back to the slice's own grid.
+        bounds: normalisation grey values (lo, hi) of the whole slice when `image`
+        is a piece of it (`sampling.percentile_bounds`); default: its own.
         """
         from .sampling import normalize_as
 
         def run(img: np.ndarray, _region: None) -> np.ndarray:
-            x = normalize_as(img, self.config.normalization)
+            x = normalize_as(img, self.config.normalization, bounds)
             bs = self._batch_size(x.shape, tile, overlap, batch_size)
             # Only the foreground channel is blended: half the stitching work of both.
             fn = self._pad_batches(lambda t: self.predict_batch(t, tta)[..., 1:2], bs)

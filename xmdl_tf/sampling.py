@@ -47,20 +47,40 @@ def normalize_np(image: np.ndarray, low: float = NORMALIZATION["low"], high: flo
     if x.dtype not in (np.uint8, np.uint16):
         x = np.clip(np.round(x.astype(np.float32)), 0, 65535).astype(np.int32)
     counts = np.bincount(x.ravel(), minlength=65536 if x.dtype != np.uint8 else 256)
+    return apply_bounds(x, *percentile_bounds(counts, low, high), clip)
+
+
+def percentile_bounds(counts: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """(lo, hi) grey values at percentiles `low`, `high` of a histogram (counts per grey value 0..).
+
+    The histogram of a slice can be summed from the histograms of its pieces,
+    so a slice cut into chunks is normalised exactly as a whole one.
+    """
     cdf = np.cumsum(counts)
     n = float(cdf[-1])
     ranks = np.maximum(np.ceil(np.array([low, high], np.float64) / 100.0 * n), 1.0)
     lo, hi = np.searchsorted(cdf, ranks.astype(np.int64), side="left").astype(np.float32)
-    y = (x.astype(np.float32) - lo) / max(hi - lo, 1.0)
+    return float(lo), float(hi)
+
+
+def apply_bounds(image: np.ndarray, lo: float, hi: float, clip: bool = True) -> np.ndarray:
+    """float32 (image - lo) / (hi - lo), clipped to [0, 1] when `clip`."""
+    y = (np.asarray(image).astype(np.float32) - np.float32(lo)) / np.float32(max(hi - lo, 1.0))
     if clip:
         np.clip(y, 0.0, 1.0, out=y)
     return y
 
 
-def normalize_as(image: np.ndarray, normalization: dict) -> np.ndarray:
-    """`normalize_np` with a model's stored settings (config.json "normalization")."""
+def normalize_as(image: np.ndarray, normalization: dict, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """`normalize_np` with a model's stored settings (config.json "normalization").
+
+    bounds: the (lo, hi) grey values to use instead of the image's own
+    percentiles (a chunk of a slice normalised as its whole slice).
+    """
     if normalization.get("method", "percentile") != "percentile":
         raise ValueError(f"normalisation method {normalization.get('method')!r} is not supported")
+    if bounds is not None:
+        return apply_bounds(image, *bounds, clip=bool(normalization.get("clip", True)))
     return normalize_np(image, float(normalization["low"]), float(normalization["high"]),
                         bool(normalization.get("clip", True)))
 

@@ -412,3 +412,43 @@ def _progress_printer() -> Callable[[str, int, int], None]:
         bars[plane].update(done)
 
     return update
+
+
+# ----------------------------------------------------------------------------
+# `python -m xmdl_tf.volume`: volumes bigger than memory, in chunks on Dask
+
+
+@cli.guarded
+def main(argv: list[str] | None = None) -> int:
+    from .distributed import DEFAULT_CHUNKS, DEFAULT_HALO, process_volume
+
+    p = cli.parser("python -m xmdl_tf.volume",
+                   "Segment, separate and measure the mitochondria of a volume of any size, in chunks on Dask; "
+                   "writes OME-Zarr (probability, labels/instances) with objects.csv and summary.json.")
+    p.add_argument("input", help="OME-Zarr / Zarr array, file.h5:/dataset, TIFF stack or folder of slices")
+    p.add_argument("--out", required=True, help="output OME-Zarr folder (NAME.zarr)")
+    p.add_argument("--model", default=None, help="run folder or .keras file (default: the shipped reference model)")
+    p.add_argument("--scheduler", default="local",
+                   help="'local' starts a Dask LocalCluster here; else a scheduler address (tcp://host:8786)")
+    p.add_argument("--workers", type=cli.positive_int, default=2, help="worker processes of the local cluster")
+    p.add_argument("--chunks", type=cli.positive_int, nargs=3, metavar=("Z", "Y", "X"), default=DEFAULT_CHUNKS,
+                   help="chunk size in voxels")
+    p.add_argument("--halo", type=cli.nonnegative_int, default=DEFAULT_HALO,
+                   help="context around each chunk in y and x, px (the tiled inference's overlap)")
+    p.add_argument("--voxel-size", type=cli.pixel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                   help="voxel size in nm when the metadata does not say")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run: skip chunks already written")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.zarr")
+    cli.add_inference_args(p, explain=False)
+    args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
+    cli.inference_from_args(args, InferenceConfig())
+    process_volume(args.input, args.out, args.model, scheduler=args.scheduler, workers=args.workers,
+                   chunks=args.chunks, voxel_size_nm=args.voxel_size, inference=cli.inference_overrides(args),
+                   halo=args.halo, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

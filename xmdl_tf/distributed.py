@@ -1,0 +1,534 @@
+"""Volumes bigger than one machine: chunked OME-Zarr processing on Dask.
+
+    python -m xmdl_tf.volume INPUT --out OUT.zarr [--model M] [--scheduler local|ADDRESS]
+        [--workers N] [--chunks Z Y X] [--voxel-size Z Y X] [--resume]
+
+The volume is never held whole by anyone. The work is cut into Dask tasks, each
+small, idempotent and recorded as done under OUT.zarr/.xmdl/ when it has
+written its output, so a worker that dies has its task rerun elsewhere with
+the same result, and `--resume` skips what an interrupted run finished:
+
+1. histograms: each chunk's grey-value histogram per slice, summed over the
+   chunks of a slice -> the normalisation each slice would get whole;
+2. probability: per chunk, its slices plus an XY halo predicted by the 2-D
+   model (loaded once per worker), the halo cropped, written to OUT.zarr/0;
+3. components: 26-connected components of probability >= threshold over the
+   whole volume (`dask_image.ndmeasure.label`: chunk-local labels merged
+   across chunk faces), with their sizes and bounding boxes;
+4. objects: per component (in batches), the very functions of the in-memory
+   path (`instances3d.split_crop`, `morphometry3d.object_row`) on the
+   component's bounding box wherever it lies, so one object that crosses
+   chunk borders is one object, measured whole;
+5. labels: per chunk, every component's objects painted with global ids ->
+   OUT.zarr/labels/instances/0;
+6. pyramids (2x in y and x per level) and OME-Zarr (NGFF 0.4) metadata;
+   objects.csv (one row per object) and summary.json beside them.
+
+On a volume that fits in memory the result equals `analyze --volume`: the
+same objects up to relabelling and the same table (without Grad-CAM), as
+long as the chunks hold whole slices (else up to the seams of tiled
+inference, as in 2-D). `process_volume(..., client=...)` runs on any
+`distributed.Client` (a SLURM cluster from dask-jobqueue, Kubernetes, ...).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .config import InferenceConfig
+from .io import DataError
+
+log = logging.getLogger(__name__)
+
+WORK = ".xmdl"  # work folder inside OUT.zarr
+DEFAULT_CHUNKS = (32, 1024, 1024)
+DEFAULT_HALO = 64  # px each side in y and x: the 2-D path's tile overlap
+COMPONENTS_PER_TASK = 32
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """What one run does; stored in OUT.zarr/.xmdl/state.json so `--resume` continues the same run."""
+
+    source: str
+    model: str
+    shape: tuple[int, int, int]
+    chunks: tuple[int, int, int]
+    halo: int
+    voxel_size_nm: tuple[float, float, float] | None
+    inference: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> list[tuple[slice, slice, slice]]:
+        """Every chunk's region, in raster order."""
+        starts = [range(0, n, c) for n, c in zip(self.shape, self.chunks)]
+        return [tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, self.chunks, self.shape))
+                for corner in np.array(np.meshgrid(*starts, indexing="ij")).reshape(3, -1).T]
+
+
+def _check_chunks(chunks: Sequence[int], halo: int, shape: Sequence[int]) -> tuple[int, int, int]:
+    chunks = tuple(int(c) for c in chunks)
+    if len(chunks) != 3 or min(chunks) < 1:
+        raise DataError(f"--chunks needs three positive sizes Z Y X, got {chunks}")
+    for c, n, ax in zip(chunks[1:], shape[1:], "yx"):
+        if c < min(2 * halo, n):
+            raise DataError(f"--chunks: {ax} chunk {c} px is smaller than the halo on both sides (2 x {halo} px); "
+                            "use chunks of at least 2 x the halo (or a smaller --halo)")
+    return tuple(min(c, n) for c, n in zip(chunks, shape))
+
+
+# ----------------------------------------------------------------------------
+# Worker side: one model and one open volume per worker process
+
+
+_CACHE: dict = {}
+
+
+def _volume(spec: str):
+    from .volume_io import open_volume
+
+    key = ("volume", spec)
+    if key not in _CACHE:
+        _CACHE[key] = open_volume(spec, kind="image")
+    return _CACHE[key]
+
+
+def _predictor(model: str, tf_threads: int | None):
+    key = ("model", model)
+    if key not in _CACHE:
+        if tf_threads:
+            import tensorflow as tf
+
+            try:  # only possible before TensorFlow's first op in this process
+                tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
+                tf.config.threading.set_inter_op_parallelism_threads(max(1, tf_threads // 2))
+            except RuntimeError:
+                pass
+        from .predict import load_model
+
+        _CACHE[key] = load_model(model)
+    return _CACHE[key]
+
+
+def _marker(out: Path, stage: str, key: str) -> Path:
+    return out / WORK / "done" / stage / key
+
+
+def _mark(out: Path, stage: str, key: str, payload: bytes = b"") -> None:
+    from .runlock import atomic_write_bytes
+
+    path = _marker(out, stage, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, payload)
+
+
+def _key(region: Sequence[slice]) -> str:
+    return "_".join(str(s.start) for s in region)
+
+
+def task_histogram(plan: ChunkPlan, region) -> np.ndarray:
+    """(z, 65536) int64 grey-value counts of each slice of a chunk."""
+    img = _volume(plan.source).image_slab(region[0].start, region[0].stop, region[1:])
+    return np.stack([np.bincount(s.ravel().astype(np.int64), minlength=65536) for s in img])
+
+
+def task_predict(plan: ChunkPlan, out: str, region, bounds: np.ndarray, tf_threads: int | None) -> str:
+    """Predict one chunk (slice by slice, with an XY halo) into OUT.zarr/0; returns its key."""
+    import zarr
+
+    out = Path(out)
+    key = _key(region)
+    if _marker(out, "probability", key).exists():
+        return key
+    zs, ys, xs = region
+    h = plan.halo
+    Y, X = plan.shape[1:]
+    grown = (slice(max(ys.start - h, 0), min(ys.stop + h, Y)), slice(max(xs.start - h, 0), min(xs.stop + h, X)))
+    img = _volume(plan.source).image_slab(zs.start, zs.stop, grown)
+    pred = _predictor(plan.model, tf_threads)
+    ic = InferenceConfig(**plan.inference)
+    px = plan.voxel_size_nm[2] if plan.voxel_size_nm else None
+    inner = (slice(ys.start - grown[0].start, ys.stop - grown[0].start),
+             slice(xs.start - grown[1].start, xs.stop - grown[1].start))
+    prob = np.empty((zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start), np.float32)
+    for k in range(len(img)):
+        p = pred.predict_slice(img[k], ic.tile, ic.overlap, ic.batch_size, tta=ic.tta, pixel_size_nm=px,
+                               rescale=ic.rescale, bounds=tuple(bounds[zs.start + k]))
+        prob[k] = p[inner]
+    zarr.open_array(str(out / "0"), mode="r+")[zs, ys, xs] = prob
+    _mark(out, "probability", key)
+    return key
+
+
+def task_component_stats(cc_path: str, region) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, voxel counts, box starts (n, 3), box stops (n, 3)) of the components in one chunk."""
+    import zarr
+    from scipy import ndimage as ndi
+
+    cc = np.asarray(zarr.open_array(cc_path, mode="r")[region])
+    ids, counts = np.unique(cc, return_counts=True)
+    keep = ids > 0
+    ids, counts = ids[keep], counts[keep]
+    boxes = ndi.find_objects(cc, max_label=int(ids.max()) if len(ids) else 0) if len(ids) else []
+    lo = np.array([[s.start + r.start for s, r in zip(boxes[i - 1], region)] for i in ids], np.int64).reshape(-1, 3)
+    hi = np.array([[s.stop + r.start for s, r in zip(boxes[i - 1], region)] for i in ids], np.int64).reshape(-1, 3)
+    return ids.astype(np.int64), counts.astype(np.int64), lo, hi
+
+
+def task_objects(plan: ChunkPlan, out: str, batch: int, comps: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                 sizes: np.ndarray, min_size: int) -> list[dict]:
+    """Separate and measure a batch of components (`instances3d.split_crop`, `morphometry3d.object_row`).
+
+    Saves each component's object labels (its region and the crop of ids
+    1..k) to OUT.zarr/.xmdl/objects/<id>.npz; returns the rows, each with
+    its `component` and `sub` (1..k) id.
+    """
+    import zarr
+    from scipy import ndimage as ndi
+
+    from .instances3d import _SMALL, Separation, split_crop
+    from .morphometry3d import object_row
+
+    out = Path(out)
+    done = _marker(out, "objects", str(batch))
+    if done.exists():
+        return json.loads(done.read_text())
+    cc_arr = zarr.open_array(str(out / WORK / "cc"), mode="r")
+    params = Separation.make(plan.voxel_size_nm, separate=InferenceConfig(**plan.inference).separate)
+    vol = _volume(plan.source)
+    folder = out / WORK / "objects"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, a, b in zip(comps.tolist(), lo, hi):
+        small = sizes[i] < _SMALL
+        bbox = tuple(slice(int(s), int(e)) for s, e in zip(a, b))
+        region = bbox if small else params.region(bbox, plan.shape)
+        crop = np.asarray(cc_arr[region]).astype(np.int32)
+        crop[(sizes[np.minimum(crop, len(sizes) - 1)] < min_size) & (crop > 0)] = 0  # dropped components
+        comp, sub = split_crop(crop, i, region, plan.shape, params, small=small)
+        sub = np.where(comp, sub, 0)
+        np.savez_compressed(folder / f"{i}.npz", start=[s.start for s in region], sub=sub.astype(np.uint32))
+        for k, bb in enumerate(ndi.find_objects(sub), start=1):
+            if bb is None:
+                continue
+            origin = [r.start + s.start for r, s in zip(region, bb)]
+            box = tuple(slice(o, o + (s.stop - s.start)) for o, s in zip(origin, bb))
+            image = vol.image_slab(box[0].start, box[0].stop, box[1:])
+            row = object_row(k, sub[bb] == k, origin, plan.shape, plan.voxel_size_nm, image=image)
+            rows.append({**{c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()},
+                         "component": int(i), "sub": int(k)})
+    _mark(out, "objects", str(batch), json.dumps(rows).encode())
+    return rows
+
+
+def task_paint(out: str, region, comps: list[int], offsets: dict[int, int]) -> str:
+    """Write one chunk of the instance labels: each component's objects with their global ids."""
+    import zarr
+
+    out = Path(out)
+    key = _key(region)
+    if _marker(out, "labels", key).exists():
+        return key
+    block = np.zeros(tuple(s.stop - s.start for s in region), np.uint32)
+    for i in comps:
+        saved = np.load(out / WORK / "objects" / f"{i}.npz")
+        start, sub = saved["start"], saved["sub"]
+        inter = [slice(max(r.start, s), min(r.stop, s + n)) for r, s, n in zip(region, start, sub.shape)]
+        if any(sl.start >= sl.stop for sl in inter):
+            continue
+        piece = sub[tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(inter, start))]
+        target = block[tuple(slice(sl.start - r.start, sl.stop - r.start) for sl, r in zip(inter, region))]
+        on = piece > 0
+        target[on] = piece[on] + offsets[i]
+    zarr.open_array(str(out / "labels" / "instances" / "0"), mode="r+")[region] = block
+    _mark(out, "labels", key)
+    return key
+
+
+# ----------------------------------------------------------------------------
+# Client side
+
+
+def _cluster(client, scheduler: str, workers: int):
+    """(client, close) for an existing client, an address, or a LocalCluster of `workers` processes."""
+    from distributed import Client, LocalCluster
+
+    if client is not None:
+        return client, lambda: None
+    if scheduler != "local":
+        c = Client(scheduler)
+        return c, c.close
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    c = Client(cluster)
+
+    def close():
+        c.close()
+        cluster.close()
+
+    return c, close
+
+
+def _gather(client, futures, what: str, verbose: bool):
+    """Results of `futures`, with Dask's progress bar on a terminal (a line per stage otherwise)."""
+    import sys
+
+    from distributed import progress
+
+    t0 = time.time()
+    if verbose:
+        print(f"  {what}: {len(futures)} task(s)", flush=True)
+        if sys.stdout.isatty():
+            progress(futures, notebook=False)
+            print(flush=True)
+    results = client.gather(futures)
+    if verbose:
+        print(f"    done in {time.time() - t0:.1f} s", flush=True)
+    return results
+
+
+def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> None:
+    """Create OUT.zarr for `plan`, or check it belongs to the same run (`resume`)."""
+    import zarr
+
+    state = out / WORK / "state.json"
+    if out.exists():
+        if resume and state.is_file():
+            old = json.loads(state.read_text())
+            mine = json.loads(json.dumps(asdict(plan)))
+            if old != mine:
+                diff = sorted(k for k in mine if old.get(k) != mine[k])
+                raise DataError(f"{out}: was started with other settings ({', '.join(diff)}); "
+                                "resume with the same ones, or use --overwrite")
+            return
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; use --resume to continue that run, --overwrite to replace it, "
+                                  "or another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    root = zarr.open_group(str(out), mode="w", zarr_format=2)
+    root.create_array("0", shape=plan.shape, chunks=plan.chunks, dtype="float32", fill_value=0)
+    labels = root.create_group("labels")
+    labels.create_group("instances").create_array("0", shape=plan.shape, chunks=plan.chunks, dtype="uint32",
+                                                  fill_value=0)
+    (out / WORK).mkdir()
+    state.write_text(json.dumps(asdict(plan), indent=2) + "\n")
+
+
+def process_volume(source: str, out: str | Path, model: str | Path | None = None, client=None,
+                   scheduler: str = "local", workers: int = 2, chunks: Sequence[int] = DEFAULT_CHUNKS,
+                   voxel_size_nm: Sequence[float] | None = None, inference: dict | None = None,
+                   halo: int = DEFAULT_HALO, resume: bool = False, overwrite: bool = False,
+                   verbose: bool = True) -> dict:
+    """Segment, separate and measure the mitochondria of a volume in chunks on Dask (module docstring).
+
+    source: anything `volume_io.open_volume` reads (OME-Zarr / Zarr v2 and
+    v3, HDF5 `file.h5:/path`, TIFF stacks, slice folders). client: a
+    `distributed.Client` to use; else `scheduler` "local" (a LocalCluster of
+    `workers` processes on this machine) or a scheduler address.
+    Returns the summary written to OUT.zarr/summary.json.
+    """
+    import dask.array as da
+    from dask_image.ndmeasure import label as dask_label
+
+    from .analyze import default_model_path
+    from .config import Config, resolve_inference
+    from .morphometry3d import ShapeRules3D, classify3d, summarize3d, table_from_rows
+    from .predict import is_saved_model, resolve_model_path
+    from .runlock import FolderLock, atomic_write_text
+    from .sampling import percentile_bounds
+    from .volume_io import open_volume, resolve_voxel_size
+
+    t_start = time.time()
+    out = Path(out)
+    if out.suffix != ".zarr":
+        raise DataError(f"--out {out}: the output is an OME-Zarr folder; give it a .zarr name")
+    vol = open_volume(source, kind="image")
+    voxel = resolve_voxel_size(vol, voxel_size_nm)
+    model = model or default_model_path()
+    if model is None:
+        raise FileNotFoundError("no default model is installed (models/xmdl_ref); pass --model MODEL")
+    if is_saved_model(model):
+        raise DataError(f"{model}: the chunked path needs a Keras model folder or .keras file, not a SavedModel")
+    mpath, cpath = resolve_model_path(model)
+    config = Config.load(cpath) if cpath else None
+    ic = resolve_inference(type("P", (), {"config": config})(), inference)
+    if ic.tta:
+        log.info("test-time augmentation on: 8x the prediction time")
+    plan = ChunkPlan(str(source), str(mpath.resolve()), vol.shape, _check_chunks(chunks, halo, vol.shape), int(halo),
+                     voxel, asdict(ic))
+    min_size = ic.min_volume(voxel)
+    if verbose:
+        print(f"{vol.source}: {' x '.join(map(str, vol.shape))} voxels (z, y, x), chunks "
+              f"{' x '.join(map(str, plan.chunks))}, {len(plan.grid)} chunk(s); voxel "
+              + (" x ".join(f"{v:g}" for v in voxel) + " nm" if voxel else "size unknown (voxels)"), flush=True)
+
+    with FolderLock(out, "chunked volume run"):
+        _create(out, plan, overwrite, resume)
+        client, close = _cluster(client, scheduler, workers)
+        try:
+            n_workers = max(1, len(client.scheduler_info().get("workers", {})) or workers)
+            tf_threads = max(1, (os.cpu_count() or 1) // n_workers) if scheduler == "local" else None
+            timings = {}
+            grid = plan.grid
+            work = out / WORK
+
+            # 1. per-slice normalisation bounds from summed chunk histograms
+            t0 = time.time()
+            bounds_file = work / "bounds.npy"
+            if not bounds_file.is_file():
+                futs = client.map(task_histogram, [plan] * len(grid), grid, pure=False)
+                hist = np.zeros((plan.shape[0], 65536), np.int64)
+                for region, h in zip(grid, _gather(client, futs, "histograms", verbose)):
+                    hist[region[0]] += h
+                norm = config.normalization if config else {"low": 1.0, "high": 99.8}
+                bounds = np.array([percentile_bounds(h, float(norm["low"]), float(norm["high"])) for h in hist])
+                np.save(bounds_file, bounds)
+            bounds = np.load(bounds_file)
+            timings["histograms_s"] = time.time() - t0
+
+            # 2. probability, chunk by chunk with an XY halo
+            t0 = time.time()
+            todo = [r for r in grid if not _marker(out, "probability", _key(r)).exists()]
+            b = client.scatter(bounds, broadcast=True)
+            futs = client.map(task_predict, [plan] * len(todo), [str(out)] * len(todo), todo, [b] * len(todo),
+                              [tf_threads] * len(todo), pure=False)
+            _gather(client, futs, f"probability ({len(grid) - len(todo)} chunk(s) already done)", verbose)
+            timings["probability_s"] = time.time() - t0
+
+            # 3. connected components across chunk faces, sizes and boxes
+            t0 = time.time()
+            cc_path = str(work / "cc")
+            if not _marker(out, "components", "cc").exists():
+                prob = da.from_zarr(str(out / "0"))
+                cc, _ = dask_label(prob >= ic.threshold, structure=np.ones((3, 3, 3), bool))
+                cc = cc.astype(np.int32).rechunk(plan.chunks)
+                client.compute(da.to_zarr(cc, cc_path, overwrite=True, compute=False)).result()
+                _mark(out, "components", "cc")
+            futs = client.map(task_component_stats, [cc_path] * len(grid), grid, pure=False)
+            ids, counts, los, his = zip(*_gather(client, futs, "component sizes", verbose))
+            n = int(max((int(i.max()) for i in ids if len(i)), default=0))
+            sizes = np.zeros(n + 1, np.int64)
+            lo = np.full((n + 1, 3), np.iinfo(np.int64).max, np.int64)
+            hi = np.zeros((n + 1, 3), np.int64)
+            for i, c, a, z in zip(ids, counts, los, his):
+                np.add.at(sizes, i, c)
+                np.minimum.at(lo, i, a)
+                np.maximum.at(hi, i, z)
+            kept = np.flatnonzero((sizes >= max(min_size, 1)) & (np.arange(n + 1) > 0))
+            timings["components_s"] = time.time() - t0
+
+            # 4. objects: separation and measurement per component, on its whole extent
+            t0 = time.time()
+            batches = [kept[i:i + COMPONENTS_PER_TASK] for i in range(0, len(kept), COMPONENTS_PER_TASK)]
+            s = client.scatter(sizes, broadcast=True)
+            futs = [client.submit(task_objects, plan, str(out), k, bt, lo[bt], hi[bt], s, min_size, pure=False)
+                    for k, bt in enumerate(batches)]
+            rows = [r for part in _gather(client, futs, f"objects of {len(kept)} component(s)", verbose) for r in part]
+            per_comp = {int(i): 0 for i in kept}
+            for r in rows:
+                per_comp[r["component"]] = max(per_comp[r["component"]], r["sub"])
+            offsets, total = {}, 0
+            for i in sorted(per_comp):
+                offsets[i] = total
+                total += per_comp[i]
+            for r in rows:
+                r["id"] = offsets[r["component"]] + r["sub"]
+            timings["objects_s"] = time.time() - t0
+
+            # 5. labels, chunk by chunk
+            t0 = time.time()
+            from .instances3d import _SMALL, Separation
+
+            grown = {}
+            params_pad = Separation.make(voxel).pad_vox
+            for i in kept:  # the region each component's saved labels cover
+                pad = (0, 0, 0) if sizes[i] < _SMALL else params_pad
+                grown[int(i)] = (np.maximum(lo[i] - pad, 0), np.minimum(hi[i] + pad, plan.shape))
+            todo = [r for r in grid if not _marker(out, "labels", _key(r)).exists()]
+            starts = np.array([g[0] for g in grown.values()]).reshape(-1, 3)
+            stops = np.array([g[1] for g in grown.values()]).reshape(-1, 3)
+            keys = np.array(list(grown.keys()), np.int64)
+            comp_lists = []
+            for r in todo:
+                r0 = np.array([sl.start for sl in r])
+                r1 = np.array([sl.stop for sl in r])
+                hit = np.all((starts < r1) & (stops > r0), axis=1) if len(keys) else np.zeros(0, bool)
+                comp_lists.append(keys[hit].tolist())
+            o = client.scatter(offsets, broadcast=True)
+            futs = client.map(task_paint, [str(out)] * len(todo), todo, comp_lists, [o] * len(todo), pure=False)
+            _gather(client, futs, "instance labels", verbose)
+            timings["labels_s"] = time.time() - t0
+        finally:
+            close()
+
+        # 6. pyramids, metadata, tables
+        t0 = time.time()
+        levels = _pyramids(out, plan)
+        _ngff_metadata(out, plan, levels)
+        table = table_from_rows(sorted(rows, key=lambda r: r["id"]), voxel, image=True)
+        table["shape_class"] = classify3d(table, ShapeRules3D())
+        atomic_write_text(out / "objects.csv", table.to_csv(index=False))
+        timings["pyramids_tables_s"] = time.time() - t0
+        summary = {"source": str(source), **summarize3d(table, plan.shape, voxel), "shape_zyx": list(plan.shape),
+                   "chunks": list(plan.chunks), "halo_px": plan.halo,
+                   "voxel_size_nm": list(voxel) if voxel else None, "components": int(len(kept)),
+                   "workers": workers if client is None else None, "seconds": round(time.time() - t_start, 1),
+                   **{k: round(v, 1) for k, v in timings.items()}}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    if verbose:
+        print(f"{summary['count']} mitochondria -> {out} (probability, labels/instances, objects.csv, "
+              f"summary.json) in {summary['seconds']:.0f} s", flush=True)
+    return summary
+
+
+def _pyramids(out: Path, plan: ChunkPlan, min_size: int = 256, max_levels: int = 5) -> int:
+    """Levels 1.. of the probability (2x2 mean in y, x) and labels (every other voxel); returns the count."""
+    import dask.array as da
+
+    levels = 1
+    y, x = plan.shape[1:]
+    while levels < max_levels and min(y, x) // 2 >= min_size:
+        y, x = y // 2, x // 2
+        prev = da.from_zarr(str(out / str(levels - 1)))
+        prev = prev[:, : 2 * y, : 2 * x]
+        nxt = prev.reshape(prev.shape[0], y, 2, x, 2).mean(axis=(2, 4)).astype(np.float32)
+        da.to_zarr(nxt.rechunk((plan.chunks[0], min(plan.chunks[1], y), min(plan.chunks[2], x))),
+                   str(out / str(levels)), overwrite=True, zarr_format=2)
+        lab = da.from_zarr(str(out / "labels" / "instances" / str(levels - 1)))[:, : 2 * y : 2, : 2 * x : 2]
+        da.to_zarr(lab.rechunk((plan.chunks[0], min(plan.chunks[1], y), min(plan.chunks[2], x))),
+                   str(out / "labels" / "instances" / str(levels)), overwrite=True, zarr_format=2)
+        levels += 1
+    return levels
+
+
+def _ngff_metadata(out: Path, plan: ChunkPlan, levels: int) -> None:
+    """OME-Zarr 0.4 multiscales for the probability and the instance labels (NGFF labels spec)."""
+    import zarr
+
+    unit = "nanometer" if plan.voxel_size_nm else None
+    base = plan.voxel_size_nm or (1.0, 1.0, 1.0)
+    axes = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in "zyx"]
+
+    def multiscales(name):
+        return [{"version": "0.4", "name": name, "axes": axes,
+                 "datasets": [{"path": str(i), "coordinateTransformations": [
+                     {"type": "scale", "scale": [base[0], base[1] * 2**i, base[2] * 2**i]}]} for i in range(levels)],
+                 "type": "mean"}]
+
+    root = zarr.open_group(str(out), mode="r+", zarr_format=2)
+    root.attrs.update({"multiscales": multiscales("probability"),
+                       "omero": {"channels": [{"label": "mitochondria probability", "window":
+                                               {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}}]}})
+    zarr.open_group(str(out / "labels"), mode="r+", zarr_format=2).attrs.update({"labels": ["instances"]})
+    ms = multiscales("instances")
+    ms[0]["type"] = "nearest"
+    zarr.open_group(str(out / "labels" / "instances"), mode="r+", zarr_format=2).attrs.update(
+        {"multiscales": ms, "image-label": {"version": "0.4", "source": {"image": "../../"}}})
