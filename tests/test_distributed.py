@@ -1,0 +1,204 @@
+"""Chunked volumes on a real Dask LocalCluster (2 worker processes): `python -m xmdl_tf.volume`."""
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import zarr
+
+from xmdl_tf.io import DataError
+from xmdl_tf.volume_io import write_volume_tiff
+
+from test_volume import blob_volume
+
+pytestmark = pytest.mark.xdist_group("blob_run")
+
+INFER = {"tile": 64, "overlap": 16}
+VOXEL = (20.0, 10.0, 10.0)
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    """A blob volume with one dark tube along each axis, crossing every chunk border."""
+    root = tmp_path_factory.mktemp("dist")
+    image, ids = blob_volume((24, 96, 96), seed=1, n=3)
+    z, y, x = np.ogrid[:24, :96, :96]
+    tubes = (((y - 80) ** 2 + (x - 14) ** 2 <= 25)  # along z
+             | (((z - 12) ** 2 + (x - 86) ** 2 <= 16) & (y > 4) & (y < 92))  # along y
+             | (((z - 20) ** 2 + (y - 10) ** 2 <= 16) & (x > 4) & (x < 70)))  # along x
+    tubes &= ids == 0
+    image[tubes] = np.clip(70 + np.random.default_rng(0).normal(0, 12, int(tubes.sum())), 0, 255).astype(np.uint8)
+    write_volume_tiff(root / "vol.tif", image, VOXEL)
+    return root, image, tubes
+
+
+def _run(client, src, out, model, **kw):
+    from xmdl_tf.distributed import process_volume
+
+    args = dict(client=client, chunks=(8, 48, 48), halo=16, inference=INFER, verbose=False)
+    args.update(kw)
+    return process_volume(str(src), out, str(model), **args)
+
+
+def _in_memory(model, image):
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.volume import VolumeSettings, analyze_volume
+
+    return analyze_volume(load_model(model, jit_compile=False), image, "v", VolumeSettings(inference=INFER), VOXEL)
+
+
+def _one_to_one(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = set(zip(a[(a > 0) | (b > 0)].tolist(), b[(a > 0) | (b > 0)].tolist()))
+    return len(pairs) == len({p for p, _ in pairs}) == len({q for _, q in pairs}) and all(p and q for p, q in pairs)
+
+
+def test_chunked_equals_in_memory_and_objects_cross_chunks(client, volume, blob_run, tmp_path):
+    root, image, tubes = volume
+    model = blob_run[1]
+    # Chunks holding whole slices: the probability, the objects and the table equal the in-memory path's.
+    s = _run(client, root / "vol.tif", tmp_path / "whole.zarr", model, chunks=(8, 96, 96))
+    mem = _in_memory(model, image)
+    prob = zarr.open_array(str(tmp_path / "whole.zarr" / "0"))[:]
+    np.testing.assert_allclose(prob, mem.probability, atol=1e-6)
+    labels = zarr.open_array(str(tmp_path / "whole.zarr" / "labels" / "instances" / "0"))[:]
+    assert s["count"] == mem.instances.max() and _one_to_one(labels, mem.instances)
+    table = pd.read_csv(tmp_path / "whole.zarr" / "objects.csv")
+    ref = mem.table.set_index(mem.table["id"].map(
+        {int(m): int(c) for c, m in set(zip(labels[labels > 0].tolist(), mem.instances[labels > 0].tolist()))}))
+    for col in ("volume_nm3", "surface_area_nm2", "sphericity", "axis_major_nm", "solidity", "n_branches",
+                "skeleton_length_nm", "mean_intensity", "touches_border"):
+        np.testing.assert_allclose(table.set_index("id")[col].sort_index(), ref[col].sort_index(), rtol=1e-5)
+    # Chunks of 8 x 48 x 48 (27 of them): each tube crosses borders along its axis and stays one object.
+    _run(client, root / "vol.tif", tmp_path / "small.zarr", model)
+    small = zarr.open_array(str(tmp_path / "small.zarr" / "labels" / "instances" / "0"))[:]
+    from scipy import ndimage as ndi
+
+    parts, n = ndi.label(tubes, np.ones((3, 3, 3), bool))
+    for k in range(1, n + 1):
+        ids, counts = np.unique(small[parts == k], return_counts=True)
+        assert counts[ids > 0].max() > 0.8 * (parts == k).sum(), "a tube was cut at a chunk border"
+    # Up to the seams of tiled inference, the same objects as in memory.
+    assert abs(int(small.max()) - int(mem.instances.max())) <= 1
+    summary = json.loads((tmp_path / "small.zarr" / "summary.json").read_text())
+    assert summary["count"] == int(small.max()) and summary["chunks"] == [8, 48, 48]
+    # OME-Zarr: multiscales on the image, NGFF labels with their source.
+    root_attrs = zarr.open_group(str(tmp_path / "small.zarr"), mode="r").attrs
+    ms = root_attrs["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"] and ms["axes"][0]["unit"] == "nanometer"
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == list(VOXEL)
+    lab_attrs = zarr.open_group(str(tmp_path / "small.zarr" / "labels" / "instances"), mode="r").attrs
+    assert lab_attrs["image-label"]["source"]["image"] == "../../"
+
+
+def test_worker_killed_mid_run_and_resume(client, volume, blob_run, tmp_path):
+    root, _, _ = volume
+    model = blob_run[1]
+    ref = _run(client, root / "vol.tif", tmp_path / "ref.zarr", model)
+    ref_labels = zarr.open_array(str(tmp_path / "ref.zarr" / "labels" / "instances" / "0"))[:]
+
+    # Kill a worker process as soon as the first probability chunk is written.
+    out = tmp_path / "killed.zarr"
+    pids = list(client.run(os.getpid).values())
+    killed = []
+
+    def killer():
+        done = out / ".xmdl" / "done" / "probability"
+        for _ in range(1200):
+            if done.is_dir() and any(done.iterdir()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(len(list(done.iterdir())))
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    s = _run(client, root / "vol.tif", out, model)
+    t.join()
+    assert killed and killed[0] < 27  # killed while chunks were still to be predicted
+    client.wait_for_workers(2, timeout=120)
+    assert pids[0] not in client.run(os.getpid).values()  # Dask replaced the worker
+    assert s["count"] == ref["count"]
+    np.testing.assert_array_equal(zarr.open_array(str(out / "labels" / "instances" / "0"))[:], ref_labels)
+
+    # An interrupted run (labels of some chunks and their markers gone) continues with --resume only.
+    lab = zarr.open_array(str(out / "labels" / "instances" / "0"), mode="r+")
+    lab[:8] = 0
+    marks = sorted((out / ".xmdl" / "done" / "labels").iterdir())
+    for m in marks:
+        if m.name.startswith("0_"):
+            m.unlink()
+    prob_marks = {m.name: m.stat().st_mtime_ns for m in (out / ".xmdl" / "done" / "probability").iterdir()}
+    with pytest.raises(FileExistsError):
+        _run(client, root / "vol.tif", out, model)
+    with pytest.raises(DataError, match="other settings"):
+        _run(client, root / "vol.tif", out, model, resume=True, halo=8)
+    _run(client, root / "vol.tif", out, model, resume=True)
+    np.testing.assert_array_equal(zarr.open_array(str(out / "labels" / "instances" / "0"))[:], ref_labels)
+    # Nothing already done was recomputed.
+    assert {m.name: m.stat().st_mtime_ns for m in (out / ".xmdl" / "done" / "probability").iterdir()} == prob_marks
+
+
+def test_inputs_zarr_v2_v3_hdf5_and_tiff_agree(client, volume, blob_run, tmp_path):
+    import h5py
+
+    root, image, _ = volume
+    model = blob_run[1]
+    z2 = zarr.open_array(str(tmp_path / "v2.zarr"), mode="w", shape=image.shape, chunks=(8, 48, 48),
+                         dtype=image.dtype, zarr_format=2)
+    z2[:] = image
+    z2.attrs["resolution"] = list(VOXEL)
+    z3 = zarr.open_array(str(tmp_path / "v3.zarr"), mode="w", shape=image.shape, chunks=(8, 48, 48),
+                         dtype=image.dtype, zarr_format=3)
+    z3[:] = image
+    z3.attrs["resolution"] = list(VOXEL)
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_dataset("raw", data=image, chunks=(8, 48, 48))
+        f["raw"].attrs["element_size_um"] = [v / 1000 for v in VOXEL]
+    results = []
+    for i, src in enumerate([root / "vol.tif", tmp_path / "v2.zarr", tmp_path / "v3.zarr", f"{tmp_path / 'v.h5'}:/raw"]):
+        s = _run(client, src, tmp_path / f"o{i}.zarr", model, chunks=(12, 96, 96))
+        assert s["voxel_size_nm"] == list(VOXEL)
+        results.append(zarr.open_array(str(tmp_path / f"o{i}.zarr" / "labels" / "instances" / "0"))[:])
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_bad_inputs_fail_before_writing(blob_run, tmp_path, capsys):
+    import h5py
+
+    from xmdl_tf.volume import main
+
+    model = str(blob_run[1])
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f["raw"] = np.zeros((4, 32, 32), np.uint8)
+    tifffile.imwrite(tmp_path / "flat.tif", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    image, _ = blob_volume((24, 96, 96), n=1)
+    write_volume_tiff(tmp_path / "vol.tif", image)
+    cases = [
+        ([f"{tmp_path / 'v.h5'}:/nothere"], "nothere"),
+        ([str(tmp_path / "flat.tif")], "2-D"),
+        ([str(tmp_path / "vol.tif"), "--chunks", "8", "40", "40", "--halo", "32"], "halo"),
+        ([str(tmp_path / "missing.zarr")], "not found"),
+    ]
+    for k, (argv, needle) in enumerate(cases):
+        out = tmp_path / f"o{k}.zarr"
+        assert main(argv + ["--out", str(out), "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+        assert not out.exists()
