@@ -559,3 +559,26 @@ def test_slab_region_reads_the_same_voxels_in_every_format(tmp_path):
         v = open_volume(spec)
         np.testing.assert_array_equal(v.slab(1, 4, yx), vol[1:4, 5:31, 12:50])
         np.testing.assert_array_equal(v.image_slab(2, 6, yx), vol[2:6, 5:31, 12:50])
+
+
+def test_n5_dataset_read_as_zyx_with_its_resolution(tmp_path):
+    # N5 as the Java tools write it: dimensions listed x, y, z; resolution in x, y, z order.
+    ts = pytest.importorskip("tensorstore")
+    vol = np.random.default_rng(0).integers(0, 255, (5, 12, 20), dtype=np.uint8)  # (z, y, x)
+    ds = tmp_path / "c.n5" / "em" / "raw"
+    a = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(ds)},
+                 "metadata": {"dimensions": [20, 12, 5], "blockSize": [8, 8, 2], "dataType": "uint8",
+                              "compression": {"type": "gzip"}}, "create": True}).result()
+    a.T[...] = vol  # stored as (x, y, z)
+    import json as _json
+
+    attrs = _json.loads((ds / "attributes.json").read_text())
+    attrs["resolution"] = [4.0, 4.0, 30.0]
+    (ds / "attributes.json").write_text(_json.dumps(attrs))
+    (tmp_path / "c.n5" / "attributes.json").write_text('{"n5": "2.0.0"}')
+    v = open_volume(f"{tmp_path / 'c.n5'}/em/raw")
+    assert v.shape == (5, 12, 20) and v.voxel_size_nm == (30.0, 4.0, 4.0)
+    np.testing.assert_array_equal(v.read(), vol)
+    np.testing.assert_array_equal(v.slab(1, 3, (slice(2, 9), slice(5, 17))), vol[1:3, 2:9, 5:17])
+    with pytest.raises(DataError, match="em/raw"):
+        open_volume(tmp_path / "c.n5")  # a container: the error lists its datasets

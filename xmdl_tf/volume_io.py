@@ -40,6 +40,7 @@ grayscale as `io.read_image` does (with its warning).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -391,6 +392,8 @@ def open_volume(spec: str | Path, kind: str = "image") -> Volume:
             raise DataError(f"{path}: not found (no such file or folder)")
         if path.suffix.lower() == ".zarr":
             return _open_zarr(spec_s, path, inner, kind)
+        if path.suffix.lower() == ".n5":
+            return _open_n5(spec_s, path, inner, kind)
         return _open_h5(spec_s, path, inner, kind)
     path = Path(spec_s)
     if not path.exists():
@@ -398,6 +401,8 @@ def open_volume(spec: str | Path, kind: str = "image") -> Volume:
     if path.is_dir():
         if _is_zarr_dir(path):
             return _open_zarr(spec_s, path, None, kind)
+        if (path / "attributes.json").is_file():
+            return _open_n5(spec_s, path, None, kind)
         return _open_folder(spec_s, path, kind)
     ext = path.suffix.lower()
     if ext in TIFF_EXTS:
@@ -413,7 +418,7 @@ def open_volume(spec: str | Path, kind: str = "image") -> Volume:
         raise DataError(f"{path}: unsupported file ({ext or 'no extension'}); {STACK_HINT}") from None
 
 
-_CONTAINER_RE = re.compile(r"^(.+?\.(?:h5|hdf5|hdf|he5|zarr))(?:[:/](.*))?$", re.IGNORECASE)
+_CONTAINER_RE = re.compile(r"^(.+?\.(?:h5|hdf5|hdf|he5|zarr|n5))(?:[:/](.*))?$", re.IGNORECASE)
 
 
 def _split_container(spec: str) -> tuple[str | None, str | None]:
@@ -786,6 +791,50 @@ def _open_zarr(source: str, path: Path, inner: str | None, kind: str) -> Volume:
 
     name = _stem(path) if inner is None else f"{_stem(path)}_{Path(node_path).name}"
     return _make(source, name, shape, arr.dtype, found, origin, kind, read, reads_yx=True)
+
+
+def _open_n5(source: str, path: Path, inner: str | None, kind: str) -> Volume:
+    """An N5 dataset (a folder with attributes.json holding `dimensions`), read with tensorstore.
+
+    N5 lists dimensions fastest-first (x, y, z, as the Java tools write them,
+    unless an `axes` attribute says otherwise), so the array is transposed to
+    (z, y, x). Voxel size: `resolution` or `pixelResolution` (x, y, z order,
+    `unit` default nm).
+    """
+    ts = _require("tensorstore", "N5")
+    folder = path / inner.strip("/") if inner else path
+    attrs_file = folder / "attributes.json"
+    if not attrs_file.is_file():
+        raise DataError(f"{folder}: not an N5 dataset (no attributes.json)")
+    try:
+        attrs = json.loads(attrs_file.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{attrs_file}: unreadable N5 attributes ({err})") from None
+    if "dimensions" not in attrs:
+        found = sorted(p.parent.relative_to(path).as_posix() for p in path.rglob("attributes.json")
+                       if "dimensions" in json.loads(p.read_text()))
+        raise DataError(f"{folder}: an N5 container, not a dataset; name one as {path}/<dataset> "
+                        f"(datasets: {', '.join(found) or 'none'})")
+    try:
+        arr = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)}}, read=True).result()
+    except Exception as err:  # tensorstore raises ValueError with its own status text
+        raise DataError(f"{folder}: not a readable N5 dataset ({err})") from None
+    axes = [str(a).lower() for a in attrs.get("axes", ["x", "y", "z"][: arr.ndim])]
+    if sorted(axes) != ["x", "y", "z"]:
+        raise DataError(f"{folder}: N5 axes {axes}; expected x, y and z")
+    arr = arr.transpose([axes.index(a) for a in "zyx"])
+    res = attrs.get("resolution") or (attrs.get("pixelResolution") or {}).get("dimensions")
+    unit = (attrs.get("pixelResolution") or {}).get("unit", attrs.get("unit", "nm"))
+    found = None
+    if isinstance(res, list) and len(res) == 3 and _unit_nm(unit):
+        found = [float(res[axes.index(a)]) * _unit_nm(unit) for a in "zyx"]
+
+    def read(z0: int, z1: int, yx: tuple = (slice(None), slice(None))) -> np.ndarray:
+        return np.asarray(arr[z0:z1, yx[0], yx[1]].read().result())
+
+    name = _stem(path) if inner is None else f"{_stem(path)}_{Path(inner).name}"
+    return _make(source, name, tuple(arr.shape), np.dtype(arr.dtype.numpy_dtype), found, f"attributes of {folder}",
+                 kind, read, reads_yx=True)
 
 
 # ----------------------------------------------------------------------------
