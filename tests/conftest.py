@@ -66,13 +66,32 @@ BLOB_RUN_ARGS = ["--tile-size", "32", "--depth", "3", "--base-filters", "8", "--
 
 @pytest.fixture(scope="session")
 def blob_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(data set, run folder) of the suite's trained tiny model."""
+    """(data set, run folder) of the suite's trained tiny model.
+
+    Trained once per test session, by whichever pytest-xdist worker asks
+    first (the others wait on a file lock), then copied into each worker's
+    own temporary folder, so tests on different workers never share files.
+    """
+    import fcntl
+    import os
+    import shutil
+
     from xmdl_tf.train import main as train_main
 
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    trained = shared / "blob_run_trained"
+    with open(shared / "blob_run_trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocking: released when the first worker has trained
+        if not (trained / "done").is_file():
+            shutil.rmtree(trained, ignore_errors=True)
+            data = trained / "blobs"
+            write_split(data, "train", 4, seed=0)
+            write_split(data, "val", 2, seed=100, start=4)
+            write_split(data, "test", 2, seed=200, start=6)
+            assert train_main(["--data", str(data), "--out", str(trained / "run"), *BLOB_RUN_ARGS]) == 0
+            (trained / "done").write_text("ok\n")
     root = tmp_path_factory.mktemp("blob_run")
-    data = root / "blobs"
-    write_split(data, "train", 4, seed=0)
-    write_split(data, "val", 2, seed=100, start=4)
-    write_split(data, "test", 2, seed=200, start=6)
-    assert train_main(["--data", str(data), "--out", str(root / "run"), *BLOB_RUN_ARGS]) == 0
-    return data, root / "run"
+    shutil.copytree(trained / "blobs", root / "blobs")
+    shutil.copytree(trained / "run", root / "run")
+    return root / "blobs", root / "run"

@@ -12,8 +12,6 @@ from xmdl_tf.predict import load_model
 
 from conftest import blob_image
 
-# Shares the session-trained tiny model (conftest.blob_run): one xdist worker trains it once.
-pytestmark = pytest.mark.xdist_group("blob_run")
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from xmdl_tf.volume_io import write_volume_tiff
 
 from test_volume import blob_volume
 
-pytestmark = pytest.mark.xdist_group("blob_run")
 
 INFER = {"tile": 64, "overlap": 16}
 VOXEL = (20.0, 10.0, 10.0)

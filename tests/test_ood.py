@@ -5,8 +5,6 @@ import pytest
 from xmdl_tf.confidence import auroc
 from xmdl_tf.ood import FeatureDistribution, tile_origins
 
-# Shares the session-trained tiny model (conftest.blob_run): one xdist worker trains it once.
-pytestmark = pytest.mark.xdist_group("blob_run")
 
 
 def test_feature_distribution_scores_shifted_data_high():

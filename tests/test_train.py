@@ -9,8 +9,6 @@ from xmdl_tf.config import Config
 from xmdl_tf.io import DataError
 from xmdl_tf.train import main as train_main
 
-# Shares the session-trained tiny model (conftest.blob_run): one xdist worker trains it once.
-pytestmark = pytest.mark.xdist_group("blob_run")
 
 ARGS = ["--tile-size", "32", "--depth", "3", "--base-filters", "8", "--batch-size", "8", "--tiles-per-slice", "8",
         "--no-jit"]

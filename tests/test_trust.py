@@ -10,8 +10,6 @@ import tifffile
 from conftest import blob_image
 from xmdl_tf.config import Config
 
-# Shares the session-trained tiny model (conftest.blob_run): one xdist worker trains it once.
-pytestmark = pytest.mark.xdist_group("blob_run")
 
 
 def distractor_image(size: int, seed: int):

@@ -6,8 +6,6 @@ import pytest
 
 from xmdl_tf.config import Config
 
-# Shares the session-trained tiny model (conftest.blob_run): one xdist worker trains it once.
-pytestmark = pytest.mark.xdist_group("blob_run")
 
 
 def test_tune_picks_the_best_validation_setting_and_stores_it(blob_run, tmp_path, capsys):

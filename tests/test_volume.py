@@ -11,8 +11,6 @@ from xmdl_tf.instances import average_precision
 from xmdl_tf.instances3d import min_volume_vox, volume_instances
 from xmdl_tf.volume import ground_truth_instances_3d, parse_planes, score_volume
 
-# The pipeline tests share the session-trained tiny model (conftest.blob_run).
-pytestmark = pytest.mark.xdist_group("blob_run")
 
 
 def _ball(shape, centre, radius_nm, voxel=(1.0, 1.0, 1.0)):

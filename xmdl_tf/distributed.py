@@ -13,8 +13,10 @@ the same result, and `--resume` skips what an interrupted run finished:
 2. probability: per chunk, its slices plus an XY halo predicted by the 2-D
    model (loaded once per worker), the halo cropped, written to OUT.zarr/0;
 3. components: 26-connected components of probability >= threshold over the
-   whole volume (`dask_image.ndmeasure.label`: chunk-local labels merged
-   across chunk faces), with their sizes and bounding boxes;
+   whole volume: each chunk labelled on its own, ids touching across chunk
+   faces, edges and corners merged by a union-find, every chunk rewritten
+   with global ids (through zarr, so no worker holds the volume's labels);
+   with their sizes and bounding boxes;
 4. objects: per component (in batches), the very functions of the in-memory
    path (`instances3d.split_crop`, `morphometry3d.object_row`) on the
    component's bounding box wherever it lies, so one object that crosses
@@ -253,6 +255,107 @@ def task_paint(out: str, region, comps: list[int], offsets: dict[int, int]) -> s
     return key
 
 
+def task_local_components(out: str, region, threshold: float) -> int:
+    """26-connected components of one chunk's foreground, ids 1..n local to the chunk -> .xmdl/cc_local."""
+    import zarr
+    from scipy import ndimage as ndi
+
+    prob = np.asarray(zarr.open_array(str(Path(out) / "0"), mode="r")[region])
+    local = np.empty(prob.shape, np.int32)
+    n = ndi.label(prob >= threshold, structure=np.ones((3, 3, 3), bool), output=local)
+    zarr.open_array(str(Path(out) / WORK / "cc_local"), mode="r+")[region] = local
+    return int(n)
+
+
+def _offset_plane(plan: ChunkPlan, axis: int, index: int, offsets: dict) -> np.ndarray:
+    """The per-chunk id offsets laid out over the plane `index` along `axis` (the other two axes)."""
+    other = [a for a in range(3) if a != axis]
+    plane = np.zeros([plan.shape[a] for a in other], np.int64)
+    for region, off in offsets.items():
+        r = [slice(*b) for b in region]
+        if r[axis].start <= index < r[axis].stop:
+            plane[r[other[0]], r[other[1]]] = off
+    return plane
+
+
+def task_face_pairs(out: str, plan: ChunkPlan, axis: int, index: int, offsets: dict) -> np.ndarray:
+    """(n, 2) global ids joined across the boundary between planes index-1 and index along `axis`.
+
+    Whole planes of the volume are compared, shifted by -1, 0, 1 along both
+    other axes, so 26-connectivity across chunk faces, edges and corners is
+    exact.
+    """
+    import zarr
+
+    cc = zarr.open_array(str(Path(out) / WORK / "cc_local"), mode="r")
+    key_a = tuple(slice(index - 1, index) if a == axis else slice(None) for a in range(3))
+    key_b = tuple(slice(index, index + 1) if a == axis else slice(None) for a in range(3))
+    a = np.squeeze(np.asarray(cc[key_a]), axis).astype(np.int64)
+    b = np.squeeze(np.asarray(cc[key_b]), axis).astype(np.int64)
+    a = np.where(a > 0, a + _offset_plane(plan, axis, index - 1, offsets), 0)
+    b = np.where(b > 0, b + _offset_plane(plan, axis, index, offsets), 0)
+    pairs = []
+    h, w = a.shape
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            pa = a[max(dy, 0): h + min(dy, 0), max(dx, 0): w + min(dx, 0)]
+            pb = b[max(-dy, 0): h + min(-dy, 0), max(-dx, 0): w + min(-dx, 0)]
+            both = (pa > 0) & (pb > 0)
+            pairs.append(np.stack([pa[both], pb[both]], 1))
+    return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
+
+
+def task_relabel(out: str, region, offset: int, lut: np.ndarray) -> None:
+    """Write one chunk of the global component ids: lut[offset + local id]."""
+    import zarr
+
+    local = np.asarray(zarr.open_array(str(Path(out) / WORK / "cc_local"), mode="r")[region])
+    glob = np.where(local > 0, lut[np.where(local > 0, local + offset, 0)], 0).astype(np.int32)
+    zarr.open_array(str(Path(out) / WORK / "cc"), mode="r+")[region] = glob
+
+
+def _components(client, out: Path, plan: ChunkPlan, threshold: float, grid: list, verbose: bool) -> None:
+    """Global 26-connected components of probability >= threshold, streamed through zarr (.xmdl/cc).
+
+    Not `dask_image.ndmeasure.label`: it keeps every block's labels in worker
+    memory until the global relabelling, a volume-sized int32 array. Here
+    each chunk is labelled and written, pairs of ids touching across chunk
+    boundaries are read from whole boundary planes, merged by a union-find
+    on the client (ids only) and each chunk rewritten with global ids.
+    """
+    import zarr
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    for name in ("cc_local", "cc"):
+        zarr.open_array(str(out / WORK / name), mode="w", shape=plan.shape, chunks=plan.chunks, dtype="int32",
+                        fill_value=0, zarr_format=2)
+    futs = client.map(task_local_components, [str(out)] * len(grid), grid, [threshold] * len(grid), pure=False)
+    counts = _gather(client, futs, "chunk components", verbose)
+    offsets, total = {}, 0
+    for region, n in zip(grid, counts):
+        offsets[tuple((r.start, r.stop) for r in region)] = total
+        total += n
+    bounds = [(axis, i) for axis in range(3) for i in range(plan.chunks[axis], plan.shape[axis], plan.chunks[axis])]
+    o = client.scatter(offsets, broadcast=True)
+    futs = [client.submit(task_face_pairs, str(out), plan, axis, i, o, pure=False) for axis, i in bounds]
+    pairs = _gather(client, futs, "chunk-boundary merges", verbose) if futs else []
+    pairs = np.concatenate(pairs) if len(pairs) else np.zeros((0, 2), np.int64)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(total + 1, total + 1))
+    _, comp = connected_components(graph, directed=False)
+    # Number the merged components 1.. in order of their first local id (0 stays background).
+    _, first = np.unique(comp[1:], return_index=True)
+    order = np.empty(len(first), np.int64)
+    order[np.argsort(first)] = np.arange(1, len(first) + 1)
+    lut = np.zeros(total + 1, np.int32)
+    lut[1:] = order[np.unique(comp[1:], return_inverse=True)[1]]
+    lut_f = client.scatter(lut, broadcast=True)
+    futs = client.map(task_relabel, [str(out)] * len(grid), grid, [offsets[tuple((r.start, r.stop) for r in g)]
+                                                                   for g in grid], [lut_f] * len(grid), pure=False)
+    _gather(client, futs, "global component ids", verbose)
+
+
+
 # ----------------------------------------------------------------------------
 # Client side
 
@@ -335,9 +438,6 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     `workers` processes on this machine) or a scheduler address.
     Returns the summary written to OUT.zarr/summary.json.
     """
-    import dask.array as da
-    from dask_image.ndmeasure import label as dask_label
-
     from .analyze import default_model_path
     from .config import Config, resolve_inference
     from .morphometry3d import ShapeRules3D, classify3d, summarize3d, table_from_rows
@@ -407,10 +507,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             t0 = time.time()
             cc_path = str(work / "cc")
             if not _marker(out, "components", "cc").exists():
-                prob = da.from_zarr(str(out / "0"))
-                cc, _ = dask_label(prob >= ic.threshold, structure=np.ones((3, 3, 3), bool))
-                cc = cc.astype(np.int32).rechunk(plan.chunks)
-                client.compute(da.to_zarr(cc, cc_path, overwrite=True, compute=False)).result()
+                _components(client, out, plan, ic.threshold, grid, verbose)
                 _mark(out, "components", "cc")
             futs = client.map(task_component_stats, [cc_path] * len(grid), grid, pure=False)
             ids, counts, los, his = zip(*_gather(client, futs, "component sizes", verbose))
