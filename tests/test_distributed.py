@@ -70,19 +70,30 @@ def _one_to_one(a: np.ndarray, b: np.ndarray) -> bool:
 def test_chunked_equals_in_memory_and_objects_cross_chunks(client, volume, blob_run, tmp_path):
     root, image, tubes = volume
     model = blob_run[1]
-    # Chunks holding whole slices: the probability, the objects and the table equal the in-memory path's.
+    # Chunks holding whole slices: the probability equals the in-memory path's up to float
+    # round-off (the workers run TensorFlow on fewer threads), and from that probability
+    # the objects and the table are exactly those of the in-memory separation and measurement.
+    from xmdl_tf.config import resolve_inference
+    from xmdl_tf.instances3d import volume_instances
+    from xmdl_tf.morphometry3d import measure3d
+    from xmdl_tf.predict import load_model
+
     s = _run(client, root / "vol.tif", tmp_path / "whole.zarr", model, chunks=(8, 96, 96))
     mem = _in_memory(model, image)
     prob = zarr.open_array(str(tmp_path / "whole.zarr" / "0"))[:]
-    np.testing.assert_allclose(prob, mem.probability, atol=1e-4)  # thread counts differ: float round-off
+    np.testing.assert_allclose(prob, mem.probability, atol=1e-4)
+    ic = resolve_inference(load_model(model, jit_compile=False), INFER)
+    ref = volume_instances(prob, VOXEL, ic.threshold, ic.min_volume(VOXEL))
     labels = zarr.open_array(str(tmp_path / "whole.zarr" / "labels" / "instances" / "0"))[:]
-    assert s["count"] == mem.instances.max() and _one_to_one(labels, mem.instances)
+    assert s["count"] == ref.max() >= 4 and _one_to_one(labels, ref)
+    ref_table = measure3d(ref, VOXEL, image=image)
     table = pd.read_csv(tmp_path / "whole.zarr" / "objects.csv")
-    ref = mem.table.set_index(mem.table["id"].map(
-        {int(m): int(c) for c, m in set(zip(labels[labels > 0].tolist(), mem.instances[labels > 0].tolist()))}))
+    to_ref = {int(c): int(m) for c, m in set(zip(labels[labels > 0].tolist(), ref[labels > 0].tolist()))}
+    table["id"] = table["id"].map(to_ref)
+    table, ref_table = table.set_index("id").sort_index(), ref_table.set_index("id").sort_index()
     for col in ("volume_nm3", "surface_area_nm2", "sphericity", "axis_major_nm", "solidity", "n_branches",
-                "skeleton_length_nm", "mean_intensity", "touches_border"):
-        np.testing.assert_allclose(table.set_index("id")[col].sort_index(), ref[col].sort_index(), rtol=1e-5)
+                "skeleton_length_nm", "mean_intensity", "touches_border", "centroid_z_nm", "bbox_x1"):
+        np.testing.assert_allclose(table[col].astype(float), ref_table[col].astype(float), rtol=1e-6, err_msg=col)
     # Chunks of 8 x 48 x 48 (27 of them): each tube crosses borders along its axis and stays one object.
     _run(client, root / "vol.tif", tmp_path / "small.zarr", model)
     small = zarr.open_array(str(tmp_path / "small.zarr" / "labels" / "instances" / "0"))[:]

@@ -1,0 +1,119 @@
+"""Pictures of the napari plugin for the README: `python docs/napari_screenshot.py`.
+
+Opens the shipped sample slice in napari, runs the "Segment mitochondria"
+widget with the shipped model (`models/xmdl_ref`) and saves the whole window
+(`viewer.screenshot(canvas_only=False)`) as docs/napari.png. With
+`--finetune` it also saves the correct-then-fine-tune sequence
+docs/napari_finetune_{1,2,3}.png: the segmentation, a correction painted
+from the expert mask in one box, and the result after fine-tuning on it.
+
+Needs the `napari` extra and an OpenGL context; headless:
+`xvfb-run -a python docs/napari_screenshot.py [--finetune]`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def wait(job, timeout: float = 1800.0) -> None:
+    """Process Qt events until the widget's background job has finished."""
+    from qtpy.QtWidgets import QApplication
+
+    t0 = time.time()
+    while job.running:
+        QApplication.processEvents()
+        time.sleep(0.05)
+        if time.time() - t0 > timeout:
+            raise TimeoutError("the job did not finish")
+    QApplication.processEvents()
+
+
+def snap(viewer, path: Path) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(5):
+        QApplication.processEvents()
+    viewer.screenshot(str(path), canvas_only=False, flash=False)
+    from PIL import Image
+
+    # A 192-colour palette keeps the screenshot under a third of its size in the repo.
+    Image.open(path).convert("RGB").quantize(colors=192, dither=Image.Dither.NONE).save(path, optimize=True)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(HERE.parent / "models" / "xmdl_ref"))
+    p.add_argument("--out", default=str(HERE), help="folder for the PNGs")
+    p.add_argument("--finetune", action="store_true", help="also the correct-then-fine-tune sequence")
+    args = p.parse_args(argv)
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+    import napari
+    import numpy as np
+
+    from xmdl_tf.napari._sample import sample_slice
+    from xmdl_tf.napari._widgets import FinetuneWidget, SegmentWidget, camera, object_table
+
+    out = Path(args.out)
+    viewer = napari.Viewer(show=False)
+    viewer.window._qt_window.resize(1700, 1000)
+    for data, kw, kind in sample_slice():
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    seg_widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(seg_widget, name="Segment mitochondria", area="right")
+    seg_widget.layer_box.setCurrentText("im0015")
+    seg_widget.model.setText(args.model)
+    seg_widget._prefill_from_model()
+    seg_widget.run()
+    wait(seg_widget.job)
+    table = object_table(viewer)
+    seg = seg_widget.last
+    # Select the largest object: its row is highlighted and the view centred on it.
+    table.select_object(int(seg.table.loc[seg.table["area_px2"].idxmax(), "id"]))
+    viewer.reset_view()
+    snap(viewer, out / "napari.png")
+
+    if args.finetune:
+        instances = seg_widget.last_layers["instances"]
+        truth = viewer.layers["im0015 expert mask"].data
+        # The box where the model disagrees most with the expert mask: "corrected" from it.
+        err = (np.asarray(instances.data) > 0) != (truth > 0)
+        box = 192
+        scores = [(err[y:y + box, x:x + box].sum(), y, x) for y in range(0, 1024 - box + 1, 64)
+                  for x in range(0, 1024 - box + 1, 64)]
+        _, y, x = max(scores)
+        fixed = np.asarray(instances.data).copy()
+        region = fixed[y:y + box, x:x + box]
+        new_id = int(fixed.max()) + 1
+        region[(truth[y:y + box, x:x + box] > 0) & (region == 0)] = new_id
+        region[truth[y:y + box, x:x + box] == 0] = 0
+        instances.data = fixed
+        viewer.reset_view()
+        camera(viewer).center = (0.0, (y + box / 2) * 4.6, (x + box / 2) * 4.6)
+        camera(viewer).zoom *= 2.5
+        snap(viewer, out / "napari_finetune_1.png")
+        ft = FinetuneWidget(viewer)
+        viewer.window.add_dock_widget(ft, name="Fine-tune on my corrections", area="right")
+        ft.refresh()
+        ft.out.setText(str(HERE.parent / "runs" / "napari_docs_finetune"))
+        ft.epochs.setValue(3)
+        ft.steps.setValue(4)
+        ft.lr.setValue(1e-4)
+        snap(viewer, out / "napari_finetune_2.png")
+        ft.run()
+        wait(ft.job)
+        print(ft.job.status.text())
+        snap(viewer, out / "napari_finetune_3.png")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

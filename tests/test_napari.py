@@ -1,0 +1,409 @@
+"""The napari plugin: reader, sample, segment widget, object table, fine-tuning on corrections.
+
+Skipped where the `napari` extra is not installed. The widgets are driven on
+napari's `ViewerModel` (layers, dims, camera; no OpenGL canvas): a real
+`Viewer` loads Mesa's OpenGL driver, whose libLLVM collides with the LLVM
+inside TensorFlow when TensorFlow was imported first, as it is in this suite
+(the process then aborts at exit). One test runs the real window in a
+subprocess, in napari's own order (window first, then TensorFlow), where
+`layers.import_tensorflow` keeps the two apart.
+"""
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from conftest import ROOT, blob_image  # noqa: E402
+from napari.components import ViewerModel  # noqa: E402
+
+from xmdl_tf.napari import layers as L  # noqa: E402
+from xmdl_tf.napari._reader import napari_get_reader, pixel_size_of  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("blob_run")
+
+
+@pytest.fixture
+def viewer(qtbot):
+    """A napari ViewerModel (what the plugin's functions and widgets use of a viewer)."""
+    return ViewerModel()
+
+
+def read(path):
+    reader = napari_get_reader(str(path))
+    assert reader is not None, path
+    (data, kwargs, kind), = reader(str(path))
+    assert kind == "image"
+    return data, kwargs
+
+
+# ----------------------------------------------------------------------------
+# Reader and sample
+
+
+@pytest.fixture
+def vol():
+    return np.random.default_rng(0).integers(0, 60000, (6, 24, 32), dtype=np.uint16)
+
+
+def test_reader_2d_png_and_tiff_pixel_size(tmp_path):
+    import cv2
+
+    img, _ = blob_image(32, seed=1)
+    cv2.imwrite(str(tmp_path / "a.png"), img)
+    data, kw = read(tmp_path / "a.png")
+    np.testing.assert_array_equal(data, img)
+    assert "scale" not in kw and kw["metadata"]["pixel_size_nm"] is None
+    # ImageJ calibration in µm: 0.0046 µm = 4.6 nm per pixel.
+    tifffile.imwrite(tmp_path / "b.tif", img, imagej=True, resolution=(1 / 0.0046, 1 / 0.0046),
+                     metadata={"unit": "um"})
+    data, kw = read(tmp_path / "b.tif")
+    np.testing.assert_array_equal(data, img)
+    assert kw["scale"] == pytest.approx((4.6, 4.6)) and kw["metadata"]["pixel_size_nm"] == pytest.approx(4.6)
+
+
+@pytest.mark.parametrize("how", ["imagej", "ome"])
+def test_reader_tiff_stack_is_lazy_with_voxel_size(tmp_path, vol, how, monkeypatch):
+    from xmdl_tf.volume_io import Volume, write_volume_tiff
+
+    p = tmp_path / "s.tif"
+    if how == "imagej":
+        write_volume_tiff(p, vol, (30.0, 5.0, 4.0))
+    else:
+        tifffile.imwrite(p, vol, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.004, "PhysicalSizeY": 0.005,
+                                                     "PhysicalSizeZ": 0.03})
+    reads = []
+    slab = Volume.slab
+    monkeypatch.setattr(Volume, "slab", lambda self, z0, z1, yx=None: reads.append((z0, z1)) or slab(self, z0, z1, yx))
+    data, kw = read(p)
+    assert kw["scale"] == pytest.approx((30.0, 5.0, 4.0)) and kw["units"] == ("nm",) * 3
+    assert kw["metadata"]["voxel_size_nm"] == pytest.approx((30.0, 5.0, 4.0))
+    assert data.shape == vol.shape and data.chunks[0] == (1,) * len(vol)
+    assert len(reads) <= 1  # at most the middle slice, for the display range
+    reads.clear()
+    np.testing.assert_array_equal(np.asarray(data[4]), vol[4])
+    assert reads == [(4, 5)]
+
+
+def test_reader_hdf5_named_and_single_dataset(tmp_path, vol):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "two.h5", "w") as f:
+        f["raw"] = vol
+        f["raw"].attrs["element_size_um"] = (0.045, 0.0046, 0.0046)
+        f["other/mask"] = np.zeros((2, 3), np.uint8)
+    data, kw = read(f"{tmp_path / 'two.h5'}:/raw")
+    np.testing.assert_array_equal(np.asarray(data), vol)
+    assert kw["scale"] == pytest.approx((45.0, 4.6, 4.6))
+    with h5py.File(tmp_path / "one.h5", "w") as f:
+        f["data"] = vol
+    data, kw = read(tmp_path / "one.h5")
+    np.testing.assert_array_equal(np.asarray(data[2:4]), vol[2:4])
+    assert "scale" not in kw and kw["metadata"]["voxel_size_nm"] is None
+
+
+def test_reader_ome_zarr_and_n5(tmp_path, vol):
+    zarr = pytest.importorskip("zarr")
+    ts = pytest.importorskip("tensorstore")
+    g = zarr.open_group(str(tmp_path / "v.ome.zarr"), mode="w", zarr_format=2)
+    a = g.create_array("0", shape=vol.shape, dtype=vol.dtype, chunks=(1, *vol.shape[1:]))
+    a[:] = vol
+    g.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n, "type": "space", "unit": "nanometer"}
+                                                          for n in "zyx"],
+                               "datasets": [{"path": "0", "coordinateTransformations": [
+                                   {"type": "scale", "scale": [40.0, 6.0, 6.0]}]}]}]
+    data, kw = read(tmp_path / "v.ome.zarr")
+    assert kw["scale"] == pytest.approx((40.0, 6.0, 6.0))
+    np.testing.assert_array_equal(np.asarray(data[5]), vol[5])
+
+    ds = tmp_path / "c.n5" / "raw"
+    arr = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(ds)},
+                   "metadata": {"dimensions": [32, 24, 6], "blockSize": [16, 16, 2], "dataType": "uint16",
+                                "compression": {"type": "gzip"}}, "create": True}).result()
+    arr.T[...] = vol
+    attrs = json.loads((ds / "attributes.json").read_text())
+    (ds / "attributes.json").write_text(json.dumps({**attrs, "resolution": [4.0, 4.0, 30.0]}))
+    (tmp_path / "c.n5" / "attributes.json").write_text('{"n5": "2.0.0"}')
+    data, kw = read(f"{tmp_path / 'c.n5'}/raw")
+    assert kw["scale"] == pytest.approx((30.0, 4.0, 4.0))
+    np.testing.assert_array_equal(np.asarray(data[1:3]), vol[1:3])
+
+
+def test_reader_declines_what_it_cannot_read(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    for path in (tmp_path / "notes.txt", tmp_path / "missing.png", tmp_path / "folder",
+                 [str(tmp_path / "a.png"), str(tmp_path / "b.png")]):
+        assert napari_get_reader(path if isinstance(path, list) else str(path)) is None
+
+
+def test_plugin_manifest_reader_and_sample_through_napari(viewer, tmp_path, vol):
+    from npe2 import PluginManager
+
+    from xmdl_tf.volume_io import write_volume_tiff
+
+    PluginManager.instance().discover()  # what napari.Viewer does at start (a ViewerModel does not)
+    assert PluginManager.instance().get_manifest("xmdl-tf").display_name == "XM-DL mitochondria"
+    write_volume_tiff(tmp_path / "s.tif", vol, (30.0, 5.0, 5.0))
+    layer, = viewer.open(str(tmp_path / "s.tif"), plugin="xmdl-tf")
+    assert tuple(layer.scale) == pytest.approx((30.0, 5.0, 5.0)) and pixel_size_of(layer) == pytest.approx(5.0)
+    viewer.open_sample("xmdl-tf", "em_slice")
+    image, label = viewer.layers["im0015"], viewer.layers["im0015 expert mask"]
+    assert image.data.shape == (1024, 1024) and tuple(image.scale) == pytest.approx((4.6, 4.6))
+    assert set(np.unique(label.data)) == {0, 1} and pixel_size_of(image) == pytest.approx(4.6)
+
+
+# ----------------------------------------------------------------------------
+# Segmenting
+
+
+@pytest.fixture
+def blob_model(blob_run):
+    return blob_run[1]
+
+
+def wait(qtbot, job, timeout=120_000):
+    qtbot.waitUntil(lambda: not job.running, timeout=timeout)
+
+
+def test_segment_widget_layers_and_table_match_analyze(viewer, qtbot, blob_model, tmp_path):
+    import pandas as pd
+    from matplotlib.colors import to_rgba
+
+    from xmdl_tf.analyze import Settings, analyze_image
+    from xmdl_tf.figure import CLASS_COLORS
+    from xmdl_tf.napari._widgets import SegmentWidget, camera, object_table
+    from xmdl_tf.predict import load_model
+
+    img, _ = blob_image(128, seed=7, n=8)
+    viewer.add_image(img, name="blobs", scale=(2.0, 2.0))  # scale in pixels (no units): pixel size unknown
+    w = SegmentWidget(viewer)
+    qtbot.addWidget(w)
+    w.model.setText(str(blob_model))
+    w._prefill_from_model()
+    assert w.layer_box.currentText() == "blobs" and w.pixel_size.value() == 0
+    w.threshold.setValue(0.45)
+    w.min_size.setValue(20)
+    assert w.run() is not None
+    wait(qtbot, w.job)
+    assert "mitochondria" in w.job.status.text(), w.job.status.text()
+    for kind in ("probability", "instances", "gradcam", "uncertainty"):
+        layer = viewer.layers[f"blobs {kind}"]
+        assert tuple(layer.scale) == (2.0, 2.0) and layer.data.shape == img.shape
+    assert viewer.layers["blobs gradcam"].blending == "additive"
+
+    expected = analyze_image(load_model(blob_model), img, "blobs",
+                             Settings(inference={"threshold": 0.45, "min_size_px": 20, "tta": False,
+                                                 "separate": True}, figure=False))
+    table = object_table(viewer)
+    qtbot.addWidget(table)
+    assert len(table.data) == len(expected.table) > 2
+    got = table.data.sort_values("id")
+    np.testing.assert_array_equal(got["id"], expected.table["id"])
+    np.testing.assert_array_equal(got["area_px2"], expected.table["area_px2"])
+    labels = viewer.layers["blobs instances"]
+    np.testing.assert_array_equal(labels.data, expected.instances)
+    for i, c in zip(expected.table["id"], expected.table["shape_class"]):
+        np.testing.assert_allclose(labels.colormap.color_dict[int(i)], to_rgba(CLASS_COLORS[c]))
+    counts = expected.table["shape_class"].value_counts()
+    for c, n in counts.items():
+        assert f"{c}&nbsp;<b>{n}</b>" in table.counts.text()
+
+    # Row -> label and camera; label -> row.
+    row = expected.table.iloc[len(expected.table) // 2]
+    table.select_object(int(row["id"]))
+    assert labels.selected_label == int(row["id"]) and table.selected_id() == int(row["id"])
+    assert tuple(camera(viewer).center[-2:]) == pytest.approx((2 * row["centroid_y_px"], 2 * row["centroid_x_px"]))
+    other = int(expected.table["id"].iloc[0])
+    labels.selected_label = other
+    assert table.selected_id() == other
+
+    # Sort, filter, export.
+    table.view.sortItems(table.data.columns.get_loc("area_px2"), 1)  # descending
+    areas = dict(zip(expected.table["id"], expected.table["area_px2"]))
+    assert [areas[i] for i in table.row_ids()] == sorted(areas.values(), reverse=True)
+    cut = float(np.median(expected.table["area_px2"]))
+    table.set_filter(f"area_px2 > {cut}")
+    assert sorted(table.row_ids()) == sorted(expected.table.loc[expected.table["area_px2"] > cut, "id"])
+    out = table.export_csv(tmp_path / "objects.csv")
+    assert sorted(pd.read_csv(out)["id"]) == sorted(table.row_ids())
+    table.set_filter("no_such_column > 1")
+    assert "filter:" in table.note.text() and len(table.row_ids()) == len(table.shown)
+
+
+def test_slice_of_a_stack_and_whole_stack(viewer, blob_model):
+    stack = np.stack([blob_image(96, seed=s, n=5)[0] for s in (11, 12, 13)])
+    layer = viewer.add_image(stack, name="stack", scale=(50.0, 5.0, 5.0), units=("nm",) * 3)
+    viewer.dims.set_point(0, 100.0)  # world z = 100 nm: slice 2
+    out = L.segment_layer(viewer, layer, model=blob_model, min_area_nm2=0.0)
+    seg = out["segmentation"]
+    assert seg.z == 2 and seg.pixel_size_nm == 5.0
+    inst = out["instances"]
+    assert inst.name == "stack z=2 instances" and inst.data.shape == (1, 96, 96)
+    assert tuple(inst.translate) == pytest.approx((100.0, 0.0, 0.0))
+    alone = L.segment_array(stack[2], L.SegmentSettings(model=blob_model, pixel_size_nm=5.0, min_area_nm2=0.0))
+    np.testing.assert_array_equal(inst.data[0], alone.instances)
+
+    vol = L.segment_layer(viewer, layer, model=blob_model, mode="volume", min_volume_nm3=0.0)
+    seg = vol["segmentation"]
+    assert seg.voxel_size_nm == (50.0, 5.0, 5.0) and vol["instances"].data.shape == stack.shape
+    assert "volume_nm3" in vol["table"] and len(vol["table"]) == len(np.unique(seg.instances)) - 1 > 0
+    assert vol["uncertainty"] is None and vol["gradcam"].data.shape == stack.shape
+
+
+def test_cancel_stops_between_slices(viewer, qtbot, blob_model):
+    from xmdl_tf.napari._widgets import SegmentWidget
+
+    stack = np.stack([blob_image(64, seed=s)[0] for s in range(6)])
+    cancel, calls = threading.Event(), []
+
+    def progress(done, total):
+        calls.append((done, total))
+        cancel.set()  # the user presses Cancel during the first slice
+
+    with pytest.raises(L.Cancelled):
+        L.segment_array(stack, L.SegmentSettings(model=blob_model, mode="volume"), progress=progress, cancel=cancel)
+    assert calls == [(1, 6)]
+
+    viewer.add_image(stack, name="stack")
+    w = SegmentWidget(viewer)
+    qtbot.addWidget(w)
+    w.model.setText(str(blob_model))
+    w.mode.setCurrentIndex(1)
+    w.run()
+    w.job.cancel_button.click()
+    wait(qtbot, w.job)
+    assert w.job.status.text() == "cancelled" and "stack instances" not in viewer.layers
+    assert w.job.run_button.isEnabled() and not w.job.cancel_button.isEnabled()
+
+
+# ----------------------------------------------------------------------------
+# Corrections and fine-tuning
+
+
+def test_edits_are_recorded_by_diff_and_by_brush(viewer, blob_model):
+    img, _ = blob_image(64, seed=3, n=3)
+    viewer.add_image(img, name="im")
+    labels = L.segment_layer(viewer, viewer.layers["im"], model=blob_model)["instances"]
+    assert L.collect_corrections(viewer) == []
+    obj = int(labels.data.max())
+    assert obj > 0
+    yx = np.argwhere(labels.data == obj)[0]
+    labels.brush_size = 3
+    labels.paint(tuple(yx), obj)  # painting an object's own id over it changes nothing, but confirms it
+    fix, = L.collect_corrections(viewer)
+    assert fix.n_edited > 0 and set(np.unique(fix.label[fix.label != L.IGNORE_VALUE])) == {1}
+    labels.data_setitem((np.array([0, 0]), np.array([0, 1])), 0)  # erase two pixels (recorded either way)
+    labels.data = np.where(labels.data == obj, 0, labels.data)  # and an edit without any event: the diff
+    fix, = L.collect_corrections(viewer)
+    assert np.all(fix.label[labels.data != L.EditTracker.of(labels).original] == 0)
+    assert fix.image is not None and fix.image.shape == img.shape
+
+
+def test_finetune_widget_learns_a_painted_correction(viewer, qtbot, blob_model, tmp_path):
+    from xmdl_tf.config import Config
+    from xmdl_tf.napari._widgets import FinetuneWidget
+
+    img, mask = blob_image(128, seed=21, n=6)
+    viewer.add_image(img, name="im")
+    before = L.segment_layer(viewer, viewer.layers["im"], model=blob_model)
+    prob0, labels = before["segmentation"].probability, before["instances"]
+    # Paint a missed "mitochondrion" on background, and erase a true one (flood fill with 0).
+    rows, cols = np.nonzero(prob0 < 0.1)
+    dist = np.hypot(rows[:, None] - np.argwhere(mask)[None, :, 0], cols[:, None] - np.argwhere(mask)[None, :, 1])
+    far = np.argmax(dist.min(axis=1))
+    cy, cx = np.clip([rows[far], cols[far]], 8, 119)
+    painted = (slice(cy - 6, cy + 6), slice(cx - 6, cx + 6))
+    rr, cc = np.mgrid[painted]
+    labels.data_setitem((rr.ravel(), cc.ravel()), int(labels.data.max()) + 1)
+    erased_id = int(np.bincount(labels.data[labels.data > 0]).argmax())
+    erased = labels.data == erased_id
+    labels.fill(tuple(np.argwhere(erased)[0]), 0)
+    assert not np.any(labels.data == erased_id)
+
+    w = FinetuneWidget(viewer)
+    qtbot.addWidget(w)
+    assert w.model.text() == str(blob_model) and "1 edited slice" in w.info.text()
+    w.out.setText(str(tmp_path / "tuned"))
+    w.epochs.setValue(4)
+    w.steps.setValue(8)
+    w.lr.setValue(3e-3)
+    w.tile.setValue(32)
+    w.run()
+    wait(qtbot, w.job, timeout=300_000)
+    assert "saved" in w.job.status.text(), w.job.status.text()
+    cfg = Config.load(tmp_path / "tuned" / "config.json")
+    assert cfg.info["lineage"]["model"] == str((blob_model / "model.keras").resolve())
+    assert cfg.data.ignore_value == L.IGNORE_VALUE
+    prob1 = np.asarray(viewer.layers["im probability"].data)
+    assert prob1[painted].mean() > prob0[painted].mean() + 0.2, (prob0[painted].mean(), prob1[painted].mean())
+    assert prob1[erased].mean() < prob0[erased].mean() - 0.1, (prob0[erased].mean(), prob1[erased].mean())
+    # The layer now shows the new model's result and starts a fresh correction round.
+    assert L.collect_corrections(viewer) == [] and w.model.text() == str(tmp_path / "tuned")
+
+
+def test_finetune_refuses_corrections_without_a_mitochondrion(blob_model, tmp_path):
+    from xmdl_tf.io import DataError
+
+    img, _ = blob_image(64, seed=2)
+    label = np.full(img.shape, L.IGNORE_VALUE, np.uint8)
+    label[:8, :8] = 0
+    with pytest.raises(DataError, match="no mitochondrion pixel"):
+        L.finetune_from_corrections([L.Correction("a", img, label)], blob_model, tmp_path / "t")
+    with pytest.raises(DataError, match="no corrections"):
+        L.finetune_from_corrections([], blob_model, tmp_path / "t")
+
+
+# ----------------------------------------------------------------------------
+# The real napari window
+
+
+@pytest.mark.slow
+def test_real_viewer_runs_the_plugin_widget(blob_model, tmp_path):
+    """napari's order: window (OpenGL) first, then TensorFlow; the process must exit cleanly."""
+    display = os.environ.get("DISPLAY")
+    xvfb = shutil.which("xvfb-run")
+    runner = [] if display else ([xvfb, "-a", "-s", "-screen 0 1280x1024x24"] if xvfb else None)
+    if runner is None:
+        pytest.skip("no X display and no xvfb-run: napari's canvas needs OpenGL")
+    import cv2
+
+    img, _ = blob_image(96, seed=5)
+    cv2.imwrite(str(tmp_path / "im.png"), img)
+    script = textwrap.dedent(f"""
+        import json, os, time
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+        import napari
+        from qtpy.QtWidgets import QApplication
+        viewer = napari.Viewer(show=False)
+        viewer.open({str(tmp_path / 'im.png')!r}, plugin="xmdl-tf")
+        dock, w = viewer.window.add_plugin_dock_widget("xmdl-tf", "Segment mitochondria")
+        w.model.setText({str(blob_model)!r})
+        w.run()
+        t0 = time.time()
+        while w.running and time.time() - t0 < 120:
+            QApplication.processEvents()
+            time.sleep(0.02)
+        shot = viewer.screenshot(canvas_only=False)
+        print(json.dumps({{"layers": [l.name for l in viewer.layers], "status": w.job.status.text(),
+                          "shot": list(shot.shape)}}))
+        viewer.close()
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([*runner, sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "im instances" in out["layers"] and "mitochondria" in out["status"], out
+    assert out["shot"][0] > 100 and out["shot"][2] in (3, 4)

@@ -1,0 +1,696 @@
+"""The plain functions behind the napari widgets; scripts and tests call them directly.
+
+Segmenting a layer (`segment_layer`) is two steps, so that a widget can run
+the first in a worker thread and the second in the GUI thread:
+
+1. `segment_array(image, ...)` -> `Segmentation`: a 2-D slice through
+   `analyze.analyze_image` (probability, instances, Grad-CAM, uncertainty,
+   morphometry table) or a (Z, Y, X) stack through `volume.analyze_volume`
+   (3-D instances and measurements). No viewer is touched; `progress(done,
+   total)` is called per tile (2-D) or per slice (3-D), and a set `cancel`
+   event raises `Cancelled` at the next of those points.
+2. `show_segmentation(viewer, seg, image_layer)` adds (or updates) the
+   layers: probability, instances (Labels coloured by shape class),
+   Grad-CAM (inferno, additive) and, in 2-D, uncertainty.
+
+Fine-tuning on corrections: every instances layer made here keeps a copy of
+the segmentation it started from (`EditTracker`, in the layer's metadata)
+and records the pixels a brush touched. `collect_corrections(viewer)` turns
+each edited slice into a sparse label (edited pixels 1 / 0, everything else
+`IGNORE_VALUE`), and `finetune_from_corrections` trains the model on exactly
+those through `train.train` (the `python -m xmdl_tf.finetune` recipe;
+`DataConfig.ignore_value` keeps unedited pixels out of the loss), so the new
+model's `config.json` records its parent (lineage). `finetune_on_layers` does
+all of it and re-segments the corrected layers with the new model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IGNORE_VALUE = 255  # label value of pixels the user did not edit (ignored by the loss)
+MODES = ("slice", "volume")
+# A whole-stack run holds the volume and its results in memory (about 15 bytes per
+# voxel, `volume.py`); beyond this, `python -m xmdl_tf.volume` processes it in chunks.
+MAX_VOLUME_VOXELS = 512 * 1024 * 1024
+Progress = Callable[[int, int], None]
+
+
+class Cancelled(RuntimeError):
+    """A run stopped because its cancel event was set."""
+
+
+# ----------------------------------------------------------------------------
+# Models
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow so that it cannot collide with the LLVM inside Mesa's OpenGL driver.
+
+    TensorFlow's wheels export their own copy of LLVM's symbols and load with
+    RTLD_GLOBAL. Once napari has drawn with Mesa (llvmpipe, radeonsi, iris...:
+    they link libLLVM), a plain `import tensorflow` binds TensorFlow's LLVM
+    to Mesa's and crashes. With RTLD_DEEPBIND TensorFlow resolves its own
+    symbols first. Nothing to do when TensorFlow is loaded already or no
+    libLLVM is mapped (a TensorFlow imported before the first OpenGL context
+    can still crash when the process exits: open the viewer first).
+    """
+    if "tensorflow" in sys.modules or not sys.platform.startswith("linux") or not _llvm_mapped():
+        return
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.setdlopenflags(flags)
+
+
+def _llvm_mapped() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libLLVM" in line for line in f)
+    except OSError:
+        return False
+
+
+_PREDICTORS: dict[tuple[str, float], Any] = {}
+_PREDICTORS_LOCK = threading.Lock()
+
+
+def model_path(model: str | Path | None) -> Path:
+    """`model`, or the shipped reference model when None (FileNotFoundError when none is installed)."""
+    if model is not None and str(model).strip():
+        return Path(model).expanduser()
+    from ..analyze import default_model_path
+
+    found = default_model_path()
+    if found is None:
+        raise FileNotFoundError("no default model is installed (models/xmdl_ref); choose a model")
+    return found
+
+
+def get_predictor(model: str | Path | None):
+    """A loaded `predict.Predictor` for `model` (run folder, .keras or SavedModel), cached while unchanged."""
+    import_tensorflow()
+    from ..predict import load_model
+
+    path = model_path(model).resolve()
+    key = (str(path), path.stat().st_mtime if path.exists() else 0.0)
+    with _PREDICTORS_LOCK:
+        if key not in _PREDICTORS:
+            for old in [k for k in _PREDICTORS if k[0] == key[0]]:
+                del _PREDICTORS[old]
+            _PREDICTORS[key] = load_model(path)
+        return _PREDICTORS[key]
+
+
+# ----------------------------------------------------------------------------
+# Segmenting
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """What the "Segment mitochondria" widget asks; None leaves the model's own inference setting.
+
+    model: run folder, .keras file or SavedModel export (None: the shipped model).
+    mode: "slice" (the current 2-D slice) or "volume" (the whole stack in 3-D).
+    pixel_size_nm: in-plane pixel size (None: from the layer, else unknown).
+    z_size_nm: section thickness for "volume" (None: from the layer, else unknown).
+    min_area_nm2 / min_size_px: smallest 2-D object kept (nm^2 when the pixel
+    size is known, else px); min_volume_nm3 / min_volume_vox in 3-D.
+    """
+
+    model: str | Path | None = None
+    mode: str = "slice"
+    pixel_size_nm: float | None = None
+    z_size_nm: float | None = None
+    tta: bool | None = None
+    threshold: float | None = None
+    min_area_nm2: float | None = None
+    min_size_px: int | None = None
+    min_volume_nm3: float | None = None
+    min_volume_vox: int | None = None
+    separate: bool | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    def inference(self) -> dict:
+        """Overrides of the model's `InferenceConfig` (the fields given)."""
+        keys = ("tta", "threshold", "min_area_nm2", "min_size_px", "min_volume_nm3", "min_volume_vox", "separate")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class Segmentation:
+    """One run's results; arrays are (H, W) for a slice, (Z, Y, X) for a volume.
+
+    z: the slice of a stack that was segmented (None for a 2-D image or a volume).
+    image: what was analysed (uint8/uint16), kept for fine-tuning on corrections.
+    """
+
+    name: str
+    mode: str
+    image: np.ndarray
+    probability: np.ndarray
+    instances: np.ndarray
+    heatmap: np.ndarray | None
+    uncertainty: np.ndarray | None
+    table: Any
+    summary: dict
+    model: Path
+    settings: SegmentSettings
+    pixel_size_nm: float | None = None
+    voxel_size_nm: tuple[float, float, float] | None = None
+    z: int | None = None
+
+
+def as_em_image(array: Any) -> np.ndarray:
+    """A slice or stack (any numeric dtype, NumPy or dask) as uint8/uint16 the model reads.
+
+    Integers in 0..65535 keep their values; floats are mapped linearly onto
+    0..65535 (the percentile normalisation does not see a linear map).
+    """
+    from ..io import DataError, _float_to_uint16
+
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * np.uint8(255)
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr
+    if arr.dtype.kind in "iu":
+        if arr.min() < 0 or arr.max() > 65535:
+            raise DataError(f"{arr.dtype} image values outside 0..65535; expected 8- or 16-bit grayscale")
+        return arr.astype(np.uint16)
+    if arr.dtype.kind == "f":
+        return _float_to_uint16(arr, Path("layer"))
+    raise DataError(f"unsupported image dtype {arr.dtype}; expected grayscale")
+
+
+def _checker(progress: Progress | None, cancel: threading.Event | None, total: int) -> Callable[[int], None]:
+    """A per-step callback: counts steps, reports them, raises Cancelled once `cancel` is set."""
+    done = [0]
+
+    def step(n: int = 1) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(min(done[0], total), total)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled")
+
+    return step
+
+
+def segment_array(image: Any, settings: SegmentSettings | None = None, name: str = "image",
+                  progress: Progress | None = None, cancel: threading.Event | None = None,
+                  z: int | None = None) -> Segmentation:
+    """Segment a 2-D slice (H, W) or, with settings.mode "volume", a stack (Z, Y, X).
+
+    image: any numeric array (NumPy or dask; a dask slice is read here).
+    Pixel size (nm) from settings.pixel_size_nm, voxel size (z, y, x) from
+    settings.z_size_nm and the pixel size; None means measurements in
+    pixels / voxels and no resampling to the model's pixel size.
+    progress(done, total) per tile (2-D) or slice (3-D); a set `cancel`
+    raises Cancelled at the next of those steps.
+    """
+    import_tensorflow()
+    from ..analyze import Settings, analyze_image
+    from ..config import resolve_inference
+
+    s = settings or SegmentSettings()
+    ndim = len(np.shape(image))
+    if s.mode == "volume" and ndim != 3:
+        raise ValueError(f"'whole stack as a volume' needs a (Z, Y, X) stack; this layer is {ndim}-D")
+    if s.mode == "slice" and ndim != 2:
+        raise ValueError(f"expected one 2-D slice, got a {ndim}-D array")
+    if s.mode == "volume" and int(np.prod(np.shape(image))) > MAX_VOLUME_VOXELS:
+        raise MemoryError(f"the stack has {int(np.prod(np.shape(image))):,} voxels, more than this widget holds "
+                          f"in memory ({MAX_VOLUME_VOXELS:,}); run `python -m xmdl_tf.volume` on the file, which "
+                          "processes it in chunks, and open its OME-Zarr output here")
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")
+    path = model_path(s.model)
+    predictor = get_predictor(path)
+    overrides = s.inference()
+    ic = resolve_inference(predictor, overrides)
+    arr = as_em_image(image)
+    px = s.pixel_size_nm or None
+    if s.mode == "volume":
+        from ..volume import VolumeSettings, analyze_volume
+
+        voxel = (float(s.z_size_nm), float(px), float(px)) if px and s.z_size_nm else None
+        step = _checker(progress, cancel, arr.shape[0])
+        a = analyze_volume(predictor, arr, name, VolumeSettings(inference=overrides, figure=False), voxel,
+                           progress=lambda plane, done, total: step(1))
+        return Segmentation(name, "volume", arr, a.probability, a.instances, a.heatmap, None, a.table, a.summary,
+                            path, s, px, voxel, None)
+    from ..tiling import plan_tiles
+
+    factor = predictor.scale_factor(px, ic.rescale)
+    scaled = tuple(max(1, round(n * factor)) for n in arr.shape)
+    total = len(plan_tiles(scaled, ic.tile, ic.overlap, predictor.size_divisor)[2])
+    step = _checker(progress, cancel, total)
+    a = analyze_image(predictor, arr, name, Settings(inference=overrides, figure=False), pixel_size_nm=px,
+                      progress=step)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")
+    return Segmentation(name, "slice", arr, a.probability, a.instances, a.heatmap, a.uncertainty, a.table, a.summary,
+                        path, s, px, None, z)
+
+
+def current_slice(viewer, layer) -> int | None:
+    """Index of the slice of a (Z, Y, X) layer shown in the viewer (None for a 2-D layer)."""
+    if layer.ndim < 3:
+        return None
+    point = np.asarray(viewer.dims.point)[-layer.ndim:]
+    data = np.asarray(layer.world_to_data(point))
+    return int(np.clip(round(float(data[-3])), 0, layer.data.shape[-3] - 1))
+
+
+def layer_input(viewer, layer, mode: str) -> tuple[Any, int | None]:
+    """(array to segment, slice index) of an image layer: its current slice, or the whole stack.
+
+    A multiscale layer gives its full-resolution level; only the slice is read for "slice".
+    """
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    if getattr(layer, "rgb", False):
+        raise ValueError(f"{layer.name}: an RGB layer; convert it to grayscale first")
+    if data.ndim > 3:
+        lead = [int(round(float(v))) for v in np.asarray(layer.world_to_data(
+            np.asarray(viewer.dims.point)[-layer.ndim:]))[: data.ndim - 3]]
+        data = data[tuple(lead)]
+    if data.ndim == 2:
+        if mode == "volume":
+            raise ValueError(f"{layer.name} is a single 2-D image; 'whole stack as a volume' needs a stack")
+        return data, None
+    if mode == "volume":
+        return data, None
+    z = current_slice(viewer, layer)
+    return data[z], z
+
+
+def segment_layer(viewer, layer, settings: SegmentSettings | None = None, progress: Progress | None = None,
+                  cancel: threading.Event | None = None, **overrides) -> dict:
+    """Segment an image layer (its current slice, or the whole stack) and add the result layers.
+
+    settings: a SegmentSettings; keyword `overrides` replace its fields
+    (e.g. `segment_layer(viewer, layer, threshold=0.4, mode="volume")`).
+    Pixel / voxel size default to the layer's (metadata, or its nm scale).
+    Returns {"segmentation", "probability", "instances", "gradcam", "uncertainty", "table"}.
+    """
+    from dataclasses import replace
+
+    s = replace(settings or SegmentSettings(), **overrides)
+    s = with_layer_scale(s, layer)
+    data, z = layer_input(viewer, layer, s.mode)
+    seg = segment_array(data, s, layer.name, progress, cancel, z)
+    layers = show_segmentation(viewer, seg, layer)
+    return {"segmentation": seg, **layers, "table": seg.table}
+
+
+def with_layer_scale(settings: SegmentSettings, layer) -> SegmentSettings:
+    """`settings` with the pixel size (and section thickness) filled in from the layer where not given."""
+    from dataclasses import replace
+
+    from ._reader import pixel_size_of, voxel_size_of
+
+    px = settings.pixel_size_nm or pixel_size_of(layer)
+    zs = settings.z_size_nm
+    if zs is None and layer.ndim >= 3:
+        voxel = voxel_size_of(layer)
+        zs = voxel[0] if voxel else None
+    return replace(settings, pixel_size_nm=px, z_size_nm=zs)
+
+
+# ----------------------------------------------------------------------------
+# Showing
+
+
+def class_colors(table: Any, mode: str = "slice") -> dict:
+    """{id: colour} of each object's shape class (`figure.CLASS_COLORS`, `_3D` for volumes);
+    0 and ids not in the table (newly painted ones) are transparent and white."""
+    from ..figure import CLASS_COLORS, CLASS_COLORS_3D
+
+    palette = CLASS_COLORS_3D if mode == "volume" else CLASS_COLORS
+    colors: dict = {None: "white", 0: "transparent"}
+    if table is not None and len(table):
+        for i, c in zip(table["id"].astype(int), table["shape_class"]):
+            colors[int(i)] = palette.get(str(c), "white")
+    return colors
+
+
+def class_counts(table: Any, mode: str = "slice") -> dict[str, int]:
+    """{shape class: count} in the palette's order (every class, zeros included)."""
+    from ..figure import CLASS_COLORS, CLASS_COLORS_3D
+
+    palette = CLASS_COLORS_3D if mode == "volume" else CLASS_COLORS
+    found = table["shape_class"].value_counts() if table is not None and len(table) else {}
+    return {c: int(found.get(c, 0)) for c in palette}
+
+
+def result_names(seg: Segmentation) -> dict[str, str]:
+    """Layer names of a segmentation's results (one set per image and slice: reruns replace them)."""
+    where = f" z={seg.z}" if seg.z is not None else ""
+    return {k: f"{seg.name}{where} {k}" for k in ("probability", "instances", "gradcam", "uncertainty")}
+
+
+def _placement(seg: Segmentation, image_layer) -> tuple[dict, Callable[[np.ndarray], np.ndarray]]:
+    """Layer kwargs (scale, translate, units) putting results over the image, and the array reshaper.
+
+    A slice of a stack becomes a (1, Y, X) layer at its z, so it shows on that slice only.
+    """
+    if image_layer is None:
+        px = seg.pixel_size_nm
+        kw = {"scale": (px, px), "units": ("nm", "nm")} if px else {}
+        return kw, lambda a: a
+    nd = 3 if seg.mode == "volume" or seg.z is not None else 2
+    scale = tuple(float(v) for v in image_layer.scale[-nd:])
+    translate = [float(v) for v in image_layer.translate[-nd:]]
+    kw = {"scale": scale, "units": tuple(str(u) for u in image_layer.units[-nd:])}
+    if seg.z is not None:
+        translate[0] += seg.z * scale[0]
+        kw["translate"] = tuple(translate)
+        return kw, lambda a: a[None]
+    kw["translate"] = tuple(translate)
+    return kw, lambda a: a
+
+
+def _put(viewer, kind: str, name: str, data: np.ndarray, **kwargs):
+    """Update the layer called `name` in place when it is of this kind, else add a new one."""
+    if name in viewer.layers and type(viewer.layers[name]).__name__.lower() == kind:
+        layer = viewer.layers[name]
+        for key in ("scale", "translate"):
+            if key in kwargs:
+                setattr(layer, key, kwargs[key])
+        layer.data = data
+        if "colormap" in kwargs:
+            layer.colormap = kwargs["colormap"]
+        if "metadata" in kwargs:
+            layer.metadata.update(kwargs["metadata"])
+        return layer
+    if name in viewer.layers:
+        viewer.layers.remove(name)
+    return getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
+
+
+def show_segmentation(viewer, seg: Segmentation, image_layer=None) -> dict:
+    """Add (or update) the result layers of `seg` over `image_layer`; returns them by kind.
+
+    probability (image, viridis, hidden), instances (Labels coloured by shape
+    class, tracked for corrections), gradcam (inferno, additive, hidden) and
+    uncertainty (2-D only, hidden). Call from the GUI thread.
+    """
+    from napari.utils.colormaps import DirectLabelColormap
+
+    names = result_names(seg)
+    kw, shaped = _placement(seg, image_layer)
+    out: dict[str, Any] = {"uncertainty": None, "gradcam": None}
+    out["probability"] = _put(viewer, "image", names["probability"], shaped(seg.probability), colormap="viridis",
+                              contrast_limits=(0.0, 1.0), visible=False, **kw)
+    if seg.heatmap is not None:
+        out["gradcam"] = _put(viewer, "image", names["gradcam"], shaped(seg.heatmap), colormap="inferno",
+                              blending="additive", contrast_limits=(0.0, 1.0), opacity=0.7, visible=False, **kw)
+    if seg.uncertainty is not None:
+        out["uncertainty"] = _put(viewer, "image", names["uncertainty"], shaped(seg.uncertainty), colormap="magma",
+                                  blending="additive", contrast_limits=(0.0, 1.0), visible=False, **kw)
+    instances = shaped(seg.instances)
+    meta = {"xmdl": {"model": str(seg.model), "mode": seg.mode, "image": seg.name, "z": seg.z,
+                     "pixel_size_nm": seg.pixel_size_nm, "voxel_size_nm": seg.voxel_size_nm}}
+    labels = _put(viewer, "labels", names["instances"], instances,
+                  colormap=DirectLabelColormap(color_dict=class_colors(seg.table, seg.mode)), opacity=0.6,
+                  metadata=meta, **kw)
+    EditTracker.attach(labels, seg)
+    out["instances"] = labels
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Corrections
+
+
+class EditTracker:
+    """Which pixels of an instances layer the user changed since it was segmented.
+
+    Keeps a copy of the segmentation and marks the pixels of every paint,
+    erase or fill event (`Labels.events.paint`); edited = changed against the
+    copy, or touched by a brush (painting an object's own id over it confirms
+    those pixels). Stored in the layer's metadata["xmdl_tracker"].
+    """
+
+    def __init__(self, layer, seg: Segmentation):
+        self.layer, self.seg = layer, seg
+        self.original = np.array(layer.data, copy=True)
+        self.touched = np.zeros(self.original.shape, bool)
+        layer.events.paint.connect(self._on_paint)
+
+    @classmethod
+    def attach(cls, layer, seg: Segmentation) -> "EditTracker":
+        old = layer.metadata.get("xmdl_tracker")
+        if old is not None:
+            layer.events.paint.disconnect(old._on_paint)
+        tracker = cls(layer, seg)
+        layer.metadata["xmdl_tracker"] = tracker
+        return tracker
+
+    @staticmethod
+    def of(layer) -> "EditTracker | None":
+        return (getattr(layer, "metadata", None) or {}).get("xmdl_tracker")
+
+    def _on_paint(self, event) -> None:
+        for atom in event.value or ():
+            try:
+                if hasattr(atom, "slice_key"):  # napari >= 0.6: masked edit of a bounding box
+                    region = self.touched[atom.slice_key]
+                    if atom.mask is None:
+                        region[...] = True
+                    else:
+                        region[np.asarray(atom.mask, bool)] = True
+                elif isinstance(atom, tuple) and len(atom) == 3:  # (indices, old values, new values)
+                    self.touched[atom[0]] = True
+            except (IndexError, TypeError, ValueError):  # a history format we do not know: the diff still counts
+                log.debug("unrecognised paint event atom %r", type(atom))
+
+    def edited(self) -> np.ndarray:
+        """bool array of the layer's shape: pixels changed or touched by a brush."""
+        data = np.asarray(self.layer.data)
+        if data.shape != self.original.shape:
+            raise ValueError(f"{self.layer.name}: its shape changed since it was segmented")
+        return (data != self.original) | self.touched
+
+
+@dataclass
+class Correction:
+    """One corrected slice: image (H, W) uint8/uint16, sparse label (H, W) uint8
+    (1 mitochondrion, 0 background, IGNORE_VALUE not edited), its pixel size (nm)."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    pixel_size_nm: float | None = None
+
+    @property
+    def n_edited(self) -> int:
+        return int(np.count_nonzero(self.label != IGNORE_VALUE))
+
+
+def correction_label(edited_labels: np.ndarray, edited: np.ndarray, ignore_value: int = IGNORE_VALUE) -> np.ndarray:
+    """Sparse training label of a slice: 1 where an edited pixel is foreground, 0 where it is
+    background, `ignore_value` where the user did not edit. All arrays (H, W)."""
+    out = np.full(edited_labels.shape, ignore_value, np.uint8)
+    out[edited] = (edited_labels[edited] > 0).astype(np.uint8)
+    return out
+
+
+def corrections_of(layer) -> list[Correction]:
+    """The edited slices of one tracked instances layer (empty when untouched or untracked)."""
+    tracker = EditTracker.of(layer)
+    if tracker is None:
+        return []
+    edited = tracker.edited()
+    data = np.asarray(layer.data)
+    seg = tracker.seg
+    if edited.ndim == 2:
+        edited, data, image = edited[None], data[None], seg.image[None]
+    elif seg.mode == "slice":  # a (1, Y, X) slice of a stack
+        image = seg.image[None]
+    else:
+        image = seg.image
+    out = []
+    for k in np.flatnonzero(edited.reshape(len(edited), -1).any(axis=1)):
+        z = seg.z if seg.z is not None else (int(k) if seg.mode == "volume" else None)
+        name = f"{seg.name}_z{z:04d}" if z is not None else seg.name
+        out.append(Correction(name, image[k], correction_label(data[k], edited[k]), seg.pixel_size_nm))
+    return out
+
+
+def collect_corrections(viewer) -> list[Correction]:
+    """Every edited slice of every tracked instances layer in the viewer."""
+    return [c for layer in viewer.layers for c in corrections_of(layer)]
+
+
+def write_corrections(corrections: Sequence[Correction], folder: str | Path) -> list[Path]:
+    """Write corrections as split-layout data sets `folder/set<k>/{train,val}/{x,y}` (one per pixel size).
+
+    The same slices serve as train and val: the user's few edits are all
+    there is, and none is held back. Labels are uint8 TIFFs (0, 1,
+    IGNORE_VALUE); dataset.json gives the pixel size. Returns the set folders.
+    """
+    import json
+    import shutil
+
+    import tifffile
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    groups: dict[float | None, list[Correction]] = {}
+    for c in corrections:
+        groups.setdefault(c.pixel_size_nm, []).append(c)
+    sets = []
+    for k, (px, items) in enumerate(groups.items()):
+        root = folder / f"set{k}"
+        for split in ("train", "val"):
+            (root / split / "x").mkdir(parents=True)
+            (root / split / "y").mkdir(parents=True)
+            for i, c in enumerate(items):
+                tifffile.imwrite(root / split / "x" / f"im{i:04d}.tif", c.image, compression="zlib")
+                tifffile.imwrite(root / split / "y" / f"seg{i:04d}.tif", c.label, compression="zlib")
+        (root / "dataset.json").write_text(json.dumps({"pixel_size_nm": px, "slices": [c.name for c in items],
+                                                       "ignore_value": IGNORE_VALUE}, indent=2) + "\n")
+        sets.append(root)
+    return sets
+
+
+def finetune_from_corrections(corrections: Sequence[Correction], model: str | Path | None, out: str | Path,
+                              epochs: int = 10, steps_per_epoch: int = 20, learning_rate: float | None = None,
+                              tile_size: int | None = None, batch_size: int = 8, foreground_fraction: float = 0.5,
+                              overwrite: bool = False, progress: Progress | None = None,
+                              cancel: threading.Event | None = None, verbose: int = 0) -> Path:
+    """Fine-tune `model` on corrected slices; unedited pixels are ignored by the loss. Returns the run folder.
+
+    The `python -m xmdl_tf.finetune` recipe (its defaults: lr 1e-4, basic
+    augmentation at strength 2) through `train.train` with the parent's
+    architecture, weights and normalisation and `ignore_value` IGNORE_VALUE;
+    the data are written beside the run as `<out>_corrections/` and the run's
+    config.json records the parent model (lineage) and those slices.
+    tile_size: training tile (default 256, or the largest multiple of the
+    model's size divisor that fits the smallest slice). foreground_fraction:
+    share of tiles centred on corrected mitochondrion pixels. progress(done,
+    total) per training step; a set `cancel` stops at the next step (Cancelled;
+    the run folder is left resumable).
+    """
+    import_tensorflow()
+    import keras
+
+    from ..config import Config
+    from ..io import DataError
+    from ..predict import is_saved_model, resolve_model_path
+    from ..train import build_parser, config_from_args, train
+
+    corrections = [c for c in corrections if c.n_edited]
+    if not corrections:
+        raise DataError("no corrections: paint or erase on the instances layer first")
+    if not any(np.any(c.label == 1) for c in corrections):
+        raise DataError("the corrections mark no mitochondrion pixel; paint at least one mitochondrion (a missed "
+                        "one, or over a correct one to confirm it) so the model sees both classes")
+    parent = model_path(model)
+    if is_saved_model(parent):
+        raise DataError(f"{parent}: an exported SavedModel cannot be fine-tuned; choose its run folder or .keras")
+    keras_path, cfg_path = resolve_model_path(parent)
+    divisor = Config.load(cfg_path).model.size_divisor if cfg_path else 1
+    if tile_size is None:
+        fit = min(min(c.image.shape) for c in corrections)
+        tile_size = max(divisor, min(256, fit) // divisor * divisor)
+    out = Path(out)
+    sets = write_corrections(corrections, out.with_name(f"{out.name}_corrections"))
+    argv = ["--model", str(parent), "--data", *map(str, sets), "--out", str(out), "--epochs", str(epochs),
+            "--steps-per-epoch", str(steps_per_epoch), "--tile-size", str(tile_size), "--batch-size",
+            str(batch_size), "--foreground-fraction", str(foreground_fraction), "--ignore-value", str(IGNORE_VALUE),
+            "--patience", str(epochs), "--no-jit"]
+    if learning_rate is not None:
+        argv += ["--lr", str(learning_rate)]
+    args = build_parser("xmdl_tf.napari", finetune=True).parse_args(argv)
+    total = epochs * steps_per_epoch
+    step = _checker(progress, cancel, total)
+
+    class _Steps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            step(1)
+
+    # The corrections' pixel sizes are in each set's dataset.json.
+    return train(args.data, args.out, config_from_args(args), init_from=str(keras_path),
+                 augment_strength=args.augment_strength, overwrite=overwrite, verbose=verbose,
+                 callbacks=[_Steps()])
+
+
+@dataclass
+class FinetuneResult:
+    """A fine-tuned run and the re-segmentations of the corrected layers with it."""
+
+    run: Path
+    corrections: list[Correction]
+    segmentations: list[tuple[Any, Segmentation]] = field(default_factory=list)  # (instances layer, result)
+    seconds: float = 0.0
+
+
+def corrected_layers(viewer) -> list:
+    """Tracked instances layers that have at least one edited pixel."""
+    out = []
+    for layer in viewer.layers:
+        tracker = EditTracker.of(layer)
+        if tracker is not None and tracker.edited().any():
+            out.append(layer)
+    return out
+
+
+def finetune_and_resegment(layers: Sequence, corrections: Sequence[Correction], model: str | Path | None,
+                           out: str | Path, progress: Progress | None = None, cancel: threading.Event | None = None,
+                           **finetune_kw) -> FinetuneResult:
+    """`finetune_from_corrections`, then each corrected layer's input segmented again with the new model.
+
+    Touches no viewer (worker-thread safe): `show_finetune` adds the results.
+    """
+    from dataclasses import replace
+
+    t0 = time.time()
+    run = finetune_from_corrections(corrections, model, out, progress=progress, cancel=cancel, **finetune_kw)
+    result = FinetuneResult(run, list(corrections))
+    for layer in layers:
+        seg = EditTracker.of(layer).seg
+        settings = replace(seg.settings, model=run, pixel_size_nm=seg.pixel_size_nm,
+                           z_size_nm=seg.voxel_size_nm[0] if seg.voxel_size_nm else seg.settings.z_size_nm)
+        result.segmentations.append((layer, segment_array(seg.image, settings, seg.name, cancel=cancel, z=seg.z)))
+    result.seconds = time.time() - t0
+    return result
+
+
+def show_finetune(viewer, result: FinetuneResult) -> dict[str, dict]:
+    """Show the re-segmentations of a fine-tune run (GUI thread); returns {layer name: layers}."""
+    shown = {}
+    for layer, seg in result.segmentations:
+        image_layer = viewer.layers[seg.name] if seg.name in viewer.layers else None
+        shown[layer.name] = show_segmentation(viewer, seg, image_layer)
+    return shown
+
+
+def finetune_on_layers(viewer, model: str | Path | None, out: str | Path, **finetune_kw) -> FinetuneResult:
+    """Fine-tune on every correction in the viewer and replace the corrected layers' results.
+
+    The whole "Fine-tune on my corrections" widget as one call (blocking).
+    """
+    layers = corrected_layers(viewer)
+    corrections = [c for layer in layers for c in corrections_of(layer)]
+    result = finetune_and_resegment(layers, corrections, model, out, **finetune_kw)
+    show_finetune(viewer, result)
+    return result
