@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import tifffile
 
+pytest.importorskip("qtpy.QtWidgets", reason="no usable Qt (the napari extra or its system libraries are missing)")
 napari = pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
