@@ -329,3 +329,20 @@ def test_analyze_one_slice_stack(tiny_run, tmp_path):
     objects = pd.read_csv(tmp_path / "o" / "objects.csv")
     assert len(objects) >= 1 and (objects["z_extent_slices"] == 1).all()
     assert np.isfinite(objects["volume_nm3"]).all() and np.isfinite(objects["surface_area_nm2"]).all()
+
+
+def test_pieces_joined_by_a_corner_stay_with_their_object():
+    # Two bodies (a neck between them) and a small piece touching one of them only by a
+    # corner: the watershed floods face neighbours, so the piece must still get an id
+    # (it used to take the previous object's id in memory, and none in chunks).
+    vol = np.zeros((12, 40, 60), bool)
+    vol |= _ball(vol.shape, (6, 20, 15), 9)
+    vol |= _ball(vol.shape, (6, 20, 42), 9)
+    vol[5:7, 19:21, 15:42] = True
+    vol[6, 20, 52] = False
+    vol[7, 21, 52] = True  # corner contact with the second ball's surface voxel below
+    vol[7, 21, 53] = True
+    labels = volume_instances(vol, (10.0, 10.0, 10.0))
+    assert (labels[vol] > 0).all()
+    assert labels.max() == 2
+    assert labels[7, 21, 52] == labels[7, 21, 53] == labels[6, 20, 51] != labels[6, 20, 15]

@@ -106,6 +106,12 @@ def split_component(
     if n <= 1:
         return comp.astype(np.int32)
     ws = watershed(-dist, markers, mask=comp)
+    missed = comp & (ws == 0)
+    if missed.any():
+        # The watershed floods face neighbours only; a piece of an 8- (26-) connected
+        # component joined by a corner or an edge takes its nearest region's label.
+        near = ndi.distance_transform_edt(ws == 0, return_distances=False, return_indices=True)
+        ws = np.where(missed, ws[tuple(near)], ws)
 
     # Highest boundary value (the pass) between every pair of face-adjacent regions.
     keys, vals = [], []
