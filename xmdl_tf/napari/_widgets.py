@@ -41,6 +41,7 @@ MODE_LABELS = {"slice": "2D slice (current)", "volume": "whole stack as a volume
 # Widgets of each viewer, so the fine-tune widget can hand its new model to the segment widget.
 _SEGMENT_WIDGETS: "weakref.WeakSet[SegmentWidget]" = weakref.WeakSet()
 _TABLE_WIDGETS: "weakref.WeakSet[ObjectTableWidget]" = weakref.WeakSet()
+_HELD_TABLES: dict = {}  # id(viewer) -> table of viewers without a window (ViewerModel)
 
 
 class _Relay(QObject):
@@ -535,6 +536,10 @@ def object_table(viewer) -> ObjectTableWidget:
     window = getattr(viewer, "window", None)
     if window is not None and hasattr(window, "add_dock_widget"):
         window.add_dock_widget(w, name="Mitochondria (xmdl-tf)", area="right")
+    else:
+        # No window holds a dock for a bare ViewerModel: keep the table alive here, or the
+        # weak registry loses it to the garbage collector between two calls.
+        _HELD_TABLES[id(viewer)] = w
     return w
 
 
