@@ -1,7 +1,7 @@
 """Learning curve for adapting to a new microscope: zero-shot, then 1, 2 and 4 annotated slices.
 
     python benchmarks/adaptation.py --data ../shared/data/cdeep3m_sbem_mouse ../shared/data/drosophila_vnc_sstem \
-        --out runs/adaptation --reference models/xmdl_ref
+        --out runs/adaptation --reference xmdl_ref
 
 For each set T: train on the other set only (`xmdl_tf.train`), score on T's
 test split (zero-shot); then fine-tune that model (`xmdl_tf.finetune`,

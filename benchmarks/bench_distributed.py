@@ -1,6 +1,6 @@
 """Chunked volumes on Dask (`python -m xmdl_tf.volume`): throughput, per-worker memory, overheads.
 
-    python benchmarks/bench_distributed.py [--model models/xmdl_ref] [--slices 32 128] [--workers 1 2]
+    python benchmarks/bench_distributed.py [--model xmdl_ref] [--slices 32 128] [--workers 1 2]
 
 A synthetic EM volume (data_prep.synthetic3d, 1024 x 1024 slices, 5 nm
 voxels) of each depth in --slices is written as a Zarr array and processed
@@ -74,7 +74,7 @@ def one_run(src: Path, out: Path, model: str, workers: int, chunks, halo: int, m
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "xmdl_ref"))
+    p.add_argument("--model", default="xmdl_ref")
     p.add_argument("--slices", type=int, nargs="+", default=[32, 128])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--chunks", type=int, nargs=3, default=[32, 1024, 1024])

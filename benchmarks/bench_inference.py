@@ -1,6 +1,6 @@
 """Inference speed: raw model calls on tiles vs whole-slice stitched inference, and the seams.
 
-    python benchmarks/bench_inference.py [--model models/xmdl_ref] [--size 4096] [--data ../shared/data/SET]
+    python benchmarks/bench_inference.py [--model xmdl_ref] [--size 4096] [--data ../shared/data/SET]
 
 Measured in one run on the same model, for several tile sizes, overlaps and
 XLA on/off:

@@ -1,6 +1,6 @@
 """`analyze --volume` on a 165 x 768 x 1024 EM volume: time and peak memory, step by step.
 
-    python benchmarks/bench_volume.py [--model models/xmdl_ref] [--data ../shared/data/lucchipp_fibsem_mouse]
+    python benchmarks/bench_volume.py [--model xmdl_ref] [--data ../shared/data/lucchipp_fibsem_mouse]
 
 The volume is the whole Lucchi++ training volume (its train and val slices in
 order: 165 x 768 x 1024 voxels of 5 nm FIB-SEM) when ../shared is beside the
@@ -58,7 +58,7 @@ def step(name: str, fn, rows: list):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "xmdl_ref"))
+    p.add_argument("--model", default="xmdl_ref")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lucchipp_fibsem_mouse"))
     p.add_argument("--shape", type=int, nargs=3, default=(165, 768, 1024))
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -1,6 +1,6 @@
 """What the model gets wrong, shown: the largest false detections and misses on validation slices.
 
-    python docs/known_limits_figure.py --model models/xmdl_ref --data ../shared/data/cdeep3m_sbem_mouse \
+    python docs/known_limits_figure.py --model xmdl_ref --data ../shared/data/cdeep3m_sbem_mouse \
         ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5 \
         --out docs/known_limits.png
 

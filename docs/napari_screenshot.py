@@ -1,7 +1,7 @@
 """Pictures of the napari plugin for the README: `python docs/napari_screenshot.py`.
 
 Opens the shipped sample slice in napari, runs the "Segment mitochondria"
-widget with the shipped model (`models/xmdl_ref`) and saves the whole window
+widget with the built-in model (`xmdl_ref`) and saves the whole window
 (`viewer.screenshot(canvas_only=False)`) as docs/napari.png. With
 `--finetune` it also saves the correct-then-fine-tune sequence
 docs/napari_finetune_{1,2,3}.png: the segmentation, a correction painted
@@ -49,7 +49,7 @@ def snap(viewer, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(HERE.parent / "models" / "xmdl_ref"))
+    p.add_argument("--model", default="xmdl_ref")
     p.add_argument("--out", default=str(HERE), help="folder for the PNGs")
     p.add_argument("--finetune", action="store_true", help="also the correct-then-fine-tune sequence")
     args = p.parse_args(argv)

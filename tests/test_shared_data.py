@@ -40,19 +40,19 @@ def test_train_and_evaluate_tiny_model_on_real_data(shared_data, tmp_path):
 
 
 def test_shipped_reference_model_is_the_default_and_segments_the_sample():
-    """The model in models/xmdl_ref loads as the default and segments the shipped sample slice."""
+    """The built-in model (xmdl_tf/models/xmdl_ref) loads as the default and segments the shipped sample slice."""
     from pathlib import Path
 
     import pytest
 
-    from xmdl_tf.analyze import default_model_path
+    from xmdl_tf.pretrained import default_model_path
     from xmdl_tf.io import read_pair, split_pairs
     from xmdl_tf.metrics import confusion, scores
     from xmdl_tf.predict import load_model
 
     path = default_model_path()
     if path is None:
-        pytest.skip("no reference model in models/xmdl_ref")
+        pytest.skip("no built-in reference model installed")
     pred = load_model(path)
     assert pred.config.model.depth == 6 and pred.config.model.base_filters == 8
     sample = Path(__file__).resolve().parents[1] / "xmdl_tf" / "sample"

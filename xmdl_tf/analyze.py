@@ -28,7 +28,6 @@ shape (see `xmdl_tf.volume` for its outputs).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,21 +38,10 @@ import numpy as np
 from . import cli
 from .config import InferenceConfig, resolve_inference
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
+from .pretrained import NO_DEFAULT, default_model_path
 
 OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "uncertainty.tif", "morphometry.csv",
                 "figure.png")
-
-
-def default_model_path() -> Path | None:
-    """The shipped reference model (or $XMDL_MODEL), or None when none is installed."""
-    env = os.environ.get("XMDL_MODEL")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "models" / "xmdl_ref", here / "models" / "xmdl_ref"):
-        if (cand / "model.keras").is_file():
-            return cand
-    return None
 
 
 # ----------------------------------------------------------------------------
@@ -327,7 +315,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
     if model is None:
         model = default_model_path()
         if model is None:
-            raise FileNotFoundError("no default model is installed (models/xmdl_ref); pass --model MODEL")
+            raise FileNotFoundError(NO_DEFAULT)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     ic = s.resolve(predictor)
 

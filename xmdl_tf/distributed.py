@@ -438,7 +438,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     `workers` processes on this machine) or a scheduler address.
     Returns the summary written to OUT.zarr/summary.json.
     """
-    from .analyze import default_model_path
+    from .pretrained import NO_DEFAULT, default_model_path
     from .config import Config, resolve_inference
     from .morphometry3d import ShapeRules3D, classify3d, summarize3d, table_from_rows
     from .predict import is_saved_model, resolve_model_path
@@ -454,7 +454,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     voxel = resolve_voxel_size(vol, voxel_size_nm)
     model = model or default_model_path()
     if model is None:
-        raise FileNotFoundError("no default model is installed (models/xmdl_ref); pass --model MODEL")
+        raise FileNotFoundError(NO_DEFAULT)
     if is_saved_model(model):
         raise DataError(f"{model}: the chunked path needs a Keras model folder or .keras file, not a SavedModel")
     mpath, cpath = resolve_model_path(model)

@@ -1,6 +1,6 @@
 """Score a trained model on whole slices: `python -m xmdl_tf.evaluate`.
 
-    python -m xmdl_tf.evaluate --model models/xmdl_ref --data ../shared/data/cdeep3m_sbem_mouse \
+    python -m xmdl_tf.evaluate --model xmdl_ref --data ../shared/data/cdeep3m_sbem_mouse \
         --split test --out eval/cdeep3m
 
 Every slice of the split is predicted whole (overlapping tiles, blended),

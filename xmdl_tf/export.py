@@ -1,6 +1,7 @@
 """SavedModel export for TF Serving, with Grad-CAM served too, and a predictor that consumes it.
 
     python -m xmdl_tf.export --model runs/ref --out exports/xmdl [--version N] [--gradcam-layer NAME]
+    python -m xmdl_tf.export --format bioimageio --out DIR    (BioImage Model Zoo: xmdl_tf.bioimage_zoo)
 
 writes the TF Serving layout `EXPORT_DIR/<version>/saved_model.pb + variables/
 + assets/xmdl.json` (version 1, else the next free number; an existing version
@@ -403,13 +404,36 @@ def load_saved_model(path: str | Path, tta: bool = False) -> SavedModelPredictor
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m xmdl_tf.export", __doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="run folder or .keras file (config.json beside it)")
+    p.add_argument("--model", default=None,
+                   help="run folder, .keras file or built-in name (default: the built-in reference model)")
     p.add_argument("--out", required=True, metavar="EXPORT_DIR",
-                   help="TF Serving base folder; writes EXPORT_DIR/<version>/")
+                   help="tfserving: base folder, writes EXPORT_DIR/<version>/; bioimageio: the package folder")
+    p.add_argument("--format", choices=("tfserving", "bioimageio"), default="tfserving",
+                   help="TF Serving SavedModel, or a BioImage Model Zoo package (bioimage.io spec 0.5)")
+    p.add_argument("--no-test", action="store_true",
+                   help="bioimageio: skip bioimageio.core's model test (the format check still runs)")
+    p.add_argument("--overwrite", action="store_true", help="bioimageio: replace an existing package folder")
     p.add_argument("--version", type=cli.positive_int, default=None, help="version number (default: 1, or the next free one)")
     p.add_argument("--gradcam-layer", default=None, help="conv layer for the explain signatures (default dec1_conv2)")
     args = p.parse_args(argv)
+    if args.format == "bioimageio":
+        if args.version is not None or args.gradcam_layer is not None:
+            raise cli.UsageError("--version and --gradcam-layer apply to --format tfserving only")
+        from .bioimage_zoo import export_bioimageio
 
+        rdf = export_bioimageio(args.model, args.out, run_test=not args.no_test, overwrite=args.overwrite)
+        print(f"wrote the bioimage.io package {rdf.parent} ({rdf.name}); checked with bioimageio.spec"
+              + ("" if args.no_test else " and bioimageio.core's model test"))
+        print(f"zip it for deepImageJ or ilastik: python -m zipfile -c {rdf.parent.name}.zip {rdf.parent}/*")
+        return 0
+    if args.overwrite or args.no_test:
+        raise cli.UsageError("--overwrite and --no-test apply to --format bioimageio only")
+    if args.model is None:
+        from .pretrained import NO_DEFAULT, default_model_path
+
+        args.model = default_model_path()
+        if args.model is None:
+            raise FileNotFoundError(NO_DEFAULT)
     try:
         path = export_model(args.model, args.out, args.version, args.gradcam_layer)
     except (FileExistsError, ValueError) as err:  # ModelError, GradCamError and bad versions

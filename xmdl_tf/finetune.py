@@ -1,6 +1,6 @@
 """Adapt a trained model to your microscope from a few annotated slices: `python -m xmdl_tf.finetune`.
 
-    python -m xmdl_tf.finetune --model models/xmdl_ref --data my_annotated/ --out runs/mine --max-slices 2
+    python -m xmdl_tf.finetune --model xmdl_ref --data my_annotated/ --out runs/mine --max-slices 2
 
 The same trainer as `python -m xmdl_tf.train --init-from MODEL` (one code path),
 with fine-tuning defaults: the parent's architecture, weights and

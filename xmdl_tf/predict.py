@@ -33,8 +33,10 @@ class ModelError(ValueError):
 
 
 def resolve_model_path(path: str | Path) -> tuple[Path, Path | None]:
-    """(model.keras path, config.json path or None) for a file or a run folder."""
-    path = Path(path)
+    """(model.keras path, config.json path or None) for a file, a run folder or a built-in model's name."""
+    from .pretrained import resolve_model_spec
+
+    path = resolve_model_spec(path)
     if path.is_dir():
         if (path / "model.keras").is_file():
             path = path / "model.keras"

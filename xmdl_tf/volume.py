@@ -320,7 +320,8 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     `overwrite`; `resume` skips volumes already complete. `labels` (one label
     stack) needs exactly one input.
     """
-    from .analyze import _previous_rows, _write_tables, default_model_path
+    from .analyze import _previous_rows, _write_tables
+    from .pretrained import NO_DEFAULT, default_model_path
     from .predict import load_model
     from .runlock import FolderLock
     from .volume_io import check_same_grid, open_volume, resolve_voxel_size
@@ -353,7 +354,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     if model is None:
         model = default_model_path()
         if model is None:
-            raise FileNotFoundError("no default model is installed (models/xmdl_ref); pass --model MODEL")
+            raise FileNotFoundError(NO_DEFAULT)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     resolve_inference(predictor, s.inference)  # invalid overrides fail here, before any output
 

@@ -304,7 +304,7 @@ class SegmentWidget(QWidget):
 
 
 def _has_default_model() -> bool:
-    from ..analyze import default_model_path
+    from ..pretrained import default_model_path
 
     return default_model_path() is not None
 

@@ -90,12 +90,14 @@ _PREDICTORS_LOCK = threading.Lock()
 def model_path(model: str | Path | None) -> Path:
     """`model`, or the shipped reference model when None (FileNotFoundError when none is installed)."""
     if model is not None and str(model).strip():
-        return Path(model).expanduser()
-    from ..analyze import default_model_path
+        from ..pretrained import resolve_model_spec
+
+        return resolve_model_spec(str(Path(model).expanduser()))
+    from ..pretrained import default_model_path
 
     found = default_model_path()
     if found is None:
-        raise FileNotFoundError("no default model is installed (models/xmdl_ref); choose a model")
+        raise FileNotFoundError("no default model is installed (built-in 'xmdl_ref' missing, $XMDL_MODEL unset); choose a model")
     return found
 
 

@@ -1,0 +1,126 @@
+"""Installs like other tools: built-in model, console commands, wheel, BioImage Model Zoo export."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_console_scripts_are_the_listed_commands_and_each_has_a_main():
+    import importlib
+
+    from xmdl_tf.__main__ import COMMANDS
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {name: f"{module}:main" for name, module, _ in COMMANDS}
+    for _, module, _ in COMMANDS:
+        assert callable(importlib.import_module(module).main), module
+
+
+def test_python_m_xmdl_tf_lists_every_command_and_runs_one(capsys):
+    from xmdl_tf.__main__ import COMMANDS, main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name, _, _ in COMMANDS) and "built-in models: xmdl_ref" in out
+    assert main(["bogus"]) == 2
+    with pytest.raises(SystemExit) as e:  # `python -m xmdl_tf export --help` reaches export's parser
+        main(["export", "--help"])
+    assert e.value.code == 0 and "--format" in capsys.readouterr().out
+
+
+def test_builtin_model_is_found_by_name_and_a_local_folder_or_env_wins(tmp_path, monkeypatch):
+    from xmdl_tf.predict import resolve_model_path
+    from xmdl_tf.pretrained import builtin_models, default_model_path, resolve_model_spec
+
+    ref = builtin_models()["xmdl_ref"]
+    assert ref.parent.parent == ROOT / "xmdl_tf" and (ref / "model.keras").is_file()
+    assert not (ROOT / "models" / "xmdl_ref" / "model.keras").exists()  # one copy of the weights
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("XMDL_MODEL", raising=False)
+    assert default_model_path() == ref
+    assert resolve_model_path("xmdl_ref") == (ref / "model.keras", ref / "config.json")
+    (tmp_path / "xmdl_ref").mkdir()  # a user's own folder of that name is never shadowed
+    assert resolve_model_spec("xmdl_ref") == Path("xmdl_ref")
+    monkeypatch.setenv("XMDL_MODEL", str(tmp_path / "mine"))
+    assert default_model_path() == tmp_path / "mine"
+
+
+@pytest.mark.slow
+def test_wheel_installs_with_its_model_and_analyzes_the_sample_like_the_checkout(tmp_path):
+    """pip wheel -> fresh venv -> `xmdl-analyze sample --out` from outside the repo, no --model."""
+    import zipfile
+
+    import pandas as pd
+    import tifffile
+
+    from xmdl_tf.analyze import analyze
+
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist,
+                    ROOT], check=True, cwd=tmp_path)
+    wheel = next(dist.glob("xmdl_tf-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "xmdl_tf/models/xmdl_ref/model.keras" in names and "xmdl_tf/sample/x/im0015.png" in names
+    assert "xmdl_tf/napari/napari.yaml" in names and not any(n.startswith("models/") for n in names)
+
+    # A fresh venv with this wheel; the dependencies come from the test environment's
+    # site-packages as a plain path entry (no .pth files, so not the editable checkout).
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    vpy = venv / "bin" / "python"
+    site = subprocess.run([vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", vpy, "install", "--no-deps", "-q", wheel], check=True)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    image = ROOT / "xmdl_tf" / "sample" / "x" / "im0015.png"
+    env = {k: v for k, v in os.environ.items() if k not in ("XMDL_MODEL", "PYTHONPATH")}
+    where = subprocess.run([vpy, "-c", "import xmdl_tf; print(xmdl_tf.__file__)"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(venv), where
+    run = subprocess.run([venv / "bin" / "xmdl-analyze", image, "--out", "results"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    analyze([str(image)], None, tmp_path / "checkout", verbose=False)
+    ours, theirs = elsewhere / "results" / "im0015", tmp_path / "checkout" / "im0015"
+    assert np.array_equal(tifffile.imread(ours / "instances.tif"), tifffile.imread(theirs / "instances.tif"))
+    a, b = pd.read_csv(ours / "morphometry.csv"), pd.read_csv(theirs / "morphometry.csv")
+    assert len(a) > 0 and list(a.columns) == list(b.columns)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5)
+
+
+def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, tmp_path):
+    pytest.importorskip("bioimageio.spec")
+    pytest.importorskip("bioimageio.core")
+    import yaml
+    from bioimageio.spec import load_model_description
+
+    from xmdl_tf.export import main
+
+    _, run = blob_run
+    out = tmp_path / "zoo"
+    assert main(["--format", "bioimageio", "--model", str(run), "--out", str(out)]) == 0  # runs core's model test
+    rdf = yaml.safe_load((out / "rdf.yaml").read_text())
+    assert rdf["format_version"].startswith("0.5") and set(rdf["weights"]) == {"keras_v3", "tensorflow_saved_model_bundle"}
+    pre = [p["id"] for p in rdf["inputs"][0]["preprocessing"]]
+    assert "scale_range" in pre and "clip" in pre
+    assert load_model_description(str(out / "rdf.yaml")).validation_summary.status in ("passed", "valid-format")
+    x, y = np.load(out / "test_input.npy"), np.load(out / "test_output.npy")
+    assert x.shape[-1] == 1 and y.shape == x.shape[:3] + (2,) and np.allclose(y.sum(-1), 1, atol=1e-4)
+    assert x.max() > 1  # raw grey values: the package's preprocessing normalises them
+
+    # Nothing already written is replaced without --overwrite.
+    assert main(["--format", "bioimageio", "--model", str(run), "--out", str(out), "--no-test"]) == 2
+    assert (out / "rdf.yaml").is_file()
