@@ -385,20 +385,19 @@ def test_real_viewer_runs_the_plugin_widget(blob_model, tmp_path):
     script = textwrap.dedent(f"""
         import json, os, time
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
-        import napari
         from qtpy.QtWidgets import QApplication
-        viewer = napari.Viewer(show=False)
-        viewer.open({str(tmp_path / 'im.png')!r}, plugin="xmdl-tf")
-        dock, w = viewer.window.add_plugin_dock_widget("xmdl-tf", "Segment mitochondria")
+        from xmdl_tf.napari.launch import open_viewer  # what xmdl-napari opens
+        viewer, widgets = open_viewer([{str(tmp_path / 'im.png')!r}], show=False)
+        w = widgets["Segment mitochondria"]
         w.model.setText({str(blob_model)!r})
         w.run()
         t0 = time.time()
-        while w.running and time.time() - t0 < 120:
+        while w.running and time.time() - t0 < 240:
             QApplication.processEvents()
             time.sleep(0.02)
         shot = viewer.screenshot(canvas_only=False)
         print(json.dumps({{"layers": [l.name for l in viewer.layers], "status": w.job.status.text(),
-                          "shot": list(shot.shape)}}))
+                          "shot": list(shot.shape), "docked": sorted(widgets)}}))
         viewer.close()
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -406,5 +405,6 @@ def test_real_viewer_runs_the_plugin_widget(blob_model, tmp_path):
                          env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert "im instances" in out["layers"] and "mitochondria" in out["status"], out
+    assert "im instances" in out["layers"] and "mitochondria" in out["status"], (out, run.stderr[-2000:])
+    assert out["docked"] == ["Mitochondria table", "Segment mitochondria"]
     assert out["shot"][0] > 100 and out["shot"][2] in (3, 4)

@@ -13,17 +13,18 @@ DOCKED = ("Segment mitochondria", "Mitochondria table")
 
 
 def open_viewer(paths: list[str], sample: bool = False, show: bool = True):
-    """A napari Viewer with the files opened and the widgets docked (show=False: no window is shown)."""
+    """(napari Viewer, {widget name: widget}) with the files opened and the widgets docked.
+
+    show=False: no window is shown (scripts, tests)."""
     import napari
 
     viewer = napari.Viewer(title="xmdl-tf", show=show)
-    for name in DOCKED:
-        viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    widgets = {name: viewer.window.add_plugin_dock_widget(PLUGIN, name)[1] for name in DOCKED}
     for path in paths:
         viewer.open(path, plugin=PLUGIN)
     if sample:
         viewer.open_sample(PLUGIN, "em_slice")
-    return viewer
+    return viewer, widgets
 
 
 @cli.guarded
