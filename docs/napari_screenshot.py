@@ -37,6 +37,10 @@ def wait(job, timeout: float = 1800.0) -> None:
 def snap(viewer, path: Path) -> None:
     from qtpy.QtWidgets import QApplication
 
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # e.g. napari's PyQt5 deprecation notice over the canvas
     for _ in range(5):
         QApplication.processEvents()
     viewer.screenshot(str(path), canvas_only=False, flash=False)
@@ -52,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="xmdl_ref")
     p.add_argument("--out", default=str(HERE), help="folder for the PNGs")
     p.add_argument("--finetune", action="store_true", help="also the correct-then-fine-tune sequence")
+    p.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (10 steps each)")
+    p.add_argument("--box", type=int, default=384, help="side of the corrected box, px")
     args = p.parse_args(argv)
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    # A real (X or Xvfb) window: Qt's offscreen platform grabs the OpenGL canvas only once.
+    os.environ.setdefault("QT_QPA_PLATFORM", "xcb" if os.environ.get("DISPLAY") else "offscreen")
 
     import napari
     import numpy as np
@@ -62,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     from xmdl_tf.napari._widgets import FinetuneWidget, SegmentWidget, camera, object_table
 
     out = Path(args.out)
-    viewer = napari.Viewer(show=False)
+    viewer = napari.Viewer(show=bool(os.environ.get("DISPLAY")))
     viewer.window._qt_window.resize(1700, 1000)
+    # Draw once before TensorFlow is imported, as a shown window does: Mesa's libLLVM is then mapped
+    # and `layers.import_tensorflow` loads TensorFlow apart from it (see there).
+    viewer.screenshot(canvas_only=True)
     for data, kw, kind in sample_slice():
         getattr(viewer, f"add_{kind}")(data, **kw)
     seg_widget = SegmentWidget(viewer)
@@ -85,32 +95,35 @@ def main(argv: list[str] | None = None) -> int:
         truth = viewer.layers["im0015 expert mask"].data
         # The box where the model disagrees most with the expert mask: "corrected" from it.
         err = (np.asarray(instances.data) > 0) != (truth > 0)
-        box = 192
+        box = args.box
         scores = [(err[y:y + box, x:x + box].sum(), y, x) for y in range(0, 1024 - box + 1, 64)
                   for x in range(0, 1024 - box + 1, 64)]
         _, y, x = max(scores)
-        fixed = np.asarray(instances.data).copy()
-        region = fixed[y:y + box, x:x + box]
-        new_id = int(fixed.max()) + 1
-        region[(truth[y:y + box, x:x + box] > 0) & (region == 0)] = new_id
-        region[truth[y:y + box, x:x + box] == 0] = 0
-        instances.data = fixed
         viewer.reset_view()
-        camera(viewer).center = (0.0, (y + box / 2) * 4.6, (x + box / 2) * 4.6)
-        camera(viewer).zoom *= 2.5
-        snap(viewer, out / "napari_finetune_1.png")
+        cam = camera(viewer)
+        cam.center = ((y + box / 2) * 4.6, (x + box / 2) * 4.6)
+        cam.zoom *= 2.5
+        snap(viewer, out / "napari_finetune_1.png")  # 1: the model's result there
+        current = np.asarray(instances.data)
+        region, true_box = current[y:y + box, x:x + box], truth[y:y + box, x:x + box] > 0
+        # The whole box painted as a user would (data_setitem is what napari's brush calls): missed
+        # mitochondria added, false ones erased, and the right ones painted over to confirm them,
+        # so every pixel of the box is a training label (unpainted pixels are ignored).
+        target = np.where(true_box, np.where(region > 0, region, int(current.max()) + 1), 0)
+        for value in np.unique(target):
+            rr, cc = np.nonzero(target == value)
+            instances.data_setitem((rr + y, cc + x), int(value))
         ft = FinetuneWidget(viewer)
         viewer.window.add_dock_widget(ft, name="Fine-tune on my corrections", area="right")
         ft.refresh()
         ft.out.setText(str(HERE.parent / "runs" / "napari_docs_finetune"))
-        ft.epochs.setValue(3)
-        ft.steps.setValue(4)
-        ft.lr.setValue(1e-4)
-        snap(viewer, out / "napari_finetune_2.png")
+        ft.epochs.setValue(args.epochs)
+        ft.steps.setValue(10)
+        snap(viewer, out / "napari_finetune_2.png")  # 2: corrected by painting, ready to fine-tune
         ft.run()
         wait(ft.job)
         print(ft.job.status.text())
-        snap(viewer, out / "napari_finetune_3.png")
+        snap(viewer, out / "napari_finetune_3.png")  # 3: segmented again by the fine-tuned model
     viewer.close()
     return 0
 

@@ -634,7 +634,7 @@ class FinetuneWidget(QWidget):
         return self.job.start(L.finetune_and_resegment, layers, corrections, model, out,
                               epochs=self.epochs.value(), steps_per_epoch=self.steps.value(),
                               learning_rate=self.lr.value(), tile_size=self.tile.value() or None,
-                              on_done=self._show)
+                              isolate=True, on_done=self._show)
 
     def _show(self, result: L.FinetuneResult) -> None:
         self.last = result

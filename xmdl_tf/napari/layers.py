@@ -25,6 +25,7 @@ all of it and re-segments the corrected layers with the new model.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -548,7 +549,6 @@ def write_corrections(corrections: Sequence[Correction], folder: str | Path) -> 
     there is, and none is held back. Labels are uint8 TIFFs (0, 1,
     IGNORE_VALUE); dataset.json gives the pixel size. Returns the set folders.
     """
-    import json
     import shutil
 
     import tifffile
@@ -578,7 +578,8 @@ def finetune_from_corrections(corrections: Sequence[Correction], model: str | Pa
                               epochs: int = 10, steps_per_epoch: int = 20, learning_rate: float | None = None,
                               tile_size: int | None = None, batch_size: int = 8, foreground_fraction: float = 0.5,
                               overwrite: bool = False, progress: Progress | None = None,
-                              cancel: threading.Event | None = None, verbose: int = 0) -> Path:
+                              cancel: threading.Event | None = None, verbose: int = 0,
+                              isolate: bool = False, resegment: list | None = None):
     """Fine-tune `model` on corrected slices; unedited pixels are ignored by the loss. Returns the run folder.
 
     The `python -m xmdl_tf.finetune` recipe (its defaults: lr 1e-4, basic
@@ -590,11 +591,11 @@ def finetune_from_corrections(corrections: Sequence[Correction], model: str | Pa
     model's size divisor that fits the smallest slice). foreground_fraction:
     share of tiles centred on corrected mitochondrion pixels. progress(done,
     total) per training step; a set `cancel` stops at the next step (Cancelled;
-    the run folder is left resumable).
+    the run folder is left resumable). isolate: train in a child process
+    (`_finetune_job`; what the widget does, see there why); with `resegment`
+    ([(image, SegmentSettings, name, z)]) the child also segments those again
+    with the new model and (run, [Segmentation]) is returned.
     """
-    import_tensorflow()
-    import keras
-
     from ..config import Config
     from ..io import DataError
     from ..predict import is_saved_model, resolve_model_path
@@ -622,9 +623,14 @@ def finetune_from_corrections(corrections: Sequence[Correction], model: str | Pa
             "--patience", str(epochs), "--no-jit"]
     if learning_rate is not None:
         argv += ["--lr", str(learning_rate)]
-    args = build_parser("xmdl_tf.napari", finetune=True).parse_args(argv)
+    args = build_parser("xmdl_tf.napari", finetune=True).parse_args(argv)  # refuses bad settings here
     total = epochs * steps_per_epoch
     step = _checker(progress, cancel, total)
+    if isolate:
+        return _finetune_in_child({"argv": argv, "init_from": str(keras_path), "overwrite": overwrite}, out, step,
+                                  resegment)
+    import_tensorflow()
+    import keras
 
     class _Steps(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -634,6 +640,49 @@ def finetune_from_corrections(corrections: Sequence[Correction], model: str | Pa
     return train(args.data, args.out, config_from_args(args), init_from=str(keras_path),
                  augment_strength=args.augment_strength, overwrite=overwrite, verbose=verbose,
                  callbacks=[_Steps()])
+
+
+def _finetune_in_child(spec: dict, out: Path, step: Callable[[int], None],
+                       resegment: list | None = None) -> Path | tuple[Path, list]:
+    """Run `_finetune_job` on `spec`; step(1) per training step (Cancelled stops the child).
+
+    resegment: [(image, SegmentSettings, name, z)] to segment again with the new
+    model in the child; then returns (run, [Segmentation]).
+    """
+    import pickle
+    import subprocess
+    import tempfile
+
+    from ._finetune_job import STEP_LINE
+
+    with tempfile.TemporaryDirectory(prefix="xmdl_finetune_") as tmp:
+        spec_file, err_file = Path(tmp) / "spec.json", Path(tmp) / "stderr.txt"
+        if resegment is not None:
+            job_file = Path(tmp) / "resegment.pkl"
+            with open(job_file, "wb") as f:
+                pickle.dump(resegment, f, protocol=pickle.HIGHEST_PROTOCOL)
+            spec = {**spec, "resegment": str(job_file)}
+        spec_file.write_text(json.dumps(spec))
+        with open(err_file, "w") as err:
+            child = subprocess.Popen([sys.executable, "-m", "xmdl_tf.napari._finetune_job", str(spec_file)],
+                                     stdout=subprocess.PIPE, stderr=err, text=True)
+            try:
+                for line in child.stdout:
+                    if line.strip() == STEP_LINE:
+                        step(1)  # raises Cancelled when the user cancels
+            except BaseException:
+                child.terminate()
+                child.wait(timeout=30)
+                raise
+            rc = child.wait()
+        if rc != 0:
+            lines = [ln for ln in err_file.read_text().splitlines() if ln.strip()]
+            msg = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+            raise RuntimeError(f"fine-tuning failed (exit code {rc}): {msg.removeprefix('error: ')}")
+        if resegment is not None:
+            with open(job_file, "rb") as f:
+                return out, pickle.load(f)
+    return out
 
 
 @dataclass
@@ -666,13 +715,20 @@ def finetune_and_resegment(layers: Sequence, corrections: Sequence[Correction], 
     from dataclasses import replace
 
     t0 = time.time()
-    run = finetune_from_corrections(corrections, model, out, progress=progress, cancel=cancel, **finetune_kw)
-    result = FinetuneResult(run, list(corrections))
+    jobs = []
     for layer in layers:
         seg = EditTracker.of(layer).seg
-        settings = replace(seg.settings, model=run, pixel_size_nm=seg.pixel_size_nm,
+        settings = replace(seg.settings, pixel_size_nm=seg.pixel_size_nm,
                            z_size_nm=seg.voxel_size_nm[0] if seg.voxel_size_nm else seg.settings.z_size_nm)
-        result.segmentations.append((layer, segment_array(seg.image, settings, seg.name, cancel=cancel, z=seg.z)))
+        jobs.append((np.asarray(seg.image), settings, seg.name, seg.z))
+    if finetune_kw.get("isolate"):  # the child also segments again (see _finetune_job)
+        run, segs = finetune_from_corrections(corrections, model, out, progress=progress, cancel=cancel,
+                                              resegment=jobs, **finetune_kw)
+    else:
+        run = finetune_from_corrections(corrections, model, out, progress=progress, cancel=cancel, **finetune_kw)
+        segs = [segment_array(image, replace(settings, model=run), name, cancel=cancel, z=z)
+                for image, settings, name, z in jobs]
+    result = FinetuneResult(run, list(corrections), list(zip(layers, segs)))
     result.seconds = time.time() - t0
     return result
 
