@@ -4,8 +4,9 @@ Opens the shipped sample slice in napari, runs the "Segment mitochondria"
 widget with the built-in model (`xmdl_ref`) and saves the whole window
 (`viewer.screenshot(canvas_only=False)`) as docs/napari.png. With
 `--finetune` it also saves the correct-then-fine-tune sequence
-docs/napari_finetune_{1,2,3}.png: the segmentation, a correction painted
-from the expert mask in one box, and the result after fine-tuning on it.
+docs/napari_finetune.jpg: three views of the canvas side by side, the
+segmentation, a correction painted from the expert mask in one box, and the
+result after fine-tuning on it (the full windows go to --frames).
 
 Needs the `napari` extra and an OpenGL context; headless:
 `xvfb-run -a python docs/napari_screenshot.py [--finetune]`.
@@ -51,12 +52,30 @@ def snap(viewer, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def strip(frames: list[Path], dest: Path, titles: list[str], box: tuple[int, int, int, int] = (400, 60, 1100, 820),
+          width: int = 1200) -> None:
+    """The canvases of full-window screenshots side by side with a title each (one small PNG for the README)."""
+    from PIL import Image, ImageDraw
+
+    crops = [Image.open(f).convert("RGB").crop(box) for f in frames]
+    w, h = crops[0].size
+    sheet = Image.new("RGB", (w * len(crops), h + 40), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (c, t) in enumerate(zip(crops, titles)):
+        sheet.paste(c, (i * w, 40))
+        draw.text((i * w + 10, 12), t, fill="black")
+    sheet = sheet.resize((width, round(sheet.height * width / sheet.width)), Image.LANCZOS)
+    sheet.save(dest, quality=85, optimize=True)  # a photo-like screenshot: JPEG is a third of the PNG
+    print(f"wrote {dest}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="xmdl_ref")
     p.add_argument("--out", default=str(HERE), help="folder for the PNGs")
     p.add_argument("--finetune", action="store_true", help="also the correct-then-fine-tune sequence")
     p.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (10 steps each)")
+    p.add_argument("--frames", default="runs/napari_docs_frames", help="folder for the full-window frames")
     p.add_argument("--box", type=int, default=384, help="side of the corrected box, px")
     args = p.parse_args(argv)
     # A real (X or Xvfb) window: Qt's offscreen platform grabs the OpenGL canvas only once.
@@ -103,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         cam = camera(viewer)
         cam.center = ((y + box / 2) * 4.6, (x + box / 2) * 4.6)
         cam.zoom *= 2.5
-        snap(viewer, out / "napari_finetune_1.png")  # 1: the model's result there
+        frames = Path(args.frames)
+        frames.mkdir(parents=True, exist_ok=True)
+        snap(viewer, frames / "napari_finetune_1.png")  # 1: the model's result there
         current = np.asarray(instances.data)
         region, true_box = current[y:y + box, x:x + box], truth[y:y + box, x:x + box] > 0
         # The whole box painted as a user would (data_setitem is what napari's brush calls): missed
@@ -119,11 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         ft.out.setText(str(HERE.parent / "runs" / "napari_docs_finetune"))
         ft.epochs.setValue(args.epochs)
         ft.steps.setValue(10)
-        snap(viewer, out / "napari_finetune_2.png")  # 2: corrected by painting, ready to fine-tune
+        snap(viewer, frames / "napari_finetune_2.png")  # 2: corrected by painting, ready to fine-tune
         ft.run()
         wait(ft.job)
         print(ft.job.status.text())
-        snap(viewer, out / "napari_finetune_3.png")  # 3: segmented again by the fine-tuned model
+        snap(viewer, frames / "napari_finetune_3.png")  # 3: segmented again by the fine-tuned model
+        strip([frames / f"napari_finetune_{i}.png" for i in (1, 2, 3)], out / "napari_finetune.jpg",
+              ["1. the model's result", "2. corrected with the brush", f"3. after fine-tuning ({ft.job.status.text().split('(')[-1].split(')')[0]})"])
     viewer.close()
     return 0
 
