@@ -2,7 +2,7 @@
 
     python docs/known_limits_figure.py --model xmdl_ref --data ../shared/data/cdeep3m_sbem_mouse \
         ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5 \
-        --out docs/known_limits.png
+        --out docs/known_limits.jpg
 
 Every val slice is analysed with the model's own inference settings; a
 predicted object that overlaps no true mitochondrion at IoU >= 0.5 is a false
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel-size", nargs="+", default=None)
     p.add_argument("--per-set", type=int, default=3, help="false detections and misses shown per set")
     p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--out", default="docs/known_limits.png")
+    p.add_argument("--out", default="docs/known_limits.jpg")
     args = p.parse_args(argv)
     import matplotlib
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title(f"{name.split('_')[0]}: {kind}", fontsize=8)
     fig.suptitle(f"{Path(args.model).name}: largest errors on val slices (red: predicted, green: true)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
+    jpeg = str(args.out).lower().endswith((".jpg", ".jpeg"))  # the README picture: a third of the PNG
+    fig.savefig(args.out, dpi=90, **({"pil_kwargs": {"quality": 75}} if jpeg else {}))
     print(f"wrote {args.out} ({len(panels)} crops)")
     return 0
 
