@@ -214,7 +214,7 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
+        raise FileExistsError(f"{out}: already exists and is not an empty folder; choose another --out or pass --overwrite")
     model = model if model is not None else default_model_path()
     if model is None:
         raise FileNotFoundError(NO_DEFAULT)
