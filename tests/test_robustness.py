@@ -129,8 +129,13 @@ def test_a_second_process_on_the_same_run_is_refused(blob_dataset, tmp_path, cap
 
 
 def _run_until(cmd: list[str], env: dict, until, timeout: float = 180) -> subprocess.Popen:
-    """Start `cmd`; SIGKILL it as soon as `until()` is true (or leave it if it ends first)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start `cmd`; SIGKILL it as soon as `until()` is true (or leave it if it ends first).
+
+    The process's stderr is kept as `proc.err` (str), for the assertion message."""
+    import tempfile
+
+    err = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     t0 = time.time()
     while proc.poll() is None:
         if until():
@@ -141,6 +146,9 @@ def _run_until(cmd: list[str], env: dict, until, timeout: float = 180) -> subpro
             raise AssertionError(f"{cmd} hung for {timeout} s")
         time.sleep(0.005)
     proc.wait(30)
+    err.seek(0)
+    proc.err = err.read()[-3000:]
+    err.close()
     return proc
 
 
@@ -324,7 +332,7 @@ def test_analyze_resumes_after_a_random_kill(small_model, tmp_path):
         return bool(t_hit) and time.time() > t_hit[0] + delay
 
     p = _run_until(cmd, env, until)
-    assert p.returncode == -signal.SIGKILL
+    assert p.returncode == -signal.SIGKILL, p.err
     partial = _table_ok(out)
     assert 1 <= len(partial) < 8
     done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
