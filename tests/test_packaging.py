@@ -103,6 +103,7 @@ def test_wheel_installs_with_its_model_and_analyzes_the_sample_like_the_checkout
 
 
 def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, tmp_path):
+    before = os.environ.get("KERAS_BACKEND")
     pytest.importorskip("bioimageio.spec")
     pytest.importorskip("bioimageio.core")
     import yaml
@@ -122,6 +123,9 @@ def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, t
     assert x.shape[-1] == 1 and y.shape == x.shape[:3] + (2,) and np.allclose(y.sum(-1), 1, atol=1e-4)
     assert x.max() > 1  # raw grey values: the package's preprocessing normalises them
 
+    # bioimageio.core sets KERAS_BACKEND ("torch") on import; the export puts it back, or every
+    # process this test worker starts afterwards would run Keras on PyTorch.
+    assert os.environ.get("KERAS_BACKEND") == before
     # Nothing already written is replaced without --overwrite.
     assert main(["--format", "bioimageio", "--model", str(run), "--out", str(out), "--no-test"]) == 2
     assert (out / "rdf.yaml").is_file()

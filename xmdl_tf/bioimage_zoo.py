@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -329,12 +330,25 @@ def check(rdf: str | Path, run_test: bool = True) -> dict:
         raise ZooError(f"{rdf}: bioimage.io format check failed: {_errors(summary)}")
     result = {"format": "passed", "test": "skipped"}
     if run_test:
+        # bioimageio.core writes its own KERAS_BACKEND (default "torch") into os.environ on import,
+        # which every process this one starts later would inherit: pin it to the backend in use
+        # while it runs, then put the environment back as it was.
+        import keras
+
+        before = os.environ.get("KERAS_BACKEND")
+        os.environ["KERAS_BACKEND"] = keras.backend.backend()
         try:
-            from bioimageio.core import test_model
-        except ImportError:
-            log.warning("bioimageio.core is not installed: the package's model test was skipped")
-            return result
-        summary = test_model(descr)
+            try:
+                from bioimageio.core import test_model
+            except ImportError:
+                log.warning("bioimageio.core is not installed: the package's model test was skipped")
+                return result
+            summary = test_model(descr)
+        finally:
+            if before is None:
+                os.environ.pop("KERAS_BACKEND", None)
+            else:
+                os.environ["KERAS_BACKEND"] = before
         if summary.status != "passed":
             raise ZooError(f"{rdf}: bioimage.io model test failed: {_errors(summary)}")
         result["test"] = "passed"
