@@ -162,13 +162,11 @@ it on a few annotated slices (`xmdl-finetune`) before trusting counts there.
 """
 
 
-def _cover(model_path: Path, image: np.ndarray, dest: Path, pixel_size_nm: float | None) -> None:
+def _cover(predictor, image: np.ndarray, dest: Path, pixel_size_nm: float | None) -> None:
     """The toolkit's unified figure for `image`, the package's cover."""
     from .analyze import analyze_image
     from .figure import unified_figure
-    from .predict import load_model
 
-    predictor = load_model(model_path, jit_compile=False)
     a = analyze_image(predictor, image, "sample", pixel_size_nm=pixel_size_nm)
     unified_figure(a.image, a.instances, a.table, a.heatmap, dest, title="xmdl_tf reference model on the sample",
                    summary=a.summary, uncertainty=a.uncertainty)
@@ -203,7 +201,7 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
     An existing non-empty `out_dir` raises FileExistsError unless overwrite.
     """
     from .data import normalize
-    from .predict import load_keras_with_config
+    from .predict import Predictor, load_keras_with_config
     from .pretrained import NO_DEFAULT, default_model_path
     from .runlock import atomic_replace_dir
 
@@ -241,7 +239,8 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
                                    [None, :, :, None], verbose=0), np.float32)
         np.save(work / "test_input.npy", x)
         np.save(work / "test_output.npy", y)
-        _cover(model_path, sample_crop(COVER_TILE), work / "cover.png", 4.6)
+        # The network already loaded, wrapped for whole-slice inference (not loaded a second time).
+        _cover(Predictor(net, config, model_path, jit_compile=False), sample_crop(COVER_TILE), work / "cover.png", 4.6)
         n_params = int(net.count_params())
         (work / "README.md").write_text(_documentation(config, sets, px, n_params))
 
