@@ -485,9 +485,17 @@ def _sync_best(run_dir: Path, state: dict) -> None:
 
 
 def _prune_checkpoints(ckpt_dir: Path, keep: set) -> None:
-    """Delete checkpoint files the state no longer names (and half-written temporaries)."""
-    for f in ckpt_dir.glob("*.keras"):
-        if f.name not in keep and (f.name.startswith(("last-", "best-")) or ".tmp" in f.name):
+    """Delete checkpoint files the state no longer names, and half-written temporaries.
+
+    A kill in the middle of an atomic write leaves its temporary behind (any
+    file with ``.tmp`` in its name: a model, or ``.state.json.<pid>.tmp``);
+    only one process trains into a run folder (the run lock), so none of them
+    is still being written.
+    """
+    for f in ckpt_dir.iterdir() if ckpt_dir.is_dir() else ():
+        stale = ".tmp" in f.name
+        old = f.suffix == ".keras" and f.name.startswith(("last-", "best-")) and f.name not in keep
+        if f.is_file() and (stale or old):
             f.unlink(missing_ok=True)
 
 
