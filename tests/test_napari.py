@@ -289,6 +289,75 @@ def test_cancel_stops_between_slices(viewer, qtbot, blob_model):
     assert w.job.run_button.isEnabled() and not w.job.cancel_button.isEnabled()
 
 
+@pytest.fixture
+def one_worker():
+    """The address of a real Dask LocalCluster with one worker process (one worker start for a test's runs)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_stack_in_chunks_from_its_file_streams_cancels_and_continues(viewer, qtbot, blob_model, tmp_path,
+                                                                      one_worker):
+    """A stack segmented chunk by chunk on Dask from its file: lazy layers, preview, cancel, continue."""
+    from dataclasses import replace
+
+    from test_volume import blob_volume
+
+    from xmdl_tf.napari._widgets import SegmentWidget, object_table
+    from xmdl_tf.volume_io import write_volume_tiff
+
+    image, _ = blob_volume((24, 96, 96), seed=4, n=3)
+    write_volume_tiff(tmp_path / "stack.tif", image, (20.0, 10.0, 10.0))
+    data, kw = read(tmp_path / "stack.tif")
+    layer = viewer.add_image(data, **kw)
+    memory = viewer.add_image(np.asarray(image), name="in memory")
+    with pytest.raises(ValueError, match="not read from a file"):
+        L.resolve_mode(memory, L.SegmentSettings(mode="chunked"))
+    assert L.resolve_mode(layer, L.SegmentSettings(mode="volume")).mode == "volume"  # small: in memory
+
+    w = SegmentWidget(viewer)
+    qtbot.addWidget(w)
+    w.layer_box.setCurrentText(layer.name)
+    w.model.setText(str(blob_model))
+    assert w.mode.model().item(2).isEnabled()
+    w.mode.setCurrentIndex(2)
+    w.chunks.setText("2 96 96")
+    w.scheduler.setText(one_worker)
+    s = w.settings()
+    assert s.chunks == (2, 96, 96) and s.workers == 1 and s.pixel_size_nm == 10.0 and s.z_size_nm == 20.0
+
+    # Cancel once the first chunk of probability is written; what was done stays done.
+    cancel = threading.Event()
+    store = L.chunked_store(L.layer_source(layer))
+    assert store == tmp_path / "stack.xmdl.zarr"
+    with pytest.raises(L.Cancelled):
+        L.segment_chunked(L.layer_source(layer), s, layer.name, cancel=cancel, preview=lambda out: cancel.set())
+    done_first = len(list((store / ".xmdl" / "done" / "probability").iterdir()))
+    assert 1 <= done_first < 12 and not (store / "objects.csv").exists()
+
+    # The widget continues that run in the background; the probability layer grows as chunks land.
+    previews = []
+    w.job.relay.preview.connect(previews.append)
+    assert w.run() is not None
+    wait(qtbot, w.job)
+    assert "3-D mitochondria" in w.job.status.text(), w.job.status.text()
+    assert len(previews) == 12 - done_first and set(previews) == {store}
+
+    labels = viewer.layers["stack instances"]
+    assert not labels.editable and labels.metadata["xmdl"]["store"] == str(store)
+    assert not isinstance(labels.data, np.ndarray) and labels.data.shape == image.shape  # read from the zarr
+    got = np.asarray(labels.data[:])
+    table = object_table(viewer)
+    qtbot.addWidget(table)
+    assert sorted(table.data["id"]) == sorted(np.unique(got[got > 0])) and len(table.data) > 0
+    # The same objects as the whole stack in memory (the chunks hold whole slices).
+    whole = L.segment_array(image, replace(s, mode="volume"))
+    assert len(np.unique(whole.instances)) == len(np.unique(got))
+    np.testing.assert_array_equal(whole.instances > 0, got > 0)
+
+
 # ----------------------------------------------------------------------------
 # Corrections and fine-tuning
 

@@ -41,7 +41,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+import threading
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -314,7 +315,7 @@ def task_relabel(out: str, region, offset: int, lut: np.ndarray) -> None:
     zarr.open_array(str(Path(out) / WORK / "cc"), mode="r+")[region] = glob
 
 
-def _components(client, out: Path, plan: ChunkPlan, threshold: float, grid: list, verbose: bool) -> None:
+def _components(client, out: Path, plan: ChunkPlan, threshold: float, grid: list, report: "Reporter") -> None:
     """Global 26-connected components of probability >= threshold, streamed through zarr (.xmdl/cc).
 
     Not `dask_image.ndmeasure.label`: it keeps every block's labels in worker
@@ -331,7 +332,7 @@ def _components(client, out: Path, plan: ChunkPlan, threshold: float, grid: list
         zarr.open_array(str(out / WORK / name), mode="w", shape=plan.shape, chunks=plan.chunks, dtype="int32",
                         fill_value=0, zarr_format=2)
     futs = client.map(task_local_components, [str(out)] * len(grid), grid, [threshold] * len(grid), pure=False)
-    counts = _gather(client, futs, "chunk components", verbose)
+    counts = _gather(client, futs, "chunk components", report)
     offsets, total = {}, 0
     for region, n in zip(grid, counts):
         offsets[tuple((r.start, r.stop) for r in region)] = total
@@ -339,7 +340,7 @@ def _components(client, out: Path, plan: ChunkPlan, threshold: float, grid: list
     bounds = [(axis, i) for axis in range(3) for i in range(plan.chunks[axis], plan.shape[axis], plan.chunks[axis])]
     o = client.scatter(offsets, broadcast=True)
     futs = [client.submit(task_face_pairs, str(out), plan, axis, i, o, pure=False) for axis, i in bounds]
-    pairs = _gather(client, futs, "chunk-boundary merges", verbose) if futs else []
+    pairs = _gather(client, futs, "chunk-boundary merges", report) if futs else []
     pairs = np.concatenate(pairs) if len(pairs) else np.zeros((0, 2), np.int64)
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(total + 1, total + 1))
     _, comp = connected_components(graph, directed=False)
@@ -352,7 +353,7 @@ def _components(client, out: Path, plan: ChunkPlan, threshold: float, grid: list
     lut_f = client.scatter(lut, broadcast=True)
     futs = client.map(task_relabel, [str(out)] * len(grid), grid, [offsets[tuple((r.start, r.stop) for r in g)]
                                                                    for g in grid], [lut_f] * len(grid), pure=False)
-    _gather(client, futs, "global component ids", verbose)
+    _gather(client, futs, "global component ids", report)
 
 
 
@@ -379,20 +380,52 @@ def _cluster(client, scheduler: str, workers: int):
     return c, close
 
 
-def _gather(client, futures, what: str, verbose: bool):
-    """Results of `futures`, with Dask's progress bar on a terminal (a line per stage otherwise)."""
+class Cancelled(RuntimeError):
+    """A run stopped because its cancel event was set (`--resume` continues it)."""
+
+
+@dataclass
+class Reporter:
+    """Where a run's progress goes: stdout lines (`verbose`) and/or a callback, plus a cancel event.
+
+    progress(stage, done, total) is called in the calling thread each time a
+    task of the stage finishes (stage: "histograms", "probability", ...).
+    """
+
+    verbose: bool = True
+    progress: Callable[[str, int, int], None] | None = None
+    cancel: threading.Event | None = None
+
+
+def _gather(client, futures, what: str, report: Reporter):
+    """Results of `futures` in order, with Dask's progress bar on a terminal (a line per stage otherwise).
+
+    With a callback or cancel event, waits task by task: progress per
+    finished task, and on cancel the remaining tasks are cancelled and
+    `Cancelled` raised (what finished stays written and marked done).
+    """
     import sys
 
-    from distributed import progress
+    from distributed import as_completed, progress
 
     t0 = time.time()
-    if verbose:
+    stage = what.split(" (")[0]
+    if report.verbose:
         print(f"  {what}: {len(futures)} task(s)", flush=True)
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and report.progress is None:
             progress(futures, notebook=False)
             print(flush=True)
+    if report.progress is not None or report.cancel is not None:
+        if report.progress is not None:
+            report.progress(stage, 0, len(futures))
+        for done, _ in enumerate(as_completed(futures), 1):
+            if report.progress is not None:
+                report.progress(stage, done, len(futures))
+            if report.cancel is not None and report.cancel.is_set():
+                client.cancel(futures)
+                raise Cancelled("cancelled")
     results = client.gather(futures)
-    if verbose:
+    if report.verbose:
         print(f"    done in {time.time() - t0:.1f} s", flush=True)
     return results
 
@@ -429,13 +462,17 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                    scheduler: str = "local", workers: int = 2, chunks: Sequence[int] = DEFAULT_CHUNKS,
                    voxel_size_nm: Sequence[float] | None = None, inference: dict | None = None,
                    halo: int = DEFAULT_HALO, resume: bool = False, overwrite: bool = False,
-                   verbose: bool = True) -> dict:
+                   verbose: bool = True, progress: Callable[[str, int, int], None] | None = None,
+                   cancel: threading.Event | None = None) -> dict:
     """Segment, separate and measure the mitochondria of a volume in chunks on Dask (module docstring).
 
     source: anything `volume_io.open_volume` reads (OME-Zarr / Zarr v2 and
     v3, HDF5 `file.h5:/path`, TIFF stacks, slice folders). client: a
     `distributed.Client` to use; else `scheduler` "local" (a LocalCluster of
     `workers` processes on this machine) or a scheduler address.
+    progress(stage, done, total): called as each task of a stage finishes;
+    a set `cancel` stops the run at the next finished task (`Cancelled`),
+    leaving it to be continued with `resume=True`.
     Returns the summary written to OUT.zarr/summary.json.
     """
     from .pretrained import NO_DEFAULT, default_model_path
@@ -447,6 +484,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     from .volume_io import open_volume, resolve_voxel_size
 
     t_start = time.time()
+    report = Reporter(verbose, progress, cancel)
     out = Path(out)
     if out.suffix != ".zarr":
         raise DataError(f"--out {out}: the output is an OME-Zarr folder; give it a .zarr name")
@@ -486,7 +524,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             if not bounds_file.is_file():
                 futs = client.map(task_histogram, [plan] * len(grid), grid, pure=False)
                 hist = np.zeros((plan.shape[0], 65536), np.int64)
-                for region, h in zip(grid, _gather(client, futs, "histograms", verbose)):
+                for region, h in zip(grid, _gather(client, futs, "histograms", report)):
                     hist[region[0]] += h
                 norm = config.normalization if config else {"low": 1.0, "high": 99.8}
                 bounds = np.array([percentile_bounds(h, float(norm["low"]), float(norm["high"])) for h in hist])
@@ -500,17 +538,17 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             b = client.scatter(bounds, broadcast=True)
             futs = client.map(task_predict, [plan] * len(todo), [str(out)] * len(todo), todo, [b] * len(todo),
                               [tf_threads] * len(todo), pure=False)
-            _gather(client, futs, f"probability ({len(grid) - len(todo)} chunk(s) already done)", verbose)
+            _gather(client, futs, f"probability ({len(grid) - len(todo)} chunk(s) already done)", report)
             timings["probability_s"] = time.time() - t0
 
             # 3. connected components across chunk faces, sizes and boxes
             t0 = time.time()
             cc_path = str(work / "cc")
             if not _marker(out, "components", "cc").exists():
-                _components(client, out, plan, ic.threshold, grid, verbose)
+                _components(client, out, plan, ic.threshold, grid, report)
                 _mark(out, "components", "cc")
             futs = client.map(task_component_stats, [cc_path] * len(grid), grid, pure=False)
-            ids, counts, los, his = zip(*_gather(client, futs, "component sizes", verbose))
+            ids, counts, los, his = zip(*_gather(client, futs, "component sizes", report))
             n = int(max((int(i.max()) for i in ids if len(i)), default=0))
             sizes = np.zeros(n + 1, np.int64)
             lo = np.full((n + 1, 3), np.iinfo(np.int64).max, np.int64)
@@ -528,7 +566,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             s = client.scatter(sizes, broadcast=True)
             futs = [client.submit(task_objects, plan, str(out), k, bt, lo[bt], hi[bt], s, min_size, pure=False)
                     for k, bt in enumerate(batches)]
-            rows = [r for part in _gather(client, futs, f"objects of {len(kept)} component(s)", verbose) for r in part]
+            rows = [r for part in _gather(client, futs, f"objects of {len(kept)} component(s)", report) for r in part]
             per_comp = {int(i): 0 for i in kept}
             for r in rows:
                 per_comp[r["component"]] = max(per_comp[r["component"]], r["sub"])
@@ -561,7 +599,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                 comp_lists.append(keys[hit].tolist())
             o = client.scatter(offsets, broadcast=True)
             futs = client.map(task_paint, [str(out)] * len(todo), todo, comp_lists, [o] * len(todo), pure=False)
-            _gather(client, futs, "instance labels", verbose)
+            _gather(client, futs, "instance labels", report)
             timings["labels_s"] = time.time() - t0
         finally:
             close()

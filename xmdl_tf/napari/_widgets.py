@@ -37,7 +37,8 @@ from qtpy.QtWidgets import (
 
 from . import layers as L
 
-MODE_LABELS = {"slice": "2D slice (current)", "volume": "whole stack as a volume"}
+MODE_LABELS = {"slice": "2D slice (current)", "volume": "whole stack as a volume",
+               "chunked": "whole stack in chunks (from its file)"}
 # Widgets of each viewer, so the fine-tune widget can hand its new model to the segment widget.
 _SEGMENT_WIDGETS: "weakref.WeakSet[SegmentWidget]" = weakref.WeakSet()
 _TABLE_WIDGETS: "weakref.WeakSet[ObjectTableWidget]" = weakref.WeakSet()
@@ -48,6 +49,7 @@ class _Relay(QObject):
     """Carries a worker thread's progress into the GUI thread (queued connection)."""
 
     progress = Signal(int, int)
+    preview = Signal(object)  # a chunked run's store, after each chunk of probability
 
 
 class _Job(QWidget):
@@ -178,6 +180,17 @@ class SegmentWidget(QWidget):
         self.separate = QCheckBox("separate touching mitochondria")
         self.separate.setChecked(defaults.separate)
         self.job = _Job("Segment")
+        # Only for "whole stack in chunks": where the OME-Zarr goes, Dask workers, chunk size.
+        self.store = QLineEdit("")
+        self.store.setPlaceholderText("<stack>.xmdl.zarr beside the stack's file")
+        self.workers = QSpinBox()
+        self.workers.setRange(1, 64)
+        self.workers.setValue(1)
+        self.workers.setToolTip("local Dask worker processes (each loads the model once)")
+        self.scheduler = QLineEdit("local")
+        self.scheduler.setToolTip("'local' (Dask workers on this machine) or a scheduler address, tcp://host:8786")
+        self.chunks = QLineEdit(" ".join(map(str, L.SegmentSettings().chunks)))
+        self.chunks.setToolTip("chunk size z y x in voxels (y, x at least twice the 64 px halo)")
 
         form = QFormLayout()
         form.addRow("image layer", self.layer_box)
@@ -190,6 +203,10 @@ class SegmentWidget(QWidget):
         form.addRow("min. area", self.min_area)
         form.addRow("min. size", self.min_size)
         form.addRow("", self.separate)
+        form.addRow("chunked output", self.store)
+        form.addRow("Dask scheduler", self.scheduler)
+        form.addRow("workers", self.workers)
+        form.addRow("chunks (z y x)", self.chunks)
         box = QVBoxLayout(self)
         box.addLayout(form)
         box.addWidget(self.job)
@@ -204,6 +221,8 @@ class SegmentWidget(QWidget):
         self._prefill_from_model()
         self.last: L.Segmentation | None = None
         self.last_layers: dict = {}
+        self._running_layer = None
+        self.job.relay.preview.connect(self._preview)
         _SEGMENT_WIDGETS.add(self)
 
     # -- inputs
@@ -230,7 +249,8 @@ class SegmentWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     def _on_layer(self, *_) -> None:
-        """Prefill pixel size and z step from the layer; offer the volume mode for stacks only."""
+        """Prefill pixel size and z step from the layer; offer the volume modes for stacks only
+        (the chunked one for stacks read from a file)."""
         from ._reader import pixel_size_of, voxel_size_of
 
         layer = self.image_layer()
@@ -241,6 +261,7 @@ class SegmentWidget(QWidget):
         self.z_size.setValue(voxel[0] if voxel else 0.0)
         stack = layer.ndim >= 3
         self.mode.model().item(1).setEnabled(stack)
+        self.mode.model().item(2).setEnabled(stack and L.layer_source(layer) is not None)
         if not stack:
             self.mode.setCurrentIndex(0)
         self.z_size.setEnabled(stack)
@@ -263,11 +284,20 @@ class SegmentWidget(QWidget):
             self.separate.setChecked(ic.separate)
 
     def settings(self) -> L.SegmentSettings:
+        """The form as SegmentSettings (ValueError for chunk sizes that are not three positive integers)."""
+        try:
+            chunks = tuple(int(v) for v in self.chunks.text().replace(",", " ").split())
+        except ValueError:
+            chunks = ()
+        if len(chunks) != 3 or min(chunks) < 1:
+            raise ValueError(f"chunks: three positive sizes z y x, got {self.chunks.text()!r}")
         return L.SegmentSettings(model=self.model.text().strip() or None, mode=self.mode.currentData(),
                                  pixel_size_nm=self.pixel_size.value() or None,
                                  z_size_nm=self.z_size.value() or None, tta=self.tta.isChecked(),
                                  threshold=self.threshold.value(), min_area_nm2=self.min_area.value(),
-                                 min_size_px=self.min_size.value(), separate=self.separate.isChecked())
+                                 min_size_px=self.min_size.value(), separate=self.separate.isChecked(),
+                                 out=self.store.text().strip() or None, workers=self.workers.value(),
+                                 chunks=chunks, scheduler=self.scheduler.text().strip() or "local")
 
     # -- running
 
@@ -281,8 +311,14 @@ class SegmentWidget(QWidget):
         if layer is None:
             self.job.status.setText("open an image first")
             return None
-        s = self.settings()
         try:
+            s = L.resolve_mode(layer, self.settings())
+            if s.mode == "chunked":
+                source = L.layer_source(layer)
+                self.job.status.setText(f"segmenting {layer.name} in chunks into {L.chunked_store(source, s.out)}...")
+                self._running_layer = layer
+                return self.job.start(L.segment_chunked, source, s, layer.name, preview=self.job.relay.preview.emit,
+                                      on_done=lambda seg: self._show(seg, layer))
             data, z = L.layer_input(self.viewer, layer, s.mode)
         except ValueError as err:
             self.job.status.setText(str(err))
@@ -291,6 +327,12 @@ class SegmentWidget(QWidget):
         self.job.status.setText(f"segmenting {layer.name}{where}...")
         return self.job.start(L.segment_array, data, s, layer.name, z=z,
                               on_done=lambda seg: self._show(seg, layer))
+
+    def _preview(self, store) -> None:
+        """A chunked run's probability so far (GUI thread; the worker emits after each chunk)."""
+        layer = self._running_layer
+        if layer is not None and layer in self.viewer.layers:
+            L.show_preview(self.viewer, layer.name, store, layer)
 
     def _show(self, seg: L.Segmentation, layer) -> None:
         image_layer = layer if layer in self.viewer.layers else None

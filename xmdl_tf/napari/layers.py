@@ -37,18 +37,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..distributed import Cancelled  # one exception for every cancellable job
+
 log = logging.getLogger(__name__)
 
 IGNORE_VALUE = 255  # label value of pixels the user did not edit (ignored by the loss)
-MODES = ("slice", "volume")
+MODES = ("slice", "volume", "chunked")
 # A whole-stack run holds the volume and its results in memory (about 15 bytes per
-# voxel, `volume.py`); beyond this, `python -m xmdl_tf.volume` processes it in chunks.
+# voxel, `volume.py`); beyond this a stack read from a file goes the chunked way.
 MAX_VOLUME_VOXELS = 512 * 1024 * 1024
 Progress = Callable[[int, int], None]
-
-
-class Cancelled(RuntimeError):
-    """A run stopped because its cancel event was set."""
 
 
 # ----------------------------------------------------------------------------
@@ -126,7 +124,17 @@ class SegmentSettings:
     """What the "Segment mitochondria" widget asks; None leaves the model's own inference setting.
 
     model: run folder, .keras file or SavedModel export (None: the shipped model).
-    mode: "slice" (the current 2-D slice) or "volume" (the whole stack in 3-D).
+    mode: "slice" (the current 2-D slice), "volume" (the whole stack in 3-D,
+    in memory) or "chunked" (the whole stack in 3-D through
+    `distributed.process_volume`: Dask workers read the stack's file chunk
+    by chunk and write an OME-Zarr, which the layers show lazily; nothing
+    is held whole, so any size works). "volume" on a stack of more than
+    MAX_VOLUME_VOXELS read from a file goes the chunked way.
+    out: the chunked run's OME-Zarr (None: `<stack>.xmdl.zarr` beside the
+    stack's file; an unfinished run there with the same settings continues).
+    workers, chunks: the chunked run's local Dask worker processes and chunk
+    size (z, y, x) in voxels; scheduler: "local" (a LocalCluster of `workers`
+    processes) or the address of a running Dask scheduler (tcp://host:8786).
     pixel_size_nm: in-plane pixel size (None: from the layer, else unknown).
     z_size_nm: section thickness for "volume" (None: from the layer, else unknown).
     min_area_nm2 / min_size_px: smallest 2-D object kept (nm^2 when the pixel
@@ -144,6 +152,10 @@ class SegmentSettings:
     min_volume_nm3: float | None = None
     min_volume_vox: int | None = None
     separate: bool | None = None
+    out: str | Path | None = None
+    workers: int = 1
+    chunks: tuple[int, int, int] = (32, 1024, 1024)
+    scheduler: str = "local"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -160,7 +172,10 @@ class Segmentation:
     """One run's results; arrays are (H, W) for a slice, (Z, Y, X) for a volume.
 
     z: the slice of a stack that was segmented (None for a 2-D image or a volume).
-    image: what was analysed (uint8/uint16), kept for fine-tuning on corrections.
+    image: what was analysed (uint8/uint16), kept for fine-tuning on corrections
+    (None for a chunked run).
+    store: the OME-Zarr of a chunked run; probability and instances are then
+    lazy dask arrays read from it (probability as its pyramid, a list of levels).
     """
 
     name: str
@@ -177,6 +192,7 @@ class Segmentation:
     pixel_size_nm: float | None = None
     voxel_size_nm: tuple[float, float, float] | None = None
     z: int | None = None
+    store: Path | None = None
 
 
 def as_em_image(array: Any) -> np.ndarray:
@@ -233,14 +249,16 @@ def segment_array(image: Any, settings: SegmentSettings | None = None, name: str
 
     s = settings or SegmentSettings()
     ndim = len(np.shape(image))
+    if s.mode == "chunked":
+        raise ValueError("a chunked run reads the stack from its file: use segment_chunked(source, ...)")
     if s.mode == "volume" and ndim != 3:
         raise ValueError(f"'whole stack as a volume' needs a (Z, Y, X) stack; this layer is {ndim}-D")
     if s.mode == "slice" and ndim != 2:
         raise ValueError(f"expected one 2-D slice, got a {ndim}-D array")
     if s.mode == "volume" and int(np.prod(np.shape(image))) > MAX_VOLUME_VOXELS:
         raise MemoryError(f"the stack has {int(np.prod(np.shape(image))):,} voxels, more than this widget holds "
-                          f"in memory ({MAX_VOLUME_VOXELS:,}); run `python -m xmdl_tf.volume` on the file, which "
-                          "processes it in chunks, and open its OME-Zarr output here")
+                          f"in memory ({MAX_VOLUME_VOXELS:,}); save it as OME-Zarr or TIFF, open that file and "
+                          "segment it in chunks (or run `python -m xmdl_tf.volume` on the file)")
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled")
     path = model_path(s.model)
@@ -270,6 +288,129 @@ def segment_array(image: Any, settings: SegmentSettings | None = None, name: str
         raise Cancelled("cancelled")
     return Segmentation(name, "slice", arr, a.probability, a.instances, a.heatmap, a.uncertainty, a.table, a.summary,
                         path, s, px, None, z)
+
+
+def layer_source(layer) -> str | None:
+    """The file a layer was read from (what `volume_io.open_volume` takes), None for arrays made in memory."""
+    spec = (layer.metadata or {}).get("source") or getattr(getattr(layer, "source", None), "path", None)
+    return str(spec) if spec else None
+
+
+def chunked_store(source: str, out: str | Path | None = None) -> Path:
+    """Where a chunked run of `source` writes its OME-Zarr: `out`, else `<stack>.xmdl.zarr` beside the file."""
+    if out is not None and str(out).strip():
+        return Path(out).expanduser()
+    from ..volume_io import _split_container
+
+    f = Path(_split_container(source)[0] or source)
+    stem = f.name[: -len(f.suffix)] if f.suffix else f.name
+    return f.with_name(f"{stem}.xmdl.zarr")
+
+
+def resolve_mode(layer, settings: SegmentSettings) -> SegmentSettings:
+    """`settings` with "volume" turned "chunked" for a stack too big to hold, read from a file.
+
+    ValueError for a chunked run of a layer not read from a file, or of a 2-D image.
+    """
+    from dataclasses import replace
+
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    big = int(np.prod(data.shape[-3:])) > MAX_VOLUME_VOXELS
+    source = layer_source(layer)
+    if settings.mode == "volume" and big and source:
+        log.info("%s: %s voxels, more than a whole-stack run holds in memory: segmenting it in chunks",
+                 layer.name, f"{int(np.prod(data.shape[-3:])):,}")
+        settings = replace(settings, mode="chunked")
+    if settings.mode == "chunked":
+        if data.ndim < 3:
+            raise ValueError(f"{layer.name} is a single 2-D image; a chunked run needs a stack")
+        if not source:
+            raise ValueError(f"{layer.name} was not read from a file; the chunked run reads the stack from its "
+                             "file: save it as OME-Zarr or TIFF and open that")
+    return settings
+
+
+def segment_chunked(source: str, settings: SegmentSettings | None = None, name: str = "image",
+                    progress: Progress | None = None, cancel: threading.Event | None = None,
+                    preview: Callable[[Path], None] | None = None) -> Segmentation:
+    """Segment a stack in 3-D chunk by chunk on Dask, straight from its file (never held whole).
+
+    source: an `open_volume` spec (OME-Zarr / Zarr, N5, `file.h5:/path`,
+    TIFF stack). Runs `distributed.process_volume` on a LocalCluster of
+    settings.workers processes (TensorFlow only there, not in the viewer)
+    into `chunked_store(source, settings.out)`; an unfinished run there with
+    the same settings is continued, one with other settings is an error.
+    progress(done, total) per task of each stage (the count restarts with
+    each stage); preview(store) after each chunk of probability is written,
+    so a layer reading the store can show it grow; a set `cancel` stops at
+    the next finished task (Cancelled; calling again continues).
+    """
+    from ..distributed import process_volume
+
+    s = settings or SegmentSettings(mode="chunked")
+    out = chunked_store(source, s.out)
+    path = model_path(s.model)
+    px = s.pixel_size_nm or None
+    voxel = (float(s.z_size_nm), float(px), float(px)) if px and s.z_size_nm else None
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if preview is not None and stage == "probability" and done:
+            preview(out)
+
+    resume = (out / ".xmdl" / "state.json").is_file()
+    summary = process_volume(source, out, path, scheduler=s.scheduler, workers=s.workers, chunks=s.chunks,
+                             voxel_size_nm=voxel,
+                             inference=s.inference(), resume=resume, verbose=False, progress=report, cancel=cancel)
+    return open_chunked(out, name, path, s, summary)
+
+
+def _levels(group: Path) -> list:
+    """The zarr arrays 0, 1, ... of an OME-Zarr image (its pyramid), opened read-only."""
+    import zarr
+
+    n = 0
+    while (group / str(n)).is_dir():
+        n += 1
+    return [zarr.open_array(str(group / str(i)), mode="r") for i in range(n)]
+
+
+def open_chunked(store: str | Path, name: str, model: Path, settings: SegmentSettings,
+                 summary: dict | None = None) -> Segmentation:
+    """A finished chunked run (`distributed.process_volume`'s OME-Zarr) as a Segmentation of lazy arrays.
+
+    probability and instances are lists of zarr arrays (pyramid levels,
+    read on demand by napari), the table is objects.csv.
+    """
+    import pandas as pd
+
+    store = Path(store)
+    summary = summary or json.loads((store / "summary.json").read_text())
+    voxel = tuple(float(v) for v in summary["voxel_size_nm"]) if summary.get("voxel_size_nm") else None
+    table = pd.read_csv(store / "objects.csv")
+    return Segmentation(name, "volume", None, _levels(store), _levels(store / "labels" / "instances"), None, None,
+                        table, summary, model, settings, voxel[2] if voxel else None, voxel, None, store)
+
+
+def show_preview(viewer, name: str, store: str | Path, image_layer=None):
+    """Show (or refresh) the probability a running chunked run has written so far; call from the GUI thread.
+
+    The layer reads the store's full-resolution array directly (zarr, no
+    cache), so a refresh shows each newly written chunk.
+    """
+    import zarr
+
+    store = Path(store)
+    layer_name = f"{name} probability"
+    if layer_name in viewer.layers and viewer.layers[layer_name].metadata.get("xmdl_store") == str(store):
+        viewer.layers[layer_name].refresh()
+        return viewer.layers[layer_name]
+    seg = Segmentation(name, "volume", None, None, None, None, None, None, {}, Path(), SegmentSettings())
+    kw, _ = _placement(seg, image_layer)
+    data = zarr.open_array(str(store / "0"), mode="r")
+    return _put(viewer, "image", layer_name, data, colormap="viridis", contrast_limits=(0.0, 1.0),
+                metadata={"xmdl_store": str(store)}, **kw)
 
 
 def current_slice(viewer, layer) -> int | None:
@@ -305,7 +446,7 @@ def layer_input(viewer, layer, mode: str) -> tuple[Any, int | None]:
 
 def segment_layer(viewer, layer, settings: SegmentSettings | None = None, progress: Progress | None = None,
                   cancel: threading.Event | None = None, **overrides) -> dict:
-    """Segment an image layer (its current slice, or the whole stack) and add the result layers.
+    """Segment an image layer (its current slice, or the whole stack, in memory or in chunks) and add the results.
 
     settings: a SegmentSettings; keyword `overrides` replace its fields
     (e.g. `segment_layer(viewer, layer, threshold=0.4, mode="volume")`).
@@ -315,9 +456,12 @@ def segment_layer(viewer, layer, settings: SegmentSettings | None = None, progre
     from dataclasses import replace
 
     s = replace(settings or SegmentSettings(), **overrides)
-    s = with_layer_scale(s, layer)
-    data, z = layer_input(viewer, layer, s.mode)
-    seg = segment_array(data, s, layer.name, progress, cancel, z)
+    s = resolve_mode(layer, with_layer_scale(s, layer))
+    if s.mode == "chunked":
+        seg = segment_chunked(layer_source(layer), s, layer.name, progress, cancel)
+    else:
+        data, z = layer_input(viewer, layer, s.mode)
+        seg = segment_array(data, s, layer.name, progress, cancel, z)
     layers = show_segmentation(viewer, seg, layer)
     return {"segmentation": seg, **layers, "table": seg.table}
 
@@ -419,6 +563,8 @@ def show_segmentation(viewer, seg: Segmentation, image_layer=None) -> dict:
     names = result_names(seg)
     kw, shaped = _placement(seg, image_layer)
     out: dict[str, Any] = {"uncertainty": None, "gradcam": None}
+    if seg.store is not None:  # a chunked run: lazy pyramids read from its OME-Zarr
+        return _show_store(viewer, seg, names, kw, out)
     out["probability"] = _put(viewer, "image", names["probability"], shaped(seg.probability), colormap="viridis",
                               contrast_limits=(0.0, 1.0), visible=False, **kw)
     if seg.heatmap is not None:
@@ -434,6 +580,32 @@ def show_segmentation(viewer, seg: Segmentation, image_layer=None) -> dict:
                   colormap=DirectLabelColormap(color_dict=class_colors(seg.table, seg.mode)), opacity=0.6,
                   metadata=meta, **kw)
     EditTracker.attach(labels, seg)
+    out["instances"] = labels
+    return out
+
+
+def _show_store(viewer, seg: Segmentation, names: dict, kw: dict, out: dict) -> dict:
+    """Layers of a chunked run: probability and instances as multiscale layers over its OME-Zarr.
+
+    The instances layer is read-only (painting would write into the run's
+    output); to correct and fine-tune, segment single slices.
+    """
+    from napari.utils.colormaps import DirectLabelColormap
+
+    def put(kind, name, levels, **extra):
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+        data = levels if len(levels) > 1 else levels[0]
+        return getattr(viewer, f"add_{kind}")(data, name=name, multiscale=len(levels) > 1, **kw, **extra)
+
+    meta = {"xmdl": {"model": str(seg.model), "mode": seg.mode, "image": seg.name, "z": None,
+                     "pixel_size_nm": seg.pixel_size_nm, "voxel_size_nm": seg.voxel_size_nm,
+                     "store": str(seg.store)}}
+    out["probability"] = put("image", names["probability"], seg.probability, colormap="viridis",
+                             contrast_limits=(0.0, 1.0), visible=False, metadata={"xmdl_store": str(seg.store)})
+    labels = put("labels", names["instances"], seg.instances, opacity=0.6, metadata=meta,
+                 colormap=DirectLabelColormap(color_dict=class_colors(seg.table, seg.mode)))
+    labels.editable = False
     out["instances"] = labels
     return out
 
