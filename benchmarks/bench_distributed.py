@@ -51,7 +51,8 @@ def synthetic_zarr(path: Path, slices: int, size: int = 1024) -> None:
         arr[z0 : z0 + n] = (slab if k % 2 == 0 else slab[::-1])[:n]
 
 
-def one_run(src: Path, out: Path, model: str, workers: int, chunks, halo: int, memory_limit: str | None) -> dict:
+def one_run(src: Path, out: Path, model: str, workers: int, chunks, halo: int, memory_limit: str | None,
+            inference: dict | None = None) -> dict:
     from distributed import Client, LocalCluster
 
     from xmdl_tf.distributed import process_volume
@@ -63,7 +64,8 @@ def one_run(src: Path, out: Path, model: str, workers: int, chunks, halo: int, m
     client = Client(cluster)
     try:
         t0 = time.time()
-        s = process_volume(str(src), out, model, client=client, chunks=chunks, halo=halo, verbose=False)
+        s = process_volume(str(src), out, model, client=client, chunks=chunks, halo=halo, inference=inference,
+                           verbose=False)
         seconds = time.time() - t0
         peaks = sorted(client.run(_peak_rss_mb).values())
     finally:
@@ -81,6 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=1024, help="slice width and height, px")
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--memory-limit", default=None, help="per worker, e.g. 2GB (default: RAM / workers)")
+    p.add_argument("--tta", choices=("off", "on", "model"), default="off",
+                   help="test-time augmentation: off (default; it multiplies the prediction time by 8), on, "
+                        "or the model's own setting")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     print(machine())
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
             synthetic_zarr(src, slices, args.size)
             for workers in args.workers:
                 out = d / f"out_{slices}_{workers}.zarr"
-                r = one_run(src, out, args.model, workers, args.chunks, args.halo, args.memory_limit)
+                inference = None if args.tta == "model" else {"tta": args.tta == "on"}
+                r = one_run(src, out, args.model, workers, args.chunks, args.halo, args.memory_limit, inference)
                 s = r["summary"]
                 voxels = slices * args.size * args.size
                 stages = {k: s[k] for k in ("histograms_s", "probability_s", "components_s", "objects_s", "labels_s",
@@ -101,7 +107,8 @@ def main(argv=None) -> int:
                 n = args.size
                 cy, cx = min(args.chunks[1], n), min(args.chunks[2], n)
                 halo_share = ((min(cy + 2 * args.halo, n) * min(cx + 2 * args.halo, n)) / (cy * cx)) - 1
-                row = {"slices": slices, "voxels": voxels, "workers": workers, "seconds": round(r["seconds"], 1),
+                row = {"slices": slices, "voxels": voxels, "workers": workers, "tta": args.tta,
+                       "seconds": round(r["seconds"], 1),
                        "voxels_per_s": round(voxels / r["seconds"]), "objects": s["count"],
                        "probability_float32_mb": round(voxels * 4 / 2**20),
                        "arrays_written_mb": round(voxels * (1 + 4 + 4 + 4) / 2**20),  # input, probability, components, labels
