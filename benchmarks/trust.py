@@ -44,9 +44,12 @@ def detections(rows, temperature: float, confidence) -> dict:
     fp_left = int((~y & ~flagged).sum())
     f1 = 2 * tp / max(2 * tp + fp + (n_true - tp), 1)
     f1_reviewed = 2 * tp / max(2 * tp + fp_left + (n_true - tp), 1)
+    # Each feature alone (sign-free: max(A, 1 - A)), to see which ones carry over to unseen data.
+    by_feature = {f: round(max(a, 1 - a), 4) if np.isfinite(a := auroc(x[:, i], y)) else None
+                  for i, f in enumerate(FEATURES)} if len(x) else {}
     return {"objects": len(y), "true": tp, "false": fp, "auroc_confidence": auroc(conf, y),
             "auroc_gradcam": auroc(heat, y), "flagged": int(flagged.sum()), "instance_f1": round(f1, 4),
-            "instance_f1_after_review": round(f1_reviewed, 4)}
+            "instance_f1_after_review": round(f1_reviewed, 4), "auroc_by_feature": by_feature}
 
 
 def pixels(rows, temperature: float, k: int = 200_000, seed: int = 0) -> dict:

@@ -290,7 +290,9 @@ class SegmentWidget(QWidget):
         except ValueError:
             chunks = ()
         if len(chunks) != 3 or min(chunks) < 1:
-            raise ValueError(f"chunks: three positive sizes z y x, got {self.chunks.text()!r}")
+            if self.mode.currentData() == "chunked":
+                raise ValueError(f"chunks: three positive sizes z y x, got {self.chunks.text()!r}")
+            chunks = L.SegmentSettings().chunks  # not used outside the chunked mode
         return L.SegmentSettings(model=self.model.text().strip() or None, mode=self.mode.currentData(),
                                  pixel_size_nm=self.pixel_size.value() or None,
                                  z_size_nm=self.z_size.value() or None, tta=self.tta.isChecked(),
