@@ -30,6 +30,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: VmHWM, the high-water mark of its own address space.
+
+    Not getrusage's ru_maxrss: Linux keeps that across fork and exec, so a
+    spawned Dask worker would report the peak of the process it came from.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
