@@ -107,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     # Select the largest object: its row is highlighted and the view centred on it.
     table.select_object(int(seg.table.loc[seg.table["area_px2"].idxmax(), "id"]))
     viewer.reset_view()
+    # Give the table most of the right-hand column (the segment form needs about 360 px).
+    qt = viewer.window._qt_window
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QDockWidget
+
+    docks = {d.windowTitle(): d for d in qt.findChildren(QDockWidget)}
+    pair = [docks[k] for k in docks if "Segment" in k] + [docks[k] for k in docks if "Mitochondria" in k]
+    if len(pair) == 2:
+        qt.resizeDocks(pair, [360, 600], Qt.Vertical)
     snap(viewer, out / "napari.png")
 
     if args.finetune:

@@ -322,7 +322,9 @@ def test_stack_in_chunks_from_its_file_streams_cancels_and_continues(viewer, qtb
     w.layer_box.setCurrentText(layer.name)
     w.model.setText(str(blob_model))
     assert w.mode.model().item(2).isEnabled()
+    assert w.chunked_box.isHidden()
     w.mode.setCurrentIndex(2)
+    assert not w.chunked_box.isHidden()  # its own fields appear with the chunked mode
     w.chunks.setText("2 96 96")
     w.scheduler.setText(one_worker)
     s = w.settings()

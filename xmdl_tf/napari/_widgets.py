@@ -203,16 +203,24 @@ class SegmentWidget(QWidget):
         form.addRow("min. area", self.min_area)
         form.addRow("min. size", self.min_size)
         form.addRow("", self.separate)
-        form.addRow("chunked output", self.store)
-        form.addRow("Dask scheduler", self.scheduler)
-        form.addRow("workers", self.workers)
-        form.addRow("chunks (z y x)", self.chunks)
+        # Shown only in the chunked mode.
+        self.chunked_box = QWidget()
+        sub = QFormLayout(self.chunked_box)
+        sub.setContentsMargins(0, 0, 0, 0)
+        sub.addRow("chunked output", self.store)
+        sub.addRow("Dask scheduler", self.scheduler)
+        sub.addRow("workers", self.workers)
+        sub.addRow("chunks (z y x)", self.chunks)
+        form.addRow(self.chunked_box)
+        self.chunked_box.setVisible(False)
         box = QVBoxLayout(self)
         box.addLayout(form)
         box.addWidget(self.job)
         box.addStretch(1)
 
         self.job.run_button.clicked.connect(self.run)
+        self.mode.currentIndexChanged.connect(
+            lambda *_: self.chunked_box.setVisible(self.mode.currentData() == "chunked"))
         self.layer_box.currentIndexChanged.connect(self._on_layer)
         self.model.editingFinished.connect(self._prefill_from_model)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
