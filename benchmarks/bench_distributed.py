@@ -117,7 +117,11 @@ def main(argv=None) -> int:
                 total = sum(stages.values())
                 n = args.size
                 cy, cx = min(args.chunks[1], n), min(args.chunks[2], n)
-                halo_share = ((min(cy + 2 * args.halo, n) * min(cx + 2 * args.halo, n)) / (cy * cx)) - 1
+                # Pixels predicted with the halo (clipped at the slice's edges) over the slice's pixels, minus 1.
+                def span(c):
+                    return sum(min(a + c + args.halo, n) - max(a - args.halo, 0) for a in range(0, n, c))
+
+                halo_share = span(cy) * span(cx) / (n * n) - 1
                 row = {"slices": slices, "voxels": voxels, "workers": workers, "tta": args.tta,
                        "seconds": round(r["seconds"], 1),
                        "voxels_per_s": round(voxels / r["seconds"]), "objects": s["count"],
