@@ -325,10 +325,10 @@ def test_stack_in_chunks_from_its_file_streams_cancels_and_continues(viewer, qtb
     assert w.chunked_box.isHidden()
     w.mode.setCurrentIndex(2)
     assert not w.chunked_box.isHidden()  # its own fields appear with the chunked mode
-    w.chunks.setText("2 96 96")
+    w.chunks.setText("4 96 96")
     w.scheduler.setText(one_worker)
     s = w.settings()
-    assert s.chunks == (2, 96, 96) and s.workers == 1 and s.pixel_size_nm == 10.0 and s.z_size_nm == 20.0
+    assert s.chunks == (4, 96, 96) and s.workers == 1 and s.pixel_size_nm == 10.0 and s.z_size_nm == 20.0
 
     # Cancel once the first chunk of probability is written; what was done stays done.
     cancel = threading.Event()
@@ -337,7 +337,7 @@ def test_stack_in_chunks_from_its_file_streams_cancels_and_continues(viewer, qtb
     with pytest.raises(L.Cancelled):
         L.segment_chunked(L.layer_source(layer), s, layer.name, cancel=cancel, preview=lambda out: cancel.set())
     done_first = len(list((store / ".xmdl" / "done" / "probability").iterdir()))
-    assert 1 <= done_first < 12 and not (store / "objects.csv").exists()
+    assert 1 <= done_first < 6 and not (store / "objects.csv").exists()
 
     # The widget continues that run in the background; the probability layer grows as chunks land.
     previews = []
@@ -345,7 +345,7 @@ def test_stack_in_chunks_from_its_file_streams_cancels_and_continues(viewer, qtb
     assert w.run() is not None
     wait(qtbot, w.job)
     assert "3-D mitochondria" in w.job.status.text(), w.job.status.text()
-    assert len(previews) == 12 - done_first and set(previews) == {store}
+    assert len(previews) == 6 - done_first and set(previews) == {store}
 
     labels = viewer.layers["stack instances"]
     assert not labels.editable and labels.metadata["xmdl"]["store"] == str(store)
