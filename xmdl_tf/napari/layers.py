@@ -13,6 +13,11 @@ the first in a worker thread and the second in the GUI thread:
    layers: probability, instances (Labels coloured by shape class),
    Grad-CAM (inferno, additive) and, in 2-D, uncertainty.
 
+A stack of any size goes the chunked way instead (`segment_chunked`): Dask
+workers read it from its file and write an OME-Zarr (`distributed.py`);
+`show_preview` shows its probability as chunks land, and the final layers
+read the store lazily. Nothing is held whole in the viewer.
+
 Fine-tuning on corrections: every instances layer made here keeps a copy of
 the segmentation it started from (`EditTracker`, in the layer's metadata)
 and records the pixels a brush touched. `collect_corrections(viewer)` turns
