@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..distributed import Cancelled  # one exception for every cancellable job
+from ..distributed import DEFAULT_CHUNKS, Cancelled  # one exception for every cancellable job
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +159,18 @@ class SegmentSettings:
     separate: bool | None = None
     out: str | Path | None = None
     workers: int = 1
-    chunks: tuple[int, int, int] = (32, 1024, 1024)
+    chunks: tuple[int, int, int] = DEFAULT_CHUNKS
     scheduler: str = "local"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def voxel_size_nm(self) -> tuple[float, float, float] | None:
+        """(z, y, x) in nm when both the pixel size and the z step are known, else None."""
+        px = self.pixel_size_nm or None
+        return (float(self.z_size_nm), float(px), float(px)) if px and self.z_size_nm else None
 
     def inference(self) -> dict:
         """Overrides of the model's `InferenceConfig` (the fields given)."""
@@ -275,7 +281,7 @@ def segment_array(image: Any, settings: SegmentSettings | None = None, name: str
     if s.mode == "volume":
         from ..volume import VolumeSettings, analyze_volume
 
-        voxel = (float(s.z_size_nm), float(px), float(px)) if px and s.z_size_nm else None
+        voxel = s.voxel_size_nm
         step = _checker(progress, cancel, arr.shape[0])
         a = analyze_volume(predictor, arr, name, VolumeSettings(inference=overrides, figure=False), voxel,
                            progress=lambda plane, done, total: step(1))
@@ -355,8 +361,6 @@ def segment_chunked(source: str, settings: SegmentSettings | None = None, name: 
     s = settings or SegmentSettings(mode="chunked")
     out = chunked_store(source, s.out)
     path = model_path(s.model)
-    px = s.pixel_size_nm or None
-    voxel = (float(s.z_size_nm), float(px), float(px)) if px and s.z_size_nm else None
 
     def report(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -366,8 +370,8 @@ def segment_chunked(source: str, settings: SegmentSettings | None = None, name: 
 
     resume = (out / ".xmdl" / "state.json").is_file()
     summary = process_volume(source, out, path, scheduler=s.scheduler, workers=s.workers, chunks=s.chunks,
-                             voxel_size_nm=voxel,
-                             inference=s.inference(), resume=resume, verbose=False, progress=report, cancel=cancel)
+                             voxel_size_nm=s.voxel_size_nm, inference=s.inference(), resume=resume, verbose=False,
+                             progress=report, cancel=cancel)
     return open_chunked(out, name, path, s, summary)
 
 
