@@ -16,7 +16,11 @@ in-distribution) report
 - calibration: ECE of the raw and the calibrated probabilities;
 - out of distribution: AUROC of the image OOD score, left-out slices against
   the training sets' held-out slices, and the share of left-out slices warned.
-Writes OUT/trust.json and prints the tables.
+Writes OUT/trust.json, OUT/trust.md (the tables it prints) and
+OUT/trust_tables.npz: every object's features (`confidence.ALL_FEATURES`)
+and truth, and every slice's candidate OOD scores (`SLICE_COLUMNS`), for the
+calibration fit (seen val), zero-shot and in-distribution parts, so that
+other features and scores can be studied without predicting again.
 """
 from __future__ import annotations
 
@@ -69,6 +73,28 @@ def pixels(rows, temperature: float, k: int = 200_000, seed: int = 0) -> dict:
             "auroc_entropy_for_errors": round(auroc(entropy(cal), wrong), 4)}
 
 
+SLICE_COLUMNS = ("bottleneck_score", "mean_entropy", "uncertain_fraction", "foreground_fraction",
+                 "mean_object_confidence", "review_fraction")
+
+
+def slice_scores(rows, temperature: float, confidence, bottleneck: list[float]) -> np.ndarray:
+    """(n_slices, len(SLICE_COLUMNS)) candidate out-of-distribution scores of each slice."""
+    from xmdl_tf.calibration import apply_temperature
+    from xmdl_tf.confidence import entropy, feature_matrix, object_features
+
+    out = []
+    for r, b in zip(rows, bottleneck):
+        p = apply_temperature(r["probability"], temperature)
+        conf = np.full(1, np.nan)
+        if confidence is not None and r["instances"].max() > 0:
+            conf = confidence.predict(feature_matrix(object_features(r["instances"], p, r["gradcam"]),
+                                                     confidence.features))
+        out.append([b, float(entropy(p).mean()), float(((p > 0.2) & (p < 0.8)).mean()), float((p >= 0.5).mean()),
+                    float(np.nanmean(conf)) if np.isfinite(conf).any() else np.nan,
+                    float(np.mean(conf < 0.5)) if np.isfinite(conf).any() else np.nan])
+    return np.array(out, np.float64).reshape(-1, len(SLICE_COLUMNS))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--loso", required=True, help="folder of benchmarks/loso.py runs (without_<set>/)")
@@ -76,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel-size", nargs="+", default=None)
     p.add_argument("--out", default=None, help="folder for trust.json (default: --loso)")
     args = p.parse_args(argv)
-    from xmdl_tf.calibrate import calibrate, collect_val
-    from xmdl_tf.confidence import ObjectConfidence, auroc
+    from xmdl_tf.calibrate import collect_val, fit_calibration, object_table
+    from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
     from xmdl_tf.evaluate import held_out_split
     from xmdl_tf.ood import OOD_FILE, FeatureDistribution, image_features
     from xmdl_tf.predict import load_model
@@ -85,15 +111,16 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
     by_name = {Path(d).resolve().name: (d, px) for d, px in zip(args.data, sizes)}
-    report = {}
+    report, dump = {}, {}
     for left, (d_left, px_left) in by_name.items():
         run = Path(args.loso) / f"without_{left}"
         if not (run / "model.keras").is_file():
             print(f"{run}: no model; skipped")
             continue
         seen = [(d, px) for n, (d, px) in by_name.items() if n != left]
-        cal = calibrate(run, [d for d, _ in seen], [px for _, px in seen], verbose=False)
         pred = load_model(run)
+        val = collect_val(pred, [d for d, _ in seen], [px for _, px in seen], verbose=False)
+        cal = fit_calibration(pred, val, [d for d, _ in seen], [px for _, px in seen], verbose=False)
         conf = ObjectConfidence.from_dict(cal["object_confidence"]) if cal["object_confidence"] else None
         t = cal["temperature"]
         unseen = [r for split in ("val", "test") if (Path(d_left) / split / "x").is_dir()
@@ -102,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         dist = FeatureDistribution.load(run / OOD_FILE)
         score = lambda rows: [dist.score(image_features(pred, r["image"], r["pixel_size_nm"], tile=dist.tile)) for r in rows]
         s_un, s_in = score(unseen), score(held)
+        # Everything needed to study other confidence features and OOD scores without predicting again.
+        val_rows = [r for rows in val.values() for r in rows]
+        for part, rows in (("fit", val_rows), ("zero_shot", unseen), ("in_distribution", held)):
+            x, y = object_table(rows, t, ALL_FEATURES)
+            dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
+            dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, score(rows) if part == "fit" else
+                                                         (s_un if part == "zero_shot" else s_in))
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},
             "zero_shot": {**detections(unseen, t, conf), **pixels(unseen, t)},
@@ -114,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or args.loso)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trust.json").write_text(json.dumps(report, indent=2) + "\n")
+    np.savez_compressed(out / "trust_tables.npz", features=np.array(ALL_FEATURES), slice_columns=np.array(SLICE_COLUMNS),
+                        **dump)
     rows = ["| left out | data | objects (true/false) | AUROC confidence | AUROC Grad-CAM | flagged | instance F1 -> after review | ECE raw -> calibrated | AUROC entropy (pixel errors) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for left, r in report.items():

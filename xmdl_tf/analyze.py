@@ -193,7 +193,8 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     uncertainty = entropy(p_cal)
     if cal.get("object_confidence") and len(table):
         f = object_features(instances, p_cal, cam)
-        conf = ObjectConfidence.from_dict(cal["object_confidence"]).predict(feature_matrix(f))
+        model = ObjectConfidence.from_dict(cal["object_confidence"])
+        conf = model.predict(feature_matrix(f, model.features))
         by_id = dict(zip(f["label"].tolist(), conf.tolist()))
         table["confidence"] = [round(by_id[int(i)], 4) for i in table["id"]]
         table["needs_review"] = table["confidence"] < REVIEW_BELOW

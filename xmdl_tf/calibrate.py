@@ -79,16 +79,18 @@ def fit_temperature_on(slices: dict[str, list[dict]], per_set: int = PIXELS_PER_
     return {"temperature": round(t, 4), "ece": ece, "nll": nlls, "pixels_per_set": per_set}
 
 
-def object_table(rows: list[dict], temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, F), is_true (N,)) of every predicted object of the given slices."""
+def object_table(rows: list[dict], temperature: float, names: tuple[str, ...] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, F) named `names` (default `confidence.FEATURES`), is_true (N,)) of every
+    predicted object of the given slices."""
     from .calibration import apply_temperature
-    from .confidence import feature_matrix, object_features
+    from .confidence import FEATURES, feature_matrix, object_features
     from .postprocess import matched_objects
 
     xs, ys = [], []
     for r in rows:
         f = object_features(r["instances"], apply_temperature(r["probability"], temperature), r["gradcam"])
-        xs.append(feature_matrix(f))
+        xs.append(feature_matrix(f, names or FEATURES))
         ys.append(matched_objects(r["instances"], r["truth"]))
     return np.concatenate(xs), np.concatenate(ys)
 
@@ -117,8 +119,6 @@ def fit_ood(predictor, data: list[str], pixel_sizes: list[float | None], val_sli
 def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = None, split: str = "val",
               verbose: bool = True, ood_tile: int | None = None) -> dict:
     """Fit temperature, object confidence and the OOD model; store them beside the model; return the report."""
-    from .confidence import FEATURES, ObjectConfidence, auroc
-    from .ood import OOD_FILE
     from .predict import load_model, resolve_model_path
 
     if split == "test":
@@ -130,6 +130,19 @@ def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = N
     if cfg_path is None:
         raise FileNotFoundError(f"{model_path}: no config.json beside the model to store the calibration in")
     slices = collect_val(predictor, data, pixel_sizes, split, verbose)
+    return fit_calibration(predictor, slices, data, pixel_sizes, split, verbose, ood_tile, t0)
+
+
+def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], pixel_sizes: list[float | None],
+                    split: str = "val", verbose: bool = True, ood_tile: int | None = None,
+                    t0: float | None = None) -> dict:
+    """`calibrate` on slices already collected (`collect_val`); stores into the model's config.json."""
+    from .confidence import FEATURES, ObjectConfidence, auroc
+    from .ood import OOD_FILE
+    from .predict import resolve_model_path
+
+    t0 = time.time() if t0 is None else t0
+    model_path, cfg_path = resolve_model_path(predictor.path)
     temp = fit_temperature_on(slices)
     x, y = object_table([r for rows in slices.values() for r in rows], temp["temperature"])
     conf = None

@@ -17,6 +17,8 @@ import numpy as np
 
 FEATURES = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "log_area",
             "mean_gradcam")
+# Every feature `object_features` computes; a fitted model names the ones it uses (`ObjectConfidence.features`).
+ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touches_border")
 REVIEW_BELOW = 0.5  # objects with confidence under this are flagged `needs_review`
 
 
@@ -43,7 +45,10 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     edge_contrast: mean probability inside minus that of the background ring
         up to `ring_px` px around it (each ring pixel belongs to its nearest object).
     log_area: log10 of the area in pixels. mean_gradcam: mean heat inside (0 if none).
-    Returns {"label": ids, feature: values (N,)}.
+    Scale-free shape: solidity (area / convex hull area), elongation (1 - minor / major
+    axis of the second moments). gradcam_contrast: mean heat inside minus that of the
+    ring. touches_border: 1.0 if the object reaches the image edge (cut off), else 0.0.
+    Returns {"label": ids, feature: values (N,)} for every name in `ALL_FEATURES`.
     """
     from scipy import ndimage
 
@@ -51,7 +56,7 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     n = int(inst.max()) if inst.size else 0
     ids = np.arange(1, n + 1)
     if n == 0:
-        return {"label": ids, **{f: np.zeros(0) for f in FEATURES}}
+        return {"label": ids, **{f: np.zeros(0) for f in ALL_FEATURES}}
     p = np.nan_to_num(np.asarray(probability, np.float64), nan=0.5)
     inside = inst > 0
     area = np.bincount(inst.ravel(), minlength=n + 1)[1:]
@@ -64,6 +69,9 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     starts = np.concatenate([[0], np.cumsum(np.bincount(inst.ravel(), minlength=n + 1))])
     flat = p.ravel()[order]
     low = np.array([np.percentile(flat[starts[i]:starts[i + 1]], 10) for i in ids])
+    heat = np.asarray(heatmap, np.float64) if heatmap is not None else None
+    edge = np.zeros(n + 1, bool)
+    edge[np.unique(np.concatenate([inst[0], inst[-1], inst[:, 0], inst[:, -1]]))] = True
     return {
         "label": ids,
         "mean_probability": inner,
@@ -71,8 +79,48 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
         "mean_uncertainty": _means(entropy(p), inst, n),
         "edge_contrast": inner - np.nan_to_num(ring_mean, nan=0.0),
         "log_area": np.log10(np.maximum(area, 1)),
-        "mean_gradcam": _means(np.asarray(heatmap), inst, n) if heatmap is not None else np.zeros(n),
+        "mean_gradcam": _means(heat, inst, n) if heat is not None else np.zeros(n),
+        "solidity": _solidity(inst, n),
+        "elongation": _elongation(inst, n),
+        "gradcam_contrast": (_means(heat, inst, n) - np.nan_to_num(_means(heat, nearest, n), nan=0.0))
+        if heat is not None else np.zeros(n),
+        "touches_border": edge[1:].astype(np.float64),
     }
+
+
+def _solidity(inst: np.ndarray, n: int) -> np.ndarray:
+    """Area / convex hull area of each object 1..n (1 for convex ones; 1 for single pixels)."""
+    import cv2
+    from scipy import ndimage
+
+    out = np.ones(n)
+    for i, sl in enumerate(ndimage.find_objects(inst, max_label=n)):
+        if sl is None:
+            continue
+        m = (inst[sl] == i + 1).astype(np.uint8)
+        pts = cv2.findNonZero(m)
+        if pts is None or len(pts) < 3:
+            continue
+        # Hull of pixel squares, not centres: offsets by half a pixel on each side (else a
+        # 1-px-wide line has zero hull area).
+        corners = (pts.reshape(-1, 1, 2).astype(np.float32) + np.array([[[0, 0]], [[1, 0]], [[0, 1]], [[1, 1]]],
+                                                                           np.float32).reshape(1, 4, 2)).reshape(-1, 1, 2)
+        hull = cv2.contourArea(cv2.convexHull(corners))
+        out[i] = min(1.0, float(m.sum()) / hull) if hull > 0 else 1.0
+    return out
+
+
+def _elongation(inst: np.ndarray, n: int) -> np.ndarray:
+    """1 - minor / major axis length (second moments) of each object 1..n: 0 for a disc, -> 1 for a line."""
+    yy, xx = np.indices(inst.shape, dtype=np.float64)
+    lab = inst.ravel()
+    c = np.maximum(np.bincount(lab, minlength=n + 1)[1:], 1)
+    m = {k: np.bincount(lab, weights=v.ravel(), minlength=n + 1)[1:] / c
+         for k, v in (("y", yy), ("x", xx), ("yy", yy * yy), ("xx", xx * xx), ("xy", yy * xx))}
+    vy, vx, cxy = m["yy"] - m["y"] ** 2 + 1 / 12, m["xx"] - m["x"] ** 2 + 1 / 12, m["xy"] - m["y"] * m["x"]
+    half, root = (vy + vx) / 2, np.sqrt(np.maximum(((vy - vx) / 2) ** 2 + cxy ** 2, 0))
+    major, minor = half + root, np.maximum(half - root, 0)
+    return 1 - np.sqrt(minor / np.maximum(major, 1e-12))
 
 
 def feature_matrix(features: dict[str, np.ndarray], names: tuple[str, ...] = FEATURES) -> np.ndarray:
