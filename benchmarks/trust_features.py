@@ -1,0 +1,116 @@
+"""Which confidence features and which OOD scores carry over to data the model never saw?
+
+    python benchmarks/trust_features.py runs/loso/em/trust_tables.npz
+
+Reads the tables `benchmarks/trust.py` writes (every predicted object's
+features and truth, every slice's candidate OOD scores, per leave-one-set-out
+model: `fit` = the seen sets' val slices the calibration is fitted on,
+`zero_shot` = the left-out set, `in_distribution` = the seen sets' held-out
+slices) and prints, per left-out set and on average:
+1. each feature's own AUROC for true against false detections, its direction
+   taken from the fit part (so a feature that flips on unseen data scores
+   below 0.5);
+2. each candidate feature set (`CANDIDATES`) fitted as the shipped
+   `ObjectConfidence` on the fit part, scored zero shot and in distribution;
+3. each candidate OOD score: AUROC of left-out slices against the seen sets'
+   held-out slices, and the share of each warned at the 99th percentile of
+   the fit (val) slices' scores.
+A choice made here is made on the leave-one-set-out splits (our own data),
+never on a test set the model is reported on elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from xmdl_tf.confidence import ALL_FEATURES, FEATURES, ObjectConfidence, auroc  # noqa: E402
+
+SCALE_FREE = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "mean_gradcam",
+              "solidity", "elongation", "gradcam_contrast")
+CANDIDATES = {
+    "shipped": FEATURES,
+    "all": ALL_FEATURES,
+    "scale_free": SCALE_FREE,
+    "probability": ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast"),
+    "gradcam": ("mean_gradcam", "gradcam_contrast"),
+    "gradcam_shape": ("mean_gradcam", "gradcam_contrast", "solidity", "elongation"),
+    "probability_gradcam": ("mean_probability", "low_probability", "edge_contrast", "mean_gradcam",
+                            "gradcam_contrast"),
+}
+# Candidate OOD scores, oriented so that higher means "more unlike the training data".
+OOD_SIGN = {"bottleneck_score": 1, "mean_entropy": 1, "uncertain_fraction": 1, "foreground_fraction": 1,
+            "mean_object_confidence": -1, "review_fraction": 1}
+
+
+def directed_auroc(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """AUROC of one feature on (x, y), oriented as it separates (train_x, train_y)."""
+    sign = 1.0 if auroc(train_x, train_y) >= 0.5 else -1.0
+    return auroc(sign * x, y)
+
+
+def study(tables) -> dict:
+    names = [str(f) for f in tables["features"]]
+    columns = [str(c) for c in tables["slice_columns"]]
+    folds = sorted({k.split("/")[0] for k in tables.files if "/" in k})
+    out = {}
+    for left in folds:
+        part = {p: (tables[f"{left}/{p}/x"], tables[f"{left}/{p}/y"].astype(bool), tables[f"{left}/{p}/slices"])
+                for p in ("fit", "zero_shot", "in_distribution")}
+        fx, fy, fs = part["fit"]
+        r = {"feature": {}, "candidate": {}, "ood": {}}
+        for i, f in enumerate(names):
+            r["feature"][f] = {p: round(directed_auroc(fx[:, i], fy, part[p][0][:, i], part[p][1]), 4)
+                               for p in ("fit", "zero_shot", "in_distribution")}
+        for c, feats in CANDIDATES.items():
+            idx = [names.index(f) for f in feats]
+            model = ObjectConfidence(tuple(feats)).fit(fx[:, idx], fy)
+            r["candidate"][c] = {p: round(auroc(model.predict(part[p][0][:, idx]), part[p][1]), 4)
+                                 for p in ("fit", "zero_shot", "in_distribution")}
+        s_un, s_in = part["zero_shot"][2], part["in_distribution"][2]
+        for j, col in enumerate(columns):
+            sign = OOD_SIGN.get(col, 1)
+            un, seen, val = sign * s_un[:, j], sign * s_in[:, j], sign * fs[:, j]
+            thr = float(np.nanquantile(val, 0.99))
+            r["ood"][col] = {"auroc": round(auroc(np.r_[un, seen], np.r_[np.ones(len(un), bool),
+                                                                       np.zeros(len(seen), bool)]), 4),
+                             "warned_unseen": round(float(np.mean(un > thr)), 3),
+                             "warned_seen": round(float(np.mean(seen > thr)), 3)}
+        out[left] = r
+    return out
+
+
+def table(out: dict, key: str, parts: tuple[str, ...], field_of=lambda v, p: v[p]) -> list[str]:
+    folds = list(out)
+    rows_ = list(next(iter(out.values()))[key])
+    head = [f"{f} {p}" for f in folds for p in parts] + [f"mean {p}" for p in parts]
+    lines = [f"| {key} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for name in rows_:
+        vals = [field_of(out[f][key][name], p) for f in folds for p in parts]
+        means = [np.nanmean([field_of(out[f][key][name], p) for f in folds]) for p in parts]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals + means) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("tables", help="trust_tables.npz from benchmarks/trust.py")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    out = study(np.load(args.tables))
+    lines = table(out, "feature", ("zero_shot", "in_distribution")) + [""]
+    lines += table(out, "candidate", ("fit", "zero_shot", "in_distribution")) + [""]
+    lines += table(out, "ood", ("auroc", "warned_unseen", "warned_seen"), lambda v, p: v[p])
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
