@@ -73,23 +73,32 @@ def pixels(rows, temperature: float, k: int = 200_000, seed: int = 0) -> dict:
             "auroc_entropy_for_errors": round(auroc(entropy(cal), wrong), 4)}
 
 
-SLICE_COLUMNS = ("bottleneck_score", "mean_entropy", "uncertain_fraction", "foreground_fraction",
-                 "mean_object_confidence", "review_fraction")
+# Candidate image features for the OOD score: (layers, statistics) of `ood.image_features`.
+OOD_SPECS = {
+    "ood_bottleneck": (("bottleneck_conv2",), "mean"),
+    "ood_style": (("enc1_relu2", "enc2_relu2", "enc3_relu2"), "mean_std"),
+    "ood_encoder": (("enc1_relu2", "enc2_relu2", "enc3_relu2", "enc4_relu2", "bottleneck_conv2"), "mean_std"),
+}
+OUTPUT_COLUMNS = ("mean_entropy", "uncertain_fraction", "foreground_fraction", "mean_object_confidence",
+                  "review_fraction")
+SLICE_COLUMNS = tuple(OOD_SPECS) + OUTPUT_COLUMNS
 
 
-def slice_scores(rows, temperature: float, confidence, bottleneck: list[float]) -> np.ndarray:
-    """(n_slices, len(SLICE_COLUMNS)) candidate out-of-distribution scores of each slice."""
+def slice_scores(rows, temperature: float, confidence, ood: dict[str, list[float]]) -> np.ndarray:
+    """(n_slices, len(SLICE_COLUMNS)) candidate out-of-distribution scores of each slice: the
+    `OOD_SPECS` scores given in `ood`, then the `OUTPUT_COLUMNS` from its predictions."""
     from xmdl_tf.calibration import apply_temperature
     from xmdl_tf.confidence import entropy, feature_matrix, object_features
 
     out = []
-    for r, b in zip(rows, bottleneck):
+    for i, r in enumerate(rows):
         p = apply_temperature(r["probability"], temperature)
         conf = np.full(1, np.nan)
         if confidence is not None and r["instances"].max() > 0:
             conf = confidence.predict(feature_matrix(object_features(r["instances"], p, r["gradcam"]),
                                                      confidence.features))
-        out.append([b, float(entropy(p).mean()), float(((p > 0.2) & (p < 0.8)).mean()), float((p >= 0.5).mean()),
+        out.append([ood[k][i] for k in OOD_SPECS] +
+                   [float(entropy(p).mean()), float(((p > 0.2) & (p < 0.8)).mean()), float((p >= 0.5).mean()),
                     float(np.nanmean(conf)) if np.isfinite(conf).any() else np.nan,
                     float(np.mean(conf < 0.5)) if np.isfinite(conf).any() else np.nan])
     return np.array(out, np.float64).reshape(-1, len(SLICE_COLUMNS))
@@ -102,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel-size", nargs="+", default=None)
     p.add_argument("--out", default=None, help="folder for trust.json (default: --loso)")
     args = p.parse_args(argv)
-    from xmdl_tf.calibrate import collect_val, fit_calibration, object_table
+    from xmdl_tf.calibrate import collect_val, fit_calibration, fit_ood, object_table
     from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
     from xmdl_tf.evaluate import held_out_split
-    from xmdl_tf.ood import OOD_FILE, FeatureDistribution, image_features
+    from xmdl_tf.ood import OOD_FILE, FeatureDistribution
     from xmdl_tf.predict import load_model
     from xmdl_tf.train import parse_pixel_sizes
 
@@ -127,15 +136,21 @@ def main(argv: list[str] | None = None) -> int:
                   for r in collect_val(pred, [d_left], [px_left], split, verbose=False)[left]]
         held = [r for d, px in seen for r in collect_val(pred, [d], [px], held_out_split(d), verbose=False)[Path(d).resolve().name]]
         dist = FeatureDistribution.load(run / OOD_FILE)
-        score = lambda rows: [dist.score(image_features(pred, r["image"], r["pixel_size_nm"], tile=dist.tile)) for r in rows]
+        score = lambda rows: [dist.image_score(pred, r["image"], r["pixel_size_nm"]) for r in rows]
         s_un, s_in = score(unseen), score(held)
         # Everything needed to study other confidence features and OOD scores without predicting again.
         val_rows = [r for rows in val.values() for r in rows]
-        for part, rows in (("fit", val_rows), ("zero_shot", unseen), ("in_distribution", held)):
+        parts = {"fit": val_rows, "zero_shot": unseen, "in_distribution": held}
+        ood = {part: {} for part in parts}
+        for name, (layers, stats) in OOD_SPECS.items():
+            d, _ = fit_ood(pred, [d for d, _ in seen], [px for _, px in seen], val, verbose=False, tile=dist.tile,
+                           layers=layers, stats=stats)
+            for part, rows in parts.items():
+                ood[part][name] = [d.image_score(pred, r["image"], r["pixel_size_nm"]) for r in rows]
+        for part, rows in parts.items():
             x, y = object_table(rows, t, ALL_FEATURES)
             dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
-            dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, score(rows) if part == "fit" else
-                                                         (s_un if part == "zero_shot" else s_in))
+            dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, ood[part])
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},
             "zero_shot": {**detections(unseen, t, conf), **pixels(unseen, t)},

@@ -44,7 +44,7 @@ CANDIDATES = {
                             "gradcam_contrast"),
 }
 # Candidate OOD scores, oriented so that higher means "more unlike the training data".
-OOD_SIGN = {"bottleneck_score": 1, "mean_entropy": 1, "uncertain_fraction": 1, "foreground_fraction": 1,
+OOD_SIGN = {"mean_entropy": 1, "uncertain_fraction": 1, "foreground_fraction": 1,
             "mean_object_confidence": -1, "review_fraction": 1}
 
 

@@ -207,9 +207,7 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     dist = _ood_model(predictor)
     summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), False
     if dist is not None:
-        from .ood import image_features
-
-        score = dist.score(image_features(predictor, image, pixel_size_nm, rescale, tile=dist.tile))
+        score = dist.image_score(predictor, image, pixel_size_nm, rescale)
         summary.update(ood_score=round(score, 4), ood_threshold=round(dist.threshold, 4),
                        ood_warning=bool(score > dist.threshold))
     return uncertainty

@@ -96,22 +96,25 @@ def object_table(rows: list[dict], temperature: float, names: tuple[str, ...] | 
 
 
 def fit_ood(predictor, data: list[str], pixel_sizes: list[float | None], val_slices: dict[str, list[dict]],
-            quantile: float = 0.99, verbose: bool = True, tile: int | None = None):
-    """FeatureDistribution of the training slices' tile features; threshold from the val slices."""
+            quantile: float = 0.99, verbose: bool = True, tile: int | None = None,
+            layers: tuple[str, ...] | None = None, stats: str | None = None):
+    """FeatureDistribution of the training slices' tile features (`ood.image_features` of `layers` /
+    `stats`, default `ood.OOD_LAYERS` / `ood.OOD_STATS`); threshold from the val slices' scores."""
     from .io import find_pairs, read_image, read_pixel_size_nm
-    from .ood import TILE, FeatureDistribution, image_features
+    from .ood import OOD_LAYERS, OOD_STATS, TILE, FeatureDistribution, image_features
 
     ic = predictor.config.inference
-    tile = tile or TILE
+    tile, layers, stats = tile or TILE, tuple(layers or OOD_LAYERS), stats or OOD_STATS
     feats = []
     for d, px_given in zip(data, pixel_sizes):
         for pair in find_pairs(d, "train"):
             px = read_pixel_size_nm(pair.image) or px_given
-            feats.append(image_features(predictor, read_image(pair.image, pair.page), px, ic.rescale, tile=tile))
+            feats.append(image_features(predictor, read_image(pair.image, pair.page), px, ic.rescale, tile=tile,
+                                        layers=layers, stats=stats))
         if verbose:
             print(f"{Path(d).name}: training features done", flush=True)
-    dist = FeatureDistribution.fit(np.concatenate(feats), tile=tile)
-    scores = [dist.score(image_features(predictor, r["image"], r["pixel_size_nm"], ic.rescale, tile=tile))
+    dist = FeatureDistribution.fit(np.concatenate(feats), tile=tile, layers=layers, stats=stats)
+    scores = [dist.image_score(predictor, r["image"], r["pixel_size_nm"], ic.rescale)
               for rows in val_slices.values() for r in rows]
     return dist.calibrate(scores, quantile), scores
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 OOD_LAYER = "bottleneck_conv2"
+OOD_LAYERS = (OOD_LAYER,)  # what `calibrate` models by default
+OOD_STATS = "mean"
 TILE = 256
 MAX_TILES = 16
 OOD_FILE = "ood.npz"  # beside model.keras
@@ -35,29 +37,41 @@ def tile_origins(shape: tuple[int, int], tile: int = TILE, k: int = MAX_TILES) -
     return grid
 
 
-def feature_extractor(model, layer: str = OOD_LAYER):
-    """A function (n, t, t, 1) normalised tiles -> (n, D) spatially averaged activations of `layer`."""
+def feature_extractor(model, layers: tuple[str, ...] = (OOD_LAYER,), stats: str = "mean"):
+    """A function (n, t, t, 1) normalised tiles -> (n, D) features: per channel of each of `layers`,
+    the spatial mean (stats "mean") or the spatial mean and standard deviation ("mean_std")."""
     import keras
 
-    sub = keras.Model(model.inputs, model.get_layer(layer).output)
+    if stats not in ("mean", "mean_std"):
+        raise ValueError(f"unknown OOD feature statistics {stats!r} (mean or mean_std)")
+    sub = keras.Model(model.inputs, [model.get_layer(name).output for name in layers])
 
     def fn(x: np.ndarray) -> np.ndarray:
-        acts = np.asarray(sub([x], training=False), np.float64)  # a list: the functional input structure
-        return acts.mean(axis=(1, 2))
+        outs = sub([x], training=False)  # a list in: the functional input structure
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        parts = []
+        for a in outs:
+            a = np.asarray(a, np.float64)
+            parts.append(a.mean(axis=(1, 2)))
+            if stats == "mean_std":
+                parts.append(a.std(axis=(1, 2)))
+        return np.concatenate(parts, axis=1)
 
     return fn
 
 
 def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = None, rescale: bool = True,
-                   tile: int = TILE, k: int = MAX_TILES) -> np.ndarray:
-    """(n_tiles, D) bottleneck features of one raw slice (H, W), at the model's pixel size."""
+                   tile: int = TILE, k: int = MAX_TILES, layers: tuple[str, ...] = (OOD_LAYER,),
+                   stats: str = "mean") -> np.ndarray:
+    """(n_tiles, D) features (`feature_extractor`) of one raw slice (H, W), at the model's pixel size."""
     import cv2
 
     from .sampling import normalize_as
 
     cache = predictor.__dict__.setdefault("_ood_features", {})
-    if "fn" not in cache:
-        cache["fn"] = feature_extractor(predictor.model)
+    key = (tuple(layers), stats)
+    if key not in cache:
+        cache[key] = feature_extractor(predictor.model, tuple(layers), stats)
     x = normalize_as(image, predictor.config.normalization)
     factor = predictor.scale_factor(pixel_size_nm, rescale)
     if factor != 1.0:
@@ -67,7 +81,7 @@ def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = N
     if min(x.shape) < tile:  # small images: mirror-pad up to one tile (never downscale)
         x = np.pad(x, [(0, max(0, tile - x.shape[0])), (0, max(0, tile - x.shape[1]))], mode="symmetric")
     tiles = np.stack([x[y:y + tile, x0:x0 + tile] for y, x0 in tile_origins(x.shape, tile, k)])
-    return cache["fn"](tiles[..., None].astype(np.float32))
+    return cache[key](tiles[..., None].astype(np.float32))
 
 
 @dataclass
@@ -80,10 +94,13 @@ class FeatureDistribution:
     residual_variance: float  # mean variance per dimension off the k axes
     threshold: float = float("inf")  # image scores above this are out of distribution
     tile: int = TILE  # tile size (model px) the features were computed on
+    layers: tuple[str, ...] = (OOD_LAYER,)  # the layers and statistics of `image_features`
+    stats: str = "mean"
 
     @classmethod
-    def fit(cls, features: np.ndarray, k: int = 16, tile: int = TILE) -> "FeatureDistribution":
-        """Fit on (N, D) training tile features computed on `tile`-px tiles."""
+    def fit(cls, features: np.ndarray, k: int = 16, tile: int = TILE, layers: tuple[str, ...] = (OOD_LAYER,),
+            stats: str = "mean") -> "FeatureDistribution":
+        """Fit on (N, D) training tile features computed on `tile`-px tiles from `layers` / `stats`."""
         x = np.asarray(features, np.float64)
         if len(x) < 3:
             raise ValueError("need at least 3 feature vectors to fit the feature distribution")
@@ -94,7 +111,8 @@ class FeatureDistribution:
         rest = var[k:]
         resid = float(rest.sum() / max(x.shape[1] - k, 1)) if rest.size else 1e-12
         floor = 1e-6 * max(float(var[0]), 1e-12)  # no division by a zero-variance axis
-        return cls(mu, vt[:k], np.maximum(var[:k], floor), max(resid, floor), tile=tile)
+        return cls(mu, vt[:k], np.maximum(var[:k], floor), max(resid, floor), tile=tile, layers=tuple(layers),
+                   stats=stats)
 
     def tile_scores(self, features: np.ndarray) -> np.ndarray:
         """Per tile: sqrt of the mean squared whitened distance (about 1 for in-distribution tiles)."""
@@ -104,6 +122,12 @@ class FeatureDistribution:
         residual = np.sum(d ** 2, axis=1) - np.sum(proj ** 2, axis=1)
         dims = len(self.mean)
         return np.sqrt((inside + np.maximum(residual, 0) / self.residual_variance) / dims)
+
+    def image_score(self, predictor, image: np.ndarray, pixel_size_nm: float | None = None,
+                    rescale: bool = True) -> float:
+        """`score` of one raw slice (H, W), its features computed as this distribution's were."""
+        return self.score(image_features(predictor, image, pixel_size_nm, rescale, tile=self.tile,
+                                         layers=self.layers, stats=self.stats))
 
     def score(self, features: np.ndarray) -> float:
         """One image's score: the median of its tiles' scores."""
@@ -121,11 +145,14 @@ class FeatureDistribution:
 
         buf = io.BytesIO()
         np.savez(buf, mean=self.mean, components=self.components, variances=self.variances,
-                 residual_variance=self.residual_variance, threshold=self.threshold, tile=self.tile)
+                 residual_variance=self.residual_variance, threshold=self.threshold, tile=self.tile,
+                 layers=np.array(self.layers), stats=self.stats)
         atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureDistribution":
         with np.load(path) as z:
             return cls(z["mean"], z["components"], z["variances"], float(z["residual_variance"]),
-                       float(z["threshold"]), int(z["tile"]) if "tile" in z else TILE)
+                       float(z["threshold"]), int(z["tile"]) if "tile" in z else TILE,
+                       tuple(str(n) for n in z["layers"]) if "layers" in z else (OOD_LAYER,),
+                       str(z["stats"]) if "stats" in z else "mean")
