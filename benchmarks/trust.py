@@ -25,6 +25,7 @@ other features and scores can be studied without predicting again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -61,16 +62,19 @@ def pixels(rows, temperature: float, k: int = 200_000, seed: int = 0) -> dict:
     from xmdl_tf.confidence import auroc, entropy
 
     rng = np.random.default_rng(seed)
-    ps, ys = [], []
+    ps, ys, ss = [], [], []
     for r in rows:
         idx = rng.choice(r["probability"].size, min(k // max(len(rows), 1), r["probability"].size), replace=False)
         ps.append(r["probability"].ravel()[idx])
         ys.append((r["label"] > 0).ravel()[idx])
+        if r.get("spread") is not None:
+            ss.append(r["spread"].ravel()[idx])
     p, y = np.concatenate(ps), np.concatenate(ys)
     cal = apply_temperature(p, temperature)
     wrong = (p >= 0.5) != y
     return {"ece_raw": round(expected_calibration_error(p, y), 4), "ece_calibrated": round(expected_calibration_error(cal, y), 4),
-            "auroc_entropy_for_errors": round(auroc(entropy(cal), wrong), 4)}
+            "auroc_entropy_for_errors": round(auroc(entropy(cal), wrong), 4),
+            "auroc_tta_spread_for_errors": round(auroc(np.concatenate(ss), wrong), 4) if len(ss) == len(ps) else None}
 
 
 # Candidate image features for the OOD score: (layers, statistics) of `ood.image_features`.
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--pixel-size", nargs="+", default=None)
     p.add_argument("--out", default=None, help="folder for trust.json (default: --loso)")
+    p.add_argument("--tta", choices=("on", "off", "model"), default="on",
+                   help="test-time augmentation for the probabilities (default on, as the shipped model's "
+                        "defaults; 'model': each model's own setting)")
     args = p.parse_args(argv)
     from xmdl_tf.calibrate import collect_val, fit_calibration, fit_ood, object_table
     from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
@@ -128,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seen = [(d, px) for n, (d, px) in by_name.items() if n != left]
         pred = load_model(run)
+        if args.tta != "model":
+            pred.config = dataclasses.replace(pred.config, inference=dataclasses.replace(pred.config.inference,
+                                                                                     tta=args.tta == "on"))
         val = collect_val(pred, [d for d, _ in seen], [px for _, px in seen], verbose=False)
         cal = fit_calibration(pred, val, [d for d, _ in seen], [px for _, px in seen], verbose=False)
         conf = ObjectConfidence.from_dict(cal["object_confidence"]) if cal["object_confidence"] else None

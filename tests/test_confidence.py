@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from xmdl_tf.confidence import FEATURES, ObjectConfidence, auroc, entropy, feature_matrix, object_features
+from xmdl_tf.confidence import (ALL_FEATURES, FEATURES, ObjectConfidence, auroc, entropy, feature_matrix,
+                                 object_features)
 
 
 def disc(shape, cy, cx, r):
@@ -36,6 +37,25 @@ def test_features_tell_a_sharp_confident_object_from_a_faint_blurry_one():
     assert feature_matrix(f).shape == (2, len(FEATURES))
     empty = object_features(np.zeros(shape, np.uint16), p)
     assert feature_matrix(empty).shape == (0, len(FEATURES))
+    assert feature_matrix(empty, ALL_FEATURES).shape == (0, len(ALL_FEATURES))
+
+
+def test_shape_border_and_spread_features():
+    shape = (60, 80)
+    inst = np.zeros(shape, np.uint16)
+    inst[disc(shape, 20, 20, 12)] = 1  # a disc: solid, round
+    inst[40:44, 0:60] = 2  # a bar cut by the left edge: elongated
+    inst[5:25, 50:70] = 3
+    inst[5:15, 60:70] = 0  # an L: a quarter of its hull missing
+    heat = np.where(inst == 1, 0.8, 0.0) + np.where(disc(shape, 20, 20, 15) & (inst == 0), 0.5, 0.0)
+    spread = np.where(inst == 3, 0.2, 0.01)
+    f = object_features(inst, np.where(inst > 0, 0.9, 0.1), heat, spread=spread)
+    assert f["solidity"][0] > 0.9 and f["solidity"][2] == pytest.approx(300 / 350, abs=0.01)
+    assert f["elongation"][0] < 0.05 and f["elongation"][1] > 0.9
+    assert list(f["touches_border"]) == [0.0, 1.0, 0.0]
+    assert f["gradcam_contrast"][0] == pytest.approx(0.8 - 0.5)  # the 3-px ring lies inside the 0.5 halo
+    assert f["tta_spread"][2] == pytest.approx(0.2) and f["tta_spread"][0] == pytest.approx(0.01)
+    assert set(ALL_FEATURES) <= set(f)
 
 
 def test_logistic_confidence_separates_and_is_calibrated_on_its_data():

@@ -98,3 +98,25 @@ def test_confidence_is_lower_on_a_deliberately_corrupted_region(calibrated):
     assert len(clean) >= 3 and len(corrupted) >= 1
     assert corrupted["confidence"].mean() < clean["confidence"].mean()
     assert a.uncertainty[:, 140:].mean() > a.uncertainty[:, :116].mean()
+
+
+def test_tta_spread_is_the_standard_deviation_of_the_eight_predictions(blob_run):
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.sampling import normalize_as
+
+    _, run = blob_run
+    pred = load_model(run, jit_compile=False)
+    image = blob_image(64, seed=610, n=4)[0]
+    p, sd = pred.predict_slice(image, tile=64, overlap=16, tta=True, spread=True)
+    np.testing.assert_allclose(p, pred.predict_slice(image, tile=64, overlap=16, tta=True), atol=1e-5)
+    x = normalize_as(image, pred.config.normalization)[None, :, :, None]
+    members = []  # by hand: each flip / rotation predicted and turned back
+    for flip in (False, True):
+        xf = x[:, :, ::-1] if flip else x
+        for k in range(4):
+            y = np.rot90(pred.predict_batch(np.ascontiguousarray(np.rot90(xf, k, axes=(1, 2))), tta=False)[..., 1],
+                         -k, axes=(1, 2))
+            members.append(y[:, :, ::-1] if flip else y)
+    np.testing.assert_allclose(sd, np.std(members, axis=0)[0], atol=2e-3)
+    assert sd.max() > 0.01  # the tiny model is not rotation-invariant
+    assert not pred.predict_slice(image, tile=64, overlap=16, tta=False, spread=True)[1].any()

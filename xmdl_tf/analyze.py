@@ -153,8 +153,10 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     scale = {"pixel_size_nm": pixel_size_nm, "rescale": ic.rescale}
     prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size, progress,
                                         **scale)
+    spread = None
     if ic.tta:
-        prob = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True, **scale)
+        prob, spread = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True, spread=True,
+                                               **scale)
     instances = to_instances(prob, ic, pixel_size_nm)
     table = measure(instances, image=image, pixel_size_nm=pixel_size_nm, heatmap=cam)
     table["shape_class"] = classify(table, s.rules or ShapeRules(), pixel_size_nm)
@@ -176,12 +178,12 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
         check = deletion_check(lambda im: predictor.predict_slice(im, ic.tile, ic.overlap, ic.batch_size, **scale),
                                image, cam, prob, ic.threshold)
         summary.update({f"deletion_{k}": v for k, v in check.items()})
-    uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic.rescale)
+    uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic.rescale, spread)
     table.insert(0, "image", name)
     return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask, uncertainty)
 
 
-def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, rescale) -> np.ndarray:
+def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, rescale, spread=None) -> np.ndarray:
     """Per-pixel uncertainty; per-object `confidence` / `needs_review` and per-image OOD columns
     when the model is calibrated (`python -m xmdl_tf.calibrate`), else NaN / False / empty."""
     from .calibration import apply_temperature
@@ -192,7 +194,7 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     p_cal = apply_temperature(prob, float(cal.get("temperature", 1.0)))
     uncertainty = entropy(p_cal)
     if cal.get("object_confidence") and len(table):
-        f = object_features(instances, p_cal, cam)
+        f = object_features(instances, p_cal, cam, spread=spread)
         model = ObjectConfidence.from_dict(cal["object_confidence"])
         conf = model.predict(feature_matrix(f, model.features))
         by_id = dict(zip(f["label"].tolist(), conf.tolist()))

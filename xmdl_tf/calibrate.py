@@ -35,7 +35,11 @@ MIN_EACH = 5  # true and false val detections needed to fit the object confidenc
 
 def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], split: str = "val",
                 verbose: bool = True) -> dict[str, list[dict]]:
-    """Per set, per slice of `split`: probability, Grad-CAM, predicted instances, labels and pixel size."""
+    """Per set, per slice of `split`: probability, Grad-CAM, predicted instances, labels and pixel size.
+
+    As `analyze` makes them: with test-time augmentation when the model's defaults say so (then
+    "spread" is the TTA members' standard deviation, else None).
+    """
     from .io import find_pairs, read_pair, read_pixel_size_nm
     from .postprocess import ground_truth_instances, instances
 
@@ -50,7 +54,12 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
             px = read_pixel_size_nm(pair.image) or px_given
             prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size,
                                                 pixel_size_nm=px, rescale=ic.rescale)
-            rows.append({"name": pair.name, "image": image, "probability": prob, "gradcam": cam, "label": label,
+            spread = None
+            if ic.tta:
+                prob, spread = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True,
+                                                       pixel_size_nm=px, rescale=ic.rescale, spread=True)
+            rows.append({"name": pair.name, "image": image, "probability": prob, "gradcam": cam, "spread": spread,
+                         "label": label,
                          "pixel_size_nm": px, "instances": instances(prob, ic, px),
                          "truth": ground_truth_instances(label)})
             if verbose:
@@ -89,7 +98,8 @@ def object_table(rows: list[dict], temperature: float, names: tuple[str, ...] | 
 
     xs, ys = [], []
     for r in rows:
-        f = object_features(r["instances"], apply_temperature(r["probability"], temperature), r["gradcam"])
+        f = object_features(r["instances"], apply_temperature(r["probability"], temperature), r["gradcam"],
+                            spread=r.get("spread"))
         xs.append(feature_matrix(f, names or FEATURES))
         ys.append(matched_objects(r["instances"], r["truth"]))
     return np.concatenate(xs), np.concatenate(ys)

@@ -18,7 +18,7 @@ import numpy as np
 FEATURES = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "log_area",
             "mean_gradcam")
 # Every feature `object_features` computes; a fitted model names the ones it uses (`ObjectConfidence.features`).
-ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touches_border")
+ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touches_border", "tta_spread")
 REVIEW_BELOW = 0.5  # objects with confidence under this are flagged `needs_review`
 
 
@@ -37,7 +37,7 @@ def _means(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.ndarray | None = None,
-                    ring_px: int = 3) -> dict[str, np.ndarray]:
+                    ring_px: int = 3, spread: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Features of each object 1..N of `instances` (H, W) from its calibrated `probability` (H, W).
 
     mean_probability / low_probability: mean and 10th percentile inside.
@@ -48,6 +48,8 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     Scale-free shape: solidity (area / convex hull area), elongation (1 - minor / major
     axis of the second moments). gradcam_contrast: mean heat inside minus that of the
     ring. touches_border: 1.0 if the object reaches the image edge (cut off), else 0.0.
+    tta_spread: mean inside of `spread` (H, W), the standard deviation of the
+    test-time-augmented predictions (`Predictor.predict_slice(spread=True)`; 0 if none).
     Returns {"label": ids, feature: values (N,)} for every name in `ALL_FEATURES`.
     """
     from scipy import ndimage
@@ -85,6 +87,7 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
         "gradcam_contrast": (_means(heat, inst, n) - np.nan_to_num(_means(heat, nearest, n), nan=0.0))
         if heat is not None else np.zeros(n),
         "touches_border": edge[1:].astype(np.float64),
+        "tta_spread": _means(np.asarray(spread, np.float64), inst, n) if spread is not None else np.zeros(n),
     }
 
 

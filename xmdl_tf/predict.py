@@ -123,10 +123,14 @@ class Predictor:
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                       batch_size: int | None = None, progress: Callable[[int], None] | None = None,
                       tta: bool | None = None, pixel_size_nm: float | None = None,
-                      rescale: bool = True, bounds: tuple[float, float] | None = None) -> np.ndarray:
+                      rescale: bool = True, bounds: tuple[float, float] | None = None,
+                      spread: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1].
 
         tta: override the predictor's test-time augmentation setting.
+        spread: also return the standard deviation (H, W) of the foreground
+        probability over the 8 test-time-augmented predictions (zeros without TTA):
+        a (probability, spread) pair, at no extra cost over TTA.
         pixel_size_nm: the slice's pixel size; when it and the model's are known
         (and `rescale`), the slice is resampled to the model's pixel size, predicted
         there and the probabilities mapped back to the slice's own grid.
@@ -135,14 +139,27 @@ class Predictor:
         """
         from .sampling import normalize_as
 
+        use_tta = self.tta if tta is None else tta
+        moments = spread and use_tta
+
+        def batch(t: np.ndarray) -> np.ndarray:
+            if moments:  # blend the mean and the mean square of the members: both are linear
+                return dihedral_mean(lambda u: np.concatenate([(f := self._fn(np.ascontiguousarray(u)).numpy()[..., 1:2]),
+                                                               f * f], -1), t)
+            return self.predict_batch(t, tta)[..., 1:2]  # only the foreground channel is blended
+
         def run(img: np.ndarray, _region: None) -> np.ndarray:
             x = normalize_as(img, self.config.normalization, bounds)
             bs = self._batch_size(x.shape, tile, overlap, batch_size)
-            # Only the foreground channel is blended: half the stitching work of both.
-            fn = self._pad_batches(lambda t: self.predict_batch(t, tta)[..., 1:2], bs)
-            return predict_tiled(fn, x, tile, overlap, self.size_divisor, bs, progress=progress)
+            return predict_tiled(self._pad_batches(batch, bs), x, tile, overlap, self.size_divisor, bs,
+                                 progress=progress)
 
-        return self._at_model_scale(image, None, self.scale_factor(pixel_size_nm, rescale), run)[..., 0]
+        out = self._at_model_scale(image, None, self.scale_factor(pixel_size_nm, rescale), run)
+        prob = out[..., 0]
+        if not spread:
+            return prob
+        sd = np.sqrt(np.maximum(out[..., 1] - prob * prob, 0)).astype(np.float32) if moments else np.zeros_like(prob)
+        return prob, sd
 
     def explain_slice(self, image: np.ndarray, layer: str | None = None, region: np.ndarray | None = None,
                       tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, batch_size: int | None = None,

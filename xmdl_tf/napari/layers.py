@@ -411,12 +411,11 @@ def show_preview(viewer, name: str, store: str | Path, image_layer=None):
     import zarr
 
     store = Path(store)
-    layer_name = f"{name} probability"
+    layer_name = result_names(name)["probability"]
     if layer_name in viewer.layers and viewer.layers[layer_name].metadata.get("xmdl_store") == str(store):
         viewer.layers[layer_name].refresh()
         return viewer.layers[layer_name]
-    seg = Segmentation(name, "volume", None, None, None, None, None, None, {}, Path(), SegmentSettings())
-    kw, _ = _placement(seg, image_layer)
+    kw, _ = _placement("volume", None, None, image_layer)
     data = zarr.open_array(str(store / "0"), mode="r")
     return _put(viewer, "image", layer_name, data, colormap="viridis", contrast_limits=(0.0, 1.0),
                 metadata={"xmdl_store": str(store)}, **kw)
@@ -515,35 +514,45 @@ def class_counts(table: Any, mode: str = "slice") -> dict[str, int]:
     return {c: int(found.get(c, 0)) for c in palette}
 
 
-def result_names(seg: Segmentation) -> dict[str, str]:
-    """Layer names of a segmentation's results (one set per image and slice: reruns replace them)."""
-    where = f" z={seg.z}" if seg.z is not None else ""
-    return {k: f"{seg.name}{where} {k}" for k in ("probability", "instances", "gradcam", "uncertainty")}
+def result_names(name: str, z: int | None = None) -> dict[str, str]:
+    """Layer names of the results for image `name` (slice `z` of it, if one): one set per image
+    and slice, so reruns replace them."""
+    where = f" z={z}" if z is not None else ""
+    return {k: f"{name}{where} {k}" for k in ("probability", "instances", "gradcam", "uncertainty")}
 
 
-def _placement(seg: Segmentation, image_layer) -> tuple[dict, Callable[[np.ndarray], np.ndarray]]:
-    """Layer kwargs (scale, translate, units) putting results over the image, and the array reshaper.
-
-    A slice of a stack becomes a (1, Y, X) layer at its z, so it shows on that slice only.
+def _placement(mode: str, z: int | None, pixel_size_nm: float | None, image_layer
+               ) -> tuple[dict, Callable[[np.ndarray], np.ndarray]]:
+    """Layer kwargs (scale, translate, units) putting results of a `mode` run (slice `z`) over the
+    image, and the array reshaper. A slice of a stack becomes a (1, Y, X) layer at its z, so it
+    shows on that slice only.
     """
     if image_layer is None:
-        px = seg.pixel_size_nm
-        kw = {"scale": (px, px), "units": ("nm", "nm")} if px else {}
+        kw = {"scale": (pixel_size_nm, pixel_size_nm), "units": ("nm", "nm")} if pixel_size_nm else {}
         return kw, lambda a: a
-    nd = 3 if seg.mode == "volume" or seg.z is not None else 2
+    nd = 3 if mode == "volume" or z is not None else 2
     scale = tuple(float(v) for v in image_layer.scale[-nd:])
     translate = [float(v) for v in image_layer.translate[-nd:]]
     kw = {"scale": scale, "units": tuple(str(u) for u in image_layer.units[-nd:])}
-    if seg.z is not None:
-        translate[0] += seg.z * scale[0]
+    if z is not None:
+        translate[0] += z * scale[0]
         kw["translate"] = tuple(translate)
         return kw, lambda a: a[None]
     kw["translate"] = tuple(translate)
     return kw, lambda a: a
 
 
-def _put(viewer, kind: str, name: str, data: np.ndarray, **kwargs):
-    """Update the layer called `name` in place when it is of this kind, else add a new one."""
+def _put(viewer, kind: str, name: str, data, **kwargs):
+    """Update the layer called `name` in place when it is of this kind, else add a new one.
+
+    A list of arrays (pyramid levels) always makes a new multiscale layer (napari cannot switch
+    a layer between single- and multiscale in place).
+    """
+    if isinstance(data, list):
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+        return getattr(viewer, f"add_{kind}")(data if len(data) > 1 else data[0], name=name,
+                                              multiscale=len(data) > 1, **kwargs)
     if name in viewer.layers and type(viewer.layers[name]).__name__.lower() == kind:
         layer = viewer.layers[name]
         for key in ("scale", "translate"):
@@ -569,8 +578,8 @@ def show_segmentation(viewer, seg: Segmentation, image_layer=None) -> dict:
     """
     from napari.utils.colormaps import DirectLabelColormap
 
-    names = result_names(seg)
-    kw, shaped = _placement(seg, image_layer)
+    names = result_names(seg.name, seg.z)
+    kw, shaped = _placement(seg.mode, seg.z, seg.pixel_size_nm, image_layer)
     out: dict[str, Any] = {"uncertainty": None, "gradcam": None}
     if seg.store is not None:  # a chunked run: lazy pyramids read from its OME-Zarr
         return _show_store(viewer, seg, names, kw, out)
@@ -601,19 +610,14 @@ def _show_store(viewer, seg: Segmentation, names: dict, kw: dict, out: dict) -> 
     """
     from napari.utils.colormaps import DirectLabelColormap
 
-    def put(kind, name, levels, **extra):
-        if name in viewer.layers:
-            viewer.layers.remove(name)
-        data = levels if len(levels) > 1 else levels[0]
-        return getattr(viewer, f"add_{kind}")(data, name=name, multiscale=len(levels) > 1, **kw, **extra)
-
     meta = {"xmdl": {"model": str(seg.model), "mode": seg.mode, "image": seg.name, "z": None,
                      "pixel_size_nm": seg.pixel_size_nm, "voxel_size_nm": seg.voxel_size_nm,
                      "store": str(seg.store)}}
-    out["probability"] = put("image", names["probability"], seg.probability, colormap="viridis",
-                             contrast_limits=(0.0, 1.0), visible=False, metadata={"xmdl_store": str(seg.store)})
-    labels = put("labels", names["instances"], seg.instances, opacity=0.6, metadata=meta,
-                 colormap=DirectLabelColormap(color_dict=class_colors(seg.table, seg.mode)))
+    out["probability"] = _put(viewer, "image", names["probability"], list(seg.probability), colormap="viridis",
+                              contrast_limits=(0.0, 1.0), visible=False, metadata={"xmdl_store": str(seg.store)},
+                              **kw)
+    labels = _put(viewer, "labels", names["instances"], list(seg.instances), opacity=0.6, metadata=meta,
+                  colormap=DirectLabelColormap(color_dict=class_colors(seg.table, seg.mode)), **kw)
     labels.editable = False
     out["instances"] = labels
     return out
