@@ -35,26 +35,37 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def true_objects(rows) -> int:
+    """Number of true mitochondria (connected components of the labels) in the slices."""
+    return sum(len(np.unique(r["truth"])) - (1 if (r["truth"] == 0).any() else 0) for r in rows)
+
+
+def review_f1(is_true: np.ndarray, flagged: np.ndarray, n_true: int) -> tuple[float, float]:
+    """Instance F1 of the detections, and after a user removes the flagged false ones."""
+    tp, fp = int(is_true.sum()), int((~is_true).sum())
+    fp_left = int((~is_true & ~flagged).sum())
+    return (round(2 * tp / max(2 * tp + fp + (n_true - tp), 1), 4),
+            round(2 * tp / max(2 * tp + fp_left + (n_true - tp), 1), 4))
+
+
 def detections(rows, temperature: float, confidence) -> dict:
     """Pooled object-level figures of some slices (from calibrate.collect_val rows)."""
     from xmdl_tf.calibrate import object_table
-    from xmdl_tf.confidence import FEATURES, REVIEW_BELOW, auroc
+    from xmdl_tf.confidence import ALL_FEATURES, REVIEW_BELOW, auroc
 
-    x, y = object_table(rows, temperature)
-    conf = confidence.predict(x) if confidence is not None and len(x) else np.full(len(x), np.nan)
-    heat = x[:, FEATURES.index("mean_gradcam")] if len(x) else np.zeros(0)
-    n_true = sum(len(np.unique(r["truth"])) - (1 if (r["truth"] == 0).any() else 0) for r in rows)
-    tp, fp = int(y.sum()), int((~y).sum())
+    x, y = object_table(rows, temperature, ALL_FEATURES)
+    used = [ALL_FEATURES.index(f) for f in confidence.features] if confidence is not None else []
+    conf = confidence.predict(x[:, used]) if confidence is not None and len(x) else np.full(len(x), np.nan)
+    heat = x[:, ALL_FEATURES.index("mean_gradcam")]
     flagged = conf < REVIEW_BELOW
-    fp_left = int((~y & ~flagged).sum())
-    f1 = 2 * tp / max(2 * tp + fp + (n_true - tp), 1)
-    f1_reviewed = 2 * tp / max(2 * tp + fp_left + (n_true - tp), 1)
+    f1, f1_reviewed = review_f1(y, flagged, true_objects(rows))
+    tp, fp = int(y.sum()), int((~y).sum())
     # Each feature alone (sign-free: max(A, 1 - A)), to see which ones carry over to unseen data.
     by_feature = {f: round(max(a, 1 - a), 4) if np.isfinite(a := auroc(x[:, i], y)) else None
-                  for i, f in enumerate(FEATURES)} if len(x) else {}
+                  for i, f in enumerate(ALL_FEATURES)} if len(x) else {}
     return {"objects": len(y), "true": tp, "false": fp, "auroc_confidence": auroc(conf, y),
-            "auroc_gradcam": auroc(heat, y), "flagged": int(flagged.sum()), "instance_f1": round(f1, 4),
-            "instance_f1_after_review": round(f1_reviewed, 4), "auroc_by_feature": by_feature}
+            "auroc_gradcam": auroc(heat, y), "flagged": int(flagged.sum()), "instance_f1": f1,
+            "instance_f1_after_review": f1_reviewed, "auroc_by_feature": by_feature}
 
 
 def pixels(rows, temperature: float, k: int = 200_000, seed: int = 0) -> dict:
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         for part, rows in parts.items():
             x, y = object_table(rows, t, ALL_FEATURES)
             dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
+            dump[f"{left}/{part}/n_true"] = np.int64(true_objects(rows))
             dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, ood[part])
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},

@@ -11,7 +11,9 @@ slices) and prints, per left-out set and on average:
    taken from the fit part (so a feature that flips on unseen data scores
    below 0.5);
 2. each candidate feature set (`CANDIDATES`) fitted as the shipped
-   `ObjectConfidence` on the fit part, scored zero shot and in distribution;
+   `ObjectConfidence` on the fit part, scored zero shot and in distribution
+   (AUROC; share of detections flagged; instance F1 before and after a user
+   removes the flagged false ones);
 3. each candidate OOD score: AUROC of left-out slices against the seen sets'
    held-out slices, and the share of each warned at the 99th percentile of
    the fit (val) slices' scores.
@@ -27,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xmdl_tf.confidence import ALL_FEATURES, FEATURES, ObjectConfidence, auroc  # noqa: E402
+from trust import review_f1  # noqa: E402
+from xmdl_tf.confidence import ALL_FEATURES, FEATURES, REVIEW_BELOW, ObjectConfidence, auroc  # noqa: E402
 
 SCALE_FREE = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "mean_gradcam",
               "solidity", "elongation", "gradcam_contrast")
@@ -40,6 +44,8 @@ CANDIDATES = {
     "probability": ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast"),
     "gradcam": ("mean_gradcam", "gradcam_contrast"),
     "gradcam_shape": ("mean_gradcam", "gradcam_contrast", "solidity", "elongation"),
+    "spread": ("tta_spread", "mean_probability", "mean_gradcam"),
+    "scale_free_spread": SCALE_FREE + ("tta_spread",),
     "probability_gradcam": ("mean_probability", "low_probability", "edge_contrast", "mean_gradcam",
                             "gradcam_contrast"),
 }
@@ -72,6 +78,11 @@ def study(tables) -> dict:
             model = ObjectConfidence(tuple(feats)).fit(fx[:, idx], fy)
             r["candidate"][c] = {p: round(auroc(model.predict(part[p][0][:, idx]), part[p][1]), 4)
                                  for p in ("fit", "zero_shot", "in_distribution")}
+            for p in ("zero_shot", "in_distribution"):
+                flagged = model.predict(part[p][0][:, idx]) < REVIEW_BELOW
+                before, after = review_f1(part[p][1], flagged, int(tables[f"{left}/{p}/n_true"]))
+                r["candidate"][c].update({f"{p}_flagged": float(flagged.mean()), f"{p}_f1": before,
+                                          f"{p}_f1_reviewed": after})
         s_un, s_in = part["zero_shot"][2], part["in_distribution"][2]
         for j, col in enumerate(columns):
             sign = OOD_SIGN.get(col, 1)
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     out = study(np.load(args.tables))
     lines = table(out, "feature", ("zero_shot", "in_distribution")) + [""]
     lines += table(out, "candidate", ("fit", "zero_shot", "in_distribution")) + [""]
+    lines += table(out, "candidate", ("zero_shot_flagged", "zero_shot_f1", "zero_shot_f1_reviewed")) + [""]
     lines += table(out, "ood", ("auroc", "warned_unseen", "warned_seen"), lambda v, p: v[p])
     print("\n".join(lines))
     if args.json:
