@@ -64,8 +64,9 @@ def test_logistic_confidence_separates_and_is_calibrated_on_its_data():
     real = rng.random(n) < 0.6
     # Real objects: higher mean probability and edge contrast, on average; overlapping distributions.
     x = np.column_stack([rng.normal(np.where(real, 0.85, 0.65), 0.08), rng.normal(np.where(real, 0.6, 0.3), 0.2),
-                         rng.normal(0, 1, n), rng.normal(0, 1, n), rng.normal(2, 0.5, n), rng.normal(0, 1, n)])
-    model = ObjectConfidence().fit(x, real)
+                         rng.normal(0, 1, n), rng.normal(0, 1, n)])
+    names = ("mean_probability", "edge_contrast", "solidity", "mean_gradcam")
+    model = ObjectConfidence(names).fit(x, real)
     c = model.predict(x)
     assert auroc(c, real) > 0.9
     for lo in (0.1, 0.3, 0.5, 0.7):  # 0.8 means right about 80% of the time
@@ -73,8 +74,11 @@ def test_logistic_confidence_separates_and_is_calibrated_on_its_data():
         assert real[sel].mean() == pytest.approx(c[sel].mean(), abs=0.05)
     again = ObjectConfidence.from_dict(model.to_dict())
     np.testing.assert_allclose(again.predict(x[:10]), c[:10])
+    assert again.features == names
     with pytest.raises(ValueError, match="true and false"):
-        ObjectConfidence().fit(x[:10], np.ones(10, bool))
+        ObjectConfidence(names).fit(x[:10], np.ones(10, bool))
+    with pytest.raises(ValueError, match="got x of shape"):
+        ObjectConfidence(names).fit(x[:, :3], real)
 
 
 def test_auroc_matches_the_pairwise_definition():

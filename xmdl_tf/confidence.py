@@ -152,6 +152,8 @@ class ObjectConfidence:
         """
         x = np.asarray(x, np.float64)
         y = np.asarray(y, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.features):
+            raise ValueError(f"object confidence on {len(self.features)} features {self.features} got x of shape {x.shape}")
         if len(x) < 4 or y.min() == y.max():
             raise ValueError("fitting object confidence needs true and false detections (at least 4 objects)")
         mu, sd = x.mean(0), x.std(0)
