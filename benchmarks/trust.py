@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             x, y = object_table(rows, t, ALL_FEATURES)
             dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
             dump[f"{left}/{part}/n_true"] = np.int64(true_objects(rows))
+            dump[f"{left}/{part}/groups"] = np.repeat([r["set"] for r in rows], [int(r["instances"].max()) for r in rows])
             dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, ood[part])
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},

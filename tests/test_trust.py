@@ -43,7 +43,8 @@ def calibrated(blob_run, tmp_path_factory):
         image, mask = distractor_image(192, 700 + i)
         tifffile.imwrite(cal / "val" / "x" / f"im{i:04d}.tif", image)
         tifffile.imwrite(cal / "val" / "y" / f"seg{i:04d}.tif", mask)
-    assert main(["--model", str(model), "--data", str(cal), "--ood-tile", "32"]) == 0
+    assert main(["--model", str(model), "--data", str(cal), "--ood-tile", "32", "--figure",
+                 str(root / "reliability.png")]) == 0
     return cal, model
 
 
@@ -55,6 +56,8 @@ def test_calibration_is_stored_with_the_model(calibrated):
     assert set(cal["ece"]["blobs"]) == {"before", "after"}
     assert cal["objects"] > 3 and cal["object_confidence"]["coef"]
     assert (model / "ood.npz").is_file() and np.isfinite(cal["ood_threshold"])
+    figure = model.parent / "reliability.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
 
 
 def test_analyze_reports_uncertainty_confidence_and_ood(calibrated, tmp_path, capsys):

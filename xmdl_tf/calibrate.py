@@ -58,8 +58,8 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
             if ic.tta:
                 prob, spread = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True,
                                                        pixel_size_nm=px, rescale=ic.rescale, spread=True)
-            rows.append({"name": pair.name, "image": image, "probability": prob, "gradcam": cam, "spread": spread,
-                         "label": label,
+            rows.append({"set": name, "name": pair.name, "image": image, "probability": prob, "gradcam": cam,
+                         "spread": spread, "label": label,
                          "pixel_size_nm": px, "instances": instances(prob, ic, px),
                          "truth": ground_truth_instances(label)})
             if verbose:
@@ -68,8 +68,12 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
     return out
 
 
-def fit_temperature_on(slices: dict[str, list[dict]], per_set: int = PIXELS_PER_SET, seed: int = 0) -> dict:
-    """Temperature from an equal number of random val pixels of each set; ECE per set before and after."""
+def fit_temperature_on(slices: dict[str, list[dict]], per_set: int = PIXELS_PER_SET, seed: int = 0,
+                       figure: str | Path | None = None) -> dict:
+    """Temperature from an equal number of random val pixels of each set; ECE per set before and after.
+
+    figure: also draw the reliability diagram of each set, before and after, into this PNG.
+    """
     from .calibration import apply_temperature, expected_calibration_error, fit_temperature, nll, sample_pixels
 
     rng = np.random.default_rng(seed)
@@ -85,7 +89,50 @@ def fit_temperature_on(slices: dict[str, list[dict]], per_set: int = PIXELS_PER_
                   "after": round(expected_calibration_error(apply_temperature(ps, t), ys), 4)}
            for name, (ps, ys) in samples.items()}
     nlls = {"before": round(nll(p, y), 5), "after": round(nll(apply_temperature(p, t), y), 5)}
+    if figure is not None:
+        reliability_figure(samples, t, ece, figure)
     return {"temperature": round(t, 4), "ece": ece, "nll": nlls, "pixels_per_set": per_set}
+
+
+def reliability_figure(samples: dict[str, tuple[np.ndarray, np.ndarray]], temperature: float, ece: dict,
+                       path: str | Path) -> None:
+    """One panel per set: observed foreground frequency against predicted probability, raw and
+    after the temperature, with the pixel count per bin (log scale) below; written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .calibration import apply_temperature, reliability
+    from .runlock import atomic_write_bytes
+
+    fig, axes = plt.subplots(2, len(samples), figsize=(3.6 * len(samples), 4.8), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    for j, (name, (ps, ys)) in enumerate(samples.items()):
+        top, bottom = axes[0, j], axes[1, j]
+        top.plot([0, 1], [0, 1], color="0.7", lw=1, label="perfect")
+        for label, q, color in (("raw", ps, "tab:red"), (f"T = {temperature:.2f}", apply_temperature(ps, temperature),
+                                                          "tab:blue")):
+            r = reliability(q, ys)
+            key = "before" if label == "raw" else "after"
+            top.plot(r["mean_probability"], r["frequency"], "o-", ms=3, color=color,
+                     label=f"{label}: ECE {ece[name][key]:.3f}")
+            centres = (r["edges"][:-1] + r["edges"][1:]) / 2
+            bottom.step(centres, np.maximum(r["count"], 1), where="mid", color=color)
+        top.set_title(name, fontsize=9)
+        top.set_ylabel("observed foreground frequency" if j == 0 else "")
+        top.legend(fontsize=7, loc="upper left")
+        bottom.set_yscale("log")
+        bottom.set_xlabel("predicted foreground probability")
+        bottom.set_ylabel("pixels" if j == 0 else "")
+    fig.suptitle("Reliability on the val splits (pixels sampled equally per set)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def object_table(rows: list[dict], temperature: float, names: tuple[str, ...] | None = None
@@ -130,8 +177,11 @@ def fit_ood(predictor, data: list[str], pixel_sizes: list[float | None], val_sli
 
 
 def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = None, split: str = "val",
-              verbose: bool = True, ood_tile: int | None = None) -> dict:
-    """Fit temperature, object confidence and the OOD model; store them beside the model; return the report."""
+              verbose: bool = True, ood_tile: int | None = None, figure: str | Path | None = None) -> dict:
+    """Fit temperature, object confidence and the OOD model; store them beside the model; return the report.
+
+    figure: a PNG path for the reliability diagrams of each set before and after the temperature.
+    """
     from .predict import load_model, resolve_model_path
 
     if split == "test":
@@ -143,30 +193,37 @@ def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = N
     if cfg_path is None:
         raise FileNotFoundError(f"{model_path}: no config.json beside the model to store the calibration in")
     slices = collect_val(predictor, data, pixel_sizes, split, verbose)
-    return fit_calibration(predictor, slices, data, pixel_sizes, split, verbose, ood_tile, t0)
+    return fit_calibration(predictor, slices, data, pixel_sizes, split, verbose, ood_tile, t0, figure)
 
 
 def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], pixel_sizes: list[float | None],
                     split: str = "val", verbose: bool = True, ood_tile: int | None = None,
-                    t0: float | None = None) -> dict:
+                    t0: float | None = None, figure: str | Path | None = None) -> dict:
     """`calibrate` on slices already collected (`collect_val`); stores into the model's config.json."""
-    from .confidence import FEATURES, ObjectConfidence, auroc
+    from .confidence import POOL, ObjectConfidence, auroc, select_features
     from .ood import OOD_FILE
     from .predict import resolve_model_path
 
     t0 = time.time() if t0 is None else t0
     model_path, cfg_path = resolve_model_path(predictor.path)
-    temp = fit_temperature_on(slices)
-    x, y = object_table([r for rows in slices.values() for r in rows], temp["temperature"])
+    temp = fit_temperature_on(slices, figure=figure)
+    rows = [r for rs in slices.values() for r in rs]
+    x, y = object_table(rows, temp["temperature"], POOL)
+    groups = np.repeat([r["set"] for r in rows], [int(r["instances"].max()) for r in rows])
     conf = None
     if min(y.sum(), (~y).sum()) >= MIN_EACH:
-        conf = ObjectConfidence().fit(x, y)
+        # Only features that hold in every set: a logistic fit on pooled val objects otherwise leans
+        # on relations peculiar to these sets, and ranks objects worse on a new microscope.
+        names = select_features(x, y, groups, POOL)
+        conf = ObjectConfidence(names).fit(x[:, [POOL.index(n) for n in names]], y)
+        x = x[:, [POOL.index(n) for n in names]]
     elif verbose:
         print(f"warning: only {int(y.sum())} true and {int((~y).sum())} false detections on {split}; at least "
               f"{MIN_EACH} of each are needed to fit object confidence, so objects get none", file=sys.stderr)
     dist, _ = fit_ood(predictor, data, pixel_sizes, slices, verbose=verbose, tile=ood_tile)
     dist.save(model_path.parent / OOD_FILE)
-    report = {**temp, "object_confidence": conf.to_dict() if conf else None, "features": list(FEATURES),
+    report = {**temp, "object_confidence": conf.to_dict() if conf else None,
+              "features": list(conf.features) if conf else [],
               "objects": int(len(y)), "true_objects": int(y.sum()),
               "object_auroc_in_sample": round(auroc(conf.predict(x), y), 4) if conf else None,
               "ood_file": OOD_FILE, "ood_threshold": round(dist.threshold, 4),
@@ -189,12 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val", help="split to fit on (never a test split)")
     p.add_argument("--ood-tile", type=cli.positive_int, default=256,
                    help="tile size (model px) of the out-of-distribution features")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="also draw each set's reliability diagram, before and after the temperature, here")
     args = p.parse_args(argv)
     try:
         sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
     except ValueError as err:
         p.error(str(err))
-    r = calibrate(args.model, args.data, sizes, args.split, ood_tile=args.ood_tile)
+    if args.figure and not args.figure.lower().endswith(".png"):
+        p.error(f"--figure {args.figure}: give a .png path")
+    if args.figure and not Path(args.figure).resolve().parent.is_dir():
+        p.error(f"--figure {args.figure}: its folder does not exist")
+    r = calibrate(args.model, args.data, sizes, args.split, ood_tile=args.ood_tile, figure=args.figure)
     print(f"temperature {r['temperature']}; ECE before -> after: " +
           ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in r["ece"].items()))
     print(f"object confidence fitted on {r['objects']} objects ({r['true_objects']} true), in-sample AUROC "

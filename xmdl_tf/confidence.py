@@ -19,6 +19,12 @@ FEATURES = ("mean_probability", "low_probability", "mean_uncertainty", "edge_con
             "mean_gradcam")
 # Every feature `object_features` computes; a fitted model names the ones it uses (`ObjectConfidence.features`).
 ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touches_border", "tta_spread")
+# What `calibrate` may choose from: features that mean the same on any microscope. Not log_area
+# (pixels: depends on the pixel size, unknown for some data) nor touches_border (where the
+# image was cut, not what the object is).
+POOL = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "mean_gradcam", "solidity",
+        "elongation", "gradcam_contrast", "tta_spread")
+MIN_SET_AUROC = 0.6  # a feature is kept only if it separates true from false this well in every set
 REVIEW_BELOW = 0.5  # objects with confidence under this are flagged `needs_review`
 
 
@@ -124,6 +130,28 @@ def _elongation(inst: np.ndarray, n: int) -> np.ndarray:
     half, root = (vy + vx) / 2, np.sqrt(np.maximum(((vy - vx) / 2) ** 2 + cxy ** 2, 0))
     major, minor = half + root, np.maximum(half - root, 0)
     return 1 - np.sqrt(minor / np.maximum(major, 1e-12))
+
+
+def select_features(x: np.ndarray, y: np.ndarray, groups: np.ndarray, names: tuple[str, ...] = POOL,
+                    min_auroc: float = MIN_SET_AUROC) -> tuple[str, ...]:
+    """The features (columns of x (N, F), named `names`) that tell true from false objects (y (N,)
+    bool) in the same direction and with AUROC >= min_auroc within every group (data set) that has
+    both kinds: the ones likely to hold on a set the model has not seen. At least the single best
+    feature is kept (by its worst group).
+
+    Groups with fewer than 5 true or 5 false objects are not judged (too few to tell).
+    """
+    x, y, groups = np.asarray(x, np.float64), np.asarray(y, bool), np.asarray(groups)
+    judged = [g for g in np.unique(groups) if min((y[groups == g]).sum(), (~y[groups == g]).sum()) >= 5]
+    if not judged:
+        return tuple(names)
+    worst = []
+    for i in range(len(names)):
+        sign = 1.0 if auroc(x[:, i], y) >= 0.5 else -1.0
+        per = [auroc(sign * x[groups == g, i], y[groups == g]) for g in judged]
+        worst.append(min(np.nan_to_num(per, nan=0.0)))
+    keep = tuple(n for n, w in zip(names, worst) if w >= min_auroc)
+    return keep or (names[int(np.argmax(worst))],)
 
 
 def feature_matrix(features: dict[str, np.ndarray], names: tuple[str, ...] = FEATURES) -> np.ndarray:
