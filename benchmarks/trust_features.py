@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trust import review_f1  # noqa: E402
-from xmdl_tf.confidence import ALL_FEATURES, FEATURES, REVIEW_BELOW, ObjectConfidence, auroc  # noqa: E402
+from xmdl_tf.confidence import (ALL_FEATURES, FEATURES, POOL, REVIEW_BELOW, ObjectConfidence, auroc,  # noqa: E402
+                                 select_features)
 
 SCALE_FREE = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "mean_gradcam",
               "solidity", "elongation", "gradcam_contrast")
@@ -73,7 +74,14 @@ def study(tables) -> dict:
         for i, f in enumerate(names):
             r["feature"][f] = {p: round(directed_auroc(fx[:, i], fy, part[p][0][:, i], part[p][1]), 4)
                                for p in ("fit", "zero_shot", "in_distribution")}
-        for c, feats in CANDIDATES.items():
+        candidates = dict(CANDIDATES)
+        if f"{left}/fit/groups" in tables.files:  # the rule `calibrate` applies, at a few cut-offs
+            pool = [names.index(f) for f in POOL]
+            for cut in (0.55, 0.6, 0.65, 0.7):
+                candidates[f"selected@{cut}"] = select_features(fx[:, pool], fy, tables[f"{left}/fit/groups"], POOL,
+                                                                cut)
+            r["selected"] = {c: list(f) for c, f in candidates.items() if c.startswith("selected")}
+        for c, feats in candidates.items():
             idx = [names.index(f) for f in feats]
             model = ObjectConfidence(tuple(feats)).fit(fx[:, idx], fy)
             r["candidate"][c] = {p: round(auroc(model.predict(part[p][0][:, idx]), part[p][1]), 4)
@@ -98,12 +106,13 @@ def study(tables) -> dict:
 
 def table(out: dict, key: str, parts: tuple[str, ...], field_of=lambda v, p: v[p]) -> list[str]:
     folds = list(out)
-    rows_ = list(next(iter(out.values()))[key])
+    rows_ = list(dict.fromkeys(k for v in out.values() for k in v[key]))
     head = [f"{f} {p}" for f in folds for p in parts] + [f"mean {p}" for p in parts]
     lines = [f"| {key} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name in rows_:
-        vals = [field_of(out[f][key][name], p) for f in folds for p in parts]
-        means = [np.nanmean([field_of(out[f][key][name], p) for f in folds]) for p in parts]
+        get = lambda f, p: field_of(out[f][key][name], p) if name in out[f][key] else np.nan  # noqa: E731
+        vals = [get(f, p) for f in folds for p in parts]
+        means = [np.nanmean([get(f, p) for f in folds]) for p in parts]
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals + means) + " |")
     return lines
 
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += table(out, "candidate", ("fit", "zero_shot", "in_distribution")) + [""]
     lines += table(out, "candidate", ("zero_shot_flagged", "zero_shot_f1", "zero_shot_f1_reviewed")) + [""]
     lines += table(out, "ood", ("auroc", "warned_unseen", "warned_seen"), lambda v, p: v[p])
+    lines += [f"{f}: {json.dumps(r['selected'])}" for f, r in out.items() if "selected" in r]
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

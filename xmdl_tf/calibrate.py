@@ -127,7 +127,7 @@ def reliability_figure(samples: dict[str, tuple[np.ndarray, np.ndarray]], temper
         bottom.set_yscale("log")
         bottom.set_xlabel("predicted foreground probability")
         bottom.set_ylabel("pixels" if j == 0 else "")
-    fig.suptitle("Reliability on the val splits (pixels sampled equally per set)", fontsize=10)
+    fig.suptitle("Reliability on the val splits\n(the same number of pixels from each set)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
