@@ -158,10 +158,10 @@ def fit_ood(predictor, data: list[str], pixel_sizes: list[float | None], val_sli
     """FeatureDistribution of the training slices' tile features (`ood.image_features` of `layers` /
     `stats`, default `ood.OOD_LAYERS` / `ood.OOD_STATS`); threshold from the val slices' scores."""
     from .io import find_pairs, read_image, read_pixel_size_nm
-    from .ood import OOD_LAYERS, OOD_STATS, TILE, FeatureDistribution, image_features
+    from .ood import OOD_LAYERS, OOD_STATS, TILE, FeatureDistribution, available_layers, image_features
 
     ic = predictor.config.inference
-    tile, layers, stats = tile or TILE, tuple(layers or OOD_LAYERS), stats or OOD_STATS
+    tile, layers, stats = tile or TILE, available_layers(predictor.model, tuple(layers or OOD_LAYERS)), stats or OOD_STATS
     feats = []
     for d, px_given in zip(data, pixel_sizes):
         for pair in find_pairs(d, "train"):
