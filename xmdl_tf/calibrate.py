@@ -4,15 +4,18 @@
         ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
 
 On the model's own data (never a test split):
+All on the probabilities `analyze` makes (with test-time augmentation when
+the model's defaults use it).
 1. temperature scaling of the foreground probability, fitted on val pixels
    (the same number of pixels from every set), with the expected calibration
-   error of each set before and after;
+   error of each set before and after (`--figure`: reliability diagrams);
 2. the per-object confidence model (`confidence.ObjectConfidence`), fitted on
    the val split's predicted objects labelled true or false by matching them
-   to the labels at IoU >= 0.5;
+   to the labels at IoU >= 0.5, over the features that separate the two in
+   every set (`confidence.select_features`);
 3. the out-of-distribution model (`ood.FeatureDistribution`) of the training
-   slices' bottleneck features, its warning threshold the 99th percentile of
-   the val slices' scores.
+   slices' encoder texture statistics (`ood.OOD_LAYERS`), its warning
+   threshold the 99th percentile of the val slices' scores.
 Stored beside the model: `calibration` in config.json, and `ood.npz`.
 `analyze` then writes uncertainty.tif, per-object `confidence` and
 `needs_review`, and per-image `ood_score` and `ood_warning`.
