@@ -8,6 +8,8 @@ Per-object confidence: a handful of features of each predicted object
 validation objects labelled true (matched to a true mitochondrion at
 IoU >= 0.5) or false. A logistic fit is calibrated on the data it was fitted
 on, so a confidence of 0.8 means about 80% of such objects were real there.
+`select_features` keeps only the features that hold in every val set, so
+that the ranking carries over to a microscope the model never saw.
 """
 from __future__ import annotations
 
