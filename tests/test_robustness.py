@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -351,9 +352,18 @@ def test_analyze_resumes_after_a_random_kill(small_model, tmp_path):
 def test_analyze_on_a_full_disk_keeps_what_was_finished(small_model, images, tmp_path, capsys):
     from xmdl_tf.analyze import main
 
+    # Room for the first image's outputs (measured: they vary with the untrained model's random
+    # weights) and the tables, not for all six.
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(sorted(images.iterdir())[0], first)
+    assert main([str(first), "--model", str(small_model), "--out", str(tmp_path / "measured"), *ANALYZE]) == 0
+    one = sum(f.stat().st_size for f in (tmp_path / "measured").rglob("*") if f.is_file())
+    size_kb = int(one * 1.6) // 1024 + 64
     disk = tmp_path / "small_disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(disk)],
+                             capture_output=True)
     if mounted.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
     try:
