@@ -88,3 +88,21 @@ def test_auroc_matches_the_pairwise_definition():
     pairs = [(a > b) + 0.5 * (a == b) for a in s[pos] for b in s[~pos]]
     assert auroc(s, pos) == pytest.approx(np.mean(pairs))
     assert np.isnan(auroc(s, np.ones(60, bool)))
+
+
+def test_a_confidence_fitted_on_the_tta_spread_is_not_used_without_tta(caplog):
+    from xmdl_tf.analyze import confidence_model
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 2)), rng.random(40) < 0.5
+    with_spread = ObjectConfidence(("mean_probability", "tta_spread")).fit(x, y).to_dict()
+    without = ObjectConfidence(("mean_probability",)).fit(x[:, :1], y).to_dict()
+    assert confidence_model({}, tta=True) is None
+    assert confidence_model({"object_confidence": with_spread}, tta=True).features == ("mean_probability", "tta_spread")
+    both = {"object_confidence": with_spread, "object_confidence_without_tta": without}
+    assert confidence_model(both, tta=False).features == ("mean_probability",)
+    with caplog.at_level("WARNING"):
+        assert confidence_model({"object_confidence": with_spread}, tta=False) is None
+    assert "test-time augmentation" in caplog.text
+    plain = ObjectConfidence(("mean_probability",)).fit(x[:, :1], y).to_dict()
+    assert confidence_model({"object_confidence": plain}, tta=False).features == ("mean_probability",)

@@ -28,6 +28,7 @@ shape (see `xmdl_tf.volume` for its outputs).
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ from . import cli
 from .config import InferenceConfig, resolve_inference
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
 from .pretrained import NO_DEFAULT, default_model_path
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # warnings given once per process
 
 OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "uncertainty.tif", "morphometry.csv",
                 "figure.png")
@@ -187,15 +191,15 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     """Per-pixel uncertainty; per-object `confidence` / `needs_review` and per-image OOD columns
     when the model is calibrated (`python -m xmdl_tf.calibrate`), else NaN / False / empty."""
     from .calibration import apply_temperature
-    from .confidence import REVIEW_BELOW, ObjectConfidence, entropy, feature_matrix, object_features
+    from .confidence import REVIEW_BELOW, entropy, feature_matrix, object_features
 
     config = getattr(predictor, "config", None)
     cal = config.calibration if config is not None else {}
     p_cal = apply_temperature(prob, float(cal.get("temperature", 1.0)))
     uncertainty = entropy(p_cal)
-    if cal.get("object_confidence") and len(table):
+    model = confidence_model(cal, tta=spread is not None)
+    if model is not None and len(table):
         f = object_features(instances, p_cal, cam, spread=spread)
-        model = ObjectConfidence.from_dict(cal["object_confidence"])
         conf = model.predict(feature_matrix(f, model.features))
         by_id = dict(zip(f["label"].tolist(), conf.tolist()))
         table["confidence"] = [round(by_id[int(i)], 4) for i in table["id"]]
@@ -204,7 +208,7 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
         table["confidence"] = np.nan
         table["needs_review"] = False
     summary["calibrated"] = bool(cal)
-    summary["n_needs_review"] = int(table["needs_review"].sum()) if cal.get("object_confidence") else None
+    summary["n_needs_review"] = int(table["needs_review"].sum()) if model is not None else None
     summary["mean_uncertainty"] = float(uncertainty.mean())
     dist = _ood_model(predictor)
     summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), False
@@ -213,6 +217,28 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
         summary.update(ood_score=round(score, 4), ood_threshold=round(dist.threshold, 4),
                        ood_warning=bool(score > dist.threshold))
     return uncertainty
+
+
+def confidence_model(calibration: dict, tta: bool):
+    """The calibration's object confidence model for predictions made with or without test-time
+    augmentation, or None. A model fitted on the TTA spread needs it: without TTA, the one fitted
+    without it (`object_confidence_without_tta`), else none (a spread of 0 would read as sure)."""
+    from .confidence import ObjectConfidence
+
+    d = calibration.get("object_confidence")
+    if not d:
+        return None
+    model = ObjectConfidence.from_dict(d)
+    if tta or "tta_spread" not in model.features:
+        return model
+    other = calibration.get("object_confidence_without_tta")
+    if other:
+        return ObjectConfidence.from_dict(other)
+    if "confidence_needs_tta" not in _WARNED:
+        _WARNED.add("confidence_needs_tta")
+        log.warning("per-object confidence left empty: this model's confidence was calibrated on the spread of "
+                    "test-time-augmented predictions; run with test-time augmentation to get it")
+    return None
 
 
 def _ood_model(predictor):

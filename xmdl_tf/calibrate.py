@@ -213,12 +213,15 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
     rows = [r for rs in slices.values() for r in rs]
     x, y = object_table(rows, temp["temperature"], POOL)
     groups = np.repeat([r["set"] for r in rows], [int(r["instances"].max()) for r in rows])
-    conf = None
+    conf = conf_no_tta = None
     if min(y.sum(), (~y).sum()) >= MIN_EACH:
         # Only features that hold in every set: a logistic fit on pooled val objects otherwise leans
         # on relations peculiar to these sets, and ranks objects worse on a new microscope.
         names = select_features(x, y, groups, POOL)
         conf = ObjectConfidence(names).fit(x[:, [POOL.index(n) for n in names]], y)
+        if "tta_spread" in names and len(names) > 1:  # for analyze runs without test-time augmentation
+            rest = tuple(n for n in names if n != "tta_spread")
+            conf_no_tta = ObjectConfidence(rest).fit(x[:, [POOL.index(n) for n in rest]], y)
         x = x[:, [POOL.index(n) for n in names]]
     elif verbose:
         print(f"warning: only {int(y.sum())} true and {int((~y).sum())} false detections on {split}; at least "
@@ -226,6 +229,7 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
     dist, _ = fit_ood(predictor, data, pixel_sizes, slices, verbose=verbose, tile=ood_tile)
     dist.save(model_path.parent / OOD_FILE)
     report = {**temp, "object_confidence": conf.to_dict() if conf else None,
+              "object_confidence_without_tta": conf_no_tta.to_dict() if conf_no_tta else None,
               "features": list(conf.features) if conf else [],
               "objects": int(len(y)), "true_objects": int(y.sum()),
               "object_auroc_in_sample": round(auroc(conf.predict(x), y), 4) if conf else None,
