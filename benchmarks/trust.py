@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="test-time augmentation for the probabilities (default on, as the shipped model's "
                         "defaults; 'model': each model's own setting)")
     args = p.parse_args(argv)
-    from xmdl_tf.calibrate import collect_val, fit_calibration, fit_ood, object_table
+    from xmdl_tf.calibrate import collect_val, fit_calibration, fit_ood, object_sets, object_table
     from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
     from xmdl_tf.evaluate import held_out_split
     from xmdl_tf.ood import OOD_FILE, FeatureDistribution
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             x, y = object_table(rows, t, ALL_FEATURES)
             dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
             dump[f"{left}/{part}/n_true"] = np.int64(true_objects(rows))
-            dump[f"{left}/{part}/groups"] = np.repeat([r["set"] for r in rows], [int(r["instances"].max()) for r in rows])
+            dump[f"{left}/{part}/groups"] = object_sets(rows)
             dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, ood[part])
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},

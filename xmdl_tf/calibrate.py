@@ -97,6 +97,11 @@ def fit_temperature_on(slices: dict[str, list[dict]], per_set: int = PIXELS_PER_
     return {"temperature": round(t, 4), "ece": ece, "nll": nlls, "pixels_per_set": per_set}
 
 
+def object_sets(rows: list[dict]) -> np.ndarray:
+    """The data set of every predicted object of the slices, in `object_table`'s order (N,) str."""
+    return np.repeat([r["set"] for r in rows], [int(r["instances"].max()) for r in rows])
+
+
 def reliability_figure(samples: dict[str, tuple[np.ndarray, np.ndarray]], temperature: float, ece: dict,
                        path: str | Path) -> None:
     """One panel per set: observed foreground frequency against predicted probability, raw and
@@ -212,17 +217,18 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
     temp = fit_temperature_on(slices, figure=figure)
     rows = [r for rs in slices.values() for r in rs]
     x, y = object_table(rows, temp["temperature"], POOL)
-    groups = np.repeat([r["set"] for r in rows], [int(r["instances"].max()) for r in rows])
+    groups = object_sets(rows)
     conf = conf_no_tta = None
     if min(y.sum(), (~y).sum()) >= MIN_EACH:
         # Only features that hold in every set: a logistic fit on pooled val objects otherwise leans
         # on relations peculiar to these sets, and ranks objects worse on a new microscope.
         names = select_features(x, y, groups, POOL)
-        conf = ObjectConfidence(names).fit(x[:, [POOL.index(n) for n in names]], y)
+        columns = lambda chosen: x[:, [POOL.index(n) for n in chosen]]  # noqa: E731
+        conf = ObjectConfidence(names).fit(columns(names), y)
         if "tta_spread" in names and len(names) > 1:  # for analyze runs without test-time augmentation
             rest = tuple(n for n in names if n != "tta_spread")
-            conf_no_tta = ObjectConfidence(rest).fit(x[:, [POOL.index(n) for n in rest]], y)
-        x = x[:, [POOL.index(n) for n in names]]
+            conf_no_tta = ObjectConfidence(rest).fit(columns(rest), y)
+        x = columns(names)
     elif verbose:
         print(f"warning: only {int(y.sum())} true and {int((~y).sum())} false detections on {split}; at least "
               f"{MIN_EACH} of each are needed to fit object confidence, so objects get none", file=sys.stderr)
