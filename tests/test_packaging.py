@@ -102,7 +102,7 @@ def test_wheel_installs_with_its_model_and_analyzes_the_sample_like_the_checkout
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-3, atol=2e-4)
 
 
-def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, tmp_path):
+def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, tmp_path, monkeypatch):
     before = os.environ.get("KERAS_BACKEND")
     pytest.importorskip("bioimageio.spec")
     pytest.importorskip("bioimageio.core")
@@ -113,7 +113,13 @@ def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, t
 
     _, run = blob_run
     out = tmp_path / "zoo"
+    # bioimageio.core unzips the SavedModel into ./bioimageio_unzipped_tf_weights; the check runs it
+    # from a scratch folder, so the folder a user (or this test) runs from stays as it was.
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
     assert main(["--format", "bioimageio", "--model", str(run), "--out", str(out)]) == 0  # runs core's model test
+    assert list(work.iterdir()) == [] and Path.cwd() == work
     rdf = yaml.safe_load((out / "rdf.yaml").read_text())
     assert rdf["format_version"].startswith("0.5") and set(rdf["weights"]) == {"keras_v3", "tensorflow_saved_model_bundle"}
     pre = [p["id"] for p in rdf["inputs"][0]["preprocessing"]]

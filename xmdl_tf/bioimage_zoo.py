@@ -323,7 +323,7 @@ def check(rdf: str | Path, run_test: bool = True) -> dict:
     """
     from bioimageio.spec import load_model_description
 
-    descr = load_model_description(str(rdf), perform_io_checks=True)
+    descr = load_model_description(str(Path(rdf).resolve()), perform_io_checks=True)
     summary = descr.validation_summary
     if summary.status not in ("passed", "valid-format"):
         raise ZooError(f"{rdf}: bioimage.io format check failed: {_errors(summary)}")
@@ -336,13 +336,22 @@ def check(rdf: str | Path, run_test: bool = True) -> dict:
 
         before = os.environ.get("KERAS_BACKEND")
         os.environ["KERAS_BACKEND"] = keras.backend.backend()
+        # Its TensorFlow backend also unzips the SavedModel weights into
+        # "./bioimageio_unzipped_tf_weights" of the working directory (a fixed relative path):
+        # run it from a scratch folder so the user's folder (or a repo checkout) is left untouched.
+        cwd = os.getcwd()
         try:
             try:
                 from bioimageio.core import test_model
             except ImportError:
                 log.warning("bioimageio.core is not installed: the package's model test was skipped")
                 return result
-            summary = test_model(descr)
+            with tempfile.TemporaryDirectory(prefix="xmdl_bioimageio_") as scratch:
+                os.chdir(scratch)
+                try:
+                    summary = test_model(descr)
+                finally:
+                    os.chdir(cwd)
         finally:
             if before is None:
                 os.environ.pop("KERAS_BACKEND", None)
