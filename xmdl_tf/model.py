@@ -110,6 +110,24 @@ def build_from_config(cfg: ModelConfig) -> keras.Model:
     return build_model(cfg.depth, cfg.base_filters, cfg.residual, cfg.attention, cfg.n_classes, cfg.dropout)
 
 
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same network with every layer computing in float32, weights copied (no optimizer).
+
+    Mixed precision (bfloat16 on AMX CPUs, float16 on GPUs) is a training-speed
+    choice: the model that ships, is exported and is served computes in float32,
+    so its predictions do not depend on the precision it happened to be trained in.
+    The variables of a mixed-precision model are float32 already, so nothing is rounded.
+    """
+    def clone(layer):
+        cfg = layer.get_config()
+        cfg["dtype"] = "float32"
+        return layer.__class__.from_config(cfg)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 DEFAULT_GRADCAM_LAYER = "dec1_conv2"
 
 

@@ -184,12 +184,11 @@ def _atomic_save(model, path: Path) -> None:
 
 
 def _save_inference(model, path: Path) -> None:
-    """Save weights and architecture only (no optimizer state): a third of the size, safe to ship."""
-    import keras
+    """Save weights and architecture only (no optimizer state, float32 compute whatever the
+    training precision): a third of the size, safe to ship."""
+    from .model import float32_copy
 
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    _atomic_save(clone, path)
+    _atomic_save(float32_copy(model), path)
 
 
 def _comparable(cfg: dict) -> dict:
