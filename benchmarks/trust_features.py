@@ -13,7 +13,9 @@ slices) and prints, per left-out set and on average:
 2. each candidate feature set (`CANDIDATES`) fitted as the shipped
    `ObjectConfidence` on the fit part, scored zero shot and in distribution
    (AUROC; share of detections flagged; instance F1 before and after a user
-   removes the flagged false ones);
+   removes the flagged false ones); a few also fitted on the fit part plus the
+   other folds' zero-shot detections (`+other_zero_shot`: examples of errors
+   on an unseen microscope, none from the set being scored);
 3. each candidate OOD score: AUROC of left-out slices against the seen sets'
    held-out slices, and the share of each warned at the 99th percentile of
    the fit (val) slices' scores.
@@ -50,6 +52,9 @@ CANDIDATES = {
     "probability_gradcam": ("mean_probability", "low_probability", "edge_contrast", "mean_gradcam",
                             "gradcam_contrast"),
 }
+# Candidates also fitted with the other folds' zero-shot detections added (suffix SHIFTED).
+SHIFTED = "+other_zero_shot"
+SHIFTED_CANDIDATES = ("shipped", "scale_free", "scale_free_spread", "probability_gradcam")
 # Candidate OOD scores, oriented so that higher means "more unlike the training data".
 OOD_SIGN = {"mean_entropy": 1, "uncertain_fraction": 1, "foreground_fraction": 1,
             "mean_object_confidence": -1, "review_fraction": 1}
@@ -81,9 +86,17 @@ def study(tables) -> dict:
                 candidates[f"selected@{cut}"] = select_features(fx[:, pool], fy, tables[f"{left}/fit/groups"], POOL,
                                                                 cut)
             r["selected"] = {c: list(f) for c, f in candidates.items() if c.startswith("selected")}
-        for c, feats in candidates.items():
+        # Also fit each candidate on the fit part plus the *other* folds' zero-shot detections: what a
+        # model's detections look like on a microscope it never saw, from sets other than the one
+        # scored here (so nothing of the left-out set enters its own fit).
+        ox = [tables[f"{o}/zero_shot/x"] for o in folds if o != left]
+        oy = [tables[f"{o}/zero_shot/y"].astype(bool) for o in folds if o != left]
+        shifted = (np.concatenate([fx, *ox]), np.concatenate([fy, *oy]))
+        fits = [(c, feats, (fx, fy)) for c, feats in candidates.items()]
+        fits += [(f"{c}{SHIFTED}", candidates[c], shifted) for c in SHIFTED_CANDIDATES if c in candidates]
+        for c, feats, (tx, ty) in fits:
             idx = [names.index(f) for f in feats]
-            model = ObjectConfidence(tuple(feats)).fit(fx[:, idx], fy)
+            model = ObjectConfidence(tuple(feats)).fit(tx[:, idx], ty)
             r["candidate"][c] = {p: round(auroc(model.predict(part[p][0][:, idx]), part[p][1]), 4)
                                  for p in ("fit", "zero_shot", "in_distribution")}
             for p in ("zero_shot", "in_distribution"):

@@ -23,3 +23,40 @@ def test_loso_table_marks_zero_shot_on_the_diagonal_and_averages_it():
     assert lines[4] == "| c | - | 0.900 | **0.700** |"
     assert "mean zero-shot f1 (val): 0.600 over 3 sets" in md
     assert "over 0 sets" not in loso.table_md({}, names, "test") and "mean" not in loso.table_md({}, names, "test")
+
+
+def test_trust_features_fits_on_other_sets_zero_shot_errors_without_the_scored_set(tmp_path):
+    """A cue that matters only under domain shift is learnt from the other folds' zero-shot
+    detections, and the scored set's own zero-shot detections never enter its fit."""
+    import numpy as np
+
+    tf_ = _load("trust_features")
+    from xmdl_tf.confidence import ALL_FEATURES
+
+    rng = np.random.default_rng(0)
+    i_prob, i_edge, i_cam = (ALL_FEATURES.index(f) for f in ("mean_probability", "edge_contrast", "mean_gradcam"))
+
+    def part(n, cue):  # y follows feature `cue`; every other feature is noise
+        y = rng.random(n) < 0.5
+        x = rng.normal(size=(n, len(ALL_FEATURES)))
+        x[:, cue] += 2.5 * np.where(y, 1, -1)
+        return x, y
+
+    tables = {"features": np.array(ALL_FEATURES), "slice_columns": np.array(["mean_entropy"])}
+    for fold in ("a", "b", "c"):
+        # seen data: the probability tells; an unseen microscope: only the edge contrast does
+        # (for a, the Grad-CAM heat: had a's own zero-shot detections entered its fit, it would score high)
+        for p, cue in (("fit", i_prob), ("in_distribution", i_prob), ("zero_shot", i_cam if fold == "a" else i_edge)):
+            x, y = part(300, cue)
+            tables.update({f"{fold}/{p}/x": x, f"{fold}/{p}/y": y, f"{fold}/{p}/n_true": np.array(int(y.sum())),
+                           f"{fold}/{p}/slices": rng.normal(size=(4, 1))})
+    np.savez(tmp_path / "t.npz", **tables)
+    out = tf_.study(np.load(tmp_path / "t.npz"))
+    name = "probability_gradcam"
+    for fold in ("a", "b", "c"):
+        plain, shifted = out[fold]["candidate"][name], out[fold]["candidate"][name + tf_.SHIFTED]
+        assert plain["fit"] > 0.9 and plain["zero_shot"] < 0.75  # the seen-data cue is noise here
+        if fold == "a":  # learnt from b and c (edge contrast), never from a's own detections
+            assert shifted["zero_shot"] < 0.75
+        else:
+            assert shifted["zero_shot"] > 0.9 and shifted["in_distribution"] > 0.9
