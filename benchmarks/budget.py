@@ -6,7 +6,8 @@ Reads each run folder's history.csv (`tiles_seen`, `seconds`, `val_f1`, and the
 per-set `val_<set>_f1` columns) and config.json (base filters, precision,
 backend), draws mean validation F1 against tiles seen and against hours of
 training, and prints the best validation F1 each run reached within common
-budgets of wall time, so model sizes are compared at equal cost.
+budgets of wall time (and, with --tiles, of training tiles, which compares runs
+made on hosts of different speed), so model sizes are compared at equal cost.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run folders (with history.csv and config.json)")
     p.add_argument("--out", default=None, help="PNG to write")
     p.add_argument("--hours", nargs="+", type=float, default=[0.5, 1, 2, 4])
+    p.add_argument("--tiles", nargs="*", type=int, default=[],
+                   help="also the best val F1 within these many training tiles (independent of the host's speed, "
+                        "for runs trained on different machines)")
     args = p.parse_args(argv)
     import pandas as pd
 
@@ -42,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         for hrs in args.hours:
             within = h[h["seconds"] <= hrs * 3600]
             row[f"F1 @ {hrs:g} h"] = round(within["val_f1"].max(), 4) if len(within) else None
+        for n in args.tiles:
+            within = h[h["tiles_seen"] <= n]
+            row[f"F1 @ {n:,} tiles"] = round(within["val_f1"].max(), 4) if len(within) else None
         rows.append(row)
     if not rows:
         return 1
