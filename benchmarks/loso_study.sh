@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # Augmentation study, leave-one-set-out at a fixed budget (resumable: rerun this script).
+#   bash benchmarks/loso_study.sh [ARM ...]
+# An arm is "em", "basic", or "em-PART[+PART...]": "em" with those parts switched off
+# (parts: xmdl_tf.config.AugmentConfig.COMPONENTS), e.g. em-scale, em-elastic,
+# em-stripes+illumination+poisson. Default: em basic. Tables in runs/loso/ARM/loso.md.
 cd "$(dirname "$0")/.."
-D=../shared/data
+D=${XMDL_DATA:-../shared/data}
 COMMON=(--data $D/cdeep3m_sbem_mouse $D/drosophila_vnc_sstem $D/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
         --model-pixel-size 5 --epochs 6 --steps-per-epoch 100)
-for cfg in em basic; do
-  nice -n 10 .venv/bin/python benchmarks/loso.py --out runs/loso/$cfg "${COMMON[@]}" --augment $cfg || exit 1
+[ $# -eq 0 ] && set -- em basic
+for arm in "$@"; do
+  case $arm in
+    em|basic) flags=(--augment "$arm") ;;
+    em-*) IFS=+ read -ra off <<< "${arm#em-}"; flags=(--augment em --augment-off "${off[@]}") ;;
+    *) echo "unknown arm $arm (em, basic or em-PART[+PART...])" >&2; exit 2 ;;
+  esac
+  nice -n 10 "${PYTHON:-.venv/bin/python}" benchmarks/loso.py --out "runs/loso/$arm" "${COMMON[@]}" "${flags[@]}" || exit 1
 done
