@@ -128,7 +128,13 @@ def test_same_slice_at_two_pixel_sizes_gives_same_counts_and_areas(base_run):
     a10 = analyze_image(pred, img10, "10nm", s, pixel_size_nm=10.0)
     assert a10.summary["rescaled_by"] == 2.0 and a5.summary["rescaled_by"] == 1.0
     assert a10.probability.shape == img10.shape  # mapped back to the input's own grid
-    assert a5.summary["count"] == a10.summary["count"] > 0
+    # The same mitochondria: the 10-nm mask mapped onto the 5-nm grid covers the 5-nm one...
+    up = cv2.resize(a10.mask.astype(np.uint8), img5.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    assert (up & (a5.mask > 0)).sum() / (up | (a5.mask > 0)).sum() > 0.85
+    # ...and the same count, give or take the one object whose neck or gap to a neighbour is
+    # narrower than a 10-nm pixel (this tiny model's soft blobs: which one tips with the CPU's
+    # rounding; an AMX host merged two at 10 nm and the watershed split one at 5 nm).
+    assert a5.summary["count"] > 0 and abs(a5.summary["count"] - a10.summary["count"]) <= 1
     # One 10-nm pixel of boundary is about 5% of a typical object's area here: allow two.
     assert a10.summary["total_area_nm2"] == pytest.approx(a5.summary["total_area_nm2"], rel=0.1)
 
