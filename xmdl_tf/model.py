@@ -124,6 +124,10 @@ def float32_copy(model: keras.Model) -> keras.Model:
         return layer.__class__.from_config(cfg)
 
     copy = keras.models.clone_model(model, clone_function=clone)
+    # clone_model also compiles the copy like the original (Keras >= 3.15), which would
+    # save the optimizer state with it (three times the weights); a new functional
+    # model over the cloned layers is uncompiled.
+    copy = keras.Model(copy.inputs, copy.outputs, name=copy.name)
     copy.set_weights(model.get_weights())
     return copy
 

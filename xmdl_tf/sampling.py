@@ -244,6 +244,8 @@ class TileSampler:
         self.p = weights / weights.sum()
         self.slices_per_group = max(1, cfg.shuffle_buffer // cfg.tiles_per_slice)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._building: dict[int, threading.Event] = {}
+        self.cache_groups = 4
         self._lock = threading.Lock()
         # Decoded, normalised slices, least recently used dropped first: decoding a
         # PNG costs more than cutting and augmenting its tiles. Bounded, so a
@@ -306,15 +308,33 @@ class TileSampler:
         return np.concatenate(parts_x), np.concatenate(parts_y)
 
     def _cached_group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        # One thread builds a group; others asking for it meanwhile wait for that build
+        # instead of repeating it (many loader threads on a GPU machine ask for the same
+        # group at once). The cache holds more groups than there are loader threads, so
+        # a group is not dropped while batches of it are still queued.
         with self._lock:
             hit = self._cache.get(g)
+            if hit is None:
+                hit = self._building.get(g)
+                if hit is None:
+                    self._building[g] = done = threading.Event()
+        if isinstance(hit, threading.Event):
+            hit.wait()
+            with self._lock:
+                hit = self._cache.get(g)
+            return hit if hit is not None else self._cached_group(g)
         if hit is not None:
             return hit
-        built = self.group(g)  # outside the lock: other threads keep working
-        with self._lock:
-            self._cache[g] = built
-            while len(self._cache) > 4:
-                self._cache.pop(next(iter(self._cache)))
+        try:
+            built = self.group(g)  # outside the lock: other threads keep working
+            with self._lock:
+                self._cache[g] = built
+                while len(self._cache) > self.cache_groups:
+                    self._cache.pop(next(iter(self._cache)))
+        finally:
+            with self._lock:
+                self._building.pop(g, None)
+            done.set()
         return built
 
 
