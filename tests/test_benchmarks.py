@@ -60,3 +60,43 @@ def test_trust_features_fits_on_other_sets_zero_shot_errors_without_the_scored_s
             assert shifted["zero_shot"] < 0.75
         else:
             assert shifted["zero_shot"] > 0.9 and shifted["in_distribution"] > 0.9
+
+
+def test_gpu_training_budget_stops_training_and_decays_the_rate_over_the_time_left(tmp_path):
+    import time
+
+    import keras
+    import numpy as np
+
+    gt = _load("gpu_training")
+    x = np.zeros((64, 4), np.float32)
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    start = time.time()
+    cb = gt.budget_callback(3.0, lr0=0.1, start=start, log_every=1000)
+
+    class Slow(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(0.01)
+
+    m.fit(x, x[:, :1], batch_size=8, epochs=1000, verbose=0, callbacks=[Slow(), cb])
+    epochs = [e for e, _, _ in cb.lr_log]
+    assert 3 <= len(epochs) < 1000 and time.time() - start < 8  # stopped by the budget
+    lrs = [lr for _, _, lr in cb.lr_log]
+    assert lrs[0] == 0.1 and all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.1
+    assert abs(float(m.optimizer.learning_rate.numpy()) - lrs[-1]) < 1e-7
+
+
+def test_gpu_training_export_splits_the_model_into_parts_that_reassemble(tmp_path, monkeypatch):
+    gt = _load("gpu_training")
+    run = tmp_path / "run"
+    run.mkdir()
+    data = bytes(range(256)) * 1000
+    (run / "model.keras").write_bytes(data)
+    (run / "config.json").write_text("{}")
+    monkeypatch.setattr(gt, "PART", 100_000)
+    files = gt.export_run(run, tmp_path / "out")
+    parts = sorted(f for f in files if ".part-" in f.name)
+    assert len(parts) == 3 and all(f.stat().st_size <= 100_000 for f in parts)
+    assert b"".join(f.read_bytes() for f in parts) == data
+    assert (tmp_path / "out" / "config.json").read_text() == "{}"

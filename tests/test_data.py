@@ -250,3 +250,35 @@ def test_zoomed_out_tiles_are_as_smooth_as_inference_resampling():
     cols = np.tile(np.arange(64, dtype=np.float32), (64, 1))
     x, y = resample_pair(cols, cols.copy(), 0.25)  # plain INTER_NEAREST would be 1.5 px off
     np.testing.assert_allclose(y[0], x[0], atol=0.51)  # nearest label within half a source pixel of the image
+
+
+def test_loader_threads_build_each_group_once_and_agree(tmp_path):
+    """Many loader threads asking for batches of the same groups at once (a GPU machine's
+    PyDataset) get the same tiles as one thread, and each group is built once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import write_split
+    from xmdl_tf.sampling import TileSampler, TrainingSet
+
+    write_split(tmp_path / "a", "train", 3, size=96)
+    sets = [TrainingSet("a", [SliceRegion(p) for p in split_pairs(tmp_path / "a", "train")], factor=1.0, weight=1)]
+    cfg = DataConfig(tile_size=32, tiles_per_slice=3, shuffle_buffer=12)
+    ref = TileSampler(sets, cfg, None, seed=3)
+    expected = [ref.batch(i, 4) for i in range(12)]  # 3 batches a group, 4 groups
+    sampler = TileSampler(sets, cfg, None, seed=3)
+    sampler.cache_groups = 8
+    built, lock, plain = [], threading.Lock(), sampler.group
+
+    def counted(g):
+        with lock:
+            built.append(g)
+        return plain(g)
+
+    sampler.group = counted
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda i: sampler.batch(i, 4), [i for i in range(12) for _ in range(3)]))
+    for k, (x, y) in enumerate(got):
+        np.testing.assert_array_equal(x, expected[k // 3][0])
+        np.testing.assert_array_equal(y, expected[k // 3][1])
+    assert sorted(built) == [0, 1, 2, 3]

@@ -93,3 +93,26 @@ def test_model_trained_in_bfloat16_is_saved_computing_in_float32(tmp_path):
     np.testing.assert_allclose(saved(x).numpy(), ref(x).numpy(), atol=1e-6)
     # bfloat16 keeps 8 bits of mantissa: the mixed model itself is close, not equal
     assert np.abs(m(x).numpy() - ref(x).numpy()).max() > 1e-6
+
+
+def test_saved_inference_model_has_no_optimizer_state(tmp_path):
+    """What train saves for shipping holds the weights only, also from a compiled, trained
+    model (Keras 3.15's clone_model compiles the clone like the original)."""
+    import zipfile
+
+    import h5py
+    import keras
+
+    from xmdl_tf.train import _save_inference
+
+    m = build_model(depth=3, base_filters=4)
+    m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x = np.random.default_rng(0).random((2, 32, 32, 1)).astype(np.float32)
+    m.fit(x, np.zeros((2, 32, 32, 2), np.float32), verbose=0)
+    _save_inference(m, tmp_path / "model.keras")
+    with zipfile.ZipFile(tmp_path / "model.keras") as z:
+        z.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as f:
+        assert "layers" in f and "optimizer" not in f
+    saved = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(saved(x).numpy(), m(x).numpy(), atol=1e-6)
