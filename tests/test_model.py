@@ -116,3 +116,4 @@ def test_saved_inference_model_has_no_optimizer_state(tmp_path):
         assert "layers" in f and "optimizer" not in f
     saved = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(saved(x).numpy(), m(x).numpy(), atol=1e-6)
+    assert not isinstance(saved(x), (list, tuple))  # one tensor, as the model it was copied from

@@ -127,9 +127,14 @@ def float32_copy(model: keras.Model) -> keras.Model:
     # clone_model also compiles the copy like the original (Keras >= 3.15), which would
     # save the optimizer state with it (three times the weights); a new functional
     # model over the cloned layers is uncompiled.
-    copy = keras.Model(copy.inputs, copy.outputs, name=copy.name)
+    # (Single tensors, not one-element lists: the model must keep returning a tensor.)
+    copy = keras.Model(_single(copy.inputs), _single(copy.outputs), name=copy.name)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _single(tensors: list):
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 DEFAULT_GRADCAM_LAYER = "dec1_conv2"
