@@ -54,7 +54,7 @@ def test_shipped_reference_model_is_the_default_and_segments_the_sample():
     if path is None:
         pytest.skip("no built-in reference model installed")
     pred = load_model(path)
-    assert pred.config.model.depth == 6 and pred.config.model.base_filters == 8
+    assert pred.config.model.depth == 6 and pred.config.model.base_filters == 16
     sample = Path(__file__).resolve().parents[1] / "xmdl_tf" / "sample"
     image, label = read_pair(split_pairs(sample.parent, "sample")[0])
     f1 = scores(confusion(pred.predict_slice(image) >= 0.5, label > 0))["f1"]
