@@ -59,3 +59,24 @@ def test_shipped_reference_model_is_the_default_and_segments_the_sample():
     image, label = read_pair(split_pairs(sample.parent, "sample")[0])
     f1 = scores(confusion(pred.predict_slice(image) >= 0.5, label > 0))["f1"]
     assert f1 > 0.75  # measured 0.8+ on this held-out test section (models/README.md)
+
+
+def test_shipped_small_model_is_built_in_by_name_and_segments_the_sample():
+    """The 8-filter model (fast and light on a CPU) ships beside the reference as `xmdl_ref_f8`."""
+    from pathlib import Path
+
+    import pytest
+
+    from xmdl_tf.io import read_pair, split_pairs
+    from xmdl_tf.metrics import confusion, scores
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.pretrained import builtin_model
+
+    path = builtin_model("xmdl_ref_f8")
+    if path is None:
+        pytest.skip("built-in xmdl_ref_f8 not installed")
+    pred = load_model(path)
+    assert pred.config.model.base_filters == 8 and pred.config.inference.threshold == 0.6
+    sample = Path(__file__).resolve().parents[1] / "xmdl_tf" / "sample"
+    image, label = read_pair(split_pairs(sample.parent, "sample")[0])
+    assert scores(confusion(pred.predict_slice(image) >= 0.5, label > 0))["f1"] > 0.75
