@@ -39,7 +39,8 @@ PIXEL_SIZES = ("unknown", "4.6", "5")
 PART = 15 * 2**20
 
 
-def budget_callback(budget_s: float, lr0: float | None = None, start: float = T0, log_every: int = 100):
+def budget_callback(budget_s: float, lr0: float | None = None, start: float = T0, log_every: int = 100,
+                    batch_size: int | None = None):
     """Keras callback that fits training into `start + budget_s` seconds.
 
     Stops before an epoch that would end past the budget (judged by the last
@@ -47,7 +48,8 @@ def budget_callback(budget_s: float, lr0: float | None = None, start: float = T0
     With `lr0`, the learning rate follows a cosine from lr0 to 0 over the
     training time left after the first compiled step ("budgeted training": the
     schedule ends with the machine, whatever its speed), set at each epoch's
-    start as LearningRateScheduler does. Prints the tile rate every `log_every` steps.
+    start as LearningRateScheduler does. Prints the step (and, given `batch_size`,
+    tile) rate every `log_every` steps.
     """
     import keras
 
@@ -79,9 +81,9 @@ def budget_callback(budget_s: float, lr0: float | None = None, start: float = T0
             if self._tb is None:
                 self._tb, self._nb = now, 0
             elif self._nb == log_every:
-                bs = self.model._xmdl_batch if hasattr(self.model, "_xmdl_batch") else None
-                print(f"  {log_every} steps in {now - self._tb:.1f} s ({log_every / (now - self._tb):.1f} steps/s)"
-                      + (f", {bs * log_every / (now - self._tb):.0f} tiles/s" if bs else ""), flush=True)
+                rate = log_every / (now - self._tb)
+                print(f"  {log_every} steps in {now - self._tb:.1f} s ({rate:.1f} steps/s)"
+                      + (f", {batch_size * rate:.0f} tiles/s" if batch_size else ""), flush=True)
                 self._tb, self._nb = now, 0
             if now - start > budget_s:
                 print(f"budget of {budget_s:.0f} s spent in epoch; stopping", flush=True)
@@ -168,13 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"input pipeline alone: {input_rate(sets, cfg.data, cfg.augment, w, args.probe_input):.0f} tiles/s "
               f"({w} threads)", flush=True)
     lr0 = cfg.train.learning_rate if args.time_cosine else None
-    budget = budget_callback(args.budget_s, lr0)
-    # The batch size, for the tile rate the budget callback prints.
-    class _Tag(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.model._xmdl_batch = cfg.train.batch_size
+    budget = budget_callback(args.budget_s, lr0, batch_size=cfg.train.batch_size)
     run = train(targs.data, targs.out, cfg, pixel_sizes=parse_pixel_sizes(targs.pixel_size, 3),
-                augment_strength=targs.augment_strength, callbacks=[_Tag(), budget])
+                augment_strength=targs.augment_strength, callbacks=[budget])
     if args.time_cosine:
         # config.json says lr_schedule "constant" (train's own scheduler was off); record what ran.
         path = Path(run) / "config.json"
