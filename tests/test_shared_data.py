@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from xmdl_tf.evaluate import main as eval_main
 from xmdl_tf.io import find_pairs, read_pair
@@ -39,44 +40,23 @@ def test_train_and_evaluate_tiny_model_on_real_data(shared_data, tmp_path):
     assert len(pd.read_csv(out / "per_image.csv")) == 5
 
 
-def test_shipped_reference_model_is_the_default_and_segments_the_sample():
-    """The built-in model (xmdl_tf/models/xmdl_ref) loads as the default and segments the shipped sample slice."""
+@pytest.mark.parametrize("name, base_filters", [(None, 16), ("xmdl_ref_f8", 8)])
+def test_shipped_models_load_by_name_and_segment_the_sample(name, base_filters):
+    """The built-in models (xmdl_tf/models/): the default `xmdl_ref` (16 base filters) and the
+    fast `xmdl_ref_f8` load and segment the shipped sample slice."""
     from pathlib import Path
 
-    import pytest
-
-    from xmdl_tf.pretrained import default_model_path
     from xmdl_tf.io import read_pair, split_pairs
     from xmdl_tf.metrics import confusion, scores
     from xmdl_tf.predict import load_model
+    from xmdl_tf.pretrained import builtin_model, default_model_path
 
-    path = default_model_path()
+    path = default_model_path() if name is None else builtin_model(name)
     if path is None:
-        pytest.skip("no built-in reference model installed")
+        pytest.skip(f"built-in model {name or 'xmdl_ref'} not installed")
     pred = load_model(path)
-    assert pred.config.model.depth == 6 and pred.config.model.base_filters == 16
+    assert pred.config.model.depth == 6 and pred.config.model.base_filters == base_filters
     sample = Path(__file__).resolve().parents[1] / "xmdl_tf" / "sample"
     image, label = read_pair(split_pairs(sample.parent, "sample")[0])
     f1 = scores(confusion(pred.predict_slice(image) >= 0.5, label > 0))["f1"]
     assert f1 > 0.75  # measured 0.8+ on this held-out test section (models/README.md)
-
-
-def test_shipped_small_model_is_built_in_by_name_and_segments_the_sample():
-    """The 8-filter model (fast and light on a CPU) ships beside the reference as `xmdl_ref_f8`."""
-    from pathlib import Path
-
-    import pytest
-
-    from xmdl_tf.io import read_pair, split_pairs
-    from xmdl_tf.metrics import confusion, scores
-    from xmdl_tf.predict import load_model
-    from xmdl_tf.pretrained import builtin_model
-
-    path = builtin_model("xmdl_ref_f8")
-    if path is None:
-        pytest.skip("built-in xmdl_ref_f8 not installed")
-    pred = load_model(path)
-    assert pred.config.model.base_filters == 8 and pred.config.inference.threshold == 0.6
-    sample = Path(__file__).resolve().parents[1] / "xmdl_tf" / "sample"
-    image, label = read_pair(split_pairs(sample.parent, "sample")[0])
-    assert scores(confusion(pred.predict_slice(image) >= 0.5, label > 0))["f1"] > 0.75
