@@ -33,6 +33,7 @@ T0 = time.time()
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from xmdl_tf import cli  # noqa: E402
 
 SETS = ("cdeep3m_sbem_mouse", "drosophila_vnc_sstem", "lucchipp_fibsem_mouse")
 PIXEL_SIZES = ("unknown", "4.6", "5")
@@ -133,11 +134,13 @@ def export_run(run: Path, dest: Path) -> list[Path]:
     return out
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", required=True, help="folder holding the three sets")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--budget-s", type=float, required=True, help="wall-clock seconds from start for everything")
+    p.add_argument("--budget-s", type=cli.positive_float, required=True,
+                   help="wall-clock seconds from start for everything")
     p.add_argument("--export", default=None, help="copy the finished run here (see above)")
     p.add_argument("--time-cosine", action="store_true",
                    help="cosine learning-rate decay over the wall-clock budget instead of over --epochs "
