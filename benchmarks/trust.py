@@ -110,7 +110,8 @@ def slice_scores(rows, temperature: float, confidence, ood: dict[str, list[float
         p = apply_temperature(r["probability"], temperature)
         conf = np.full(1, np.nan)
         if confidence is not None and r["instances"].max() > 0:
-            conf = confidence.predict(feature_matrix(object_features(r["instances"], p, r["gradcam"]),
+            conf = confidence.predict(feature_matrix(object_features(r["instances"], p, r["gradcam"], spread=r.get("spread"),
+                                                                     alternatives=r.get("alternatives")),
                                                      confidence.features))
         out.append([ood[k][i] for k in OOD_SPECS] +
                    [float(entropy(p).mean()), float(((p > 0.2) & (p < 0.8)).mean()), float((p >= 0.5).mean()),
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", choices=("on", "off", "model"), default="on",
                    help="test-time augmentation for the probabilities (default on, as the shipped model's "
                         "defaults; 'model': each model's own setting)")
+    p.add_argument("--objects-only", action="store_true",
+                   help="only the object and pixel figures: no out-of-distribution fits (about half the time; "
+                        "the OOD columns of the tables are NaN)")
     args = p.parse_args(argv)
     from xmdl_tf.calibrate import collect_val, fit_calibration, fit_ood, object_sets, object_table
     from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
@@ -150,24 +154,27 @@ def main(argv: list[str] | None = None) -> int:
             pred.config = dataclasses.replace(pred.config, inference=dataclasses.replace(pred.config.inference,
                                                                                      tta=args.tta == "on"))
         val = collect_val(pred, [d for d, _ in seen], [px for _, px in seen], verbose=False)
-        cal = fit_calibration(pred, val, [d for d, _ in seen], [px for _, px in seen], verbose=False)
+        cal = fit_calibration(pred, val, [d for d, _ in seen], [px for _, px in seen], verbose=False,
+                              ood=not args.objects_only)
         conf = ObjectConfidence.from_dict(cal["object_confidence"]) if cal["object_confidence"] else None
         t = cal["temperature"]
         unseen = [r for split in ("val", "test") if (Path(d_left) / split / "x").is_dir()
                   for r in collect_val(pred, [d_left], [px_left], split, verbose=False)[left]]
         held = [r for d, px in seen for r in collect_val(pred, [d], [px], held_out_split(d), verbose=False)[Path(d).resolve().name]]
-        dist = FeatureDistribution.load(run / OOD_FILE)
-        score = lambda rows: [dist.image_score(pred, r["image"], r["pixel_size_nm"]) for r in rows]
-        s_un, s_in = score(unseen), score(held)
         # Everything needed to study other confidence features and OOD scores without predicting again.
         val_rows = [r for rows in val.values() for r in rows]
         parts = {"fit": val_rows, "zero_shot": unseen, "in_distribution": held}
-        ood = {part: {} for part in parts}
-        for name, (layers, stats) in OOD_SPECS.items():
-            d, _ = fit_ood(pred, [d for d, _ in seen], [px for _, px in seen], val, verbose=False, tile=dist.tile,
-                           layers=layers, stats=stats)
-            for part, rows in parts.items():
-                ood[part][name] = [d.image_score(pred, r["image"], r["pixel_size_nm"]) for r in rows]
+        ood = {part: {name: [np.nan] * len(rows) for name in OOD_SPECS} for part, rows in parts.items()}
+        s_un, s_in, dist = [np.nan] * len(unseen), [np.nan] * len(held), None
+        if not args.objects_only:
+            dist = FeatureDistribution.load(run / OOD_FILE)
+            score = lambda rows: [dist.image_score(pred, r["image"], r["pixel_size_nm"]) for r in rows]  # noqa: E731
+            s_un, s_in = score(unseen), score(held)
+            for name, (layers, stats) in OOD_SPECS.items():
+                d, _ = fit_ood(pred, [d for d, _ in seen], [px for _, px in seen], val, verbose=False,
+                               tile=dist.tile, layers=layers, stats=stats)
+                for part, rows in parts.items():
+                    ood[part][name] = [d.image_score(pred, r["image"], r["pixel_size_nm"]) for r in rows]
         for part, rows in parts.items():
             x, y = object_table(rows, t, ALL_FEATURES)
             dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
@@ -180,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             "in_distribution": {**detections(held, t, conf), **pixels(held, t)},
             "ood": {"auroc": round(auroc(np.r_[s_un, s_in], np.r_[np.ones(len(s_un), bool), np.zeros(len(s_in), bool)]), 4),
                     "warned_unseen": float(np.mean(np.array(s_un) > dist.threshold)),
-                    "warned_seen": float(np.mean(np.array(s_in) > dist.threshold)), "threshold": dist.threshold},
+                    "warned_seen": float(np.mean(np.array(s_in) > dist.threshold)), "threshold": dist.threshold}
+            if dist is not None else None,
         }
         print(left, json.dumps(report[left], indent=1), flush=True)
     out = Path(args.out or args.loso)
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{x['ece_calibrated']:.3f} | {x['auroc_entropy_for_errors']:.3f} |")
     rows += ["", "| left out | OOD AUROC (left-out vs seen held-out slices) | warned: left-out | warned: seen |", "|---|---|---|---|"]
     rows += [f"| {k} | {r['ood']['auroc']:.3f} | {r['ood']['warned_unseen']:.0%} | {r['ood']['warned_seen']:.0%} |"
-             for k, r in report.items()]
+             for k, r in report.items() if r["ood"]]
     print("\n".join(rows))
     (out / "trust.md").write_text("\n".join(rows) + "\n")
     return 0

@@ -51,7 +51,14 @@ CANDIDATES = {
     "scale_free_spread": SCALE_FREE + ("tta_spread",),
     "probability_gradcam": ("mean_probability", "low_probability", "edge_contrast", "mean_gradcam",
                             "gradcam_contrast"),
+    # Does the object keep its shape under a moved threshold and under each test-time augmentation?
+    "agreement": ("threshold_agreement", "tta_agreement"),
+    "probability_agreement": ("mean_probability", "edge_contrast", "threshold_agreement", "tta_agreement"),
+    "scale_free_agreement": SCALE_FREE + ("threshold_agreement",),
+    "scale_free_spread_agreement": SCALE_FREE + ("tta_spread", "threshold_agreement", "tta_agreement"),
 }
+# The pool `calibrate` selects from, widened by the agreement features (for the selected@ rows).
+AGREEMENT_POOL = POOL + tuple(f for f in ("threshold_agreement", "tta_agreement") if f not in POOL)
 # Candidates also fitted with the other folds' zero-shot detections added (suffix SHIFTED).
 SHIFTED = "+other_zero_shot"
 SHIFTED_CANDIDATES = ("shipped", "scale_free", "scale_free_spread", "probability_gradcam")
@@ -81,10 +88,13 @@ def study(tables) -> dict:
                                for p in ("fit", "zero_shot", "in_distribution")}
         candidates = dict(CANDIDATES)
         if f"{left}/fit/groups" in tables.files:  # the rule `calibrate` applies, at a few cut-offs
-            pool = [names.index(f) for f in POOL]
-            for cut in (0.55, 0.6, 0.65, 0.7):
-                candidates[f"selected@{cut}"] = select_features(fx[:, pool], fy, tables[f"{left}/fit/groups"], POOL,
-                                                                cut)
+            for tag, pool_names in (("", POOL), ("+agreement", AGREEMENT_POOL)):
+                if tag and not set(pool_names) <= set(names):
+                    continue
+                pool = [names.index(f) for f in pool_names]
+                for cut in (0.55, 0.6, 0.65, 0.7):
+                    candidates[f"selected{tag}@{cut}"] = select_features(fx[:, pool], fy, tables[f"{left}/fit/groups"],
+                                                                         pool_names, cut)
             r["selected"] = {c: list(f) for c, f in candidates.items() if c.startswith("selected")}
         # Also fit each candidate on the fit part plus the *other* folds' zero-shot detections: what a
         # model's detections look like on a microscope it never saw, from sets other than the one
@@ -92,6 +102,8 @@ def study(tables) -> dict:
         ox = [tables[f"{o}/zero_shot/x"] for o in folds if o != left]
         oy = [tables[f"{o}/zero_shot/y"].astype(bool) for o in folds if o != left]
         shifted = (np.concatenate([fx, *ox]), np.concatenate([fy, *oy]))
+        # Tables of an older trust.py lack the newer features: those candidates are left out.
+        candidates = {c: f for c, f in candidates.items() if set(f) <= set(names)}
         fits = [(c, feats, (fx, fy)) for c, feats in candidates.items()]
         fits += [(f"{c}{SHIFTED}", candidates[c], shifted) for c in SHIFTED_CANDIDATES if c in candidates]
         for c, feats, (tx, ty) in fits:

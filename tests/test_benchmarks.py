@@ -62,6 +62,37 @@ def test_trust_features_fits_on_other_sets_zero_shot_errors_without_the_scored_s
             assert shifted["zero_shot"] > 0.9 and shifted["in_distribution"] > 0.9
 
 
+def test_trust_features_reads_tables_without_the_newer_features(tmp_path):
+    """Tables of an older trust.py (no agreement features): the candidates needing them are left
+    out, the rest is studied; with them, the agreement candidates and selection rows appear."""
+    import numpy as np
+
+    tf_ = _load("trust_features")
+    from xmdl_tf.confidence import ALL_FEATURES
+
+    rng = np.random.default_rng(1)
+
+    def tables(names):
+        t = {"features": np.array(names), "slice_columns": np.array(["mean_entropy"])}
+        for fold in ("a", "b"):
+            for p in ("fit", "in_distribution", "zero_shot"):
+                y = rng.random(120) < 0.5
+                x = rng.normal(size=(120, len(names))) + y[:, None]
+                t.update({f"{fold}/{p}/x": x, f"{fold}/{p}/y": y, f"{fold}/{p}/n_true": np.array(int(y.sum())),
+                          f"{fold}/{p}/slices": rng.normal(size=(3, 1)),
+                          f"{fold}/{p}/groups": np.repeat(["s", "t"], 60)})
+        return t
+
+    old = [f for f in ALL_FEATURES if not f.endswith("_agreement")]
+    np.savez(tmp_path / "old.npz", **tables(old))
+    np.savez(tmp_path / "new.npz", **tables(list(ALL_FEATURES)))
+    before, after = tf_.study(np.load(tmp_path / "old.npz")), tf_.study(np.load(tmp_path / "new.npz"))
+    assert "shipped" in before["a"]["candidate"] and "agreement" not in before["a"]["candidate"]
+    assert not any(c.startswith("selected+agreement") for c in before["a"]["candidate"])
+    assert after["a"]["candidate"]["agreement"]["zero_shot"] > 0.6  # every feature carries the truth here
+    assert "selected+agreement@0.6" in after["a"]["candidate"]
+
+
 def test_gpu_training_budget_stops_training_and_decays_the_rate_over_the_time_left(tmp_path):
     import time
 

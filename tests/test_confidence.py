@@ -106,3 +106,55 @@ def test_a_confidence_fitted_on_the_tta_spread_is_not_used_without_tta(caplog):
     assert "test-time augmentation" in caplog.text
     plain = ObjectConfidence(("mean_probability",)).fit(x[:, :1], y).to_dict()
     assert confidence_model({"object_confidence": plain}, tta=False).features == ("mean_probability",)
+
+
+def test_best_iou_per_object():
+    from xmdl_tf.postprocess import best_iou, matched_objects
+
+    a = np.zeros((20, 20), np.uint16)
+    a[0:10, 0:10] = 1  # 100 px
+    a[12:16, 12:16] = 2  # 16 px, nothing there in b
+    b = np.zeros_like(a)
+    b[0:10, 0:5] = 3  # half of object 1
+    b[0:10, 5:10] = 7  # the other half
+    np.testing.assert_allclose(best_iou(a, b), [0.5, 0.0])
+    assert list(matched_objects(a, b)) == [True, False]
+    np.testing.assert_allclose(best_iou(a, a), [1.0, 1.0])
+    assert best_iou(np.zeros_like(a), b).shape == (0,)
+
+
+def test_agreement_features_tell_a_crisp_object_from_a_soft_one():
+    from xmdl_tf.config import InferenceConfig
+    from xmdl_tf.postprocess import alternative_instances, instances
+
+    shape = (64, 128)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    crisp = np.where(disc(shape, 32, 32, 14), 0.98, 0.02)
+    # A blob whose probability falls off slowly: higher and lower thresholds give other shapes.
+    soft = np.clip(1.0 - np.hypot(yy - 32, xx - 96) / 22, 0, 1)
+    prob = np.maximum(crisp, soft).astype(np.float32)
+    ic = InferenceConfig(threshold=0.5, min_size_px=5, separate=False)
+    inst = instances(prob, ic)
+    assert inst.max() == 2
+    # TTA members: the crisp object in all 8, the soft one only in half of them.
+    members = np.repeat(prob[..., None], 8, axis=-1)
+    members[..., ::2] = np.where(xx[..., None] > 64, 0.0, members[..., ::2])
+    alt = alternative_instances(prob, ic, None, members)
+    assert len(alt["threshold"]) == 2 and len(alt["tta"]) == 8
+    f = object_features(inst, prob, alternatives=alt)
+    assert f["threshold_agreement"][0] > 0.95 and f["threshold_agreement"][1] < 0.7
+    assert f["tta_agreement"][0] == pytest.approx(1.0) and f["tta_agreement"][1] == pytest.approx(0.5)
+    # Without the alternatives (or without TTA members) the features are 0: not evidence of agreement.
+    assert not object_features(inst, prob)["threshold_agreement"].any()
+    assert not object_features(inst, prob, alternatives={"threshold": alt["threshold"]})["tta_agreement"].any()
+
+
+def test_a_confidence_fitted_on_tta_agreement_needs_tta_too():
+    from xmdl_tf.analyze import confidence_model
+
+    x, y = np.random.default_rng(1).normal(size=(40, 2)), np.arange(40) % 2 == 0
+    agree = ObjectConfidence(("mean_probability", "tta_agreement")).fit(x, y).to_dict()
+    plain = ObjectConfidence(("mean_probability",)).fit(x[:, :1], y).to_dict()
+    cal = {"object_confidence": agree, "object_confidence_without_tta": plain}
+    assert confidence_model(cal, tta=True).features == ("mean_probability", "tta_agreement")
+    assert confidence_model(cal, tta=False).features == ("mean_probability",)

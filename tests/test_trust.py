@@ -123,3 +123,59 @@ def test_tta_spread_is_the_standard_deviation_of_the_eight_predictions(blob_run)
     np.testing.assert_allclose(sd, np.std(members, axis=0)[0], atol=2e-3)
     assert sd.max() > 0.01  # the tiny model is not rotation-invariant
     assert not pred.predict_slice(image, tile=64, overlap=16, tta=False, spread=True)[1].any()
+
+
+def test_tta_members_are_the_eight_predictions_behind_the_mean_and_spread(blob_run):
+    from xmdl_tf.predict import load_model
+
+    _, run = blob_run
+    pred = load_model(run, jit_compile=False)
+    image = blob_image(96, seed=611, n=5)[0]
+    p, sd = pred.predict_slice(image, tile=64, overlap=16, tta=True, spread=True)
+    p2, sd2, members = pred.predict_slice(image, tile=64, overlap=16, tta=True, spread=True, members=True)
+    assert members.shape == (96, 96, 8) and members.dtype == np.float32
+    np.testing.assert_allclose(p2, p, atol=1e-5)
+    np.testing.assert_allclose(sd2, members.std(-1), atol=1e-6)
+    # The moments path blends E[p] and E[p^2] across tiles, so where tiles overlap it also counts the
+    # tiles' disagreement; elsewhere both spreads are the same.
+    assert np.mean(np.abs(sd2 - sd) < 2e-3) > 0.99
+    np.testing.assert_allclose(members.mean(-1), p, atol=1e-5)
+    assert np.ptp(members, axis=-1).max() > 0.02  # the members differ (the tiny model is not invariant)
+    q, one = pred.predict_slice(image, tile=64, overlap=16, tta=False, members=True)
+    assert one.shape == (96, 96, 1)
+    np.testing.assert_allclose(q, pred.predict_slice(image, tile=64, overlap=16, tta=False), atol=1e-6)
+
+
+def test_analyze_fills_confidence_from_agreement_features(calibrated, tmp_path):
+    """A model whose confidence reads the agreement features: analyze computes them (with TTA, from
+    the members; without TTA it falls back to the fit without them)."""
+    import dataclasses
+
+    from xmdl_tf.analyze import Settings, analyze_image
+    from xmdl_tf.calibrate import collect_val, object_table
+    from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence
+    from xmdl_tf.predict import load_model
+
+    data, model = calibrated
+    pred = load_model(model, jit_compile=False)
+    pred.config = dataclasses.replace(pred.config, inference=dataclasses.replace(
+        pred.config.inference, tta=True, tile=64, overlap=16))
+    rows = collect_val(pred, [str(data)], [None], verbose=False)["blobs"]
+    assert {"threshold", "tta"} <= set(rows[0]["alternatives"]) and len(rows[0]["alternatives"]["tta"]) == 8
+    cal = pred.config.calibration
+    x, y = object_table(rows, cal["temperature"], ALL_FEATURES)
+    names = ("mean_probability", "threshold_agreement", "tta_agreement")
+    cols = x[:, [ALL_FEATURES.index(n) for n in names]]
+    assert (cols[:, 1:] > 0).all() and (cols[:, 1:] <= 1).all()
+    conf = ObjectConfidence(names).fit(cols, y)
+    pred.config = dataclasses.replace(pred.config, calibration={
+        **cal, "object_confidence": conf.to_dict(),
+        "object_confidence_without_tta": ObjectConfidence(names[:2]).fit(cols[:, :2], y).to_dict()})
+    image = rows[0]["image"]
+    for tta in (True, False):
+        a = analyze_image(pred, image, "val0", Settings(inference={"tile": 64, "overlap": 16, "tta": tta}))
+        assert len(a.table) and a.table["confidence"].between(0, 1).all()
+    # With TTA, the table's confidence is the fitted model on the same slice's features.
+    a = analyze_image(pred, image, "val0", Settings(inference={"tile": 64, "overlap": 16, "tta": True}))
+    n0 = int(rows[0]["instances"].max())
+    np.testing.assert_allclose(np.sort(a.table["confidence"]), np.sort(conf.predict(cols[:n0])), atol=2e-3)

@@ -157,10 +157,13 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     scale = {"pixel_size_nm": pixel_size_nm, "rescale": ic.rescale}
     prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size, progress,
                                         **scale)
-    spread = None
+    spread = members = None
     if ic.tta:
-        prob, spread = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True, spread=True,
-                                               **scale)
+        # The members themselves only when the object confidence reads their agreement (4x the memory).
+        need = _confidence_features(predictor, tta=True)
+        prob, spread, *rest = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True, spread=True,
+                                                      members="tta_agreement" in need, **scale)
+        members = rest[0] if rest else None
     instances = to_instances(prob, ic, pixel_size_nm)
     table = measure(instances, image=image, pixel_size_nm=pixel_size_nm, heatmap=cam)
     table["shape_class"] = classify(table, s.rules or ShapeRules(), pixel_size_nm)
@@ -182,16 +185,27 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
         check = deletion_check(lambda im: predictor.predict_slice(im, ic.tile, ic.overlap, ic.batch_size, **scale),
                                image, cam, prob, ic.threshold)
         summary.update({f"deletion_{k}": v for k, v in check.items()})
-    uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic.rescale, spread)
+    uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread, members)
     table.insert(0, "image", name)
     return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask, uncertainty)
 
 
-def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, rescale, spread=None) -> np.ndarray:
+def _confidence_features(predictor, tta: bool) -> tuple[str, ...]:
+    """The features the predictor's object confidence model reads (none if it is not calibrated)."""
+    config = getattr(predictor, "config", None)
+    model = confidence_model(config.calibration if config is not None else {}, tta)
+    return model.features if model is not None else ()
+
+
+def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread=None,
+           members=None) -> np.ndarray:
     """Per-pixel uncertainty; per-object `confidence` / `needs_review` and per-image OOD columns
-    when the model is calibrated (`python -m xmdl_tf.calibrate`), else NaN / False / empty."""
+    when the model is calibrated (`python -m xmdl_tf.calibrate`), else NaN / False / empty.
+
+    members: the test-time-augmented predictions (H, W, 8) when the confidence reads their agreement."""
     from .calibration import apply_temperature
     from .confidence import REVIEW_BELOW, entropy, feature_matrix, object_features
+    from .postprocess import alternative_instances
 
     config = getattr(predictor, "config", None)
     cal = config.calibration if config is not None else {}
@@ -199,7 +213,10 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     uncertainty = entropy(p_cal)
     model = confidence_model(cal, tta=spread is not None)
     if model is not None and len(table):
-        f = object_features(instances, p_cal, cam, spread=spread)
+        alternatives = None
+        if {"threshold_agreement", "tta_agreement"} & set(model.features):
+            alternatives = alternative_instances(prob, ic, pixel_size_nm, members)
+        f = object_features(instances, p_cal, cam, spread=spread, alternatives=alternatives)
         conf = model.predict(feature_matrix(f, model.features))
         by_id = dict(zip(f["label"].tolist(), conf.tolist()))
         table["confidence"] = [round(by_id[int(i)], 4) for i in table["id"]]
@@ -213,7 +230,7 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     dist = _ood_model(predictor)
     summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), False
     if dist is not None:
-        score = dist.image_score(predictor, image, pixel_size_nm, rescale)
+        score = dist.image_score(predictor, image, pixel_size_nm, ic.rescale)
         summary.update(ood_score=round(score, 4), ood_threshold=round(dist.threshold, 4),
                        ood_warning=bool(score > dist.threshold))
     return uncertainty
@@ -221,15 +238,16 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
 
 def confidence_model(calibration: dict, tta: bool):
     """The calibration's object confidence model for predictions made with or without test-time
-    augmentation, or None. A model fitted on the TTA spread needs it: without TTA, the one fitted
-    without it (`object_confidence_without_tta`), else none (a spread of 0 would read as sure)."""
-    from .confidence import ObjectConfidence
+    augmentation, or None. A model fitted on the TTA spread or agreement needs it: without TTA, the
+    one fitted without them (`object_confidence_without_tta`), else none (a spread of 0 would read
+    as sure)."""
+    from .confidence import TTA_FEATURES, ObjectConfidence
 
     d = calibration.get("object_confidence")
     if not d:
         return None
     model = ObjectConfidence.from_dict(d)
-    if tta or "tta_spread" not in model.features:
+    if tta or not set(TTA_FEATURES) & set(model.features):
         return model
     other = calibration.get("object_confidence_without_tta")
     if other:

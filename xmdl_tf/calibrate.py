@@ -41,10 +41,11 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
     """Per set, per slice of `split`: probability, Grad-CAM, predicted instances, labels and pixel size.
 
     As `analyze` makes them: with test-time augmentation when the model's defaults say so (then
-    "spread" is the TTA members' standard deviation, else None).
+    "spread" is the TTA members' standard deviation, else None), and the instances under small
+    changes of the prediction (`postprocess.alternative_instances`, for the agreement features).
     """
     from .io import find_pairs, read_pair, read_pixel_size_nm
-    from .postprocess import ground_truth_instances, instances
+    from .postprocess import alternative_instances, ground_truth_instances, instances
 
     ic = predictor.config.inference
     out = {}
@@ -57,13 +58,15 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
             px = read_pixel_size_nm(pair.image) or px_given
             prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size,
                                                 pixel_size_nm=px, rescale=ic.rescale)
-            spread = None
+            spread = members = None
             if ic.tta:
-                prob, spread = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True,
-                                                       pixel_size_nm=px, rescale=ic.rescale, spread=True)
+                prob, spread, members = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True,
+                                                                pixel_size_nm=px, rescale=ic.rescale, spread=True,
+                                                                members=True)
             rows.append({"set": name, "name": pair.name, "image": image, "probability": prob, "gradcam": cam,
                          "spread": spread, "label": label,
                          "pixel_size_nm": px, "instances": instances(prob, ic, px),
+                         "alternatives": alternative_instances(prob, ic, px, members),
                          "truth": ground_truth_instances(label)})
             if verbose:
                 print(f"{name} [{split}] {i + 1}/{len(pairs)}", flush=True)
@@ -154,7 +157,7 @@ def object_table(rows: list[dict], temperature: float, names: tuple[str, ...] | 
     xs, ys = [], []
     for r in rows:
         f = object_features(r["instances"], apply_temperature(r["probability"], temperature), r["gradcam"],
-                            spread=r.get("spread"))
+                            spread=r.get("spread"), alternatives=r.get("alternatives"))
         xs.append(feature_matrix(f, names or FEATURES))
         ys.append(matched_objects(r["instances"], r["truth"]))
     return np.concatenate(xs), np.concatenate(ys)
@@ -206,9 +209,12 @@ def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = N
 
 def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], pixel_sizes: list[float | None],
                     split: str = "val", verbose: bool = True, ood_tile: int | None = None,
-                    t0: float | None = None, figure: str | Path | None = None) -> dict:
-    """`calibrate` on slices already collected (`collect_val`); stores into the model's config.json."""
-    from .confidence import POOL, ObjectConfidence, auroc, select_features
+                    t0: float | None = None, figure: str | Path | None = None, ood: bool = True) -> dict:
+    """`calibrate` on slices already collected (`collect_val`); stores into the model's config.json.
+
+    ood: also fit the out-of-distribution model (a pass over every training slice); without it,
+    a previous `ood.npz` beside the model is kept and the report names no threshold."""
+    from .confidence import POOL, TTA_FEATURES, ObjectConfidence, auroc, select_features
     from .ood import OOD_FILE
     from .predict import resolve_model_path
 
@@ -225,21 +231,23 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
         names = select_features(x, y, groups, POOL)
         columns = lambda chosen: x[:, [POOL.index(n) for n in chosen]]  # noqa: E731
         conf = ObjectConfidence(names).fit(columns(names), y)
-        if "tta_spread" in names and len(names) > 1:  # for analyze runs without test-time augmentation
-            rest = tuple(n for n in names if n != "tta_spread")
+        rest = tuple(n for n in names if n not in TTA_FEATURES)
+        if rest and rest != names:  # for analyze runs without test-time augmentation
             conf_no_tta = ObjectConfidence(rest).fit(columns(rest), y)
         x = columns(names)
     elif verbose:
         print(f"warning: only {int(y.sum())} true and {int((~y).sum())} false detections on {split}; at least "
               f"{MIN_EACH} of each are needed to fit object confidence, so objects get none", file=sys.stderr)
-    dist, _ = fit_ood(predictor, data, pixel_sizes, slices, verbose=verbose, tile=ood_tile)
-    dist.save(model_path.parent / OOD_FILE)
+    dist = None
+    if ood:
+        dist, _ = fit_ood(predictor, data, pixel_sizes, slices, verbose=verbose, tile=ood_tile)
+        dist.save(model_path.parent / OOD_FILE)
     report = {**temp, "object_confidence": conf.to_dict() if conf else None,
               "object_confidence_without_tta": conf_no_tta.to_dict() if conf_no_tta else None,
               "features": list(conf.features) if conf else [],
               "objects": int(len(y)), "true_objects": int(y.sum()),
               "object_auroc_in_sample": round(auroc(conf.predict(x), y), 4) if conf else None,
-              "ood_file": OOD_FILE, "ood_threshold": round(dist.threshold, 4),
+              "ood_file": OOD_FILE if dist else None, "ood_threshold": round(dist.threshold, 4) if dist else None,
               "fitted_on": {"split": split, "sets": [str(Path(d).resolve()) for d in data]},
               "seconds": round(time.time() - t0, 1)}
     cfg = Config.load(cfg_path)

@@ -20,7 +20,10 @@ import numpy as np
 FEATURES = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "log_area",
             "mean_gradcam")
 # Every feature `object_features` computes; a fitted model names the ones it uses (`ObjectConfidence.features`).
-ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touches_border", "tta_spread")
+ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touches_border", "tta_spread",
+                           "threshold_agreement", "tta_agreement")
+# Features that exist only with test-time augmentation (0 without it, which would read as sure).
+TTA_FEATURES = ("tta_spread", "tta_agreement")
 # What `calibrate` may choose from: features that mean the same on any microscope. Not log_area
 # (pixels: depends on the pixel size, unknown for some data) nor touches_border (where the
 # image was cut, not what the object is).
@@ -45,7 +48,8 @@ def _means(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.ndarray | None = None,
-                    ring_px: int = 3, spread: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                    ring_px: int = 3, spread: np.ndarray | None = None,
+                    alternatives: dict[str, list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """Features of each object 1..N of `instances` (H, W) from its calibrated `probability` (H, W).
 
     mean_probability / low_probability: mean and 10th percentile inside.
@@ -58,9 +62,16 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     ring. touches_border: 1.0 if the object reaches the image edge (cut off), else 0.0.
     tta_spread: mean inside of `spread` (H, W), the standard deviation of the
     test-time-augmented predictions (`Predictor.predict_slice(spread=True)`; 0 if none).
+    threshold_agreement / tta_agreement: mean over the instance maps of
+    `alternatives["threshold"]` / `alternatives["tta"]` (`postprocess.alternative_instances`:
+    the slice at a lower and a higher threshold / each test-time-augmented member) of the
+    object's best IoU with any object there (`postprocess.best_iou`): 1 for an object that keeps its
+    shape, lower for one that splits, merges, shrinks or vanishes (0 if not given).
     Returns {"label": ids, feature: values (N,)} for every name in `ALL_FEATURES`.
     """
     from scipy import ndimage
+
+    from .postprocess import best_iou
 
     inst = np.asarray(instances)
     n = int(inst.max()) if inst.size else 0
@@ -96,7 +107,10 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
         if heat is not None else np.zeros(n),
         "touches_border": edge[1:].astype(np.float64),
         "tta_spread": _means(np.asarray(spread, np.float64), inst, n) if spread is not None else np.zeros(n),
+        **{f"{k}_agreement": np.mean([best_iou(inst, other) for other in alternatives[k]], axis=0)
+           if alternatives and alternatives.get(k) else np.zeros(n) for k in ("threshold", "tta")},
     }
+
 
 
 def _solidity(inst: np.ndarray, n: int) -> np.ndarray:

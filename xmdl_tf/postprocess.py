@@ -33,6 +33,30 @@ def instances(probability: np.ndarray, inference: InferenceConfig, pixel_size_nm
                              separate=inference.separate)
 
 
+THRESHOLD_STEP = 0.2  # how far `alternative_instances` moves the threshold either way
+
+
+def alternative_instances(probability: np.ndarray, inference: InferenceConfig, pixel_size_nm: float | None = None,
+                          members: np.ndarray | None = None) -> dict[str, list[np.ndarray]]:
+    """The slice's instances under small changes of the prediction, for the per-object agreement
+    features (`confidence.object_features`): an object that holds its shape under them is more
+    likely real than one that splits, merges or vanishes.
+
+    "threshold": `instances` of `probability` (H, W) at the threshold -/+ `THRESHOLD_STEP`
+    (clipped into [0.05, 0.95]); "tta": of each test-time-augmented member of `members`
+    (H, W, M) float32 (`Predictor.predict_slice(members=True)`), at the threshold (absent if None).
+    Every other setting (minimum size, separation) as `inference`.
+    """
+    import dataclasses
+
+    t = inference.threshold
+    out = {"threshold": [instances(probability, dataclasses.replace(inference, threshold=float(np.clip(v, 0.05, 0.95))),
+                                   pixel_size_nm) for v in (t - THRESHOLD_STEP, t + THRESHOLD_STEP)]}
+    if members is not None and members.shape[-1] > 1:
+        out["tta"] = [instances(members[..., m], inference, pixel_size_nm) for m in range(members.shape[-1])]
+    return out
+
+
 def truth(label: np.ndarray, ignore_value: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(foreground bool (H, W), valid bool (H, W) or None) of a label image."""
     label = np.asarray(label)
@@ -79,18 +103,23 @@ def matched_objects(predicted: np.ndarray, true: np.ndarray, iou_threshold: floa
     IoU >= iou_threshold (unique at 0.5 and above, as in `instances.match_instances`)."""
     if iou_threshold < 0.5:
         raise ValueError("matched_objects needs iou_threshold >= 0.5 (where matches are unique)")
-    pred, true = np.asarray(predicted, np.int64), np.asarray(true, np.int64)
-    n = int(pred.max()) if pred.size else 0
-    out = np.zeros(n, bool)
-    both = (pred > 0) & (true > 0)
+    return best_iou(predicted, true) >= iou_threshold
+
+
+def best_iou(instances: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Per object 1..N of `instances` (H, W): its highest IoU with any object of `others` (H, W),
+    0 where it overlaps none. float64 (N,)."""
+    a, b = np.asarray(instances, np.int64), np.asarray(others, np.int64)
+    n = int(a.max()) if a.size else 0
+    out = np.zeros(n)
+    both = (a > 0) & (b > 0)
     if not both.any():
         return out
-    p_area = np.bincount(pred.ravel(), minlength=n + 1)
-    t_area = np.bincount(true.ravel())
-    key, inter = np.unique(pred[both] * (int(true.max()) + 1) + true[both], return_counts=True)
-    pi, ti = key // (int(true.max()) + 1), key % (int(true.max()) + 1)
-    iou = inter / (p_area[pi] + t_area[ti] - inter)
-    out[pi[iou >= iou_threshold] - 1] = True
+    m = int(b.max()) + 1
+    area_a, area_b = np.bincount(a.ravel(), minlength=n + 1), np.bincount(b.ravel(), minlength=m)
+    key, inter = np.unique(a[both] * m + b[both], return_counts=True)
+    ia, ib = key // m, key % m
+    np.maximum.at(out, ia - 1, inter / (area_a[ia] + area_b[ib] - inter))
     return out
 
 

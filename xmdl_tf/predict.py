@@ -124,13 +124,17 @@ class Predictor:
                       batch_size: int | None = None, progress: Callable[[int], None] | None = None,
                       tta: bool | None = None, pixel_size_nm: float | None = None,
                       rescale: bool = True, bounds: tuple[float, float] | None = None,
-                      spread: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                      spread: bool = False, members: bool = False
+                      ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1].
 
         tta: override the predictor's test-time augmentation setting.
         spread: also return the standard deviation (H, W) of the foreground
         probability over the 8 test-time-augmented predictions (zeros without TTA):
         a (probability, spread) pair, at no extra cost over TTA.
+        members: with `spread`, also return the 8 test-time-augmented foreground
+        probabilities themselves, float32 (H, W, 8) (a triple; 4x the blending
+        memory of `spread`); without TTA, the one prediction (H, W, 1).
         pixel_size_nm: the slice's pixel size; when it and the model's are known
         (and `rescale`), the slice is resampled to the model's pixel size, predicted
         there and the probabilities mapped back to the slice's own grid.
@@ -143,6 +147,8 @@ class Predictor:
         moments = spread and use_tta
 
         def batch(t: np.ndarray) -> np.ndarray:
+            if members and use_tta:  # every member blended on its own (all linear, as the mean)
+                return dihedral_members(lambda u: self._fn(np.ascontiguousarray(u)).numpy()[..., 1:2], t)
             if moments:  # blend the mean and the mean square of the members: both are linear
                 return dihedral_mean(lambda u: np.concatenate([(f := self._fn(np.ascontiguousarray(u)).numpy()[..., 1:2]),
                                                                f * f], -1), t)
@@ -155,6 +161,10 @@ class Predictor:
                                  progress=progress)
 
         out = self._at_model_scale(image, None, self.scale_factor(pixel_size_nm, rescale), run)
+        if members:
+            prob = out.mean(-1, dtype=np.float32)
+            sd = out.std(-1, dtype=np.float32) if use_tta else np.zeros_like(prob)
+            return (prob, sd, out) if spread else (prob, out)
         prob = out[..., 0]
         if not spread:
             return prob
@@ -239,19 +249,30 @@ class Predictor:
         return padded
 
 
+def _dihedral(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray):
+    """fn of each of the 8 flips/rotations of (n, h, w, c) tiles, mapped back to the original orientation."""
+    for flip in (False, True):
+        xf = x[:, :, ::-1] if flip else x
+        for k in range(4):
+            y = np.rot90(fn(np.rot90(xf, k, axes=(1, 2))), -k, axes=(1, 2))
+            yield y[:, :, ::-1] if flip else y
+
+
 def dihedral_mean(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
     """Test-time augmentation: mean of fn over the 8 flips/rotations of (n, h, w, c) tiles.
 
     Each prediction is mapped back to the original orientation before averaging.
     """
     total = None
-    for flip in (False, True):
-        xf = x[:, :, ::-1] if flip else x
-        for k in range(4):
-            y = np.rot90(fn(np.rot90(xf, k, axes=(1, 2))), -k, axes=(1, 2))
-            y = y[:, :, ::-1] if flip else y
-            total = y if total is None else total + y
+    for y in _dihedral(fn, x):
+        total = y if total is None else total + y
     return total / 8.0
+
+
+def dihedral_members(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The 8 test-time-augmented predictions of (n, h, w, c) tiles side by side: (n, h, w, 8 * c),
+    member m in channels m * c ... (m + 1) * c - 1, each in the original orientation."""
+    return np.concatenate([np.ascontiguousarray(y) for y in _dihedral(fn, x)], axis=-1)
 
 
 def is_saved_model(path: str | Path) -> bool:
