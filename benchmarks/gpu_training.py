@@ -101,21 +101,26 @@ def budget_callback(budget_s: float, lr0: float | None = None, start: float = T0
     return Budget()
 
 
-def input_rate(sets, data_cfg, aug, workers: int, seconds: float = 4.0) -> float:
-    """Tiles/s that `workers` threads build from the training sampler (the PyDataset's work)."""
+def input_rate(sets, data_cfg, aug, workers: int, seconds: float = 4.0, processes: int = 0) -> float:
+    """Tiles/s that `workers` threads (with `processes` worker processes building the slices, as
+    `TileSampler(processes=...)`) build from the training sampler: the PyDataset's work."""
     from concurrent.futures import ThreadPoolExecutor
 
     from xmdl_tf.sampling import TileSampler
 
-    sampler = TileSampler(sets, data_cfg, aug, seed=12345)
-    with ThreadPoolExecutor(workers) as ex:
-        list(ex.map(sampler.group, range(workers)))  # decode the slices once
-        t, n, g = time.time(), 0, workers
-        while time.time() - t < seconds:
-            list(ex.map(sampler.group, range(g, g + workers)))
-            g += workers
-            n += workers * sampler.tiles_per_group
-    return n / (time.time() - t)
+    sampler = TileSampler(sets, data_cfg, aug, seed=12345, processes=processes)
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            # Warm up: start the processes, decode every slice once in each.
+            list(ex.map(sampler.group, range(max(workers, processes))))
+            t, n, g = time.time(), 0, max(workers, processes)
+            while time.time() - t < seconds:
+                list(ex.map(sampler.group, range(g, g + workers)))
+                g += workers
+                n += workers * sampler.tiles_per_group
+        return n / (time.time() - t)
+    finally:
+        sampler.close()
 
 
 def export_run(run: Path, dest: Path) -> list[Path]:
@@ -146,8 +151,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="cosine learning-rate decay over the wall-clock budget instead of over --epochs "
                         "(for a machine of unknown speed; train's own schedule is then off)")
     p.add_argument("--probe-input", type=float, default=0.0, metavar="S",
-                   help="first measure the input pipeline alone for S seconds")
+                   help="first measure the input pipeline alone for S seconds (threads only, then with "
+                        "the loader processes)")
+    p.add_argument("--loader-processes", type=int, default=None, metavar="N",
+                   help="worker processes building the training tiles (default: one per CPU core, at most 16; "
+                        "0: threads only). Sets XMDL_LOADER_PROCESSES for the PyDataset")
     args, train_flags = p.parse_known_args(argv)
+    if args.loader_processes is not None and args.loader_processes < 0:
+        raise cli.UsageError(f"--loader-processes {args.loader_processes}: give 0 or more")
+    procs = args.loader_processes if args.loader_processes is not None else min(os.cpu_count() or 2, 16)
+    os.environ["XMDL_LOADER_PROCESSES"] = str(procs)
     if args.time_cosine:
         train_flags = [*train_flags, "--lr-schedule", "constant"]
 
@@ -170,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         sets = with_shapes(resolve_data(targs.data, pixel_sizes=parse_pixel_sizes(targs.pixel_size, 3),
                                         model_pixel_size=5.0)[0])
         w = min(os.cpu_count() or 2, 16)
-        print(f"input pipeline alone: {input_rate(sets, cfg.data, cfg.augment, w, args.probe_input):.0f} tiles/s "
-              f"({w} threads)", flush=True)
+        for n in dict.fromkeys((0, procs)):
+            rate = input_rate(sets, cfg.data, cfg.augment, w, args.probe_input, processes=n)
+            print(f"input pipeline alone: {rate:.0f} tiles/s ({w} threads, {n} loader processes)", flush=True)
     lr0 = cfg.train.learning_rate if args.time_cosine else None
     budget = budget_callback(args.budget_s, lr0, batch_size=cfg.train.batch_size)
     run = train(targs.data, targs.out, cfg, pixel_sizes=parse_pixel_sizes(targs.pixel_size, 3),

@@ -282,3 +282,37 @@ def test_loader_threads_build_each_group_once_and_agree(tmp_path):
         np.testing.assert_array_equal(x, expected[k // 3][0])
         np.testing.assert_array_equal(y, expected[k // 3][1])
     assert sorted(built) == [0, 1, 2, 3]
+
+
+def test_loader_processes_build_the_same_tiles(tmp_path, monkeypatch):
+    """Groups built by worker processes (spawned, one slice per job) equal those built in the
+    calling thread, augmentation included; the PyDataset takes the count from the environment."""
+    from conftest import write_split
+    from xmdl_tf.config import AugmentConfig
+    from xmdl_tf.pydata import TrainingTiles, loader_processes
+    from xmdl_tf.sampling import TileSampler, TrainingSet
+
+    for name in ("a", "b"):
+        write_split(tmp_path / name, "train", 2, size=96)
+    sets = [TrainingSet(n, [SliceRegion(p) for p in split_pairs(tmp_path / n, "train")], factor=f, weight=1)
+            for n, f in (("a", 1.0), ("b", 1.25))]
+    cfg = DataConfig(tile_size=32, tiles_per_slice=3, shuffle_buffer=12)
+    aug = AugmentConfig.preset("em")
+    ref = TileSampler(sets, cfg, aug, seed=5)
+    par = TileSampler(sets, cfg, aug, seed=5, processes=2)
+    try:
+        for g in (0, 1, 7):
+            for a, b in zip(ref.group(g), par.group(g)):
+                np.testing.assert_array_equal(a, b)
+        assert par._pool is not None
+    finally:
+        par.close()
+    assert par._pool is None
+    np.testing.assert_array_equal(par.group(2)[0], ref.group(2)[0])  # closed: built in this thread again
+    monkeypatch.setenv("XMDL_LOADER_PROCESSES", "3")
+    assert loader_processes() == 3
+    tiles = TrainingTiles(sets, cfg, 4, seed=5, augment=aug)
+    assert tiles.sampler.processes == 3 and tiles.sampler._pool is None  # started on first use only
+    monkeypatch.setenv("XMDL_LOADER_PROCESSES", "many")
+    with pytest.raises(ValueError, match="XMDL_LOADER_PROCESSES"):
+        loader_processes()
