@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trust import review_f1  # noqa: E402
-from xmdl_tf.confidence import (ALL_FEATURES, FEATURES, POOL, REVIEW_BELOW, ObjectConfidence, auroc,  # noqa: E402
-                                 select_features)
+from xmdl_tf.confidence import (AGREEMENT_FEATURES, ALL_FEATURES, FEATURES, POOL, REVIEW_BELOW,  # noqa: E402
+                                 ObjectConfidence, auroc, select_features)
 
 SCALE_FREE = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "mean_gradcam",
               "solidity", "elongation", "gradcam_contrast")
@@ -56,9 +56,12 @@ CANDIDATES = {
     "probability_agreement": ("mean_probability", "edge_contrast", "threshold_agreement", "tta_agreement"),
     "scale_free_agreement": SCALE_FREE + ("threshold_agreement",),
     "scale_free_spread_agreement": SCALE_FREE + ("tta_spread", "threshold_agreement", "tta_agreement"),
+    "all_agreement": ("threshold_agreement", "tta_agreement", "scale_agreement"),
+    "scale_free_all_agreement": SCALE_FREE + ("tta_spread", "threshold_agreement", "tta_agreement",
+                                              "scale_agreement"),
 }
 # The pool `calibrate` selects from, widened by the agreement features (for the selected@ rows).
-AGREEMENT_POOL = POOL + tuple(f for f in ("threshold_agreement", "tta_agreement") if f not in POOL)
+AGREEMENT_POOL = POOL + tuple(f for f in AGREEMENT_FEATURES if f not in POOL)
 # Candidates also fitted with the other folds' zero-shot detections added (suffix SHIFTED).
 SHIFTED = "+other_zero_shot"
 SHIFTED_CANDIDATES = ("shipped", "scale_free", "scale_free_spread", "probability_gradcam")

@@ -139,11 +139,15 @@ def test_agreement_features_tell_a_crisp_object_from_a_soft_one():
     # TTA members: the crisp object in all 8, the soft one only in half of them.
     members = np.repeat(prob[..., None], 8, axis=-1)
     members[..., ::2] = np.where(xx[..., None] > 64, 0.0, members[..., ::2])
-    alt = alternative_instances(prob, ic, None, members)
-    assert len(alt["threshold"]) == 2 and len(alt["tta"]) == 8
+    # Predicted at other scales: the soft blob vanishes at one of the two.
+    zoomed = [prob, np.where(xx > 64, 0.0, prob)]
+    alt = alternative_instances(prob, ic, None, members, zoomed)
+    assert len(alt["threshold"]) == 2 and len(alt["tta"]) == 8 and len(alt["scale"]) == 2
     f = object_features(inst, prob, alternatives=alt)
     assert f["threshold_agreement"][0] > 0.95 and f["threshold_agreement"][1] < 0.7
     assert f["tta_agreement"][0] == pytest.approx(1.0) and f["tta_agreement"][1] == pytest.approx(0.5)
+    assert list(f["scale_agreement"]) == pytest.approx([1.0, 0.5])
+    assert "scale" not in alternative_instances(prob, ic, None, members)
     # Without the alternatives (or without TTA members) the features are 0: not evidence of agreement.
     assert not object_features(inst, prob)["threshold_agreement"].any()
     assert not object_features(inst, prob, alternatives={"threshold": alt["threshold"]})["tta_agreement"].any()

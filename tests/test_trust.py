@@ -141,6 +141,9 @@ def test_tta_members_are_the_eight_predictions_behind_the_mean_and_spread(blob_r
     assert np.mean(np.abs(sd2 - sd) < 2e-3) > 0.99
     np.testing.assert_allclose(members.mean(-1), p, atol=1e-5)
     assert np.ptp(members, axis=-1).max() > 0.02  # the members differ (the tiny model is not invariant)
+    # zoom: predicted on a grid 20% coarser, returned on the slice's own
+    z = pred.predict_slice(image, tile=64, overlap=16, tta=False, zoom=0.8)
+    assert z.shape == (96, 96) and 0.005 < np.abs(z - pred.predict_slice(image, tile=64, overlap=16)).mean() < 0.2
     q, one = pred.predict_slice(image, tile=64, overlap=16, tta=False, members=True)
     assert one.shape == (96, 96, 1)
     np.testing.assert_allclose(q, pred.predict_slice(image, tile=64, overlap=16, tta=False), atol=1e-6)
@@ -161,16 +164,17 @@ def test_analyze_fills_confidence_from_agreement_features(calibrated, tmp_path):
     pred.config = dataclasses.replace(pred.config, inference=dataclasses.replace(
         pred.config.inference, tta=True, tile=64, overlap=16))
     rows = collect_val(pred, [str(data)], [None], verbose=False)["blobs"]
-    assert {"threshold", "tta"} <= set(rows[0]["alternatives"]) and len(rows[0]["alternatives"]["tta"]) == 8
+    alt = rows[0]["alternatives"]
+    assert (len(alt["threshold"]), len(alt["tta"]), len(alt["scale"])) == (2, 8, 2)
     cal = pred.config.calibration
     x, y = object_table(rows, cal["temperature"], ALL_FEATURES)
-    names = ("mean_probability", "threshold_agreement", "tta_agreement")
+    names = ("mean_probability", "threshold_agreement", "scale_agreement", "tta_agreement")
     cols = x[:, [ALL_FEATURES.index(n) for n in names]]
-    assert (cols[:, 1:] > 0).all() and (cols[:, 1:] <= 1).all()
+    assert (cols[:, 1:] <= 1).all() and (cols[:, 1:].mean(0) > 0.3).all()
     conf = ObjectConfidence(names).fit(cols, y)
     pred.config = dataclasses.replace(pred.config, calibration={
         **cal, "object_confidence": conf.to_dict(),
-        "object_confidence_without_tta": ObjectConfidence(names[:2]).fit(cols[:, :2], y).to_dict()})
+        "object_confidence_without_tta": ObjectConfidence(names[:3]).fit(cols[:, :3], y).to_dict()})
     image = rows[0]["image"]
     for tta in (True, False):
         a = analyze_image(pred, image, "val0", Settings(inference={"tile": 64, "overlap": 16, "tta": tta}))

@@ -204,8 +204,8 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
 
     members: the test-time-augmented predictions (H, W, 8) when the confidence reads their agreement."""
     from .calibration import apply_temperature
-    from .confidence import REVIEW_BELOW, entropy, feature_matrix, object_features
-    from .postprocess import alternative_instances
+    from .confidence import AGREEMENT_FEATURES, REVIEW_BELOW, entropy, feature_matrix, object_features
+    from .postprocess import ZOOMS, alternative_instances
 
     config = getattr(predictor, "config", None)
     cal = config.calibration if config is not None else {}
@@ -214,8 +214,11 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     model = confidence_model(cal, tta=spread is not None)
     if model is not None and len(table):
         alternatives = None
-        if {"threshold_agreement", "tta_agreement"} & set(model.features):
-            alternatives = alternative_instances(prob, ic, pixel_size_nm, members)
+        if set(AGREEMENT_FEATURES) & set(model.features):
+            zoomed = [predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
+                                              pixel_size_nm=pixel_size_nm, rescale=ic.rescale, zoom=z)
+                      for z in ZOOMS] if "scale_agreement" in model.features else None
+            alternatives = alternative_instances(prob, ic, pixel_size_nm, members, zoomed)
         f = object_features(instances, p_cal, cam, spread=spread, alternatives=alternatives)
         conf = model.predict(feature_matrix(f, model.features))
         by_id = dict(zip(f["label"].tolist(), conf.tolist()))

@@ -37,15 +37,16 @@ MIN_EACH = 5  # true and false val detections needed to fit the object confidenc
 
 
 def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], split: str = "val",
-                verbose: bool = True) -> dict[str, list[dict]]:
+                verbose: bool = True, agreement: bool = True) -> dict[str, list[dict]]:
     """Per set, per slice of `split`: probability, Grad-CAM, predicted instances, labels and pixel size.
 
     As `analyze` makes them: with test-time augmentation when the model's defaults say so (then
     "spread" is the TTA members' standard deviation, else None), and the instances under small
-    changes of the prediction (`postprocess.alternative_instances`, for the agreement features).
+    changes of the prediction (`postprocess.alternative_instances`, for the agreement features;
+    about 2 more passes for the `postprocess.ZOOMS` scales; None when not `agreement`).
     """
     from .io import find_pairs, read_pair, read_pixel_size_nm
-    from .postprocess import alternative_instances, ground_truth_instances, instances
+    from .postprocess import ZOOMS, alternative_instances, ground_truth_instances, instances
 
     ic = predictor.config.inference
     out = {}
@@ -60,13 +61,19 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
                                                 pixel_size_nm=px, rescale=ic.rescale)
             spread = members = None
             if ic.tta:
-                prob, spread, members = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True,
-                                                                pixel_size_nm=px, rescale=ic.rescale, spread=True,
-                                                                members=True)
+                prob, spread, *rest = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True,
+                                                              pixel_size_nm=px, rescale=ic.rescale, spread=True,
+                                                              members=agreement)
+                members = rest[0] if rest else None
+            alternatives = None
+            if agreement:
+                zoomed = [predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
+                                                  pixel_size_nm=px, rescale=ic.rescale, zoom=z) for z in ZOOMS]
+                alternatives = alternative_instances(prob, ic, px, members, zoomed)
             rows.append({"set": name, "name": pair.name, "image": image, "probability": prob, "gradcam": cam,
                          "spread": spread, "label": label,
                          "pixel_size_nm": px, "instances": instances(prob, ic, px),
-                         "alternatives": alternative_instances(prob, ic, px, members),
+                         "alternatives": alternatives,
                          "truth": ground_truth_instances(label)})
             if verbose:
                 print(f"{name} [{split}] {i + 1}/{len(pairs)}", flush=True)
@@ -203,7 +210,9 @@ def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = N
     model_path, cfg_path = resolve_model_path(predictor.path)
     if cfg_path is None:
         raise FileNotFoundError(f"{model_path}: no config.json beside the model to store the calibration in")
-    slices = collect_val(predictor, data, pixel_sizes, split, verbose)
+    from .confidence import AGREEMENT_FEATURES, POOL
+
+    slices = collect_val(predictor, data, pixel_sizes, split, verbose, agreement=bool(set(AGREEMENT_FEATURES) & set(POOL)))
     return fit_calibration(predictor, slices, data, pixel_sizes, split, verbose, ood_tile, t0, figure)
 
 

@@ -21,7 +21,9 @@ FEATURES = ("mean_probability", "low_probability", "mean_uncertainty", "edge_con
             "mean_gradcam")
 # Every feature `object_features` computes; a fitted model names the ones it uses (`ObjectConfidence.features`).
 ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touches_border", "tta_spread",
-                           "threshold_agreement", "tta_agreement")
+                           "threshold_agreement", "tta_agreement", "scale_agreement")
+# Features that need the slice's instances under changed predictions (`postprocess.alternative_instances`).
+AGREEMENT_FEATURES = ("threshold_agreement", "tta_agreement", "scale_agreement")
 # Features that exist only with test-time augmentation (0 without it, which would read as sure).
 TTA_FEATURES = ("tta_spread", "tta_agreement")
 # What `calibrate` may choose from: features that mean the same on any microscope. Not log_area
@@ -62,9 +64,10 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     ring. touches_border: 1.0 if the object reaches the image edge (cut off), else 0.0.
     tta_spread: mean inside of `spread` (H, W), the standard deviation of the
     test-time-augmented predictions (`Predictor.predict_slice(spread=True)`; 0 if none).
-    threshold_agreement / tta_agreement: mean over the instance maps of
-    `alternatives["threshold"]` / `alternatives["tta"]` (`postprocess.alternative_instances`:
-    the slice at a lower and a higher threshold / each test-time-augmented member) of the
+    threshold_agreement / tta_agreement / scale_agreement: mean over the instance maps of
+    `alternatives["threshold"]` / `["tta"]` / `["scale"]` (`postprocess.alternative_instances`:
+    the slice at a lower and a higher threshold / each test-time-augmented member / predicted
+    20% smaller and 25% larger) of the
     object's best IoU with any object there (`postprocess.best_iou`): 1 for an object that keeps its
     shape, lower for one that splits, merges, shrinks or vanishes (0 if not given).
     Returns {"label": ids, feature: values (N,)} for every name in `ALL_FEATURES`.
@@ -108,7 +111,7 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
         "touches_border": edge[1:].astype(np.float64),
         "tta_spread": _means(np.asarray(spread, np.float64), inst, n) if spread is not None else np.zeros(n),
         **{f"{k}_agreement": np.mean([best_iou(inst, other) for other in alternatives[k]], axis=0)
-           if alternatives and alternatives.get(k) else np.zeros(n) for k in ("threshold", "tta")},
+           if alternatives and alternatives.get(k) else np.zeros(n) for k in ("threshold", "tta", "scale")},
     }
 
 

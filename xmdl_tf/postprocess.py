@@ -34,17 +34,21 @@ def instances(probability: np.ndarray, inference: InferenceConfig, pixel_size_nm
 
 
 THRESHOLD_STEP = 0.2  # how far `alternative_instances` moves the threshold either way
+ZOOMS = (0.8, 1.25)  # the scales the "scale" alternatives are predicted at (`Predictor.predict_slice(zoom=...)`)
 
 
 def alternative_instances(probability: np.ndarray, inference: InferenceConfig, pixel_size_nm: float | None = None,
-                          members: np.ndarray | None = None) -> dict[str, list[np.ndarray]]:
+                          members: np.ndarray | None = None, zoomed: list[np.ndarray] | None = None
+                          ) -> dict[str, list[np.ndarray]]:
     """The slice's instances under small changes of the prediction, for the per-object agreement
     features (`confidence.object_features`): an object that holds its shape under them is more
     likely real than one that splits, merges or vanishes.
 
     "threshold": `instances` of `probability` (H, W) at the threshold -/+ `THRESHOLD_STEP`
     (clipped into [0.05, 0.95]); "tta": of each test-time-augmented member of `members`
-    (H, W, M) float32 (`Predictor.predict_slice(members=True)`), at the threshold (absent if None).
+    (H, W, M) float32 (`Predictor.predict_slice(members=True)`), at the threshold (absent if None);
+    "scale": of each probability map (H, W) of `zoomed`, the slice predicted at the `ZOOMS` scales
+    and mapped back to its grid (absent if None).
     Every other setting (minimum size, separation) as `inference`.
     """
     import dataclasses
@@ -54,6 +58,8 @@ def alternative_instances(probability: np.ndarray, inference: InferenceConfig, p
                                    pixel_size_nm) for v in (t - THRESHOLD_STEP, t + THRESHOLD_STEP)]}
     if members is not None and members.shape[-1] > 1:
         out["tta"] = [instances(members[..., m], inference, pixel_size_nm) for m in range(members.shape[-1])]
+    if zoomed:
+        out["scale"] = [instances(z, inference, pixel_size_nm) for z in zoomed]
     return out
 
 
