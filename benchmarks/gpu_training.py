@@ -153,12 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-input", type=float, default=0.0, metavar="S",
                    help="first measure the input pipeline alone for S seconds (threads only, then with "
                         "the loader processes)")
-    p.add_argument("--loader-processes", type=int, default=None, metavar="N",
+    p.add_argument("--loader-processes", type=cli.nonnegative_int, default=None, metavar="N",
                    help="worker processes building the training tiles (default: one per CPU core, at most 16; "
                         "0: threads only). Sets XMDL_LOADER_PROCESSES for the PyDataset")
     args, train_flags = p.parse_known_args(argv)
-    if args.loader_processes is not None and args.loader_processes < 0:
-        raise cli.UsageError(f"--loader-processes {args.loader_processes}: give 0 or more")
     procs = args.loader_processes if args.loader_processes is not None else min(os.cpu_count() or 2, 16)
     os.environ["XMDL_LOADER_PROCESSES"] = str(procs)
     if args.time_cosine:

@@ -2,6 +2,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -131,3 +133,16 @@ def test_gpu_training_export_splits_the_model_into_parts_that_reassemble(tmp_pat
     assert len(parts) == 3 and all(f.stat().st_size <= 100_000 for f in parts)
     assert b"".join(f.read_bytes() for f in parts) == data
     assert (tmp_path / "out" / "config.json").read_text() == "{}"
+
+
+def test_gpu_training_bad_input_is_one_line(tmp_path, capsys):
+    """A data root without the three sets, or a negative number of loader processes: one line, exit 2."""
+    gt = _load("gpu_training")
+    assert gt.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--budget-s", "60"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "cdeep3m_sbem_mouse" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as e:
+        gt.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--budget-s", "60",
+                 "--loader-processes", "-2"])
+    assert e.value.code == 2 and "--loader-processes" in capsys.readouterr().err
