@@ -111,7 +111,7 @@ def slice_scores(rows, temperature: float, confidence, ood: dict[str, list[float
         conf = np.full(1, np.nan)
         if confidence is not None and r["instances"].max() > 0:
             conf = confidence.predict(feature_matrix(object_features(r["instances"], p, r["gradcam"], spread=r.get("spread"),
-                                                                     alternatives=r.get("alternatives")),
+                                                                     alternatives=r.get("alternatives"), image=r["image"]),
                                                      confidence.features))
         out.append([ood[k][i] for k in OOD_SPECS] +
                    [float(entropy(p).mean()), float(((p > 0.2) & (p < 0.8)).mean()), float((p >= 0.5).mean()),
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
     from xmdl_tf.evaluate import held_out_split
     from xmdl_tf.ood import OOD_FILE, FeatureDistribution
+    from xmdl_tf.postprocess import best_iou
     from xmdl_tf.predict import load_model
     from xmdl_tf.train import parse_pixel_sizes
 
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
             dump[f"{left}/{part}/n_true"] = np.int64(true_objects(rows))
             dump[f"{left}/{part}/groups"] = object_sets(rows)
+            # Which slice each object is of, and its best IoU with a true mitochondrion (> 0.5: "true").
+            dump[f"{left}/{part}/slice_of"] = np.repeat(np.arange(len(rows)), [int(r["instances"].max()) for r in rows])
+            dump[f"{left}/{part}/iou"] = (np.concatenate([best_iou(r["instances"], r["truth"]) for r in rows])
+                                          if rows else np.zeros(0))
             dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, ood[part])
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},

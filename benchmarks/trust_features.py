@@ -57,6 +57,8 @@ CANDIDATES = {
     "scale_free_agreement": SCALE_FREE + ("threshold_agreement",),
     "scale_free_spread_agreement": SCALE_FREE + ("tta_spread", "threshold_agreement", "tta_agreement"),
     "all_agreement": ("threshold_agreement", "tta_agreement", "scale_agreement"),
+    "image": ("image_contrast", "image_texture"),
+    "scale_free_image": SCALE_FREE + ("image_contrast", "image_texture"),
     "scale_free_all_agreement": SCALE_FREE + ("tta_spread", "threshold_agreement", "tta_agreement",
                                               "scale_agreement"),
 }

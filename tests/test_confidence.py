@@ -162,3 +162,19 @@ def test_a_confidence_fitted_on_tta_agreement_needs_tta_too():
     cal = {"object_confidence": agree, "object_confidence_without_tta": plain}
     assert confidence_model(cal, tta=True).features == ("mean_probability", "tta_agreement")
     assert confidence_model(cal, tta=False).features == ("mean_probability",)
+
+
+def test_image_features_are_in_units_of_the_slice_contrast():
+    shape = (64, 128)
+    rng = np.random.default_rng(0)
+    inst = (disc(shape, 32, 32, 10) * 1 + disc(shape, 32, 96, 10) * 2).astype(np.uint16)
+    image = 150 + rng.normal(0, 5, shape)
+    image[inst == 1] = 80 + rng.normal(0, 20, (inst == 1).sum())  # dark and textured, as a mitochondrion
+    image[inst == 2] = 60 + rng.normal(0, 2, (inst == 2).sum())  # darker still, flat
+    f = object_features(inst, np.where(inst > 0, 0.9, 0.1), image=image)
+    assert f["image_contrast"][0] < 0 and f["image_contrast"][1] < f["image_contrast"][0]
+    assert f["image_texture"][0] > 3 * f["image_texture"][1]
+    g = object_features(inst, np.where(inst > 0, 0.9, 0.1), image=3 * image + 1000)  # another gain and offset
+    np.testing.assert_allclose(g["image_contrast"], f["image_contrast"])
+    np.testing.assert_allclose(g["image_texture"], f["image_texture"])
+    assert not object_features(inst, np.where(inst > 0, 0.9, 0.1))["image_texture"].any()

@@ -219,7 +219,7 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
                                               pixel_size_nm=pixel_size_nm, rescale=ic.rescale, zoom=z)
                       for z in ZOOMS] if "scale_agreement" in model.features else None
             alternatives = alternative_instances(prob, ic, pixel_size_nm, members, zoomed)
-        f = object_features(instances, p_cal, cam, spread=spread, alternatives=alternatives)
+        f = object_features(instances, p_cal, cam, spread=spread, alternatives=alternatives, image=image)
         conf = model.predict(feature_matrix(f, model.features))
         by_id = dict(zip(f["label"].tolist(), conf.tolist()))
         table["confidence"] = [round(by_id[int(i)], 4) for i in table["id"]]

@@ -164,7 +164,7 @@ def object_table(rows: list[dict], temperature: float, names: tuple[str, ...] | 
     xs, ys = [], []
     for r in rows:
         f = object_features(r["instances"], apply_temperature(r["probability"], temperature), r["gradcam"],
-                            spread=r.get("spread"), alternatives=r.get("alternatives"))
+                            spread=r.get("spread"), alternatives=r.get("alternatives"), image=r.get("image"))
         xs.append(feature_matrix(f, names or FEATURES))
         ys.append(matched_objects(r["instances"], r["truth"]))
     return np.concatenate(xs), np.concatenate(ys)

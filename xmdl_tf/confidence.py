@@ -21,7 +21,8 @@ FEATURES = ("mean_probability", "low_probability", "mean_uncertainty", "edge_con
             "mean_gradcam")
 # Every feature `object_features` computes; a fitted model names the ones it uses (`ObjectConfidence.features`).
 ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touches_border", "tta_spread",
-                           "threshold_agreement", "tta_agreement", "scale_agreement")
+                           "threshold_agreement", "tta_agreement", "scale_agreement", "image_contrast",
+                           "image_texture")
 # Features that need the slice's instances under changed predictions (`postprocess.alternative_instances`).
 AGREEMENT_FEATURES = ("threshold_agreement", "tta_agreement", "scale_agreement")
 # Features that exist only with test-time augmentation (0 without it, which would read as sure).
@@ -51,7 +52,8 @@ def _means(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
 
 def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.ndarray | None = None,
                     ring_px: int = 3, spread: np.ndarray | None = None,
-                    alternatives: dict[str, list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+                    alternatives: dict[str, list[np.ndarray]] | None = None,
+                    image: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Features of each object 1..N of `instances` (H, W) from its calibrated `probability` (H, W).
 
     mean_probability / low_probability: mean and 10th percentile inside.
@@ -70,6 +72,10 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     20% smaller and 25% larger) of the
     object's best IoU with any object there (`postprocess.best_iou`): 1 for an object that keeps its
     shape, lower for one that splits, merges, shrinks or vanishes (0 if not given).
+    image_contrast / image_texture: from the raw `image` (H, W), in units of the whole
+    slice's grey-value standard deviation (so any linear contrast gives the same values):
+    mean grey value inside minus that of the ring, and the standard deviation inside
+    (0 if no image).
     Returns {"label": ids, feature: values (N,)} for every name in `ALL_FEATURES`.
     """
     from scipy import ndimage
@@ -110,10 +116,22 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
         if heat is not None else np.zeros(n),
         "touches_border": edge[1:].astype(np.float64),
         "tta_spread": _means(np.asarray(spread, np.float64), inst, n) if spread is not None else np.zeros(n),
+        **_image_features(image, inst, nearest, n),
         **{f"{k}_agreement": np.mean([best_iou(inst, other) for other in alternatives[k]], axis=0)
            if alternatives and alternatives.get(k) else np.zeros(n) for k in ("threshold", "tta", "scale")},
     }
 
+
+
+def _image_features(image: np.ndarray | None, inst: np.ndarray, ring: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    if image is None:
+        return {"image_contrast": np.zeros(n), "image_texture": np.zeros(n)}
+    g = np.asarray(image, np.float64)
+    sd = g.std() or 1.0
+    g = (g - g.mean()) / sd
+    inner = _means(g, inst, n)
+    spread = np.sqrt(np.maximum(_means(g * g, inst, n) - inner ** 2, 0))
+    return {"image_contrast": inner - np.nan_to_num(_means(g, ring, n), nan=0.0), "image_texture": spread}
 
 
 def _solidity(inst: np.ndarray, n: int) -> np.ndarray:
