@@ -154,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="first measure the input pipeline alone for S seconds (threads only, then with "
                         "the loader processes)")
     p.add_argument("--loader-processes", type=cli.nonnegative_int, default=None, metavar="N",
-                   help="worker processes building the training tiles (default: one per CPU core, at most 16; "
-                        "0: threads only). Sets XMDL_LOADER_PROCESSES for the PyDataset")
+                   help="worker processes building the training tiles (0: loader threads only). Default: with "
+                        "--probe-input, one per CPU core (at most 16) if the probe finds them faster than the "
+                        "threads alone, else 0. Sets XMDL_LOADER_PROCESSES for the PyDataset")
     args, train_flags = p.parse_known_args(argv)
     procs = args.loader_processes if args.loader_processes is not None else min(os.cpu_count() or 2, 16)
-    os.environ["XMDL_LOADER_PROCESSES"] = str(procs)
+    os.environ["XMDL_LOADER_PROCESSES"] = str(args.loader_processes or 0)
     if args.time_cosine:
         train_flags = [*train_flags, "--lr-schedule", "constant"]
 
@@ -181,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         sets = with_shapes(resolve_data(targs.data, pixel_sizes=parse_pixel_sizes(targs.pixel_size, 3),
                                         model_pixel_size=5.0)[0])
         w = min(os.cpu_count() or 2, 16)
+        rates = {}
         for n in dict.fromkeys((0, procs)):
-            rate = input_rate(sets, cfg.data, cfg.augment, w, args.probe_input, processes=n)
-            print(f"input pipeline alone: {rate:.0f} tiles/s ({w} threads, {n} loader processes)", flush=True)
+            rates[n] = input_rate(sets, cfg.data, cfg.augment, w, args.probe_input, processes=n)
+            print(f"input pipeline alone: {rates[n]:.0f} tiles/s ({w} threads, {n} loader processes)", flush=True)
+        if args.loader_processes is None:  # the faster way on this machine (2 cores: threads; measured)
+            os.environ["XMDL_LOADER_PROCESSES"] = str(max(rates, key=rates.get))
+            print(f"training with {os.environ['XMDL_LOADER_PROCESSES']} loader processes", flush=True)
     lr0 = cfg.train.learning_rate if args.time_cosine else None
     budget = budget_callback(args.budget_s, lr0, batch_size=cfg.train.batch_size)
     run = train(targs.data, targs.out, cfg, pixel_sizes=parse_pixel_sizes(targs.pixel_size, 3),

@@ -10,8 +10,10 @@ slices) and prints, per left-out set and on average:
 1. each feature's own AUROC for true against false detections, its direction
    taken from the fit part (so a feature that flips on unseen data scores
    below 0.5);
-2. each candidate feature set (`CANDIDATES`) fitted as the shipped
-   `ObjectConfidence` on the fit part, scored zero shot and in distribution
+2. each candidate feature set (`CANDIDATES`, and the features `calibrate`'s
+   rule selects at a few cut-offs) fitted as `ObjectConfidence` on the fit
+   part, as a full logistic fit and with equal weights (suffix " (equal)",
+   what `calibrate` ships), scored zero shot and in distribution
    (AUROC; share of detections flagged; instance F1 before and after a user
    removes the flagged false ones); a few also fitted on the fit part plus the
    other folds' zero-shot detections (`+other_zero_shot`: examples of errors
@@ -64,6 +66,7 @@ CANDIDATES = {
 }
 # The pool `calibrate` selects from, widened by the agreement features (for the selected@ rows).
 AGREEMENT_POOL = POOL + tuple(f for f in AGREEMENT_FEATURES if f not in POOL)
+EQUAL = " (equal)"  # suffix of the candidates combined with equal weights
 # Candidates also fitted with the other folds' zero-shot detections added (suffix SHIFTED).
 SHIFTED = "+other_zero_shot"
 SHIFTED_CANDIDATES = ("shipped", "scale_free", "scale_free_spread", "probability_gradcam")
@@ -93,7 +96,7 @@ def study(tables) -> dict:
                                for p in ("fit", "zero_shot", "in_distribution")}
         candidates = dict(CANDIDATES)
         if f"{left}/fit/groups" in tables.files:  # the rule `calibrate` applies, at a few cut-offs
-            for tag, pool_names in (("", POOL), ("+agreement", AGREEMENT_POOL)):
+            for tag, pool_names in (("", tuple(f for f in POOL if f in names)), ("+all_agreement", AGREEMENT_POOL)):
                 if tag and not set(pool_names) <= set(names):
                     continue
                 pool = [names.index(f) for f in pool_names]
@@ -109,11 +112,13 @@ def study(tables) -> dict:
         shifted = (np.concatenate([fx, *ox]), np.concatenate([fy, *oy]))
         # Tables of an older trust.py lack the newer features: those candidates are left out.
         candidates = {c: f for c, f in candidates.items() if set(f) <= set(names)}
-        fits = [(c, feats, (fx, fy)) for c, feats in candidates.items()]
-        fits += [(f"{c}{SHIFTED}", candidates[c], shifted) for c in SHIFTED_CANDIDATES if c in candidates]
-        for c, feats, (tx, ty) in fits:
+        fits = [(c, feats, (fx, fy), "logistic") for c, feats in candidates.items()]
+        # The same features combined with equal weights (`ObjectConfidence.fit(combine="equal")`).
+        fits += [(f"{c}{EQUAL}", feats, (fx, fy), "equal") for c, feats in candidates.items()]
+        fits += [(f"{c}{SHIFTED}", candidates[c], shifted, "logistic") for c in SHIFTED_CANDIDATES if c in candidates]
+        for c, feats, (tx, ty), combine in fits:
             idx = [names.index(f) for f in feats]
-            model = ObjectConfidence(tuple(feats)).fit(tx[:, idx], ty)
+            model = ObjectConfidence(tuple(feats)).fit(tx[:, idx], ty, combine=combine)
             r["candidate"][c] = {p: round(auroc(model.predict(part[p][0][:, idx]), part[p][1]), 4)
                                  for p in ("fit", "zero_shot", "in_distribution")}
             for p in ("zero_shot", "in_distribution"):

@@ -90,9 +90,9 @@ def test_trust_features_reads_tables_without_the_newer_features(tmp_path):
     np.savez(tmp_path / "new.npz", **tables(list(ALL_FEATURES)))
     before, after = tf_.study(np.load(tmp_path / "old.npz")), tf_.study(np.load(tmp_path / "new.npz"))
     assert "shipped" in before["a"]["candidate"] and "agreement" not in before["a"]["candidate"]
-    assert not any(c.startswith("selected+agreement") for c in before["a"]["candidate"])
+    assert not any(c.startswith("selected+all_agreement") for c in before["a"]["candidate"])
     assert after["a"]["candidate"]["agreement"]["zero_shot"] > 0.6  # every feature carries the truth here
-    assert "selected+agreement@0.6" in after["a"]["candidate"]
+    assert "selected+all_agreement@0.6" in after["a"]["candidate"] and "selected@0.6 (equal)" in after["a"]["candidate"]
 
 
 def test_gpu_training_budget_stops_training_and_decays_the_rate_over_the_time_left(tmp_path):

@@ -37,18 +37,22 @@ MIN_EACH = 5  # true and false val detections needed to fit the object confidenc
 
 
 def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], split: str = "val",
-                verbose: bool = True, agreement: bool = True) -> dict[str, list[dict]]:
+                verbose: bool = True, agreement: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
     """Per set, per slice of `split`: probability, Grad-CAM, predicted instances, labels and pixel size.
 
     As `analyze` makes them: with test-time augmentation when the model's defaults say so (then
     "spread" is the TTA members' standard deviation, else None), and the instances under small
-    changes of the prediction (`postprocess.alternative_instances`, for the agreement features;
-    about 2 more passes for the `postprocess.ZOOMS` scales; None when not `agreement`).
+    changes of the prediction (`postprocess.alternative_instances`) that the `agreement` features
+    need (default: every one of `confidence.AGREEMENT_FEATURES`; "scale_agreement" costs about 2
+    more passes, for the `postprocess.ZOOMS` scales; none: "alternatives" is None).
     """
+    from .confidence import AGREEMENT_FEATURES
+
     from .io import find_pairs, read_pair, read_pixel_size_nm
     from .postprocess import ZOOMS, alternative_instances, ground_truth_instances, instances
 
     ic = predictor.config.inference
+    agreement = AGREEMENT_FEATURES if agreement is None else tuple(agreement)
     out = {}
     for d, px_given in zip(data, pixel_sizes):
         name = Path(d).resolve().name
@@ -63,12 +67,13 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
             if ic.tta:
                 prob, spread, *rest = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True,
                                                               pixel_size_nm=px, rescale=ic.rescale, spread=True,
-                                                              members=agreement)
+                                                              members="tta_agreement" in agreement)
                 members = rest[0] if rest else None
             alternatives = None
             if agreement:
                 zoomed = [predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
-                                                  pixel_size_nm=px, rescale=ic.rescale, zoom=z) for z in ZOOMS]
+                                                  pixel_size_nm=px, rescale=ic.rescale, zoom=z)
+                          for z in ZOOMS] if "scale_agreement" in agreement else None
                 alternatives = alternative_instances(prob, ic, px, members, zoomed)
             rows.append({"set": name, "name": pair.name, "image": image, "probability": prob, "gradcam": cam,
                          "spread": spread, "label": label,
@@ -212,7 +217,8 @@ def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = N
         raise FileNotFoundError(f"{model_path}: no config.json beside the model to store the calibration in")
     from .confidence import AGREEMENT_FEATURES, POOL
 
-    slices = collect_val(predictor, data, pixel_sizes, split, verbose, agreement=bool(set(AGREEMENT_FEATURES) & set(POOL)))
+    slices = collect_val(predictor, data, pixel_sizes, split, verbose,
+                         agreement=tuple(f for f in AGREEMENT_FEATURES if f in POOL))
     return fit_calibration(predictor, slices, data, pixel_sizes, split, verbose, ood_tile, t0, figure)
 
 
@@ -223,7 +229,7 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
 
     ood: also fit the out-of-distribution model (a pass over every training slice); without it,
     a previous `ood.npz` beside the model is kept and the report names no threshold."""
-    from .confidence import POOL, TTA_FEATURES, ObjectConfidence, auroc, select_features
+    from .confidence import COMBINE, POOL, TTA_FEATURES, ObjectConfidence, auroc, select_features
     from .ood import OOD_FILE
     from .predict import resolve_model_path
 
@@ -239,10 +245,10 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
         # on relations peculiar to these sets, and ranks objects worse on a new microscope.
         names = select_features(x, y, groups, POOL)
         columns = lambda chosen: x[:, [POOL.index(n) for n in chosen]]  # noqa: E731
-        conf = ObjectConfidence(names).fit(columns(names), y)
+        conf = ObjectConfidence(names).fit(columns(names), y, combine=COMBINE)
         rest = tuple(n for n in names if n not in TTA_FEATURES)
         if rest and rest != names:  # for analyze runs without test-time augmentation
-            conf_no_tta = ObjectConfidence(rest).fit(columns(rest), y)
+            conf_no_tta = ObjectConfidence(rest).fit(columns(rest), y, combine=COMBINE)
         x = columns(names)
     elif verbose:
         print(f"warning: only {int(y.sum())} true and {int((~y).sum())} false detections on {split}; at least "
@@ -253,7 +259,7 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
         dist.save(model_path.parent / OOD_FILE)
     report = {**temp, "object_confidence": conf.to_dict() if conf else None,
               "object_confidence_without_tta": conf_no_tta.to_dict() if conf_no_tta else None,
-              "features": list(conf.features) if conf else [],
+              "features": list(conf.features) if conf else [], "combine": COMBINE,
               "objects": int(len(y)), "true_objects": int(y.sum()),
               "object_auroc_in_sample": round(auroc(conf.predict(x), y), 4) if conf else None,
               "ood_file": OOD_FILE if dist else None, "ood_threshold": round(dist.threshold, 4) if dist else None,
