@@ -178,3 +178,25 @@ def test_image_features_are_in_units_of_the_slice_contrast():
     np.testing.assert_allclose(g["image_contrast"], f["image_contrast"])
     np.testing.assert_allclose(g["image_texture"], f["image_texture"])
     assert not object_features(inst, np.where(inst > 0, 0.9, 0.1))["image_texture"].any()
+
+
+def test_equal_weights_carry_the_ranking_over_when_one_cue_fails():
+    """Fitted where one feature separates strongly and another weakly, then scored where the strong
+    one is noise (a new microscope): equal weights keep the weak cue's ranking, a full logistic fit
+    (nearly all weight on the strong cue) loses it. Both stay calibrated on the fit data."""
+    rng = np.random.default_rng(3)
+    y = rng.random(2000) < 0.5
+    s = np.where(y, 1.0, -1.0)
+    fit = np.stack([3 * s + rng.normal(0, 1, 2000), -0.8 * s + rng.normal(0, 1, 2000)], 1)  # 2nd: lower = real
+    shifted = np.stack([rng.normal(0, 1, 2000), -0.8 * s + rng.normal(0, 1, 2000)], 1)
+    names = ("mean_probability", "mean_uncertainty")
+    full = ObjectConfidence(names).fit(fit, y)
+    equal = ObjectConfidence(names).fit(fit, y, combine="equal")
+    assert equal.coef[0] == pytest.approx(-equal.coef[1]) and equal.coef[0] > 0  # same size, signed
+    assert abs(full.coef[0]) > 2 * abs(full.coef[1])
+    assert auroc(equal.predict(shifted), y) > auroc(full.predict(shifted), y) + 0.05
+    for m in (full, equal):
+        assert m.predict(fit).mean() == pytest.approx(y.mean(), abs=0.02)  # calibrated where fitted
+        assert ObjectConfidence.from_dict(m.to_dict()).predict(fit[:5]) == pytest.approx(m.predict(fit[:5]))
+    with pytest.raises(ValueError, match="combine"):
+        ObjectConfidence(names).fit(fit, y, combine="median")
