@@ -132,9 +132,10 @@ class Predictor:
         spread: also return the standard deviation (H, W) of the foreground
         probability over the 8 test-time-augmented predictions (zeros without TTA):
         a (probability, spread) pair, at no extra cost over TTA.
-        members: with `spread`, also return the 8 test-time-augmented foreground
-        probabilities themselves, float32 (H, W, 8) (a triple; 4x the blending
-        memory of `spread`); without TTA, the one prediction (H, W, 1).
+        members: also return the 8 test-time-augmented foreground probabilities
+        themselves, float32 (H, W, 8) (without TTA the one prediction, (H, W, 1)):
+        (probability, spread, members) with `spread`, else (probability, members);
+        4x the blending memory of `spread`.
         pixel_size_nm: the slice's pixel size; when it and the model's are known
         (and `rescale`), the slice is resampled to the model's pixel size, predicted
         there and the probabilities mapped back to the slice's own grid.
