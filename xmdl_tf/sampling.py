@@ -227,10 +227,9 @@ def sample_tiles(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, k: int,
 _WORKER: "TileSampler | None" = None  # the sampler of a worker process (`TileSampler(processes=...)`)
 
 
-def _init_worker(state: dict) -> None:
+def _init_worker(kwargs: dict) -> None:
     global _WORKER
-    _WORKER = TileSampler.__new__(TileSampler)
-    _WORKER.__setstate__(state)
+    _WORKER = TileSampler(**kwargs)
 
 
 def _worker_slot(args: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -246,9 +245,10 @@ class TileSampler:
 
     processes: build each group's slots (one slice each) in this many worker
     processes (0: in the calling thread). NumPy and OpenCV release the GIL only
-    in part, so threads alone stop scaling at a few cores (16 loader threads on a
-    16-core GPU machine built about 3x what one core does); processes scale with
-    the cores. Same tiles either way (tested). Call `close()` to stop them.
+    in part: 16 loader threads on a 16-core GPU machine built about 3x what one
+    core does, where processes are not bound by it; but the tiles cross a pipe,
+    and on 2 cores threads measured faster (README). Same tiles either way
+    (tested). Call `close()` to stop them.
     """
 
     def __init__(self, sets: list[TrainingSet], cfg: DataConfig, aug: AugmentConfig | None, seed: int = 0,
@@ -273,12 +273,6 @@ class TileSampler:
         self._slice_bytes, self._slice_budget = 0, int(cache_mb * 2**20)
         self.processes, self._pool, self._cache_mb = max(0, int(processes)), None, cache_mb
 
-    def __getstate__(self):  # what a worker process needs: no lock, cache or pool
-        return {"sets": self.sets, "cfg": self.cfg, "aug": self.aug, "seed": self.seed, "cache_mb": self._cache_mb}
-
-    def __setstate__(self, state):
-        self.__init__(state["sets"], state["cfg"], state["aug"], state["seed"], state["cache_mb"])
-
     def close(self) -> None:
         """Stop the worker processes (if any); the sampler still works, in the calling thread."""
         pool, self._pool = self._pool, None
@@ -294,10 +288,10 @@ class TileSampler:
                 if self._pool is None:
                     # spawn, not fork: the parent runs TensorFlow's or JAX's threads, which a fork
                     # would copy in whatever state they are. Each worker keeps its own slice cache.
-                    per_worker = self._cache_mb / max(1, self.processes) * 2
-                    state = {**self.__getstate__(), "cache_mb": per_worker}
+                    kwargs = {"sets": self.sets, "cfg": self.cfg, "aug": self.aug, "seed": self.seed,
+                              "cache_mb": self._cache_mb / self.processes * 2}
                     self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=_init_worker, initargs=(state,))
+                                                     initializer=_init_worker, initargs=(kwargs,))
         return self._pool
 
     def _load(self, region: SliceRegion) -> tuple[np.ndarray, np.ndarray]:
