@@ -204,7 +204,7 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
 
     members: the test-time-augmented predictions (H, W, 8) when the confidence reads their agreement."""
     from .calibration import apply_temperature
-    from .confidence import AGREEMENT_FEATURES, REVIEW_BELOW, entropy, feature_matrix, object_features
+    from .confidence import AGREEMENT_FEATURES, IMAGE_FEATURES, REVIEW_BELOW, entropy, feature_matrix, object_features
     from .postprocess import ZOOMS, alternative_instances
 
     config = getattr(predictor, "config", None)
@@ -219,7 +219,9 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
                                               pixel_size_nm=pixel_size_nm, rescale=ic.rescale, zoom=z)
                       for z in ZOOMS] if "scale_agreement" in model.features else None
             alternatives = alternative_instances(prob, ic, pixel_size_nm, members, zoomed)
-        f = object_features(instances, p_cal, cam, spread=spread, alternatives=alternatives, image=image)
+        uses_image = bool(set(IMAGE_FEATURES) & set(model.features))  # else not worth a pass over the slice
+        f = object_features(instances, p_cal, cam, spread=spread, alternatives=alternatives,
+                            image=image if uses_image else None)
         conf = model.predict(feature_matrix(f, model.features))
         by_id = dict(zip(f["label"].tolist(), conf.tolist()))
         table["confidence"] = [round(by_id[int(i)], 4) for i in table["id"]]

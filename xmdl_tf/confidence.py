@@ -25,6 +25,8 @@ ALL_FEATURES = FEATURES + ("solidity", "elongation", "gradcam_contrast", "touche
                            "image_texture")
 # Features that need the slice's instances under changed predictions (`postprocess.alternative_instances`).
 AGREEMENT_FEATURES = ("threshold_agreement", "tta_agreement", "scale_agreement")
+# Features read from the raw image's grey values (`object_features(image=...)`).
+IMAGE_FEATURES = ("image_contrast", "image_texture")
 # Features that exist only with test-time augmentation (0 without it, which would read as sure).
 TTA_FEATURES = ("tta_spread", "tta_agreement")
 # What `calibrate` may choose from: features that mean the same on any microscope. Not log_area
