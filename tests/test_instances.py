@@ -227,3 +227,18 @@ def test_synthetic_touching_objects_are_separated():
     assert objects["touching"].sum() >= 4
     r = match_instances(mask_to_instances(true > 0), true)
     assert r["f1"] == 1.0 and r["count_error"] == 0
+
+
+def test_pairwise_iou_sparse_table():
+    from xmdl_tf.instances import pairwise_iou
+
+    a = np.zeros((10, 10), np.int32)
+    b = np.zeros((10, 10), np.int32)
+    a[0:4, 0:4] = 7      # 16 px
+    a[6:10, 6:10] = 3    # 16 px, overlaps nothing
+    b[0:4, 2:6] = 900    # 16 px, 8 shared with a's 7
+    b[0:2, 0:2] = 5      # 4 px inside a's 7 (b's 900 keeps the rest)
+    ids_a, ids_b, ia, ib, iou = pairwise_iou(a, b)
+    assert ids_a.tolist() == [3, 7] and ids_b.tolist() == [5, 900]
+    pairs = {(int(ids_a[i]), int(ids_b[j])): v for i, j, v in zip(ia, ib, iou)}
+    assert pairs == pytest.approx({(7, 5): 4 / 16, (7, 900): 8 / (16 + 16 - 8)})

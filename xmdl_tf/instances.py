@@ -296,6 +296,26 @@ def _ids_and_areas(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[ids > 0].astype(np.int64), counts[ids > 0]
 
 
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse IoU table of two (H, W) integer label images (0 background).
+
+    Returns (ids_a, ids_b, ia, ib, iou): the sorted nonzero ids of each, and
+    for every pair of objects that overlap, their indices into ids_a / ids_b
+    and their IoU (float64). Only overlapping pixels are visited, so thousands
+    of objects stay fast.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    ids_a, area_a = _ids_and_areas(a)
+    ids_b, area_b = _ids_and_areas(b)
+    both = (a != 0) & (b != 0)
+    ia = np.searchsorted(ids_a, a[both].astype(np.int64))
+    ib = np.searchsorted(ids_b, b[both].astype(np.int64))
+    nb = max(len(ids_b), 1)
+    key, inter = np.unique(ia.astype(np.int64) * nb + ib, return_counts=True)
+    ia, ib = key // nb, key % nb
+    return ids_a, ids_b, ia, ib, inter / (area_a[ia] + area_b[ib] - inter)
+
+
 def match_instances(pred: np.ndarray, true: np.ndarray, iou_threshold: float = 0.5) -> dict[str, float]:
     """Score predicted instances against ground truth by one-to-one IoU matching.
 
@@ -321,17 +341,8 @@ def match_instances(pred: np.ndarray, true: np.ndarray, iou_threshold: float = 0
         raise ValueError(f"pred and true shapes differ: {pred.shape} vs {true.shape}")
     if not 0 < iou_threshold <= 1:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-    p_ids, p_area = _ids_and_areas(pred)
-    t_ids, t_area = _ids_and_areas(true)
+    p_ids, t_ids, pi, ti, iou = pairwise_iou(pred, true)
     n_pred, n_true = len(p_ids), len(t_ids)
-
-    # Sparse contingency table from the overlapping pixels only.
-    both = (pred != 0) & (true != 0)
-    pi = np.searchsorted(p_ids, pred[both].astype(np.int64))
-    ti = np.searchsorted(t_ids, true[both].astype(np.int64))
-    key, inter = np.unique(pi.astype(np.int64) * max(n_true, 1) + ti, return_counts=True)
-    pi, ti = key // max(n_true, 1), key % max(n_true, 1)
-    iou = inter / (p_area[pi] + t_area[ti] - inter)
     cand = iou >= iou_threshold
     pi, ti, iou = pi[cand], ti[cand], iou[cand]
 

@@ -115,17 +115,12 @@ def matched_objects(predicted: np.ndarray, true: np.ndarray, iou_threshold: floa
 def best_iou(instances: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Per object 1..N of `instances` (H, W): its highest IoU with any object of `others` (H, W),
     0 where it overlaps none. float64 (N,)."""
-    a, b = np.asarray(instances, np.int64), np.asarray(others, np.int64)
-    n = int(a.max()) if a.size else 0
-    out = np.zeros(n)
-    both = (a > 0) & (b > 0)
-    if not both.any():
-        return out
-    m = int(b.max()) + 1
-    area_a, area_b = np.bincount(a.ravel(), minlength=n + 1), np.bincount(b.ravel(), minlength=m)
-    key, inter = np.unique(a[both] * m + b[both], return_counts=True)
-    ia, ib = key // m, key % m
-    np.maximum.at(out, ia - 1, inter / (area_a[ia] + area_b[ib] - inter))
+    from .instances import pairwise_iou
+
+    a = np.asarray(instances)
+    out = np.zeros(int(a.max()) if a.size else 0)
+    ids, _, ia, _, iou = pairwise_iou(a, others)
+    np.maximum.at(out, ids[ia] - 1, iou)
     return out
 
 
