@@ -3,7 +3,8 @@
 #   bash benchmarks/loso_study.sh [ARM ...]
 # An arm is "em", "basic", or "em-PART[+PART...]": "em" with those parts switched off
 # (parts: xmdl_tf.config.AugmentConfig.COMPONENTS), e.g. em-scale, em-elastic,
-# em-stripes+illumination+poisson. Default: em basic. Tables in runs/loso/ARM/loso.md.
+# em-stripes+illumination+poisson; or "em_scale_MIN_MAX": "em" with the random zoom
+# drawn from MIN..MAX instead of 0.7..1.4 (e.g. em_scale_0.5_2). Default: em basic. Tables in runs/loso/ARM/loso.md.
 cd "$(dirname "$0")/.."
 D=${XMDL_DATA:-../shared/data}
 COMMON=(--data $D/cdeep3m_sbem_mouse $D/drosophila_vnc_sstem $D/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
@@ -12,8 +13,9 @@ COMMON=(--data $D/cdeep3m_sbem_mouse $D/drosophila_vnc_sstem $D/lucchipp_fibsem_
 for arm in "$@"; do
   case $arm in
     em|basic) flags=(--augment "$arm") ;;
+    em_scale_*_*) IFS=_ read -r _ _ lo hi <<< "$arm"; flags=(--augment em --augment-scale "$lo" "$hi") ;;
     em-*) IFS=+ read -ra off <<< "${arm#em-}"; flags=(--augment em --augment-off "${off[@]}") ;;
-    *) echo "unknown arm $arm (em, basic or em-PART[+PART...])" >&2; exit 2 ;;
+    *) echo "unknown arm $arm (em, basic, em-PART[+PART...] or em_scale_MIN_MAX)" >&2; exit 2 ;;
   esac
   nice -n 10 "${PYTHON:-.venv/bin/python}" benchmarks/loso.py --out "runs/loso/$arm" "${COMMON[@]}" "${flags[@]}" || exit 1
 done

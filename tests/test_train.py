@@ -143,11 +143,28 @@ def test_pixel_sizes_weights_and_resampling_factors_are_resolved_and_recorded(tm
 def test_cli_refuses_bad_pixel_sizes_and_weights_in_one_line(blob_dataset, tmp_path, capsys):
     for extra, msg in ((["--pixel-size", "0"], "outside the plausible range"),
                        (["--set-weights", "1", "2"], "--set-weights"),
-                       (["--augment-off", "sparkle"], "invalid choice")):
+                       (["--augment-off", "sparkle"], "invalid choice"),
+                       (["--augment-scale", "2", "0.5"], "--augment-scale 2 0.5"),
+                       (["--augment-scale", "0.1", "2"], "MIN <= MAX"),
+                       (["--augment-scale", "0", "2"], "--augment-scale")):
         with pytest.raises(SystemExit) as err:
             train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "x"), *ARGS, *extra])
         assert err.value.code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing created before the arguments were checked
+
+
+def test_augment_scale_and_parts_reach_the_config(tmp_path):
+    from xmdl_tf.train import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--augment-scale", "0.5", "2", "--augment-off", "elastic"])
+    aug = config_from_args(args).augment
+    assert aug.scale == (0.5, 2.0) and aug.elastic == 0.0 and aug.blur > 0
+    # Switching the zoom off wins over a range, as for any other part.
+    args = build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--augment-scale", "0.5", "2", "--augment-off", "scale"])
+    assert config_from_args(args).augment.scale == (1.0, 1.0)
+    assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.scale == (0.7, 1.4)
 
 
 def test_cosine_schedule_and_validation_carved_when_no_val_split(tmp_path):

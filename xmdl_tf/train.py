@@ -31,6 +31,9 @@ from .config import VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig, Tr
 from .runlock import atomic_write_text
 from .sampling import SAME_PIXEL_SIZE, resample_factor
 
+# --augment-scale bounds: a tile zoomed out 4x is cut from a 1024-px window; beyond
+# that, and beyond 4x in, the model would learn on mostly empty or mostly blurred tiles.
+MIN_ZOOM, MAX_ZOOM = 0.25, 4.0
 STATE = "checkpoint/state.json"
 LAST = "checkpoint/last.keras"
 
@@ -734,6 +737,9 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
                         "noise, stripes, shading); 'basic' is flips, 90-degree turns and mild intensity jitter")
     p.add_argument("--augment-off", nargs="+", default=[], choices=AugmentConfig.COMPONENTS, metavar="PART",
                    help=f"switch parts of the preset off (one of: {', '.join(AugmentConfig.COMPONENTS)})")
+    p.add_argument("--augment-scale", nargs=2, type=cli.positive_float, default=None, metavar=("MIN", "MAX"),
+                   help="range of the random zoom (log-uniform; default 0.7 1.4): wider tolerates more error in, "
+                        "or ignorance of, the data's pixel size")
     p.add_argument("--augment-strength", type=cli.nonnegative_float, default=2.0 if finetune else 1.0,
                    help="multiplies every intensity augmentation range")
     p.add_argument("--mixed-precision", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
@@ -771,8 +777,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
                           lr_schedule=args.lr_schedule,
                           seed=args.seed, mixed_precision=args.mixed_precision or False,
                           jit_compile=False if args.no_jit else "auto"),
-        augment=AugmentConfig.preset(args.augment).without(*args.augment_off),
+        augment=augment_from_args(args),
     )
+
+
+def augment_from_args(args: argparse.Namespace) -> AugmentConfig:
+    """The --augment preset with --augment-off parts switched off and --augment-scale applied."""
+    aug = AugmentConfig.preset(args.augment)
+    if getattr(args, "augment_scale", None):
+        aug = replace(aug, scale=tuple(args.augment_scale))
+    return aug.without(*args.augment_off)
 
 
 def train_from_args(args: argparse.Namespace, init_from: str | None) -> Path:
@@ -796,6 +810,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse arguments that would only fail later, with one line naming the problem."""
+    if getattr(args, "augment_scale", None):
+        lo, hi = args.augment_scale
+        if not MIN_ZOOM <= lo <= hi <= MAX_ZOOM:
+            parser.error(f"--augment-scale {lo:g} {hi:g}: need {MIN_ZOOM:g} <= MIN <= MAX <= {MAX_ZOOM:g}")
     try:
         parse_pixel_sizes(args.pixel_size, len(args.data))
     except ValueError as err:
