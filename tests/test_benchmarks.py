@@ -146,3 +146,25 @@ def test_gpu_training_bad_input_is_one_line(tmp_path, capsys):
         gt.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--budget-s", "60",
                  "--loader-processes", "-2"])
     assert e.value.code == 2 and "--loader-processes" in capsys.readouterr().err
+
+
+def test_adapt_batchnorm_sets_moving_statistics_to_the_new_data_and_restores_momentum():
+    import keras
+    import numpy as np
+    from xmdl_tf.model import build_model
+
+    zs = _load("zero_shot_inference")
+    model = build_model(depth=2, base_filters=4)
+    rng = np.random.default_rng(0)
+    tiles = (rng.random((32, 32, 32, 1)) * 0.5 + 3.0).astype(np.float32)  # far from the init statistics
+    bn = model.get_layer("enc1_bn1")
+    momentum = bn.momentum
+    assert zs.adapt_batchnorm(model, tiles, batch_size=8) == 4
+    # The first BN layer's input is the first convolution's output: its mean over all tiles is known.
+    conv = keras.Model(model.input, model.get_layer("enc1_conv1").output)
+    feats = conv.predict(tiles, verbose=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), feats.mean((0, 1, 2)), rtol=1e-3, atol=1e-4)
+    per_batch_var = np.mean([feats[k:k + 8].var((0, 1, 2)) for k in range(0, 32, 8)], 0)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), per_batch_var, rtol=1e-3, atol=1e-4)
+    assert bn.momentum == momentum
+    assert zs.pooled_f1([(np.array([0.9, 0.2, 0.8]), np.array([1, 1, 0]))], 0.5) == pytest.approx(0.5)

@@ -1,0 +1,152 @@
+"""Inference-time remedies for an unseen microscope, measured on the leave-one-set-out models.
+
+    python benchmarks/zero_shot_inference.py runs/loso/em --data ../shared/data/cdeep3m_sbem_mouse \
+        ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
+
+For each `without_<set>` model of a `benchmarks/loso.py` folder, the left-out
+set's val slices (every `--every`-th) are predicted zero-shot, and foreground
+F1 pooled over all their pixels (at the model's own threshold) is printed for:
+- `plain`: one pass, as `evaluate` without TTA;
+- `tta8`: mean of the 8 flips/rotations;
+- `scales`: mean of the predictions at zoom 0.71, 1 and 1.41 (objects shown
+  smaller and larger than the pixel size says);
+- `adabn`: batch-norm statistics re-estimated on the scored slices' own
+  images (no labels; Li et al. 2016, "Revisiting batch normalization for
+  practical domain adaptation"), then one pass;
+- `zoom Z` for each `--zooms` value: one pass with the slice resampled Z times
+  more than its pixel size asks (how far off the unknown or stated scale is).
+Writes `zero_shot_inference.json` and `.md` into the folder. None of these
+touches a label before scoring; the table decides whether any becomes a
+default (models/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util  # noqa: E402,F401  (sets the oneDNN default before TensorFlow loads)
+
+SCALES = (0.71, 1.0, 1.41)
+
+
+def adapt_batchnorm(model, tiles: np.ndarray, batch_size: int = 8) -> int:
+    """Replace every BatchNormalization layer's moving mean and variance by the average of
+    its batch statistics over `tiles` (n, h, w, 1) float32; returns the batches used.
+
+    Each batch runs in training mode (normalised by its own statistics, as the
+    layers after it see during training) with the momentum set so that the
+    moving statistics become the running average of all batches so far.
+    """
+    import keras
+
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    old = [layer.momentum for layer in bns]
+    n = len(tiles) // batch_size
+    try:
+        for k in range(n):
+            for layer in bns:
+                layer.momentum = k / (k + 1)  # batch k gets weight 1 / (k + 1)
+            model(tiles[k * batch_size:(k + 1) * batch_size], training=True)
+    finally:
+        for layer, m in zip(bns, old):
+            layer.momentum = m
+    return n
+
+
+def sample_tiles(predictor, images: list[np.ndarray], pixel_size_nm: float | None, tile: int = 256,
+                 n: int = 256, seed: int = 0) -> np.ndarray:
+    """`n` random (tile, tile) crops, float32 (n, tile, tile, 1), of `images` normalised and
+    resampled to the model's pixel size as `predict_slice` does."""
+    import cv2
+
+    from xmdl_tf.sampling import normalize_as
+
+    rng = np.random.default_rng(seed)
+    factor = predictor.scale_factor(pixel_size_nm)
+    out = []
+    for k, img in enumerate(images):
+        if factor != 1.0:
+            h, w = img.shape
+            img = cv2.resize(img, (round(w * factor), round(h * factor)),
+                             interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+        x = normalize_as(img, predictor.config.normalization)
+        size = min(tile, *x.shape) // predictor.size_divisor * predictor.size_divisor
+        for _ in range(n // len(images) + (k < n % len(images))):
+            i, j = rng.integers(0, x.shape[0] - size + 1), rng.integers(0, x.shape[1] - size + 1)
+            out.append(x[i:i + size, j:j + size])
+    return np.stack(out)[rng.permutation(len(out)), ..., None].astype(np.float32)
+
+
+def pooled_f1(pairs: list[tuple[np.ndarray, np.ndarray]], threshold: float) -> float:
+    """Foreground F1 pooled over all pixels of (probability, label) pairs."""
+    tp = fp = fn = 0
+    for prob, label in pairs:
+        m, t = prob >= threshold, label > 0
+        tp += int((m & t).sum())
+        fp += int((m & ~t).sum())
+        fn += int((~m & t).sum())
+    return 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+def score_run(run: Path, data: str, pixel_size_nm: float | None, every: int, zooms: list[float]) -> dict:
+    from xmdl_tf.io import find_pairs, read_pair
+    from xmdl_tf.predict import load_model
+
+    slices = [read_pair(p) for p in find_pairs(data, "val")[::every]]
+    pred = load_model(run)
+    th = pred.config.inference.threshold
+
+    def f1(**kw) -> float:
+        return pooled_f1([(pred.predict_slice(img, pixel_size_nm=pixel_size_nm, **kw), lab)
+                          for img, lab in slices], th)
+
+    row = {"slices": len(slices), "plain": f1(tta=False), "tta8": f1(tta=True)}
+    row["scales"] = pooled_f1([(np.mean([pred.predict_slice(img, pixel_size_nm=pixel_size_nm, tta=False, zoom=z)
+                                         for z in SCALES], 0), lab) for img, lab in slices], th)
+    for z in zooms:
+        row[f"zoom {z:g}"] = f1(tta=False, zoom=z)
+    adapt_batchnorm(pred.model, sample_tiles(pred, [img for img, _ in slices], pixel_size_nm))
+    row["adabn"] = f1(tta=False)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    from xmdl_tf.train import parse_pixel_sizes
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("loso", help="a benchmarks/loso.py output folder (without_<set>/ runs)")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--pixel-size", nargs="+", default=None, help="nm per set ('unknown' allowed)")
+    p.add_argument("--every", type=int, default=1, help="score every N-th val slice (Lucchi++ has 25)")
+    p.add_argument("--zooms", nargs="*", type=float, default=[0.71, 1.41, 2.0])
+    args = p.parse_args(argv)
+    px = parse_pixel_sizes(args.pixel_size, len(args.data))
+    out = Path(args.loso)
+    rows = {}
+    for data, size in zip(args.data, px):
+        name = Path(data).resolve().name
+        run = out / f"without_{name}"
+        if not (run / "model.keras").is_file():
+            print(f"{run}: no model.keras, skipped", file=sys.stderr)
+            continue
+        rows[name] = score_run(run, data, size, args.every, args.zooms)
+        print(name, json.dumps({k: round(v, 4) for k, v in rows[name].items()}), flush=True)
+    if not rows:
+        p.error(f"{out}: no without_<set> runs for these --data sets")
+    cols = [k for k in next(iter(rows.values())) if k != "slices"]
+    md = ["| left out (zero-shot val F1) | slices | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    md += [f"| {n} | {r['slices']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for n, r in rows.items()]
+    md.append("| mean | | " + " | ".join(f"{np.mean([r[c] for r in rows.values()]):.3f}" for c in cols) + " |")
+    (out / "zero_shot_inference.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "zero_shot_inference.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
