@@ -168,3 +168,23 @@ def test_adapt_batchnorm_sets_moving_statistics_to_the_new_data_and_restores_mom
     np.testing.assert_allclose(bn.moving_variance.numpy(), per_batch_var, rtol=1e-3, atol=1e-4)
     assert bn.momentum == momentum
     assert zs.pooled_f1([(np.array([0.9, 0.2, 0.8]), np.array([1, 1, 0]))], 0.5) == pytest.approx(0.5)
+
+
+def test_object_features_pools_each_object_at_its_layer_stride_and_ridge_separates():
+    import numpy as np
+
+    of = _load("object_features")
+    inst = np.zeros((8, 8), np.int32)
+    inst[0:4, 0:4] = 1   # reads activation pixel (0, 0) at stride 4
+    inst[4:8, 0:8] = 2   # reads (1, 0) and (1, 1)
+    fmap = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
+    got = of.pooled_features(inst, fmap, 4)
+    np.testing.assert_allclose(got, [fmap[0, 0], (fmap[1, 0] + fmap[1, 1]) / 2])
+    np.testing.assert_allclose(of.pooled_features(inst, inst[..., None].astype(float), 1)[:, 0], [1, 2])
+    rng = np.random.default_rng(0)
+    y = rng.random(400) < 0.5
+    x = rng.normal(size=(400, 5)) + 1.5 * y[:, None] * np.array([1, 0, 0, 0, -1])
+    strong, weak = of.ridge_logistic(x, y.astype(float), 1.0), of.ridge_logistic(x, y.astype(float), 1e6)
+    s = strong(x)
+    assert s[y].mean() > s[~y].mean() + 2  # the informative directions are learned
+    assert np.ptp(weak(x)) < 0.1 * np.ptp(s)  # a huge ridge shrinks the weights to ~0
