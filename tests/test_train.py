@@ -157,14 +157,14 @@ def test_augment_scale_and_parts_reach_the_config(tmp_path):
     from xmdl_tf.train import build_parser, config_from_args
 
     args = build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                                      "--augment-scale", "0.5", "2", "--augment-off", "elastic"])
+                                      "--augment-scale", "0.7", "1.4", "--augment-off", "elastic"])
     aug = config_from_args(args).augment
-    assert aug.scale == (0.5, 2.0) and aug.elastic == 0.0 and aug.blur > 0
+    assert aug.scale == (0.7, 1.4) and aug.elastic == 0.0 and aug.blur > 0
     # Switching the zoom off wins over a range, as for any other part.
     args = build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "o"),
                                       "--augment-scale", "0.5", "2", "--augment-off", "scale"])
     assert config_from_args(args).augment.scale == (1.0, 1.0)
-    assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.scale == (0.7, 1.4)
+    assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.scale == (0.5, 2.0)
 
 
 def test_cosine_schedule_and_validation_carved_when_no_val_split(tmp_path):

@@ -113,7 +113,8 @@ def _documentation(config, sets: list[str], pixel_size_nm: float | None, n_param
     px = (f"{pixel_size_nm:g} nm per pixel: resample your images to this pixel size first (a 2x larger pixel "
           "size halves the image), or use the xmdl_tf toolkit, which does it for you"
           if pixel_size_nm else
-          "the training sets' own pixel grids (about 4-10 nm per pixel); it tolerates about x0.7 to x1.4")
+          "the training sets' own pixel grids (about 4-10 nm per pixel); it tolerates about "
+          f"x{config.augment.scale[0]:g} to x{config.augment.scale[1]:g} (its training's random zoom)")
     temp = config.calibration.get("temperature") if config.calibration else None
     calib = (f"The toolkit divides the output's logit by a temperature of {temp:g} (fitted on validation data) "
              "before thresholding; this package's output is the uncalibrated softmax."

@@ -50,7 +50,8 @@ class AugmentConfig:
     Geometry (image and label together, one resampling per tile):
       rotate: "any" (continuous angle + mirror) or "90" (dihedral group only).
       scale: (min, max) random zoom, log-uniform; (1, 1) = none. Tolerates
-          unknown or wrong pixel sizes.
+          unknown or wrong pixel sizes. 0.5-2 (was 0.7-1.4) raised the
+          leave-one-set-out zero-shot F1 by 0.08 (models/README.md).
       elastic: amplitude (model pixels) of a smooth random displacement field; 0 = none.
     Intensity (image only, on the normalised [0, 1] image):
       blur: largest defocus sigma (pixels), applied to half the tiles.
@@ -63,7 +64,7 @@ class AugmentConfig:
     """
 
     rotate: str = "any"
-    scale: tuple[float, float] = (0.7, 1.4)
+    scale: tuple[float, float] = (0.5, 2.0)
     elastic: float = 2.0
     blur: float = 2.0
     contrast: float = 0.4
