@@ -188,3 +188,17 @@ def test_object_features_pools_each_object_at_its_layer_stride_and_ridge_separat
     s = strong(x)
     assert s[y].mean() > s[~y].mean() + 2  # the informative directions are learned
     assert np.ptp(weak(x)) < 0.1 * np.ptp(s)  # a huge ridge shrinks the weights to ~0
+
+
+def test_median_width_is_the_inscribed_diameter_at_the_model_scale():
+    import numpy as np
+
+    zs = _load("zero_shot_inference")
+    lab = np.zeros((100, 100), np.uint8)
+    lab[10:20, 10:90] = 1   # a bar 10 px wide
+    lab[40:60, 10:90] = 1   # 20 px
+    lab[80:110, 10:90] = 1  # 20 px (cut by the edge)
+    lab[95, 95] = 1         # speck: left out
+    w = zs.median_width([lab])
+    assert 18 <= w <= 21
+    assert 2 * 18 <= zs.median_width([lab], factor=2.0) <= 2 * 21
