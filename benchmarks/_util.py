@@ -60,6 +60,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(md) + "\n"
 
 
+def write_results(out, stem: str, rows: dict, md: list[str]) -> None:
+    """Write `rows` to OUT/STEM.json and the Markdown lines `md` to OUT/STEM.md, and print them."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"

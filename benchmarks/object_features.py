@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util  # noqa: E402,F401  (sets the oneDNN default before TensorFlow loads)
+import _util  # noqa: E402  (first: sets the oneDNN default before TensorFlow loads)
 
 # Layer -> stride (input pixels per activation pixel) in the six-level U-Net.
 LAYERS = {"dec1_relu2": 1, "dec2_relu2": 2, "dec3_relu2": 4, "dec4_relu2": 8, "bottleneck_relu2": 32}
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {np.mean(v):.3f} |")
     if "nested choice" in rows[names[0]]:
         md.append("| nested choice | " + " | ".join(rows[n]["nested choice"] for n in names) + " | |")
-    (out / "object_features.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "object_features.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    _util.write_results(out, "object_features", rows, md)
     return 0
 
 

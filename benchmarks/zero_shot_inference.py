@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util  # noqa: E402,F401  (sets the oneDNN default before TensorFlow loads)
+import _util  # noqa: E402  (first: sets the oneDNN default before TensorFlow loads)
 
 SCALES = (0.71, 1.0, 1.41)
 
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     md = ["| left out (zero-shot val F1) | slices | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     md += [f"| {n} | {r['slices']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for n, r in rows.items()]
     md.append("| mean | | " + " | ".join(f"{np.mean([r[c] for r in rows.values()]):.3f}" for c in cols) + " |")
-    (out / "zero_shot_inference.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "zero_shot_inference.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    _util.write_results(out, "zero_shot_inference", rows, md)
     return 0
 
 

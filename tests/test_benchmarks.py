@@ -202,3 +202,11 @@ def test_median_width_is_the_inscribed_diameter_at_the_model_scale():
     w = zs.median_width([lab])
     assert 18 <= w <= 21
     assert 2 * 18 <= zs.median_width([lab], factor=2.0) <= 2 * 21
+
+
+def test_write_results_writes_json_and_markdown(tmp_path, capsys):
+    import json
+
+    _load("_util").write_results(tmp_path, "t", {"a": {"f1": 0.5}}, ["| x |", "|---|"])
+    assert json.loads((tmp_path / "t.json").read_text()) == {"a": {"f1": 0.5}}
+    assert (tmp_path / "t.md").read_text() == "| x |\n|---|\n" and "| x |" in capsys.readouterr().out
