@@ -58,16 +58,10 @@ def ridge_logistic(x: np.ndarray, y: np.ndarray, ridge: float, iters: int = 30):
 
 def slice_objects(pred, sub, image: np.ndarray, label: np.ndarray, pixel_size_nm: float | None):
     """(per-object features {layer: (N, C)}, mean probability (N,), true (N,) bool) or None."""
-    import cv2
-
     from xmdl_tf.postprocess import best_iou, ground_truth_instances, instances
-    from xmdl_tf.sampling import normalize_as
+    from xmdl_tf.sampling import normalize_as, resample_pair
 
-    f = pred.scale_factor(pixel_size_nm)
-    if f != 1.0:
-        size = (round(image.shape[1] * f), round(image.shape[0] * f))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
-        label = cv2.resize(np.asarray(label, np.uint8), size, interpolation=cv2.INTER_NEAREST_EXACT)
+    image, label = resample_pair(image, np.asarray(label, np.uint8), pred.scale_factor(pixel_size_nm))
     x = normalize_as(image, pred.config.normalization)
     d = pred.size_divisor
     h, w = x.shape

@@ -65,19 +65,13 @@ def sample_tiles(predictor, images: list[np.ndarray], pixel_size_nm: float | Non
                  n: int = 256, seed: int = 0) -> np.ndarray:
     """`n` random (tile, tile) crops, float32 (n, tile, tile, 1), of `images` normalised and
     resampled to the model's pixel size as `predict_slice` does."""
-    import cv2
-
-    from xmdl_tf.sampling import normalize_as
+    from xmdl_tf.sampling import normalize_as, resample_image
 
     rng = np.random.default_rng(seed)
     factor = predictor.scale_factor(pixel_size_nm)
     out = []
     for k, img in enumerate(images):
-        if factor != 1.0:
-            h, w = img.shape
-            img = cv2.resize(img, (round(w * factor), round(h * factor)),
-                             interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-        x = normalize_as(img, predictor.config.normalization)
+        x = normalize_as(resample_image(img, factor), predictor.config.normalization)
         size = min(tile, *x.shape) // predictor.size_divisor * predictor.size_divisor
         for _ in range(n // len(images) + (k < n % len(images))):
             i, j = rng.integers(0, x.shape[0] - size + 1), rng.integers(0, x.shape[1] - size + 1)

@@ -78,20 +78,14 @@ def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = N
                    tile: int = TILE, k: int = MAX_TILES, layers: tuple[str, ...] = (OOD_LAYER,),
                    stats: str = "mean") -> np.ndarray:
     """(n_tiles, D) features (`feature_extractor`) of one raw slice (H, W), at the model's pixel size."""
-    import cv2
-
-    from .sampling import normalize_as
+    from .sampling import normalize_as, resample_image
 
     cache = predictor.__dict__.setdefault("_ood_features", {})
     key = (tuple(layers), stats)
     if key not in cache:
         cache[key] = feature_extractor(predictor.model, tuple(layers), stats)
     x = normalize_as(image, predictor.config.normalization)
-    factor = predictor.scale_factor(pixel_size_nm, rescale)
-    if factor != 1.0:
-        h, w = x.shape
-        x = cv2.resize(x, (max(1, round(w * factor)), max(1, round(h * factor))),
-                       interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    x = resample_image(x, predictor.scale_factor(pixel_size_nm, rescale))
     if min(x.shape) < tile:  # small images: mirror-pad up to one tile (never downscale)
         x = np.pad(x, [(0, max(0, tile - x.shape[0])), (0, max(0, tile - x.shape[1]))], mode="symmetric")
     tiles = np.stack([x[y:y + tile, x0:x0 + tile] for y, x0 in tile_origins(x.shape, tile, k)])

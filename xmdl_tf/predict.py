@@ -207,15 +207,15 @@ class Predictor:
         """Apply `run` at the model's pixel size and map its (h, w, C) float output back to (H, W, C)."""
         import cv2
 
+        from .sampling import resample_image
+
         if factor == 1.0:
             return run(image, region)
         h, w = image.shape
-        size = (max(1, round(w * factor)), max(1, round(h * factor)))
-        # Area averaging when shrinking (no aliasing), linear when enlarging.
-        interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-        img = cv2.resize(image, size, interpolation=interp)
+        img = resample_image(image, factor)
         if region is not None:
-            region = cv2.resize(np.asarray(region, np.uint8), size, interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
+            region = cv2.resize(np.asarray(region, np.uint8), img.shape[::-1],
+                                interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
         out = run(img, region)
         back = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
         return back.reshape(h, w, -1)

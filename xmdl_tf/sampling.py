@@ -167,16 +167,24 @@ def resample_factor(data_px: float | None, model_px: float | None) -> float:
     return 1.0 if abs(f - 1.0) < SAME_PIXEL_SIZE else f
 
 
+def resample_image(x: np.ndarray, factor: float) -> np.ndarray:
+    """Resize an (H, W) image by `factor`: area averaging when shrinking (no aliasing),
+    linear when enlarging; factor 1 returns it. Shape (max(1, round(H * factor)), ...)."""
+    if factor == 1.0:
+        return x
+    size = (max(1, round(x.shape[1] * factor)), max(1, round(x.shape[0] * factor)))
+    return cv2.resize(x, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+
+
 def resample_pair(x: np.ndarray, y: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """Resize image (area when shrinking, linear when enlarging, as at inference) and
-    target (nearest neighbour) by `factor`; factor 1 returns the inputs."""
+    """Resize image (`resample_image`, as at inference) and target (nearest neighbour)
+    by `factor`; factor 1 returns the inputs."""
     if factor == 1.0:
         return x, y
-    size = (max(1, round(x.shape[1] * factor)), max(1, round(x.shape[0] * factor)))
-    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    x = resample_image(x, factor)
     # INTER_NEAREST_EXACT samples pixel centres as INTER_AREA/LINEAR do; plain
     # INTER_NEAREST would shift labels by (1/factor - 1)/2 pixels against the image.
-    return cv2.resize(x, size, interpolation=interp), cv2.resize(y, size, interpolation=cv2.INTER_NEAREST_EXACT)
+    return x, cv2.resize(y, x.shape[1::-1], interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 # ----------------------------------------------------------------------------
