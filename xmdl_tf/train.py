@@ -738,8 +738,8 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
     p.add_argument("--augment-off", nargs="+", default=[], choices=AugmentConfig.COMPONENTS, metavar="PART",
                    help=f"switch parts of the preset off (one of: {', '.join(AugmentConfig.COMPONENTS)})")
     p.add_argument("--augment-scale", nargs=2, type=cli.positive_float, default=None, metavar=("MIN", "MAX"),
-                   help="range of the random zoom (log-uniform; default 0.7 1.4): wider tolerates more error in, "
-                        "or ignorance of, the data's pixel size")
+                   help="range of the random zoom (log-uniform; default {:g} {:g}): wider tolerates more error in, "
+                        "or ignorance of, the data's pixel size".format(*AugmentConfig().scale))
     p.add_argument("--augment-strength", type=cli.nonnegative_float, default=2.0 if finetune else 1.0,
                    help="multiplies every intensity augmentation range")
     p.add_argument("--mixed-precision", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
