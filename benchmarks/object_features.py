@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--pixel-size", nargs="+", default=None, help="nm per set ('unknown' allowed)")
     args = p.parse_args(argv)
-    px = parse_pixel_sizes(args.pixel_size, len(args.data))
+    try:
+        px = parse_pixel_sizes(args.pixel_size, len(args.data))
+    except ValueError as err:
+        p.error(str(err))
     sets = [(Path(d).resolve().name, d, s) for d, s in zip(args.data, px)]
     out = Path(args.loso)
     rows = {}

@@ -137,16 +137,20 @@ def score_run(run: Path, data: str, pixel_size_nm: float | None, every: int, zoo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from xmdl_tf import cli
     from xmdl_tf.train import parse_pixel_sizes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("loso", help="a benchmarks/loso.py output folder (without_<set>/ runs)")
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--pixel-size", nargs="+", default=None, help="nm per set ('unknown' allowed)")
-    p.add_argument("--every", type=int, default=1, help="score every N-th val slice (Lucchi++ has 25)")
-    p.add_argument("--zooms", nargs="*", type=float, default=[0.71, 1.41, 2.0])
+    p.add_argument("--every", type=cli.positive_int, default=1, help="score every N-th val slice (Lucchi++ has 25)")
+    p.add_argument("--zooms", nargs="*", type=cli.positive_float, default=[0.71, 1.41, 2.0])
     args = p.parse_args(argv)
-    px = parse_pixel_sizes(args.pixel_size, len(args.data))
+    try:
+        px = parse_pixel_sizes(args.pixel_size, len(args.data))
+    except ValueError as err:
+        p.error(str(err))
     out = Path(args.loso)
     rows = {}
     for data, size in zip(args.data, px):
