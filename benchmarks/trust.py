@@ -16,6 +16,10 @@ in-distribution) report
 - calibration: ECE of the raw and the calibrated probabilities;
 - out of distribution: AUROC of the image OOD score, left-out slices against
   the training sets' held-out slices, and the share of left-out slices warned.
+With `--second LOSO2` (another draw of the same study, e.g. `SEED=1` of
+`loso_study.sh`), each object also gets a second opinion: the mean
+probability of the matching model of LOSO2 inside it and its best IoU with
+that model's own objects (`SECOND_FEATURES`; a deep-ensemble agreement).
 Writes OUT/trust.json, OUT/trust.md (the tables it prints) and
 OUT/trust_tables.npz: every object's features (`confidence.ALL_FEATURES`)
 and truth, and every slice's candidate OOD scores (`SLICE_COLUMNS`), for the
@@ -48,12 +52,37 @@ def review_f1(is_true: np.ndarray, flagged: np.ndarray, n_true: int) -> tuple[fl
             round(2 * tp / max(2 * tp + fp_left + (n_true - tp), 1), 4))
 
 
-def detections(rows, temperature: float, confidence) -> dict:
-    """Pooled object-level figures of some slices (from calibrate.collect_val rows)."""
+# Features from a second model of the same recipe (--second): its mean probability inside each
+# object, and the object's best IoU with the second model's own objects.
+SECOND_FEATURES = ("second_probability", "second_agreement")
+
+
+def second_opinion(second, rows) -> np.ndarray:
+    """(N, 2) `SECOND_FEATURES` of every object 1..N of each row's instances, in `object_table` order:
+    `second` (a Predictor) predicts each slice as `analyze` would with its own defaults."""
+    from xmdl_tf.confidence import _means
+    from xmdl_tf.postprocess import best_iou, instances
+
+    ic = second.config.inference
+    out = [np.zeros((0, 2))]
+    for r in rows:
+        p2 = second.predict_slice(r["image"], ic.tile, ic.overlap, ic.batch_size, tta=ic.tta,
+                                  pixel_size_nm=r["pixel_size_nm"], rescale=ic.rescale)
+        n = int(r["instances"].max())
+        out.append(np.column_stack([_means(p2, r["instances"], n),
+                                    best_iou(r["instances"], instances(p2, ic, r["pixel_size_nm"]))]))
+    return np.concatenate(out)
+
+
+def detections(rows, temperature: float, confidence, extra: dict[str, np.ndarray] | None = None) -> dict:
+    """Pooled object-level figures of some slices (from calibrate.collect_val rows); `extra`: more
+    per-object features {name: (N,)} whose own AUROC is reported too."""
     from xmdl_tf.calibrate import object_table
     from xmdl_tf.confidence import ALL_FEATURES, REVIEW_BELOW, auroc
 
     x, y = object_table(rows, temperature, ALL_FEATURES)
+    names = ALL_FEATURES + tuple(extra or ())
+    x = np.column_stack([x, *(extra or {}).values()]) if extra else x
     used = [ALL_FEATURES.index(f) for f in confidence.features] if confidence is not None else []
     conf = confidence.predict(x[:, used]) if confidence is not None and len(x) else np.full(len(x), np.nan)
     heat = x[:, ALL_FEATURES.index("mean_gradcam")]
@@ -62,7 +91,7 @@ def detections(rows, temperature: float, confidence) -> dict:
     tp, fp = int(y.sum()), int((~y).sum())
     # Each feature alone (sign-free: max(A, 1 - A)), to see which ones carry over to unseen data.
     by_feature = {f: round(max(a, 1 - a), 4) if np.isfinite(a := auroc(x[:, i], y)) else None
-                  for i, f in enumerate(ALL_FEATURES)} if len(x) else {}
+                  for i, f in enumerate(names)} if len(x) else {}
     return {"objects": len(y), "true": tp, "false": fp, "auroc_confidence": auroc(conf, y),
             "auroc_gradcam": auroc(heat, y), "flagged": int(flagged.sum()), "instance_f1": f1,
             "instance_f1_after_review": f1_reviewed, "auroc_by_feature": by_feature}
@@ -132,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objects-only", action="store_true",
                    help="only the object and pixel figures: no out-of-distribution fits (about half the time; "
                         "the OOD columns of the tables are NaN)")
+    p.add_argument("--second", default=None, metavar="LOSO2",
+                   help="another folder of loso.py runs of the same sets: adds each object's second opinion "
+                        f"({', '.join(SECOND_FEATURES)}) from its model for the same left-out set")
     args = p.parse_args(argv)
     from xmdl_tf.calibrate import collect_val, fit_calibration, fit_ood, object_sets, object_table
     from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
@@ -141,7 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     from xmdl_tf.predict import load_model
     from xmdl_tf.train import parse_pixel_sizes
 
-    sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
+    try:
+        sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
+    except ValueError as err:
+        p.error(str(err))
+    for d in args.data if args.second else ():
+        name = Path(d).resolve().name
+        if (Path(args.loso) / f"without_{name}" / "model.keras").is_file() and \
+                not (Path(args.second) / f"without_{name}" / "model.keras").is_file():
+            p.error(f"--second {args.second}: no without_{name}/model.keras beside --loso's")
     by_name = {Path(d).resolve().name: (d, px) for d, px in zip(args.data, sizes)}
     report, dump = {}, {}
     for left, (d_left, px_left) in by_name.items():
@@ -151,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seen = [(d, px) for n, (d, px) in by_name.items() if n != left]
         pred = load_model(run)
-        if args.tta != "model":
-            pred.config = dataclasses.replace(pred.config, inference=dataclasses.replace(pred.config.inference,
-                                                                                     tta=args.tta == "on"))
+        second = load_model(Path(args.second) / f"without_{left}") if args.second else None
+        for m in (pred, second):
+            if m is not None and args.tta != "model":
+                m.config = dataclasses.replace(m.config, inference=dataclasses.replace(m.config.inference,
+                                                                                   tta=args.tta == "on"))
         val = collect_val(pred, [d for d, _ in seen], [px for _, px in seen], verbose=False)
         cal = fit_calibration(pred, val, [d for d, _ in seen], [px for _, px in seen], verbose=False,
                               ood=not args.objects_only)
@@ -176,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                                tile=dist.tile, layers=layers, stats=stats)
                 for part, rows in parts.items():
                     ood[part][name] = [d.image_score(pred, r["image"], r["pixel_size_nm"]) for r in rows]
+        extra = {part: dict(zip(SECOND_FEATURES, second_opinion(second, rows).T)) for part, rows in parts.items()
+                 } if second is not None else {part: {} for part in parts}
         for part, rows in parts.items():
             x, y = object_table(rows, t, ALL_FEATURES)
+            x = np.column_stack([x, *extra[part].values()]) if extra[part] else x
             dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
             dump[f"{left}/{part}/n_true"] = np.int64(true_objects(rows))
             dump[f"{left}/{part}/groups"] = object_sets(rows)
@@ -188,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, ood[part])
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},
-            "zero_shot": {**detections(unseen, t, conf), **pixels(unseen, t)},
-            "in_distribution": {**detections(held, t, conf), **pixels(held, t)},
+            "zero_shot": {**detections(unseen, t, conf, extra["zero_shot"]), **pixels(unseen, t)},
+            "in_distribution": {**detections(held, t, conf, extra["in_distribution"]), **pixels(held, t)},
             "ood": {"auroc": round(auroc(np.r_[s_un, s_in], np.r_[np.ones(len(s_un), bool), np.zeros(len(s_in), bool)]), 4),
                     "warned_unseen": float(np.mean(np.array(s_un) > dist.threshold)),
                     "warned_seen": float(np.mean(np.array(s_in) > dist.threshold)), "threshold": dist.threshold}
@@ -199,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or args.loso)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trust.json").write_text(json.dumps(report, indent=2) + "\n")
-    np.savez_compressed(out / "trust_tables.npz", features=np.array(ALL_FEATURES), slice_columns=np.array(SLICE_COLUMNS),
+    features = ALL_FEATURES + (SECOND_FEATURES if args.second else ())
+    np.savez_compressed(out / "trust_tables.npz", features=np.array(features), slice_columns=np.array(SLICE_COLUMNS),
                         **dump)
     rows = ["| left out | data | objects (true/false) | AUROC confidence | AUROC Grad-CAM | flagged | instance F1 -> after review | ECE raw -> calibrated | AUROC entropy (pixel errors) |",
             "|---|---|---|---|---|---|---|---|---|"]

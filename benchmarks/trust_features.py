@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trust import review_f1  # noqa: E402
+from trust import SECOND_FEATURES, review_f1  # noqa: E402
 from xmdl_tf.confidence import (AGREEMENT_FEATURES, ALL_FEATURES, FEATURES, POOL, REVIEW_BELOW,  # noqa: E402
                                  ObjectConfidence, auroc, select_features)
 
@@ -63,6 +63,10 @@ CANDIDATES = {
     "scale_free_image": SCALE_FREE + ("image_contrast", "image_texture"),
     "scale_free_all_agreement": SCALE_FREE + ("tta_spread", "threshold_agreement", "tta_agreement",
                                               "scale_agreement"),
+    # A second model's opinion (trust.py --second): a two-member deep ensemble.
+    "second": SECOND_FEATURES,
+    "probability_second": ("mean_probability", "edge_contrast") + SECOND_FEATURES,
+    "gradcam_second": ("mean_gradcam", "gradcam_contrast") + SECOND_FEATURES,
 }
 # The pool `calibrate` selects from, widened by the agreement features (for the selected@ rows).
 AGREEMENT_POOL = POOL + tuple(f for f in AGREEMENT_FEATURES if f not in POOL)
@@ -96,7 +100,8 @@ def study(tables) -> dict:
                                for p in ("fit", "zero_shot", "in_distribution")}
         candidates = dict(CANDIDATES)
         if f"{left}/fit/groups" in tables.files:  # the rule `calibrate` applies, at a few cut-offs
-            for tag, pool_names in (("", tuple(f for f in POOL if f in names)), ("+all_agreement", AGREEMENT_POOL)):
+            for tag, pool_names in (("", tuple(f for f in POOL if f in names)), ("+all_agreement", AGREEMENT_POOL),
+                                    ("+second", POOL + SECOND_FEATURES)):
                 if tag and not set(pool_names) <= set(names):
                     continue
                 pool = [names.index(f) for f in pool_names]

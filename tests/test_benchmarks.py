@@ -87,12 +87,45 @@ def test_trust_features_reads_tables_without_the_newer_features(tmp_path):
 
     old = [f for f in ALL_FEATURES if not f.endswith("_agreement")]
     np.savez(tmp_path / "old.npz", **tables(old))
-    np.savez(tmp_path / "new.npz", **tables(list(ALL_FEATURES)))
+    np.savez(tmp_path / "new.npz", **tables(list(ALL_FEATURES) + list(tf_.SECOND_FEATURES)))  # trust.py --second
     before, after = tf_.study(np.load(tmp_path / "old.npz")), tf_.study(np.load(tmp_path / "new.npz"))
     assert "shipped" in before["a"]["candidate"] and "agreement" not in before["a"]["candidate"]
-    assert not any(c.startswith("selected+all_agreement") for c in before["a"]["candidate"])
+    assert not any(c.startswith(("selected+all_agreement", "selected+second")) for c in before["a"]["candidate"])
+    assert "second" not in before["a"]["candidate"]
     assert after["a"]["candidate"]["agreement"]["zero_shot"] > 0.6  # every feature carries the truth here
     assert "selected+all_agreement@0.6" in after["a"]["candidate"] and "selected@0.6 (equal)" in after["a"]["candidate"]
+    assert after["a"]["candidate"]["second (equal)"]["zero_shot"] > 0.6
+    assert "selected+second@0.6" in after["a"]["candidate"]
+    assert set(after["a"]["feature"]) >= set(tf_.SECOND_FEATURES)
+
+
+def test_trust_second_opinion_agrees_with_the_objects_of_its_own_model_and_not_with_foreign_ones(blob_run):
+    """The second opinion of the very model that made the objects is full agreement (IoU 1 with
+    its own objects, its probability high inside them); an object drawn where it sees nothing gets none."""
+    import numpy as np
+
+    from conftest import blob_image
+    from xmdl_tf.postprocess import instances
+    from xmdl_tf.predict import load_model
+
+    trust = _load("trust")
+    pred = load_model(blob_run[1])
+    ic = pred.config.inference
+    image, _ = blob_image(128, seed=5)
+    prob = pred.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=ic.tta, rescale=ic.rescale)
+    inst = instances(prob, ic, None)
+    n = int(inst.max())
+    assert n >= 2
+    # A foreign object: the 12 x 12 window of lowest probability.
+    windows = np.lib.stride_tricks.sliding_window_view(prob, (12, 12)).max(axis=(2, 3))
+    r, c = np.unravel_index(np.argmin(windows), windows.shape)
+    assert windows[r, c] < 0.2 and not inst[r:r + 12, c:c + 12].any()
+    inst[r:r + 12, c:c + 12] = n + 1
+    x = trust.second_opinion(pred, [{"image": image, "pixel_size_nm": None, "instances": inst}])
+    assert x.shape == (n + 1, len(trust.SECOND_FEATURES))
+    np.testing.assert_allclose(x[:n, 1], 1.0)
+    assert x[:n, 0].min() > 0.5
+    assert x[n, 1] == 0.0 and x[n, 0] < 0.2
 
 
 def test_gpu_training_budget_stops_training_and_decays_the_rate_over_the_time_left(tmp_path):
