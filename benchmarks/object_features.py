@@ -14,7 +14,12 @@ scores the zero-shot objects; printed is the AUROC of true against false
 detections per layer and ridge strength, beside the mean probability's.
 `nested` picks layer and ridge strength without the scored set: fitted on
 one seen set, scored on the other, both ways; the best mean wins and is refit
-on both. Writes `object_features.json` and `.md` into the folder.
+on both. `density` needs no false examples: the Mahalanobis distance of an
+object's pooled activations from the seen sets' *true* val objects (a
+Gaussian, channels standardised, correlations shrunk by `SHRINK`),
+lower = more like a mitochondrion the model knows (feature-space density, as
+in deterministic uncertainty methods). Writes `object_features.json` and
+`.md` into the folder.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import _util  # noqa: E402  (first: sets the oneDNN default before TensorFlow lo
 # Layer -> stride (input pixels per activation pixel) in the six-level U-Net.
 LAYERS = {"dec1_relu2": 1, "dec2_relu2": 2, "dec3_relu2": 4, "dec4_relu2": 8, "bottleneck_relu2": 32}
 RIDGE = (1.0, 30.0, 300.0)
+SHRINK = 0.1  # fixed, not tuned: share of the (standardised) covariance replaced by the identity
 
 
 def pooled_features(instances: np.ndarray, fmap: np.ndarray, stride: int) -> np.ndarray:
@@ -54,6 +60,21 @@ def ridge_logistic(x: np.ndarray, y: np.ndarray, ridge: float, iters: int = 30):
         hess = (xb * (p * (1 - p))[:, None]).T @ xb + penalty + 1e-9 * np.eye(len(w))
         w -= np.linalg.solve(hess, xb.T @ (p - y) + penalty @ w)
     return lambda z: np.column_stack([z, np.ones(len(z))]) @ w
+
+
+def density_scorer(x: np.ndarray, shrink: float = SHRINK):
+    """Scorer of rows z (M, C): minus their Mahalanobis distance from the Gaussian of x (N, C), each
+    channel standardised on x and the correlation matrix shrunk towards I by `shrink`: higher =
+    more like x."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    corr = np.cov((x - mu) / sd, rowvar=False).reshape(x.shape[1], x.shape[1])
+    prec = np.linalg.pinv((1 - shrink) * corr + shrink * np.eye(len(corr)))
+
+    def score(z: np.ndarray) -> np.ndarray:
+        d = (z - mu) / sd
+        return -np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, prec, d), 0))
+
+    return score
 
 
 def slice_objects(pred, sub, image: np.ndarray, label: np.ndarray, pixel_size_nm: float | None):
@@ -132,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         for layer in LAYERS:
             for r in RIDGE:
                 row[f"{layer} ridge {r:g}"] = fit_score(seen, zs, layer, r)
+            true_seen = np.concatenate([t["x"][layer][t["y"]] for t in seen])
+            row[f"{layer} density"] = auroc(density_scorer(true_seen)(zs["x"][layer]), zs["y"])
         inner = {(layer, r): np.mean([fit_score([a], b, layer, r) for a, b in ((seen[0], seen[1]), (seen[1], seen[0]))])
                  for layer in LAYERS for r in RIDGE} if len(seen) == 2 else {}
         if inner:

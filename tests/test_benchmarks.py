@@ -243,3 +243,20 @@ def test_write_results_writes_json_and_markdown(tmp_path, capsys):
     _load("_util").write_results(tmp_path, "t", {"a": {"f1": 0.5}}, ["| x |", "|---|"])
     assert json.loads((tmp_path / "t.json").read_text()) == {"a": {"f1": 0.5}}
     assert (tmp_path / "t.md").read_text() == "| x |\n|---|\n" and "| x |" in capsys.readouterr().out
+
+
+def test_object_features_density_ranks_objects_like_the_true_ones_above_strangers():
+    """Rows drawn from the fitted Gaussian score higher than rows off it, even along a direction
+    of small variance that a plain Euclidean distance would barely see."""
+    import numpy as np
+
+    of = _load("object_features")
+    rng = np.random.default_rng(0)
+    cov = np.diag([25.0, 25.0, 0.04])
+    x = rng.multivariate_normal([1, 2, 3], cov, size=500)
+    score = of.density_scorer(x)
+    like = rng.multivariate_normal([1, 2, 3], cov, size=200)
+    off = like + np.array([0, 0, 1.5])  # 7.5 sd along the thin axis, 0.3 sd in Euclidean terms of the wide ones
+    from xmdl_tf.confidence import auroc
+    assert auroc(np.r_[score(like), score(off)], np.r_[np.ones(200, bool), np.zeros(200, bool)]) > 0.95
+    assert score(x[:1]).shape == (1,) and np.all(score(like) <= 0)
