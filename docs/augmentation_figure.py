@@ -41,14 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     slices = [load_region(SliceRegion(find_pairs(d, "val")[0])) for d in args.data]
     x, y = slices[0]
     c = (x.shape[0] / 2 - 0.5, x.shape[1] / 2 - 0.5)
+    # Centre the geometry row on the labelled mitochondrion nearest the slice centre, so that
+    # the largest zoom still shows one.
+    from scipy import ndimage
+    lab, n = ndimage.label(y > 0)
+    if n:
+        c = min(ndimage.center_of_mass(y > 0, lab, range(1, n + 1)), key=lambda q: (q[0] - c[0]) ** 2 + (q[1] - c[1]) ** 2)
     rng = np.random.default_rng(3)
+    cfg = AugmentConfig()
+    lo, hi = cfg.scale  # the ends of the preset's random zoom
     geo = [("original", A.warp_tile(x, y, c, t)),
-           ("zoom x0.7", A.warp_tile(x, y, c, t, step=1 / 0.7)),
-           ("zoom x1.4", A.warp_tile(x, y, c, t, step=1 / 1.4)),
+           (f"zoom x{lo:g}", A.warp_tile(x, y, c, t, step=1 / lo)),
+           (f"zoom x{hi:g}", A.warp_tile(x, y, c, t, step=1 / hi)),
            ("rotate 30 deg + mirror", A.warp_tile(x, y, c, t, angle=math.radians(30), mirror=True)),
            ("elastic (2 px)", A.warp_tile(x, y, c, t, displacement=A.elastic_field(rng, t, 2.0)))]
     base = geo[0][1][0]
-    cfg = AugmentConfig()
     inten = [("defocus sigma 2", A.defocus(base, cfg.blur)),
              ("contrast x0.67 / x1.5", np.concatenate([A.contrast_brightness_gamma(base, math.exp(-cfg.contrast), 0, 1)[:, : t // 2],
                                                        A.contrast_brightness_gamma(base, math.exp(cfg.contrast), 0, 1)[:, t // 2:]], 1)),
