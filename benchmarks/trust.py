@@ -74,20 +74,17 @@ def second_opinion(second, rows) -> np.ndarray:
     return np.concatenate(out)
 
 
-def detections(rows, temperature: float, confidence, extra: dict[str, np.ndarray] | None = None) -> dict:
-    """Pooled object-level figures of some slices (from calibrate.collect_val rows); `extra`: more
-    per-object features {name: (N,)} whose own AUROC is reported too."""
-    from xmdl_tf.calibrate import object_table
+def detections(x: np.ndarray, y: np.ndarray, n_true: int, confidence, names: tuple[str, ...]) -> dict:
+    """Pooled object-level figures of some slices from their object table: features x (N, F) named
+    `names` (`confidence.ALL_FEATURES` first, then any extra ones, whose own AUROC is reported too),
+    is_true y (N,), and the number of true mitochondria in those slices."""
     from xmdl_tf.confidence import ALL_FEATURES, REVIEW_BELOW, auroc
 
-    x, y = object_table(rows, temperature, ALL_FEATURES)
-    names = ALL_FEATURES + tuple(extra or ())
-    x = np.column_stack([x, *(extra or {}).values()]) if extra else x
     used = [ALL_FEATURES.index(f) for f in confidence.features] if confidence is not None else []
     conf = confidence.predict(x[:, used]) if confidence is not None and len(x) else np.full(len(x), np.nan)
     heat = x[:, ALL_FEATURES.index("mean_gradcam")]
     flagged = conf < REVIEW_BELOW
-    f1, f1_reviewed = review_f1(y, flagged, true_objects(rows))
+    f1, f1_reviewed = review_f1(y, flagged, n_true)
     tp, fp = int(y.sum()), int((~y).sum())
     # Each feature alone (sign-free: max(A, 1 - A)), to see which ones carry over to unseen data.
     by_feature = {f: round(max(a, 1 - a), 4) if np.isfinite(a := auroc(x[:, i], y)) else None
@@ -220,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
                     ood[part][name] = [d.image_score(pred, r["image"], r["pixel_size_nm"]) for r in rows]
         extra = {part: dict(zip(SECOND_FEATURES, second_opinion(second, rows).T)) for part, rows in parts.items()
                  } if second is not None else {part: {} for part in parts}
+        names = ALL_FEATURES + (SECOND_FEATURES if second is not None else ())
+        found = {}  # the object table of each part, computed once for the dump and the report
         for part, rows in parts.items():
             x, y = object_table(rows, t, ALL_FEATURES)
             x = np.column_stack([x, *extra[part].values()]) if extra[part] else x
+            found[part] = (x, y, true_objects(rows))
             dump[f"{left}/{part}/x"], dump[f"{left}/{part}/y"] = x, y
-            dump[f"{left}/{part}/n_true"] = np.int64(true_objects(rows))
+            dump[f"{left}/{part}/n_true"] = np.int64(found[part][2])
             dump[f"{left}/{part}/groups"] = object_sets(rows)
             # Which slice each object is of, and its best IoU with a true mitochondrion (> 0.5: "true").
             dump[f"{left}/{part}/slice_of"] = np.repeat(np.arange(len(rows)), [int(r["instances"].max()) for r in rows])
@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, ood[part])
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},
-            "zero_shot": {**detections(unseen, t, conf, extra["zero_shot"]), **pixels(unseen, t)},
-            "in_distribution": {**detections(held, t, conf, extra["in_distribution"]), **pixels(held, t)},
+            "zero_shot": {**detections(*found["zero_shot"], conf, names), **pixels(unseen, t)},
+            "in_distribution": {**detections(*found["in_distribution"], conf, names), **pixels(held, t)},
             "ood": {"auroc": round(auroc(np.r_[s_un, s_in], np.r_[np.ones(len(s_un), bool), np.zeros(len(s_in), bool)]), 4),
                     "warned_unseen": float(np.mean(np.array(s_un) > dist.threshold)),
                     "warned_seen": float(np.mean(np.array(s_in) > dist.threshold)), "threshold": dist.threshold}
