@@ -20,7 +20,12 @@ slices) and prints, per left-out set and on average:
    on an unseen microscope, none from the set being scored);
 3. each candidate OOD score: AUROC of left-out slices against the seen sets'
    held-out slices, and the share of each warned at the 99th percentile of
-   the fit (val) slices' scores.
+   the fit (val) slices' scores;
+4. what the false detections are (tables with `iou`, each detection's best
+   IoU with a true mitochondrion): the share that touch no true one (IoU 0:
+   another structure) and that overlap one at IoU under 0.5 (a mitochondrion
+   segmented too large, too small, merged or split), and the AUROC of the
+   shipped rule (`REFERENCE`) for true detections against each kind alone.
 A choice made here is made on the leave-one-set-out splits (our own data),
 never on a test set the model is reported on elsewhere.
 """
@@ -37,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trust import SECOND_FEATURES, review_f1  # noqa: E402
-from xmdl_tf.confidence import (AGREEMENT_FEATURES, ALL_FEATURES, FEATURES, POOL, REVIEW_BELOW,  # noqa: E402
-                                 ObjectConfidence, auroc, select_features)
+from xmdl_tf.confidence import (AGREEMENT_FEATURES, ALL_FEATURES, FEATURES, MIN_SET_AUROC, POOL,  # noqa: E402
+                                 REVIEW_BELOW, ObjectConfidence, auroc, select_features)
 
 SCALE_FREE = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "mean_gradcam",
               "solidity", "elongation", "gradcam_contrast")
@@ -75,6 +80,8 @@ EQUAL = " (equal)"  # suffix of the candidates combined with equal weights
 SHIFTED = "+other_zero_shot"
 SHIFTED_CANDIDATES = ("shipped", "scale_free", "scale_free_spread", "probability_gradcam")
 # Candidate OOD scores, oriented so that higher means "more unlike the training data".
+# The rule `calibrate` ships: its feature selection at its own cut-off, equal weights.
+REFERENCE = f"selected@{MIN_SET_AUROC}{EQUAL}"
 OOD_SIGN = {"mean_entropy": 1, "uncertain_fraction": 1, "foreground_fraction": 1,
             "mean_object_confidence": -1, "review_fraction": 1}
 
@@ -83,6 +90,19 @@ def directed_auroc(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, y: n
     """AUROC of one feature on (x, y), oriented as it separates (train_x, train_y)."""
     sign = 1.0 if auroc(train_x, train_y) >= 0.5 else -1.0
     return auroc(sign * x, y)
+
+
+def error_kinds(score: np.ndarray, is_true: np.ndarray, iou: np.ndarray) -> dict:
+    """What the false detections are, and how well `score` (N,) tells each kind from the true
+    ones (`is_true` (N,) bool; `iou` (N,): each detection's best IoU with a true object):
+    `other`: touches no true object (IoU 0); `partial`: overlaps one, at IoU under 0.5."""
+    is_true, iou = np.asarray(is_true, bool), np.asarray(iou, np.float64)
+    other, partial = ~is_true & (iou <= 0), ~is_true & (iou > 0)
+    n_false = max(int((~is_true).sum()), 1)
+    return {"false": int((~is_true).sum()), "other_share": round(float(other.sum() / n_false), 3),
+            "partial_share": round(float(partial.sum() / n_false), 3),
+            "auroc_other": round(auroc(score[is_true | other], is_true[is_true | other]), 4),
+            "auroc_partial": round(auroc(score[is_true | partial], is_true[is_true | partial]), 4)}
 
 
 def study(tables) -> dict:
@@ -105,7 +125,7 @@ def study(tables) -> dict:
                 if tag and not set(pool_names) <= set(names):
                     continue
                 pool = [names.index(f) for f in pool_names]
-                for cut in (0.55, 0.6, 0.65, 0.7):
+                for cut in sorted({0.55, 0.6, 0.65, 0.7, MIN_SET_AUROC}):
                     candidates[f"selected{tag}@{cut}"] = select_features(fx[:, pool], fy, tables[f"{left}/fit/groups"],
                                                                          pool_names, cut)
             r["selected"] = {c: list(f) for c, f in candidates.items() if c.startswith("selected")}
@@ -121,9 +141,14 @@ def study(tables) -> dict:
         # The same features combined with equal weights (`ObjectConfidence.fit(combine="equal")`).
         fits += [(f"{c}{EQUAL}", feats, (fx, fy), "equal") for c, feats in candidates.items()]
         fits += [(f"{c}{SHIFTED}", candidates[c], shifted, "logistic") for c in SHIFTED_CANDIDATES if c in candidates]
+        names_fitted = {f[0] for f in fits}
         for c, feats, (tx, ty), combine in fits:
             idx = [names.index(f) for f in feats]
             model = ObjectConfidence(tuple(feats)).fit(tx[:, idx], ty, combine=combine)
+            if c == (REFERENCE if REFERENCE in names_fitted else f"shipped{EQUAL}"):
+                r["errors"] = {p: error_kinds(model.predict(part[p][0][:, idx]), part[p][1],
+                                              tables[f"{left}/{p}/iou"])
+                               for p in ("zero_shot", "in_distribution") if f"{left}/{p}/iou" in tables.files}
             r["candidate"][c] = {p: round(auroc(model.predict(part[p][0][:, idx]), part[p][1]), 4)
                                  for p in ("fit", "zero_shot", "in_distribution")}
             for p in ("zero_shot", "in_distribution"):
@@ -167,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     lines += table(out, "candidate", ("fit", "zero_shot", "in_distribution")) + [""]
     lines += table(out, "candidate", ("zero_shot_flagged", "zero_shot_f1", "zero_shot_f1_reviewed")) + [""]
     lines += table(out, "ood", ("auroc", "warned_unseen", "warned_seen"), lambda v, p: v[p])
+    if all(len(r.get("errors", ())) == 2 for r in out.values()):
+        lines += ["", f"false detections, and AUROC of {REFERENCE} for true ones against each kind:"]
+        kinds = ("other_share", "partial_share", "auroc_other", "auroc_partial")
+        lines += table({f: {"errors": {k: {p: e[k] for p, e in r["errors"].items()} for k in kinds}}
+                        for f, r in out.items()}, "errors", ("zero_shot", "in_distribution"))
     lines += [f"{f}: {json.dumps(r['selected'])}" for f, r in out.items() if "selected" in r]
     print("\n".join(lines))
     if args.json:

@@ -260,3 +260,17 @@ def test_object_features_density_ranks_objects_like_the_true_ones_above_stranger
     from xmdl_tf.confidence import auroc
     assert auroc(np.r_[score(like), score(off)], np.r_[np.ones(200, bool), np.zeros(200, bool)]) > 0.95
     assert score(x[:1]).shape == (1,) and np.all(score(like) <= 0)
+
+
+def test_trust_features_error_kinds_split_false_detections_by_overlap():
+    """False detections that touch no true object and those that overlap one are counted and
+    scored apart: a score that only knows partial overlaps separates those and not the others."""
+    import numpy as np
+
+    tf_ = _load("trust_features")
+    is_true = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
+    iou = np.array([0.9, 0.8, 0.7, 0.6, 0.0, 0.0, 0.0, 0.0, 0.3, 0.1])
+    score = np.array([0.9, 0.8, 0.7, 0.6, 0.95, 0.85, 0.75, 0.65, 0.1, 0.2])
+    e = tf_.error_kinds(score, is_true, iou)
+    assert e["false"] == 6 and e["other_share"] == round(4 / 6, 3) and e["partial_share"] == round(2 / 6, 3)
+    assert e["auroc_partial"] == 1.0 and e["auroc_other"] < 0.5
