@@ -200,3 +200,30 @@ def test_equal_weights_carry_the_ranking_over_when_one_cue_fails():
         assert ObjectConfidence.from_dict(m.to_dict()).predict(fit[:5]) == pytest.approx(m.predict(fit[:5]))
     with pytest.raises(ValueError, match="combine"):
         ObjectConfidence(names).fit(fit, y, combine="median")
+
+
+def test_object_features_and_entropy_need_no_whole_slice_float64_copies():
+    """On a large slice the features read only the objects and their rings: NumPy's peak
+    allocation stays a few slice-sized buffers (the distance transform), where one float64
+    copy per feature once made this step `analyze`'s memory peak (26 float32 slices here)."""
+    import tracemalloc
+
+    n = 1536
+    inst = np.zeros((n, n), np.int32)
+    for k, (y, x) in enumerate(((y, x) for y in range(40, n - 80, 120) for x in range(40, n - 80, 120)), 1):
+        inst[y:y + 30, x:x + 50] = k
+    rng = np.random.default_rng(0)
+    p, heat = rng.random((2, n, n), dtype=np.float32)
+    slice_bytes = 4 * n * n
+    tracemalloc.start()
+    try:
+        f = object_features(inst, p, heat, spread=heat)
+        features_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        u = entropy(p)
+        entropy_peak = tracemalloc.get_traced_memory()[1] - u.nbytes
+    finally:
+        tracemalloc.stop()
+    assert len(f["label"]) == inst.max() and np.allclose(f["mean_probability"][0], p[40:70, 40:90].mean())
+    assert features_peak < 12 * slice_bytes
+    assert u.dtype == np.float32 and entropy_peak < 2 * slice_bytes

@@ -21,13 +21,31 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+BLOCK = 1 << 18  # elements per block of `blockwise` (2 MB of float64)
+
+
+def blockwise(fn, x: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """`fn` (elementwise, float64 in any shape -> same shape) applied to `x` a block of elements
+    at a time, into one float32 array of x's shape: the float64 temporaries of a whole 4096^2
+    slice would otherwise cost several times its size."""
+    x = np.asarray(x)
+    out = np.empty(x.shape, np.float32)
+    src, dst = x.reshape(-1), out.reshape(-1)
+    for i in range(0, src.size, block):
+        dst[i:i + block] = fn(src[i:i + block].astype(np.float64))
+    return out
+
+
 def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
     """Calibrated probabilities sigmoid(logit(p) / T), float32, same shape as p (NaN stays NaN)."""
     if temperature == 1.0:
         return np.asarray(p, np.float32)
-    z = logit(p) / temperature
-    out = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # a sigmoid that never overflows
-    return np.where(np.isnan(p), np.float32(np.nan), out) if np.isnan(p).any() else out
+
+    def calibrate(q: np.ndarray) -> np.ndarray:
+        out = 0.5 * (1.0 + np.tanh(0.5 * logit(q) / temperature))  # a sigmoid that never overflows
+        return np.where(np.isnan(q), np.nan, out)
+
+    return blockwise(calibrate, p)
 
 
 def nll(p: np.ndarray, y: np.ndarray) -> float:

@@ -49,8 +49,13 @@ REVIEW_BELOW = 0.5  # objects with confidence under this are flagged `needs_revi
 
 def entropy(p: np.ndarray) -> np.ndarray:
     """Binary entropy in bits of foreground probabilities, float32 in [0, 1] (NaN -> 1)."""
-    p = np.clip(np.nan_to_num(np.asarray(p, np.float64), nan=0.5), 1e-7, 1 - 1e-7)
-    return (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).astype(np.float32)
+    from .calibration import blockwise
+
+    def bits(q: np.ndarray) -> np.ndarray:
+        q = np.clip(np.nan_to_num(q, nan=0.5), 1e-7, 1 - 1e-7)
+        return -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
+
+    return blockwise(bits, p)
 
 
 def _means(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -98,51 +103,66 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     ids = np.arange(1, n + 1)
     if n == 0:
         return {"label": ids, **{f: np.zeros(0) for f in ALL_FEATURES}}
-    p = np.nan_to_num(np.asarray(probability, np.float64), nan=0.5)
-    inside = inst > 0
-    area = np.bincount(inst.ravel(), minlength=n + 1)[1:]
-    dist, (iy, ix) = ndimage.distance_transform_edt(~inside, return_indices=True)
-    ring = (~inside) & (dist <= ring_px)
-    nearest = np.where(ring, inst[iy, ix], 0)
-    ring_mean = _means(p, nearest, n)
-    inner = _means(p, inst, n)
-    order = np.argsort(inst.ravel(), kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(inst.ravel(), minlength=n + 1))])
-    flat = p.ravel()[order]
-    low = np.array([np.percentile(flat[starts[i]:starts[i + 1]], 10) for i in ids])
-    heat = np.asarray(heatmap, np.float64) if heatmap is not None else None
+    # Everything below reads only the objects' pixels and their rings (flat indices `fg`, `rg`),
+    # never a whole-slice float64 copy: a 4096^2 slice holds ~10% objects, and full-size
+    # temporaries here once made this step the peak of `analyze`'s memory.
+    flat = inst.ravel()
+    fg = np.flatnonzero(flat)
+    lab = flat[fg]
+    dist, (iy, ix) = ndimage.distance_transform_edt(inst == 0, return_indices=True)
+    rg = np.flatnonzero((dist <= ring_px) & (inst == 0))
+    del dist
+    ring_lab = inst[iy.ravel()[rg], ix.ravel()[rg]]  # each ring pixel's nearest object
+    del iy, ix
+
+    def at(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(values).ravel()[idx].astype(np.float64)
+
+    p_in = np.nan_to_num(at(probability, fg), nan=0.5)
+    inner = _means(p_in, lab, n)
+    ring_mean = _means(np.nan_to_num(at(probability, rg), nan=0.5), ring_lab, n)
+    area = np.bincount(lab, minlength=n + 1)[1:]
+    order = np.argsort(lab, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(area)])
+    p_sorted = p_in[order]
+    low = np.array([np.percentile(p_sorted[starts[i - 1]:starts[i]], 10) for i in ids])
+    heat_in = _means(at(heatmap, fg), lab, n) if heatmap is not None else None
     edge = np.zeros(n + 1, bool)
     edge[np.unique(np.concatenate([inst[0], inst[-1], inst[:, 0], inst[:, -1]]))] = True
     return {
         "label": ids,
         "mean_probability": inner,
         "low_probability": low,
-        "mean_uncertainty": _means(entropy(p), inst, n),
+        "mean_uncertainty": _means(entropy(p_in), lab, n),
         "edge_contrast": inner - np.nan_to_num(ring_mean, nan=0.0),
         "log_area": np.log10(np.maximum(area, 1)),
-        "mean_gradcam": _means(heat, inst, n) if heat is not None else np.zeros(n),
+        "mean_gradcam": heat_in if heatmap is not None else np.zeros(n),
         "solidity": _solidity(inst, n),
-        "elongation": _elongation(inst, n),
-        "gradcam_contrast": (_means(heat, inst, n) - np.nan_to_num(_means(heat, nearest, n), nan=0.0))
-        if heat is not None else np.zeros(n),
+        "elongation": _elongation(fg, lab, inst.shape[1], n),
+        "gradcam_contrast": (heat_in - np.nan_to_num(_means(at(heatmap, rg), ring_lab, n), nan=0.0))
+        if heatmap is not None else np.zeros(n),
         "touches_border": edge[1:].astype(np.float64),
-        "tta_spread": _means(np.asarray(spread, np.float64), inst, n) if spread is not None else np.zeros(n),
-        **_image_features(image, inst, nearest, n),
+        "tta_spread": _means(at(spread, fg), lab, n) if spread is not None else np.zeros(n),
+        **_image_features(image, fg, lab, rg, ring_lab, n),
         **{f"{k}_agreement": np.mean([best_iou(inst, other) for other in alternatives[k]], axis=0)
            if alternatives and alternatives.get(k) else np.zeros(n) for k in ("threshold", "tta", "scale")},
     }
 
 
-
-def _image_features(image: np.ndarray | None, inst: np.ndarray, ring: np.ndarray, n: int) -> dict[str, np.ndarray]:
+def _image_features(image: np.ndarray | None, fg: np.ndarray, lab: np.ndarray, rg: np.ndarray,
+                    ring_lab: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Grey-value contrast and texture of each object, from the object pixels at flat indices `fg`
+    (labels `lab`) and the ring pixels `rg` (labels `ring_lab`) of `image` (H, W)."""
     if image is None:
         return {"image_contrast": np.zeros(n), "image_texture": np.zeros(n)}
-    g = np.asarray(image, np.float64)
-    sd = g.std() or 1.0
-    g = (g - g.mean()) / sd
-    inner = _means(g, inst, n)
-    spread = np.sqrt(np.maximum(_means(g * g, inst, n) - inner ** 2, 0))
-    return {"image_contrast": inner - np.nan_to_num(_means(g, ring, n), nan=0.0), "image_texture": spread}
+    image = np.asarray(image)
+    mean = float(image.mean(dtype=np.float64))
+    sd = float(image.std(dtype=np.float64)) or 1.0
+    flat = image.ravel()
+    g_in, g_ring = (flat[fg].astype(np.float64) - mean) / sd, (flat[rg].astype(np.float64) - mean) / sd
+    inner = _means(g_in, lab, n)
+    spread = np.sqrt(np.maximum(_means(g_in * g_in, lab, n) - inner ** 2, 0))
+    return {"image_contrast": inner - np.nan_to_num(_means(g_ring, ring_lab, n), nan=0.0), "image_texture": spread}
 
 
 def _solidity(inst: np.ndarray, n: int) -> np.ndarray:
@@ -167,12 +187,13 @@ def _solidity(inst: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _elongation(inst: np.ndarray, n: int) -> np.ndarray:
-    """1 - minor / major axis length (second moments) of each object 1..n: 0 for a disc, -> 1 for a line."""
-    yy, xx = np.indices(inst.shape, dtype=np.float64)
-    lab = inst.ravel()
+def _elongation(fg: np.ndarray, lab: np.ndarray, width: int, n: int) -> np.ndarray:
+    """1 - minor / major axis length (second moments) of each object 1..n, from its pixels' flat
+    indices `fg` (labels `lab`) in a slice `width` px wide: 0 for a disc, -> 1 for a line."""
+    yy, xx = np.divmod(fg, width)
+    yy, xx = yy.astype(np.float64), xx.astype(np.float64)
     c = np.maximum(np.bincount(lab, minlength=n + 1)[1:], 1)
-    m = {k: np.bincount(lab, weights=v.ravel(), minlength=n + 1)[1:] / c
+    m = {k: np.bincount(lab, weights=v, minlength=n + 1)[1:] / c
          for k, v in (("y", yy), ("x", xx), ("yy", yy * yy), ("xx", xx * xx), ("xy", yy * xx))}
     vy, vx, cxy = m["yy"] - m["y"] ** 2 + 1 / 12, m["xx"] - m["x"] ** 2 + 1 / 12, m["xy"] - m["y"] * m["x"]
     half, root = (vy + vx) / 2, np.sqrt(np.maximum(((vy - vx) / 2) ** 2 + cxy ** 2, 0))
