@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,27 @@ def test_dihedral_mean_is_exact_for_equivariant_and_restores_orientation():
     ramp = np.arange(16, dtype=np.float32)[None, :, None, None]
     out = dihedral_mean(lambda t: t + ramp, x)
     np.testing.assert_allclose(out, x + 7.5, atol=1e-5)
+
+
+def test_wide_models_are_run_on_tiles_under_the_measured_speed_cliff():
+    """16 base filters: tiles of at most 1792 px (1888 px ran 30x slower under oneDNN); 8 keep the
+    2048-px default; wider models get smaller tiles; always a multiple of the size divisor. The
+    predictor applies the cap to the tile it is asked for, and an image that once went through in
+    one 2048-px tile now goes through in several."""
+    from xmdl_tf.config import Config, ModelConfig
+    from xmdl_tf.model import build_model
+    from xmdl_tf.predict import Predictor
+    from xmdl_tf.tiling import max_tile
+
+    assert max_tile(16) == 1792 and max_tile(8) >= 2048 and max_tile(32) < 1792
+    assert all(max_tile(f) % 32 == 0 and max_tile(f, 64) % 64 == 0 for f in (4, 8, 12, 16, 24, 32, 64, 1000))
+    assert max_tile(10 ** 9) == 32  # never below one divisor
+    model = build_model(depth=2, base_filters=2)
+    wide = Predictor(model, Config(model=ModelConfig(depth=2, base_filters=16)), Path("m"))
+    narrow = Predictor(model, Config(model=ModelConfig(depth=2, base_filters=8)), Path("m"))
+    assert wide.tile_for(2048) == 1792 and wide.tile_for(1024) == 1024 and narrow.tile_for(2048) == 2048
+    seen = []
+    real = wide._fn
+    wide._fn = lambda x: (seen.append(x.shape[1:3]), real(x))[1]  # the real model; records each call's tile
+    wide.predict_slice(np.zeros((2048, 2048), np.uint8), tile=2048)
+    assert len(seen) > 1 and max(max(s) for s in seen) <= 1792

@@ -403,7 +403,9 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                     print(f"[{i + 1}/{len(todo)}] {pair.name}  {image.shape[0]}x{image.shape[1]}{note}", flush=True)
                     from .tiling import plan_tiles
 
-                    n_tiles = len(plan_tiles(image.shape, ic.tile, ic.overlap, predictor.size_divisor)[2])
+                    scaled = tuple(max(1, round(n * factor)) for n in image.shape)
+                    n_tiles = len(plan_tiles(scaled, predictor.tile_for(ic.tile), ic.overlap,
+                                             predictor.size_divisor)[2])
                     if n_tiles > 4:
                         bar = Progbar(n_tiles, unit_name="tile")
                 a = analyze_image(predictor, image, pair.name, s, label, px,

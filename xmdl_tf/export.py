@@ -299,7 +299,7 @@ def _metadata(predictor: Predictor, layer: str, version: int) -> dict:
         "format": "xmdl_tf SavedModel",
         "version": version,
         "source_model": str(predictor.path),
-        "tile_size": config.inference.tile,
+        "tile_size": predictor.tile_for(config.inference.tile),
         "overlap": config.inference.overlap,
         "inference": dataclasses.asdict(config.inference),
         "max_request_pixels": MAX_REQUEST_PIXELS,

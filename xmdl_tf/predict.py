@@ -6,6 +6,7 @@ normalises a whole slice once and stitches overlapping tiles (see `tiling`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,9 @@ from typing import Callable
 import numpy as np
 
 from .config import Config, InferenceConfig, ModelConfig
-from .tiling import auto_batch_size, plan_tiles, predict_tiled
+from .tiling import auto_batch_size, max_tile, plan_tiles, predict_tiled
+
+log = logging.getLogger(__name__)
 
 # Slices up to 2048 px go through in one pass; larger ones are tiled, the tiles
 # evened out by plan_tiles (a 4096-px slice: 3 x 3 tiles of 1408 px, 6% of the
@@ -98,6 +101,13 @@ class Predictor:
     def size_divisor(self) -> int:
         return self.config.model.size_divisor
 
+    def tile_for(self, tile: int) -> int:
+        """`tile`, capped at the largest this model runs at full speed (`tiling.max_tile`)."""
+        cap = max_tile(self.config.model.base_filters, self.size_divisor)
+        if tile > cap:
+            log.debug("tile %d capped at %d px for a %d-filter model", tile, cap, self.config.model.base_filters)
+        return min(tile, cap)
+
     def predict_batch(self, x: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """float32 (n, h, w, 1) normalised tiles -> float32 (n, h, w, C) probabilities."""
         if not (self.tta if tta is None else tta):
@@ -147,6 +157,7 @@ class Predictor:
         """
         from .sampling import normalize_as
 
+        tile = self.tile_for(tile)
         use_tta = self.tta if tta is None else tta
         moments = spread and use_tta
 
@@ -190,6 +201,7 @@ class Predictor:
         from .gradcam import PREDICTED, scale_unit
 
         explain = self._explainer(layer or self.gradcam_layer)
+        tile = self.tile_for(tile)
 
         def run(img: np.ndarray, reg: np.ndarray | None) -> np.ndarray:
             x = normalize_as(img, self.config.normalization)

@@ -22,6 +22,22 @@ def ceil_to(n: int, divisor: int) -> int:
     return -(-n // divisor) * divisor
 
 
+# Largest tile area x base filters a model is run on in one call. TensorFlow's oneDNN kernels
+# (on by default in xmdl_tf) leave their fast convolution for a slow reference one beyond some
+# size: the 16-filter reference model runs a 1792-px tile at 0.49 Mpx/s and a 1888-px one at
+# 0.02 (the 128-channel convolution at the third decoder level: 205 s instead of 6.5 for the
+# tile), and 8 filters ran up to 2816 px at full speed (`benchmarks/bench_tile_sizes.py`).
+# Keeping tile^2 x filters at or under that of 16 filters x 1792 px (an activation-size bound,
+# measured for 8 and 16 filters) caps 16 filters at 1792 px and wider models below.
+MAX_TILE_AREA_FILTERS = 16 * 1792 * 1792
+
+
+def max_tile(base_filters: int, divisor: int = 32) -> int:
+    """Largest tile side (px, a multiple of `divisor`) to run a model of `base_filters` on."""
+    side = int((MAX_TILE_AREA_FILTERS / max(base_filters, 1)) ** 0.5)
+    return max(divisor, side // divisor * divisor)
+
+
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Start offsets of tiles of size `tile` covering [0, length) with >= `overlap` overlap.
 

@@ -291,7 +291,7 @@ def segment_array(image: Any, settings: SegmentSettings | None = None, name: str
 
     factor = predictor.scale_factor(px, ic.rescale)
     scaled = tuple(max(1, round(n * factor)) for n in arr.shape)
-    total = len(plan_tiles(scaled, ic.tile, ic.overlap, predictor.size_divisor)[2])
+    total = len(plan_tiles(scaled, predictor.tile_for(ic.tile), ic.overlap, predictor.size_divisor)[2])
     step = _checker(progress, cancel, total)
     a = analyze_image(predictor, arr, name, Settings(inference=overrides, figure=False), pixel_size_nm=px,
                       progress=step)
