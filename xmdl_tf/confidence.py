@@ -109,11 +109,7 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     flat = inst.ravel()
     fg = np.flatnonzero(flat)
     lab = flat[fg]
-    dist, (iy, ix) = ndimage.distance_transform_edt(inst == 0, return_indices=True)
-    rg = np.flatnonzero((dist <= ring_px) & (inst == 0))
-    del dist
-    ring_lab = inst[iy.ravel()[rg], ix.ravel()[rg]]  # each ring pixel's nearest object
-    del iy, ix
+    rg, ring_lab = _rings(inst, n, ring_px)
 
     def at(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
         return np.asarray(values).ravel()[idx].astype(np.float64)
@@ -147,6 +143,34 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
         **{f"{k}_agreement": np.mean([best_iou(inst, other) for other in alternatives[k]], axis=0)
            if alternatives and alternatives.get(k) else np.zeros(n) for k in ("threshold", "tta", "scale")},
     }
+
+
+def _rings(inst: np.ndarray, n: int, ring_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices (sorted) of the background pixels within `ring_px` px of an object of `inst`
+    (H, W), and the label 1..n of the object nearest to each.
+
+    One distance transform per object, on its bounding box widened by 2 * ring_px: every object
+    nearer than it to one of its ring pixels lies inside that box, so the result is that of one
+    transform of the whole slice, without its slice-sized float64 and index arrays (and faster
+    when objects cover a small share of the slice)."""
+    from scipy import ndimage
+
+    h, w = inst.shape
+    m = 2 * ring_px
+    idx, labs = [np.zeros(0, np.int64)], [np.zeros(0, inst.dtype)]
+    for i, sl in enumerate(ndimage.find_objects(inst, max_label=n), 1):
+        if sl is None:
+            continue
+        y0, y1 = max(sl[0].start - m, 0), min(sl[0].stop + m, h)
+        x0, x1 = max(sl[1].start - m, 0), min(sl[1].stop + m, w)
+        crop = inst[y0:y1, x0:x1]
+        dist, (iy, ix) = ndimage.distance_transform_edt(crop == 0, return_indices=True)
+        yy, xx = np.nonzero((dist <= ring_px) & (crop == 0) & (crop[iy, ix] == i))
+        idx.append((yy + y0).astype(np.int64) * w + (xx + x0))
+        labs.append(np.full(len(yy), i, inst.dtype))
+    idx, labs = np.concatenate(idx), np.concatenate(labs)
+    order = np.argsort(idx, kind="stable")
+    return idx[order], labs[order]
 
 
 def _image_features(image: np.ndarray | None, fg: np.ndarray, lab: np.ndarray, rg: np.ndarray,
