@@ -24,9 +24,9 @@ def ceil_to(n: int, divisor: int) -> int:
 
 # Largest tile area x base filters a model is run on in one call. TensorFlow's oneDNN kernels
 # (on by default in xmdl_tf) leave their fast convolution for a slow reference one beyond some
-# size: the 16-filter reference model runs a 1792-px tile at 0.49 Mpx/s and a 1888-px one at
-# 0.02 (the 128-channel convolution at the third decoder level: 205 s instead of 6.5 for the
-# tile), and 8 filters ran up to 2816 px at full speed (`benchmarks/bench_tile_sizes.py`).
+# size: the 16-filter reference model runs a 1792-px tile at 0.42 Mpx/s and a 1888-px one at
+# 0.018 (193 s; oneDNN's log puts it in the 128-channel convolution at the third decoder
+# level), and 8 filters ran up to 2816 px at full speed (`benchmarks/bench_tile_sizes.py`).
 # Keeping tile^2 x filters at or under that of 16 filters x 1792 px (an activation-size bound,
 # measured for 8 and 16 filters) caps 16 filters at 1792 px and wider models below.
 MAX_TILE_AREA_FILTERS = 16 * 1792 * 1792
