@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 
 # Slices up to 2048 px (1792 for 16 base filters: `tiling.max_tile`) go through in
 # one pass; larger ones are tiled, the tiles evened out by plan_tiles (a 4096-px
-# slice: 3 x 3 tiles of 1408 px, 6% of the pixels computed twice). The 64-px overlap keeps pixels >= 24 px from a cut
-# edge (tiling.default_margin); measured, stitched 4096-px slices then differ
-# from one-pass predictions on 0.5% of mask pixels, at seams (--overlap 128:
-# 0.03%, 10% more compute; benchmarks/bench_inference.py).
+# slice: 3 x 3 tiles of 1408 px, 6% of the pixels computed twice). The 64-px
+# overlap keeps pixels >= 24 px from a cut edge (tiling.default_margin); measured,
+# stitched 4096-px slices then differ from one-pass predictions on 0.5% of mask
+# pixels, at seams (--overlap 128: 0.03%, 10% more compute;
+# benchmarks/bench_inference.py).
 DEFAULT_TILE = InferenceConfig().tile  # 2048
 DEFAULT_OVERLAP = InferenceConfig().overlap  # 64
 # Beyond 16x either way the pixel size is almost surely wrong (a unit mistake),
