@@ -79,9 +79,10 @@ EQUAL = " (equal)"  # suffix of the candidates combined with equal weights
 # Candidates also fitted with the other folds' zero-shot detections added (suffix SHIFTED).
 SHIFTED = "+other_zero_shot"
 SHIFTED_CANDIDATES = ("shipped", "scale_free", "scale_free_spread", "probability_gradcam")
-# Candidate OOD scores, oriented so that higher means "more unlike the training data".
-# The rule `calibrate` ships: its feature selection at its own cut-off, equal weights.
+# The rule `calibrate` ships: its feature selection at its own cut-off, equal weights (tables
+# without data-set groups cannot select: there, the shipped features with equal weights).
 REFERENCE = f"selected@{MIN_SET_AUROC}{EQUAL}"
+# Candidate OOD scores, oriented so that higher means "more unlike the training data".
 OOD_SIGN = {"mean_entropy": 1, "uncertain_fraction": 1, "foreground_fraction": 1,
             "mean_object_confidence": -1, "review_fraction": 1}
 
@@ -141,11 +142,12 @@ def study(tables) -> dict:
         # The same features combined with equal weights (`ObjectConfidence.fit(combine="equal")`).
         fits += [(f"{c}{EQUAL}", feats, (fx, fy), "equal") for c, feats in candidates.items()]
         fits += [(f"{c}{SHIFTED}", candidates[c], shifted, "logistic") for c in SHIFTED_CANDIDATES if c in candidates]
-        names_fitted = {f[0] for f in fits}
+        reference = REFERENCE if any(f[0] == REFERENCE for f in fits) else f"shipped{EQUAL}"
         for c, feats, (tx, ty), combine in fits:
             idx = [names.index(f) for f in feats]
             model = ObjectConfidence(tuple(feats)).fit(tx[:, idx], ty, combine=combine)
-            if c == (REFERENCE if REFERENCE in names_fitted else f"shipped{EQUAL}"):
+            if c == reference:
+                r["errors_of"] = reference
                 r["errors"] = {p: error_kinds(model.predict(part[p][0][:, idx]), part[p][1],
                                               tables[f"{left}/{p}/iou"])
                                for p in ("zero_shot", "in_distribution") if f"{left}/{p}/iou" in tables.files}
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += table(out, "candidate", ("zero_shot_flagged", "zero_shot_f1", "zero_shot_f1_reviewed")) + [""]
     lines += table(out, "ood", ("auroc", "warned_unseen", "warned_seen"), lambda v, p: v[p])
     if all(len(r.get("errors", ())) == 2 for r in out.values()):
-        lines += ["", f"false detections, and AUROC of {REFERENCE} for true ones against each kind:"]
+        rule = next(iter(out.values()))["errors_of"]
+        lines += ["", f"false detections, and AUROC of {rule} for true ones against each kind:"]
         kinds = ("other_share", "partial_share", "auroc_other", "auroc_partial")
         lines += table({f: {"errors": {k: {p: e[k] for p, e in r["errors"].items()} for k in kinds}}
                         for f, r in out.items()}, "errors", ("zero_shot", "in_distribution"))
