@@ -49,6 +49,7 @@ def time_sizes(pred, sizes: list[int], calls: int = 2) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     from bench_inference import predictor
     from xmdl_tf import cli
+    from xmdl_tf.predict import ModelError
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="trained model (default: untrained six-level model)")
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bad := [s for s in args.sizes if s % 32]:
         p.error(f"tile sizes must be multiples of 32 (the six-level model's size divisor): {bad}")
-    pred = predictor(args.model, args.base_filters)
+    try:
+        pred = predictor(args.model, args.base_filters)
+    except ModelError as err:
+        p.error(str(err))
     print(machine())
     print(f"model: {args.model or 'untrained'}, {pred.config.model.base_filters} base filters; "
           f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
