@@ -472,9 +472,19 @@ def test_real_viewer_runs_the_plugin_widget(blob_model, tmp_path):
         viewer.close()
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([*runner, sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # Under xvfb, Mesa now and then hands out a GL context whose string queries come back
+    # empty, and vispy fails on the first layer, before any xmdl_tf code runs. That start is
+    # retried once; a failure that repeats, or one outside vispy/OpenGL, fails the test.
+    errors = []
+    for _ in range(2):
+        run = subprocess.run([*runner, sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=300, env=env, cwd=tmp_path)
+        if run.returncode == 0:
+            break
+        errors.append(run.stderr[-3000:])
+        if not any(k in run.stderr for k in ("vispy", "OpenGL", "GL_")):
+            break
+    assert run.returncode == 0, "\n---- next try ----\n".join(errors)
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert "im instances" in out["layers"] and "mitochondria" in out["status"], (out, run.stderr[-2000:])
     assert out["docked"] == ["Mitochondria table", "Segment mitochondria"]
