@@ -27,6 +27,29 @@ def test_loso_table_marks_zero_shot_on_the_diagonal_and_averages_it():
     assert "over 0 sets" not in loso.table_md({}, names, "test") and "mean" not in loso.table_md({}, names, "test")
 
 
+def test_loso_arms_summarises_zero_shot_held_out_instance_and_seen_cells(tmp_path, capsys):
+    arms = _load("loso_arms")
+    names = ["a", "b", "c"]
+    cells = {}
+    for i, l in enumerate(names):
+        for s in names:
+            v = {"f1": 0.5 + 0.1 * i if l == s else 0.8 + 0.05 * i, "instance_f1_iou50": 0.3 + 0.1 * i}
+            cells.setdefault(l, {})[s] = {"val": v, "held_out": {"f1": v["f1"] - 0.1}}
+    r = arms.arm_row(cells, names)
+    assert r["zero_shot"] == pytest.approx([0.5, 0.6, 0.7]) and r["mean"] == pytest.approx(0.6)
+    assert r["held_out_mean"] == pytest.approx(0.5) and r["instance_mean"] == pytest.approx(0.4)
+    assert r["in_distribution_mean"] == pytest.approx((0.8 * 2 + 0.85 * 2 + 0.9 * 2) / 6)
+    del cells["b"]["b"]["val"]  # an unfinished left-out model: no mean over the other two
+    assert arms.arm_row(cells, names)["mean"] is None
+    import json
+    (tmp_path / "arm1").mkdir()
+    (tmp_path / "arm1" / "loso.json").write_text(json.dumps({"sets": names, "cells": cells}))
+    assert arms.main([str(tmp_path / "arm1"), str(tmp_path / "missing")]) == 0
+    out, err = capsys.readouterr()
+    assert "| arm1 | 0.500 | - | 0.700 | **-** |" in out and "missing" in err and "loso.json" in err
+    assert arms.main([str(tmp_path / "missing")]) == 1
+
+
 def test_trust_features_fits_on_other_sets_zero_shot_errors_without_the_scored_set(tmp_path):
     """A cue that matters only under domain shift is learnt from the other folds' zero-shot
     detections, and the scored set's own zero-shot detections never enter its fit."""
