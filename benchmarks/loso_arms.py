@@ -3,7 +3,8 @@
     python benchmarks/loso_arms.py runs/loso/em_scale_0.5_2 runs/loso/em-elastic "runs/loso/em,loss=dice_ce"
 
 Reads each folder's `loso.json` (written by `benchmarks/loso.py`) and prints a
-Markdown table: zero-shot val F1 on each left-out set and their mean (the
+Markdown table: the recipe (zoom range, loss, base filters, training tiles per
+model, from the first run's config), zero-shot val F1 on each left-out set and their mean (the
 study's choice), the zero-shot held-out F1 mean (test, or val where a set has
 no test split), the zero-shot instance F1 (IoU >= 0.5) mean on val, and the
 mean val F1 of the in-distribution cells (a model scored on a set it was
@@ -41,6 +42,16 @@ def arm_row(cells: dict, names: list[str]) -> dict:
     }
 
 
+def recipe(runs: dict) -> str:
+    """Short recipe of a study's first run (loso.json "runs"): zoom range, loss, base filters, tiles."""
+    r = next(iter(runs.values()), None)
+    if not r:
+        return "-"
+    lo, hi = r.get("augment", {}).get("scale", (1, 1))
+    return (f"zoom x{lo:g}-{hi:g}, {r.get('train', {}).get('loss', '?')}, "
+            f"f{r.get('model', {}).get('base_filters', '?')}, {r.get('tiles_seen') or '?'} tiles")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="study folders holding loso.json")
@@ -58,19 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         if d["sets"] != names:
             print(f"{f}: other sets ({', '.join(d['sets'])}) than the first table; left out", file=sys.stderr)
             continue
-        rows.append((Path(run).name, arm_row(d["cells"], names)))
+        rows.append((Path(run).name, recipe(d.get("runs", {})), arm_row(d["cells"], names)))
     if not rows:
         return 1
 
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
 
-    print("| arm | " + " | ".join(f"zero-shot val F1: {n}" for n in names)
+    print("| arm | recipe | " + " | ".join(f"zero-shot val F1: {n}" for n in names)
           + " | **mean** | zero-shot held-out F1, mean | zero-shot instance F1 (val), mean"
           " | in-distribution val F1, mean |")
-    print("|---|" + "---|" * (len(names) + 4))
-    for arm, r in rows:
-        print(f"| {arm} | " + " | ".join(fmt(x) for x in r["zero_shot"]) + f" | **{fmt(r['mean'])}** | "
+    print("|---|---|" + "---|" * (len(names) + 4))
+    for arm, how, r in rows:
+        print(f"| {arm} | {how} | " + " | ".join(fmt(x) for x in r["zero_shot"]) + f" | **{fmt(r['mean'])}** | "
               f"{fmt(r['held_out_mean'])} | {fmt(r['instance_mean'])} | {fmt(r['in_distribution_mean'])} |")
     return 0
 

@@ -46,8 +46,11 @@ def test_loso_arms_summarises_zero_shot_held_out_instance_and_seen_cells(tmp_pat
     (tmp_path / "arm1" / "loso.json").write_text(json.dumps({"sets": names, "cells": cells}))
     assert arms.main([str(tmp_path / "arm1"), str(tmp_path / "missing")]) == 0
     out, err = capsys.readouterr()
-    assert "| arm1 | 0.500 | - | 0.700 | **-** |" in out and "missing" in err and "loso.json" in err
+    assert "| arm1 | - | 0.500 | - | 0.700 | **-** |" in out and "missing" in err and "loso.json" in err
     assert arms.main([str(tmp_path / "missing")]) == 1
+    runs = {"a": {"augment": {"scale": [0.5, 2.0]}, "train": {"loss": "dice"}, "model": {"base_filters": 16},
+                  "tiles_seen": 4800}}
+    assert arms.recipe(runs) == "zoom x0.5-2, dice, f16, 4800 tiles" and arms.recipe({}) == "-"
 
 
 def test_trust_features_fits_on_other_sets_zero_shot_errors_without_the_scored_set(tmp_path):
