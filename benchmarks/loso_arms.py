@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         f = Path(run) / "loso.json"
         try:
             d = json.loads(f.read_text())
+            if not isinstance(d, dict) or not {"sets", "cells"} <= d.keys():
+                raise ValueError("no 'sets' and 'cells'")
         except (OSError, ValueError) as e:
             print(f"{f}: no readable leave-one-set-out table ({e.__class__.__name__}); run benchmarks/loso.py first",
                   file=sys.stderr)
