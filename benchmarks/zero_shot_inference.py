@@ -14,11 +14,16 @@ F1 pooled over all their pixels (at the model's own threshold) is printed for:
   images (no labels; Li et al. 2016, "Revisiting batch normalization for
   practical domain adaptation"), then one pass;
 - `zoom Z` for each `--zooms` value: one pass with the slice resampled Z times
-  more than its pixel size asks (how far off the unknown or stated scale is).
+  more than its pixel size asks (how far off the unknown or stated scale is);
+- `blur S` for each `--blurs` value: one pass on the slice blurred with a
+  Gaussian of sigma S (slice pixels) first, same size (is the set sharper than
+  what the model learned on, rather than larger or smaller?).
+`--remedies` picks which of plain, tta8, scales and adabn to compute (default all;
+TTA and the scale ensemble cost 8 and 3 passes).
 Also printed: the median width of the left-out set's labelled mitochondria
 at the model's pixel size (`median_width`: twice the largest inscribed
 radius, in px), which says how large its objects look to the model.
-Writes `zero_shot_inference.json` and `.md` into the folder. None of these
+Writes `zero_shot_inference.json` and `.md` (`--stem`) into the folder. None of these
 touches a label before scoring; the table decides whether any becomes a
 default (models/README.md).
 """
@@ -101,6 +106,14 @@ def median_width(labels: list[np.ndarray], factor: float = 1.0, min_px: int = 30
     return float(np.median(np.concatenate(widths))) if widths else float("nan")
 
 
+def blurred(image: np.ndarray, sigma: float) -> np.ndarray:
+    """The raw slice under a Gaussian of `sigma` px, in its own dtype (rounded)."""
+    import cv2
+
+    out = cv2.GaussianBlur(image.astype(np.float32), (0, 0), sigma)
+    return np.clip(np.rint(out), 0, np.iinfo(image.dtype).max).astype(image.dtype)
+
+
 def pooled_f1(pairs: list[tuple[np.ndarray, np.ndarray]], threshold: float) -> float:
     """Foreground F1 pooled over all pixels of (probability, label) pairs."""
     tp = fp = fn = 0
@@ -112,7 +125,11 @@ def pooled_f1(pairs: list[tuple[np.ndarray, np.ndarray]], threshold: float) -> f
     return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
-def score_run(run: Path, data: str, pixel_size_nm: float | None, every: int, zooms: list[float]) -> dict:
+REMEDIES = ("plain", "tta8", "scales", "adabn")
+
+
+def score_run(run: Path, data: str, pixel_size_nm: float | None, every: int, zooms: list[float],
+              blurs: list[float] = (), remedies: tuple[str, ...] = REMEDIES) -> dict:
     from xmdl_tf.io import find_pairs, read_pair
     from xmdl_tf.predict import load_model
 
@@ -125,14 +142,22 @@ def score_run(run: Path, data: str, pixel_size_nm: float | None, every: int, zoo
                           for img, lab in slices], th)
 
     row = {"slices": len(slices), "median width (px)": median_width([lab for _, lab in slices],
-                                                                    pred.scale_factor(pixel_size_nm)),
-           "plain": f1(tta=False), "tta8": f1(tta=True)}
-    row["scales"] = pooled_f1([(np.mean([pred.predict_slice(img, pixel_size_nm=pixel_size_nm, tta=False, zoom=z)
-                                         for z in SCALES], 0), lab) for img, lab in slices], th)
+                                                                    pred.scale_factor(pixel_size_nm))}
+    if "plain" in remedies:
+        row["plain"] = f1(tta=False)
+    if "tta8" in remedies:
+        row["tta8"] = f1(tta=True)
+    if "scales" in remedies:
+        row["scales"] = pooled_f1([(np.mean([pred.predict_slice(img, pixel_size_nm=pixel_size_nm, tta=False, zoom=z)
+                                             for z in SCALES], 0), lab) for img, lab in slices], th)
     for z in zooms:
         row[f"zoom {z:g}"] = f1(tta=False, zoom=z)
-    adapt_batchnorm(pred.model, sample_tiles(pred, [img for img, _ in slices], pixel_size_nm))
-    row["adabn"] = f1(tta=False)
+    for sigma in blurs:
+        row[f"blur {sigma:g}"] = pooled_f1([(pred.predict_slice(blurred(img, sigma), pixel_size_nm=pixel_size_nm,
+                                                                tta=False), lab) for img, lab in slices], th)
+    if "adabn" in remedies:  # last: it changes the model
+        adapt_batchnorm(pred.model, sample_tiles(pred, [img for img, _ in slices], pixel_size_nm))
+        row["adabn"] = f1(tta=False)
     return row
 
 
@@ -146,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel-size", nargs="+", default=None, help="nm per set ('unknown' allowed)")
     p.add_argument("--every", type=cli.positive_int, default=1, help="score every N-th val slice (Lucchi++ has 25)")
     p.add_argument("--zooms", nargs="*", type=cli.positive_float, default=[0.71, 1.41, 2.0])
+    p.add_argument("--blurs", nargs="*", type=cli.positive_float, default=[], metavar="SIGMA")
+    p.add_argument("--remedies", nargs="*", choices=REMEDIES, default=list(REMEDIES))
+    p.add_argument("--stem", default="zero_shot_inference", help="output file names: LOSO/STEM.json and .md")
     args = p.parse_args(argv)
     try:
         px = parse_pixel_sizes(args.pixel_size, len(args.data))
@@ -159,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (run / "model.keras").is_file():
             print(f"{run}: no model.keras, skipped", file=sys.stderr)
             continue
-        rows[name] = score_run(run, data, size, args.every, args.zooms)
+        rows[name] = score_run(run, data, size, args.every, args.zooms, args.blurs, tuple(args.remedies))
         print(name, json.dumps({k: round(v, 4) for k, v in rows[name].items()}), flush=True)
     if not rows:
         p.error(f"{out}: no without_<set> runs for these --data sets")
@@ -167,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     md = ["| left out (zero-shot val F1) | slices | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     md += [f"| {n} | {r['slices']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for n, r in rows.items()]
     md.append("| mean | | " + " | ".join(f"{np.mean([r[c] for r in rows.values()]):.3f}" for c in cols) + " |")
-    _util.write_results(out, "zero_shot_inference", rows, md)
+    _util.write_results(out, args.stem, rows, md)
     return 0
 
 

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
            ("elastic (2 px)", A.warp_tile(x, y, c, t, displacement=A.elastic_field(rng, t, 2.0)))]
     base = geo[0][1][0]
     inten = [("defocus sigma 2", A.defocus(base, cfg.blur)),
+             ("sharpen x1 (off in em)", A.sharpen(base, 1.0, 1.5)),
              ("contrast x0.67 / x1.5", np.concatenate([A.contrast_brightness_gamma(base, math.exp(-cfg.contrast), 0, 1)[:, : t // 2],
                                                        A.contrast_brightness_gamma(base, math.exp(cfg.contrast), 0, 1)[:, t // 2:]], 1)),
              ("gamma 0.6 / 1.65", np.concatenate([A.contrast_brightness_gamma(base, 1, 0, math.exp(-cfg.gamma))[:, : t // 2],

@@ -263,6 +263,17 @@ def test_median_width_is_the_inscribed_diameter_at_the_model_scale():
     assert 2 * 18 <= zs.median_width([lab], factor=2.0) <= 2 * 21
 
 
+def test_blurred_keeps_the_dtype_and_smooths():
+    import numpy as np
+
+    zs = _load("zero_shot_inference")
+    img = np.zeros((32, 32), np.uint16)
+    img[::2] = 60000  # stripes one pixel wide: what a blur removes first
+    out = zs.blurred(img, 2.0)
+    assert out.dtype == np.uint16 and out.shape == img.shape
+    assert np.ptp(out[8:24, 8:24]) < 0.05 * np.ptp(img) and abs(float(out.mean()) - float(img.mean())) < 600
+
+
 def test_write_results_writes_json_and_markdown(tmp_path, capsys):
     import json
 

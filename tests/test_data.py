@@ -149,13 +149,15 @@ def test_em_augmentation_keeps_image_and_label_aligned():
     assert f.shape == (2, 64, 64) and 1.0 < f.std() < 10.0
 
 
-@pytest.mark.parametrize("part", ["blur", "contrast", "noise", "poisson", "stripes", "illumination"])
+@pytest.mark.parametrize("part", ["blur", "sharpen", "contrast", "noise", "poisson", "stripes", "illumination"])
 def test_each_intensity_augmentation_changes_the_image_in_range(part):
+    from dataclasses import replace
+
     from xmdl_tf.augment import augment_intensity
     from xmdl_tf.config import AugmentConfig
 
     x = normalize_np(blob_image(64, seed=2)[0])
-    only = AugmentConfig().without(*[c for c in AugmentConfig.COMPONENTS if c != part])
+    only = replace(AugmentConfig(), sharpen=1.0).without(*[c for c in AugmentConfig.COMPONENTS if c != part])
     changed = 0
     for seed in range(40):
         out = augment_intensity(x.copy(), np.random.default_rng(seed), only)
@@ -164,6 +166,27 @@ def test_each_intensity_augmentation_changes_the_image_in_range(part):
     assert changed >= 2  # the probabilistic ones fire on some tiles
     none = AugmentConfig().without(*AugmentConfig.COMPONENTS)
     np.testing.assert_allclose(augment_intensity(x.copy(), np.random.default_rng(0), none), x, atol=1e-6)
+
+
+def test_sharpen_and_defocus_move_fine_detail_in_opposite_directions():
+    """Defocus takes high-frequency energy away, sharpening adds it."""
+    from dataclasses import replace
+
+    from xmdl_tf.augment import augment_intensity, defocus, sharpen
+    from xmdl_tf.config import AugmentConfig
+
+    x = normalize_np(blob_image(96, seed=4)[0])
+
+    def detail(img):
+        return float(np.mean(np.diff(img, axis=0) ** 2) + np.mean(np.diff(img, axis=1) ** 2))
+
+    assert detail(sharpen(x, 1.0, 1.5)) > 1.3 * detail(x) > 1.3 * detail(defocus(x, 1.5))
+    # Sharpening takes the tiles defocus leaves alone (about half) and nothing else: the
+    # defocused tiles, and every later part's random draw on them, are as without it.
+    off, on = AugmentConfig(), replace(AugmentConfig(), sharpen=1.0)
+    same = [np.array_equal(augment_intensity(x.copy(), np.random.default_rng(s), off),
+                           augment_intensity(x.copy(), np.random.default_rng(s), on)) for s in range(16)]
+    assert 3 <= sum(same) <= 13
 
 
 def test_pydataset_gives_the_same_batches_as_tf_data(tmp_path):

@@ -165,6 +165,10 @@ def test_augment_scale_and_parts_reach_the_config(tmp_path):
                                       "--augment-scale", "0.5", "2", "--augment-off", "scale"])
     assert config_from_args(args).augment.scale == (1.0, 1.0)
     assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.scale == (0.5, 2.0)
+    # Sharpening is off in the preset until measured; the flag sets its amount.
+    args = build_parser().parse_args(["--data", "d", "--out", "o", "--augment-sharpen", "0.8"])
+    assert config_from_args(args).augment.sharpen == 0.8
+    assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.sharpen == 0.0
 
 
 def test_cosine_schedule_and_validation_carved_when_no_val_split(tmp_path):

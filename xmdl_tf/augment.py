@@ -12,7 +12,7 @@ slice rather than from a pre-cut crop means rotated and zoomed-out tiles see
 real neighbouring tissue, not padding.
 
 Intensity transforms act on the normalised image in [0, 1] and mimic what
-differs between microscopes: defocus, contrast and gamma of the detector,
+differs between microscopes: defocus (or a crisper image), contrast and gamma of the detector,
 shot (Poisson) and read (Gaussian) noise, section and scan stripes, uneven
 illumination. Each is a separate function so it can be shown and ablated
 (`docs/augmentation.png`, `benchmarks/loso.py --augment-off`).
@@ -130,6 +130,12 @@ def defocus(x: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(x, (0, 0), sigma) if sigma > 0.05 else x
 
 
+def sharpen(x: np.ndarray, amount: float, sigma: float) -> np.ndarray:
+    """Unsharp mask x + amount (x - blur_sigma(x)), clipped to [0, 1]: a crisper microscope
+    (sharper membranes and grain than the training data has)."""
+    return np.clip(x + amount * (x - cv2.GaussianBlur(x, (0, 0), sigma)), 0.0, 1.0)
+
+
 def contrast_brightness_gamma(x: np.ndarray, contrast: float, brightness: float, gamma: float) -> np.ndarray:
     """Scale contrast about the mean, shift, clip to [0, 1], then apply gamma (>0)."""
     m = float(x.mean())
@@ -180,6 +186,8 @@ def augment_intensity(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfi
         x = illumination(x, rng, min(cfg.illumination * s * r[0], 0.9))
     if cfg.blur > 0 and r[1] > 0:  # half the tiles, sigma uniform in (0, blur * strength]
         x = defocus(x, cfg.blur * s * r[1])
+    elif cfg.sharpen > 0 and r[1] < 0:  # the other half; an extra draw only then, so sharpen=0 changes nothing
+        x = sharpen(x, cfg.sharpen * s * -r[1], float(rng.uniform(1.0, 2.0)))
     x = contrast_brightness_gamma(x, math.exp(cfg.contrast * s * r[2]), cfg.brightness * s * r[3],
                                   math.exp(cfg.gamma * s * r[4]))
     if cfg.stripes > 0 and (r[5] + 1) / 2 < min(cfg.stripes * s, 1.0):

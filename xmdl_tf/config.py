@@ -55,6 +55,9 @@ class AugmentConfig:
       elastic: amplitude (model pixels) of a smooth random displacement field; 0 = none.
     Intensity (image only, on the normalised [0, 1] image):
       blur: largest defocus sigma (pixels), applied to half the tiles.
+      sharpen: largest unsharp-mask amount (sigma 1-2 px), applied to the other
+          half: images crisper than the training data's (0 = off, the "em"
+          default until the leave-one-set-out study measures it).
       contrast, gamma: largest |log| factor; brightness: largest shift.
       noise: largest Gaussian noise sigma; poisson: probability of shot noise
           at a random dose (10-300 counts at full scale).
@@ -67,6 +70,7 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.5, 2.0)
     elastic: float = 2.0
     blur: float = 2.0
+    sharpen: float = 0.0
     contrast: float = 0.4
     brightness: float = 0.12
     gamma: float = 0.5
@@ -76,7 +80,7 @@ class AugmentConfig:
     illumination: float = 0.25
     strength: float = 1.0
 
-    COMPONENTS = ("rotate", "scale", "elastic", "blur", "contrast", "brightness", "gamma",
+    COMPONENTS = ("rotate", "scale", "elastic", "blur", "sharpen", "contrast", "brightness", "gamma",
                   "noise", "poisson", "stripes", "illumination")
 
     @classmethod

@@ -740,6 +740,9 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
     p.add_argument("--augment-scale", nargs=2, type=cli.positive_float, default=None, metavar=("MIN", "MAX"),
                    help="range of the random zoom (log-uniform; default {:g} {:g}): wider tolerates more error in, "
                         "or ignorance of, the data's pixel size".format(*AugmentConfig().scale))
+    p.add_argument("--augment-sharpen", type=cli.nonnegative_float, default=None, metavar="AMOUNT",
+                   help="largest unsharp-mask amount on the tiles not defocused (default: the preset's, "
+                        "{:g} for 'em')".format(AugmentConfig().sharpen))
     p.add_argument("--augment-strength", type=cli.nonnegative_float, default=2.0 if finetune else 1.0,
                    help="multiplies every intensity augmentation range")
     p.add_argument("--mixed-precision", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
@@ -782,10 +785,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def augment_from_args(args: argparse.Namespace) -> AugmentConfig:
-    """The --augment preset with --augment-off parts switched off and --augment-scale applied."""
+    """The --augment preset with --augment-off parts switched off and --augment-scale and
+    --augment-sharpen applied."""
     aug = AugmentConfig.preset(args.augment)
     if getattr(args, "augment_scale", None):
         aug = replace(aug, scale=tuple(args.augment_scale))
+    if getattr(args, "augment_sharpen", None) is not None:
+        aug = replace(aug, sharpen=args.augment_sharpen)
     return aug.without(*args.augment_off)
 
 
