@@ -116,3 +116,25 @@ def test_analyze_real_slice(tiny_run, shared_data, tmp_path):
     s = pd.read_csv(out / "summary.csv").iloc[0]
     assert s["pixel_size_nm"] == 4.6 and s["gt_count"] > 5
     assert (out / "im0015" / "figure.png").stat().st_size > 10_000
+
+
+def test_analyze_says_once_when_it_assumes_the_models_pixel_size(tiny_run, tmp_path, capsys):
+    """Images without a pixel size, for a model that has one: one note per run, naming the first
+    such image; none once --pixel-size is given."""
+    from dataclasses import replace
+
+    from xmdl_tf.analyze import Settings, analyze
+    from xmdl_tf.predict import load_model
+
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"s{i}.png"), blob_image(64, seed=40 + i)[0])
+    pred = load_model(tiny_run)
+    pred.config = replace(pred.config, data=replace(pred.config.data, pixel_size_nm=5.0))
+    inputs = [str(tmp_path / "s0.png"), str(tmp_path / "s1.png")]
+    fast = {"tile": 64, "overlap": 16}
+    res = analyze(inputs, pred, tmp_path / "o1", settings=Settings(inference=fast, figure=False))
+    assert len(res["analysed"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("states no pixel size") == 1 and "s0.png states no pixel size" in err and "5 nm" in err
+    analyze(inputs, pred, tmp_path / "o2", settings=Settings(inference=fast, figure=False, pixel_size_nm=5.0))
+    assert "states no pixel size" not in capsys.readouterr().err

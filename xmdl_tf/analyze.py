@@ -46,6 +46,11 @@ _WARNED: set[str] = set()  # warnings given once per process
 
 OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "uncertainty.tif", "morphometry.csv",
                 "figure.png")
+# Once per run: a model's zero-shot F1 falls by up to half on a grid off by x2 (models/README.md,
+# "Where the zero-shot errors come from"), and nothing else tells the user the scale was assumed.
+UNKNOWN_GRID = ("note: {name} states no pixel size and --pixel-size was not given: predicting on the image's own "
+                "grid as if it were the model's {model:g} nm; give --pixel-size NM when known (a grid off by x2 can "
+                "halve the F1)")
 
 
 # ----------------------------------------------------------------------------
@@ -385,6 +390,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
         out.mkdir(parents=True, exist_ok=True)
         done = []
         t0 = time.time()
+        warned_grid = False
         for i, pair in enumerate(todo):
             where = str(pair.image) + (f" (page {pair.page})" if pair.page is not None else "")
             try:
@@ -397,6 +403,9 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                         raise DataError(f"{lp.image} is {label.shape} but {pair.image} is {image.shape}")
                 px = _pixel_size(pair, read_pixel_size_nm(pair.image), s.pixel_size_nm, verbose)
                 bar = None
+                if verbose and px is None and predictor.pixel_size_nm and not warned_grid:
+                    warned_grid = True
+                    print(UNKNOWN_GRID.format(name=where, model=predictor.pixel_size_nm), file=sys.stderr, flush=True)
                 if verbose:
                     factor = predictor.scale_factor(px, ic.rescale)
                     note = f"  (resampled x{factor:.3g} to the model's {predictor.pixel_size_nm:g} nm)" if factor != 1 else ""
