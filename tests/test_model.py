@@ -117,3 +117,44 @@ def test_saved_inference_model_has_no_optimizer_state(tmp_path):
     saved = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(saved(x).numpy(), m(x).numpy(), atol=1e-6)
     assert not isinstance(saved(x), (list, tuple))  # one tensor, as the model it was copied from
+
+
+def test_input_blur_is_a_gaussian_with_reflected_borders():
+    """InputBlur equals scipy's Gaussian filter (mirror borders = numpy's "reflect"); a flat
+    image stays flat to its edge, so tile borders keep their grey level."""
+    from scipy import ndimage
+
+    from xmdl_tf.model import InputBlur
+
+    layer = InputBlur(1.7)
+    x = np.random.default_rng(3).random((2, 40, 52, 1)).astype(np.float32)
+    ref = np.stack([ndimage.gaussian_filter(im[..., 0], 1.7, mode="mirror", truncate=layer.radius / 1.7)
+                    for im in x])[..., None]
+    np.testing.assert_allclose(np.asarray(layer(x)), ref, atol=1e-5)
+    flat = np.full((1, 33, 33, 1), 0.4, np.float32)
+    np.testing.assert_allclose(np.asarray(layer(flat)), flat, atol=1e-6)
+    with pytest.raises(ValueError):
+        InputBlur(0)
+    with pytest.raises(ValueError):
+        build_model(depth=2, base_filters=2, input_blur=-1)
+
+
+def test_input_blur_is_part_of_the_saved_graph(tmp_path):
+    """A model with input_blur loads safely (no Python code), predicts as built, and its
+    blur changes the prediction (it sits in front of the network, not beside it)."""
+    from xmdl_tf.config import Config, ModelConfig
+    from xmdl_tf.model import build_from_config, float32_copy
+    from xmdl_tf.predict import load_keras
+
+    cfg = Config(model=ModelConfig(depth=3, base_filters=4, input_blur=2.0))
+    m = build_from_config(cfg.model)
+    assert m.layers[1].name == "input_blur" and m.count_params() == build_model(3, 4).count_params()
+    x = np.random.default_rng(4).random((1, 32, 48, 1)).astype(np.float32)
+    float32_copy(m).save(tmp_path / "m.keras")
+    cfg.save(tmp_path / "config.json")
+    assert Config.load(tmp_path / "config.json").model.input_blur == 2.0
+    loaded = load_keras(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded(x).numpy(), m(x).numpy(), atol=1e-6)
+    plain = build_model(3, 4)
+    plain.set_weights(m.get_weights())
+    assert np.abs(plain(x).numpy() - m(x).numpy()).max() > 1e-3

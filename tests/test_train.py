@@ -146,7 +146,9 @@ def test_cli_refuses_bad_pixel_sizes_and_weights_in_one_line(blob_dataset, tmp_p
                        (["--augment-off", "sparkle"], "invalid choice"),
                        (["--augment-scale", "2", "0.5"], "--augment-scale 2 0.5"),
                        (["--augment-scale", "0.1", "2"], "MIN <= MAX"),
-                       (["--augment-scale", "0", "2"], "--augment-scale")):
+                       (["--augment-scale", "0", "2"], "--augment-scale"),
+                       (["--input-blur", "9"], "--input-blur 9: at most 8"),
+                       (["--input-blur", "1", "--init-from", "m.keras"], "architecture comes from the parent")):
         with pytest.raises(SystemExit) as err:
             train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "x"), *ARGS, *extra])
         assert err.value.code == 2 and msg in capsys.readouterr().err
@@ -169,6 +171,10 @@ def test_augment_scale_and_parts_reach_the_config(tmp_path):
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--augment-sharpen", "0.8"])
     assert config_from_args(args).augment.sharpen == 0.8
     assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.sharpen == 0.0
+    # The input low-pass is part of the architecture.
+    args = build_parser().parse_args(["--data", "d", "--out", "o", "--input-blur", "1.5"])
+    assert config_from_args(args).model.input_blur == 1.5
+    assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).model.input_blur == 0.0
 
 
 def test_cosine_schedule_and_validation_carved_when_no_val_split(tmp_path):

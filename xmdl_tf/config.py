@@ -107,7 +107,12 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the residual attention U-Net (see `xmdl_tf.model`)."""
+    """Architecture of the residual attention U-Net (see `xmdl_tf.model`).
+
+    input_blur: sigma (model pixels) of a fixed Gaussian low-pass in front of
+        the network, 0 = none; part of the saved graph, so every consumer
+        (analyze, export, serving) applies it.
+    """
 
     depth: int = 6
     base_filters: int = 8
@@ -115,6 +120,7 @@ class ModelConfig:
     attention: bool = True
     n_classes: int = 2
     dropout: float = 0.0
+    input_blur: float = 0.0
 
     @property
     def size_divisor(self) -> int:

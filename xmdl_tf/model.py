@@ -16,13 +16,21 @@ evaluated at the skip's resolution after the transposed convolution so that
 the gating signal and the skip align pixel for pixel. Layer names are stable
 so Grad-CAM can pick a layer by name (default `dec1_conv2`).
 
+With `input_blur` > 0 the normalised image first passes a fixed Gaussian
+low-pass (`InputBlur`, no weights): the network then never sees detail finer
+than about that many pixels, in training and at inference alike, however sharp
+the microscope (see the leave-one-set-out study in models/README.md).
+
 The model is fully convolutional: input (None, None, 1); height and width
 must be multiples of 2**(D-1).
 """
 from __future__ import annotations
 
+import math
+
 import keras
-from keras import layers
+import numpy as np
+from keras import layers, ops
 
 from .config import ModelConfig
 
@@ -67,26 +75,63 @@ def attention_gate(skip, gate, inter_filters: int, stage: str):
     return layers.Multiply(name=f"{stage}_att_gate")([skip, coef])
 
 
+@keras.saving.register_keras_serializable(package="xmdl_tf")
+class InputBlur(layers.Layer):
+    """Fixed Gaussian low-pass, (B, H, W, C) -> (B, H, W, C); `sigma` in pixels.
+
+    Separable, with reflected borders so that a tile's edge keeps its grey
+    level (zero padding would darken it). Needs H and W > 3 * sigma.
+    """
+
+    def __init__(self, sigma: float, **kwargs):
+        super().__init__(**kwargs)
+        if not sigma > 0:
+            raise ValueError(f"InputBlur sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+        self.radius = max(1, math.ceil(3 * self.sigma))
+        x = np.arange(-self.radius, self.radius + 1, dtype=np.float64)
+        g = np.exp(-0.5 * (x / self.sigma) ** 2)
+        self.kernel_1d = (g / g.sum()).astype(np.float32)
+
+    def call(self, x):
+        r = self.radius
+        channels = x.shape[-1] or 1
+        k = ops.cast(ops.convert_to_tensor(self.kernel_1d), x.dtype)
+        x = ops.pad(x, [[0, 0], [r, r], [r, r], [0, 0]], mode="reflect")
+        x = ops.depthwise_conv(x, ops.tile(ops.reshape(k, (1, -1, 1, 1)), (1, 1, channels, 1)), padding="valid")
+        return ops.depthwise_conv(x, ops.tile(ops.reshape(k, (-1, 1, 1, 1)), (1, 1, channels, 1)), padding="valid")
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma}
+
+
 # ----------------------------------------------------------------------------
 # Functional model
 
 
 def build_model(depth: int = 6, base_filters: int = 8, residual: bool = True, attention: bool = True,
-                n_classes: int = 2, dropout: float = 0.0, name: str | None = None) -> keras.Model:
+                n_classes: int = 2, dropout: float = 0.0, name: str | None = None,
+                input_blur: float = 0.0) -> keras.Model:
     """Build the (residual) (attention) U-Net.
 
     Returns a keras.Model mapping float32 (B, H, W, 1) normalised images to
     (B, H, W, n_classes) softmax probabilities (float32 even under mixed
     precision). Channel 1 is the mitochondria class when n_classes == 2.
-    residual=False, attention=False gives the plain U-Net of the ablation.
+    residual=False, attention=False gives the plain U-Net of the ablation;
+    input_blur > 0 puts a fixed Gaussian low-pass of that sigma (pixels) first.
     """
     if depth < 2:
         raise ValueError(f"depth must be >= 2, got {depth}")
     if base_filters < 1 or n_classes < 2:
         raise ValueError("base_filters must be >= 1 and n_classes >= 2")
-    cfg = ModelConfig(depth, base_filters, residual, attention, n_classes, dropout)
+    if input_blur < 0:
+        raise ValueError(f"input_blur must be >= 0, got {input_blur}")
+    cfg = ModelConfig(depth, base_filters, residual, attention, n_classes, dropout, input_blur)
     inputs = keras.Input((None, None, 1), name="image")
-    x = inputs
+    x = InputBlur(input_blur, name="input_blur")(inputs) if input_blur else inputs
     skips = []
     for i in range(1, depth):
         x = conv_block(x, base_filters * 2 ** (i - 1), f"enc{i}", residual)
@@ -107,7 +152,8 @@ def build_model(depth: int = 6, base_filters: int = 8, residual: bool = True, at
 
 
 def build_from_config(cfg: ModelConfig) -> keras.Model:
-    return build_model(cfg.depth, cfg.base_filters, cfg.residual, cfg.attention, cfg.n_classes, cfg.dropout)
+    return build_model(cfg.depth, cfg.base_filters, cfg.residual, cfg.attention, cfg.n_classes, cfg.dropout,
+                       input_blur=cfg.input_blur)
 
 
 def float32_copy(model: keras.Model) -> keras.Model:

@@ -59,6 +59,7 @@ def load_keras(path: str | Path):
     import keras
 
     from . import losses  # noqa: F401  (registers the custom loss and metrics)
+    from . import model as _model  # noqa: F401  (registers InputBlur)
 
     path = Path(path)
     import zipfile

@@ -34,6 +34,8 @@ from .sampling import SAME_PIXEL_SIZE, resample_factor
 # --augment-scale bounds: a tile zoomed out 4x is cut from a 1024-px window; beyond
 # that, and beyond 4x in, the model would learn on mostly empty or mostly blurred tiles.
 MIN_ZOOM, MAX_ZOOM = 0.25, 4.0
+# --input-blur reaches 3 sigma; 8 px keeps that well inside the smallest tile (32 px).
+MAX_INPUT_BLUR = 8.0
 STATE = "checkpoint/state.json"
 LAST = "checkpoint/last.keras"
 
@@ -761,6 +763,9 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
         p.add_argument("--base-filters", type=cli.positive_int, default=8, help="filters of the first level (doubling per level)")
         p.add_argument("--variant", choices=sorted(VARIANTS), default="residual_attention")
         p.add_argument("--dropout", type=cli.fraction, default=0.0)
+        p.add_argument("--input-blur", type=cli.nonnegative_float, default=0.0, metavar="SIGMA",
+                       help="fixed Gaussian low-pass (sigma in model pixels) in front of the network, in training "
+                            "and inference alike (default 0: none)")
         p.add_argument("--init-from", default=None, help="start from this model's weights (fine-tuning)")
         p.add_argument("--freeze-encoder", action="store_true", help="with --init-from: train only the decoder")
     return p
@@ -774,7 +779,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                         ignore_value=args.ignore_value, pixel_size_nm=getattr(args, "model_pixel_size", None),
                         set_weights=tuple(args.set_weights) if args.set_weights else None),
         model=ModelConfig(depth=getattr(args, "depth", 6), base_filters=getattr(args, "base_filters", 8),
-                          residual=residual, attention=attention, dropout=getattr(args, "dropout", 0.0)),
+                          residual=residual, attention=attention, dropout=getattr(args, "dropout", 0.0),
+                          input_blur=getattr(args, "input_blur", 0.0)),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                           patience=args.patience, loss=args.loss, steps_per_epoch=args.steps_per_epoch,
                           lr_schedule=args.lr_schedule,
@@ -835,6 +841,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--tile-size {args.tile_size} must be a multiple of 2**(depth-1) = {2 ** (depth - 1)}")
     if getattr(args, "dropout", 0.0) >= 1:
         parser.error("--dropout must be below 1")
+    blur = getattr(args, "input_blur", 0.0)
+    if blur > MAX_INPUT_BLUR:
+        parser.error(f"--input-blur {blur:g}: at most {MAX_INPUT_BLUR:g} pixels (the tile must stay wider "
+                     "than the blur's reach)")
+    if blur and getattr(args, "init_from", None):
+        parser.error("--input-blur with --init-from: the architecture comes from the parent model")
 
 
 if __name__ == "__main__":
