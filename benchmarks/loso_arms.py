@@ -43,13 +43,16 @@ def arm_row(cells: dict, names: list[str]) -> dict:
 
 
 def recipe(runs: dict) -> str:
-    """Short recipe of a study's first run (loso.json "runs"): zoom range, loss, base filters, tiles."""
+    """Short recipe of a study's first run (loso.json "runs"): zoom range, loss, base filters,
+    input low-pass (when there is one), tiles."""
     r = next(iter(runs.values()), None)
     if not r:
         return "-"
     lo, hi = r.get("augment", {}).get("scale", (1, 1))
+    blur = r.get("model", {}).get("input_blur", 0)
     return (f"zoom x{lo:g}-{hi:g}, {r.get('train', {}).get('loss', '?')}, "
-            f"f{r.get('model', {}).get('base_filters', '?')}, {r.get('tiles_seen') or '?'} tiles")
+            f"f{r.get('model', {}).get('base_filters', '?')}, " + (f"input blur {blur:g}, " if blur else "")
+            + f"{r.get('tiles_seen') or '?'} tiles")
 
 
 def main(argv: list[str] | None = None) -> int:
