@@ -139,3 +139,37 @@ def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, t
     # Nothing already written is replaced without --overwrite.
     assert main(["--format", "bioimageio", "--model", str(run), "--out", str(out), "--no-test"]) == 2
     assert (out / "rdf.yaml").is_file()
+
+
+def test_bioimageio_package_of_a_model_with_an_input_blur_ships_the_saved_model_only(blob_run, tmp_path,
+                                                                                     monkeypatch):
+    """A model whose graph holds an xmdl_tf layer (InputBlur) cannot be loaded by plain Keras, so
+    its package carries only the SavedModel, which bioimageio.core runs and reproduces."""
+    pytest.importorskip("bioimageio.core")
+    import shutil
+    from dataclasses import replace
+
+    import yaml
+
+    from xmdl_tf.config import Config
+    from xmdl_tf.export import main
+    from xmdl_tf.model import build_model
+    from xmdl_tf.predict import load_keras
+
+    _, run = blob_run
+    blurred = tmp_path / "blurred"
+    shutil.copytree(run, blurred, ignore=shutil.ignore_patterns("checkpoint"))
+    cfg = Config.load(run / "config.json")
+    m = cfg.model
+    net = build_model(m.depth, m.base_filters, m.residual, m.attention, m.n_classes, input_blur=1.5)
+    net.set_weights(load_keras(run / "model.keras").get_weights())
+    net.save(blurred / "model.keras")
+    replace(cfg, model=replace(m, input_blur=1.5)).save(blurred / "config.json")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "zoo"
+    assert main(["--format", "bioimageio", "--model", str(blurred), "--out", str(out)]) == 0  # core's test passes
+    rdf = yaml.safe_load((out / "rdf.yaml").read_text())
+    shipped = {k for k, v in rdf["weights"].items() if v}
+    assert shipped == {"tensorflow_saved_model_bundle"} and not (out / "weights.keras").exists(), rdf["weights"]

@@ -6,7 +6,9 @@ Model Zoo website open without this toolkit:
 
     DIR/rdf.yaml              the description: inputs/outputs with axes, pixel size,
                               pre- and post-processing, authors, citations, license
-    DIR/weights.keras         Keras 3 weights (format `keras_v3`, TensorFlow backend)
+    DIR/weights.keras         Keras 3 weights (format `keras_v3`, TensorFlow backend); left out for
+                              a model with an xmdl_tf layer in its graph (`--input-blur`), which
+                              plain Keras could not load
     DIR/tf_saved_model.zip    the same network as a TensorFlow SavedModel bundle
     DIR/test_input.npy        raw EM crop (1, y, x, 1) float32 from the sample slice
     DIR/test_output.npy       softmax (1, y, x, 2) float32 that the package must reproduce
@@ -230,8 +232,15 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
     with tempfile.TemporaryDirectory(prefix="xmdl_bioimageio_") as tmp:
         work = Path(tmp)
         # Weights: a model loaded with compile=False carries no optimizer or custom loss, so any
-        # Keras 3 loads it without this toolkit installed.
-        net.save(work / "weights.keras")
+        # Keras 3 loads it without this toolkit installed, unless a layer of this toolkit is part of
+        # the graph (InputBlur): then only the SavedModel, which needs no Python classes, is shipped.
+        own_layers = sorted({type(l).__name__ for l in net.layers if not type(l).__module__.startswith("keras.")})
+        portable = not own_layers
+        if portable:
+            net.save(work / "weights.keras")
+        else:
+            log.info("the model has xmdl_tf layers (%s): shipping TensorFlow SavedModel weights only",
+                     ", ".join(own_layers))
         _saved_model(net, work / "tf_saved_model")
         shutil.make_archive(str(work / "tf_saved_model"), "zip", work / "tf_saved_model")
         crop = sample_crop(TEST_TILE)
@@ -278,9 +287,10 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
 
         weights = bz.WeightsDescr(
             keras_v3=bz.KerasV3WeightsDescr(source=work / "weights.keras", keras_version=keras.__version__,
-                                            backend=("tensorflow", tf.__version__)),
+                                            backend=("tensorflow", tf.__version__)) if portable else None,
             tensorflow_saved_model_bundle=bz.TensorflowSavedModelBundleWeightsDescr(
-                source=work / "tf_saved_model.zip", tensorflow_version=tf.__version__, parent="keras_v3"))
+                source=work / "tf_saved_model.zip", tensorflow_version=tf.__version__,
+                parent="keras_v3" if portable else None))
         with ValidationContext(perform_io_checks=True):
             try:
                 descr = bz.ModelDescr(
