@@ -43,17 +43,19 @@ def arm_row(cells: dict, names: list[str]) -> dict:
 
 
 def recipe(runs: dict) -> str:
-    """Short recipe of a study's first run (loso.json "runs"): zoom range, intensity strength and
-    input low-pass (when not the default), loss, base filters, tiles."""
+    """Short recipe of a study's first run (loso.json "runs"): zoom range, intensity strength, input
+    low-pass and dropout (when not the default), loss, base filters, tiles."""
     r = next(iter(runs.values()), None)
     if not r:
         return "-"
     lo, hi = r.get("augment", {}).get("scale", (1, 1))
     strength = r.get("augment", {}).get("strength", 1)
-    blur = r.get("model", {}).get("input_blur", 0)
+    model = r.get("model", {})
+    blur, dropout = model.get("input_blur", 0), model.get("dropout", 0)
     return (f"zoom x{lo:g}-{hi:g}, " + (f"intensity x{strength:g}, " if strength != 1 else "")
-            + f"{r.get('train', {}).get('loss', '?')}, f{r.get('model', {}).get('base_filters', '?')}, "
-            + (f"input blur {blur:g}, " if blur else "") + f"{r.get('tiles_seen') or '?'} tiles")
+            + f"{r.get('train', {}).get('loss', '?')}, f{model.get('base_filters', '?')}, "
+            + (f"input blur {blur:g}, " if blur else "") + (f"dropout {dropout:g}, " if dropout else "")
+            + f"{r.get('tiles_seen') or '?'} tiles")
 
 
 def main(argv: list[str] | None = None) -> int:
