@@ -155,6 +155,12 @@ def test_input_blur_is_part_of_the_saved_graph(tmp_path):
     assert Config.load(tmp_path / "config.json").model.input_blur == 2.0
     loaded = load_keras(tmp_path / "m.keras")
     np.testing.assert_allclose(loaded(x).numpy(), m(x).numpy(), atol=1e-6)
+    # A bare .keras file (no config.json beside it) still reports its blur.
+    from xmdl_tf.predict import load_keras_with_config
+
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "m.keras").rename(tmp_path / "bare" / "m.keras")
+    assert load_keras_with_config(tmp_path / "bare" / "m.keras")[1].model.input_blur == 2.0
     plain = build_model(3, 4)
     plain.set_weights(m.get_weights())
     assert np.abs(plain(x).numpy() - m(x).numpy()).max() > 1e-3
