@@ -148,6 +148,7 @@ def test_cli_refuses_bad_pixel_sizes_and_weights_in_one_line(blob_dataset, tmp_p
                        (["--augment-scale", "0.1", "2"], "MIN <= MAX"),
                        (["--augment-scale", "0", "2"], "--augment-scale"),
                        (["--input-blur", "9"], "--input-blur 9: at most 8"),
+                       (["--input-blur", "6", "--depth", "2", "--tile-size", "16"], "reaches 18 px"),
                        (["--input-blur", "1", "--init-from", "m.keras"], "architecture comes from the parent")):
         with pytest.raises(SystemExit) as err:
             train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "x"), *ARGS, *extra])

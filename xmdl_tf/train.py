@@ -34,7 +34,8 @@ from .sampling import SAME_PIXEL_SIZE, resample_factor
 # --augment-scale bounds: a tile zoomed out 4x is cut from a 1024-px window; beyond
 # that, and beyond 4x in, the model would learn on mostly empty or mostly blurred tiles.
 MIN_ZOOM, MAX_ZOOM = 0.25, 4.0
-# --input-blur reaches 3 sigma; 8 px keeps that well inside the smallest tile (32 px).
+# --input-blur reaches 3 sigma (InputBlur's reflected border needs less than the tile);
+# 8 px keeps that inside a 32-px tile, the smallest of the default depth.
 MAX_INPUT_BLUR = 8.0
 STATE = "checkpoint/state.json"
 LAST = "checkpoint/last.keras"
@@ -845,6 +846,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if blur > MAX_INPUT_BLUR:
         parser.error(f"--input-blur {blur:g}: at most {MAX_INPUT_BLUR:g} pixels (the tile must stay wider "
                      "than the blur's reach)")
+    if blur and math.ceil(3 * blur) >= args.tile_size:
+        parser.error(f"--input-blur {blur:g} reaches {math.ceil(3 * blur)} px, not less than --tile-size "
+                     f"{args.tile_size}")
     if blur and getattr(args, "init_from", None):
         parser.error("--input-blur with --init-from: the architecture comes from the parent model")
 
