@@ -317,3 +317,32 @@ def test_trust_features_error_kinds_split_false_detections_by_overlap():
     e = tf_.error_kinds(score, is_true, iou)
     assert e["false"] == 6 and e["other_share"] == round(4 / 6, 3) and e["partial_share"] == round(2 / 6, 3)
     assert e["auroc_partial"] == 1.0 and e["auroc_other"] < 0.5
+
+
+def test_auto_zoom_benchmark_scores_each_presented_scale_three_ways(blob_run, tmp_path):
+    """With the pixel size given ("known") the slice shown at x2 is predicted as at x1; the table has a
+    row per presented scale; a model without a pixel size is refused in one line."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from xmdl_tf.config import Config
+
+    bench = _load("auto_zoom")
+    data, run = blob_run
+    model = tmp_path / "model"
+    shutil.copytree(run, model)
+    with pytest.raises(SystemExit, match="states no pixel size"):
+        bench.main(["--model", str(model), "--out", str(tmp_path / "r0"), "--data", str(data), "--presented", "1"])
+    cfg = Config.load(model / "config.json")
+    replace(cfg, data=replace(cfg.data, pixel_size_nm=5.0)).save(model / "config.json")
+    assert bench.main(["--model", str(model), "--out", str(tmp_path / "r"), "--data", str(data),
+                       "--presented", "1", "2", "--max-slices", "1"]) == 0
+    r = json.loads((tmp_path / "r" / "auto_zoom.json").read_text())["model"]
+    lo, hi = r["object_width_px"]
+    assert 10 < lo == hi < 30  # measured on the blobs' val slice, as tune measures it
+    x1, x2 = r["scored"]["blobs"]["1"], r["scored"]["blobs"]["2"]
+    assert x1["own grid"] == x1["known"] == x1["auto"] and x1["zoom chosen"] == 1.0
+    assert x2["right zoom"] == 0.5 and 0 < x2["known"] <= 1 and 0.3 < x2["zoom chosen"] < 0.8
+    md = (tmp_path / "r" / "auto_zoom.md").read_text()
+    assert md.count("| model | blobs |") == 2 and "mean over 2 seen" in md

@@ -31,6 +31,10 @@ def test_tune_picks_the_best_validation_setting_and_stores_it(blob_run, tmp_path
     assert (cfg.inference.tta, cfg.inference.threshold, cfg.inference.min_area_nm2) == (
         chosen["tta"], chosen["threshold"], chosen["min_area_nm2"])
     assert cfg.info["inference_tuning"]["split"] == "val"
+    # ... with the widths auto zoom aims at: the blobs' objects, 2 x radius 6-12 px, in model px.
+    widths = cfg.info["inference_tuning"]["object_widths_px"]
+    assert cfg.inference.object_width_px == (widths["blobs"],) * 2 and 12 <= widths["blobs"] <= 26
+    assert "auto zoom range" in capsys.readouterr().out
     # evaluate now applies the tuned settings by default, and reproduces the tuned score on val.
     m = evaluate(model, str(data), "val")
     assert m["inference"]["threshold"] == chosen["threshold"] and m["tta"] == chosen["tta"]

@@ -51,6 +51,11 @@ OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "
 UNKNOWN_GRID = ("note: {name} states no pixel size and --pixel-size was not given: predicting on the image's own "
                 "grid as if it were the model's {model:g} nm; give --pixel-size NM when known (a grid off by x2 can "
                 "halve the F1)")
+NO_WIDTHS = ("note: --auto-zoom needs the widths of the objects the model knows, which its config.json lacks; "
+             "measure them with python -m xmdl_tf.tune --model MODEL --data ITS_SETS --write")
+AUTO_GRID = ("note: {name} states no pixel size and --pixel-size was not given: each such image is zoomed so that its "
+             "mitochondria look as wide as the model's own (auto zoom, column auto_zoom of summary.csv; measurements "
+             "stay in pixels); give --pixel-size NM when known")
 
 
 # ----------------------------------------------------------------------------
@@ -157,9 +162,13 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     from .morphometry import ShapeRules, classify, measure, summarize
     from .postprocess import foreground, instances as to_instances, score_slice, truth
 
+    from .autoscale import for_objects, prediction_grid
+
     s = settings or Settings()
     ic = s.resolve(predictor)
-    scale = {"pixel_size_nm": pixel_size_nm, "rescale": ic.rescale}
+    # Unknown pixel size: predict at the zoom the objects' widths suggest (autoscale); measure in px.
+    grid_px, zoom = prediction_grid(predictor, image, ic, pixel_size_nm)
+    scale = {"pixel_size_nm": grid_px, "rescale": ic.rescale}
     prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size, progress,
                                         **scale)
     spread = members = None
@@ -169,13 +178,15 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
         prob, spread, *rest = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True, spread=True,
                                                       members="tta_agreement" in need, **scale)
         members = rest[0] if rest else None
+    ic = for_objects(ic, zoom)
     instances = to_instances(prob, ic, pixel_size_nm)
     table = measure(instances, image=image, pixel_size_nm=pixel_size_nm, heatmap=cam)
     table["shape_class"] = classify(table, s.rules or ShapeRules(), pixel_size_nm)
     mask = foreground(prob, ic.threshold)
     summary = {"image": name, **summarize(table), "foreground_fraction": float(mask.mean()),
                "gradcam_energy_in_mask": energy_inside(cam, mask), "pixel_size_nm": pixel_size_nm,
-               "rescaled_by": predictor.scale_factor(pixel_size_nm, ic.rescale)}
+               "rescaled_by": predictor.scale_factor(grid_px, ic.rescale),
+               "auto_zoom": zoom.zoom if zoom is not None else None}
     true_mask = None
     if label is not None:
         true_mask = truth(label)[0]
@@ -190,7 +201,8 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
         check = deletion_check(lambda im: predictor.predict_slice(im, ic.tile, ic.overlap, ic.batch_size, **scale),
                                image, cam, prob, ic.threshold)
         summary.update({f"deletion_{k}": v for k, v in check.items()})
-    uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread, members)
+    uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread, members,
+                         grid_px)
     table.insert(0, "image", name)
     return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask, uncertainty)
 
@@ -203,11 +215,14 @@ def _confidence_features(predictor, tta: bool) -> tuple[str, ...]:
 
 
 def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread=None,
-           members=None) -> np.ndarray:
+           members=None, grid_px: float | None = None) -> np.ndarray:
     """Per-pixel uncertainty; per-object `confidence` / `needs_review` and per-image OOD columns
     when the model is calibrated (`python -m xmdl_tf.calibrate`), else NaN / False / empty.
 
-    members: the test-time-augmented predictions (H, W, 8) when the confidence reads their agreement."""
+    members: the test-time-augmented predictions (H, W, 8) when the confidence reads their agreement.
+    grid_px: the pixel size the slice was predicted at (`autoscale.prediction_grid`; default
+    `pixel_size_nm`)."""
+    grid_px = pixel_size_nm if grid_px is None else grid_px
     from .calibration import apply_temperature
     from .confidence import AGREEMENT_FEATURES, IMAGE_FEATURES, REVIEW_BELOW, entropy, feature_matrix, object_features
     from .postprocess import ZOOMS, alternative_instances
@@ -221,7 +236,7 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
         alternatives = None
         if set(AGREEMENT_FEATURES) & set(model.features):
             zoomed = [predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
-                                              pixel_size_nm=pixel_size_nm, rescale=ic.rescale, zoom=z)
+                                              pixel_size_nm=grid_px, rescale=ic.rescale, zoom=z)
                       for z in ZOOMS] if "scale_agreement" in model.features else None
             alternatives = alternative_instances(prob, ic, pixel_size_nm, members, zoomed)
         uses_image = bool(set(IMAGE_FEATURES) & set(model.features))  # else not worth a pass over the slice
@@ -240,7 +255,7 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     dist = _ood_model(predictor)
     summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), False
     if dist is not None:
-        score = dist.image_score(predictor, image, pixel_size_nm, ic.rescale)
+        score = dist.image_score(predictor, image, grid_px, ic.rescale)
         summary.update(ood_score=round(score, 4), ood_threshold=round(dist.threshold, 4),
                        ood_warning=bool(score > dist.threshold))
     return uncertainty
@@ -405,7 +420,11 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 bar = None
                 if verbose and px is None and predictor.pixel_size_nm and not warned_grid:
                     warned_grid = True
-                    print(UNKNOWN_GRID.format(name=where, model=predictor.pixel_size_nm), file=sys.stderr, flush=True)
+                    auto = ic.auto_zoom and ic.rescale and ic.object_width_px
+                    print((AUTO_GRID if auto else UNKNOWN_GRID).format(name=where, model=predictor.pixel_size_nm),
+                          file=sys.stderr, flush=True)
+                    if ic.auto_zoom and not ic.object_width_px:
+                        print(NO_WIDTHS, file=sys.stderr, flush=True)
                 if verbose:
                     factor = predictor.scale_factor(px, ic.rescale)
                     note = f"  (resampled x{factor:.3g} to the model's {predictor.pixel_size_nm:g} nm)" if factor != 1 else ""
@@ -425,7 +444,9 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 _write_tables(out, rows, objects, [p.name for p in pairs])
                 done.append(pair.name)
                 if verbose:
-                    print(f"    {a.summary['count']} mitochondria -> {out / pair.name}", flush=True)
+                    z = a.summary.get("auto_zoom")
+                    zoomed = f" (auto zoom x{z:.3g})" if z not in (None, 1.0) else ""
+                    print(f"    {a.summary['count']} mitochondria{zoomed} -> {out / pair.name}", flush=True)
                 if a.summary.get("ood_warning"):
                     print(f"    warning: {pair.name} is unlike the model's training data (OOD score "
                           f"{a.summary['ood_score']:.2f} > {a.summary['ood_threshold']:.2f}); check its results and "

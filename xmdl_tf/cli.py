@@ -192,6 +192,11 @@ def add_inference_args(p: argparse.ArgumentParser, explain: bool = True) -> None
                    help=f"split touching mitochondria at necks ({d.separate})")
     g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
                    help=f"resample inputs of known pixel size to the model's ({d.rescale})")
+    g.add_argument("--auto-zoom", action=argparse.BooleanOptionalAction, default=None,
+                   help="for slices of unknown pixel size, estimate the zoom that brings their mitochondria to "
+                        "the widths the model knows (one or two quick passes more; needs a model tuned by "
+                        "xmdl_tf.tune): for data like the model's own at an unknown scale, not for a new "
+                        f"microscope ({d.auto_zoom})")
     if explain:
         g.add_argument("--gradcam-layer", default=None, help="conv layer to explain (dec1_conv2)")
 
@@ -201,7 +206,7 @@ def inference_overrides(args: argparse.Namespace) -> dict:
     given = {"tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size, "tta": args.tta,
              "threshold": args.threshold, "min_area_nm2": args.min_area, "min_size_px": args.min_size,
              "min_volume_nm3": args.min_volume, "min_volume_vox": args.min_volume_vox, "separate": args.separate, "rescale": args.rescale,
-             "gradcam_layer": getattr(args, "gradcam_layer", None)}
+             "auto_zoom": getattr(args, "auto_zoom", None), "gradcam_layer": getattr(args, "gradcam_layer", None)}
     return {k: v for k, v in given.items() if v is not None}
 
 

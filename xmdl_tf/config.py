@@ -172,6 +172,14 @@ class InferenceConfig:
     separate: split touching mitochondria at necks.
     rescale: resample inputs of known pixel size to the model's.
     gradcam_layer: conv layer explained (None = dec1_conv2).
+    auto_zoom: for a slice of unknown pixel size, estimate the zoom that brings its
+        mitochondria to the widths the model knows (`xmdl_tf.autoscale`); needs
+        object_width_px and a model pixel size. Off by default: it finds the scale
+        of data like the model's own, but on a microscope the model never saw its
+        objects' widths mislead it (models/README.md, "Auto zoom").
+    object_width_px: (smallest, largest) median width, in model pixels, of the
+        objects the model predicts on its validation sets (`python -m xmdl_tf.tune`
+        measures it); None = unknown, no auto zoom.
     """
 
     tile: int = 2048
@@ -187,9 +195,14 @@ class InferenceConfig:
     separate: bool = True
     rescale: bool = True
     gradcam_layer: str | None = None
+    auto_zoom: bool = False
+    object_width_px: tuple[float, float] | None = None
 
     def __post_init__(self):
         problems = []
+        w = self.object_width_px
+        if w is not None and not (len(w) == 2 and 0 < float(w[0]) <= float(w[1])):
+            problems.append(f"object_width_px {w} must be (smallest, largest) with 0 < smallest <= largest")
         if self.tile < 1:
             problems.append(f"tile {self.tile} must be positive")
         if self.overlap < 0:  # (tiling caps it at half a tile)

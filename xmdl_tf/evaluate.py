@@ -46,6 +46,7 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     """
     import pandas as pd
 
+    from .autoscale import for_objects, prediction_grid
     from .io import find_pairs, read_pair, read_pixel_size_nm
     from .metrics import add_counts, scores
     from .postprocess import pooled_instance_scores, score_slice
@@ -70,12 +71,14 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     for pair in pairs:
         image, label = read_pair(pair)
         px = read_pixel_size_nm(pair.image) or pixel_size_nm
+        grid_px, zoom = prediction_grid(predictor, image, ic, px)  # as analyze: auto zoom when px is unknown
         prob = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=ic.tta,
-                                       pixel_size_nm=px, rescale=ic.rescale)
-        sc = score_slice(prob, label, ic, px, ignore_value)
+                                       pixel_size_nm=grid_px, rescale=ic.rescale)
+        sc = score_slice(prob, label, for_objects(ic, zoom), px, ignore_value)
         c = {k: sc[k] for k in ("tp", "fp", "fn", "tn")}
         total = add_counts(total, c)
-        rows.append({"image": pair.name, **scores(c), **sc, "pixels": int(label.size)})
+        rows.append({"image": pair.name, **scores(c), **sc, "pixels": int(label.size),
+                     "auto_zoom": zoom.zoom if zoom is not None else None})
     result = {
         **scores(total),
         **total,
@@ -117,6 +120,7 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     import numpy as np
 
     from .instances3d import volume_instances
+    from .autoscale import for_objects, prediction_grid
     from .io import DataError, find_pairs, read_pair, read_pixel_size_nm
     from .predict import load_model
     from .runlock import atomic_write_text
@@ -148,14 +152,17 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     label = np.stack([lb for _, lb in read])
     del read
     px = pixel_size_nm or read_pixel_size_nm(pairs[0].image)
-    prob, _ = predict_volume(predictor, image, ic, voxel, planes, gradcam=False, pixel_size_nm=px)
-    instances = volume_instances(prob, voxel, ic.threshold, ic.min_volume(voxel), separate=ic.separate)
+    grid_px, zoom = (px, None) if voxel else prediction_grid(predictor, image[image.shape[0] // 2], ic, px)
+    prob, _ = predict_volume(predictor, image, ic, voxel, planes, gradcam=False, pixel_size_nm=grid_px)
+    instances = volume_instances(prob, voxel, ic.threshold, for_objects(ic, zoom).min_volume(voxel),
+                                 separate=ic.separate)
     result = {
         **score_volume(prob, instances, label, ic.threshold, ignore_value),
         "n_slices": int(image.shape[0]),
         "shape_zyx": list(image.shape),
         "voxel_size_nm": list(voxel) if voxel else None,
         "planes": ",".join(planes),
+        "auto_zoom": zoom.zoom if zoom is not None else None,
         "pooling": "all voxels of the volume; instances in 3-D",
         "ap_definition": "MitoEM challenge (mAP_3Dvolume): objects ranked by size, 101-point interpolated precision",
         **_provenance(predictor, data, split, ic, t0),

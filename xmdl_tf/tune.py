@@ -8,9 +8,13 @@ augmentation; then every combination of TTA, threshold and minimum object
 size is post-processed and scored by `postprocess.score_slice` (the path
 `analyze` and `evaluate` take). The winner is the highest mean over the data
 sets of the pooled foreground F1 (each set counts equally; instance F1 breaks
-ties). `--write` stores it as the model's `inference` settings in its
-config.json, with the table it was chosen from, so `analyze` and `evaluate`
-use it by default. Only validation splits are read: test splits never choose.
+ties). It also measures the median width of the objects the model finds in
+each set (one pass, at the winner's threshold, in model pixels): their range is
+what `analyze` and `evaluate` zoom slices of unknown pixel size towards
+(`InferenceConfig.object_width_px`, `xmdl_tf.autoscale`). `--write` stores it
+all as the model's `inference` settings in its config.json, with the table it
+was chosen from, so `analyze` and `evaluate` use it by default. Only
+validation splits are read: test splits never choose.
 """
 from __future__ import annotations
 
@@ -84,6 +88,7 @@ def tune(model, data: list[str], split: str = "val", pixel_sizes: list[float | N
 
     tta: None compares both; True / False fixes it.
     """
+    from .autoscale import predicted_width, width_range
     from .io import find_pairs, read_pair, read_pixel_size_nm
     from .predict import load_model
 
@@ -111,7 +116,13 @@ def tune(model, data: list[str], split: str = "val", pixel_sizes: list[float | N
     chosen = best(rows)
     ic = next(c for c in grid if (c.tta, c.threshold, c.min_area_nm2) ==
               (chosen["tta"], chosen["threshold"], chosen["min_area_nm2"]))
+    # The widths auto zoom aims at, from the one-pass predictions it makes itself (autoscale).
+    widths = {name: predicted_width([(probs[modes[0]], predictor.scale_factor(px, base.rescale))
+                                     for probs, _, px in slices], ic.threshold, ic.min_size_px)
+              for name, slices in predictions.items()}
+    ic = dataclasses.replace(ic, object_width_px=width_range(widths))
     return {"best": dataclasses.asdict(ic), "chosen_row": chosen, "rows": rows, "split": split,
+            "object_widths_px": {k: round(v, 2) for k, v in widths.items()},
             "sets": [str(Path(d).resolve()) for d in data], "seconds": round(time.time() - t0, 1)}
 
 
@@ -123,7 +134,8 @@ def write_inference(model_dir: str | Path, result: dict) -> Path:
     if cfg_path is None:
         raise FileNotFoundError(f"{model_dir}: no config.json beside the model to store the settings in")
     cfg = Config.load(cfg_path)
-    info = {**cfg.info, "inference_tuning": {k: result[k] for k in ("split", "sets", "chosen_row", "seconds")}}
+    info = {**cfg.info, "inference_tuning": {k: result[k] for k in ("split", "sets", "chosen_row", "object_widths_px",
+                                                                   "seconds") if k in result}}
     dataclasses.replace(cfg, inference=InferenceConfig(**result["best"]), info=info).save(cfg_path)
     return cfg_path
 
@@ -166,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     b = result["best"]
     print(f"best on {args.split}: tta={b['tta']} threshold={b['threshold']} min_area_nm2={b['min_area_nm2']:g} "
           f"(min_size_px {b['min_size_px']}): mean F1 {result['chosen_row']['mean_f1']:.4f}")
+    print("median object width, model px: " + ", ".join(f"{k} {v:g}" for k, v in result["object_widths_px"].items())
+          + f" -> auto zoom range {b['object_width_px']}")
     if args.json:
         from .runlock import atomic_write_text
 

@@ -223,6 +223,7 @@ def analyze_volume(predictor, image: np.ndarray, name: str = "volume", settings:
                    voxel_size_nm: Sequence[float] | None = None, label: np.ndarray | None = None,
                    ignore_value: int | None = None, progress=None) -> VolumeAnalysis:
     """The whole pipeline on one raw volume (Z, Y, X) uint8/uint16 (see the module docstring)."""
+    from .autoscale import for_objects, prediction_grid
     from .gradcam import energy_inside
     from .instances3d import volume_instances
     from .morphometry3d import ShapeRules3D, classify3d, measure3d, summarize3d
@@ -233,7 +234,10 @@ def analyze_volume(predictor, image: np.ndarray, name: str = "volume", settings:
     check_planes(s.planes, voxel, name)
     t = {}
     t0 = time.perf_counter()
-    prob, cam = predict_volume(predictor, image, ic, voxel, s.planes, progress=progress)
+    # Unknown voxel size: the zoom is estimated on the middle slice and applied in-plane (autoscale).
+    grid_px, zoom = (None, None) if voxel else prediction_grid(predictor, image[image.shape[0] // 2], ic, None)
+    prob, cam = predict_volume(predictor, image, ic, voxel, s.planes, progress=progress, pixel_size_nm=grid_px)
+    ic = for_objects(ic, zoom)
     t["predict_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     instances = volume_instances(prob, voxel, ic.threshold, ic.min_volume(voxel), separate=ic.separate)
@@ -246,6 +250,7 @@ def analyze_volume(predictor, image: np.ndarray, name: str = "volume", settings:
                **summarize3d(table, image.shape, voxel),
                "voxel_size_z_nm": voxel[0] if voxel else math.nan, "voxel_size_y_nm": voxel[1] if voxel else math.nan,
                "voxel_size_x_nm": voxel[2] if voxel else math.nan, "planes": ",".join(s.planes),
+               "auto_zoom": zoom.zoom if zoom is not None else None,
                "gradcam_energy_in_mask": energy_inside(cam, instances > 0) if cam is not None else math.nan}
     if label is not None:
         summary.update(score_volume(prob, instances, label, ic.threshold, ignore_value))

@@ -1,0 +1,165 @@
+"""Auto zoom for slices of unknown pixel size (`xmdl_tf.autoscale`): NumPy logic, then with the tiny model."""
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+
+from xmdl_tf.autoscale import (MAX_ZOOM, TOLERANCE, ZoomEstimate, estimate_zoom, for_objects, grid_of, object_widths,
+                               predicted_width, width_range, zoom_towards)
+from xmdl_tf.config import InferenceConfig
+
+from conftest import blob_image
+
+
+def discs(size: int, radii: list[int], seed: int = 0) -> np.ndarray:
+    """bool (size, size) with non-touching discs of the given radii."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((size, size), np.uint8)
+    for r in radii:
+        for _ in range(200):
+            c = rng.integers(r + 2, size - r - 2, 2)
+            trial = np.zeros_like(m)
+            cv2.circle(trial, (int(c[1]), int(c[0])), r, 1, -1)
+            if not (cv2.dilate(m, np.ones((5, 5), np.uint8)) & trial).any():
+                m |= trial
+                break
+    return m.astype(bool)
+
+
+def test_object_widths_are_twice_the_inscribed_radius():
+    m = np.zeros((60, 80), np.uint8)
+    m[10:21, 5:60] = 1  # a band 11 px wide and 55 long: its width, not its length
+    cv2.circle(m, (40, 45), 8, 1, -1)  # a raster disc of radius 8
+    # Centre to the nearest background pixel's centre: W + 1 for the band, about 2 r for the disc.
+    assert sorted(object_widths(m.astype(bool), min_px=1)) == pytest.approx([12.0, 16.0], abs=0.2)
+    # Cut by the border, a band is measured as cut (not as if it went on past the edge).
+    edge = np.zeros((40, 40), bool)
+    edge[0:11, :] = True
+    assert object_widths(edge, 1)[0] == pytest.approx(12.0)
+    # Objects under min_px are not counted; an empty mask has none.
+    speck = np.zeros((20, 20), bool)
+    speck[5, 5] = True
+    assert object_widths(speck, min_px=2).size == 0 and object_widths(np.zeros((8, 8), bool)).size == 0
+    with pytest.raises(ValueError, match="2-D"):
+        object_widths(np.zeros((2, 8, 8), bool))
+
+
+def test_zoom_towards_leaves_the_range_alone_and_reaches_its_nearest_end():
+    ref = (40.0, 50.0)
+    assert zoom_towards(45, ref) == 1.0
+    assert zoom_towards(40 / TOLERANCE + 0.1, ref) == 1.0 and zoom_towards(50 * TOLERANCE - 0.1, ref) == 1.0
+    assert zoom_towards(20, ref) == pytest.approx(2.0)  # small objects: enlarge to the range's lower end
+    assert zoom_towards(100, ref) == pytest.approx(0.5)  # large ones: shrink to its upper end
+    assert zoom_towards(float("nan"), ref) == 1.0
+    with pytest.raises(ValueError):
+        zoom_towards(30, (50.0, 40.0))
+    assert width_range({"a": 44.0, "b": 28.04, "c": float("nan")}) == (28.0, 44.0)
+    assert width_range({"a": float("nan")}) is None
+
+
+def ideal_model(true: np.ndarray, sees: tuple[float, float] = (0.0, np.inf)):
+    """predict(zoom) of a model that finds exactly the true objects whose width, in model px at
+    that zoom, lies in `sees` (a model that misses objects far from the sizes it learned)."""
+    from skimage.measure import label
+
+    comps = label(true)
+    widths = object_widths(true, 1)  # in the order of the component ids
+
+    def predict(zoom: float) -> np.ndarray:
+        ok = np.flatnonzero((widths * zoom >= sees[0]) & (widths * zoom <= sees[1])) + 1
+        return np.isin(comps, ok).astype(np.float32)
+
+    return predict
+
+
+def test_estimate_zoom_brings_small_objects_to_the_models_widths():
+    true = discs(400, [9, 10, 11, 10, 9, 10, 11, 10], seed=1)  # ~20 px wide
+    est = estimate_zoom(ideal_model(true), 0.5, (40.0, 50.0), min_px=10)
+    assert est.zoom == pytest.approx(2.0, rel=0.1) and est.reason == "refined"
+    assert len(est.widths) == 2 and 40 / TOLERANCE <= est.widths[-1] <= 50 * TOLERANCE
+    # Already in range: one pass, no zoom.
+    assert estimate_zoom(ideal_model(true), 0.5, (16.0, 30.0), min_px=10) == ZoomEstimate(
+        1.0, est.widths[:1], est.objects, "in range")
+    # Objects far too large: shrunk, never past MAX_ZOOM either way.
+    big = estimate_zoom(ideal_model(true), 0.5, (150.0, 200.0), min_px=10)
+    assert big.zoom == MAX_ZOOM and big.reason == f"capped at x{MAX_ZOOM:g}"
+
+
+def test_estimate_zoom_needs_enough_objects():
+    true = discs(200, [10, 10], seed=3)
+    assert estimate_zoom(ideal_model(true), 0.5, (40.0, 50.0)) == ZoomEstimate(1.0, (), 0, "too few objects")
+
+
+def test_for_objects_scales_pixel_minimums_by_the_zoom_area():
+    ic = InferenceConfig(min_size_px=400, min_volume_vox=100)
+    assert for_objects(ic, None) is ic and for_objects(ic, ZoomEstimate(1.0, (), 9, "in range")) is ic
+    z = for_objects(ic, ZoomEstimate(2.0, (20.0, 40.0), 9, "refined"))
+    assert (z.min_size_px, z.min_volume_vox, z.min_area_nm2) == (100, 25, ic.min_area_nm2)
+    assert grid_of(5.0, 1.0) is None and grid_of(5.0, 2.0) == 10.0
+    with pytest.raises(ValueError, match="object_width_px"):
+        InferenceConfig(object_width_px=(50.0, 40.0))
+
+
+def test_predicted_width_is_in_model_pixels():
+    true = discs(300, [10] * 6, seed=4).astype(np.float32)
+    w1 = predicted_width([(true, 1.0)], 0.5, 10)
+    # The same objects on a slice of half the model's pixel size... measured where the model sees them.
+    half = cv2.resize(true, (150, 150), interpolation=cv2.INTER_AREA)
+    assert predicted_width([(half, 2.0)], 0.5, 10) == pytest.approx(w1, rel=0.1)
+
+
+# ----------------------------------------------------------------------------
+# With the suite's tiny model (trained on blobs 12-24 px wide)
+
+
+def test_auto_zoom_with_a_real_model_finds_the_scale_of_enlarged_slices(blob_run, tmp_path, capsys):
+    from xmdl_tf.analyze import Settings, analyze
+    from xmdl_tf.autoscale import prediction_grid
+    from xmdl_tf.evaluate import evaluate
+    from xmdl_tf.io import find_pairs, read_pair
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.tune import tune
+
+    data, run = blob_run
+    pred = load_model(run, jit_compile=False)
+    pred.config = replace(pred.config, data=replace(pred.config.data, pixel_size_nm=5.0))
+    fast = dict(tile=64, overlap=16)
+    result = tune(pred, [str(data)], thresholds=(0.5,), min_areas=(0.0,), tta=False, verbose=False)
+    lo, hi = result["best"]["object_width_px"]
+    assert lo == hi == pytest.approx(result["object_widths_px"]["blobs"], abs=0.1) and 10 < lo < 30
+    ic = replace(pred.config.inference, object_width_px=(lo, hi), threshold=0.5, min_size_px=10, **fast)
+    image, label = read_pair(find_pairs(str(data), "val")[0])
+    big = cv2.resize(image, None, fx=2.5, fy=2.5, interpolation=cv2.INTER_LINEAR)
+    assert prediction_grid(pred, big, ic, None) == (None, None)  # off by default
+    ic = replace(ic, auto_zoom=True)
+    pred.config = replace(pred.config, inference=ic)
+    grid, est = prediction_grid(pred, big, ic, None)
+    assert 0.3 < est.zoom < 0.55 and grid == pytest.approx(5.0 * est.zoom)  # right: 1 / 2.5 = 0.4
+    # A known pixel size, --no-auto-zoom or --no-rescale: no estimate, nothing changed.
+    assert prediction_grid(pred, big, ic, 2.0) == (2.0, None)
+    assert prediction_grid(pred, big, replace(ic, auto_zoom=False), None) == (None, None)
+    assert prediction_grid(pred, big, replace(ic, rescale=False), None) == (None, None)
+
+    # evaluate and analyze apply it (the blobs are plain enough for this model to segment at any
+    # zoom, so the benefit is measured on real EM: benchmarks/auto_zoom.py).
+    for sub in ("x", "y"):
+        (tmp_path / "big" / "val" / sub).mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "big" / "val" / "x" / "a.png"), big)
+    cv2.imwrite(str(tmp_path / "big" / "val" / "y" / "a.png"),
+                cv2.resize((label > 0).astype(np.uint8), big.shape[::-1], interpolation=cv2.INTER_NEAREST))
+    on = evaluate(pred, str(tmp_path / "big"), "val", out=tmp_path / "ev")
+    assert on["f1"] > 0.9 and on["inference"]["auto_zoom"] is True
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "ev" / "per_image.csv")["auto_zoom"].iloc[0] == pytest.approx(est.zoom)
+    off = evaluate(pred, str(tmp_path / "big"), "val", out=tmp_path / "ev_off", auto_zoom=False)
+    assert off["inference"]["auto_zoom"] is False
+    assert pd.read_csv(tmp_path / "ev_off" / "per_image.csv")["auto_zoom"].isna().all()
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    analyze([str(tmp_path / "big.png")], pred, tmp_path / "out", settings=Settings(figure=False))
+
+    s = pd.read_csv(tmp_path / "out" / "summary.csv").iloc[0]
+    assert s["auto_zoom"] == pytest.approx(est.zoom) and s["rescaled_by"] == pytest.approx(est.zoom)
+    assert np.isnan(s["pixel_size_nm"])  # measurements stay in the slice's pixels
+    assert "auto zoom" in capsys.readouterr().err

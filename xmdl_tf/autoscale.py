@@ -1,0 +1,193 @@
+"""The scale of a slice whose pixel size nobody knows, estimated from the mitochondria the model sees.
+
+A model learns mitochondria at the sizes its training sets show them at its
+pixel size; shown objects half or twice as wide, it misses many (the
+leave-one-set-out zoom sweeps in models/README.md: a grid off by x2 costs up
+to 0.5 F1). A slice that states no pixel size, and gets none, is predicted on
+its own grid as if it were the model's. With `InferenceConfig.auto_zoom`
+(`--auto-zoom`; off by default) `analyze` and `evaluate` do instead what
+cellpose does for cell diameters: one quick pass (no test-time augmentation)
+on the slice's own grid, the median width of the objects found (twice the
+largest inscribed radius), and, if that lies outside the widths the model
+finds on its own validation sets (`InferenceConfig.object_width_px`, measured
+by `python -m xmdl_tf.tune`) by more than `TOLERANCE`, the zoom that brings
+it to the nearest end of that range; a second pass at that zoom refines it
+once. The zoom only resamples the slice for prediction: objects are still
+measured in the slice's own pixels, since a scale read off the objects cannot
+say how large they are.
+
+Why off by default (`benchmarks/auto_zoom.py`, models/README.md "Auto zoom"):
+on data like its own the model's objects have the right widths and the zoom
+comes out right; on a microscope it never saw, its objects are often
+fragments of the size it prefers, whatever the true size, and the zoom then
+goes the wrong way.
+
+NumPy only; `estimate_zoom` takes the prediction as a callable.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Widths within [lo / TOLERANCE, hi * TOLERANCE] of the model's range are left alone: the model
+# trained with random zooms of x0.5-2, so a small mismatch costs nothing, and a dead band keeps
+# slices of one stack from being zoomed by a few percent each for nothing.
+TOLERANCE = 1.25
+MAX_ZOOM = 4.0  # beyond x4 either way the objects found are too few or too wrong to trust a size
+MIN_OBJECTS = 5  # fewer objects than this say nothing about the slice's scale
+PASSES = 2  # the first estimate and one refinement, as cellpose refines its diameter once
+
+
+def object_widths(mask: np.ndarray, min_px: int = 30) -> np.ndarray:
+    """Widths (px, float64 (N,)) of the connected components of `mask` (H, W) with at least
+    `min_px` pixels: twice the largest inscribed radius (Euclidean distance to the background).
+
+    For an elongated mitochondrion this is its width, not its length, and it does not depend on
+    how much of the object the slice cuts off along its length.
+    """
+    import cv2
+
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    if m.ndim != 2:
+        raise ValueError(f"object_widths: mask must be 2-D, got shape {m.shape}")
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 1:
+        return np.zeros(0)
+    # Pad with background: OpenCV counts outside the image as foreground, so an object cut by the
+    # border would otherwise be measured as if it went on beyond it.
+    dist = cv2.distanceTransform(np.pad(m, 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    inscribed = np.zeros(n, np.float64)
+    np.maximum.at(inscribed, comp.ravel(), dist.ravel())
+    keep = stats[1:, cv2.CC_STAT_AREA] >= max(int(min_px), 1)
+    # (The distance runs from a pixel's centre to the nearest background pixel's centre, so a
+    # straight band W px wide measures W + 1: the same for the reference and the estimate.)
+    return 2.0 * inscribed[1:][keep]
+
+
+def median_width(widths: Iterable[np.ndarray]) -> float:
+    """Median of the concatenated widths (px); NaN when there are none."""
+    w = np.concatenate([np.asarray(x, np.float64).ravel() for x in widths] or [np.zeros(0)])
+    return float(np.median(w)) if w.size else float("nan")
+
+
+def predicted_width(predictions: Iterable[tuple[np.ndarray, float]], threshold: float, min_px: int = 30) -> float:
+    """Median width, in model px, of the objects of one set's predictions: (probability (H, W) on
+    the slice's own grid, the slice's resample factor to the model's pixel size) pairs, objects at
+    probability >= threshold with at least `min_px` model px."""
+    return median_width(object_widths(p >= threshold, max(1, round(min_px / f ** 2))) * f for p, f in predictions)
+
+
+def width_range(per_set: dict[str, float]) -> tuple[float, float] | None:
+    """(smallest, largest) of the sets' median widths (model px), rounded to 0.1 px; None if none is known."""
+    v = [float(w) for w in per_set.values() if w is not None and np.isfinite(w) and w > 0]
+    return (round(min(v), 1), round(max(v), 1)) if v else None
+
+
+def zoom_towards(width: float, reference: tuple[float, float], tolerance: float = TOLERANCE) -> float:
+    """Zoom that brings objects of median `width` (model px) into `reference` (lo, hi): 1 while
+    `width` lies within [lo / tolerance, hi * tolerance], else lo / width or hi / width."""
+    lo, hi = reference
+    if not 0 < lo <= hi:
+        raise ValueError(f"reference widths {reference}: need 0 < lo <= hi")
+    if not np.isfinite(width) or width <= 0:
+        return 1.0
+    if width < lo / tolerance:
+        return lo / width
+    if width > hi * tolerance:
+        return hi / width
+    return 1.0
+
+
+@dataclass(frozen=True)
+class ZoomEstimate:
+    """The zoom chosen for one slice (1 = its own grid) and what it was read from.
+
+    widths: the median object width (model px) found at each pass; objects: how many the last
+    pass measured; reason: why the estimate stopped ("in range", "too few objects", "refined",
+    "capped at x4").
+    """
+
+    zoom: float
+    widths: tuple[float, ...]
+    objects: int
+    reason: str
+
+
+def estimate_zoom(predict: Callable[[float], np.ndarray], threshold: float, reference: tuple[float, float],
+                  min_px: int = 30, passes: int = PASSES, tolerance: float = TOLERANCE,
+                  max_zoom: float = MAX_ZOOM) -> ZoomEstimate:
+    """Estimate the zoom at which a slice's mitochondria look as wide as the model's own.
+
+    predict(zoom): the slice's foreground probability (H, W), float, on the slice's own grid,
+    predicted with the slice resampled by `zoom` (1 = as it is).
+    threshold: foreground is probability >= threshold.
+    reference: (lo, hi) median object widths, model px, of the model's validation sets.
+    min_px: smallest object counted, in model px (at zoom z, min_px / z^2 slice px).
+    """
+    zoom, widths, n, reason = 1.0, [], 0, "too few objects"
+    for k in range(max(passes, 1)):
+        prob = np.asarray(predict(zoom))
+        w = object_widths(prob >= threshold, max(1, round(min_px / zoom ** 2))) * zoom  # in model px
+        if len(w) < MIN_OBJECTS:
+            reason = "too few objects" if k == 0 else "refined"  # keep the zoom the first pass gave
+            break
+        n = len(w)
+        widths.append(round(float(np.median(w)), 2))
+        step = zoom_towards(widths[-1], reference, tolerance)
+        if step == 1.0:
+            reason = "in range" if k == 0 else "refined"
+            break
+        zoom = float(np.clip(zoom * step, 1.0 / max_zoom, max_zoom))
+        reason = f"capped at x{max_zoom:g}" if zoom in (1.0 / max_zoom, max_zoom) else "refined"
+    return ZoomEstimate(round(zoom, 4), tuple(widths), n, reason)
+
+
+def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: float | None
+                    ) -> tuple[float | None, ZoomEstimate | None]:
+    """The pixel size to predict a slice at, and the zoom estimate behind it (None if none was made).
+
+    A known `pixel_size_nm` is returned as it is. For an unknown one, with `inference.auto_zoom`
+    and a model that states its pixel size and `inference.object_width_px`, the slice's zoom is
+    estimated (`estimate_zoom`, passes of `predictor.predict_slice` without test-time
+    augmentation) and returned as the pixel size that makes `predict_slice` resample by it
+    (model pixel size x zoom; None at zoom 1). Measurements stay in the slice's pixels: pass the
+    grid to prediction only, and the objects' minimum size through `for_objects`. Off with
+    `inference.rescale` False (predict on the slice's own grid).
+    """
+    ic = inference
+    model_px = getattr(predictor, "pixel_size_nm", None)
+    if (pixel_size_nm or not ic.rescale or not getattr(ic, "auto_zoom", False) or not ic.object_width_px
+            or not model_px):
+        return pixel_size_nm, None
+
+    def predict(zoom: float) -> np.ndarray:
+        return predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
+                                       pixel_size_nm=grid_of(model_px, zoom), rescale=True)
+
+    est = estimate_zoom(predict, ic.threshold, tuple(ic.object_width_px), ic.min_size_px)
+    log.info("auto zoom x%.3g (median widths %s model px, %d objects, %s)", est.zoom, est.widths, est.objects,
+             est.reason)
+    return grid_of(model_px, est.zoom), est
+
+
+def grid_of(model_px: float, zoom: float) -> float | None:
+    """The pixel size (nm) at which `Predictor.scale_factor` resamples a slice by `zoom`; None at 1."""
+    return None if zoom == 1.0 else float(model_px) * float(zoom)
+
+
+def for_objects(inference, estimate: ZoomEstimate | None):
+    """`inference` with its minimum object sizes for data of unknown pixel size (model px and voxels)
+    expressed in the data's own pixels when `estimate` zoomed it in-plane: min_size_px / zoom^2 and
+    min_volume_vox / zoom^2 (a volume is zoomed in XY only)."""
+    import dataclasses
+
+    if estimate is None or estimate.zoom == 1.0:
+        return inference
+    a = estimate.zoom ** 2
+    return dataclasses.replace(inference, min_size_px=max(1, int(round(inference.min_size_px / a))),
+                               min_volume_vox=max(1, int(round(inference.min_volume_vox / a))))
