@@ -163,3 +163,24 @@ def test_auto_zoom_with_a_real_model_finds_the_scale_of_enlarged_slices(blob_run
     assert s["auto_zoom"] == pytest.approx(est.zoom) and s["rescaled_by"] == pytest.approx(est.zoom)
     assert np.isnan(s["pixel_size_nm"])  # measurements stay in the slice's pixels
     assert "auto zoom" in capsys.readouterr().err
+
+
+def test_auto_zoom_in_a_volume_of_unknown_voxel_size_is_read_off_its_middle_slice(blob_run):
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.volume import VolumeSettings, analyze_volume
+
+    _, run = blob_run
+    pred = load_model(run, jit_compile=False)
+    image, _ = blob_image(128, seed=3, n=10)
+    big = cv2.resize(image, None, fx=2.5, fy=2.5, interpolation=cv2.INTER_LINEAR)
+    volume = np.repeat(big[None], 5, axis=0)  # tubes through 5 slices
+    ic = replace(pred.config.inference, tile=128, overlap=16, threshold=0.5, min_size_px=10, min_volume_vox=400,
+                 object_width_px=(18.0, 18.0), auto_zoom=True)
+    pred.config = replace(pred.config, data=replace(pred.config.data, pixel_size_nm=5.0), inference=ic)
+    a = analyze_volume(pred, volume, "v", VolumeSettings())
+    assert 0.3 < a.summary["auto_zoom"] < 0.6 and a.summary["count"] >= 5
+    # The minimum volume, in model voxels, is counted in the stack's own: 400 / zoom^2 of them.
+    sizes = np.bincount(a.instances.ravel())[1:]
+    assert a.instances.max() == a.summary["count"] and sizes[sizes > 0].min() >= 400 / a.summary["auto_zoom"] ** 2
+    off = analyze_volume(pred, volume, "v", VolumeSettings(inference={"auto_zoom": False}))
+    assert off.summary["auto_zoom"] is None
