@@ -157,16 +157,15 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     label: optional ground truth (binary mask or instance ids) for scores.
     pixel_size_nm: nm per pixel, or None (measurements in pixels).
     """
+    from .autoscale import for_objects, prediction_grid
     from .gradcam import deletion_check, energy_inside
     from .metrics import scores
     from .morphometry import ShapeRules, classify, measure, summarize
     from .postprocess import foreground, instances as to_instances, score_slice, truth
 
-    from .autoscale import for_objects, prediction_grid
-
     s = settings or Settings()
     ic = s.resolve(predictor)
-    # Unknown pixel size: predict at the zoom the objects' widths suggest (autoscale); measure in px.
+    # Unknown pixel size and auto_zoom: predict at the zoom the objects' widths suggest; measure in px.
     grid_px, zoom = prediction_grid(predictor, image, ic, pixel_size_nm)
     scale = {"pixel_size_nm": grid_px, "rescale": ic.rescale}
     prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size, progress,
@@ -222,10 +221,11 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     members: the test-time-augmented predictions (H, W, 8) when the confidence reads their agreement.
     grid_px: the pixel size the slice was predicted at (`autoscale.prediction_grid`; default
     `pixel_size_nm`)."""
-    grid_px = pixel_size_nm if grid_px is None else grid_px
     from .calibration import apply_temperature
     from .confidence import AGREEMENT_FEATURES, IMAGE_FEATURES, REVIEW_BELOW, entropy, feature_matrix, object_features
     from .postprocess import ZOOMS, alternative_instances
+
+    grid_px = pixel_size_nm if grid_px is None else grid_px
 
     config = getattr(predictor, "config", None)
     cal = config.calibration if config is not None else {}
