@@ -44,7 +44,8 @@ def arm_row(cells: dict, names: list[str]) -> dict:
 
 def recipe(runs: dict) -> str:
     """Short recipe of a study's first run (loso.json "runs"): zoom range, intensity strength, input
-    low-pass and dropout (when not the default), loss, base filters, tiles."""
+    low-pass and dropout (when not the default), loss, base filters, tiles, and the learning-rate
+    schedule when not constant."""
     r = next(iter(runs.values()), None)
     if not r:
         return "-"
@@ -55,7 +56,9 @@ def recipe(runs: dict) -> str:
     return (f"zoom x{lo:g}-{hi:g}, " + (f"intensity x{strength:g}, " if strength != 1 else "")
             + f"{r.get('train', {}).get('loss', '?')}, f{model.get('base_filters', '?')}, "
             + (f"input blur {blur:g}, " if blur else "") + (f"dropout {dropout:g}, " if dropout else "")
-            + f"{r.get('tiles_seen') or '?'} tiles")
+            + f"{r.get('tiles_seen') or '?'} tiles"
+            + (f", {schedule} learning rate" if (schedule := r.get("train", {}).get("lr_schedule", "constant"))
+               != "constant" else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
