@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from xmdl_tf.autoscale import (MAX_ZOOM, TOLERANCE, ZoomEstimate, estimate_zoom, for_objects, grid_of, object_widths,
-                               predicted_width, width_range, zoom_towards)
+from xmdl_tf.autoscale import (MAX_ZOOM, TOLERANCE, ZoomEstimate, estimate_zoom, followed, for_objects, grid_of,
+                               object_widths, predicted_width, width_range, zoom_towards)
 from xmdl_tf.config import InferenceConfig
 
 from conftest import blob_image
@@ -84,6 +84,31 @@ def test_estimate_zoom_brings_small_objects_to_the_models_widths():
     # Objects far too large: shrunk, never past MAX_ZOOM either way.
     big = estimate_zoom(ideal_model(true), 0.5, (150.0, 200.0), min_px=10)
     assert big.zoom == MAX_ZOOM and big.reason == f"capped at x{MAX_ZOOM:g}"
+
+
+def fragment_model(size: int = 400, width_model_px: float = 12.0, n: int = 10):
+    """predict(zoom) of a model that does not recognise the slice's objects and finds, wherever
+    they are, blobs of the width it prefers: the same width in model px at every zoom."""
+    def predict(zoom: float) -> np.ndarray:
+        m = np.zeros((size, size), np.uint8)
+        r = max(1, int(round(width_model_px / zoom / 2)))
+        for k in range(n):
+            cv2.circle(m, (20 + 36 * k, 200), r, 1, -1)
+        return m.astype(np.float32)
+
+    return predict
+
+
+def test_estimate_zoom_falls_back_when_the_objects_do_not_follow_it():
+    est = estimate_zoom(fragment_model(), 0.5, (24.0, 30.0), min_px=4)
+    assert est.zoom == 1.0 and est.reason == "objects did not follow the zoom"
+    assert est.widths[0] < 24 / TOLERANCE and abs(est.widths[1] - est.widths[0]) < 3  # fragments stay ~12 px
+    assert followed(20.0, 40.0, 2.0) and followed(20.0, 30.0, 2.0) and not followed(20.0, 22.0, 2.0)
+    assert followed(40.0, 20.0, 0.5) and not followed(40.0, 44.0, 0.5) and followed(30.0, 30.0, 1.0)
+    # Objects that vanish at the zoom: back to 1 too.
+    gone = estimate_zoom(lambda z: fragment_model()(1.0) if z == 1.0 else np.zeros((400, 400), np.float32),
+                         0.5, (24.0, 30.0), min_px=4)
+    assert gone.zoom == 1.0 and gone.reason == "objects lost at the zoom"
 
 
 def test_estimate_zoom_needs_enough_objects():

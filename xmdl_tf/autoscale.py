@@ -11,7 +11,8 @@ on the slice's own grid, the median width of the objects found (twice the
 largest inscribed radius), and, if that lies outside the widths the model
 finds on its own validation sets (`InferenceConfig.object_width_px`, measured
 by `python -m xmdl_tf.tune`) by more than `TOLERANCE`, the zoom that brings
-it to the nearest end of that range; a second pass at that zoom refines it
+it to the nearest end of that range; a second pass at that zoom checks that
+the objects followed it (`followed`: else back to zoom 1) and refines it
 once. The zoom only resamples the slice for prediction: objects are still
 measured in the slice's own pixels, since a scale read off the objects cannot
 say how large they are.
@@ -41,6 +42,9 @@ TOLERANCE = 1.25
 MAX_ZOOM = 4.0  # beyond x4 either way the objects found are too few or too wrong to trust a size
 MIN_OBJECTS = 5  # fewer objects than this say nothing about the slice's scale
 PASSES = 2  # the first estimate and one refinement, as cellpose refines its diameter once
+# At the second pass the objects' width must have moved by at least half the zoom (log terms):
+# fragments of the size a model prefers, found where it does not recognise the objects, do not.
+FOLLOW = 0.5
 
 
 def object_widths(mask: np.ndarray, min_px: int = 30) -> np.ndarray:
@@ -109,7 +113,8 @@ class ZoomEstimate:
 
     widths: the median object width (model px) found at each pass; objects: how many the last
     pass measured; reason: why the estimate stopped ("in range", "too few objects", "refined",
-    "capped at x4").
+    "capped at x4", or, back at zoom 1, "objects did not follow the zoom" / "objects lost at the
+    zoom").
     """
 
     zoom: float
@@ -130,21 +135,38 @@ def estimate_zoom(predict: Callable[[float], np.ndarray], threshold: float, refe
     min_px: smallest object counted, in model px (at zoom z, min_px / z^2 slice px).
     """
     zoom, widths, n, reason = 1.0, [], 0, "too few objects"
+    previous = 1.0
     for k in range(max(passes, 1)):
         prob = np.asarray(predict(zoom))
         w = object_widths(prob >= threshold, max(1, round(min_px / zoom ** 2))) * zoom  # in model px
         if len(w) < MIN_OBJECTS:
-            reason = "too few objects" if k == 0 else "refined"  # keep the zoom the first pass gave
+            if k > 0:  # real objects brought towards the model's sizes do not vanish
+                zoom, reason = 1.0, "objects lost at the zoom"
             break
         n = len(w)
         widths.append(round(float(np.median(w)), 2))
+        if k > 0 and not followed(widths[-2], widths[-1], zoom / previous):
+            zoom, reason = 1.0, "objects did not follow the zoom"
+            break
         step = zoom_towards(widths[-1], reference, tolerance)
         if step == 1.0:
             reason = "in range" if k == 0 else "refined"
             break
-        zoom = float(np.clip(zoom * step, 1.0 / max_zoom, max_zoom))
+        previous, zoom = zoom, float(np.clip(zoom * step, 1.0 / max_zoom, max_zoom))
         reason = f"capped at x{max_zoom:g}" if zoom in (1.0 / max_zoom, max_zoom) else "refined"
     return ZoomEstimate(round(zoom, 4), tuple(widths), n, reason)
+
+
+def followed(before: float, after: float, zoom: float, share: float = FOLLOW) -> bool:
+    """Did objects of median width `before` (model px) follow a zoom by `zoom` to `after`?
+
+    Real objects grow by the zoom (in model px); what a model finds where it does not recognise
+    the objects (fragments and other structures of the size it prefers) stays about as wide. True
+    when the width changed by at least `share` of the zoom, in log terms, and the same way.
+    """
+    if zoom == 1.0:
+        return True
+    return float(np.log(after / before) / np.log(zoom)) >= share
 
 
 def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: float | None
