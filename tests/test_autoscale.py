@@ -122,8 +122,10 @@ def test_for_objects_scales_pixel_minimums_by_the_zoom_area():
     z = for_objects(ic, ZoomEstimate(2.0, (20.0, 40.0), 9, "refined"))
     assert (z.min_size_px, z.min_volume_vox, z.min_area_nm2) == (100, 25, ic.min_area_nm2)
     assert grid_of(5.0, 1.0) is None and grid_of(5.0, 2.0) == 10.0
-    with pytest.raises(ValueError, match="object_width_px"):
-        InferenceConfig(object_width_px=(50.0, 40.0))
+    for bad in ((50.0, 40.0), 30.0, (0.0, 40.0), ("a", "b"), (10.0, 20.0, 30.0)):
+        with pytest.raises(ValueError, match="object_width_px"):
+            InferenceConfig(object_width_px=bad)
+    assert InferenceConfig(object_width_px=[28, 50.9]).object_width_px == [28, 50.9]
 
 
 def test_predicted_width_is_in_model_pixels():

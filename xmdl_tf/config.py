@@ -201,7 +201,8 @@ class InferenceConfig:
     def __post_init__(self):
         problems = []
         w = self.object_width_px
-        if w is not None and not (len(w) == 2 and 0 < float(w[0]) <= float(w[1])):
+        if w is not None and not (isinstance(w, (tuple, list)) and len(w) == 2
+                                  and all(isinstance(v, (int, float)) for v in w) and 0 < w[0] <= w[1]):
             problems.append(f"object_width_px {w} must be (smallest, largest) with 0 < smallest <= largest")
         if self.tile < 1:
             problems.append(f"tile {self.tile} must be positive")
