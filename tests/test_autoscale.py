@@ -158,8 +158,8 @@ def test_auto_zoom_with_a_real_model_finds_the_scale_of_enlarged_slices(blob_run
     ic = replace(pred.config.inference, object_width_px=(lo, hi), threshold=0.5, min_size_px=10, **fast)
     image, label = read_pair(find_pairs(str(data), "val")[0])
     big = cv2.resize(image, None, fx=2.5, fy=2.5, interpolation=cv2.INTER_LINEAR)
-    assert prediction_grid(pred, big, ic, None) == (None, None)  # off by default
-    ic = replace(ic, auto_zoom=True)
+    assert ic.auto_zoom  # on by default, but without the widths the model knows there is nothing to aim at
+    assert prediction_grid(pred, big, replace(ic, object_width_px=None), None) == (None, None)
     pred.config = replace(pred.config, inference=ic)
     grid, est = prediction_grid(pred, big, ic, None)
     assert 0.3 < est.zoom < 0.55 and grid == pytest.approx(5.0 * est.zoom)  # right: 1 / 2.5 = 0.4

@@ -51,8 +51,8 @@ OUTPUT_FILES = ("mask.tif", "instances.tif", "probability.tif", "gradcam.tif", "
 UNKNOWN_GRID = ("note: {name} states no pixel size and --pixel-size was not given: predicting on the image's own "
                 "grid as if it were the model's {model:g} nm; give --pixel-size NM when known (a grid off by x2 can "
                 "halve the F1)")
-NO_WIDTHS = ("note: --auto-zoom needs the widths of the objects the model knows, which its config.json lacks; "
-             "measure them with python -m xmdl_tf.tune --model MODEL --data ITS_SETS --write")
+NO_WIDTHS = ("note: auto zoom needs the widths of the objects the model knows, which its config.json lacks; "
+             "python -m xmdl_tf.tune --model MODEL --data ITS_SETS --write measures them")
 AUTO_GRID = ("note: {name} states no pixel size and --pixel-size was not given: each such image is zoomed so that its "
              "mitochondria look as wide as the model's own (auto zoom, column auto_zoom of summary.csv; measurements "
              "stay in pixels); give --pixel-size NM when known")

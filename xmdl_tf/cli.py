@@ -194,9 +194,8 @@ def add_inference_args(p: argparse.ArgumentParser, explain: bool = True) -> None
                    help=f"resample inputs of known pixel size to the model's ({d.rescale})")
     g.add_argument("--auto-zoom", action=argparse.BooleanOptionalAction, default=None,
                    help="for slices of unknown pixel size, estimate the zoom that brings their mitochondria to "
-                        "the widths the model knows (one or two quick passes more; needs a model tuned by "
-                        "xmdl_tf.tune): for data like the model's own at an unknown scale, not for a new "
-                        f"microscope ({d.auto_zoom})")
+                        "the widths the model knows, one or two quick passes more (needs a model tuned by "
+                        f"xmdl_tf.tune) ({d.auto_zoom})")
     if explain:
         g.add_argument("--gradcam-layer", default=None, help="conv layer to explain (dec1_conv2)")
 

@@ -174,9 +174,7 @@ class InferenceConfig:
     gradcam_layer: conv layer explained (None = dec1_conv2).
     auto_zoom: for a slice of unknown pixel size, estimate the zoom that brings its
         mitochondria to the widths the model knows (`xmdl_tf.autoscale`); needs
-        object_width_px and a model pixel size. Off by default: it finds the scale
-        of data like the model's own, but on a microscope the model never saw its
-        objects' widths mislead it (models/README.md, "Auto zoom").
+        object_width_px and a model pixel size (models/README.md, "Auto zoom").
     object_width_px: (smallest, largest) median width, in model pixels, of the
         objects the model predicts on its validation sets (`python -m xmdl_tf.tune`
         measures it); None = unknown, no auto zoom.
@@ -195,7 +193,7 @@ class InferenceConfig:
     separate: bool = True
     rescale: bool = True
     gradcam_layer: str | None = None
-    auto_zoom: bool = False
+    auto_zoom: bool = True
     object_width_px: tuple[float, float] | None = None
 
     def __post_init__(self):
