@@ -126,6 +126,10 @@ def test_for_objects_scales_pixel_minimums_by_the_zoom_area():
         with pytest.raises(ValueError, match="object_width_px"):
             InferenceConfig(object_width_px=bad)
     assert InferenceConfig(object_width_px=[28, 50.9]).object_width_px == [28, 50.9]
+    from xmdl_tf.config import Config
+
+    with pytest.raises(ValueError, match=r"^my/config.json\['inference'\]: .*object_width_px"):
+        Config.from_dict({"inference": {"object_width_px": [50, 20]}}, source="my/config.json")
 
 
 def test_predicted_width_is_in_model_pixels():

@@ -309,7 +309,10 @@ class Config:
             part = d.get(name, {})
             _check_keys(part, {f.name for f in dataclasses.fields(klass)}, f"{source}[{name!r}]")
             # JSON has no tuples: restore them so configs compare equal after a round trip.
-            sub[name] = klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in part.items()})
+            try:
+                sub[name] = klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in part.items()})
+            except ValueError as err:  # name the file: a hand-edited config.json is the usual cause
+                raise ValueError(f"{source}[{name!r}]: {err}") from None
         return cls(
             **sub,
             normalization=d.get("normalization", dict(NORMALIZATION)),
