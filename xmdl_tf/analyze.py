@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cli
+from .autoscale import enabled as auto_zoom_enabled
 from .config import InferenceConfig, resolve_inference
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
 from .pretrained import NO_DEFAULT, default_model_path
@@ -420,8 +421,8 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 bar = None
                 if verbose and px is None and predictor.pixel_size_nm and not warned_grid:
                     warned_grid = True
-                    auto = ic.auto_zoom and ic.rescale and ic.object_width_px
-                    print((AUTO_GRID if auto else UNKNOWN_GRID).format(name=where, model=predictor.pixel_size_nm),
+                    print((AUTO_GRID if auto_zoom_enabled(predictor, ic) else UNKNOWN_GRID).format(
+                              name=where, model=predictor.pixel_size_nm),
                           file=sys.stderr, flush=True)
                     if ic.auto_zoom and not ic.object_width_px:
                         print(NO_WIDTHS, file=sys.stderr, flush=True)

@@ -170,6 +170,13 @@ def followed(before: float, after: float, zoom: float, share: float = FOLLOW) ->
     return float(np.log(after / before) / np.log(zoom)) >= share
 
 
+def enabled(predictor, inference) -> bool:
+    """Whether slices of unknown pixel size get a zoom estimate with `predictor` and `inference`:
+    auto_zoom and rescale on, object_width_px measured, and a model that states its pixel size."""
+    return bool(inference.auto_zoom and inference.rescale and inference.object_width_px
+                and getattr(predictor, "pixel_size_nm", None))
+
+
 def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: float | None
                     ) -> tuple[float | None, ZoomEstimate | None]:
     """The pixel size to predict a slice at, and the zoom estimate behind it (None if none was made).
@@ -183,10 +190,9 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     `inference.rescale` False (predict on the slice's own grid).
     """
     ic = inference
-    model_px = getattr(predictor, "pixel_size_nm", None)
-    if (pixel_size_nm or not ic.rescale or not getattr(ic, "auto_zoom", False) or not ic.object_width_px
-            or not model_px):
+    if pixel_size_nm or not enabled(predictor, ic):
         return pixel_size_nm, None
+    model_px = predictor.pixel_size_nm
 
     def predict(zoom: float) -> np.ndarray:
         return predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
