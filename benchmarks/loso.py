@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     recipes = {}
     for left in cells:
         cfg = json.loads((out / f"without_{left}" / "config.json").read_text())
-        recipes[left] = {k: cfg[k] for k in ("data", "model", "train", "augment") if k in cfg}
+        recipes[left] = {k: cfg[k] for k in ("data", "model", "train", "augment", "normalization") if k in cfg}
         recipes[left]["tiles_seen"] = cfg["info"].get("tiles_seen")
         recipes[left]["train_seconds"] = cfg["info"].get("train_seconds")
     (out / "loso.json").write_text(json.dumps({"sets": names, "pixel_size_nm": px, "runs": recipes,

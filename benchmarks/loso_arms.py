@@ -44,8 +44,8 @@ def arm_row(cells: dict, names: list[str]) -> dict:
 
 def recipe(runs: dict) -> str:
     """Short recipe of a study's first run (loso.json "runs"): zoom range, intensity strength, input
-    low-pass and dropout (when not the default), loss, base filters, tiles, and the learning-rate
-    schedule when not constant."""
+    low-pass, dropout and normalisation (when not the default), loss, base filters, tiles, and the
+    learning-rate schedule when not constant."""
     r = next(iter(runs.values()), None)
     if not r:
         return "-"
@@ -53,9 +53,11 @@ def recipe(runs: dict) -> str:
     strength = r.get("augment", {}).get("strength", 1)
     model = r.get("model", {})
     blur, dropout = model.get("input_blur", 0), model.get("dropout", 0)
+    norm = r.get("normalization", {}).get("method", "percentile")
     return (f"zoom x{lo:g}-{hi:g}, " + (f"intensity x{strength:g}, " if strength != 1 else "")
             + f"{r.get('train', {}).get('loss', '?')}, f{model.get('base_filters', '?')}, "
             + (f"input blur {blur:g}, " if blur else "") + (f"dropout {dropout:g}, " if dropout else "")
+            + (f"{norm} normalisation, " if norm != "percentile" else "")
             + f"{r.get('tiles_seen') or '?'} tiles"
             + (f", {schedule} learning rate" if (schedule := r.get("train", {}).get("lr_schedule", "constant"))
                != "constant" else ""))

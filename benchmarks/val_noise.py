@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             regions = [SliceRegion(q) for q in find_pairs(path, "val")]
         else:
             regions = holdout_split(find_pairs(path, "train"))[1]
-        per_set[d["name"]] = np.stack([region_counts(model, r, d["resample_factor"], cfg.data, cfg.train.batch_size)
+        per_set[d["name"]] = np.stack([region_counts(model, r, d["resample_factor"], cfg.data, cfg.train.batch_size,
+                                                     cfg.normalization)
                                        for r in regions])
     scores = validation_scores({k: v.sum(0) for k, v in per_set.items()}, cfg.train.loss)
     full = scores["val_loss"]

@@ -59,6 +59,9 @@ def test_loso_arms_summarises_zero_shot_held_out_instance_and_seen_cells(tmp_pat
     assert arms.recipe(runs) == "zoom x0.5-2, intensity x1.5, dice, f16, dropout 0.2, 4800 tiles"
     runs["a"].update(train={"loss": "dice", "lr_schedule": "cosine"}, tiles_seen=14400)
     assert arms.recipe(runs) == "zoom x0.5-2, intensity x1.5, dice, f16, dropout 0.2, 14400 tiles, cosine learning rate"
+    runs["a"]["normalization"] = {"method": "equalize"}
+    assert arms.recipe(runs) == ("zoom x0.5-2, intensity x1.5, dice, f16, dropout 0.2, equalize normalisation, "
+                                 "14400 tiles, cosine learning rate")
 
 
 def test_trust_features_fits_on_other_sets_zero_shot_errors_without_the_scored_set(tmp_path):

@@ -339,3 +339,56 @@ def test_loader_processes_build_the_same_tiles(tmp_path, monkeypatch):
     monkeypatch.setenv("XMDL_LOADER_PROCESSES", "many")
     with pytest.raises(ValueError, match="XMDL_LOADER_PROCESSES"):
         loader_processes()
+
+
+def test_equalize_numpy_equals_tensorflow_and_is_blind_to_monotone_contrast():
+    from xmdl_tf.data import normalize
+
+    img = blob_image(96, seed=3)[0]
+    rng = np.random.default_rng(2)
+    for x in (img, rng.gamma(2.0, 3000.0, (50, 70)).clip(0, 65535).astype(np.uint16),
+              rng.normal(100, 30, (40, 40)).clip(0, 255)):  # float input: rounded first
+        np.testing.assert_allclose(normalize_np(x, method="equalize"), normalize(x, method="equalize").numpy(),
+                                   atol=1e-6)
+    eq = normalize_np(img, method="equalize")
+    assert eq.dtype == np.float32 and 0 < eq.min() and eq.max() < 1
+    # The mid-rank of each grey value: pixels below it plus half of those equal to it.
+    v = int(np.median(img))
+    assert eq[img == v][0] == pytest.approx(((img < v).sum() + 0.5 * (img == v).sum()) / img.size)
+    # Any strictly increasing change of grey values (16-bit, gamma 0.5, an offset) gives the same
+    # input to the network; inverted contrast gives its mirror. Percentile normalisation differs.
+    gamma = np.round(60000 * (img / 255.0) ** 0.5 + 3000).astype(np.uint16)
+    np.testing.assert_allclose(normalize_np(gamma, method="equalize"), eq, atol=1e-6)
+    np.testing.assert_allclose(normalize_np(255 - img, method="equalize"), 1 - eq, atol=1e-6)
+    assert np.abs(normalize_np(gamma) - normalize_np(img)).max() > 0.05
+
+
+@pytest.mark.parametrize("method", ["percentile", "equalize"])
+def test_a_piece_is_normalised_as_its_whole_slice(method):
+    from xmdl_tf.sampling import grey_counts, normalize_as
+
+    img = blob_image(96, seed=5)[0]
+    norm = {"method": method, "low": 1.0, "high": 99.8, "clip": True}
+    piece = img[10:50, 30:90]
+    whole = normalize_as(img, norm)[10:50, 30:90]
+    np.testing.assert_array_equal(normalize_as(piece, norm, grey_counts(img)), whole)
+    assert np.abs(normalize_as(piece, norm) - whole).max() > 1e-3  # its own histogram differs
+    # A 16-bit slice's histogram, cut at its highest grey value, normalises the same.
+    wide = img.astype(np.uint16) * 200
+    np.testing.assert_allclose(normalize_as(wide[10:50], norm, grey_counts(wide)[:wide.max() + 1]),
+                               normalize_as(wide, norm)[10:50], atol=1e-6)
+
+
+def test_normalization_settings_are_checked_and_name_the_file(tmp_path):
+    import json
+
+    from xmdl_tf.config import Config
+
+    good = Config(normalization={"method": "equalize", "low": 1.0, "high": 99.8, "clip": True})
+    assert Config.from_dict(json.loads(json.dumps(good.to_dict()))).normalization["method"] == "equalize"
+    for bad, msg in (({"method": "clahe"}, "'clahe' is not one of"), ({"low": 99.0, "high": 1.0}, "low < high"),
+                     ({"gamma": 1}, "unknown key"), ("percentile", "expected an object")):
+        (tmp_path / "config.json").write_text(json.dumps({**good.to_dict(), "normalization": bad}))
+        with pytest.raises(ValueError, match=msg) as err:
+            Config.load(tmp_path / "config.json")
+        assert f"{tmp_path / 'config.json'}['normalization']" in str(err.value)

@@ -82,6 +82,10 @@ def test_chunked_equals_in_memory_and_objects_cross_chunks(client, volume, blob_
     mem = _in_memory(model, image)
     prob = zarr.open_array(str(tmp_path / "whole.zarr" / "0"))[:]
     np.testing.assert_allclose(prob, mem.probability, atol=1e-4)
+    # Each slice's grey-value counts, summed from its chunks: what every chunk is normalised by.
+    hist = np.load(tmp_path / "whole.zarr" / ".xmdl" / "histograms.npy")
+    assert hist.shape == (24, 256)
+    np.testing.assert_array_equal(hist, np.stack([np.bincount(s.ravel(), minlength=256) for s in image]))
     ic = resolve_inference(load_model(model, jit_compile=False), INFER)
     ref = volume_instances(prob, VOXEL, ic.threshold, ic.min_volume(VOXEL))
     labels = zarr.open_array(str(tmp_path / "whole.zarr" / "labels" / "instances" / "0"))[:]

@@ -164,6 +164,29 @@ def test_served_signatures_match_keras_in_a_separate_process(run, export_dir, tm
     assert "NaN or infinite" in errors["nan tile"]
 
 
+def test_equalized_model_exports_its_normalisation_into_the_graph(run, tmp_path):
+    """A model trained on histogram-equalised slices is served with the same equalisation,
+    computed inside the SavedModel from each raw image."""
+    import shutil
+
+    import tensorflow as tf
+
+    model = tmp_path / "eq"
+    shutil.copytree(run, model)
+    cfg = Config.load(model / "config.json")
+    Config(**{**cfg.__dict__, "normalization": {"method": "equalize"}}).save(model / "config.json")
+    assert export_main(["--model", str(model), "--out", str(tmp_path / "x")]) == 0
+    sig = tf.saved_model.load(str(tmp_path / "x" / "1")).signatures["serving_default"]
+    images = raw_images()
+    served = sig(images=tf.constant(images))["probabilities"].numpy()
+    eq, plain = load_model(model, jit_compile=False), load_model(run, jit_compile=False)
+    for i, img in enumerate(images[..., 0]):
+        np.testing.assert_allclose(served[i], eq.predict_slice(img), atol=1e-5)
+        assert np.abs(served[i] - plain.predict_slice(img)).max() > 1e-3
+    meta = json.loads((tmp_path / "x" / "1" / "assets" / META_FILE).read_text())
+    assert meta["normalization"]["method"] == "equalize"
+
+
 def test_saved_model_cli_lists_the_documented_signatures(export_dir):
     cli = Path(sys.executable).parent / "saved_model_cli"
     proc = subprocess.run([str(cli), "show", "--dir", str(export_dir / "1"), "--all"], capture_output=True,

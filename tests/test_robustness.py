@@ -482,6 +482,11 @@ def test_inference_normalises_with_the_models_stored_settings(small_model, tmp_p
     np.testing.assert_allclose(pred.predict_slice(img, 64, 0), direct, atol=1e-5)
     default = load_model(small_model, jit_compile=False).predict_slice(img, 64, 0)
     assert np.abs(default - direct).max() > 1e-3
+    # Histogram equalisation, stored the same way, reaches the network as stored.
+    Config(**{**cfg.__dict__, "normalization": {"method": "equalize"}}).save(model / "config.json")
+    eq = pred.model(normalize_np(img, method="equalize")[None, ..., None], training=False).numpy()[0, ..., 1]
+    np.testing.assert_allclose(load_model(model, jit_compile=False).predict_slice(img, 64, 0), eq, atol=1e-5)
+    assert np.abs(eq - default).max() > 1e-3
 
 
 def test_a_run_started_before_a_new_setting_existed_still_resumes():

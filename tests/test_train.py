@@ -197,3 +197,33 @@ def test_cosine_schedule_and_validation_carved_when_no_val_split(tmp_path):
     cfg = Config.load(out / "config.json")
     assert cfg.train.lr_schedule == "cosine"
     assert "held-back" in cfg.info["data"][0]["validation"]
+
+
+def test_histogram_equalisation_is_trained_stored_and_kept_on_resume(tmp_path, capsys):
+    """--normalization equalize reaches the tiles the network is trained and validated on, is
+    stored with the model, and a run cannot be resumed under the other normalisation."""
+    from conftest import write_split
+    from xmdl_tf.config import DataConfig
+    from xmdl_tf.sampling import SliceRegion, TileSampler, TrainingSet, normalize_np, validation_tiles
+    from xmdl_tf.io import find_pairs
+    from xmdl_tf.io import read_pair
+
+    write_split(tmp_path / "d", "train", 2, size=64)
+    write_split(tmp_path / "d", "val", 1, size=64, start=2)
+    pair = find_pairs(tmp_path / "d", "val")[0]
+    img = read_pair(pair)[0]
+    eq = {"method": "equalize"}
+    x, _ = validation_tiles(SliceRegion(pair), 64, normalization=eq)
+    np.testing.assert_allclose(x[0, ..., 0], normalize_np(img, method="equalize"), atol=1e-6)
+    # Training tiles, no augmentation: crops of the equalised slice (values are its mid-ranks).
+    sampler = TileSampler([TrainingSet("d", [SliceRegion(pair)])], DataConfig(tile_size=32, augment=False), None,
+                          normalization=eq)
+    tiles = sampler.group(0)[0]
+    assert set(np.unique(tiles)) <= set(np.unique(normalize_np(img, method="equalize")))
+    out = tmp_path / "run"
+    assert train_main(["--data", str(tmp_path / "d"), "--out", str(out), *ARGS, "--epochs", "1",
+                       "--steps-per-epoch", "2", "--normalization", "equalize"]) == 0
+    assert Config.load(out / "config.json").normalization["method"] == "equalize"
+    assert train_main(["--data", str(tmp_path / "d"), "--out", str(out), *ARGS, "--epochs", "2",
+                       "--steps-per-epoch", "2"]) == 2
+    assert "different configuration" in capsys.readouterr().err

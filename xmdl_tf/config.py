@@ -315,7 +315,8 @@ class Config:
                 raise ValueError(f"{source}[{name!r}]: {err}") from None
         return cls(
             **sub,
-            normalization=d.get("normalization", dict(NORMALIZATION)),
+            normalization=check_normalization(d.get("normalization", dict(NORMALIZATION)),
+                                              f"{source}['normalization']"),
             info=d.get("info", {}),
             calibration=d.get("calibration", {}),
         )
@@ -335,6 +336,28 @@ class Config:
 # Intensity normalisation, recorded in every config so export and inference
 # reproduce exactly what training saw (see `xmdl_tf.data.normalize`).
 NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8, "clip": True}
+# "percentile": linear between the low and high percentiles of each slice (the
+# default); "equalize": each grey value's mid-rank in its slice's histogram,
+# blind to any monotone change of contrast (a leave-one-set-out arm).
+NORMALIZATION_METHODS = ("percentile", "equalize")
+
+
+def check_normalization(normalization: dict, source: str = "normalization") -> dict:
+    """The stored normalisation settings, checked; raises ValueError naming `source` and the problem."""
+    if not isinstance(normalization, dict):
+        raise ValueError(f"{source}: expected an object like {NORMALIZATION}, got {normalization!r}")
+    unknown = set(normalization) - {"method", "low", "high", "clip"}
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}")
+    method = normalization.get("method", "percentile")
+    if method not in NORMALIZATION_METHODS:
+        raise ValueError(f"{source}: method {method!r} is not one of {NORMALIZATION_METHODS}")
+    if method == "percentile":
+        lo, hi = normalization.get("low", 1.0), normalization.get("high", 99.8)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) \
+                or not 0 <= lo < hi <= 100:
+            raise ValueError(f"{source}: percentiles need 0 <= low < high <= 100, got low={lo!r}, high={hi!r}")
+    return normalization
 
 
 def _check_keys(d: dict, allowed: set[str], source: str) -> None:

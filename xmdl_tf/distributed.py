@@ -143,8 +143,12 @@ def task_histogram(plan: ChunkPlan, region) -> np.ndarray:
     return np.stack([np.bincount(s.ravel().astype(np.int64), minlength=65536) for s in img])
 
 
-def task_predict(plan: ChunkPlan, out: str, region, bounds: np.ndarray, tf_threads: int | None) -> str:
-    """Predict one chunk (slice by slice, with an XY halo) into OUT.zarr/0; returns its key."""
+def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads: int | None) -> str:
+    """Predict one chunk (slice by slice, with an XY halo) into OUT.zarr/0; returns its key.
+
+    histograms: .npy file of each whole slice's grey-value counts (z, grey levels),
+    so a chunk is normalised as its slice.
+    """
     import zarr
 
     out = Path(out)
@@ -156,6 +160,7 @@ def task_predict(plan: ChunkPlan, out: str, region, bounds: np.ndarray, tf_threa
     Y, X = plan.shape[1:]
     grown = (slice(max(ys.start - h, 0), min(ys.stop + h, Y)), slice(max(xs.start - h, 0), min(xs.stop + h, X)))
     img = _volume(plan.source).image_slab(zs.start, zs.stop, grown)
+    counts = np.load(histograms, mmap_mode="r")[zs.start:zs.stop]
     pred = _predictor(plan.model, tf_threads)
     ic = InferenceConfig(**plan.inference)
     px = plan.voxel_size_nm[2] if plan.voxel_size_nm else None
@@ -164,7 +169,7 @@ def task_predict(plan: ChunkPlan, out: str, region, bounds: np.ndarray, tf_threa
     prob = np.empty((zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start), np.float32)
     for k in range(len(img)):
         p = pred.predict_slice(img[k], ic.tile, ic.overlap, ic.batch_size, tta=ic.tta, pixel_size_nm=px,
-                               rescale=ic.rescale, bounds=tuple(bounds[zs.start + k]))
+                               rescale=ic.rescale, counts=np.asarray(counts[k]))
         prob[k] = p[inner]
     zarr.open_array(str(out / "0"), mode="r+")[zs, ys, xs] = prob
     _mark(out, "probability", key)
@@ -480,7 +485,6 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     from .morphometry3d import ShapeRules3D, classify3d, summarize3d, table_from_rows
     from .predict import is_saved_model, resolve_model_path
     from .runlock import FolderLock, atomic_write_text
-    from .sampling import percentile_bounds
     from .volume_io import open_volume, resolve_voxel_size
 
     t_start = time.time()
@@ -518,25 +522,27 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             grid = plan.grid
             work = out / WORK
 
-            # 1. per-slice normalisation bounds from summed chunk histograms
+            # 1. per-slice grey-value histograms, summed over chunks (each chunk is then
+            # normalised as its whole slice); cut at the highest grey value present, so an
+            # 8-bit volume stores 256 counts per slice
             t0 = time.time()
-            bounds_file = work / "bounds.npy"
-            if not bounds_file.is_file():
+            hist_file = work / "histograms.npy"
+            if not hist_file.is_file():
                 futs = client.map(task_histogram, [plan] * len(grid), grid, pure=False)
                 hist = np.zeros((plan.shape[0], 65536), np.int64)
                 for region, h in zip(grid, _gather(client, futs, "histograms", report)):
                     hist[region[0]] += h
-                norm = config.normalization if config else {"low": 1.0, "high": 99.8}
-                bounds = np.array([percentile_bounds(h, float(norm["low"]), float(norm["high"])) for h in hist])
-                np.save(bounds_file, bounds)
-            bounds = np.load(bounds_file)
+                top = max(256, int(np.flatnonzero(hist.any(0)).max(initial=0)) + 1)
+                with open(work / "histograms.tmp.npy", "wb") as f:
+                    np.save(f, hist[:, :top])
+                os.replace(work / "histograms.tmp.npy", hist_file)
             timings["histograms_s"] = time.time() - t0
 
             # 2. probability, chunk by chunk with an XY halo
             t0 = time.time()
             todo = [r for r in grid if not _marker(out, "probability", _key(r)).exists()]
-            b = client.scatter(bounds, broadcast=True)
-            futs = client.map(task_predict, [plan] * len(todo), [str(out)] * len(todo), todo, [b] * len(todo),
+            futs = client.map(task_predict, [plan] * len(todo), [str(out)] * len(todo), todo,
+                              [str(hist_file)] * len(todo),
                               [tf_threads] * len(todo), pure=False)
             _gather(client, futs, f"probability ({len(grid) - len(todo)} chunk(s) already done)", report)
             timings["probability_s"] = time.time() - t0

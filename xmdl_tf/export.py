@@ -160,9 +160,8 @@ def _archive(model, config: Config, layer: str):
 
     divisor = config.model.size_divisor
     norm = config.normalization
-    if norm.get("method", "percentile") != "percentile":
-        raise ModelError(f"normalisation method {norm.get('method')!r} is not supported by the export")
-    low, high, clip = float(norm["low"]), float(norm["high"]), bool(norm["clip"])
+    method = norm.get("method", "percentile")
+    low, high, clip = float(norm.get("low", 1.0)), float(norm.get("high", 99.8)), bool(norm.get("clip", True))
     explain_tiles = explain_function(model, layer)
 
     def checked(images: tf.Tensor, channels: int, multiple: int = 1) -> tf.Tensor:
@@ -220,8 +219,8 @@ def _archive(model, config: Config, layer: str):
         if images.dtype.is_floating:
             images = checked_grey(images)
         images = not_constant(images)
-        # One intensity mapping per image, from that image's own percentiles.
-        x = tf.map_fn(lambda im: normalize(im, low, high, clip), images, fn_output_signature=tf.float32)
+        # One intensity mapping per image, from that image's own histogram.
+        x = tf.map_fn(lambda im: normalize(im, low, high, clip, method), images, fn_output_signature=tf.float32)
         h, w = tf.shape(x)[1], tf.shape(x)[2]
         x = tf.gather(x, _mirror_index(h, -(-h // divisor) * divisor), axis=1)
         x = tf.gather(x, _mirror_index(w, -(-w // divisor) * divisor), axis=2)

@@ -135,7 +135,7 @@ class Predictor:
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                       batch_size: int | None = None, progress: Callable[[int], None] | None = None,
                       tta: bool | None = None, pixel_size_nm: float | None = None,
-                      rescale: bool = True, bounds: tuple[float, float] | None = None,
+                      rescale: bool = True, counts: np.ndarray | None = None,
                       spread: bool = False, members: bool = False, zoom: float = 1.0
                       ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1].
@@ -151,8 +151,9 @@ class Predictor:
         pixel_size_nm: the slice's pixel size; when it and the model's are known
         (and `rescale`), the slice is resampled to the model's pixel size, predicted
         there and the probabilities mapped back to the slice's own grid.
-        bounds: normalisation grey values (lo, hi) of the whole slice when `image`
-        is a piece of it (`sampling.percentile_bounds`); default: its own.
+        counts: the grey-value histogram of the whole slice when `image` is a
+        piece of it (`sampling.grey_counts`), so the piece is normalised as its
+        slice; default: its own.
         zoom: predict with the slice resampled by this much more than its pixel size
         asks (0.8: objects look 20% smaller to the model); the output is on the
         slice's grid all the same (for the scale-agreement feature).
@@ -172,7 +173,7 @@ class Predictor:
             return self.predict_batch(t, tta)[..., 1:2]  # only the foreground channel is blended
 
         def run(img: np.ndarray, _region: None) -> np.ndarray:
-            x = normalize_as(img, self.config.normalization, bounds)
+            x = normalize_as(img, self.config.normalization, counts)
             bs = self._batch_size(x.shape, tile, overlap, batch_size)
             return predict_tiled(self._pad_batches(batch, bs), x, tile, overlap, self.size_divisor, bs,
                                  progress=progress)

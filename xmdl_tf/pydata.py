@@ -29,13 +29,14 @@ class TrainingTiles(keras.utils.PyDataset):
 
     def __init__(self, data: list[TrainingSet] | list[SliceRegion], cfg: DataConfig, batch_size: int,
                  seed: int = 0, augment: AugmentConfig | None = None, start_tile: int = 0,
-                 workers: int | None = None, processes: int | None = None):
+                 workers: int | None = None, processes: int | None = None, normalization: dict | None = None):
         workers = max(1, workers if workers is not None else min(os.cpu_count() or 2, 16))
         if processes is None:
             processes = loader_processes()
         # Queue enough batches that every worker has one to build.
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(8, 2 * workers))
-        self.sampler = TileSampler(as_sets(data), cfg, augment or AugmentConfig(), seed, processes=processes)
+        self.sampler = TileSampler(as_sets(data), cfg, augment or AugmentConfig(), seed, processes=processes,
+                                   normalization=normalization)
         # Batches in the queue may come from this many groups at once.
         self.sampler.cache_groups = max(4, -(-2 * workers * batch_size // self.sampler.tiles_per_group) + 2)
         self.batch_size, self.start_tile = batch_size, start_tile
@@ -61,12 +62,13 @@ def loader_processes() -> int:
 class ValidationTiles(keras.utils.PyDataset):
     """The grid tiles of every validation region, in order, in batches; finite."""
 
-    def __init__(self, data: list[TrainingSet] | list[SliceRegion], cfg: DataConfig, batch_size: int):
+    def __init__(self, data: list[TrainingSet] | list[SliceRegion], cfg: DataConfig, batch_size: int,
+                 normalization: dict | None = None):
         super().__init__(workers=1, use_multiprocessing=False)
         xs, ys = [], []
         for s in as_sets(data):
             for r in s.regions:
-                x, y = validation_tiles(r, cfg.tile_size, s.factor, cfg.ignore_value)
+                x, y = validation_tiles(r, cfg.tile_size, s.factor, cfg.ignore_value, normalization)
                 xs.append(x)
                 ys.append(y)
         self.x, self.y = np.concatenate(xs), np.concatenate(ys)

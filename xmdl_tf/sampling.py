@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from .augment import IGNORE, augment_intensity, draw_geometry, elastic_field, warp_tile
-from .config import NORMALIZATION, AugmentConfig, DataConfig
+from .config import NORMALIZATION, NORMALIZATION_METHODS, AugmentConfig, DataConfig
 from .io import DataError, SlicePair, read_pair
 
 # ----------------------------------------------------------------------------
@@ -36,26 +36,60 @@ from .io import DataError, SlicePair, read_pair
 
 
 def normalize_np(image: np.ndarray, low: float = NORMALIZATION["low"], high: float = NORMALIZATION["high"],
-                 clip: bool = NORMALIZATION["clip"]) -> np.ndarray:
-    """Map raw grey values of ONE image to float32 [0, 1] by its own percentiles.
+                 clip: bool = NORMALIZATION["clip"], method: str = "percentile") -> np.ndarray:
+    """Map raw grey values of ONE image to float32 [0, 1] by its own histogram.
 
     image: (H, W) or (H, W, 1) integer grey values 0..65535 (float inputs are rounded).
-    Percentiles are the inverted-CDF ones of a 65536-bin histogram, exactly as
+    method "percentile": (x - p_low) / (p_high - p_low), clipped when `clip`;
+    percentiles are the inverted-CDF ones of a 65536-bin histogram, exactly as
     the TensorFlow `normalize` used in the exported SavedModel computes them.
+    method "equalize": each grey value's mid-rank in the image's histogram (the
+    fraction of pixels darker than it plus half of those equal to it), so any
+    monotone change of contrast, gamma or brightness maps to the same output;
+    low, high and clip are unused.
     """
+    x = grey_values(image)
+    return normalize_counts(x, grey_counts(x), low, high, clip, method)
+
+
+def grey_values(image: np.ndarray) -> np.ndarray:
+    """The image as integer grey values 0..65535 (uint8/uint16 as they are; others rounded and clipped)."""
     x = np.asarray(image)
     if x.dtype not in (np.uint8, np.uint16):
         x = np.clip(np.round(x.astype(np.float32)), 0, 65535).astype(np.int32)
-    counts = np.bincount(x.ravel(), minlength=65536 if x.dtype != np.uint8 else 256)
-    return apply_bounds(x, *percentile_bounds(counts, low, high), clip)
+    return x
+
+
+def grey_counts(image: np.ndarray) -> np.ndarray:
+    """int64 counts per grey value 0.. of an image of integer grey values (`grey_values`).
+
+    The histogram of a slice is the sum of the histograms of its pieces, so a
+    slice cut into chunks is normalised exactly as a whole one (`normalize_as`).
+    """
+    x = np.asarray(image)
+    return np.bincount(x.ravel(), minlength=256 if x.dtype == np.uint8 else 65536).astype(np.int64)
+
+
+def normalize_counts(x: np.ndarray, counts: np.ndarray, low: float, high: float, clip: bool,
+                     method: str = "percentile") -> np.ndarray:
+    """`normalize_np` of grey values `x` by the histogram `counts` (of `x` or of the slice it is cut from)."""
+    if method == "percentile":
+        return apply_bounds(x, *percentile_bounds(counts, low, high), clip)
+    if method == "equalize":
+        lut = equalize_lut(counts)
+        return lut[np.minimum(x, len(lut) - 1)]  # grey values above the histogram's range: the top rank
+    raise ValueError(f"normalisation method {method!r} is not one of {NORMALIZATION_METHODS}")
+
+
+def equalize_lut(counts: np.ndarray) -> np.ndarray:
+    """float32 mid-rank of every grey value 0..len(counts)-1: (pixels below + half the pixels equal) / all."""
+    c = np.asarray(counts, np.float64)
+    below = np.cumsum(c) - c
+    return ((below + 0.5 * c) / max(float(c.sum()), 1.0)).astype(np.float32)
 
 
 def percentile_bounds(counts: np.ndarray, low: float, high: float) -> tuple[float, float]:
-    """(lo, hi) grey values at percentiles `low`, `high` of a histogram (counts per grey value 0..).
-
-    The histogram of a slice can be summed from the histograms of its pieces,
-    so a slice cut into chunks is normalised exactly as a whole one.
-    """
+    """(lo, hi) grey values at percentiles `low`, `high` of a histogram (counts per grey value 0..)."""
     cdf = np.cumsum(counts)
     n = float(cdf[-1])
     ranks = np.maximum(np.ceil(np.array([low, high], np.float64) / 100.0 * n), 1.0)
@@ -71,18 +105,17 @@ def apply_bounds(image: np.ndarray, lo: float, hi: float, clip: bool = True) -> 
     return y
 
 
-def normalize_as(image: np.ndarray, normalization: dict, bounds: tuple[float, float] | None = None) -> np.ndarray:
+def normalize_as(image: np.ndarray, normalization: dict, counts: np.ndarray | None = None) -> np.ndarray:
     """`normalize_np` with a model's stored settings (config.json "normalization").
 
-    bounds: the (lo, hi) grey values to use instead of the image's own
-    percentiles (a chunk of a slice normalised as its whole slice).
+    counts: the grey-value histogram (`grey_counts`) of the whole slice when
+    `image` is a piece of it, so the piece is normalised as its slice; default:
+    the image's own.
     """
-    if normalization.get("method", "percentile") != "percentile":
-        raise ValueError(f"normalisation method {normalization.get('method')!r} is not supported")
-    if bounds is not None:
-        return apply_bounds(image, *bounds, clip=bool(normalization.get("clip", True)))
-    return normalize_np(image, float(normalization["low"]), float(normalization["high"]),
-                        bool(normalization.get("clip", True)))
+    x = grey_values(image)
+    return normalize_counts(x, grey_counts(x) if counts is None else counts, float(normalization.get("low", 1.0)),
+                            float(normalization.get("high", 99.8)), bool(normalization.get("clip", True)),
+                            normalization.get("method", "percentile"))
 
 
 def target_from_label(label: np.ndarray, ignore_value: int | None = None) -> np.ndarray:
@@ -141,18 +174,22 @@ def holdout_split(pairs: list[SlicePair], val_fraction: float = 0.2) -> tuple[li
     return [SliceRegion(p, 0.0, cut) for p in pairs], [SliceRegion(p, cut, 1.0) for p in pairs]
 
 
-def load_region(region: SliceRegion, ignore_value: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_region(region: SliceRegion, ignore_value: int | None = None,
+                normalization: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image float32 [0, 1], target float32) of a region, both (h, W).
 
     The whole slice is normalised before the band is cut: the same intensity
     mapping as at inference, where whole slices are normalised.
+    normalization: the model's settings (config.json "normalization"; default
+    `config.NORMALIZATION`).
     """
     image, label = read_pair(region.pair)
     if label is None:
         raise DataError(f"{region.pair.image}: no label for a training/validation slice")
     h = image.shape[0]
     r0, r1 = int(round(region.row_from * h)), int(round(region.row_to * h))
-    return normalize_np(image)[r0:r1], target_from_label(label, ignore_value)[r0:r1]
+    x = normalize_as(image, NORMALIZATION if normalization is None else normalization)
+    return x[r0:r1], target_from_label(label, ignore_value)[r0:r1]
 
 
 # A pixel size within 2% of the model's is used as is: resampling would only blur.
@@ -257,10 +294,11 @@ class TileSampler:
     core does, where processes are not bound by it; but the tiles cross a pipe,
     and on 2 cores threads measured faster (README). Same tiles either way
     (tested). Call `close()` to stop them.
+    normalization: the model's intensity normalisation (default `config.NORMALIZATION`).
     """
 
     def __init__(self, sets: list[TrainingSet], cfg: DataConfig, aug: AugmentConfig | None, seed: int = 0,
-                 cache_mb: float = 1024, processes: int = 0):
+                 cache_mb: float = 1024, processes: int = 0, normalization: dict | None = None):
         sets = [s for s in sets if s.regions]
         if not sets:
             raise DataError("no training slices")
@@ -268,6 +306,7 @@ class TileSampler:
         if (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
             raise ValueError(f"set weights must be >= 0 with a positive sum, got {weights.tolist()}")
         self.sets, self.cfg, self.aug, self.seed = sets, cfg, aug if cfg.augment else None, int(seed)
+        self.normalization = dict(NORMALIZATION if normalization is None else normalization)
         self.p = weights / weights.sum()
         self.slices_per_group = max(1, cfg.shuffle_buffer // cfg.tiles_per_slice)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -297,7 +336,7 @@ class TileSampler:
                     # spawn, not fork: the parent runs TensorFlow's or JAX's threads, which a fork
                     # would copy in whatever state they are. Each worker keeps its own slice cache.
                     kwargs = {"sets": self.sets, "cfg": self.cfg, "aug": self.aug, "seed": self.seed,
-                              "cache_mb": self._cache_mb / self.processes * 2}
+                              "cache_mb": self._cache_mb / self.processes * 2, "normalization": self.normalization}
                     self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                                      initializer=_init_worker, initargs=(kwargs,))
         return self._pool
@@ -309,7 +348,7 @@ class TileSampler:
                 self._slices.move_to_end(region)
                 return hit
         # Copies of the band: a view would keep the whole slice alive, uncounted.
-        x, y = (np.ascontiguousarray(a) for a in load_region(region, self.cfg.ignore_value))
+        x, y = (np.ascontiguousarray(a) for a in load_region(region, self.cfg.ignore_value, self.normalization))
         x.flags.writeable = y.flags.writeable = False  # shared between groups: never modified in place
         size = x.nbytes + y.nbytes
         with self._lock:
@@ -414,10 +453,10 @@ def grid_tiles_np(x: np.ndarray, y: np.ndarray, tile: int) -> tuple[np.ndarray, 
     return cut(x), cut(y)
 
 
-def validation_tiles(region: SliceRegion, tile: int, factor: float = 1.0,
-                     ignore_value: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def validation_tiles(region: SliceRegion, tile: int, factor: float = 1.0, ignore_value: int | None = None,
+                     normalization: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grid tiles (n, tile, tile, 1) covering one validation region once, at the model's pixel size."""
-    x, y = resample_pair(*load_region(region, ignore_value), factor)
+    x, y = resample_pair(*load_region(region, ignore_value, normalization), factor)
     return grid_tiles_np(x, y, tile)
 
 

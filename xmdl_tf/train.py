@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from . import cli
-from .config import VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig, resolve_jit
+from .config import (NORMALIZATION, NORMALIZATION_METHODS, VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig,
+                     TrainConfig, resolve_jit)
 from .runlock import atomic_write_text
 from .sampling import SAME_PIXEL_SIZE, resample_factor
 
@@ -430,7 +431,7 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
         atomic_write_text(run_dir / STATE, json.dumps({"epoch": -1, "finished": False}))
 
     ResumableEarlyStopping, RunCheckpoint = _make_callbacks()
-    validate = SetValidation(val_sets, config.data, batch, config.train.loss)
+    validate = SetValidation(val_sets, config.data, batch, config.train.loss, config.normalization)
     schedule = [] if config.train.lr_schedule == "constant" else [
         keras.callbacks.LearningRateScheduler(lambda e, _lr: lr_at(e, config.train))]
     early = ResumableEarlyStopping(state, run_dir, monitor="val_loss", patience=config.train.patience,
@@ -522,18 +523,19 @@ def make_training_input(train_sets, config: Config, start_tile: int = 0):
     if keras.backend.backend() == "tensorflow":
         from .data import training_dataset
 
-        return training_dataset(*args)
+        return training_dataset(*args, normalization=config.normalization)
     from .pydata import TrainingTiles
 
-    return TrainingTiles(*args)
+    return TrainingTiles(*args, normalization=config.normalization)
 
 
-def region_counts(model, region, factor: float, data_cfg, batch_size: int) -> np.ndarray:
+def region_counts(model, region, factor: float, data_cfg, batch_size: int,
+                  normalization: dict | None = None) -> np.ndarray:
     """Pooled [sum p*t, sum p, sum t, tp, fp, fn, tn, sum CE, n valid] of one validation region's grid tiles."""
     from .sampling import validation_tiles
 
     acc = np.zeros(9, np.float64)
-    x, y = validation_tiles(region, data_cfg.tile_size, factor, data_cfg.ignore_value)
+    x, y = validation_tiles(region, data_cfg.tile_size, factor, data_cfg.ignore_value, normalization)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size, ..., 0]
         n = len(xb)
@@ -551,9 +553,11 @@ def region_counts(model, region, factor: float, data_cfg, batch_size: int) -> np
     return acc
 
 
-def _validation_counts(model, sets, data_cfg, batch_size: int) -> dict[str, np.ndarray]:
+def _validation_counts(model, sets, data_cfg, batch_size: int,
+                       normalization: dict | None = None) -> dict[str, np.ndarray]:
     """Per set: `region_counts` summed over its validation regions."""
-    return {s.name: sum((region_counts(model, r, s.factor, data_cfg, batch_size) for r in s.regions), np.zeros(9))
+    return {s.name: sum((region_counts(model, r, s.factor, data_cfg, batch_size, normalization) for r in s.regions),
+                        np.zeros(9))
             for s in sets}
 
 
@@ -580,7 +584,7 @@ def validation_scores(counts: dict[str, np.ndarray], loss: str = "dice") -> dict
     return logs
 
 
-def SetValidation(val_sets, data_cfg, batch_size: int, loss: str = "dice"):
+def SetValidation(val_sets, data_cfg, batch_size: int, loss: str = "dice", normalization: dict | None = None):
     """Keras callback: after each epoch, validate on every set and put `val_*` into the logs
     (before EarlyStopping and the checkpoint read them)."""
     import keras
@@ -588,7 +592,8 @@ def SetValidation(val_sets, data_cfg, batch_size: int, loss: str = "dice"):
     class _SetValidation(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             t = time.time()
-            v = validation_scores(_validation_counts(self.model, val_sets, data_cfg, batch_size), loss)
+            v = validation_scores(_validation_counts(self.model, val_sets, data_cfg, batch_size, normalization),
+                                  loss)
             if logs is not None:
                 logs.update(v)
             per = "  ".join(f"{s.name} F1 {v.get(f'val_{s.name}_f1', v['val_f1']):.3f}" for s in val_sets)
@@ -767,6 +772,11 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
         p.add_argument("--input-blur", type=cli.nonnegative_float, default=0.0, metavar="SIGMA",
                        help="fixed Gaussian low-pass (sigma in model pixels) in front of the network, in training "
                             "and inference alike (default 0: none)")
+        p.add_argument("--normalization", choices=NORMALIZATION_METHODS, default=NORMALIZATION["method"],
+                       help="intensity normalisation of each slice, stored with the model and applied at inference: "
+                            "'percentile' (linear between its 1st and 99.8th percentiles; default) or 'equalize' "
+                            "(each grey value's rank in the slice's histogram: blind to contrast, gamma and "
+                            "brightness)")
         p.add_argument("--init-from", default=None, help="start from this model's weights (fine-tuning)")
         p.add_argument("--freeze-encoder", action="store_true", help="with --init-from: train only the decoder")
     return p
@@ -788,6 +798,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                           seed=args.seed, mixed_precision=args.mixed_precision or False,
                           jit_compile=False if args.no_jit else "auto"),
         augment=augment_from_args(args),
+        normalization={**NORMALIZATION, "method": getattr(args, "normalization", NORMALIZATION["method"])},
     )
 
 
