@@ -167,6 +167,11 @@ def test_auto_zoom_with_a_real_model_finds_the_scale_of_enlarged_slices(blob_run
     pred.config = replace(pred.config, inference=ic)
     grid, est = prediction_grid(pred, big, ic, None)
     assert 0.3 < est.zoom < 0.55 and grid == pytest.approx(5.0 * est.zoom)  # right: 1 / 2.5 = 0.4
+    # A pass made at the chosen zoom is kept for reuse: here the slice at its own size, in range at once.
+    grid1, est1 = prediction_grid(pred, image, ic, None)
+    assert grid1 is None and est1.zoom == 1.0 and est1.reason == "in range"
+    np.testing.assert_array_equal(est1.probability, pred.predict_slice(image, ic.tile, ic.overlap, ic.batch_size,
+                                                                       tta=False))
     # A known pixel size, --no-auto-zoom or --no-rescale: no estimate, nothing changed.
     assert prediction_grid(pred, big, ic, 2.0) == (2.0, None)
     assert prediction_grid(pred, big, replace(ic, auto_zoom=False), None) == (None, None)
@@ -179,8 +184,20 @@ def test_auto_zoom_with_a_real_model_finds_the_scale_of_enlarged_slices(blob_run
     cv2.imwrite(str(tmp_path / "big" / "val" / "x" / "a.png"), big)
     cv2.imwrite(str(tmp_path / "big" / "val" / "y" / "a.png"),
                 cv2.resize((label > 0).astype(np.uint8), big.shape[::-1], interpolation=cv2.INTER_NEAREST))
+    calls = []
+    predict_slice = pred.predict_slice
+    pred.predict_slice = lambda *a, **k: calls.append(k.get("tta")) or predict_slice(*a, **k)
     on = evaluate(pred, str(tmp_path / "big"), "val", out=tmp_path / "ev")
     assert on["f1"] > 0.9 and on["inference"]["auto_zoom"] is True
+    # Two passes for the estimate; without TTA a pass at the chosen zoom is the scored prediction.
+    assert calls == [False, False] + ([] if est.probability is not None else [False])
+    calls.clear()
+    evaluate(pred, str(data), "val", out=tmp_path / "ev1")  # in range at zoom 1: one pass a slice
+    assert calls == [False] * len(find_pairs(str(data), "val"))
+    calls.clear()
+    evaluate(pred, str(tmp_path / "big"), "val", tta=True)
+    assert calls == [False, False, True]
+    del pred.predict_slice
     import pandas as pd
 
     assert pd.read_csv(tmp_path / "ev" / "per_image.csv")["auto_zoom"].iloc[0] == pytest.approx(est.zoom)

@@ -28,8 +28,9 @@ NumPy only; `estimate_zoom` takes the prediction as a callable.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -116,12 +117,16 @@ class ZoomEstimate:
     pass measured; reason: why the estimate stopped ("in range", "too few objects", "refined",
     "capped at x4", or, back at zoom 1, "objects did not follow the zoom" / "objects lost at the
     zoom").
+    probability: the pass's foreground probability (H, W) float32 without test-time augmentation
+    at the chosen zoom, when one was made there (`prediction_grid`), for a caller that predicts
+    the slice the same way to reuse; None otherwise.
     """
 
     zoom: float
     widths: tuple[float, ...]
     objects: int
     reason: str
+    probability: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def estimate_zoom(predict: Callable[[float], np.ndarray], threshold: float, reference: tuple[float, float],
@@ -153,9 +158,10 @@ def estimate_zoom(predict: Callable[[float], np.ndarray], threshold: float, refe
         if step == 1.0:
             reason = "in range" if k == 0 else "refined"
             break
-        previous, zoom = zoom, float(np.clip(zoom * step, 1.0 / max_zoom, max_zoom))
+        # Rounded as reported, so that a pass made at the chosen zoom is the prediction at that zoom.
+        previous, zoom = zoom, round(float(np.clip(zoom * step, 1.0 / max_zoom, max_zoom)), 4)
         reason = f"capped at x{max_zoom:g}" if zoom in (1.0 / max_zoom, max_zoom) else "refined"
-    return ZoomEstimate(round(zoom, 4), tuple(widths), n, reason)
+    return ZoomEstimate(zoom, tuple(widths), n, reason)
 
 
 def followed(before: float, after: float, zoom: float, share: float = FOLLOW) -> bool:
@@ -194,14 +200,17 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
         return pixel_size_nm, None
     model_px = predictor.pixel_size_nm
 
+    passes: dict[float, np.ndarray] = {}
+
     def predict(zoom: float) -> np.ndarray:
-        return predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
-                                       pixel_size_nm=grid_of(model_px, zoom), rescale=True)
+        passes[zoom] = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
+                                               pixel_size_nm=grid_of(model_px, zoom), rescale=True)
+        return passes[zoom]
 
     est = estimate_zoom(predict, ic.threshold, tuple(ic.object_width_px), ic.min_size_px)
     log.info("auto zoom x%.3g (median widths %s model px, %d objects, %s)", est.zoom, est.widths, est.objects,
              est.reason)
-    return grid_of(model_px, est.zoom), est
+    return grid_of(model_px, est.zoom), dataclasses.replace(est, probability=passes.get(est.zoom))
 
 
 def grid_of(model_px: float, zoom: float) -> float | None:
@@ -213,8 +222,6 @@ def for_objects(inference, estimate: ZoomEstimate | None):
     """`inference` with its minimum object sizes for data of unknown pixel size (model px and voxels)
     expressed in the data's own pixels when `estimate` zoomed it in-plane: min_size_px / zoom^2 and
     min_volume_vox / zoom^2 (a volume is zoomed in XY only)."""
-    import dataclasses
-
     if estimate is None or estimate.zoom == 1.0:
         return inference
     a = estimate.zoom ** 2

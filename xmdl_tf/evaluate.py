@@ -72,8 +72,11 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
         image, label = read_pair(pair)
         px = read_pixel_size_nm(pair.image) or pixel_size_nm
         grid_px, zoom = prediction_grid(predictor, image, ic, px)  # as analyze: auto zoom when px is unknown
-        prob = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=ic.tta,
-                                       pixel_size_nm=grid_px, rescale=ic.rescale)
+        if zoom is not None and zoom.probability is not None and not ic.tta:
+            prob = zoom.probability  # the estimate's last pass is this very prediction
+        else:
+            prob = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=ic.tta,
+                                           pixel_size_nm=grid_px, rescale=ic.rescale)
         sc = score_slice(prob, label, for_objects(ic, zoom), px, ignore_value)
         c = {k: sc[k] for k in ("tp", "fp", "fn", "tn")}
         total = add_counts(total, c)
