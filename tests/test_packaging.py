@@ -173,3 +173,22 @@ def test_bioimageio_package_of_a_model_with_an_input_blur_ships_the_saved_model_
     rdf = yaml.safe_load((out / "rdf.yaml").read_text())
     shipped = {k for k, v in rdf["weights"].items() if v}
     assert shipped == {"tensorflow_saved_model_bundle"} and not (out / "weights.keras").exists(), rdf["weights"]
+
+
+def test_bioimageio_package_of_an_equalised_model_is_refused_in_one_line(blob_run, tmp_path, capsys):
+    """bioimage.io preprocessing has no histogram equalisation: such a model gets one clear
+    line, and nothing is written."""
+    import shutil
+    from dataclasses import replace
+
+    from xmdl_tf.config import Config
+    from xmdl_tf.export import main
+
+    _, run = blob_run
+    eq = tmp_path / "eq"
+    shutil.copytree(run, eq, ignore=shutil.ignore_patterns("checkpoint"))
+    replace(Config.load(run / "config.json"), normalization={"method": "equalize"}).save(eq / "config.json")
+    assert main(["--format", "bioimageio", "--model", str(eq), "--out", str(tmp_path / "zoo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'equalize' has no bioimage.io equivalent" in err[0]
+    assert not (tmp_path / "zoo").exists()
