@@ -351,3 +351,44 @@ def test_auto_zoom_benchmark_scores_each_presented_scale_three_ways(blob_run, tm
     assert x2["right zoom"] == 0.5 and 0 < x2["known"] <= 1 and 0.3 < x2["zoom chosen"] < 0.8
     md = (tmp_path / "r" / "auto_zoom.md").read_text()
     assert md.count("| model | blobs |") == 2 and "mean over 2 seen" in md
+
+
+def test_loso_tuned_tunes_a_copy_on_the_other_sets_and_scores_the_left_out_one(blob_run, tmp_path, capsys):
+    """Each left-out model is tuned on the other sets' val splits only (a copy; the run stays as it
+    was), and its zero-shot cells are scored with what was chosen; a rerun reuses every step."""
+    import json
+    import shutil
+
+    from conftest import write_split
+    from xmdl_tf.config import Config
+    from xmdl_tf.evaluate import evaluate
+
+    bench = _load("loso_tuned")
+    _, trained = blob_run
+    names = ["a", "b", "c"]
+    for k, name in enumerate(names):
+        write_split(tmp_path / name, "val", 1, size=96, seed=10 * k)
+        if name != "c":  # a set with val only, as Lucchi++
+            write_split(tmp_path / name, "test", 1, size=96, seed=10 * k + 5)
+    run = tmp_path / "loso"
+    for name in names[:2]:
+        shutil.copytree(trained, run / f"without_{name}", ignore=shutil.ignore_patterns("checkpoint"))
+    (run / "loso.json").write_text(json.dumps({"sets": names, "cells": {"a": {"a": {"val": {"f1": 0.1}}}}}))
+    before = (run / "without_a" / "config.json").read_text()
+    data = [str(tmp_path / n) for n in names]
+    assert bench.main([str(run), "--data", *data, "--tta", "off"]) == 0
+    assert "without_c: no model.keras" in capsys.readouterr().err
+    assert (run / "without_a" / "config.json").read_text() == before
+    r = json.loads((run / "tuned" / "loso_tuned.json").read_text())["rows"]
+    assert set(r) == {"a", "b"}
+    tuned = Config.load(run / "tuned" / "without_a" / "config.json")
+    assert [Path(s).name for s in tuned.info["inference_tuning"]["sets"]] == ["b", "c"]  # never the left-out set
+    assert r["a"]["chosen"]["threshold"] == tuned.inference.threshold and r["a"]["chosen"]["tta"] is False
+    ref = evaluate(str(run / "tuned" / "without_a"), data[0], "val")
+    assert r["a"]["tuned"]["val"]["f1"] == pytest.approx(ref["f1"])
+    assert r["a"]["untuned"]["val"]["f1"] == 0.1 and set(r["a"]["tuned"]) == {"val", "test", "held_out"}
+    md = (run / "tuned" / "loso_tuned.md").read_text()
+    assert "| a | off, " in md and "0.100 -> **" in md and "mean zero-shot F1 over 2 sets" in md
+    stamp = (run / "tuned" / "without_a" / "tune.json").stat().st_mtime_ns
+    assert bench.main([str(run), "--data", *data, "--tta", "off"]) == 0
+    assert (run / "tuned" / "without_a" / "tune.json").stat().st_mtime_ns == stamp
