@@ -165,10 +165,11 @@ def test_auto_zoom_with_a_real_model_finds_the_scale_of_enlarged_slices(blob_run
     assert ic.auto_zoom  # on by default, but without the widths the model knows there is nothing to aim at
     assert prediction_grid(pred, big, replace(ic, object_width_px=None), None) == (None, None)
     pred.config = replace(pred.config, inference=ic)
-    grid, est = prediction_grid(pred, big, ic, None)
+    grid, est = prediction_grid(pred, big, ic, None, keep_probability=True)
     assert 0.3 < est.zoom < 0.55 and grid == pytest.approx(5.0 * est.zoom)  # right: 1 / 2.5 = 0.4
     # A pass made at the chosen zoom is kept for reuse: here the slice at its own size, in range at once.
-    grid1, est1 = prediction_grid(pred, image, ic, None)
+    assert prediction_grid(pred, image, ic, None)[1].probability is None  # only when asked for
+    grid1, est1 = prediction_grid(pred, image, ic, None, keep_probability=True)
     assert grid1 is None and est1.zoom == 1.0 and est1.reason == "in range"
     np.testing.assert_array_equal(est1.probability, pred.predict_slice(image, ic.tile, ic.overlap, ic.batch_size,
                                                                        tta=False))

@@ -183,8 +183,8 @@ def enabled(predictor, inference) -> bool:
                 and getattr(predictor, "pixel_size_nm", None))
 
 
-def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: float | None
-                    ) -> tuple[float | None, ZoomEstimate | None]:
+def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: float | None,
+                    keep_probability: bool = False) -> tuple[float | None, ZoomEstimate | None]:
     """The pixel size to predict a slice at, and the zoom estimate behind it (None if none was made).
 
     A known `pixel_size_nm` is returned as it is. For an unknown one, with `inference.auto_zoom`
@@ -193,7 +193,9 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     augmentation) and returned as the pixel size that makes `predict_slice` resample by it
     (model pixel size x zoom; None at zoom 1). Measurements stay in the slice's pixels: pass the
     grid to prediction only, and the objects' minimum size through `for_objects`. Off with
-    `inference.rescale` False (predict on the slice's own grid).
+    `inference.rescale` False (predict on the slice's own grid). keep_probability: return the
+    pass made at the chosen zoom in the estimate (`ZoomEstimate.probability`), for a caller
+    that would predict the slice that way again.
     """
     ic = inference
     if pixel_size_nm or not enabled(predictor, ic):
@@ -210,7 +212,8 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     est = estimate_zoom(predict, ic.threshold, tuple(ic.object_width_px), ic.min_size_px)
     log.info("auto zoom x%.3g (median widths %s model px, %d objects, %s)", est.zoom, est.widths, est.objects,
              est.reason)
-    return grid_of(model_px, est.zoom), dataclasses.replace(est, probability=passes.get(est.zoom))
+    return grid_of(model_px, est.zoom), dataclasses.replace(est, probability=passes.get(est.zoom) if keep_probability
+                                                            else None)
 
 
 def grid_of(model_px: float, zoom: float) -> float | None:

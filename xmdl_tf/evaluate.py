@@ -71,8 +71,9 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     for pair in pairs:
         image, label = read_pair(pair)
         px = read_pixel_size_nm(pair.image) or pixel_size_nm
-        grid_px, zoom = prediction_grid(predictor, image, ic, px)  # as analyze: auto zoom when px is unknown
-        if zoom is not None and zoom.probability is not None and not ic.tta:
+        # As analyze: auto zoom when px is unknown; without TTA its last pass may be the prediction.
+        grid_px, zoom = prediction_grid(predictor, image, ic, px, keep_probability=not ic.tta)
+        if zoom is not None and zoom.probability is not None:
             prob = zoom.probability  # the estimate's last pass is this very prediction
         else:
             prob = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=ic.tta,
