@@ -205,15 +205,16 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     passes: dict[float, np.ndarray] = {}
 
     def predict(zoom: float) -> np.ndarray:
-        passes[zoom] = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
-                                               pixel_size_nm=grid_of(model_px, zoom), rescale=True)
-        return passes[zoom]
+        prob = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
+                                       pixel_size_nm=grid_of(model_px, zoom), rescale=True)
+        if keep_probability:  # else no pass outlives the estimate
+            passes[zoom] = prob
+        return prob
 
     est = estimate_zoom(predict, ic.threshold, tuple(ic.object_width_px), ic.min_size_px)
     log.info("auto zoom x%.3g (median widths %s model px, %d objects, %s)", est.zoom, est.widths, est.objects,
              est.reason)
-    return grid_of(model_px, est.zoom), dataclasses.replace(est, probability=passes.get(est.zoom) if keep_probability
-                                                            else None)
+    return grid_of(model_px, est.zoom), dataclasses.replace(est, probability=passes.get(est.zoom))
 
 
 def grid_of(model_px: float, zoom: float) -> float | None:

@@ -353,7 +353,7 @@ def check_normalization(normalization: dict, source: str = "normalization") -> d
     if method not in NORMALIZATION_METHODS:
         raise ValueError(f"{source}: method {method!r} is not one of {NORMALIZATION_METHODS}")
     if method == "percentile":
-        lo, hi = normalization.get("low", 1.0), normalization.get("high", 99.8)
+        lo, hi = normalization.get("low", NORMALIZATION["low"]), normalization.get("high", NORMALIZATION["high"])
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) \
                 or not 0 <= lo < hi <= 100:
             raise ValueError(f"{source}: percentiles need 0 <= low < high <= 100, got low={lo!r}, high={hi!r}")

@@ -48,7 +48,7 @@ from typing import Callable
 import numpy as np
 
 from . import cli
-from .config import Config
+from .config import NORMALIZATION, Config
 from .predict import ModelError, Predictor
 
 META_FILE = "xmdl.json"  # in EXPORT_DIR/<version>/assets/
@@ -159,9 +159,9 @@ def _archive(model, config: Config, layer: str):
     from .gradcam import PREDICTED, explain_function
 
     divisor = config.model.size_divisor
-    norm = config.normalization
-    method = norm.get("method", "percentile")
-    low, high, clip = float(norm.get("low", 1.0)), float(norm.get("high", 99.8)), bool(norm.get("clip", True))
+    norm = {**NORMALIZATION, **config.normalization}  # a stored setting may leave the defaults out
+    method = norm["method"]
+    low, high, clip = float(norm["low"]), float(norm["high"]), bool(norm["clip"])
     explain_tiles = explain_function(model, layer)
 
     def checked(images: tf.Tensor, channels: int, multiple: int = 1) -> tf.Tensor:

@@ -112,10 +112,10 @@ def normalize_as(image: np.ndarray, normalization: dict, counts: np.ndarray | No
     `image` is a piece of it, so the piece is normalised as its slice; default:
     the image's own.
     """
+    norm = {**NORMALIZATION, **normalization}  # a stored setting may leave the defaults out
     x = grey_values(image)
-    return normalize_counts(x, grey_counts(x) if counts is None else counts, float(normalization.get("low", 1.0)),
-                            float(normalization.get("high", 99.8)), bool(normalization.get("clip", True)),
-                            normalization.get("method", "percentile"))
+    return normalize_counts(x, grey_counts(x) if counts is None else counts, float(norm["low"]), float(norm["high"]),
+                            bool(norm["clip"]), norm["method"])
 
 
 def target_from_label(label: np.ndarray, ignore_value: int | None = None) -> np.ndarray:
