@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     base = geo[0][1][0]
     inten = [("defocus sigma 2", A.defocus(base, cfg.blur)),
              ("sharpen x1 (off in em)", A.sharpen(base, 1.0, 1.5)),
+             ("random texture (off in em)", A.random_texture(base, np.random.default_rng(5), 1.0)),
              ("contrast x0.67 / x1.5", np.concatenate([A.contrast_brightness_gamma(base, math.exp(-cfg.contrast), 0, 1)[:, : t // 2],
                                                        A.contrast_brightness_gamma(base, math.exp(cfg.contrast), 0, 1)[:, t // 2:]], 1)),
              ("gamma 0.6 / 1.65", np.concatenate([A.contrast_brightness_gamma(base, 1, 0, math.exp(-cfg.gamma))[:, : t // 2],

@@ -149,7 +149,7 @@ def test_em_augmentation_keeps_image_and_label_aligned():
     assert f.shape == (2, 64, 64) and 1.0 < f.std() < 10.0
 
 
-@pytest.mark.parametrize("part", ["blur", "sharpen", "contrast", "noise", "poisson", "stripes", "illumination"])
+@pytest.mark.parametrize("part", ["blur", "sharpen", "texture", "contrast", "noise", "poisson", "stripes", "illumination"])
 def test_each_intensity_augmentation_changes_the_image_in_range(part):
     from dataclasses import replace
 
@@ -157,7 +157,7 @@ def test_each_intensity_augmentation_changes_the_image_in_range(part):
     from xmdl_tf.config import AugmentConfig
 
     x = normalize_np(blob_image(64, seed=2)[0])
-    only = replace(AugmentConfig(), sharpen=1.0).without(*[c for c in AugmentConfig.COMPONENTS if c != part])
+    only = replace(AugmentConfig(), sharpen=1.0, texture=0.5).without(*[c for c in AugmentConfig.COMPONENTS if c != part])
     changed = 0
     for seed in range(40):
         out = augment_intensity(x.copy(), np.random.default_rng(seed), only)
@@ -166,6 +166,29 @@ def test_each_intensity_augmentation_changes_the_image_in_range(part):
     assert changed >= 2  # the probabilistic ones fire on some tiles
     none = AugmentConfig().without(*AugmentConfig.COMPONENTS)
     np.testing.assert_allclose(augment_intensity(x.copy(), np.random.default_rng(0), none), x, atol=1e-6)
+
+
+def test_random_texture_changes_the_grain_and_keeps_the_tissue():
+    """The random network's image keeps the tile's mean, spread and polarity (membranes stay
+    dark), changes its fine texture, and is mixed in at the weight asked for."""
+    from xmdl_tf.augment import random_texture
+
+    x = normalize_np(blob_image(96, seed=5)[0])
+    np.testing.assert_allclose(random_texture(x, np.random.default_rng(0), 0.0), x, atol=1e-6)
+    flat = np.full((32, 32), 0.4, np.float32)
+    np.testing.assert_array_equal(random_texture(flat, np.random.default_rng(0), 1.0), flat)
+    differs = 0
+    for seed in range(12):
+        y = random_texture(x, np.random.default_rng(seed), 1.0)
+        assert y.dtype == np.float32 and y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+        assert abs(float(y.mean()) - float(x.mean())) < 0.1
+        assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0  # never inverted
+        differs += np.corrcoef(x.ravel(), y.ravel())[0, 1] < 0.99
+        half = random_texture(x, np.random.default_rng(seed), 0.5)
+        # mixing is linear before the clip: half way between the tile and the full texture
+        inside = (y > 0) & (y < 1)
+        np.testing.assert_allclose(half[inside], (0.5 * (x + y))[inside], atol=1e-5)
+    assert differs >= 6
 
 
 def test_sharpen_and_defocus_move_fine_detail_in_opposite_directions():

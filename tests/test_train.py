@@ -172,6 +172,10 @@ def test_augment_scale_and_parts_reach_the_config(tmp_path):
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--augment-sharpen", "0.8"])
     assert config_from_args(args).augment.sharpen == 0.8
     assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.sharpen == 0.0
+    # So is the random texture; the flag sets the share of tiles that get one.
+    args = build_parser().parse_args(["--data", "d", "--out", "o", "--augment-texture", "0.5"])
+    assert config_from_args(args).augment.texture == 0.5
+    assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.texture == 0.0
     # The input low-pass is part of the architecture.
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--input-blur", "1.5"])
     assert config_from_args(args).model.input_blur == 1.5

@@ -12,7 +12,7 @@ slice rather than from a pre-cut crop means rotated and zoomed-out tiles see
 real neighbouring tissue, not padding.
 
 Intensity transforms act on the normalised image in [0, 1] and mimic what
-differs between microscopes: defocus (or a crisper image), contrast and gamma of the detector,
+differs between microscopes: defocus (or a crisper image), texture, contrast and gamma of the detector,
 shot (Poisson) and read (Gaussian) noise, section and scan stripes, uneven
 illumination. Each is a separate function so it can be shown and ablated
 (`docs/augmentation.png`, `benchmarks/loso.py --augment-off`).
@@ -136,6 +136,39 @@ def sharpen(x: np.ndarray, amount: float, sigma: float) -> np.ndarray:
     return np.clip(x + amount * (x - cv2.GaussianBlur(x, (0, 0), sigma)), 0.0, 1.0)
 
 
+def random_texture(x: np.ndarray, rng: np.random.Generator, mix: float, layers: int = 4,
+                   width: int = 2) -> np.ndarray:
+    """Mix in the tile as seen by a random shallow convolutional network: a new grain,
+    edge profile and fine texture of the same tissue (GIN, Ouyang et al. 2022).
+
+    `layers` convolutions of 1 x 1 or 3 x 3 (drawn per layer; weights N(0, 1), no bias,
+    `width` channels, leaky ReLU 0.2 between) make the new image; it is given the
+    tile's mean, standard deviation and polarity (stained membranes stay dark: EM
+    contrast does not invert between microscopes, so the network need not learn
+    both) and mixed in at weight `mix` in [0, 1]. float32 (H, W) in [0, 1] out.
+    """
+    mean, spread = float(x.mean()), float(x.std())
+    if spread < 1e-6:
+        return x
+    channels = [x.astype(np.float32, copy=False)]
+    for layer in range(layers):
+        k = int(rng.choice((1, 3)))
+        n_out = 1 if layer == layers - 1 else width
+        weights = rng.normal(0.0, 1.0, (n_out, len(channels), k, k)).astype(np.float32)
+        out = []
+        for o in range(n_out):
+            acc = np.zeros_like(channels[0])
+            for i, c in enumerate(channels):
+                acc += cv2.filter2D(c, -1, weights[o, i], borderType=cv2.BORDER_REFLECT_101)
+            out.append(acc if layer == layers - 1 else np.where(acc > 0, acc, 0.2 * acc))
+        channels = out
+    g = channels[0]
+    g = (g - g.mean()) / max(float(g.std()), 1e-6)
+    if float(np.mean(g * (x - mean))) < 0:  # keep the tile's polarity
+        g = -g
+    return np.clip((1.0 - mix) * x + mix * (mean + spread * g), 0.0, 1.0).astype(np.float32)
+
+
 def contrast_brightness_gamma(x: np.ndarray, contrast: float, brightness: float, gamma: float) -> np.ndarray:
     """Scale contrast about the mean, shift, clip to [0, 1], then apply gamma (>0)."""
     m = float(x.mean())
@@ -177,7 +210,8 @@ def gaussian_noise(x: np.ndarray, rng: np.random.Generator, sigma: float) -> np.
 def augment_intensity(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     """All intensity transforms in a fixed order with random strengths; float32 [0, 1] out.
 
-    Order follows image formation: illumination, then optics (defocus), then the
+    Order follows image formation: illumination, then optics (defocus or sharpening,
+    then a random texture), then the
     detector response (contrast, gamma), then artefacts and noise.
     """
     s = cfg.strength
@@ -188,6 +222,9 @@ def augment_intensity(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfi
         x = defocus(x, cfg.blur * s * r[1])
     elif cfg.sharpen > 0 and r[1] < 0:  # the other half; an extra draw only then, so sharpen=0 changes nothing
         x = sharpen(x, cfg.sharpen * s * -r[1], float(rng.uniform(1.0, 2.0)))
+    # Extra draws only when on, so texture=0 leaves every other part's draws as they were.
+    if cfg.texture > 0 and rng.uniform() < min(cfg.texture * s, 1.0):
+        x = random_texture(x, rng, float(rng.uniform(0.0, 1.0)))
     x = contrast_brightness_gamma(x, math.exp(cfg.contrast * s * r[2]), cfg.brightness * s * r[3],
                                   math.exp(cfg.gamma * s * r[4]))
     if cfg.stripes > 0 and (r[5] + 1) / 2 < min(cfg.stripes * s, 1.0):

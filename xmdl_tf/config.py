@@ -59,6 +59,11 @@ class AugmentConfig:
           half: images crisper than the training data's (0 = off, the "em"
           default: amount 1 lowered the leave-one-set-out zero-shot mean by
           0.05 in one draw; models/README.md).
+      texture: probability of a random texture (a random shallow convolutional
+          network, as GIN of Ouyang et al. 2022, kept to the tile's polarity, mean
+          and spread, and mixed with the tile at a random weight): grain, edges
+          and fine detail of microscopes the training data lacks (0 = off, the
+          "em" default until the leave-one-set-out study measures it).
       contrast, gamma: largest |log| factor; brightness: largest shift.
       noise: largest Gaussian noise sigma; poisson: probability of shot noise
           at a random dose (10-300 counts at full scale).
@@ -72,6 +77,7 @@ class AugmentConfig:
     elastic: float = 2.0
     blur: float = 2.0
     sharpen: float = 0.0
+    texture: float = 0.0
     contrast: float = 0.4
     brightness: float = 0.12
     gamma: float = 0.5
@@ -81,7 +87,7 @@ class AugmentConfig:
     illumination: float = 0.25
     strength: float = 1.0
 
-    COMPONENTS = ("rotate", "scale", "elastic", "blur", "sharpen", "contrast", "brightness", "gamma",
+    COMPONENTS = ("rotate", "scale", "elastic", "blur", "sharpen", "texture", "contrast", "brightness", "gamma",
                   "noise", "poisson", "stripes", "illumination")
 
     @classmethod

@@ -751,6 +751,9 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
     p.add_argument("--augment-sharpen", type=cli.nonnegative_float, default=None, metavar="AMOUNT",
                    help="largest unsharp-mask amount on the tiles not defocused (default: the preset's, "
                         "{:g} for 'em')".format(AugmentConfig().sharpen))
+    p.add_argument("--augment-texture", type=cli.fraction, default=None, metavar="P",
+                   help="share of tiles given a random texture (a random shallow convolutional network, GIN; "
+                        "default: the preset's, {:g} for 'em')".format(AugmentConfig().texture))
     p.add_argument("--augment-strength", type=cli.nonnegative_float, default=2.0 if finetune else 1.0,
                    help="multiplies every intensity augmentation range")
     p.add_argument("--mixed-precision", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
@@ -804,12 +807,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def augment_from_args(args: argparse.Namespace) -> AugmentConfig:
     """The --augment preset with --augment-off parts switched off and --augment-scale and
-    --augment-sharpen applied."""
+    --augment-sharpen and --augment-texture applied."""
     aug = AugmentConfig.preset(args.augment)
     if getattr(args, "augment_scale", None):
         aug = replace(aug, scale=tuple(args.augment_scale))
     if getattr(args, "augment_sharpen", None) is not None:
         aug = replace(aug, sharpen=args.augment_sharpen)
+    if getattr(args, "augment_texture", None) is not None:
+        aug = replace(aug, texture=args.augment_texture)
     return aug.without(*args.augment_off)
 
 
