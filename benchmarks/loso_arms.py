@@ -43,20 +43,24 @@ def arm_row(cells: dict, names: list[str]) -> dict:
 
 
 def recipe(runs: dict) -> str:
-    """Short recipe of a study's first run (loso.json "runs"): zoom range, intensity strength, input
-    low-pass, dropout and normalisation (when not the default), loss, base filters, tiles, and the
+    """Short recipe of a study's first run (loso.json "runs"): zoom range, intensity strength,
+    sharpening, random texture, input low-pass, dropout, MixStyle and normalisation (when not the
+    default), loss, base filters, tiles, and the
     learning-rate schedule when not constant."""
     r = next(iter(runs.values()), None)
     if not r:
         return "-"
-    lo, hi = r.get("augment", {}).get("scale", (1, 1))
-    strength = r.get("augment", {}).get("strength", 1)
+    aug = r.get("augment", {})
+    lo, hi = aug.get("scale", (1, 1))
+    strength = aug.get("strength", 1)
     model = r.get("model", {})
-    blur, dropout = model.get("input_blur", 0), model.get("dropout", 0)
+    blur, dropout, mix = model.get("input_blur", 0), model.get("dropout", 0), model.get("mixstyle", 0)
     norm = r.get("normalization", {}).get("method", "percentile")
     return (f"zoom x{lo:g}-{hi:g}, " + (f"intensity x{strength:g}, " if strength != 1 else "")
+            + "".join(f"{name} {aug[name]:g}, " for name in ("sharpen", "texture") if aug.get(name))
             + f"{r.get('train', {}).get('loss', '?')}, f{model.get('base_filters', '?')}, "
             + (f"input blur {blur:g}, " if blur else "") + (f"dropout {dropout:g}, " if dropout else "")
+            + (f"mixstyle {mix:g}, " if mix else "")
             + (f"{norm} normalisation, " if norm != "percentile" else "")
             + f"{r.get('tiles_seen') or '?'} tiles"
             + (f", {schedule} learning rate" if (schedule := r.get("train", {}).get("lr_schedule", "constant"))

@@ -164,3 +164,43 @@ def test_input_blur_is_part_of_the_saved_graph(tmp_path):
     plain = build_model(3, 4)
     plain.set_weights(m.get_weights())
     assert np.abs(plain(x).numpy() - m(x).numpy()).max() > 1e-3
+
+
+def test_mixstyle_mixes_tile_statistics_in_training_only(tmp_path):
+    """In training every chosen tile's channel means become mixes of two tiles' (so they stay
+    inside the batch's range) while its normalised pattern is kept; at inference the layer is
+    the identity, so a model with it predicts exactly as the same weights without it, saved or not."""
+    from xmdl_tf.config import Config, ModelConfig
+    from xmdl_tf.model import MixStyle, build_from_config
+    from xmdl_tf.predict import load_keras, load_keras_with_config
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(6, 12, 12, 3)) * np.arange(1, 7)[:, None, None, None]
+         + 10 * np.arange(6)[:, None, None, None]).astype(np.float32)
+    layer = MixStyle(1.0, seed=1)
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+    np.testing.assert_array_equal(np.asarray(MixStyle(0.0)(x, training=True)), x)
+    moved = 0
+    for _ in range(5):
+        y = np.asarray(layer(x, training=True))
+        mu_x, mu_y = x.mean(axis=(1, 2)), y.mean(axis=(1, 2))
+        assert np.all(mu_y >= mu_x.min(axis=0) - 1e-3) and np.all(mu_y <= mu_x.max(axis=0) + 1e-3)
+        z = lambda a: (a - a.mean(axis=(1, 2), keepdims=True)) / a.std(axis=(1, 2), keepdims=True)
+        np.testing.assert_allclose(z(y), z(x), atol=1e-3)  # only the statistics move
+        moved += int(np.sum(np.abs(mu_y - mu_x).max(axis=1) > 1.0))
+    assert moved >= 3
+    with pytest.raises(ValueError):
+        MixStyle(1.5)
+    with pytest.raises(ValueError):
+        build_model(depth=2, base_filters=2, mixstyle=-0.1)
+
+    cfg = Config(model=ModelConfig(depth=3, base_filters=4, mixstyle=0.5))
+    m = build_from_config(cfg.model)
+    assert [l.name for l in m.layers if isinstance(l, MixStyle)] == ["enc1_mixstyle", "enc2_mixstyle"]
+    plain = build_model(3, 4)
+    plain.set_weights(m.get_weights())  # the layer has no weights
+    img = rng.random((2, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_allclose(m(img).numpy(), plain(img).numpy(), atol=1e-6)
+    m.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(load_keras(tmp_path / "m.keras")(img).numpy(), plain(img).numpy(), atol=1e-6)
+    assert load_keras_with_config(tmp_path / "m.keras")[1].model.mixstyle == 0.5  # bare file: read off the graph

@@ -149,7 +149,9 @@ def test_cli_refuses_bad_pixel_sizes_and_weights_in_one_line(blob_dataset, tmp_p
                        (["--augment-scale", "0", "2"], "--augment-scale"),
                        (["--input-blur", "9"], "--input-blur 9: at most 8"),
                        (["--input-blur", "6", "--depth", "2", "--tile-size", "16"], "reaches 18 px"),
-                       (["--input-blur", "1", "--init-from", "m.keras"], "architecture comes from the parent")):
+                       (["--input-blur", "1", "--init-from", "m.keras"], "architecture comes from the parent"),
+                       (["--mixstyle", "0.5", "--init-from", "m.keras"], "--mixstyle with --init-from"),
+                       (["--mixstyle", "2"], "--mixstyle")):
         with pytest.raises(SystemExit) as err:
             train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "x"), *ARGS, *extra])
         assert err.value.code == 2 and msg in capsys.readouterr().err
@@ -172,6 +174,8 @@ def test_augment_scale_and_parts_reach_the_config(tmp_path):
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--augment-sharpen", "0.8"])
     assert config_from_args(args).augment.sharpen == 0.8
     assert config_from_args(build_parser().parse_args(["--data", "d", "--out", "o"])).augment.sharpen == 0.0
+    args = build_parser().parse_args(["--data", "d", "--out", "o", "--mixstyle", "0.5"])
+    assert config_from_args(args).model.mixstyle == 0.5
     # So is the random texture; the flag sets the share of tiles that get one.
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--augment-texture", "0.5"])
     assert config_from_args(args).augment.texture == 0.5

@@ -120,6 +120,9 @@ class ModelConfig:
         (analyze, export, serving) applies it. Off in the shipped model: sigma 2
         lifted the zero-shot Drosophila set and lowered Lucchi++ more in the
         leave-one-set-out study (models/README.md).
+    mixstyle: probability that a training tile's feature statistics after each of
+        the first three encoder levels are mixed with another tile's of the batch
+        (MixStyle, Zhou et al. 2021; identity at inference), 0 = off.
     """
 
     depth: int = 6
@@ -129,6 +132,7 @@ class ModelConfig:
     n_classes: int = 2
     dropout: float = 0.0
     input_blur: float = 0.0
+    mixstyle: float = 0.0
 
     @property
     def size_divisor(self) -> int:

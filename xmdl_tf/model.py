@@ -108,20 +108,69 @@ class InputBlur(layers.Layer):
         return {**super().get_config(), "sigma": self.sigma}
 
 
+@keras.saving.register_keras_serializable(package="xmdl_tf")
+class MixStyle(layers.Layer):
+    """Feature-statistics mixing (MixStyle, Zhou et al. 2021), (B, H, W, C) -> (B, H, W, C).
+
+    In training each tile, with probability `p`, has its per-channel mean and
+    standard deviation over the tile replaced by a random mix (weight ~ Beta(alpha,
+    alpha)) of its own and another tile's of the batch: the network meets feature
+    "styles" between those of the microscopes in the batch. The statistics carry
+    no gradient, as in the paper. Identity at inference, so a saved or exported
+    model computes exactly what one without the layer would.
+    """
+
+    def __init__(self, p: float = 0.5, alpha: float = 0.1, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= p <= 1 or not alpha > 0:
+            raise ValueError(f"MixStyle needs 0 <= p <= 1 and alpha > 0, got p={p}, alpha={alpha}")
+        self.p, self.alpha, self.seed = float(p), float(alpha), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training or self.p == 0:
+            return x
+        dtype = x.dtype
+        x = ops.cast(x, "float32")  # statistics in float32 under mixed precision
+        batch = ops.shape(x)[0]
+        mu = ops.stop_gradient(ops.mean(x, axis=(1, 2), keepdims=True))
+        sigma = ops.stop_gradient(ops.sqrt(ops.var(x, axis=(1, 2), keepdims=True) + 1e-6))
+        lam = keras.random.beta((batch, 1, 1, 1), self.alpha, self.alpha, seed=self.seed_generator)
+        chosen = keras.random.uniform((batch, 1, 1, 1), seed=self.seed_generator) < self.p
+        lam = ops.where(chosen, lam, ops.ones_like(lam))  # unchosen tiles keep their own statistics
+        other = keras.random.shuffle(ops.arange(batch), seed=self.seed_generator)
+        mu_mix = lam * mu + (1 - lam) * ops.take(mu, other, axis=0)
+        sigma_mix = lam * sigma + (1 - lam) * ops.take(sigma, other, axis=0)
+        return ops.cast((x - mu) / sigma * sigma_mix + mu_mix, dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.p, "alpha": self.alpha, "seed": self.seed}
+
+
 # ----------------------------------------------------------------------------
 # Functional model
+
+# MixStyle follows the first encoder levels, where a feature's statistics are its
+# "style" (grain, contrast); deeper ones carry content (the paper's choice, too).
+MIXSTYLE_LEVELS = 3
 
 
 def build_model(depth: int = 6, base_filters: int = 8, residual: bool = True, attention: bool = True,
                 n_classes: int = 2, dropout: float = 0.0, name: str | None = None,
-                input_blur: float = 0.0) -> keras.Model:
+                input_blur: float = 0.0, mixstyle: float = 0.0) -> keras.Model:
     """Build the (residual) (attention) U-Net.
 
     Returns a keras.Model mapping float32 (B, H, W, 1) normalised images to
     (B, H, W, n_classes) softmax probabilities (float32 even under mixed
     precision). Channel 1 is the mitochondria class when n_classes == 2.
     residual=False, attention=False gives the plain U-Net of the ablation;
-    input_blur > 0 puts a fixed Gaussian low-pass of that sigma (pixels) first.
+    input_blur > 0 puts a fixed Gaussian low-pass of that sigma (pixels) first;
+    mixstyle > 0 mixes feature statistics between the tiles of a training batch
+    with that probability after the first `MIXSTYLE_LEVELS` encoder levels
+    (`MixStyle`; identity at inference).
     """
     if depth < 2:
         raise ValueError(f"depth must be >= 2, got {depth}")
@@ -129,12 +178,16 @@ def build_model(depth: int = 6, base_filters: int = 8, residual: bool = True, at
         raise ValueError("base_filters must be >= 1 and n_classes >= 2")
     if input_blur < 0:
         raise ValueError(f"input_blur must be >= 0, got {input_blur}")
-    cfg = ModelConfig(depth, base_filters, residual, attention, n_classes, dropout, input_blur)
+    if not 0 <= mixstyle <= 1:
+        raise ValueError(f"mixstyle must be a probability in [0, 1], got {mixstyle}")
+    cfg = ModelConfig(depth, base_filters, residual, attention, n_classes, dropout, input_blur, mixstyle)
     inputs = keras.Input((None, None, 1), name="image")
     x = InputBlur(input_blur, name="input_blur")(inputs) if input_blur else inputs
     skips = []
     for i in range(1, depth):
         x = conv_block(x, base_filters * 2 ** (i - 1), f"enc{i}", residual)
+        if mixstyle and i <= MIXSTYLE_LEVELS:
+            x = MixStyle(mixstyle, name=f"enc{i}_mixstyle")(x)
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"enc{i}_pool")(x)
     x = conv_block(x, base_filters * 2 ** (depth - 1), "bottleneck", residual, dropout)
@@ -153,7 +206,7 @@ def build_model(depth: int = 6, base_filters: int = 8, residual: bool = True, at
 
 def build_from_config(cfg: ModelConfig) -> keras.Model:
     return build_model(cfg.depth, cfg.base_filters, cfg.residual, cfg.attention, cfg.n_classes, cfg.dropout,
-                       input_blur=cfg.input_blur)
+                       input_blur=cfg.input_blur, mixstyle=cfg.mixstyle)
 
 
 def float32_copy(model: keras.Model) -> keras.Model:

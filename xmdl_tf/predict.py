@@ -327,7 +327,9 @@ def load_keras_with_config(path: str | Path):
     else:  # a bare .keras file: infer what we can from the graph
         depth = 1 + sum(1 for l in model.layers if l.name.endswith("_pool"))
         blur = next((float(l.sigma) for l in model.layers if l.name == "input_blur"), 0.0)
-        config = Config(model=ModelConfig(depth=depth, n_classes=int(model.output_shape[-1]), input_blur=blur))
+        mix = next((float(l.p) for l in model.layers if l.name.endswith("_mixstyle")), 0.0)
+        config = Config(model=ModelConfig(depth=depth, n_classes=int(model.output_shape[-1]), input_blur=blur,
+                                          mixstyle=mix))
     if model.input_shape[-1] != 1:
         raise ModelError(f"{mpath}: model expects {model.input_shape[-1]} channels; xmdl_tf works on 1-channel EM")
     return model, config, mpath

@@ -775,6 +775,9 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
         p.add_argument("--input-blur", type=cli.nonnegative_float, default=0.0, metavar="SIGMA",
                        help="fixed Gaussian low-pass (sigma in model pixels) in front of the network, in training "
                             "and inference alike (default 0: none)")
+        p.add_argument("--mixstyle", type=cli.fraction, default=0.0, metavar="P",
+                       help="in training, mix each tile's feature statistics (first three encoder levels) with "
+                            "another tile's of the batch with probability P (MixStyle; default 0: off)")
         p.add_argument("--normalization", choices=NORMALIZATION_METHODS, default=NORMALIZATION["method"],
                        help="intensity normalisation of each slice, stored with the model and applied at inference: "
                             "'percentile' (linear between its 1st and 99.8th percentiles; default) or 'equalize' "
@@ -794,7 +797,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                         set_weights=tuple(args.set_weights) if args.set_weights else None),
         model=ModelConfig(depth=getattr(args, "depth", 6), base_filters=getattr(args, "base_filters", 8),
                           residual=residual, attention=attention, dropout=getattr(args, "dropout", 0.0),
-                          input_blur=getattr(args, "input_blur", 0.0)),
+                          input_blur=getattr(args, "input_blur", 0.0), mixstyle=getattr(args, "mixstyle", 0.0)),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                           patience=args.patience, loss=args.loss, steps_per_epoch=args.steps_per_epoch,
                           lr_schedule=args.lr_schedule,
@@ -867,6 +870,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      f"{args.tile_size}")
     if blur and getattr(args, "init_from", None):
         parser.error("--input-blur with --init-from: the architecture comes from the parent model")
+    if getattr(args, "mixstyle", 0.0) and getattr(args, "init_from", None):
+        parser.error("--mixstyle with --init-from: the architecture comes from the parent model")
 
 
 if __name__ == "__main__":
