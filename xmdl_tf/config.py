@@ -51,7 +51,8 @@ class AugmentConfig:
       rotate: "any" (continuous angle + mirror) or "90" (dihedral group only).
       scale: (min, max) random zoom, log-uniform; (1, 1) = none. Tolerates
           unknown or wrong pixel sizes. 0.5-2 (was 0.7-1.4) raised the
-          leave-one-set-out zero-shot F1 by 0.08 (models/README.md).
+          leave-one-set-out zero-shot F1 by 0.08; 0.35-2.8 lowered it by 0.08
+          (models/README.md).
       elastic: amplitude (model pixels) of a smooth random displacement field; 0 = none.
     Intensity (image only, on the normalised [0, 1] image):
       blur: largest defocus sigma (pixels), applied to half the tiles.
