@@ -1,0 +1,142 @@
+"""Label-free adaptation measured on the leave-one-set-out models: self-training on pseudo-labels.
+
+    python benchmarks/self_training.py runs/loso/em_scale_0.5_2 --data ../shared/data/cdeep3m_sbem_mouse \
+        ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
+
+For each model RUN/without_<S> of `benchmarks/loso.py`: predict (with TTA) up to
+`--slices` evenly spaced *training* slices of the left-out set S, whose labels are
+never read; keep the pixels the model is sure of as pseudo-labels (mitochondrion
+where p >= `--high`, background where p <= `--low`, objects under `--min-area` px
+and everything in between ignored); fine-tune the model on them together with
+its own (labelled) training sets, "em" augmentation at strength 1, learning rate
+1e-4 (`xmdl_tf.finetune`); score the result on S's val and held-out splits as
+`loso.py` scores (evaluate defaults). What a user could do with a new stack
+and no annotation. Writes RUN/self_training/{self_training.json,md}; resumable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loso import score  # noqa: E402
+
+IGNORE = 255
+
+
+def pseudo_label(prob: np.ndarray, low: float, high: float, min_area: int) -> np.ndarray:
+    """Probability (H, W) float -> uint8 (H, W): 1 sure mitochondrion, 0 sure background, IGNORE
+    elsewhere (the unsure band, and sure objects smaller than `min_area` px, which are mostly noise)."""
+    import cv2
+
+    sure = (prob >= high).astype(np.uint8)
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(sure, connectivity=8)
+    small = np.zeros(n, bool)
+    small[1:] = stats[1:, cv2.CC_STAT_AREA] < min_area
+    out = np.full(prob.shape, IGNORE, np.uint8)
+    out[prob <= low] = 0
+    out[sure.astype(bool)] = 1
+    out[small[comp]] = IGNORE
+    return out
+
+
+def write_pseudo_set(model: Path, data: str, pixel_size_nm: float | None, out: Path, n_slices: int,
+                     low: float, high: float, min_area: int) -> dict:
+    """Pseudo-labelled copy of `data`'s training slices in `out`/train/{x,y}; returns label shares."""
+    import tifffile
+
+    from xmdl_tf.io import find_pairs, read_pair
+    from xmdl_tf.predict import load_model
+
+    pairs = find_pairs(data, "train")
+    pick = np.unique(np.linspace(0, len(pairs) - 1, min(n_slices, len(pairs))).round().astype(int))
+    pred = load_model(model)
+    shares = []
+    tmp = out.with_name(out.name + ".part")
+    for sub in ("x", "y"):
+        (tmp / "train" / sub).mkdir(parents=True, exist_ok=True)
+    for i in pick:
+        image, _ = read_pair(pairs[i])  # the label is never used
+        lab = pseudo_label(pred.predict_slice(image, tta=True, pixel_size_nm=pixel_size_nm), low, high, min_area)
+        tifffile.imwrite(tmp / "train" / "x" / f"{pairs[i].name}.tif", image)
+        tifffile.imwrite(tmp / "train" / "y" / f"{pairs[i].name}.tif", lab, compression="zlib")
+        shares.append([float(np.mean(lab == 1)), float(np.mean(lab == 0)), float(np.mean(lab == IGNORE))])
+    tmp.rename(out)
+    s = np.mean(shares, axis=0)
+    return {"slices": len(pick), "mitochondrion": float(s[0]), "background": float(s[1]), "ignored": float(s[2])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a benchmarks/loso.py output folder (holding without_<set>/)")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--pixel-size", nargs="+", default=None)
+    p.add_argument("--slices", type=int, default=8, help="training slices of the left-out set to pseudo-label")
+    p.add_argument("--low", type=float, default=0.1)
+    p.add_argument("--high", type=float, default=0.9)
+    p.add_argument("--min-area", type=int, default=100, help="px at the slice's grid")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--steps-per-epoch", type=int, default=60)
+    args = p.parse_args(argv)
+    from xmdl_tf.finetune import main as finetune_main
+    from xmdl_tf.train import parse_pixel_sizes
+
+    run = Path(args.run)
+    px = parse_pixel_sizes(args.pixel_size, len(args.data))
+    names = [Path(d).resolve().name for d in args.data]
+    base = json.loads((run / "loso.json").read_text())["cells"]
+    out = run / "self_training"
+    rows = {}
+    for i, left in enumerate(names):
+        model = run / f"without_{left}"
+        if not (model / "config.json").is_file():
+            continue
+        work = out / f"without_{left}"
+        pseudo = work / "pseudo" / left  # named as the set, so per-set columns read as it
+        info_f = work / "pseudo_labels.json"
+        if not pseudo.is_dir():
+            info = write_pseudo_set(model, args.data[i], px[i], pseudo, args.slices, args.low, args.high,
+                                    args.min_area)
+            info_f.write_text(json.dumps(info, indent=2) + "\n")
+        keep = [j for j in range(len(names)) if j != i]
+        sets = [str(pseudo)] + [args.data[j] for j in keep]
+        pxs = ["unknown" if q is None else str(q) for q in [px[i]] + [px[j] for j in keep]]
+        adapted = work / "model"
+        if not (adapted / "checkpoint" / "state.json").is_file() or \
+                not json.loads((adapted / "checkpoint" / "state.json").read_text()).get("finished"):
+            finetune_main(["--model", str(model), "--data", *sets, "--out", str(adapted), "--pixel-size", *pxs,
+                           "--ignore-value", str(IGNORE), "--augment", "em", "--augment-strength", "1",
+                           "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch)])
+        row = {"pseudo_labels": json.loads(info_f.read_text())}
+        for split in ("val", "test"):
+            m = score(adapted, args.data[i], split, work / "scores" / f"{left}_{split}", px[i])
+            if m is not None:
+                row[split] = {k: m[k] for k in ("f1", "iou", "precision", "recall", "instance_f1_iou50")}
+                row[split + "_zero_shot"] = base[left][left][split]["f1"]
+        row["held_out"] = row.get("test", row.get("val"))
+        row["held_out_zero_shot"] = row.get("test_zero_shot", row.get("val_zero_shot"))
+        rows[left] = row
+    (out / "self_training.json").write_text(json.dumps({"recipe": vars(args), "rows": rows}, indent=2) + "\n")
+    lines = ["| left out | pseudo-labelled slices (mito / background / ignored) | val F1 zero shot -> self-trained "
+             "| held-out F1 zero shot -> self-trained | precision / recall (val) |", "|---|---|---|---|---|"]
+    for left, r in rows.items():
+        pl, v = r["pseudo_labels"], r.get("val", {})
+        lines.append(f"| {left} | {pl['slices']} ({pl['mitochondrion']:.2f} / {pl['background']:.2f} / "
+                     f"{pl['ignored']:.2f}) | {r.get('val_zero_shot', float('nan')):.3f} -> {v.get('f1', float('nan')):.3f} "
+                     f"| {r['held_out_zero_shot']:.3f} -> {r['held_out']['f1']:.3f} "
+                     f"| {v.get('precision', float('nan')):.3f} / {v.get('recall', float('nan')):.3f} |")
+    if rows:
+        mean = lambda k: np.mean([r[k] if isinstance(r[k], float) else r[k]["f1"] for r in rows.values()])
+        lines.append(f"| **mean** | | {mean('val_zero_shot'):.3f} -> {mean('val'):.3f} "
+                     f"| {mean('held_out_zero_shot'):.3f} -> {mean('held_out'):.3f} | |")
+    (out / "self_training.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
