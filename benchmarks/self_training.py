@@ -7,11 +7,12 @@ For each model RUN/without_<S> of `benchmarks/loso.py`: predict (with TTA) up to
 `--slices` evenly spaced *training* slices of the left-out set S, whose labels are
 never read; keep the pixels the model is sure of as pseudo-labels (mitochondrion
 where p >= `--high`, background where p <= `--low`, objects under `--min-area` px
-and everything in between ignored); fine-tune the model on them together with
-its own (labelled) training sets, "em" augmentation at strength 1, learning rate
-1e-4 (`xmdl_tf.finetune`); score the result on S's val and held-out splits as
-`loso.py` scores (evaluate defaults). What a user could do with a new stack
-and no annotation. Writes RUN/self_training/{self_training.json,md}; resumable.
+and everything in between ignored); fine-tune the model on them alone, as a user
+with a new stack and no annotation could (`--with-sources`: together with the
+model's own labelled training sets, which a user of the shipped model does not
+have), "em" augmentation at strength 1, learning rate 1e-4 (`xmdl_tf.finetune`);
+score the result on S's val and held-out splits as `loso.py` scores (evaluate
+defaults). Writes RUN/self_training[_sources]/{self_training.json,md}; resumable.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-area", type=int, default=100, help="px at the slice's grid")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--steps-per-epoch", type=int, default=60)
+    p.add_argument("--with-sources", action="store_true", help="fine-tune with the model's training sets too")
     args = p.parse_args(argv)
     from xmdl_tf.finetune import main as finetune_main
     from xmdl_tf.train import parse_pixel_sizes
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     px = parse_pixel_sizes(args.pixel_size, len(args.data))
     names = [Path(d).resolve().name for d in args.data]
     base = json.loads((run / "loso.json").read_text())["cells"]
-    out = run / "self_training"
+    out = run / ("self_training_sources" if args.with_sources else "self_training")
     rows = {}
     for i, left in enumerate(names):
         model = run / f"without_{left}"
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             info = write_pseudo_set(model, args.data[i], px[i], pseudo, args.slices, args.low, args.high,
                                     args.min_area)
             info_f.write_text(json.dumps(info, indent=2) + "\n")
-        keep = [j for j in range(len(names)) if j != i]
+        keep = [j for j in range(len(names)) if j != i] if args.with_sources else []
         sets = [str(pseudo)] + [args.data[j] for j in keep]
         pxs = ["unknown" if q is None else str(q) for q in [px[i]] + [px[j] for j in keep]]
         adapted = work / "model"
