@@ -12,7 +12,9 @@ with a new stack and no annotation could (`--with-sources`: together with the
 model's own labelled training sets, which a user of the shipped model does not
 have), "em" augmentation at strength 1, learning rate 1e-4 (`xmdl_tf.finetune`);
 score the result on S's val and held-out splits as `loso.py` scores (evaluate
-defaults). Writes RUN/self_training[_sources]/{self_training.json,md}; resumable.
+defaults). `--rounds N` pseudo-labels again with each round's model and fine-tunes
+the original on those labels. Writes RUN/self_training[_sources]/{self_training.json,md};
+resumable.
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-area", type=int, default=100, help="px at the slice's grid")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--steps-per-epoch", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="pseudo-label again with the last round's model and fine-tune the original on those labels")
     p.add_argument("--with-sources", action="store_true", help="fine-tune with the model's training sets too")
     args = p.parse_args(argv)
     from xmdl_tf.finetune import main as finetune_main
@@ -97,31 +101,36 @@ def main(argv: list[str] | None = None) -> int:
         model = run / f"without_{left}"
         if not (model / "config.json").is_file():
             continue
-        work = out / f"without_{left}"
-        pseudo = work / "pseudo" / left  # named as the set, so per-set columns read as it
-        info_f = work / "pseudo_labels.json"
-        if not pseudo.is_dir():
-            info = write_pseudo_set(model, args.data[i], px[i], pseudo, args.slices, args.low, args.high,
-                                    args.min_area)
-            info_f.write_text(json.dumps(info, indent=2) + "\n")
-        keep = [j for j in range(len(names)) if j != i] if args.with_sources else []
-        sets = [str(pseudo)] + [args.data[j] for j in keep]
-        pxs = ["unknown" if q is None else str(q) for q in [px[i]] + [px[j] for j in keep]]
-        adapted = work / "model"
-        if not (adapted / "checkpoint" / "state.json").is_file() or \
-                not json.loads((adapted / "checkpoint" / "state.json").read_text()).get("finished"):
-            finetune_main(["--model", str(model), "--data", *sets, "--out", str(adapted), "--pixel-size", *pxs,
-                           "--ignore-value", str(IGNORE), "--augment", "em", "--augment-strength", "1",
-                           "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch)])
-        row = {"pseudo_labels": json.loads(info_f.read_text())}
-        for split in ("val", "test"):
-            m = score(adapted, args.data[i], split, work / "scores" / f"{left}_{split}", px[i])
-            if m is not None:
-                row[split] = {k: m[k] for k in ("f1", "iou", "precision", "recall", "instance_f1_iou50")}
-                row[split + "_zero_shot"] = base[left][left][split]["f1"]
-        row["held_out"] = row.get("test", row.get("val"))
-        row["held_out_zero_shot"] = row.get("test_zero_shot", row.get("val_zero_shot"))
-        rows[left] = row
+        teacher = model
+        for rnd in range(1, args.rounds + 1):
+            work = out / f"without_{left}" / ("" if rnd == 1 else f"round{rnd}")
+            pseudo = work / "pseudo" / left  # named as the set, so per-set columns read as it
+            info_f = work / "pseudo_labels.json"
+            if not pseudo.is_dir():
+                info = write_pseudo_set(teacher, args.data[i], px[i], pseudo, args.slices, args.low, args.high,
+                                        args.min_area)
+                info_f.write_text(json.dumps(info, indent=2) + "\n")
+            keep = [j for j in range(len(names)) if j != i] if args.with_sources else []
+            sets = [str(pseudo)] + [args.data[j] for j in keep]
+            pxs = ["unknown" if q is None else str(q) for q in [px[i]] + [px[j] for j in keep]]
+            adapted = work / "model"
+            if not (adapted / "checkpoint" / "state.json").is_file() or \
+                    not json.loads((adapted / "checkpoint" / "state.json").read_text()).get("finished"):
+                # Every round fine-tunes the original model, on the latest model's pseudo-labels
+                # (a student taught by a better teacher), so rounds differ only in their labels.
+                finetune_main(["--model", str(model), "--data", *sets, "--out", str(adapted), "--pixel-size", *pxs,
+                               "--ignore-value", str(IGNORE), "--augment", "em", "--augment-strength", "1",
+                               "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch)])
+            row = {"round": rnd, "pseudo_labels": json.loads(info_f.read_text())}
+            for split in ("val", "test"):
+                m = score(adapted, args.data[i], split, work / "scores" / f"{left}_{split}", px[i])
+                if m is not None:
+                    row[split] = {k: m[k] for k in ("f1", "iou", "precision", "recall", "instance_f1_iou50")}
+                    row[split + "_zero_shot"] = base[left][left][split]["f1"]
+            row["held_out"] = row.get("test", row.get("val"))
+            row["held_out_zero_shot"] = row.get("test_zero_shot", row.get("val_zero_shot"))
+            rows[left if rnd == 1 else f"{left} (round {rnd})"] = row
+            teacher = adapted
     (out / "self_training.json").write_text(json.dumps({"recipe": vars(args), "rows": rows}, indent=2) + "\n")
     lines = ["| left out | pseudo-labelled slices (mito / background / ignored) | val F1 zero shot -> self-trained "
              "| held-out F1 zero shot -> self-trained | precision / recall (val) |", "|---|---|---|---|---|"]
@@ -131,10 +140,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{pl['ignored']:.2f}) | {r.get('val_zero_shot', float('nan')):.3f} -> {v.get('f1', float('nan')):.3f} "
                      f"| {r['held_out_zero_shot']:.3f} -> {r['held_out']['f1']:.3f} "
                      f"| {v.get('precision', float('nan')):.3f} / {v.get('recall', float('nan')):.3f} |")
-    if rows:
-        mean = lambda k: np.mean([r[k] if isinstance(r[k], float) else r[k]["f1"] for r in rows.values()])
-        lines.append(f"| **mean** | | {mean('val_zero_shot'):.3f} -> {mean('val'):.3f} "
-                     f"| {mean('held_out_zero_shot'):.3f} -> {mean('held_out'):.3f} | |")
+    for rnd in range(1, args.rounds + 1):
+        got = [r for r in rows.values() if r["round"] == rnd]
+        if got:
+            mean = lambda k: np.mean([r[k] if isinstance(r[k], float) else r[k]["f1"] for r in got])
+            lines.append(f"| **mean{'' if rnd == 1 else f' (round {rnd})'}** | | {mean('val_zero_shot'):.3f} -> "
+                         f"{mean('val'):.3f} | {mean('held_out_zero_shot'):.3f} -> {mean('held_out'):.3f} | |")
     (out / "self_training.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
