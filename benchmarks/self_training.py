@@ -7,7 +7,7 @@ For each model RUN/without_<S> of `benchmarks/loso.py`: predict (with TTA) up to
 `--slices` evenly spaced *training* slices of the left-out set S, whose labels are
 never read; keep the pixels the model is sure of as pseudo-labels (mitochondrion
 where p >= `--high`, background where p <= `--low`, objects under `--min-area` px
-and everything in between ignored); fine-tune the model on them alone, as a user
+and everything in between ignored; `xmdl_tf.adapt`'s pseudo-labels); fine-tune the model on them alone, as a user
 with a new stack and no annotation could (`--with-sources`: together with the
 model's own labelled training sets, which a user of the shipped model does not
 have), "em" augmentation at strength 1, learning rate 1e-4 (`xmdl_tf.finetune`);
@@ -27,50 +27,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loso import score  # noqa: E402
-
-IGNORE = 255
-
-
-def pseudo_label(prob: np.ndarray, low: float, high: float, min_area: int) -> np.ndarray:
-    """Probability (H, W) float -> uint8 (H, W): 1 sure mitochondrion, 0 sure background, IGNORE
-    elsewhere (the unsure band, and sure objects smaller than `min_area` px, which are mostly noise)."""
-    import cv2
-
-    sure = (prob >= high).astype(np.uint8)
-    n, comp, stats, _ = cv2.connectedComponentsWithStats(sure, connectivity=8)
-    small = np.zeros(n, bool)
-    small[1:] = stats[1:, cv2.CC_STAT_AREA] < min_area
-    out = np.full(prob.shape, IGNORE, np.uint8)
-    out[prob <= low] = 0
-    out[sure.astype(bool)] = 1
-    out[small[comp]] = IGNORE
-    return out
-
+from xmdl_tf.adapt import IGNORE  # noqa: E402
 
 def write_pseudo_set(model: Path, data: str, pixel_size_nm: float | None, out: Path, n_slices: int,
                      low: float, high: float, min_area: int) -> dict:
-    """Pseudo-labelled copy of `data`'s training slices in `out`/train/{x,y}; returns label shares."""
-    import tifffile
-
-    from xmdl_tf.io import find_pairs, read_pair
+    """Pseudo-labelled copy of up to `n_slices` evenly spaced training slices of `data` (labels unread)."""
+    from xmdl_tf.adapt import evenly_spaced, write_pseudo_set as write
+    from xmdl_tf.io import find_pairs
     from xmdl_tf.predict import load_model
 
     pairs = find_pairs(data, "train")
-    pick = np.unique(np.linspace(0, len(pairs) - 1, min(n_slices, len(pairs))).round().astype(int))
-    pred = load_model(model)
-    shares = []
-    tmp = out.with_name(out.name + ".part")
-    for sub in ("x", "y"):
-        (tmp / "train" / sub).mkdir(parents=True, exist_ok=True)
-    for i in pick:
-        image, _ = read_pair(pairs[i])  # the label is never used
-        lab = pseudo_label(pred.predict_slice(image, tta=True, pixel_size_nm=pixel_size_nm), low, high, min_area)
-        tifffile.imwrite(tmp / "train" / "x" / f"{pairs[i].name}.tif", image)
-        tifffile.imwrite(tmp / "train" / "y" / f"{pairs[i].name}.tif", lab, compression="zlib")
-        shares.append([float(np.mean(lab == 1)), float(np.mean(lab == 0)), float(np.mean(lab == IGNORE))])
-    tmp.rename(out)
-    s = np.mean(shares, axis=0)
-    return {"slices": len(pick), "mitochondrion": float(s[0]), "background": float(s[1]), "ignored": float(s[2])}
+    return write(load_model(model), [pairs[i] for i in evenly_spaced(len(pairs), n_slices)], out, pixel_size_nm,
+                 low, high, min_area)
 
 
 def main(argv: list[str] | None = None) -> int:

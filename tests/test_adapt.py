@@ -156,3 +156,62 @@ def test_clear_errors_when_model_and_data_disagree(base_run, tmp_path, capsys):
                           "--out", str(tmp_path / "o2")]) == 2
     assert "missing label folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_pseudo_labels_keep_only_sure_pixels_and_objects():
+    from xmdl_tf.adapt import IGNORE, pseudo_label
+
+    prob = np.full((40, 40), 0.5, np.float32)
+    prob[:10] = 0.02             # sure background
+    prob[20:32, 20:32] = 0.97    # a sure mitochondrion of 144 px
+    prob[2:4, 30:32] = 0.99      # a sure speck of 4 px inside background: too small to trust
+    lab = pseudo_label(prob, 0.1, 0.9, min_area=50)
+    assert lab.dtype == np.uint8 and set(np.unique(lab)) == {0, 1, IGNORE}
+    assert (lab[20:32, 20:32] == 1).all() and (lab == 1).sum() == 144
+    assert (lab[2:4, 30:32] == IGNORE).all()  # neither object nor background
+    assert (lab[:10][prob[:10] < 0.1] == 0).all() and (lab[12:18] == IGNORE).all()
+    with pytest.raises(ValueError):
+        pseudo_label(prob, 0.6, 0.4, 0)
+
+
+def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp_path, capsys):
+    """`adapt` pseudo-labels unlabelled slices with the model, fine-tunes it on them and leaves an
+    adapted model whose lineage names its parent; bad input is refused before anything is written."""
+    import json
+
+    import keras
+    import tifffile
+
+    from xmdl_tf.adapt import IGNORE, main as adapt_main
+    from xmdl_tf.io import read_label
+
+    data, run = blob_run
+    out = tmp_path / "adapted"
+    argv = [str(data / "test" / "x"), "--out", str(out), "--model", str(run), "--slices", "2", "--epochs", "1",
+            "--steps-per-epoch", "2", "--tile-size", "32"]
+    assert adapt_main(argv) == 0
+    model = out / "model"
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["info"]["lineage"]["model"] == str((run / "model.keras").resolve())
+    assert cfg["data"]["ignore_value"] == IGNORE
+    parent = keras.models.load_model(run / "model.keras", compile=False)
+    child = keras.models.load_model(model / "model.keras", compile=False)
+    assert any(not np.allclose(a, b) for a, b in zip(parent.get_weights(), child.get_weights()))
+    labels = sorted((out / "round1" / "pseudo" / "adapted" / "train" / "y").glob("*.tif"))
+    truths = sorted((data / "test" / "y").glob("*.tif"))
+    assert len(labels) == 2
+    for lab_f, truth_f in zip(labels, truths):
+        lab, truth = tifffile.imread(lab_f), read_label(truth_f) > 0
+        assert set(np.unique(lab)) <= {0, 1, IGNORE} and (lab == 1).any() and (lab == 0).any()
+        # The tiny model segments blobs well: what it is sure of is mostly right.
+        assert truth[lab == 1].mean() > 0.8 and (~truth[lab == 0]).mean() > 0.95
+    assert json.loads((out / "adapt.json").read_text())["rounds"][0]["slices"] == 2
+    capsys.readouterr()
+    # A finished adaptation is never overwritten; bad input leaves nothing behind.
+    assert adapt_main(argv) == 2 and "adapted model already" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    assert adapt_main([str(tmp_path / "nowhere"), "--out", str(bad), "--model", str(run)]) == 2
+    assert "nowhere" in capsys.readouterr().err and not bad.exists()
+    with pytest.raises(SystemExit):
+        adapt_main([str(data / "test" / "x"), "--out", str(bad), "--model", str(run), "--low", "0.9", "--high", "0.5"])
+    assert not bad.exists()

@@ -396,17 +396,3 @@ def test_loso_tuned_tunes_a_copy_on_the_other_sets_and_scores_the_left_out_one(b
     assert bench.main([str(run), "--data", *data, "--tta", "off"]) == 0
     assert (run / "tuned" / "without_a" / "tune.json").stat().st_mtime_ns == stamp
 
-
-def test_self_training_pseudo_labels_keep_only_sure_pixels_and_objects():
-    import numpy as np
-
-    st = _load("self_training")
-    prob = np.full((40, 40), 0.5, np.float32)
-    prob[:10] = 0.02             # sure background
-    prob[20:32, 20:32] = 0.97    # a sure mitochondrion of 144 px
-    prob[2:4, 30:32] = 0.99      # a sure speck of 4 px inside background: too small to trust
-    lab = st.pseudo_label(prob, 0.1, 0.9, min_area=50)
-    assert lab.dtype == np.uint8 and set(np.unique(lab)) == {0, 1, st.IGNORE}
-    assert (lab[20:32, 20:32] == 1).all() and (lab == 1).sum() == 144
-    assert (lab[2:4, 30:32] == st.IGNORE).all()  # neither object nor background
-    assert (lab[:10][prob[:10] < 0.1] == 0).all() and (lab[12:18] == st.IGNORE).all()

@@ -18,6 +18,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("xmdl-evaluate", "xmdl_tf.evaluate", "score a model on annotated slices or volumes (F1, IoU, instance AP)"),
     ("xmdl-train", "xmdl_tf.train", "train the residual attention U-Net on annotated EM"),
     ("xmdl-finetune", "xmdl_tf.finetune", "adapt a trained model to your microscope from a few annotated slices"),
+    ("xmdl-adapt", "xmdl_tf.adapt", "adapt a model to your microscope without annotation (self-training)"),
     ("xmdl-tune", "xmdl_tf.tune", "choose a model's inference defaults (threshold, minimum size) on validation data"),
     ("xmdl-calibrate", "xmdl_tf.calibrate",
      "fit temperature, object confidence and the out-of-distribution warning on validation data"),
