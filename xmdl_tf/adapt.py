@@ -105,7 +105,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     (`out/model`). pixel_size_nm: the inputs' pixel size when their files do not say (then
     slices are resampled to the model's, as everywhere). Everything is checked before anything
     is written; a finished `out` is refused, an interrupted one resumed."""
-    from .analyze import expand_inputs
+    from .analyze import _pixel_size, expand_inputs
     from .io import DataError, image_shape, read_pixel_size_nm
     from .predict import load_model, resolve_model_path
     from .train import build_parser, config_from_args, train
@@ -125,9 +125,9 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     sizes = set()
     for p in pairs:
         image_shape(p.image, p.page)  # readable, 2-D: fail now, not after a round of training
-        sizes.add(read_pixel_size_nm(p.image) or pixel_size_nm)  # the file's own, as analyze reads it
+        sizes.add(_pixel_size(p, read_pixel_size_nm(p.image), pixel_size_nm, verbose=False))  # as analyze reads it
     if len(sizes) > 1:
-        raise DataError(f"the inputs state different pixel sizes ({', '.join(f'{s} nm' for s in sizes)}); "
+        raise DataError(f"the inputs state different pixel sizes ({', '.join(f'{s:g} nm' if s else 'unknown' for s in sizes)}); "
                         "adapt to one microscope's images at a time")
     pixel_size_nm = sizes.pop()  # the pseudo-labelled copies carry no metadata: it is passed on
     record = out / "adapt.json"
