@@ -188,7 +188,7 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
     data, run = blob_run
     out = tmp_path / "adapted"
     argv = [str(data / "test" / "x"), "--out", str(out), "--model", str(run), "--slices", "2", "--epochs", "1",
-            "--steps-per-epoch", "2", "--tile-size", "32"]
+            "--steps-per-epoch", "2", "--tile-size", "32", "--rounds", "2"]
     assert adapt_main(argv) == 0
     model = out / "model"
     cfg = json.loads((model / "config.json").read_text())
@@ -205,7 +205,13 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
         assert set(np.unique(lab)) <= {0, 1, IGNORE} and (lab == 1).any() and (lab == 0).any()
         # The tiny model segments blobs well: what it is sure of is mostly right.
         assert truth[lab == 1].mean() > 0.8 and (~truth[lab == 0]).mean() > 0.95
-    assert json.loads((out / "adapt.json").read_text())["rounds"][0]["slices"] == 2
+    rounds = json.loads((out / "adapt.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["slices"] == 2
+    # The adapted model is the last round's, itself fine-tuned from the original (not from round 1).
+    last = keras.models.load_model(out / "round2" / "model" / "model.keras", compile=False)
+    assert all(np.array_equal(a, b) for a, b in zip(last.get_weights(), child.get_weights()))
+    assert json.loads((out / "round2" / "model" / "config.json").read_text())["info"]["lineage"]["model"] == \
+        str((run / "model.keras").resolve())
     capsys.readouterr()
     # A finished adaptation is never overwritten; bad input leaves nothing behind.
     assert adapt_main(argv) == 2 and "adapted model already" in capsys.readouterr().err
