@@ -174,7 +174,6 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     for f in ("model.keras", "config.json"):
         shutil.copy2(teacher / f, tmp / f)
     tmp.rename(final)
-    log.info("adapted model: %s", final)
     return final
 
 
