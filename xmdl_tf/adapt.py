@@ -120,7 +120,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     model_file, _ = resolve_model_path(model)
     pairs, failed = expand_inputs(inputs)
     if failed:
-        raise DataError(f"{failed[0][0]}: {failed[0][1]}")
+        raise DataError(failed[0][1])  # names the input already
     if not pairs:
         raise DataError(f"no images found in {' '.join(inputs)}")
     pairs = [pairs[i] for i in evenly_spaced(len(pairs), slices)]
