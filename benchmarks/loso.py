@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel-size", nargs="+", default=None, help="nm per set ('unknown' allowed), as for train")
     p.add_argument("--only", nargs="+", default=None, help="left-out sets to run (names); default all")
     args, train_args = p.parse_known_args(argv)
-    from xmdl_tf.train import main as train_main, parse_pixel_sizes
+    from xmdl_tf.train import main as train_main, parse_pixel_sizes, run_finished
 
     if len(args.data) < 3:
         p.error("leave-one-set-out needs at least three data sets")
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run = out / f"without_{left}"
         keep = [j for j in range(len(names)) if j != i]
-        if not (run / "checkpoint" / "state.json").is_file() or \
-                not json.loads((run / "checkpoint" / "state.json").read_text()).get("finished"):
+        if not run_finished(run):
             pxa = ["unknown" if px[j] is None else str(px[j]) for j in keep]
             train_main(["--data", *[args.data[j] for j in keep], "--out", str(run), "--pixel-size", *pxa, *train_args])
         for j, scored in enumerate(names):

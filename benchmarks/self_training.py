@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--with-sources", action="store_true", help="fine-tune with the model's training sets too")
     args = p.parse_args(argv)
     from xmdl_tf.finetune import main as finetune_main
-    from xmdl_tf.train import parse_pixel_sizes
+    from xmdl_tf.train import parse_pixel_sizes, run_finished
 
     run = Path(args.run)
     px = parse_pixel_sizes(args.pixel_size, len(args.data))
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             sets = [str(pseudo)] + [args.data[j] for j in keep]
             pxs = ["unknown" if q is None else str(q) for q in [px[i]] + [px[j] for j in keep]]
             adapted = work / "model"
-            if not (adapted / "checkpoint" / "state.json").is_file() or \
-                    not json.loads((adapted / "checkpoint" / "state.json").read_text()).get("finished"):
+            if not run_finished(adapted):
                 # Every round fine-tunes the original model, on the latest model's pseudo-labels
                 # (a student taught by a better teacher), so rounds differ only in their labels.
                 finetune_main(["--model", str(model), "--data", *sets, "--out", str(adapted), "--pixel-size", *pxs,

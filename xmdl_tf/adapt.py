@@ -94,11 +94,6 @@ def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | N
     return {"slices": len(pairs), "mitochondrion": float(s[0]), "background": float(s[1]), "ignored": float(s[2])}
 
 
-def finished_run(folder: Path) -> bool:
-    state = folder / "checkpoint" / "state.json"
-    return state.is_file() and bool(json.loads(state.read_text()).get("finished"))
-
-
 def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None = None, slices: int = 8,
           low: float = 0.1, high: float = 0.9, min_area: int = 100, rounds: int = 3, epochs: int = 5,
           steps_per_epoch: int = 60, seed: int = 0, tile_size: int = 256, verbose: int = 2) -> Path:
@@ -110,7 +105,8 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     from .analyze import _pixel_size, expand_inputs
     from .io import DataError, image_shape, read_pixel_size_nm
     from .predict import load_model, resolve_model_path
-    from .train import build_parser, config_from_args, train
+    from .runlock import atomic_write_text
+    from .train import build_parser, config_from_args, run_finished, train
 
     out = Path(out)
     if not 0 <= low < high <= 1:
@@ -145,7 +141,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     state = json.loads(record.read_text()) if record.is_file() else {"recipe": recipe, "rounds": []}
     if state["recipe"] != recipe:
         raise FileExistsError(f"{out}: an interrupted adaptation with other settings; choose another --out")
-    _write_json(record, state)
+    atomic_write_text(record, json.dumps(state, indent=2) + "\n")
 
     args = build_parser(finetune=True).parse_args(
         ["--model", str(model_file), "--data", "-", "--out", "-", "--augment", "em", "--augment-strength", "1",
@@ -160,9 +156,9 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         if not pseudo.is_dir():
             shares = write_pseudo_set(load_model(teacher), pairs, pseudo, pixel_size_nm, low, high, min_area)
             state["rounds"] = [r for r in state["rounds"] if r["round"] != rnd] + [{"round": rnd, **shares}]
-            _write_json(record, state)
+            atomic_write_text(record, json.dumps(state, indent=2) + "\n")
         run = folder / "model"
-        if not finished_run(run):
+        if not run_finished(run):
             # Every round fine-tunes the original model: rounds differ only in who made the labels.
             train([str(pseudo)], run, config, init_from=str(model_file), augment_strength=1.0,
                   pixel_sizes=[pixel_size_nm], verbose=verbose)
@@ -175,12 +171,6 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         shutil.copy2(teacher / f, tmp / f)
     tmp.rename(final)
     return final
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

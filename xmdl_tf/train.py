@@ -241,6 +241,12 @@ def _dtype_policy(mixed_precision: bool | str) -> str | None:
     return f"mixed_{kind}"
 
 
+def run_finished(out: str | Path) -> bool:
+    """Whether the run folder `out` holds a training that ran to its end (not one to resume)."""
+    state = Path(out) / STATE
+    return state.is_file() and bool(json.loads(state.read_text()).get("finished"))
+
+
 def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: float = 0.2,
           init_from: str | Path | None = None, freeze_encoder: bool = False, augment_strength: float | None = None,
           max_slices: int | None = None, overwrite: bool = False, verbose: int = 2,
