@@ -1,25 +1,22 @@
-"""Label-free adaptation measured on the leave-one-set-out models: self-training on pseudo-labels.
+"""Label-free adaptation measured on the leave-one-set-out models: `xmdl_tf.adapt` on the set left out.
 
     python benchmarks/self_training.py runs/loso/em_scale_0.5_2 --data ../shared/data/cdeep3m_sbem_mouse \
         ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
 
-For each model RUN/without_<S> of `benchmarks/loso.py`: predict (with TTA) up to
-`--slices` evenly spaced *training* slices of the left-out set S, whose labels are
-never read; keep the pixels the model is sure of as pseudo-labels (mitochondrion
-where p >= `--high`, background where p <= `--low`, objects under `--min-area` px
-and everything in between ignored; `xmdl_tf.adapt`'s pseudo-labels); fine-tune the model on them alone, as a user
-with a new stack and no annotation could (`--with-sources`: together with the
-model's own labelled training sets, which a user of the shipped model does not
-have), "em" augmentation at strength 1, learning rate 1e-4 (`xmdl_tf.finetune`);
-score the result on S's val and held-out splits as `loso.py` scores (evaluate
-defaults). `--rounds N` pseudo-labels again with each round's model and fine-tunes
-the original on those labels. Writes RUN/self_training[_sources]/{self_training.json,md};
-resumable.
+For each model RUN/without_<S> of `benchmarks/loso.py`, runs `xmdl_tf.adapt.adapt`
+on the *training* slices of the left-out set S (its images only: the labels are
+never read), as a user with a new stack and no annotation would, with adapt's
+settings (`--slices`, `--low`, `--high`, `--min-area`, `--epochs`,
+`--steps-per-epoch`, `--rounds`, `--consensus`: the same options and defaults); then scores each
+round's model on S's val and held-out splits as `loso.py` scores (evaluate
+defaults). Writes RUN/self_training[_consensus]/{self_training.json,md}, with
+adapt's folders in .../without_<S>/; resumable (the same command continues).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -27,77 +24,50 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loso import score  # noqa: E402
-from xmdl_tf.adapt import IGNORE  # noqa: E402
-
-def write_pseudo_set(model: Path, data: str, pixel_size_nm: float | None, out: Path, n_slices: int,
-                     low: float, high: float, min_area: int) -> dict:
-    """Pseudo-labelled copy of up to `n_slices` evenly spaced training slices of `data` (labels unread)."""
-    from xmdl_tf.adapt import evenly_spaced, write_pseudo_set as write
-    from xmdl_tf.io import find_pairs
-    from xmdl_tf.predict import load_model
-
-    pairs = find_pairs(data, "train")
-    return write(load_model(model), [pairs[i] for i in evenly_spaced(len(pairs), n_slices)], out, pixel_size_nm,
-                 low, high, min_area)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from xmdl_tf.adapt import adapt, build_parser as adapt_parser
+
+    defaults = adapt_parser().parse_args(["-", "--out", "-"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a benchmarks/loso.py output folder (holding without_<set>/)")
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--pixel-size", nargs="+", default=None)
-    p.add_argument("--slices", type=int, default=8, help="training slices of the left-out set to pseudo-label")
-    p.add_argument("--low", type=float, default=0.1)
-    p.add_argument("--high", type=float, default=0.9)
-    p.add_argument("--min-area", type=int, default=100, help="px at the slice's grid")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--steps-per-epoch", type=int, default=60)
-    p.add_argument("--rounds", type=int, default=1,
-                   help="pseudo-label again with the last round's model and fine-tune the original on those labels")
-    p.add_argument("--with-sources", action="store_true", help="fine-tune with the model's training sets too")
+    for opt in ("slices", "low", "high", "min_area", "epochs", "steps_per_epoch", "rounds"):
+        p.add_argument("--" + opt.replace("_", "-"), type=type(getattr(defaults, opt)), default=getattr(defaults, opt),
+                       help=f"as for xmdl_tf.adapt (default {getattr(defaults, opt)})")
+    p.add_argument("--consensus", action="store_true", help="as for xmdl_tf.adapt (writes RUN/self_training_consensus)")
     args = p.parse_args(argv)
-    from xmdl_tf.finetune import main as finetune_main
-    from xmdl_tf.train import parse_pixel_sizes, run_finished
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from xmdl_tf.train import parse_pixel_sizes
 
     run = Path(args.run)
     px = parse_pixel_sizes(args.pixel_size, len(args.data))
     names = [Path(d).resolve().name for d in args.data]
     base = json.loads((run / "loso.json").read_text())["cells"]
-    out = run / ("self_training_sources" if args.with_sources else "self_training")
+    out = run / ("self_training_consensus" if args.consensus else "self_training")
     rows = {}
     for i, left in enumerate(names):
         model = run / f"without_{left}"
         if not (model / "config.json").is_file():
             continue
-        teacher = model
+        work = out / f"without_{left}"
+        if not (work / "model" / "model.keras").is_file():
+            adapt(model, [str(Path(args.data[i]) / "train" / "x")], work, px[i], args.slices, args.low, args.high,
+                  args.min_area, args.rounds, args.epochs, args.steps_per_epoch, consensus=args.consensus)
+        shares = {r["round"]: r for r in json.loads((work / "adapt.json").read_text())["rounds"]}
         for rnd in range(1, args.rounds + 1):
-            work = out / f"without_{left}" / ("" if rnd == 1 else f"round{rnd}")
-            pseudo = work / "pseudo" / left  # named as the set, so per-set columns read as it
-            info_f = work / "pseudo_labels.json"
-            if not pseudo.is_dir():
-                info = write_pseudo_set(teacher, args.data[i], px[i], pseudo, args.slices, args.low, args.high,
-                                        args.min_area)
-                info_f.write_text(json.dumps(info, indent=2) + "\n")
-            keep = [j for j in range(len(names)) if j != i] if args.with_sources else []
-            sets = [str(pseudo)] + [args.data[j] for j in keep]
-            pxs = ["unknown" if q is None else str(q) for q in [px[i]] + [px[j] for j in keep]]
-            adapted = work / "model"
-            if not run_finished(adapted):
-                # Every round fine-tunes the original model, on the latest model's pseudo-labels
-                # (a student taught by a better teacher), so rounds differ only in their labels.
-                finetune_main(["--model", str(model), "--data", *sets, "--out", str(adapted), "--pixel-size", *pxs,
-                               "--ignore-value", str(IGNORE), "--augment", "em", "--augment-strength", "1",
-                               "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch)])
-            row = {"round": rnd, "pseudo_labels": json.loads(info_f.read_text())}
+            row = {"round": rnd, "pseudo_labels": shares[rnd]}
             for split in ("val", "test"):
-                m = score(adapted, args.data[i], split, work / "scores" / f"{left}_{split}", px[i])
+                m = score(work / f"round{rnd}" / "model", args.data[i], split,
+                          work / f"round{rnd}" / "scores" / f"{left}_{split}", px[i])
                 if m is not None:
                     row[split] = {k: m[k] for k in ("f1", "iou", "precision", "recall", "instance_f1_iou50")}
                     row[split + "_zero_shot"] = base[left][left][split]["f1"]
             row["held_out"] = row.get("test", row.get("val"))
             row["held_out_zero_shot"] = row.get("test_zero_shot", row.get("val_zero_shot"))
             rows[left if rnd == 1 else f"{left} (round {rnd})"] = row
-            teacher = adapted
     (out / "self_training.json").write_text(json.dumps({"recipe": vars(args), "rows": rows}, indent=2) + "\n")
     lines = ["| left out | pseudo-labelled slices (mito / background / ignored) | val F1 zero shot -> self-trained "
              "| held-out F1 zero shot -> self-trained | precision / recall (val) |", "|---|---|---|---|---|"]

@@ -174,6 +174,21 @@ def test_pseudo_labels_keep_only_sure_pixels_and_objects():
         pseudo_label(prob, 0.6, 0.4, 0)
 
 
+def test_consensus_pseudo_labels_need_every_member_to_be_sure():
+    from xmdl_tf.adapt import IGNORE, pseudo_label
+
+    members = np.full((40, 40, 8), 0.02, np.float32)   # background, sure in every member
+    members[20:32, 20:32] = 0.97                        # a mitochondrion all members agree on
+    members[2:14, 2:14] = 0.97
+    members[2:14, 2:14, 3] = 0.6                        # one member doubts this one
+    members[30:38, 2:10, 5] = 0.3                       # one member not quite sure of background here
+    mean = pseudo_label(members.mean(-1), 0.1, 0.9, min_area=50)
+    lab = pseudo_label(members, 0.1, 0.9, min_area=50)
+    assert (mean[2:14, 2:14] == 1).all() and (mean[30:38, 2:10] == 0).all()  # the mean hides the doubt
+    assert (lab[2:14, 2:14] == IGNORE).all() and (lab[30:38, 2:10] == IGNORE).all()
+    assert (lab[20:32, 20:32] == 1).all() and (lab[0:1] == 0).all()
+    assert (lab == 1).sum() == 144
+
 def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp_path, capsys):
     """`adapt` pseudo-labels unlabelled slices with the model, fine-tunes it on them and leaves an
     adapted model whose lineage names its parent; bad input is refused before anything is written."""
@@ -221,3 +236,19 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
     with pytest.raises(SystemExit):
         adapt_main([str(data / "test" / "x"), "--out", str(bad), "--model", str(run), "--low", "0.9", "--high", "0.5"])
     assert not bad.exists()
+
+
+def test_consensus_labels_are_a_subset_of_the_mean_labels(blob_run, tmp_path):
+    """With `consensus`, every sure pixel is one the mean of the members is sure of too (a stricter teacher)."""
+    import tifffile
+
+    from xmdl_tf.adapt import write_pseudo_set
+    from xmdl_tf.io import find_pairs
+
+    data, run = blob_run
+    pred, pairs = load_model(run, jit_compile=False), find_pairs(str(data), "test")[:1]
+    mean_share = write_pseudo_set(pred, pairs, tmp_path / "mean", None, 0.1, 0.9, 20)
+    cons_share = write_pseudo_set(pred, pairs, tmp_path / "cons", None, 0.1, 0.9, 20, consensus=True)
+    mean, cons = (tifffile.imread(next((tmp_path / d / "train" / "y").glob("*.tif"))) for d in ("mean", "cons"))
+    assert ((cons == 1) <= (mean == 1)).all() and ((cons == 0) <= (mean == 0)).all()
+    assert (cons == 1).any() and cons_share["ignored"] >= mean_share["ignored"]

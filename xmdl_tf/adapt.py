@@ -44,17 +44,23 @@ IGNORE = 255  # label value of the pixels the loss leaves out
 def pseudo_label(prob: np.ndarray, low: float, high: float, min_area: int) -> np.ndarray:
     """Mitochondrion probability float (H, W) -> uint8 (H, W) pseudo-label: 1 where p >= high,
     0 where p <= low, IGNORE elsewhere and on sure objects smaller than `min_area` pixels
-    (specks: mostly noise, and too small to teach a shape)."""
+    (specks: mostly noise, and too small to teach a shape). Given several predictions of the
+    slice, float (H, W, K) (the test-time-augmented members), a pixel is sure only when all
+    K agree: every one >= high, or every one <= low."""
     import cv2
 
     if not 0 <= low < high <= 1:
         raise ValueError(f"pseudo-labels need 0 <= low < high <= 1, got low={low}, high={high}")
-    sure = (prob >= high).astype(np.uint8)
+    if prob.ndim == 3:
+        lowest, highest = prob.min(-1), prob.max(-1)
+    else:
+        lowest = highest = prob
+    sure = (lowest >= high).astype(np.uint8)
     n, comp, stats, _ = cv2.connectedComponentsWithStats(sure, connectivity=8)
     small = np.zeros(n, bool)
     small[1:] = stats[1:, cv2.CC_STAT_AREA] < min_area
-    out = np.full(prob.shape, IGNORE, np.uint8)
-    out[prob <= low] = 0
+    out = np.full(lowest.shape, IGNORE, np.uint8)
+    out[highest <= low] = 0
     out[sure.astype(bool)] = 1
     out[small[comp]] = IGNORE
     return out
@@ -66,10 +72,12 @@ def evenly_spaced(n_items: int, n: int) -> np.ndarray:
 
 
 def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | None = None,
-                     low: float = 0.1, high: float = 0.9, min_area: int = 100) -> dict:
+                     low: float = 0.1, high: float = 0.9, min_area: int = 100, consensus: bool = False) -> dict:
     """Pseudo-label `pairs` (SlicePairs; any label files are not read) with `predictor` (TTA)
     into the split layout `out/train/{x,y}`, written whole or not at all (a `.part` folder
-    renamed at the end). Returns the mean shares of mitochondrion, background and ignored pixels."""
+    renamed at the end); `consensus`: from the 8 TTA members, sure only where all agree
+    (`pseudo_label`), not from their mean. Returns the mean shares of mitochondrion,
+    background and ignored pixels."""
     import tifffile
 
     from .io import read_image
@@ -82,7 +90,8 @@ def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | N
     shares = []
     for pair in pairs:
         image = read_image(pair.image, pair.page)
-        lab = pseudo_label(predictor.predict_slice(image, tta=True, pixel_size_nm=pixel_size_nm), low, high, min_area)
+        pred = predictor.predict_slice(image, tta=True, pixel_size_nm=pixel_size_nm, members=consensus)
+        lab = pseudo_label(pred[1] if consensus else pred, low, high, min_area)
         tifffile.imwrite(tmp / "train" / "x" / f"{pair.name}.tif", image)
         tifffile.imwrite(tmp / "train" / "y" / f"{pair.name}.tif", lab, compression="zlib")
         shares.append([np.mean(lab == 1), np.mean(lab == 0), np.mean(lab == IGNORE)])
@@ -96,11 +105,13 @@ def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | N
 
 def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None = None, slices: int = 8,
           low: float = 0.1, high: float = 0.9, min_area: int = 100, rounds: int = 3, epochs: int = 5,
-          steps_per_epoch: int = 60, seed: int = 0, tile_size: int = 256, verbose: int = 2) -> Path:
+          steps_per_epoch: int = 60, seed: int = 0, tile_size: int = 256, consensus: bool = False,
+          verbose: int = 2) -> Path:
     """Self-train `model` (a run folder, .keras file or built-in name) on unlabelled `inputs`
     (files, folders, globs, stacks, as `analyze` takes them); returns the adapted model's folder
     (`out/model`). pixel_size_nm: the inputs' pixel size when their files do not say (then
-    slices are resampled to the model's, as everywhere). Everything is checked before anything
+    slices are resampled to the model's, as everywhere). consensus: pseudo-label only the
+    pixels all 8 TTA members are sure of (`write_pseudo_set`). Everything is checked before anything
     is written; a finished `out` is refused, an interrupted one resumed."""
     from .analyze import _pixel_size, expand_inputs
     from .io import DataError, image_shape, read_pixel_size_nm
@@ -137,7 +148,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     recipe = {"model": str(model_file.resolve()), "inputs": [str(Path(i).resolve()) for i in inputs],
               "slices": [p.name for p in pairs], "pixel_size_nm": pixel_size_nm, "low": low, "high": high,
               "min_area_px": min_area, "rounds": rounds, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-              "tile_size": tile_size, "seed": seed}
+              "tile_size": tile_size, "seed": seed, "consensus": consensus}
     state = json.loads(record.read_text()) if record.is_file() else {"recipe": recipe, "rounds": []}
     if state["recipe"] != recipe:
         raise FileExistsError(f"{out}: an interrupted adaptation with other settings; choose another --out")
@@ -154,7 +165,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         folder = out / f"round{rnd}"
         pseudo = folder / "pseudo" / name
         if not pseudo.is_dir():
-            shares = write_pseudo_set(load_model(teacher), pairs, pseudo, pixel_size_nm, low, high, min_area)
+            shares = write_pseudo_set(load_model(teacher), pairs, pseudo, pixel_size_nm, low, high, min_area, consensus)
             state["rounds"] = [r for r in state["rounds"] if r["round"] != rnd] + [{"round": rnd, **shares}]
             atomic_write_text(record, json.dumps(state, indent=2) + "\n")
         run = folder / "model"
@@ -189,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the leave-one-set-out val splits, model card)")
     p.add_argument("--epochs", type=cli.positive_int, default=5, help="fine-tuning epochs per round")
     p.add_argument("--steps-per-epoch", type=cli.positive_int, default=60, help="batches of 8 tiles per epoch")
+    p.add_argument("--consensus", action="store_true",
+                   help="pseudo-label only pixels that all 8 test-time-augmented predictions are sure of")
     p.add_argument("--tile-size", type=cli.positive_int, default=256, help="training tile height and width, px")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -202,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--low {args.low:g} must be below --high {args.high:g}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     final = adapt(args.model, args.inputs, args.out, args.pixel_size, args.slices, args.low, args.high,
-                  args.min_area, args.rounds, args.epochs, args.steps_per_epoch, args.seed, args.tile_size)
+                  args.min_area, args.rounds, args.epochs, args.steps_per_epoch, args.seed, args.tile_size,
+                  args.consensus)
     print(f"adapted model: {final}  (python -m xmdl_tf.analyze ... --model {final})")
     return 0
 
