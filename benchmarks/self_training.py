@@ -26,8 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loso import score  # noqa: E402
 
 
+def row_name(left: str, rnd: int) -> str:
+    return left if rnd == 1 else f"{left} (round {rnd})"
+
+
+def mean_f1(rows: list[dict], key: str) -> float:
+    """Mean F1 of `rows` under `key` (a metrics dict, or a zero-shot F1 itself)."""
+    return float(np.mean([r[key] if isinstance(r[key], float) else r[key]["f1"] for r in rows]))
+
+
 def main(argv: list[str] | None = None) -> int:
-    from xmdl_tf.adapt import adapt, build_parser as adapt_parser
+    from xmdl_tf.adapt import adapt, build_parser as adapt_parser, drift_round
 
     defaults = adapt_parser().parse_args(["-", "--out", "-"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + opt.replace("_", "-"), type=type(getattr(defaults, opt)), default=getattr(defaults, opt),
                        help=f"as for xmdl_tf.adapt (default {getattr(defaults, opt)})")
     p.add_argument("--consensus", action="store_true", help="as for xmdl_tf.adapt (writes RUN/self_training_consensus)")
+    p.add_argument("--max-drift", type=float, default=defaults.max_drift,
+                   help="adapt's early stop, applied to the recorded rounds (every round is run and scored)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from xmdl_tf.train import parse_pixel_sizes
@@ -47,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [Path(d).resolve().name for d in args.data]
     base = json.loads((run / "loso.json").read_text())["cells"]
     out = run / ("self_training_consensus" if args.consensus else "self_training")
-    rows = {}
+    rows, picked = {}, {}
     for i, left in enumerate(names):
         model = run / f"without_{left}"
         if not (model / "config.json").is_file():
@@ -55,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         work = out / f"without_{left}"
         if not (work / "model" / "model.keras").is_file():
             adapt(model, [str(Path(args.data[i]) / "train" / "x")], work, px[i], args.slices, args.low, args.high,
-                  args.min_area, args.rounds, args.epochs, args.steps_per_epoch, consensus=args.consensus)
+                  args.min_area, args.rounds, args.epochs, args.steps_per_epoch, consensus=args.consensus,
+                  max_drift=None)  # every round, so that each is scored; the stop rule is applied below
         shares = {r["round"]: r for r in json.loads((work / "adapt.json").read_text())["rounds"]}
+        stop = drift_round([shares[r]["mitochondrion"] for r in sorted(shares)], args.max_drift)
+        picked[left] = args.rounds if stop is None else stop - 1
         for rnd in range(1, args.rounds + 1):
             row = {"round": rnd, "pseudo_labels": shares[rnd]}
             for split in ("val", "test"):
@@ -67,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                     row[split + "_zero_shot"] = base[left][left][split]["f1"]
             row["held_out"] = row.get("test", row.get("val"))
             row["held_out_zero_shot"] = row.get("test_zero_shot", row.get("val_zero_shot"))
-            rows[left if rnd == 1 else f"{left} (round {rnd})"] = row
-    (out / "self_training.json").write_text(json.dumps({"recipe": vars(args), "rows": rows}, indent=2) + "\n")
+            rows[row_name(left, rnd)] = row
+    (out / "self_training.json").write_text(json.dumps({"recipe": vars(args), "rows": rows, "rounds_kept": picked},
+                                                       indent=2) + "\n")
     lines = ["| left out | pseudo-labelled slices (mito / background / ignored) | val F1 zero shot -> self-trained "
              "| held-out F1 zero shot -> self-trained | precision / recall (val) |", "|---|---|---|---|---|"]
     for left, r in rows.items():
@@ -77,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"{pl['ignored']:.2f}) | {r.get('val_zero_shot', float('nan')):.3f} -> {v.get('f1', float('nan')):.3f} "
                      f"| {r['held_out_zero_shot']:.3f} -> {r['held_out']['f1']:.3f} "
                      f"| {v.get('precision', float('nan')):.3f} / {v.get('recall', float('nan')):.3f} |")
+    def summary(label: str, sel: list[dict]) -> None:
+        if sel:
+            lines.append(f"| **{label}** | | {mean_f1(sel, 'val_zero_shot'):.3f} -> {mean_f1(sel, 'val'):.3f} "
+                         f"| {mean_f1(sel, 'held_out_zero_shot'):.3f} -> {mean_f1(sel, 'held_out'):.3f} | |")
+
     for rnd in range(1, args.rounds + 1):
-        got = [r for r in rows.values() if r["round"] == rnd]
-        if got:
-            mean = lambda k: np.mean([r[k] if isinstance(r[k], float) else r[k]["f1"] for r in got])
-            lines.append(f"| **mean{'' if rnd == 1 else f' (round {rnd})'}** | | {mean('val_zero_shot'):.3f} -> "
-                         f"{mean('val'):.3f} | {mean('held_out_zero_shot'):.3f} -> {mean('held_out'):.3f} | |")
+        summary(row_name("mean", rnd), [r for r in rows.values() if r["round"] == rnd])
+    summary(f"mean, stopping on drift > {args.max_drift:g} (rounds kept: {', '.join(map(str, picked.values()))})",
+            [rows[row_name(left, k)] for left, k in picked.items()])
     (out / "self_training.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

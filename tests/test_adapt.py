@@ -203,7 +203,7 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
     data, run = blob_run
     out = tmp_path / "adapted"
     argv = [str(data / "test" / "x"), "--out", str(out), "--model", str(run), "--slices", "2", "--epochs", "1",
-            "--steps-per-epoch", "2", "--tile-size", "32", "--rounds", "2"]
+            "--steps-per-epoch", "2", "--tile-size", "32", "--rounds", "2", "--max-drift", "0"]
     assert adapt_main(argv) == 0
     model = out / "model"
     cfg = json.loads((model / "config.json").read_text())
@@ -236,6 +236,38 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
     with pytest.raises(SystemExit):
         adapt_main([str(data / "test" / "x"), "--out", str(bad), "--model", str(run), "--low", "0.9", "--high", "0.5"])
     assert not bad.exists()
+
+
+def test_drift_round_finds_the_first_round_that_relabels_too_much():
+    from xmdl_tf.adapt import drift_round
+
+    assert drift_round([0.050, 0.073, 0.094], 0.2) == 2      # SBEM's drift: +47% in round 2
+    assert drift_round([0.021, 0.021, 0.020], 0.2) is None   # a steady teacher runs every round
+    assert drift_round([0.10, 0.11, 0.07], 0.2) == 3         # shrinking counts too
+    assert drift_round([0.050, 0.073], 0) is None and drift_round([0.050, 0.073], None) is None
+    assert drift_round([0.0, 0.0, 0.01], 0.2) == 3 and drift_round([0.05], 0.2) is None
+
+
+def test_adapt_stops_early_when_the_pseudo_labels_drift(blob_run, tmp_path):
+    """A round whose pseudo-labels moved beyond --max-drift is not trained on: the last round's model is kept."""
+    import json
+
+    import keras
+
+    from xmdl_tf.adapt import main as adapt_main
+
+    data, run = blob_run
+    out = tmp_path / "adapted"
+    # Any change at all counts as drift here, so the second round's labels stop it.
+    assert adapt_main([str(data / "test" / "x"), "--out", str(out), "--model", str(run), "--slices", "2",
+                       "--epochs", "1", "--steps-per-epoch", "2", "--tile-size", "32", "--rounds", "3",
+                       "--max-drift", "1e-9"]) == 0
+    record = json.loads((out / "adapt.json").read_text())
+    assert [r["round"] for r in record["rounds"]] == [1, 2] and "kept round 1's model" in record["stopped"]
+    assert not (out / "round2" / "model").exists() and not (out / "round3").exists()
+    kept = keras.models.load_model(out / "round1" / "model" / "model.keras", compile=False)
+    final = keras.models.load_model(out / "model" / "model.keras", compile=False)
+    assert all(np.array_equal(a, b) for a, b in zip(kept.get_weights(), final.get_weights()))
 
 
 def test_consensus_labels_are_a_subset_of_the_mean_labels(blob_run, tmp_path):

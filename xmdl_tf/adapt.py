@@ -11,7 +11,10 @@ The model is then fine-tuned on them (`xmdl_tf.finetune`'s trainer: "em"
 augmentation at strength 1, learning rate 1e-4, validation on held-back rows of
 the same slices). `--rounds N` repeats: the newest model pseudo-labels again
 and the *original* is fine-tuned on those labels, so each round differs only in
-its teacher (3 by default). Measured on the leave-one-set-out models
+its teacher (3 by default). A round whose pseudo-labels mark more than 20% more
+(or less) mitochondrion than the round before stops it (`--max-drift`): the
+model is then teaching itself its own errors, and the last round's model is kept.
+Measured on the leave-one-set-out models
 (`benchmarks/self_training.py`, model card "Adapting without labels"): zero-shot
 val F1 0.599 -> 0.632 after one round and 0.668 after three (mean of the three
 microscopes; one of them, SBEM, drifts towards over-segmentation after the
@@ -39,6 +42,7 @@ from . import cli
 log = logging.getLogger(__name__)
 
 IGNORE = 255  # label value of the pixels the loss leaves out
+MAX_DRIFT = 0.2  # stop when a round's pseudo-labels mark 20% more (or less) mitochondrion than the last's
 
 
 def pseudo_label(prob: np.ndarray, low: float, high: float, min_area: int) -> np.ndarray:
@@ -64,6 +68,22 @@ def pseudo_label(prob: np.ndarray, low: float, high: float, min_area: int) -> np
     out[sure.astype(bool)] = 1
     out[small[comp]] = IGNORE
     return out
+
+
+def drift_round(mito_shares: list[float], max_drift: float | None = MAX_DRIFT) -> int | None:
+    """The first round (1-based) whose pseudo-labelled mitochondrion share differs from the round
+    before by more than a factor 1 + max_drift either way, or None (also when max_drift is None
+    or 0). Self-training that relabels ever more (or less) of the image as mitochondrion is
+    teaching itself its own errors (measured: model card, "Adapting without labels")."""
+    if not max_drift:
+        return None
+    for r in range(1, len(mito_shares)):
+        before, now = mito_shares[r - 1], mito_shares[r]
+        if before == now == 0:
+            continue
+        if min(before, now) == 0 or abs(np.log(now / before)) > np.log1p(max_drift):
+            return r + 1
+    return None
 
 
 def evenly_spaced(n_items: int, n: int) -> np.ndarray:
@@ -106,12 +126,14 @@ def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | N
 def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None = None, slices: int = 8,
           low: float = 0.1, high: float = 0.9, min_area: int = 100, rounds: int = 3, epochs: int = 5,
           steps_per_epoch: int = 60, seed: int = 0, tile_size: int = 256, consensus: bool = False,
-          verbose: int = 2) -> Path:
+          max_drift: float | None = MAX_DRIFT, verbose: int = 2) -> Path:
     """Self-train `model` (a run folder, .keras file or built-in name) on unlabelled `inputs`
     (files, folders, globs, stacks, as `analyze` takes them); returns the adapted model's folder
     (`out/model`). pixel_size_nm: the inputs' pixel size when their files do not say (then
     slices are resampled to the model's, as everywhere). consensus: pseudo-label only the
-    pixels all 8 TTA members are sure of (`write_pseudo_set`). Everything is checked before anything
+    pixels all 8 TTA members are sure of (`write_pseudo_set`). max_drift: stop before a round
+    whose pseudo-labels' mitochondrion share moved by more than this factor from the last
+    round's (`drift_round`), keeping the last round's model (None or 0: every round). Everything is checked before anything
     is written; a finished `out` is refused, an interrupted one resumed."""
     from .analyze import _pixel_size, expand_inputs
     from .io import DataError, image_shape, read_pixel_size_nm
@@ -148,7 +170,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     recipe = {"model": str(model_file.resolve()), "inputs": [str(Path(i).resolve()) for i in inputs],
               "slices": [p.name for p in pairs], "pixel_size_nm": pixel_size_nm, "low": low, "high": high,
               "min_area_px": min_area, "rounds": rounds, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-              "tile_size": tile_size, "seed": seed, "consensus": consensus}
+              "tile_size": tile_size, "seed": seed, "consensus": consensus, "max_drift": max_drift or 0}
     state = json.loads(record.read_text()) if record.is_file() else {"recipe": recipe, "rounds": []}
     if state["recipe"] != recipe:
         raise FileExistsError(f"{out}: an interrupted adaptation with other settings; choose another --out")
@@ -168,6 +190,14 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
             shares = write_pseudo_set(load_model(teacher), pairs, pseudo, pixel_size_nm, low, high, min_area, consensus)
             state["rounds"] = [r for r in state["rounds"] if r["round"] != rnd] + [{"round": rnd, **shares}]
             atomic_write_text(record, json.dumps(state, indent=2) + "\n")
+        done = [r["mitochondrion"] for r in sorted(state["rounds"], key=lambda r: r["round"])]
+        if drift_round(done, max_drift) == rnd:
+            before, now = done[rnd - 2], done[rnd - 1]
+            state["stopped"] = (f"round {rnd}'s pseudo-labels mark {100 * now:.1f}% of the pixels as mitochondrion, "
+                                f"round {rnd - 1}'s {100 * before:.1f}%: the model drifts; kept round {rnd - 1}'s model")
+            atomic_write_text(record, json.dumps(state, indent=2) + "\n")
+            log.warning("stopped early: %s (--max-drift %g)", state["stopped"], max_drift)
+            break
         run = folder / "model"
         if not run_finished(run):
             # Every round fine-tunes the original model: rounds differ only in who made the labels.
@@ -200,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the leave-one-set-out val splits, model card)")
     p.add_argument("--epochs", type=cli.positive_int, default=5, help="fine-tuning epochs per round")
     p.add_argument("--steps-per-epoch", type=cli.positive_int, default=60, help="batches of 8 tiles per epoch")
+    p.add_argument("--max-drift", type=cli.nonnegative_float, default=MAX_DRIFT,
+                   help="stop when a round's pseudo-labels mark more than this much more (or less) mitochondrion "
+                        "than the round before, keeping the last model (0: run every round; default %(default)g)")
     p.add_argument("--consensus", action="store_true",
                    help="pseudo-label only pixels that all 8 test-time-augmented predictions are sure of")
     p.add_argument("--tile-size", type=cli.positive_int, default=256, help="training tile height and width, px")
@@ -216,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     final = adapt(args.model, args.inputs, args.out, args.pixel_size, args.slices, args.low, args.high,
                   args.min_area, args.rounds, args.epochs, args.steps_per_epoch, args.seed, args.tile_size,
-                  args.consensus)
+                  args.consensus, args.max_drift)
     print(f"adapted model: {final}  (python -m xmdl_tf.analyze ... --model {final})")
     return 0
 
