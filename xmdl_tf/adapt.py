@@ -226,13 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-area", type=cli.nonnegative_int, default=100,
                    help="sure objects smaller than this (pixels) are ignored, not taught")
     p.add_argument("--rounds", type=cli.positive_int, default=3,
-                   help="self-training rounds: each pseudo-labels with the last round's model (default 3: chosen on "
-                        "the leave-one-set-out val splits, model card)")
+                   help="self-training rounds, each pseudo-labelling with the last round's model (chosen on the "
+                        "leave-one-set-out val splits, model card)")
     p.add_argument("--epochs", type=cli.positive_int, default=5, help="fine-tuning epochs per round")
     p.add_argument("--steps-per-epoch", type=cli.positive_int, default=60, help="batches of 8 tiles per epoch")
     p.add_argument("--max-drift", type=cli.nonnegative_float, default=MAX_DRIFT,
-                   help="stop when a round's pseudo-labels mark more than this much more (or less) mitochondrion "
-                        "than the round before, keeping the last model (0: run every round; default %(default)g)")
+                   help="stop when a round's pseudo-labels mark more than this fraction more (or less) "
+                        "mitochondrion than the round before, keeping the last model (0: run every round)")
     p.add_argument("--consensus", action="store_true",
                    help="pseudo-label only pixels that all 8 test-time-augmented predictions are sure of")
     p.add_argument("--tile-size", type=cli.positive_int, default=256, help="training tile height and width, px")
