@@ -77,6 +77,27 @@ def test_frozen_encoder_keeps_encoder_weights(base_run, tmp_path):
                               child.get_layer("dec1_conv2").get_weights()[0])
 
 
+def test_a_fine_tuned_model_is_applied_as_its_tuned_parent(base_run, tmp_path):
+    """TTA, threshold, minimum size and the auto-zoom range chosen for the parent carry over to the child."""
+    import shutil
+    from dataclasses import replace
+
+    parent = tmp_path / "parent"
+    shutil.copytree(base_run, parent)
+    cfg = Config.load(parent / "config.json")
+    tuned = replace(cfg.inference, tta=True, threshold=0.7, min_area_nm2=10_000.0, object_width_px=(20.0, 40.0))
+    assert tuned != cfg.inference
+    replace(cfg, inference=tuned).save(parent / "config.json")
+    write_synthetic(tmp_path / "new", "train", [62], appearance=SHIFTED, size=128)
+    out = tmp_path / "child"
+    assert finetune_main(["--model", str(parent), "--data", str(tmp_path / "new"), "--out", str(out), "--tile-size",
+                          "64", "--batch-size", "4", "--no-jit", "--epochs", "1", "--steps-per-epoch", "2"]) == 0
+    assert Config.load(out / "config.json").inference == tuned
+    from xmdl_tf.config import resolve_inference
+
+    assert resolve_inference(load_model(out, jit_compile=False)).tta  # analyze and evaluate use TTA, as for the parent
+
+
 def test_ignored_pixels_do_not_change_the_loss(tmp_path):
     from xmdl_tf.config import DataConfig
     from xmdl_tf.data import SliceRegion, validation_dataset

@@ -280,8 +280,11 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         from .predict import load_keras_with_config
 
         parent, parent_config, parent_path = load_keras_with_config(init_from)
-        # The architecture, normalisation and pixel size come from the parent; the rest from this call.
-        config = replace(config, model=parent_config.model, normalization=parent_config.normalization)
+        # The architecture, normalisation and pixel size come from the parent, and so does how it is
+        # applied (TTA, threshold, minimum size, auto zoom: a child of a tuned model is used as its
+        # parent is until `tune` re-chooses them on the child's own val data); the rest from this call.
+        config = replace(config, model=parent_config.model, normalization=parent_config.normalization,
+                         inference=parent_config.inference)
         parent_px = parent_config.data.pixel_size_nm
         if model_px and parent_px and abs(model_px / parent_px - 1) > SAME_PIXEL_SIZE:
             raise ValueError(f"--model-pixel-size {model_px} nm differs from the parent model's {parent_px} nm; "
