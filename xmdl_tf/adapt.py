@@ -132,9 +132,10 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     (`out/model`). pixel_size_nm: the inputs' pixel size when their files do not say (then
     slices are resampled to the model's, as everywhere). consensus: pseudo-label only the
     pixels all 8 TTA members are sure of (`write_pseudo_set`). max_drift: stop before a round
-    whose pseudo-labels' mitochondrion share moved by more than this factor from the last
-    round's (`drift_round`), keeping the last round's model (None or 0: every round). Everything is checked before anything
-    is written; a finished `out` is refused, an interrupted one resumed."""
+    whose pseudo-labels' mitochondrion share moved by more than this fraction from the last
+    round's (`drift_round`), keeping the last round's model (None or 0: every round).
+    Everything is checked before anything is written; a finished `out` is refused, an
+    interrupted one resumed."""
     from .analyze import _pixel_size, expand_inputs
     from .io import DataError, image_shape, read_pixel_size_nm
     from .predict import load_model, resolve_model_path
