@@ -37,6 +37,7 @@ def mean_f1(rows: list[dict], key: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from xmdl_tf.adapt import adapt, build_parser as adapt_parser, drift_round
+    from xmdl_tf.cli import nonnegative_float
 
     defaults = adapt_parser().parse_args(["-", "--out", "-"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + opt.replace("_", "-"), type=type(getattr(defaults, opt)), default=getattr(defaults, opt),
                        help=f"as for xmdl_tf.adapt (default {getattr(defaults, opt)})")
     p.add_argument("--consensus", action="store_true", help="as for xmdl_tf.adapt (writes RUN/self_training_consensus)")
-    p.add_argument("--max-drift", type=float, default=defaults.max_drift,
+    p.add_argument("--max-drift", type=nonnegative_float, default=defaults.max_drift,
                    help="adapt's early stop, applied to the recorded rounds (every round is run and scored)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (model / "config.json").is_file():
             continue
         work = out / f"without_{left}"
-        if not (work / "model" / "model.keras").is_file():
-            adapt(model, [str(Path(args.data[i]) / "train" / "x")], work, px[i], args.slices, args.low, args.high,
-                  args.min_area, args.rounds, args.epochs, args.steps_per_epoch, consensus=args.consensus,
-                  max_drift=None)  # every round, so that each is scored; the stop rule is applied below
+        # A finished adaptation with these settings is returned as it is; one with others is refused.
+        adapt(model, [str(Path(args.data[i]) / "train" / "x")], work, px[i], args.slices, args.low, args.high,
+              args.min_area, args.rounds, args.epochs, args.steps_per_epoch, consensus=args.consensus,
+              max_drift=None)  # every round, so that each is scored; the stop rule is applied below
         shares = {r["round"]: r for r in json.loads((work / "adapt.json").read_text())["rounds"]}
         stop = drift_round([shares[r]["mitochondrion"] for r in sorted(shares)], args.max_drift)
         picked[left] = args.rounds if stop is None else stop - 1
@@ -99,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for rnd in range(1, args.rounds + 1):
         summary(row_name("mean", rnd), [r for r in rows.values() if r["round"] == rnd])
-    summary(f"mean, stopping on drift > {args.max_drift:g} (rounds kept: {', '.join(map(str, picked.values()))})",
-            [rows[row_name(left, k)] for left, k in picked.items()])
+    if args.max_drift:
+        summary(f"mean, stopping on drift > {args.max_drift:g} (rounds kept: {', '.join(map(str, picked.values()))})",
+                [rows[row_name(left, k)] for left, k in picked.items()])
     (out / "self_training.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -11,9 +11,10 @@ The model is then fine-tuned on them (`xmdl_tf.finetune`'s trainer: "em"
 augmentation at strength 1, learning rate 1e-4, validation on held-back rows of
 the same slices). `--rounds N` repeats: the newest model pseudo-labels again
 and the *original* is fine-tuned on those labels, so each round differs only in
-its teacher (3 by default). A round whose pseudo-labels mark more than 20% more
-(or less) mitochondrion than the round before stops it (`--max-drift`): the
-model is then teaching itself its own errors, and the last round's model is kept.
+its teacher (3 by default). A round whose pseudo-labels' share of mitochondrion
+moved from the round before's by more than a factor 1.2 either way (20% more,
+or 17% less) stops it (`--max-drift`): the model is then teaching itself its
+own errors, and the last round's model is kept.
 Measured on the leave-one-set-out models
 (`benchmarks/self_training.py`, model card "Adapting without labels"): zero-shot
 val F1 0.599 -> 0.632 after one round and 0.668 after three (mean of the three
@@ -42,7 +43,7 @@ from . import cli
 log = logging.getLogger(__name__)
 
 IGNORE = 255  # label value of the pixels the loss leaves out
-MAX_DRIFT = 0.2  # stop when a round's pseudo-labels mark 20% more (or less) mitochondrion than the last's
+MAX_DRIFT = 0.2  # stop when a round's labelled mitochondrion share moves by a factor > 1.2 either way
 
 
 def pseudo_label(prob: np.ndarray, low: float, high: float, min_area: int) -> np.ndarray:
@@ -96,8 +97,7 @@ def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | N
     """Pseudo-label `pairs` (SlicePairs; any label files are not read) with `predictor` (TTA)
     into the split layout `out/train/{x,y}`, written whole or not at all (a `.part` folder
     renamed at the end); `consensus`: from the 8 TTA members, sure only where all agree
-    (`pseudo_label`), not from their mean. Returns the mean shares of mitochondrion,
-    background and ignored pixels."""
+    (`pseudo_label`), not from their mean. Returns `label_shares(out)`."""
     import tifffile
 
     from .io import read_image
@@ -107,20 +107,28 @@ def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | N
         shutil.rmtree(tmp)  # an interrupted earlier attempt: its slices are redone
     for sub in ("x", "y"):
         (tmp / "train" / sub).mkdir(parents=True)
-    shares = []
     for pair in pairs:
         image = read_image(pair.image, pair.page)
         pred = predictor.predict_slice(image, tta=True, pixel_size_nm=pixel_size_nm, members=consensus)
         lab = pseudo_label(pred[1] if consensus else pred, low, high, min_area)
         tifffile.imwrite(tmp / "train" / "x" / f"{pair.name}.tif", image)
         tifffile.imwrite(tmp / "train" / "y" / f"{pair.name}.tif", lab, compression="zlib")
-        shares.append([np.mean(lab == 1), np.mean(lab == 0), np.mean(lab == IGNORE)])
-        log.info("pseudo-labelled %s: %.1f%% mitochondrion, %.1f%% ignored", pair.name, 100 * shares[-1][0],
-                 100 * shares[-1][2])
+        log.info("pseudo-labelled %s: %.1f%% mitochondrion, %.1f%% ignored", pair.name, 100 * np.mean(lab == 1),
+                 100 * np.mean(lab == IGNORE))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
+    return label_shares(out)
+
+
+def label_shares(pseudo: Path) -> dict:
+    """Mean shares (over slices) of mitochondrion, background and ignored pixels in the pseudo-labels
+    of a `write_pseudo_set` folder, read back from its files."""
+    import tifffile
+
+    shares = [[np.mean(lab == 1), np.mean(lab == 0), np.mean(lab == IGNORE)]
+              for lab in map(tifffile.imread, sorted((pseudo / "train" / "y").glob("*.tif")))]
     s = np.mean(shares, axis=0)
-    return {"slices": len(pairs), "mitochondrion": float(s[0]), "background": float(s[1]), "ignored": float(s[2])}
+    return {"slices": len(shares), "mitochondrion": float(s[0]), "background": float(s[1]), "ignored": float(s[2])}
 
 
 def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None = None, slices: int = 8,
@@ -132,10 +140,11 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     (`out/model`). pixel_size_nm: the inputs' pixel size when their files do not say (then
     slices are resampled to the model's, as everywhere). consensus: pseudo-label only the
     pixels all 8 TTA members are sure of (`write_pseudo_set`). max_drift: stop before a round
-    whose pseudo-labels' mitochondrion share moved by more than this fraction from the last
-    round's (`drift_round`), keeping the last round's model (None or 0: every round).
-    Everything is checked before anything is written; a finished `out` is refused, an
-    interrupted one resumed."""
+    whose pseudo-labels' mitochondrion share moved by more than a factor 1 + max_drift either
+    way from the last round's (`drift_round`), keeping the last round's model (None or 0:
+    every round). Everything is checked before anything is written; a finished `out` is
+    returned as it is when made with the same settings and refused otherwise; an interrupted
+    one is resumed."""
     from .analyze import _pixel_size, expand_inputs
     from .io import DataError, image_shape, read_pixel_size_nm
     from .predict import load_model, resolve_model_path
@@ -163,18 +172,23 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
                         "adapt to one microscope's images at a time")
     pixel_size_nm = sizes.pop()  # the pseudo-labelled copies carry no metadata: it is passed on
     record = out / "adapt.json"
-    if (out / "model" / "model.keras").is_file():
-        raise FileExistsError(f"{out}: holds an adapted model already; choose another --out")
     if out.exists() and any(out.iterdir()) and not record.is_file():
-        raise FileExistsError(f"{out}: folder exists and is not an interrupted adaptation; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+        raise FileExistsError(f"{out}: folder exists and is not an adaptation; choose another --out")
     recipe = {"model": str(model_file.resolve()), "inputs": [str(Path(i).resolve()) for i in inputs],
               "slices": [p.name for p in pairs], "pixel_size_nm": pixel_size_nm, "low": low, "high": high,
               "min_area_px": min_area, "rounds": rounds, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
               "tile_size": tile_size, "seed": seed, "consensus": consensus, "max_drift": max_drift or 0}
+    # Records written before --consensus and --max-drift existed ran without either.
     state = json.loads(record.read_text()) if record.is_file() else {"recipe": recipe, "rounds": []}
+    state["recipe"] = {"consensus": False, "max_drift": 0, **state["recipe"]}
+    finished = (out / "model" / "model.keras").is_file()
     if state["recipe"] != recipe:
-        raise FileExistsError(f"{out}: an interrupted adaptation with other settings; choose another --out")
+        raise FileExistsError(f"{out}: {'holds an adapted model' if finished else 'an interrupted adaptation'} "
+                              "made with other settings; choose another --out")
+    if finished:
+        log.info("%s: already adapted with these settings (%s)", out, state.get("stopped") or f"{rounds} rounds")
+        return out / "model"
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(record, json.dumps(state, indent=2) + "\n")
 
     args = build_parser(finetune=True).parse_args(
@@ -188,10 +202,12 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         folder = out / f"round{rnd}"
         pseudo = folder / "pseudo" / name
         if not pseudo.is_dir():
-            shares = write_pseudo_set(load_model(teacher), pairs, pseudo, pixel_size_nm, low, high, min_area, consensus)
-            state["rounds"] = [r for r in state["rounds"] if r["round"] != rnd] + [{"round": rnd, **shares}]
+            write_pseudo_set(load_model(teacher), pairs, pseudo, pixel_size_nm, low, high, min_area, consensus)
+        recorded = {r["round"]: r for r in state["rounds"]}
+        if rnd not in recorded:  # (also when a kill fell between writing the labels and recording them)
+            state["rounds"] = [*state["rounds"], {"round": rnd, **label_shares(pseudo)}]
             atomic_write_text(record, json.dumps(state, indent=2) + "\n")
-        done = [r["mitochondrion"] for r in sorted(state["rounds"], key=lambda r: r["round"])]
+        done = [r["mitochondrion"] for r in sorted(state["rounds"], key=lambda r: r["round"]) if r["round"] <= rnd]
         if drift_round(done, max_drift) == rnd:
             before, now = done[rnd - 2], done[rnd - 1]
             state["stopped"] = (f"round {rnd}'s pseudo-labels mark {100 * now:.1f}% of the pixels as mitochondrion, "
@@ -232,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=cli.positive_int, default=5, help="fine-tuning epochs per round")
     p.add_argument("--steps-per-epoch", type=cli.positive_int, default=60, help="batches of 8 tiles per epoch")
     p.add_argument("--max-drift", type=cli.nonnegative_float, default=MAX_DRIFT,
-                   help="stop when a round's pseudo-labels mark more than this fraction more (or less) "
-                        "mitochondrion than the round before, keeping the last model (0: run every round)")
+                   help="stop when a round's pseudo-labelled share of mitochondrion moved from the round before's "
+                        "by more than a factor 1 + this either way, keeping the last model (0: run every round)")
     p.add_argument("--consensus", action="store_true",
                    help="pseudo-label only pixels that all 8 test-time-augmented predictions are sure of")
     p.add_argument("--tile-size", type=cli.positive_int, default=256, help="training tile height and width, px")

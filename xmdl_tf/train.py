@@ -303,7 +303,13 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
                      train=replace(config.train, steps_per_epoch=steps))
     parent_info = None
     if parent is not None:
-        parent_info = {"model": str(Path(parent_path).resolve()), "config": parent_config.info.get("data", [])}
+        parent_info = {"model": str(Path(parent_path).resolve()), "config": parent_config.info.get("data", []),
+                       "inference": "the parent's"}
+        if config.inference.object_width_px and not all(i["pixel_size_nm"] for i in info):
+            # A set of unknown pixel size is learnt on its own grid: the parent's object widths no
+            # longer say which scale the child knows, so auto zoom waits for `tune` to measure them.
+            config = replace(config, inference=replace(config.inference, object_width_px=None))
+            parent_info["inference"] = "the parent's, without its auto-zoom widths (a set of unknown pixel size)"
 
     info_block = {
         "data": info,
