@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + opt.replace("_", "-"), type=type(getattr(defaults, opt)), default=getattr(defaults, opt),
                        help=f"as for xmdl_tf.adapt (default {getattr(defaults, opt)})")
     p.add_argument("--consensus", action="store_true", help="as for xmdl_tf.adapt (writes RUN/self_training_consensus)")
-    p.add_argument("--max-drift", type=nonnegative_float, default=defaults.max_drift,
-                   help="adapt's early stop, applied to the recorded rounds (every round is run and scored)")
+    p.add_argument("--max-drift", type=nonnegative_float, default=0.0,
+                   help="adapt's optional early stop (e.g. 0.2), applied to the recorded rounds for one more "
+                        "summary row (every round is run and scored all the same)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from xmdl_tf.train import parse_pixel_sizes
