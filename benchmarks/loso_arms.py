@@ -46,7 +46,7 @@ def recipe(runs: dict) -> str:
     """Short recipe of a study's first run (loso.json "runs"): zoom range, intensity strength,
     sharpening, random texture, input low-pass, dropout, MixStyle and normalisation (when not the
     default), loss, base filters, tiles, and the
-    learning-rate schedule when not constant."""
+    learning-rate schedule and weight averaging when used."""
     r = next(iter(runs.values()), None)
     if not r:
         return "-"
@@ -64,7 +64,8 @@ def recipe(runs: dict) -> str:
             + (f"{norm} normalisation, " if norm != "percentile" else "")
             + f"{r.get('tiles_seen') or '?'} tiles"
             + (f", {schedule} learning rate" if (schedule := r.get("train", {}).get("lr_schedule", "constant"))
-               != "constant" else ""))
+               != "constant" else "")
+            + (f", weight average {ema:g}" if (ema := r.get("train", {}).get("weight_average", 0)) else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,8 @@ def test_loso_arms_summarises_zero_shot_held_out_instance_and_seen_cells(tmp_pat
     runs["a"].update(augment={"scale": [0.5, 2.0], "texture": 0.5, "sharpen": 0.0}, normalization={},
                      model={"base_filters": 8, "mixstyle": 0.5}, train={"loss": "dice"}, tiles_seen=4800)
     assert arms.recipe(runs) == "zoom x0.5-2, texture 0.5, dice, f8, mixstyle 0.5, 4800 tiles"
+    runs["a"]["train"]["weight_average"] = 0.995
+    assert arms.recipe(runs) == "zoom x0.5-2, texture 0.5, dice, f8, mixstyle 0.5, 4800 tiles, weight average 0.995"
 
 
 def test_trust_features_fits_on_other_sets_zero_shot_errors_without_the_scored_set(tmp_path):

@@ -95,6 +95,85 @@ def test_resume_after_interruption(blob_dataset, tmp_path, capsys):
     assert "different configuration" in capsys.readouterr().err
 
 
+def _floats(model) -> list:
+    return [w.astype(np.float64) for w in model.get_weights() if np.issubdtype(w.dtype, np.floating)]
+
+
+def _ema(avg: list, raws: list, steps: int, decay: float) -> tuple[list, int]:
+    """The average `WeightAverage` should hold after the weights `raws` (one list per step)."""
+    for raw in raws:
+        d = min(decay, (1 + steps) / (10 + steps))
+        avg = [d * a + (1 - d) * r for a, r in zip(avg, raw)]
+        steps += 1
+    return avg, steps
+
+
+def test_weight_average_is_validated_kept_and_resumed_exactly(blob_dataset, tmp_path):
+    """--weight-average: at every epoch's end the model holds the moving average of the weights
+    of every step (what validation and the checkpoints see), the next epoch trains on from the
+    optimiser's own weights, and a run killed mid-epoch resumes both where the last epoch left them."""
+    from xmdl_tf.train import build_parser, config_from_args, train
+
+    out = tmp_path / "run"
+    decay = 0.8
+    cfg = config_from_args(build_parser().parse_args(
+        ["--data", str(blob_dataset), "--out", str(out), *ARGS, "--epochs", "3", "--steps-per-epoch", "3",
+         "--patience", "10", "--weight-average", str(decay)]))
+    assert cfg.train.weight_average == decay
+    log = {"begin": {}, "end": {}, "steps": {}}
+
+    class Record(keras.callbacks.Callback):  # runs after the training's own callbacks
+        def __init__(self, kill_at=None):
+            super().__init__()
+            self.kill_at = kill_at
+
+        def on_train_begin(self, logs=None):
+            log.setdefault("initial", _floats(self.model))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch = epoch
+            log["begin"][epoch] = _floats(self.model)
+            log["steps"][epoch] = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if (self._epoch, batch) == self.kill_at:
+                raise Interrupt()
+
+        def on_train_batch_end(self, batch, logs=None):
+            log["steps"][self._epoch].append(_floats(self.model))
+
+        def on_epoch_end(self, epoch, logs=None):
+            log["end"][epoch] = _floats(self.model)
+
+    with pytest.raises(Interrupt):
+        train([str(blob_dataset)], out, cfg, callbacks=[Record(kill_at=(2, 1))], verbose=0)
+    avg, steps = _ema(log["initial"], log["steps"][0] + log["steps"][1], 0, decay)
+    for a, b in zip(log["end"][1], avg):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The epoch after trains on from the last step's weights, not from the average.
+    for a, b in zip(log["begin"][1], log["steps"][0][-1]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(log["end"][0][0], log["steps"][0][-1][0])
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    for a, b in zip(_floats(keras.models.load_model(out / "checkpoint" / state["last"])), avg):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # checkpoints hold the average
+
+    last_raw = log["steps"][1][-1]
+    train([str(blob_dataset)], out, cfg, callbacks=[Record()], verbose=0)
+    for a, b in zip(log["begin"][2], last_raw):
+        np.testing.assert_array_equal(a, b)  # resumed from the training weights, not the average
+    avg, steps = _ema(avg, log["steps"][2], steps, decay)
+    for a, b in zip(log["end"][2], avg):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    final = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert final["finished"] and Config.load(out / "config.json").train.weight_average == decay
+    # model.keras is the best epoch's average.
+    best = _floats(keras.models.load_model(out / "model.keras", compile=False))
+    for a, b in zip(best, log["end"][final["best_epoch"]]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not (out / "checkpoint" / "average.npz").exists()  # nothing resumes a finished run
+
+
 def test_errors(blob_dataset, tmp_path, capsys):
     def fails(argv, message):
         assert train_main(argv) == 2
@@ -151,7 +230,8 @@ def test_cli_refuses_bad_pixel_sizes_and_weights_in_one_line(blob_dataset, tmp_p
                        (["--input-blur", "6", "--depth", "2", "--tile-size", "16"], "reaches 18 px"),
                        (["--input-blur", "1", "--init-from", "m.keras"], "architecture comes from the parent"),
                        (["--mixstyle", "0.5", "--init-from", "m.keras"], "--mixstyle with --init-from"),
-                       (["--mixstyle", "2"], "--mixstyle")):
+                       (["--mixstyle", "2"], "--mixstyle"),
+                       (["--weight-average", "1"], "--weight-average 1: a decay per step, below 1")):
         with pytest.raises(SystemExit) as err:
             train_main(["--data", str(blob_dataset), "--out", str(tmp_path / "x"), *ARGS, *extra])
         assert err.value.code == 2 and msg in capsys.readouterr().err

@@ -166,6 +166,15 @@ class TrainConfig:
     # "auto": XLA on GPUs only. On CPU, XLA measured 2x slower for this model
     # (benchmarks/bench_training.py: 5.9 vs 11.7 tiles/s on 2 cores).
     jit_compile: bool | str = "auto"
+    # Exponential moving average of the weights (decay per training step; 0 = off):
+    # validation, EarlyStopping and the saved model use the average, not the last
+    # step's weights (weight averaging, as in SWA/SWAD, seeks the flatter minima that
+    # transfer better to unseen domains; models/README.md measures it).
+    weight_average: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.weight_average < 1:
+            raise ValueError(f"weight_average is a decay per step, 0 <= decay < 1; got {self.weight_average}")
 
 
 @dataclass(frozen=True)

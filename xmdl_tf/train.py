@@ -446,6 +446,8 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
         atomic_write_text(run_dir / STATE, json.dumps({"epoch": -1, "finished": False}))
 
     ResumableEarlyStopping, RunCheckpoint = _make_callbacks()
+    average = [WeightAverage(config.train.weight_average, ckpt_dir, state["epoch"] if resume else None)
+               ] if config.train.weight_average else []
     validate = SetValidation(val_sets, config.data, batch, config.train.loss, config.normalization)
     schedule = [] if config.train.lr_schedule == "constant" else [
         keras.callbacks.LearningRateScheduler(lambda e, _lr: lr_at(e, config.train))]
@@ -454,12 +456,13 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     ckpt = RunCheckpoint(run_dir, history, early, steps * batch)
     t0 = time.time()
     model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
-              callbacks=[*schedule, validate, early, ckpt, *(callbacks or [])], verbose=verbose)
+              callbacks=[*schedule, *average, validate, early, ckpt, *(callbacks or [])], verbose=verbose)
     final = _read_state(run_dir)
     # model.keras is the best epoch's weights (saved when it was reached).
     _sync_best(run_dir, final)
     final["finished"] = True
     atomic_write_text(run_dir / STATE, json.dumps(final))
+    (ckpt_dir / AVERAGE_FILE).unlink(missing_ok=True)  # only a resume reads it
     cfg_final = replace(config, info={**config.info, "best_epoch": final["best_epoch"] + 1,
                                       "epochs_run": final["epoch"] + 1,
                                       "tiles_seen": (final["epoch"] + 1) * steps * batch,
@@ -618,6 +621,71 @@ def SetValidation(val_sets, data_cfg, batch_size: int, loss: str = "dice", norma
     return _SetValidation()
 
 
+AVERAGE_FILE = "average.npz"
+
+
+def WeightAverage(decay: float, ckpt_dir: Path, resume_epoch: int | None = None):
+    """Keras callback: an exponential moving average of the model's float weights (batch-norm
+    statistics included), updated after every training step with decay min(decay, (1 + t) /
+    (10 + t)), t = steps averaged so far (the warm-up of tf.train.ExponentialMovingAverage, so the
+    average soon leaves the initial weights).
+
+    At each epoch's end the average replaces the weights, so that validation, EarlyStopping's best
+    weights and the checkpoints see it; the optimiser's own weights come back at the next epoch's
+    start. Both are kept in `ckpt_dir/average.npz`, written before the epoch's state, so a run
+    resumed after epoch `resume_epoch` continues both exactly (where the file is of another epoch,
+    the kill came between the two writes, and training resumes from the average).
+    """
+    import keras
+
+    class _WeightAverage(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            w = self.model.get_weights()
+            # Floats only: seed-generator states are integers and must not be averaged.
+            self._index = [i for i, a in enumerate(w) if np.issubdtype(a.dtype, np.floating)]
+            self._avg = [w[i].astype(np.float32) for i in self._index]
+            self._raw, self._steps = None, 0
+            path = ckpt_dir / AVERAGE_FILE
+            if resume_epoch is not None and path.is_file():
+                with np.load(path) as f:
+                    if int(f["epoch"]) == resume_epoch and int(f["n"]) == len(self._index):
+                        self._steps = int(f["steps"])
+                        self._raw = [f[f"raw{k}"] for k in range(len(self._index))]
+                        self._avg = [f[f"avg{k}"] for k in range(len(self._index))]
+
+        def _put(self, values):
+            w = self.model.get_weights()
+            for i, v in zip(self._index, values):
+                w[i] = v.astype(w[i].dtype)
+            self.model.set_weights(w)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self._raw is not None:
+                self._put(self._raw)
+                self._raw = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            d = min(decay, (1 + self._steps) / (10 + self._steps))
+            w = self.model.get_weights()
+            for a, i in zip(self._avg, self._index):
+                a *= d
+                a += (1 - d) * w[i]
+            self._steps += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            w = self.model.get_weights()
+            self._raw = [w[i] for i in self._index]
+            arrays = {f"raw{k}": a for k, a in enumerate(self._raw)}
+            arrays.update({f"avg{k}": a for k, a in enumerate(self._avg)})
+            tmp = ckpt_dir / f".{AVERAGE_FILE}.tmp"
+            with open(tmp, "wb") as f:
+                np.savez(f, epoch=epoch, steps=self._steps, n=len(self._index), **arrays)
+            os.replace(tmp, ckpt_dir / AVERAGE_FILE)
+            self._put(self._avg)
+
+    return _WeightAverage()
+
+
 def _make_callbacks():
     import keras
 
@@ -771,6 +839,9 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) 
                         "default: the preset's, {:g} for 'em')".format(AugmentConfig().texture))
     p.add_argument("--augment-strength", type=cli.nonnegative_float, default=2.0 if finetune else 1.0,
                    help="multiplies every intensity augmentation range")
+    p.add_argument("--weight-average", type=cli.fraction, default=0.0, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights, DECAY per step "
+                        "(e.g. 0.995; default 0: off)")
     p.add_argument("--mixed-precision", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
                    help="mixed-precision compute: float16 (GPUs) or bfloat16 (GPUs, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-jit", action="store_true",
@@ -817,7 +888,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                           patience=args.patience, loss=args.loss, steps_per_epoch=args.steps_per_epoch,
                           lr_schedule=args.lr_schedule,
                           seed=args.seed, mixed_precision=args.mixed_precision or False,
-                          jit_compile=False if args.no_jit else "auto"),
+                          jit_compile=False if args.no_jit else "auto",
+                          weight_average=getattr(args, "weight_average", 0.0)),
         augment=augment_from_args(args),
         normalization={**NORMALIZATION, "method": getattr(args, "normalization", NORMALIZATION["method"])},
     )
@@ -874,6 +946,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--depth must be between 2 and 8, got {depth}")
         if args.tile_size % 2 ** (depth - 1):
             parser.error(f"--tile-size {args.tile_size} must be a multiple of 2**(depth-1) = {2 ** (depth - 1)}")
+    if args.weight_average >= 1:
+        parser.error(f"--weight-average {args.weight_average:g}: a decay per step, below 1 (e.g. 0.995)")
     if getattr(args, "dropout", 0.0) >= 1:
         parser.error("--dropout must be below 1")
     blur = getattr(args, "input_blur", 0.0)
