@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", choices=("on", "off", "model"), default="on",
                    help="test-time augmentation for the probabilities (default on, as the shipped model's "
                         "defaults; 'model': each model's own setting)")
+    p.add_argument("--calibration-from", default=None, metavar="LOSO2",
+                   help="use the calibration stored in LOSO2/without_<set>/config.json instead of fitting one (e.g. "
+                        "the models `adapt` started from, calibrated by an earlier run of this script: what an "
+                        "adapted model that inherits its parent's calibration gives)")
     p.add_argument("--objects-only", action="store_true",
                    help="only the object and pixel figures: no out-of-distribution fits (about half the time; "
                         "the OOD columns of the tables are NaN)")
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"({', '.join(SECOND_FEATURES)}) from its model for the same left-out set")
     args = p.parse_args(argv)
     from xmdl_tf.calibrate import collect_val, fit_calibration, fit_ood, object_sets, object_table
+    from xmdl_tf.config import Config
     from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
     from xmdl_tf.evaluate import held_out_split
     from xmdl_tf.ood import OOD_FILE, FeatureDistribution
@@ -180,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
                 not (Path(args.second) / f"without_{name}" / "model.keras").is_file():
             p.error(f"--second {args.second}: no without_{name}/model.keras beside --loso's")
     by_name = {Path(d).resolve().name: (d, px) for d, px in zip(args.data, sizes)}
+    if args.calibration_from and not args.objects_only:
+        p.error("--calibration-from needs --objects-only: an inherited calibration has no OOD model for these weights")
+    inherited = {}
+    for name in by_name if args.calibration_from else ():
+        if not (Path(args.loso) / f"without_{name}" / "model.keras").is_file():
+            continue
+        path = Path(args.calibration_from) / f"without_{name}" / "config.json"
+        try:
+            inherited[name] = Config.load(path).calibration
+        except (OSError, ValueError) as err:
+            p.error(f"--calibration-from: {err}")
+        if not inherited[name].get("object_confidence"):
+            p.error(f"--calibration-from: {path} holds no object confidence (calibrate that model first)")
     report, dump = {}, {}
     for left, (d_left, px_left) in by_name.items():
         run = Path(args.loso) / f"without_{left}"
@@ -194,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 m.config = dataclasses.replace(m.config, inference=dataclasses.replace(m.config.inference,
                                                                                    tta=args.tta == "on"))
         val = collect_val(pred, [d for d, _ in seen], [px for _, px in seen], verbose=False)
-        cal = fit_calibration(pred, val, [d for d, _ in seen], [px for _, px in seen], verbose=False,
-                              ood=not args.objects_only)
+        cal = inherited.get(left) or fit_calibration(pred, val, [d for d, _ in seen], [px for _, px in seen],
+                                                     verbose=False, ood=not args.objects_only)
         conf = ObjectConfidence.from_dict(cal["object_confidence"]) if cal["object_confidence"] else None
         t = cal["temperature"]
         unseen = [r for split in ("val", "test") if (Path(d_left) / split / "x").is_dir()

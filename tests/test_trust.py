@@ -183,3 +183,29 @@ def test_analyze_fills_confidence_from_agreement_features(calibrated, tmp_path):
     a = analyze_image(pred, image, "val0", Settings(inference={"tile": 64, "overlap": 16, "tta": True}))
     n0 = int(rows[0]["instances"].max())
     np.testing.assert_allclose(np.sort(a.table["confidence"]), np.sort(conf.predict(cols[:n0])), atol=2e-3)
+
+
+def test_an_adapted_model_keeps_its_parents_object_confidence_but_not_its_ood_model(calibrated, tmp_path):
+    """`adapt` passes the parent's temperature and object confidence on (measured to rank the adapted
+    model's objects on unseen microscopes as a refit does), so `analyze` with the adapted model fills
+    `confidence`; the OOD model described the parent's features, and stays behind."""
+    from xmdl_tf.adapt import inherited_calibration, main as adapt_main
+    from xmdl_tf.analyze import main as analyze_main
+
+    data, parent = calibrated
+    out = tmp_path / "adapted"
+    assert adapt_main([str(data / "val" / "x"), "--out", str(out), "--model", str(parent), "--slices", "2",
+                       "--rounds", "1", "--epochs", "1", "--steps-per-epoch", "2", "--tile-size", "32"]) == 0
+    before = Config.load(parent / "config.json").calibration
+    after = Config.load(out / "model" / "config.json").calibration
+    assert after["inherited_from"] == str((parent / "model.keras").resolve())
+    assert after["temperature"] == before["temperature"] and after["object_confidence"] == before["object_confidence"]
+    assert after["ood_file"] is None and not (out / "model" / "ood.npz").exists()
+    res = tmp_path / "res"
+    assert analyze_main([str(data / "val" / "x" / "im0000.tif"), "--model", str(out / "model"), "--out", str(res),
+                         "--tile", "64", "--overlap", "16"]) == 0
+    objects = pd.read_csv(res / "objects.csv")
+    assert len(objects) and objects["confidence"].between(0, 1).all()
+    assert not pd.read_csv(res / "summary.csv")["ood_warning"].any()
+    # Nothing to pass on: a parent without object confidence gives an uncalibrated child.
+    assert inherited_calibration({}, "p") == {} and inherited_calibration({"temperature": 2.0}, "p") == {}

@@ -36,6 +36,7 @@ import json
 import logging
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,22 @@ def drift_round(mito_shares: list[float], max_drift: float | None) -> int | None
         if min(before, now) == 0 or abs(np.log(now / before)) > np.log1p(max_drift):
             return r + 1
     return None
+
+
+# What an adapted model keeps of its parent's calibration: the temperature and the object
+# confidence, which rank the adapted model's objects on a microscope neither model was labelled
+# on as well as a confidence refitted on labelled val data does (model card, "Trust after
+# adapting"); not the OOD model, whose statistics describe the parent's features and training data.
+INHERITED_CALIBRATION = ("temperature", "object_confidence", "object_confidence_without_tta", "features", "combine")
+
+
+def inherited_calibration(calibration: dict | None, parent: str) -> dict:
+    """The part of a parent model's `calibration` (config.json) its adapted model keeps, marked
+    `inherited_from: parent`; {} when the parent has no object confidence to pass on."""
+    if not calibration or not calibration.get("object_confidence"):
+        return {}
+    kept = {k: calibration[k] for k in INHERITED_CALIBRATION if k in calibration}
+    return {**kept, "inherited_from": parent, "ood_file": None, "ood_threshold": None}
 
 
 def evenly_spaced(n_items: int, n: int) -> np.ndarray:
@@ -148,6 +165,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     returned as it is when made with the same settings and refused otherwise; an interrupted
     one is resumed."""
     from .analyze import _pixel_size, expand_inputs
+    from .config import Config
     from .io import DataError, image_shape, read_pixel_size_nm
     from .predict import load_model, resolve_model_path
     from .runlock import atomic_write_text
@@ -227,8 +245,11 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for f in ("model.keras", "config.json"):
-        shutil.copy2(teacher / f, tmp / f)
+    shutil.copy2(teacher / "model.keras", tmp / "model.keras")
+    parent_cfg = resolve_model_path(model_file)[1]
+    parent_cal = Config.load(parent_cfg).calibration if parent_cfg is not None else {}
+    cfg = Config.load(teacher / "config.json")
+    replace(cfg, calibration=inherited_calibration(parent_cal, str(model_file.resolve()))).save(tmp / "config.json")
     tmp.rename(final)
     return final
 
