@@ -26,8 +26,10 @@ over-segmentation after one round). With a slice or two annotated,
 Layout of OUT: `round<r>/pseudo/<name>/train/{x,y}` (the slices and their
 pseudo-labels, lossless: 1 mitochondrion, 0 background, 255 ignored; open them
 to see what the model was taught), `round<r>/model` (each round's run folder),
-`model/` (the adapted model: the last round's, with its config.json) and
-`adapt.json` (what each round did). Interrupted runs resume with the same command.
+`model/` (the adapted model: the last round's, with its config.json, which keeps
+the parent's temperature and object confidence, `INHERITED_CALIBRATION`, but
+not its OOD model) and `adapt.json` (what each round did). Interrupted runs
+resume with the same command.
 """
 from __future__ import annotations
 
