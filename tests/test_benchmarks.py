@@ -170,6 +170,27 @@ def test_trust_second_opinion_agrees_with_the_objects_of_its_own_model_and_not_w
     assert x[n, 1] == 0.0 and x[n, 0] < 0.2
 
 
+def test_trust_refuses_an_inherited_calibration_it_cannot_use_before_predicting(blob_run, tmp_path, capsys):
+    """--calibration-from: the inherited calibration must exist and hold an object confidence, and
+    it brings no OOD model (so --objects-only); each is one line, before any model runs."""
+    import shutil
+
+    trust = _load("trust")
+    data, run = blob_run
+    loso = tmp_path / "loso"
+    shutil.copytree(run, loso / f"without_{data.name}")
+    parents = tmp_path / "parents"
+    shutil.copytree(run, parents / f"without_{data.name}")  # the suite's tiny model: not calibrated
+    base = ["--loso", str(loso), "--data", str(data), "--calibration-from", str(parents)]
+    for argv, message in ((base, "needs --objects-only"),
+                          ([*base, "--objects-only"], "holds no object confidence"),
+                          ([*base[:-1], str(tmp_path / "nowhere"), "--objects-only"], "config.json not found")):
+        with pytest.raises(SystemExit) as err:
+            trust.main(argv)
+        assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not (loso / "trust.json").exists()
+
+
 def test_gpu_training_budget_stops_training_and_decays_the_rate_over_the_time_left(tmp_path):
     import time
 
