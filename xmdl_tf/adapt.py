@@ -178,7 +178,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         raise ValueError(f"--low {low:g} and --high {high:g}: need 0 <= low < high <= 1")
     if min(slices, rounds, epochs, steps_per_epoch) < 1 or min_area < 0:
         raise ValueError("slices, rounds, epochs and steps per epoch must be >= 1, min area >= 0")
-    model_file, _ = resolve_model_path(model)
+    model_file, parent_cfg = resolve_model_path(model)
     pairs, failed = expand_inputs(inputs)
     if failed:
         raise DataError(failed[0][1])  # names the input already
@@ -248,7 +248,6 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         shutil.rmtree(tmp)
     tmp.mkdir()
     shutil.copy2(teacher / "model.keras", tmp / "model.keras")
-    parent_cfg = resolve_model_path(model_file)[1]
     parent_cal = Config.load(parent_cfg).calibration if parent_cfg is not None else {}
     cfg = Config.load(teacher / "config.json")
     replace(cfg, calibration=inherited_calibration(parent_cal, str(model_file.resolve()))).save(tmp / "config.json")
