@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import numpy as np
 from . import cli
 from .config import (NORMALIZATION, NORMALIZATION_METHODS, VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig,
                      TrainConfig, resolve_jit)
-from .runlock import atomic_write_text
+from .runlock import atomic_write_bytes, atomic_write_text
 from .sampling import SAME_PIXEL_SIZE, resample_factor
 
 # --augment-scale bounds: a tile zoomed out 4x is cut from a 1024-px window; beyond
@@ -677,10 +678,9 @@ def WeightAverage(decay: float, ckpt_dir: Path, resume_epoch: int | None = None)
             self._raw = [w[i] for i in self._index]
             arrays = {f"raw{k}": a for k, a in enumerate(self._raw)}
             arrays.update({f"avg{k}": a for k, a in enumerate(self._avg)})
-            tmp = ckpt_dir / f".{AVERAGE_FILE}.tmp"
-            with open(tmp, "wb") as f:
-                np.savez(f, epoch=epoch, steps=self._steps, n=len(self._index), **arrays)
-            os.replace(tmp, ckpt_dir / AVERAGE_FILE)
+            buf = io.BytesIO()
+            np.savez(buf, epoch=epoch, steps=self._steps, n=len(self._index), **arrays)
+            atomic_write_bytes(ckpt_dir / AVERAGE_FILE, buf.getvalue())
             self._put(self._avg)
 
     return _WeightAverage()
