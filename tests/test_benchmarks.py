@@ -417,3 +417,46 @@ def test_loso_tuned_tunes_a_copy_on_the_other_sets_and_scores_the_left_out_one(b
     assert bench.main([str(run), "--data", *data, "--tta", "off"]) == 0
     assert (run / "tuned" / "without_a" / "tune.json").stat().st_mtime_ns == stamp
 
+
+
+def test_zoom_search_statistics_separate_the_objects_cores_from_their_rims():
+    import numpy as np
+
+    zs = _load("zoom_search")
+    prob = np.full((64, 64), 0.02, np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    prob[r <= 12] = 0.6  # an unsure rim ...
+    prob[r <= 9] = 0.99  # ... around a sure core (wider than the core CORE_PX inside the object)
+    s = zs.statistics(prob, 1.0, 0.5, min_px=30)
+    fg = int((r <= 12).sum())
+    assert s["fg"] == fg and s["objects"] == 1 and s["band"] == fg - int((r <= 9).sum())
+    assert s["fg_p_sum"] / s["fg"] < 0.9 < s["core_p_sum"] / s["core"] == pytest.approx(0.99)
+    assert 0 < s["core"] < int((r <= 9).sum())  # only pixels CORE_PX inside the object
+    # no object smaller than the minimum counts; an empty map scores lowest, not NaN
+    assert zs.statistics(prob, 1.0, 0.5, min_px=1000)["objects"] == 0
+    empty = zs.statistics(np.zeros((16, 16), np.float32), 1.0, 0.5)
+    assert all(np.isfinite(f(empty | {"zoom": 1.0})) or f(empty | {"zoom": 1.0}) == -np.inf
+               for f in zs.SCORES.values())
+
+
+def test_zoom_search_chooses_each_slices_zoom_by_a_label_free_score_and_pools_f1():
+    zs = _load("zoom_search")
+
+    def rec(i, z, tp, fp, fn, p):
+        return {"slice": i, "zoom": z, "tp": tp, "fp": fp, "fn": fn, "fg": 100, "fg_p_sum": 100 * p,
+                "fg_logit_sum": 0.0, "core": 0, "core_p_sum": 0.0, "core_logit_sum": 0.0, "sure_fg": 0,
+                "band": 0, "entropy": 0.0, "pixels": 1000, "objects": 1, "object_mean_p": p}
+
+    # slice 0: zoom 2 is right and surest; slice 1: zoom 1 is right and surest
+    recs = [rec(0, 1.0, 10, 10, 10, 0.90), rec(0, 2.0, 30, 0, 0, 0.95),
+            rec(1, 1.0, 20, 0, 0, 0.97), rec(1, 2.0, 0, 20, 20, 0.91)]
+    picked = zs.choose(recs, lambda rs: max(rs, key=lambda r: zs.SCORES["mean fg probability"](r)))
+    assert [r["zoom"] for r in picked] == [2.0, 1.0]
+    assert zs.f1(picked) == pytest.approx(1.0)
+    assert zs.f1([r for r in recs if r["zoom"] == 1.0]) == pytest.approx(2 * 30 / (60 + 20))
+    md = "\n".join(zs.analyse({"without_a": {"kind": {"a": "zero shot"}, "records": {"a": recs}}}))
+    row = next(line for line in md.splitlines() if line.startswith("| without_a | a | zero shot"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "0.750 (x1)" and cells[4] == "1.000 (x1.5)"  # zoom 1; the per-slice oracle
+    assert "mean fg probability 1.000" in md and "zero shot cells" in md
