@@ -5,8 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from xmdl_tf.autoscale import (MAX_ZOOM, TOLERANCE, ZoomEstimate, estimate_zoom, followed, for_objects, grid_of,
-                               object_widths, predicted_width, width_range, zoom_towards)
+from xmdl_tf.autoscale import (MAX_ZOOM, SEARCH_ZOOMS, TOLERANCE, ZoomEstimate, estimate_zoom, followed, for_objects,
+                               grid_of, mean_foreground_probability, object_widths, predicted_width, search_zoom,
+                               width_range, zoom_towards)
 from xmdl_tf.config import InferenceConfig
 
 from conftest import blob_image
@@ -233,3 +234,73 @@ def test_auto_zoom_in_a_volume_of_unknown_voxel_size_is_read_off_its_middle_slic
     assert a.instances.max() == a.summary["count"] and sizes[sizes > 0].min() >= 400 / a.summary["auto_zoom"] ** 2
     off = analyze_volume(pred, volume, "v", VolumeSettings(inference={"auto_zoom": False}))
     assert off.summary["auto_zoom"] is None
+
+
+def test_mean_foreground_probability_reads_objects_only_and_is_zero_without_any():
+    prob = np.zeros((64, 64), np.float32)
+    prob[10:30, 10:30] = 0.9
+    prob[12:28, 12:28] = 1.0  # a sure core in an unsure rim
+    prob[50, 50] = 0.6  # a speck under the minimum size
+    inside = prob[10:30, 10:30]
+    assert mean_foreground_probability(prob, 0.5, 30) == pytest.approx(inside.mean())
+    assert mean_foreground_probability(prob, 0.5, 1) < inside.mean()  # the speck counts now
+    assert mean_foreground_probability(np.full((8, 8), 0.2, np.float32), 0.5) == 0.0
+
+
+def test_search_zoom_keeps_the_zoom_the_model_is_surest_at():
+    def at(rim: dict[float, float]):
+        """predict(zoom): a square object whose rim probability depends on the zoom."""
+        def predict(zoom: float) -> np.ndarray:
+            p = np.zeros((64, 64), np.float32)
+            p[8:40, 8:40] = rim.get(zoom, 0.6)
+            p[12:36, 12:36] = 0.99
+            return p
+        return predict
+
+    est = search_zoom(at({1.41: 0.9, 2.0: 0.8}), 0.5)
+    assert est.zoom == 1.41 and len(est.widths) == len(SEARCH_ZOOMS) and "surest at x1.41" in est.reason
+    assert est.widths[SEARCH_ZOOMS.index(1.41)] == max(est.widths)
+    assert search_zoom(at({}), 0.5).zoom == 1.0  # a tie keeps the slice's grid
+    nothing = search_zoom(lambda z: np.zeros((16, 16), np.float32), 0.5)
+    assert nothing.zoom == 1.0 and nothing.reason == "nothing found at any zoom"
+    with pytest.raises(ValueError, match="positive"):
+        search_zoom(at({}), 0.5, zooms=(0.0, 1.0))
+
+
+def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_run, tmp_path):
+    from xmdl_tf.autoscale import SEARCH_SIDE, prediction_grid
+    from xmdl_tf.evaluate import evaluate
+    from xmdl_tf.io import find_pairs, read_pair
+    from xmdl_tf.predict import load_model
+
+    data, run = blob_run
+    pred = load_model(run, jit_compile=False)
+    pred.config = replace(pred.config, data=replace(pred.config.data, pixel_size_nm=5.0))
+    ic = replace(pred.config.inference, zoom_search=True, threshold=0.5, min_size_px=10, tile=64, overlap=16)
+    image, _ = read_pair(find_pairs(str(data), "val")[0])
+    shapes = []
+    predict_slice = pred.predict_slice
+    pred.predict_slice = lambda img, *a, **k: shapes.append((img.shape, k["tta"], k["pixel_size_nm"])) \
+        or predict_slice(img, *a, **k)
+    grid, est = prediction_grid(pred, image, ic, None)
+    # Five passes without TTA, each on the grid the model predicts on (the slice resampled by the zoom).
+    assert [s[1:] for s in shapes] == [(False, None)] * len(SEARCH_ZOOMS)
+    side = min(image.shape[0], SEARCH_SIDE)
+    assert [s[0][0] for s in shapes] == [max(1, round(side * z)) for z in SEARCH_ZOOMS]
+    assert est.zoom in SEARCH_ZOOMS and len(est.widths) == len(SEARCH_ZOOMS) and max(est.widths) > 0.5
+    assert grid == (None if est.zoom == 1.0 else pytest.approx(5.0 * est.zoom))
+    # A known pixel size is searched around: the grid it asks for, times the zoom chosen.
+    shapes.clear()
+    grid_known, est_known = prediction_grid(pred, image, ic, 2.5)
+    assert shapes[SEARCH_ZOOMS.index(1.0)][0][0] == round(image.shape[0] * 0.5)  # 2.5 nm -> 5 nm: x0.5
+    assert grid_known == (2.5 if est_known.zoom == 1.0 else pytest.approx(2.5 * est_known.zoom))
+    del pred.predict_slice
+    # Off, or with --no-rescale: what it was (auto zoom needs widths this model lacks: none).
+    assert prediction_grid(pred, image, replace(ic, zoom_search=False), None) == (None, None)
+    assert prediction_grid(pred, image, replace(ic, rescale=False), 2.5) == (2.5, None)
+    # evaluate applies it and reports the zoom per slice.
+    r = evaluate(pred, str(data), "val", out=tmp_path / "ev", zoom_search=True, tile=64, overlap=16)
+    assert r["inference"]["zoom_search"] is True and r["f1"] > 0.8
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "ev" / "per_image.csv")["auto_zoom"].isin(SEARCH_ZOOMS).all()

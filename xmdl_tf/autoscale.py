@@ -24,7 +24,16 @@ fragments of the size it prefers, whatever the true size, and without the
 check the zoom went the wrong way (zero-shot F1 0.491 -> 0.398 over slices
 shown at x0.5-2; with it 0.503).
 
-NumPy only; `estimate_zoom` takes the prediction as a callable.
+Zoom search (`InferenceConfig.zoom_search`, off by default; `search_zoom`): a
+second way, which needs no widths and applies to slices of known pixel size too.
+A crop of the slice is predicted at x0.5, 0.71, 1, 1.41 and 2 the grid its pixel
+size asks for, and the zoom at which the model is surest of what it marks (the
+mean probability of its foreground pixels, on the grid it predicted on) is kept.
+On leave-one-set-out models that zoom beat zoom 1 on every left-out set
+(`benchmarks/zoom_search.py`, models/README.md "Zoom search"): a model that
+never saw a microscope reads it best where its objects' rims are sharpest.
+
+NumPy only; `estimate_zoom` and `search_zoom` take the prediction as a callable.
 """
 from __future__ import annotations
 
@@ -47,6 +56,8 @@ PASSES = 2  # the first estimate and one refinement, as cellpose refines its dia
 # At the second pass the objects' width must have moved by at least half the zoom (log terms):
 # fragments of the size a model prefers, found where it does not recognise the objects, do not.
 FOLLOW = 0.5
+SEARCH_ZOOMS = (0.5, 0.71, 1.0, 1.41, 2.0)  # the zooms of benchmarks/zoom_search.py
+SEARCH_SIDE = 1024  # px of the model's grid at zoom 1: the crop the search predicts (x0.25-4 of its area)
 
 
 def object_widths(mask: np.ndarray, min_px: int = 30) -> np.ndarray:
@@ -164,6 +175,43 @@ def estimate_zoom(predict: Callable[[float], np.ndarray], threshold: float, refe
     return ZoomEstimate(zoom, tuple(widths), n, reason)
 
 
+def mean_foreground_probability(prob: np.ndarray, threshold: float, min_px: int = 30) -> float:
+    """Mean probability of the pixels at or above `threshold` in objects (8-connected) of at least
+    `min_px` pixels of `prob` (H, W); 0 when there are none."""
+    import cv2
+
+    fg = np.ascontiguousarray(prob >= threshold, np.uint8)
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= max(int(min_px), 1)
+    inside = keep[comp]
+    return float(prob[inside].mean()) if inside.any() else 0.0
+
+
+def search_zoom(predict: Callable[[float], np.ndarray], threshold: float, zooms: Iterable[float] = SEARCH_ZOOMS,
+                min_px: int = 30) -> ZoomEstimate:
+    """The zoom, among `zooms`, at which the model is surest of what it marks.
+
+    predict(zoom): foreground probability (h, w) float *on the grid the model predicted on*
+    (the slice, or a crop of it, resampled by `zoom`): mapped back to the slice's grid, a zoomed
+    prediction is smoothed by the interpolation, which would favour zoom 1 for nothing.
+    The score is `mean_foreground_probability` (objects of at least `min_px` model px); ties
+    and slices where nothing is found keep zoom 1. The estimate's `widths` holds the scores,
+    in the order of `zooms`.
+    """
+    zooms = [float(z) for z in zooms]
+    if not zooms or min(zooms) <= 0:
+        raise ValueError(f"search zooms {zooms}: need positive zooms")
+    scores = [mean_foreground_probability(np.asarray(predict(z)), threshold, min_px) for z in zooms]
+    if max(scores) == 0.0:
+        return ZoomEstimate(1.0, tuple(round(v, 5) for v in scores), 0, "nothing found at any zoom")
+    best = max(range(len(zooms)), key=lambda i: (scores[i], zooms[i] == 1.0))
+    at1 = scores[zooms.index(1.0)] if 1.0 in zooms else float("nan")
+    return ZoomEstimate(zooms[best], tuple(round(v, 5) for v in scores), len(zooms),
+                        f"surest at x{zooms[best]:g} (mean foreground probability {scores[best]:.4f}, "
+                        f"{at1:.4f} at x1)")
+
+
 def followed(before: float, after: float, zoom: float, share: float = FOLLOW) -> bool:
     """Did objects of median width `before` (model px) follow a zoom by `zoom` to `after`?
 
@@ -198,6 +246,8 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     that would predict the slice that way again.
     """
     ic = inference
+    if ic.zoom_search and ic.rescale and getattr(predictor, "pixel_size_nm", None):
+        return _searched_grid(predictor, image, ic, pixel_size_nm)
     if pixel_size_nm or not enabled(predictor, ic):
         return pixel_size_nm, None
     model_px = predictor.pixel_size_nm
@@ -215,6 +265,32 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     log.info("auto zoom x%.3g (median widths %s model px, %d objects, %s)", est.zoom, est.widths, est.objects,
              est.reason)
     return grid_of(model_px, est.zoom), dataclasses.replace(est, probability=passes.get(est.zoom))
+
+
+def _searched_grid(predictor, image: np.ndarray, ic, pixel_size_nm: float | None
+                   ) -> tuple[float | None, ZoomEstimate]:
+    """`prediction_grid` with `InferenceConfig.zoom_search`: the grid of `search_zoom` on a centred
+    crop of at most SEARCH_SIDE model px (at zoom 1) of the slice, predicted without TTA."""
+    from .sampling import grey_counts, resample_image
+
+    factor = predictor.scale_factor(pixel_size_nm, ic.rescale)  # the slice's own resample to the model
+    side = max(1, int(round(SEARCH_SIDE / factor)))
+    h, w = image.shape
+    y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    crop = image[y0:y0 + side, x0:x0 + side]
+    # The crop normalised as the whole slice is (its grey-value histogram), whatever it holds.
+    counts = grey_counts(image) if np.issubdtype(image.dtype, np.integer) else None
+
+    def predict(zoom: float) -> np.ndarray:
+        f = factor * zoom
+        shown = crop if f == 1.0 else resample_image(crop, f)
+        return predictor.predict_slice(shown, ic.tile, ic.overlap, ic.batch_size, tta=False, pixel_size_nm=None,
+                                       rescale=False, counts=counts)
+
+    est = search_zoom(predict, ic.threshold, SEARCH_ZOOMS, ic.min_size_px)
+    log.info("zoom search x%.3g (%s)", est.zoom, est.reason)
+    base = pixel_size_nm if pixel_size_nm else predictor.pixel_size_nm
+    return (pixel_size_nm if est.zoom == 1.0 else float(base) * est.zoom), est
 
 
 def grid_of(model_px: float, zoom: float) -> float | None:

@@ -196,6 +196,10 @@ def add_inference_args(p: argparse.ArgumentParser, explain: bool = True) -> None
                    help="for slices of unknown pixel size, estimate the zoom that brings their mitochondria to "
                         "the widths the model knows, one or two quick passes more (needs a model tuned by "
                         f"xmdl_tf.tune) ({d.auto_zoom})")
+    g.add_argument("--zoom-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="instead of auto zoom, predict a crop of each slice at x0.5-2 of the grid its pixel size "
+                        "asks for (known or not) and keep the zoom the model is surest at; five quick passes more "
+                        f"({d.zoom_search})")
     if explain:
         g.add_argument("--gradcam-layer", default=None, help="conv layer to explain (dec1_conv2)")
 
@@ -205,7 +209,8 @@ def inference_overrides(args: argparse.Namespace) -> dict:
     given = {"tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size, "tta": args.tta,
              "threshold": args.threshold, "min_area_nm2": args.min_area, "min_size_px": args.min_size,
              "min_volume_nm3": args.min_volume, "min_volume_vox": args.min_volume_vox, "separate": args.separate, "rescale": args.rescale,
-             "auto_zoom": getattr(args, "auto_zoom", None), "gradcam_layer": getattr(args, "gradcam_layer", None)}
+             "auto_zoom": getattr(args, "auto_zoom", None), "zoom_search": getattr(args, "zoom_search", None),
+             "gradcam_layer": getattr(args, "gradcam_layer", None)}
     return {k: v for k, v in given.items() if v is not None}
 
 

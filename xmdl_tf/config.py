@@ -201,6 +201,10 @@ class InferenceConfig:
     object_width_px: (smallest, largest) median width, in model pixels, of the
         objects the model predicts on its validation sets (`python -m xmdl_tf.tune`
         measures it); None = unknown, no auto zoom.
+    zoom_search: instead of auto zoom, predict each slice (a crop of it) at zooms
+        x0.5-2 of the grid its pixel size asks for (its own grid when unknown; known
+        pixel sizes too) and keep the zoom at which the model is surest of what it
+        marks (`autoscale.search_zoom`); off by default (models/README.md, "Zoom search").
     """
 
     tile: int = 2048
@@ -218,6 +222,7 @@ class InferenceConfig:
     gradcam_layer: str | None = None
     auto_zoom: bool = True
     object_width_px: tuple[float, float] | None = None
+    zoom_search: bool = False
 
     def __post_init__(self):
         problems = []
