@@ -40,23 +40,23 @@ PRESENTED = (0.5, 0.71, 1.0, 1.41, 2.0)
 METHODS = ("own grid", "auto", "known")
 
 
-def val_pairs(data: str, most: int | None):
-    """The set's val slice pairs, at most `most` of them, evenly spread."""
+def val_pairs(data: str, most: int | None, split: str = "val"):
+    """The set's `split` (val) slice pairs, at most `most` of them, evenly spread."""
     from xmdl_tf.io import find_pairs
 
-    pairs = find_pairs(data, "val")
+    pairs = find_pairs(data, split)
     if most is None or len(pairs) <= most:
         return pairs
     return [pairs[i] for i in np.linspace(0, len(pairs) - 1, most).round().astype(int)]
 
 
-def model_grid_slices(predictor, data: str, pixel_size_nm: float | None, most: int | None
+def model_grid_slices(predictor, data: str, pixel_size_nm: float | None, most: int | None, split: str = "val"
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The set's val slices (image uint, label bool) resampled to the model's pixel size."""
+    """The set's `split` (val) slices (image uint, label bool) resampled to the model's pixel size."""
     from xmdl_tf.io import read_pair, read_pixel_size_nm
 
     out = []
-    for pair in val_pairs(data, most):
+    for pair in val_pairs(data, most, split):
         image, label = read_pair(pair)
         out.append(present(image, label, predictor.scale_factor(read_pixel_size_nm(pair.image) or pixel_size_nm)))
     return out

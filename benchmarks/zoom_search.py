@@ -2,6 +2,7 @@
 
     python benchmarks/zoom_search.py runs/loso/em_seed2 --data ../shared/data/cdeep3m_sbem_mouse \
         ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5
+    python benchmarks/zoom_search.py runs/loso/em_seed2 --data <the same> --split held-out   # test (val for Lucchi++)
     python benchmarks/zoom_search.py runs/loso/em_seed2 --analyse      # the table again, from zoom_search.json
 
 For each `without_<set>` model of a `benchmarks/loso.py` folder, every val
@@ -15,7 +16,8 @@ The analysis then asks, for each label-free score: choosing each slice's zoom
 by that score, what pooled F1 results, zero shot (the left-out set) and on
 the sets the model was trained on, against zoom 1, the best single zoom and
 the per-slice oracle. Labels are read only to score.
-Writes `zoom_search.json` (every record) and `zoom_search.md` into the folder.
+Writes `zoom_search.json` (every record) and `zoom_search.md` into the folder
+(`zoom_search_held_out.*` with `--split held-out`).
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ def analyse(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from xmdl_tf import cli
+    from xmdl_tf.evaluate import held_out_split
     from xmdl_tf.predict import load_model
     from xmdl_tf.train import parse_pixel_sizes
 
@@ -152,15 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", default=None)
     p.add_argument("--pixel-size", nargs="+", default=None, help="nm per set ('unknown' allowed)")
     p.add_argument("--zooms", nargs="+", type=cli.positive_float, default=list(ZOOMS))
-    p.add_argument("--analyse", action="store_true", help="only rebuild the table from LOSO/zoom_search.json")
+    p.add_argument("--split", choices=("val", "held-out"), default="val",
+                   help="slices scored: val (where choices are made) or held-out (test; val where a set has none)")
+    p.add_argument("--analyse", action="store_true", help="only rebuild the table from LOSO/STEM.json")
     args = p.parse_args(argv)
     out = Path(args.loso)
+    stem = "zoom_search" if args.split == "val" else "zoom_search_held_out"
     if args.analyse:
-        src = out / "zoom_search.json"
+        src = out / f"{stem}.json"
         if not src.is_file():
             p.error(f"{src}: not found; run without --analyse first")
         results = json.loads(src.read_text())
-        _util.write_results(out, "zoom_search", results, analyse(results))
+        _util.write_results(out, stem, results, analyse(results))
         return 0
     if not args.data:
         p.error("--data is required (unless --analyse)")
@@ -178,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         records, kind = {}, {}
         for i, n in enumerate(names):
             kind[n] = "zero shot" if n == left_out else "seen"
-            records[n] = score_set(pred, model_grid_slices(pred, args.data[i], px[i], None), args.zooms)
+            split = "val" if args.split == "val" else held_out_split(args.data[i])
+            records[n] = score_set(pred, model_grid_slices(pred, args.data[i], px[i], None, split), args.zooms)
             print(f"without_{left_out}", n, len(records[n]), "records", flush=True)
         results[f"without_{left_out}"] = {"kind": kind, "records": records}
-    _util.write_results(out, "zoom_search", results, analyse(results))
+    _util.write_results(out, stem, results, analyse(results))
     return 0
 
 
