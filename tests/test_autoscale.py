@@ -267,7 +267,7 @@ def test_search_zoom_keeps_the_zoom_the_model_is_surest_at():
         search_zoom(at({}), 0.5, zooms=(0.0, 1.0))
 
 
-def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_run, tmp_path):
+def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_run, tmp_path, capsys):
     from xmdl_tf.autoscale import SEARCH_SIDE, prediction_grid
     from xmdl_tf.evaluate import evaluate
     from xmdl_tf.io import find_pairs, read_pair
@@ -304,3 +304,13 @@ def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_ru
     import pandas as pd
 
     assert pd.read_csv(tmp_path / "ev" / "per_image.csv")["auto_zoom"].isin(SEARCH_ZOOMS).all()
+    # analyze says so once and records the zoom; measurements stay in the given pixel size's nm.
+    from xmdl_tf.analyze import Settings, analyze
+
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    pred.config = replace(pred.config, inference=ic)
+    analyze([str(tmp_path / "a.png")], pred, tmp_path / "out", settings=Settings(figure=False, pixel_size_nm=2.5))
+    row = pd.read_csv(tmp_path / "out" / "summary.csv").iloc[0]
+    assert row["auto_zoom"] in SEARCH_ZOOMS and row["pixel_size_nm"] == 2.5
+    assert row["rescaled_by"] == pytest.approx(0.5 * row["auto_zoom"])
+    assert "--zoom-search" in capsys.readouterr().err

@@ -57,6 +57,9 @@ NO_WIDTHS = ("note: auto zoom needs the widths of the objects the model knows, w
 AUTO_GRID = ("note: {name} states no pixel size and --pixel-size was not given: each such image is zoomed so that its "
              "mitochondria look as wide as the model's own (auto zoom, column auto_zoom of summary.csv; measurements "
              "stay in pixels); give --pixel-size NM when known")
+SEARCH_GRID = ("note: --zoom-search: each image is predicted at the zoom, among x0.5-2 of the grid its pixel size asks "
+               "for (its own when unknown), at which the model is surest of what it marks (column auto_zoom of "
+               "summary.csv; measurements stay in the image's pixels or nm)")
 
 
 # ----------------------------------------------------------------------------
@@ -419,6 +422,9 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                         raise DataError(f"{lp.image} is {label.shape} but {pair.image} is {image.shape}")
                 px = _pixel_size(pair, read_pixel_size_nm(pair.image), s.pixel_size_nm, verbose)
                 bar = None
+                if verbose and ic.zoom_search and ic.rescale and predictor.pixel_size_nm and not warned_grid:
+                    warned_grid = True
+                    print(SEARCH_GRID, file=sys.stderr, flush=True)
                 if verbose and px is None and predictor.pixel_size_nm and not warned_grid:
                     warned_grid = True
                     print((AUTO_GRID if auto_zoom_enabled(predictor, ic) else UNKNOWN_GRID).format(
@@ -446,7 +452,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 done.append(pair.name)
                 if verbose:
                     z = a.summary.get("auto_zoom")
-                    zoomed = f" (auto zoom x{z:.3g})" if z not in (None, 1.0) else ""
+                    zoomed = f" ({'zoom search' if ic.zoom_search else 'auto zoom'} x{z:.3g})" if z not in (None, 1.0) else ""
                     print(f"    {a.summary['count']} mitochondria{zoomed} -> {out / pair.name}", flush=True)
                 if a.summary.get("ood_warning"):
                     print(f"    warning: {pair.name} is unlike the model's training data (OOD score "
