@@ -84,7 +84,7 @@ def test_analyze_reports_uncertainty_confidence_and_ood(calibrated, tmp_path, ca
     assert summary.loc["inverted", "ood_score"] > summary.loc["clean", "ood_score"]
     assert bool(summary.loc["inverted", "ood_warning"]) and not bool(summary.loc["clean", "ood_warning"])
     err = capsys.readouterr().err
-    assert "inverted is unlike the model's training data" in err and "xmdl_tf.adapt" in err
+    assert "inverted is unlike the model's training data" in err and "xmdl_tf.adapt" in err and "--zoom-search" in err
 
 
 def test_confidence_is_lower_on_a_deliberately_corrupted_region(calibrated):

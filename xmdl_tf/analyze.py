@@ -458,7 +458,8 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                     print(f"    warning: {pair.name} is unlike the model's training data (OOD score "
                           f"{a.summary['ood_score']:.2f} > {a.summary['ood_threshold']:.2f}); check its results and "
                           "consider fine-tuning on a few annotated slices (python -m xmdl_tf.finetune) or, "
-                          "without annotation, adapting to these images (python -m xmdl_tf.adapt)",
+                          "without annotation, adapting to these images (python -m xmdl_tf.adapt)"
+                          + ("" if ic.zoom_search else "; --zoom-search may also help"),
                           file=sys.stderr, flush=True)
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
