@@ -60,6 +60,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(md) + "\n"
 
 
+def pixel_sizes(parser, args) -> list:
+    """`args.pixel_size` parsed for each of `args.data` (nm or None), or `parser.error` with why."""
+    from xmdl_tf.train import parse_pixel_sizes
+
+    try:
+        return parse_pixel_sizes(args.pixel_size, len(args.data))
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def write_results(out, stem: str, rows: dict, md: list[str]) -> None:
     """Write `rows` to OUT/STEM.json and the Markdown lines `md` to OUT/STEM.md, and print them."""
     import json

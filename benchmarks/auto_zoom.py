@@ -140,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     from xmdl_tf import cli
     from xmdl_tf.autoscale import width_range
     from xmdl_tf.predict import load_model
-    from xmdl_tf.train import parse_pixel_sizes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("loso", nargs="?", help="a benchmarks/loso.py output folder (without_<set>/ runs)")
@@ -157,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give a leave-one-set-out folder or --model (with --out), not both")
     if args.model and not args.out:
         p.error("--model needs --out")
-    try:
-        px = parse_pixel_sizes(args.pixel_size, len(args.data))
-    except ValueError as err:
-        p.error(str(err))
+    px = _util.pixel_sizes(p, args)
     names = [Path(d).resolve().name for d in args.data]
     if args.model:
         runs = {Path(args.model).name: (args.model, None)}

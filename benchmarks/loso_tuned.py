@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loso.py's scoring, however this file is loaded
+import _util  # noqa: E402  (shared benchmark helpers)
 
 
 def tuned_copy(run: Path, dest: Path, data: list[str], pixel_sizes: list[float | None], tta: str) -> dict:
@@ -59,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="test-time augmentation in the tuning: compared (the recipe's), or fixed")
     args = p.parse_args(argv)
     from loso import score
-    from xmdl_tf.train import parse_pixel_sizes
 
     run = Path(args.run)
-    try:
-        px = parse_pixel_sizes(args.pixel_size, len(args.data))
-    except ValueError as err:
-        p.error(str(err))
+    px = _util.pixel_sizes(p, args)
     names = [Path(d).resolve().name for d in args.data]
     untuned = json.loads((run / "loso.json").read_text())["cells"] if (run / "loso.json").is_file() else {}
     out = run / "tuned"

@@ -126,17 +126,13 @@ def fit_score(train: list[dict], test: dict, layer: str, ridge: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from xmdl_tf.confidence import auroc
-    from xmdl_tf.train import parse_pixel_sizes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("loso", help="a benchmarks/loso.py output folder (without_<set>/ runs)")
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--pixel-size", nargs="+", default=None, help="nm per set ('unknown' allowed)")
     args = p.parse_args(argv)
-    try:
-        px = parse_pixel_sizes(args.pixel_size, len(args.data))
-    except ValueError as err:
-        p.error(str(err))
+    px = _util.pixel_sizes(p, args)
     sets = [(Path(d).resolve().name, d, s) for d, s in zip(args.data, px)]
     out = Path(args.loso)
     rows = {}

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util  # noqa: E402  (shared benchmark helpers)
 
 
 def true_objects(rows) -> int:
@@ -173,12 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from xmdl_tf.ood import OOD_FILE, FeatureDistribution
     from xmdl_tf.postprocess import best_iou
     from xmdl_tf.predict import load_model
-    from xmdl_tf.train import parse_pixel_sizes
 
-    try:
-        sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
-    except ValueError as err:
-        p.error(str(err))
+    sizes = _util.pixel_sizes(p, args)
     for d in args.data if args.second else ():
         name = Path(d).resolve().name
         if (Path(args.loso) / f"without_{name}" / "model.keras").is_file() and \

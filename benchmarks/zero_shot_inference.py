@@ -163,7 +163,6 @@ def score_run(run: Path, data: str, pixel_size_nm: float | None, every: int, zoo
 
 def main(argv: list[str] | None = None) -> int:
     from xmdl_tf import cli
-    from xmdl_tf.train import parse_pixel_sizes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("loso", help="a benchmarks/loso.py output folder (without_<set>/ runs)")
@@ -175,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remedies", nargs="*", choices=REMEDIES, default=list(REMEDIES))
     p.add_argument("--stem", default="zero_shot_inference", help="output file names: LOSO/STEM.json and .md")
     args = p.parse_args(argv)
-    try:
-        px = parse_pixel_sizes(args.pixel_size, len(args.data))
-    except ValueError as err:
-        p.error(str(err))
+    px = _util.pixel_sizes(p, args)
     out = Path(args.loso)
     rows = {}
     for data, size in zip(args.data, px):

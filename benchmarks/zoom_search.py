@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     from xmdl_tf import cli
     from xmdl_tf.evaluate import held_out_split
     from xmdl_tf.predict import load_model
-    from xmdl_tf.train import parse_pixel_sizes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("loso", help="a benchmarks/loso.py output folder (without_<set>/ runs)")
@@ -170,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.data:
         p.error("--data is required (unless --analyse)")
-    try:
-        px = parse_pixel_sizes(args.pixel_size, len(args.data))
-    except ValueError as err:
-        p.error(str(err))
+    px = _util.pixel_sizes(p, args)
     names = [Path(d).resolve().name for d in args.data]
     runs = {n: out / f"without_{n}" for n in names if (out / f"without_{n}" / "model.keras").is_file()}
     if not runs:
