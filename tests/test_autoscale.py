@@ -276,7 +276,7 @@ def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_ru
     data, run = blob_run
     pred = load_model(run, jit_compile=False)
     pred.config = replace(pred.config, data=replace(pred.config.data, pixel_size_nm=5.0))
-    ic = replace(pred.config.inference, zoom_search=True, threshold=0.5, min_size_px=10, tile=64, overlap=16)
+    ic = replace(pred.config.inference, zoom_search="always", threshold=0.5, min_size_px=10, tile=64, overlap=16)
     image, _ = read_pair(find_pairs(str(data), "val")[0])
     shapes = []
     predict_slice = pred.predict_slice
@@ -296,11 +296,13 @@ def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_ru
     assert grid_known == (2.5 if est_known.zoom == 1.0 else pytest.approx(2.5 * est_known.zoom))
     del pred.predict_slice
     # Off, or with --no-rescale: what it was (auto zoom needs widths this model lacks: none).
-    assert prediction_grid(pred, image, replace(ic, zoom_search=False), None) == (None, None)
+    assert prediction_grid(pred, image, replace(ic, zoom_search="off"), None) == (None, None)
+    # "ood" searches only where the model's out-of-distribution score warns: this model has none.
+    assert prediction_grid(pred, image, replace(ic, zoom_search="ood"), 2.5) == (2.5, None)
     assert prediction_grid(pred, image, replace(ic, rescale=False), 2.5) == (2.5, None)
     # evaluate applies it and reports the zoom per slice.
     r = evaluate(pred, str(data), "val", out=tmp_path / "ev", zoom_search=True, tile=64, overlap=16)
-    assert r["inference"]["zoom_search"] is True and r["f1"] > 0.8
+    assert r["inference"]["zoom_search"] == "always" and r["f1"] > 0.8
     import pandas as pd
 
     assert pd.read_csv(tmp_path / "ev" / "per_image.csv")["auto_zoom"].isin(SEARCH_ZOOMS).all()
@@ -314,3 +316,11 @@ def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_ru
     assert row["auto_zoom"] in SEARCH_ZOOMS and row["pixel_size_nm"] == 2.5
     assert row["rescaled_by"] == pytest.approx(0.5 * row["auto_zoom"])
     assert "--zoom-search" in capsys.readouterr().err
+
+
+def test_zoom_search_setting_is_one_of_its_modes_and_a_bare_switch_reads_as_always_or_off():
+    assert InferenceConfig(zoom_search=True).zoom_search == "always"
+    assert InferenceConfig(zoom_search=False).zoom_search == "off"
+    assert InferenceConfig().zoom_search == "off"
+    with pytest.raises(ValueError, match="zoom_search 'sometimes' must be one of"):
+        InferenceConfig(zoom_search="sometimes")

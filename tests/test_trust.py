@@ -210,3 +210,21 @@ def test_an_adapted_model_keeps_its_parents_object_confidence_but_not_its_ood_mo
     assert not pd.read_csv(res / "summary.csv")["ood_warning"].any()
     # Nothing to pass on: a parent without object confidence gives an uncalibrated child.
     assert inherited_calibration({}, "p") == {} and inherited_calibration({"temperature": 2.0}, "p") == {}
+
+
+def test_zoom_search_ood_searches_only_the_slices_the_ood_score_warns_about(calibrated):
+    from dataclasses import replace
+
+    from xmdl_tf.autoscale import SEARCH_ZOOMS, prediction_grid, unlike_training
+    from xmdl_tf.predict import load_model
+
+    _, model = calibrated
+    pred = load_model(model, jit_compile=False)
+    pred.config = replace(pred.config, data=replace(pred.config.data, pixel_size_nm=5.0))
+    ic = replace(pred.config.inference, zoom_search="ood", tile=64, overlap=16)
+    clean = blob_image(160, seed=500, n=10)[0]
+    inverted = 255 - clean
+    assert not unlike_training(pred, clean, None) and unlike_training(pred, inverted, None)
+    assert prediction_grid(pred, clean, ic, None) == (None, None)  # like its training data: left alone
+    grid, est = prediction_grid(pred, inverted, ic, None)
+    assert est is not None and est.zoom in SEARCH_ZOOMS and est.reason.startswith(("surest", "nothing"))

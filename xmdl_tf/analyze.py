@@ -57,8 +57,8 @@ NO_WIDTHS = ("note: auto zoom needs the widths of the objects the model knows, w
 AUTO_GRID = ("note: {name} states no pixel size and --pixel-size was not given: each such image is zoomed so that its "
              "mitochondria look as wide as the model's own (auto zoom, column auto_zoom of summary.csv; measurements "
              "stay in pixels); give --pixel-size NM when known")
-SEARCH_GRID = ("note: --zoom-search: each image is predicted at the zoom, among x0.5-2 of the grid its pixel size asks "
-               "for (its own when unknown), at which the model is surest of what it marks (column auto_zoom of "
+SEARCH_GRID = ("note: --zoom-search {mode}: {which} is predicted at the zoom, among x0.5-2 of the grid its pixel size "
+               "asks for (its own when unknown), at which the model is surest of what it marks (column auto_zoom of "
                "summary.csv; measurements stay in the image's pixels or nm)")
 
 
@@ -256,7 +256,9 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     summary["calibrated"] = bool(cal)
     summary["n_needs_review"] = int(table["needs_review"].sum()) if model is not None else None
     summary["mean_uncertainty"] = float(uncertainty.mean())
-    dist = _ood_model(predictor)
+    from .ood import model_distribution
+
+    dist = model_distribution(predictor)
     summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), False
     if dist is not None:
         score = dist.image_score(predictor, image, grid_px, ic.rescale)
@@ -288,16 +290,6 @@ def confidence_model(calibration: dict, tta: bool):
     return None
 
 
-def _ood_model(predictor):
-    """The model's FeatureDistribution (ood.npz beside it), loaded once; None without one or for a SavedModel."""
-    from .ood import OOD_FILE, FeatureDistribution
-
-    cache = predictor.__dict__.setdefault("_ood_model", {})
-    if "dist" not in cache:
-        path = Path(getattr(predictor, "path", "")).parent / OOD_FILE
-        keras_model = hasattr(getattr(predictor, "model", None), "get_layer")
-        cache["dist"] = FeatureDistribution.load(path) if keras_model and path.is_file() else None
-    return cache["dist"]
 
 
 def write_outputs(a: Analysis, folder: Path, make_figure: bool = True) -> None:
@@ -422,9 +414,10 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                         raise DataError(f"{lp.image} is {label.shape} but {pair.image} is {image.shape}")
                 px = _pixel_size(pair, read_pixel_size_nm(pair.image), s.pixel_size_nm, verbose)
                 bar = None
-                if verbose and ic.zoom_search and ic.rescale and predictor.pixel_size_nm and not warned_grid:
+                if verbose and ic.zoom_search != "off" and ic.rescale and predictor.pixel_size_nm and not warned_grid:
                     warned_grid = True
-                    print(SEARCH_GRID, file=sys.stderr, flush=True)
+                    which = "each image" if ic.zoom_search == "always" else "each image unlike the training data"
+                    print(SEARCH_GRID.format(mode=ic.zoom_search, which=which), file=sys.stderr, flush=True)
                 if verbose and px is None and predictor.pixel_size_nm and not warned_grid:
                     warned_grid = True
                     print((AUTO_GRID if auto_zoom_enabled(predictor, ic) else UNKNOWN_GRID).format(
@@ -452,14 +445,15 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 done.append(pair.name)
                 if verbose:
                     z = a.summary.get("auto_zoom")
-                    zoomed = f" ({'zoom search' if ic.zoom_search else 'auto zoom'} x{z:.3g})" if z not in (None, 1.0) else ""
+                    how = "auto zoom" if ic.zoom_search == "off" else "zoom search"
+                    zoomed = f" ({how} x{z:.3g})" if z not in (None, 1.0) else ""
                     print(f"    {a.summary['count']} mitochondria{zoomed} -> {out / pair.name}", flush=True)
                 if a.summary.get("ood_warning"):
                     print(f"    warning: {pair.name} is unlike the model's training data (OOD score "
                           f"{a.summary['ood_score']:.2f} > {a.summary['ood_threshold']:.2f}); check its results and "
                           "consider fine-tuning on a few annotated slices (python -m xmdl_tf.finetune) or, "
                           "without annotation, adapting to these images (python -m xmdl_tf.adapt)"
-                          + ("" if ic.zoom_search else "; --zoom-search may also help"),
+                          + ("; --zoom-search may also help" if ic.zoom_search == "off" else ""),
                           file=sys.stderr, flush=True)
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

@@ -24,7 +24,8 @@ fragments of the size it prefers, whatever the true size, and without the
 check the zoom went the wrong way (zero-shot F1 0.491 -> 0.398 over slices
 shown at x0.5-2; with it 0.503).
 
-Zoom search (`InferenceConfig.zoom_search`, off by default; `search_zoom`): a
+Zoom search (`InferenceConfig.zoom_search`: "off", "always", or "ood" for the
+slices the model's out-of-distribution score warns about; `search_zoom`): a
 second way, which needs no widths and applies to slices of known pixel size too.
 A crop of the slice is predicted at x0.5, 0.71, 1, 1.41 and 2 the grid its pixel
 size asks for, and the zoom at which the model is surest of what it marks (the
@@ -246,8 +247,10 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     that would predict the slice that way again.
     """
     ic = inference
-    if ic.zoom_search and ic.rescale and getattr(predictor, "pixel_size_nm", None):
-        return _searched_grid(predictor, image, ic, pixel_size_nm)
+    if ic.zoom_search != "off" and ic.rescale and getattr(predictor, "pixel_size_nm", None):
+        if ic.zoom_search == "always" or unlike_training(predictor, image, pixel_size_nm, ic.rescale):
+            return _searched_grid(predictor, image, ic, pixel_size_nm)
+        return pixel_size_nm, None  # data like the model's own: its grid, as the pixel size says
     if pixel_size_nm or not enabled(predictor, ic):
         return pixel_size_nm, None
     model_px = predictor.pixel_size_nm
@@ -265,6 +268,17 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     log.info("auto zoom x%.3g (median widths %s model px, %d objects, %s)", est.zoom, est.widths, est.objects,
              est.reason)
     return grid_of(model_px, est.zoom), dataclasses.replace(est, probability=passes.get(est.zoom))
+
+
+def unlike_training(predictor, image: np.ndarray, pixel_size_nm: float | None, rescale: bool = True) -> bool:
+    """Whether the model's out-of-distribution score (`ood.npz` beside it) warns about the slice at
+    the grid its pixel size asks for; False for a model without one (nothing says it is unlike)."""
+    from .ood import model_distribution
+
+    dist = model_distribution(predictor)
+    if dist is None:
+        return False
+    return bool(dist.image_score(predictor, image, pixel_size_nm, rescale) > dist.threshold)
 
 
 def _searched_grid(predictor, image: np.ndarray, ic, pixel_size_nm: float | None

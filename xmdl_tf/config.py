@@ -177,6 +177,9 @@ class TrainConfig:
             raise ValueError(f"weight_average is a decay per step, 0 <= decay < 1; got {self.weight_average}")
 
 
+ZOOM_SEARCH = ("off", "always", "ood")  # InferenceConfig.zoom_search
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """How a trained model is applied to whole slices and its output post-processed.
@@ -201,10 +204,11 @@ class InferenceConfig:
     object_width_px: (smallest, largest) median width, in model pixels, of the
         objects the model predicts on its validation sets (`python -m xmdl_tf.tune`
         measures it); None = unknown, no auto zoom.
-    zoom_search: instead of auto zoom, predict each slice (a crop of it) at zooms
-        x0.5-2 of the grid its pixel size asks for (its own grid when unknown; known
-        pixel sizes too) and keep the zoom at which the model is surest of what it
-        marks (`autoscale.search_zoom`); off by default (models/README.md, "Zoom search").
+    zoom_search: "off", "always" or "ood": instead of auto zoom, predict each slice
+        (a crop of it) at zooms x0.5-2 of the grid its pixel size asks for (its own
+        grid when unknown; known pixel sizes too) and keep the zoom at which the model
+        is surest of what it marks (`autoscale.search_zoom`); "ood": only for slices
+        the model's out-of-distribution score warns about (models/README.md, "Zoom search").
     """
 
     tile: int = 2048
@@ -222,10 +226,14 @@ class InferenceConfig:
     gradcam_layer: str | None = None
     auto_zoom: bool = True
     object_width_px: tuple[float, float] | None = None
-    zoom_search: bool = False
+    zoom_search: str = "off"
 
     def __post_init__(self):
         problems = []
+        if isinstance(self.zoom_search, bool):  # a bare switch reads as on / off
+            object.__setattr__(self, "zoom_search", "always" if self.zoom_search else "off")
+        if self.zoom_search not in ZOOM_SEARCH:
+            problems.append(f"zoom_search {self.zoom_search!r} must be one of {ZOOM_SEARCH}")
         w = self.object_width_px
         if w is not None and not (isinstance(w, (tuple, list)) and len(w) == 2
                                   and all(isinstance(v, (int, float)) for v in w) and 0 < w[0] <= w[1]):

@@ -92,6 +92,16 @@ def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = N
     return cache[key](tiles[..., None].astype(np.float32))
 
 
+def model_distribution(predictor) -> "FeatureDistribution | None":
+    """The model's FeatureDistribution (ood.npz beside it), loaded once; None without one or for a SavedModel."""
+    cache = predictor.__dict__.setdefault("_ood_model", {})
+    if "dist" not in cache:
+        path = Path(getattr(predictor, "path", "")).parent / OOD_FILE
+        keras_model = hasattr(getattr(predictor, "model", None), "get_layer")
+        cache["dist"] = FeatureDistribution.load(path) if keras_model and path.is_file() else None
+    return cache["dist"]
+
+
 @dataclass
 class FeatureDistribution:
     """Mean, leading principal axes and their variances of in-distribution tile features."""
