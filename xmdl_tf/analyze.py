@@ -453,7 +453,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                           f"{a.summary['ood_score']:.2f} > {a.summary['ood_threshold']:.2f}); check its results and "
                           "consider fine-tuning on a few annotated slices (python -m xmdl_tf.finetune) or, "
                           "without annotation, adapting to these images (python -m xmdl_tf.adapt)"
-                          + ("; --zoom-search may also help" if ic.zoom_search == "off" else ""),
+                          + ("; --zoom-search always may also help" if ic.zoom_search == "off" else ""),
                           file=sys.stderr, flush=True)
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

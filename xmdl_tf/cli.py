@@ -196,11 +196,11 @@ def add_inference_args(p: argparse.ArgumentParser, explain: bool = True) -> None
                    help="for slices of unknown pixel size, estimate the zoom that brings their mitochondria to "
                         "the widths the model knows, one or two quick passes more (needs a model tuned by "
                         f"xmdl_tf.tune) ({d.auto_zoom})")
-    g.add_argument("--zoom-search", nargs="?", const="always", default=None, choices=ZOOM_SEARCH,
+    g.add_argument("--zoom-search", default=None, choices=ZOOM_SEARCH,
                    help="instead of auto zoom, predict a crop of each slice at x0.5-2 of the grid its pixel size "
                         "asks for (known or not) and keep the zoom the model is surest at (five quick passes "
-                        "more): 'always' (the bare flag), 'ood' (only slices the out-of-distribution score "
-                        f"warns about) or 'off' ({d.zoom_search})")
+                        "more): 'always', 'ood' (only slices the out-of-distribution score warns about) or "
+                        f"'off' ({d.zoom_search})")
     if explain:
         g.add_argument("--gradcam-layer", default=None, help="conv layer to explain (dec1_conv2)")
 
