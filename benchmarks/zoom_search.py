@@ -15,7 +15,10 @@ threshold) and label-free statistics of the probability map (`statistics`).
 The analysis then asks, for each label-free score: choosing each slice's zoom
 by that score, what pooled F1 results, zero shot (the left-out set) and on
 the sets the model was trained on, against zoom 1, the best single zoom and
-the per-slice oracle. Labels are read only to score.
+the per-slice oracle. For models calibrated by `python -m xmdl_tf.calibrate`
+(an `ood.npz` beside them) it also records whether the out-of-distribution
+score warns about each slice and scores `--zoom-search ood` (the surest zoom
+for the warned slices, zoom 1 for the rest). Labels are read only to score.
 Writes `zoom_search.json` (every record) and `zoom_search.md` into the folder
 (`zoom_search_held_out.*` with `--split held-out`).
 """
@@ -94,15 +97,21 @@ def score_set(predictor, slices: list[tuple[np.ndarray, np.ndarray]], zooms) -> 
     would favour zoom 1 for nothing)."""
     import cv2
 
+    from xmdl_tf.autoscale import unlike_training
+    from xmdl_tf.ood import model_distribution
+
     ic = predictor.config.inference
+    has_ood = model_distribution(predictor) is not None
     out = []
     for i, (img, lab) in enumerate(slices):
+        # Would `--zoom-search ood` search this slice? (The slice is on the model's grid already.)
+        warned = unlike_training(predictor, img, None) if has_ood else None
         for z in zooms:
             shown, _ = present(img, lab, z)
             prob_z = predictor.predict_slice(shown, ic.tile, ic.overlap, ic.batch_size, tta=False, pixel_size_nm=None)
             prob = prob_z if z == 1.0 else cv2.resize(prob_z, lab.shape[::-1], interpolation=cv2.INTER_LINEAR)
             m = prob >= ic.threshold
-            out.append({"slice": i, "zoom": z, "tp": int((m & lab).sum()), "fp": int((m & ~lab).sum()),
+            out.append({"slice": i, "zoom": z, "ood_warning": warned, "tp": int((m & lab).sum()), "fp": int((m & ~lab).sum()),
                         "fn": int((~m & lab).sum()), **statistics(prob_z, 1.0, ic.threshold, ic.min_size_px)})
     return out
 
@@ -121,9 +130,12 @@ def analyse(results: dict) -> list[str]:
              "oracle (per slice)": lambda rs: max(rs, key=lambda r: 2 * r["tp"] / max(2 * r["tp"] + r["fp"] + r["fn"], 1))}
     for name, fn in SCORES.items():
         rules[name] = (lambda fn: lambda rs: max(rs, key=lambda r: (fn(r), r["zoom"] == 1.0)))(fn)
+    if all(r.get("ood_warning") is not None for m in results.values() for recs in m["records"].values() for r in recs):
+        surest = rules["mean fg probability"]  # what `--zoom-search ood` does: search only the warned slices
+        rules["surest where OOD-warned"] = lambda rs: surest(rs) if rs[0]["ood_warning"] else rules["zoom 1"](rs)
     cols = list(rules)
-    md = ["| model | scored set | kind | " + " | ".join(cols) + " | best fixed zoom |",
-          "|---|---|---|" + "---|" * (len(cols) + 1)]
+    md = ["| model | scored set | kind | " + " | ".join(cols) + " | best fixed zoom | slices OOD-warned |",
+          "|---|---|---|" + "---|" * (len(cols) + 2)]
     means: dict[str, dict[str, list[float]]] = {"zero shot": {}, "seen": {}}
     for model, r in results.items():
         for scored, recs in r["records"].items():
@@ -135,8 +147,10 @@ def analyse(results: dict) -> list[str]:
             for c in cols:
                 means[kind].setdefault(c, []).append(row[c])
             picks = {c: np.median([x["zoom"] for x in choose(recs, rules[c])]) for c in cols}
+            warned = [x.get("ood_warning") for x in choose(recs, rules["zoom 1"])]
             md.append(f"| {model} | {scored} | {kind} | " + " | ".join(f"{row[c]:.3f} (x{picks[c]:g})" for c in cols)
-                      + f" | {fixed[best]:.3f} (x{best:g}) |")
+                      + f" | {fixed[best]:.3f} (x{best:g}) | "
+                      + (f"{sum(warned)} / {len(warned)}" if None not in warned else "-") + " |")
     for kind, m in means.items():
         if m:
             md.append(f"\nmean over {len(next(iter(m.values())))} {kind} cells: " +

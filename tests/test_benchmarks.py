@@ -460,3 +460,11 @@ def test_zoom_search_chooses_each_slices_zoom_by_a_label_free_score_and_pools_f1
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == "0.750 (x1)" and cells[4] == "1.000 (x1.5)"  # zoom 1; the per-slice oracle
     assert "mean fg probability 1.000" in md and "zero shot cells" in md
+    assert cells[-1] == "-" and "OOD-warned" not in md.splitlines()[-1]  # no OOD flags recorded: no such rule
+    # With the flags: `--zoom-search ood` searches only the warned slice (slice 1 here), zoom 1 elsewhere.
+    for r in recs:
+        r["ood_warning"] = r["slice"] == 1
+    md = "\n".join(zs.analyse({"without_a": {"kind": {"a": "zero shot"}, "records": {"a": recs}}}))
+    row = next(line for line in md.splitlines() if line.startswith("| without_a | a | zero shot"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-1] == "1 / 2" and "surest where OOD-warned 0.750" in md
