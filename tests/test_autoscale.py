@@ -297,8 +297,10 @@ def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_ru
     del pred.predict_slice
     # Off, or with --no-rescale: what it was (auto zoom needs widths this model lacks: none).
     assert prediction_grid(pred, image, replace(ic, zoom_search="off"), None) == (None, None)
-    # "ood" searches only where the model's out-of-distribution score warns: this model has none.
+    # "ood" searches only where the model's out-of-distribution score warns: this model has none,
+    # so it is auto zoom's turn (unknown pixel size; no widths here: nothing) or the pixel size's.
     assert prediction_grid(pred, image, replace(ic, zoom_search="ood"), 2.5) == (2.5, None)
+    assert prediction_grid(pred, image, replace(ic, zoom_search="ood"), None) == (None, None)
     assert prediction_grid(pred, image, replace(ic, rescale=False), 2.5) == (2.5, None)
     # evaluate applies it and reports the zoom per slice.
     r = evaluate(pred, str(data), "val", out=tmp_path / "ev", zoom_search=True, tile=64, overlap=16)
@@ -321,6 +323,6 @@ def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_ru
 def test_zoom_search_setting_is_one_of_its_modes_and_a_bare_switch_reads_as_always_or_off():
     assert InferenceConfig(zoom_search=True).zoom_search == "always"
     assert InferenceConfig(zoom_search=False).zoom_search == "off"
-    assert InferenceConfig().zoom_search == "off"
+    assert InferenceConfig().zoom_search == "ood"  # the default: search only what the OOD score warns about
     with pytest.raises(ValueError, match="zoom_search 'sometimes' must be one of"):
         InferenceConfig(zoom_search="sometimes")

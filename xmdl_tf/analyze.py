@@ -261,7 +261,10 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     dist = model_distribution(predictor)
     summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), False
     if dist is not None:
-        score = dist.image_score(predictor, image, grid_px, ic.rescale)
+        # With zoom search, on the grid the pixel size asks for (where "ood" decided to search: the
+        # warning is about the data, not the zoom chosen for it); else where the slice was predicted.
+        at = pixel_size_nm if ic.zoom_search != "off" else grid_px
+        score = dist.image_score(predictor, image, at, ic.rescale)
         summary.update(ood_score=round(score, 4), ood_threshold=round(dist.threshold, 4),
                        ood_warning=bool(score > dist.threshold))
     return uncertainty
@@ -401,7 +404,12 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
         out.mkdir(parents=True, exist_ok=True)
         done = []
         t0 = time.time()
-        warned_grid = False
+        warned_grid = warned_search = False
+        # Whether --zoom-search can act: a model pixel size to zoom from and, for "ood", an OOD model.
+        from .ood import model_distribution
+
+        search_possible = (ic.zoom_search != "off" and ic.rescale and bool(predictor.pixel_size_nm)
+                           and (ic.zoom_search == "always" or model_distribution(predictor) is not None))
         for i, pair in enumerate(todo):
             where = str(pair.image) + (f" (page {pair.page})" if pair.page is not None else "")
             try:
@@ -414,8 +422,8 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                         raise DataError(f"{lp.image} is {label.shape} but {pair.image} is {image.shape}")
                 px = _pixel_size(pair, read_pixel_size_nm(pair.image), s.pixel_size_nm, verbose)
                 bar = None
-                if verbose and ic.zoom_search != "off" and ic.rescale and predictor.pixel_size_nm and not warned_grid:
-                    warned_grid = True
+                if verbose and not warned_search and search_possible and ic.zoom_search == "always":
+                    warned_search = True
                     which = "each image" if ic.zoom_search == "always" else "each image unlike the training data"
                     print(SEARCH_GRID.format(mode=ic.zoom_search, which=which), file=sys.stderr, flush=True)
                 if verbose and px is None and predictor.pixel_size_nm and not warned_grid:
@@ -445,15 +453,17 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 done.append(pair.name)
                 if verbose:
                     z = a.summary.get("auto_zoom")
-                    how = "auto zoom" if ic.zoom_search == "off" else "zoom search"
-                    zoomed = f" ({how} x{z:.3g})" if z not in (None, 1.0) else ""
+                    zoomed = f" (zoom x{z:.3g})" if z not in (None, 1.0) else ""
                     print(f"    {a.summary['count']} mitochondria{zoomed} -> {out / pair.name}", flush=True)
                 if a.summary.get("ood_warning"):
                     print(f"    warning: {pair.name} is unlike the model's training data (OOD score "
                           f"{a.summary['ood_score']:.2f} > {a.summary['ood_threshold']:.2f}); check its results and "
                           "consider fine-tuning on a few annotated slices (python -m xmdl_tf.finetune) or, "
                           "without annotation, adapting to these images (python -m xmdl_tf.adapt)"
-                          + ("; --zoom-search always may also help" if ic.zoom_search == "off" else ""),
+                          + (f"; it was predicted at the zoom the model is surest at, x{a.summary.get('auto_zoom') or 1:.3g} "
+                             "(--zoom-search off keeps the grid its pixel size asks for)" if search_possible
+                             else "; --zoom-search always may also help" if ic.zoom_search == "off" and ic.rescale
+                             and predictor.pixel_size_nm else ""),
                           file=sys.stderr, flush=True)
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

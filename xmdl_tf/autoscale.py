@@ -250,7 +250,7 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     if ic.zoom_search != "off" and ic.rescale and getattr(predictor, "pixel_size_nm", None):
         if ic.zoom_search == "always" or unlike_training(predictor, image, pixel_size_nm, ic.rescale):
             return _searched_grid(predictor, image, ic, pixel_size_nm)
-        return pixel_size_nm, None  # data like the model's own: its grid, as the pixel size says
+    # Otherwise (data like the model's own under "ood"): auto zoom, for an unknown pixel size.
     if pixel_size_nm or not enabled(predictor, ic):
         return pixel_size_nm, None
     model_px = predictor.pixel_size_nm

@@ -207,8 +207,8 @@ class InferenceConfig:
     zoom_search: "off", "always" or "ood": instead of auto zoom, predict each slice
         (a crop of it) at zooms x0.5-2 of the grid its pixel size asks for (its own
         grid when unknown; known pixel sizes too) and keep the zoom at which the model
-        is surest of what it marks (`autoscale.search_zoom`); "ood": only for slices
-        the model's out-of-distribution score warns about (models/README.md, "Zoom search").
+        is surest of what it marks (`autoscale.search_zoom`); "ood" (default): only for
+        slices the model's out-of-distribution score warns about (models/README.md, "Zoom search").
     """
 
     tile: int = 2048
@@ -226,7 +226,9 @@ class InferenceConfig:
     gradcam_layer: str | None = None
     auto_zoom: bool = True
     object_width_px: tuple[float, float] | None = None
-    zoom_search: str = "off"
+    # "ood": on two draws of leave-one-set-out models the surest zoom lifted the zero-shot val mean
+    # (+0.08, +0.04) and, searched only where the OOD score warns, left the seen sets as they were.
+    zoom_search: str = "ood"
 
     def __post_init__(self):
         problems = []
