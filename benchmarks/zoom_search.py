@@ -111,8 +111,9 @@ def score_set(predictor, slices: list[tuple[np.ndarray, np.ndarray]], zooms) -> 
             prob_z = predictor.predict_slice(shown, ic.tile, ic.overlap, ic.batch_size, tta=False, pixel_size_nm=None)
             prob = prob_z if z == 1.0 else cv2.resize(prob_z, lab.shape[::-1], interpolation=cv2.INTER_LINEAR)
             m = prob >= ic.threshold
-            out.append({"slice": i, "zoom": z, "ood_warning": warned, "tp": int((m & lab).sum()), "fp": int((m & ~lab).sum()),
-                        "fn": int((~m & lab).sum()), **statistics(prob_z, 1.0, ic.threshold, ic.min_size_px)})
+            out.append({"slice": i, "zoom": z, "ood_warning": warned, "tp": int((m & lab).sum()),
+                        "fp": int((m & ~lab).sum()), "fn": int((~m & lab).sum()),
+                        **statistics(prob_z, 1.0, ic.threshold, ic.min_size_px)})
     return out
 
 
@@ -127,7 +128,7 @@ def choose(records: list[dict], rule) -> list[dict]:
 def analyse(results: dict) -> list[str]:
     """Markdown: pooled F1 per (model, scored set) for zoom 1, each fixed zoom's best, the oracle and each score."""
     rules = {"zoom 1": lambda rs: next(r for r in rs if r["zoom"] == 1.0),
-             "oracle (per slice)": lambda rs: max(rs, key=lambda r: 2 * r["tp"] / max(2 * r["tp"] + r["fp"] + r["fn"], 1))}
+             "oracle (per slice)": lambda rs: max(rs, key=lambda r: f1([r]))}
     for name, fn in SCORES.items():
         rules[name] = (lambda fn: lambda rs: max(rs, key=lambda r: (fn(r), r["zoom"] == 1.0)))(fn)
     if all(r.get("ood_warning") is not None for m in results.values() for recs in m["records"].values() for r in recs):

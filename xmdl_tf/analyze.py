@@ -57,9 +57,9 @@ NO_WIDTHS = ("note: auto zoom needs the widths of the objects the model knows, w
 AUTO_GRID = ("note: {name} states no pixel size and --pixel-size was not given: each such image is zoomed so that its "
              "mitochondria look as wide as the model's own (auto zoom, column auto_zoom of summary.csv; measurements "
              "stay in pixels); give --pixel-size NM when known")
-SEARCH_GRID = ("note: --zoom-search {mode}: {which} is predicted at the zoom, among x0.5-2 of the grid its pixel size "
-               "asks for (its own when unknown), at which the model is surest of what it marks (column auto_zoom of "
-               "summary.csv; measurements stay in the image's pixels or nm)")
+SEARCH_GRID = ("note: --zoom-search always: each image is predicted at the zoom, among x0.5-2 of the grid its "
+               "pixel size asks for (its own when unknown), at which the model is surest of what it marks (column "
+               "auto_zoom of summary.csv; measurements stay in the image's pixels or nm)")
 
 
 # ----------------------------------------------------------------------------
@@ -293,8 +293,6 @@ def confidence_model(calibration: dict, tta: bool):
     return None
 
 
-
-
 def write_outputs(a: Analysis, folder: Path, make_figure: bool = True) -> None:
     """Write the per-image files (see module docstring) into `folder`, atomically.
 
@@ -423,9 +421,8 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 px = _pixel_size(pair, read_pixel_size_nm(pair.image), s.pixel_size_nm, verbose)
                 bar = None
                 if verbose and not warned_search and search_possible and ic.zoom_search == "always":
-                    warned_search = True
-                    which = "each image" if ic.zoom_search == "always" else "each image unlike the training data"
-                    print(SEARCH_GRID.format(mode=ic.zoom_search, which=which), file=sys.stderr, flush=True)
+                    warned_search = True  # ("ood" says so in the warning of each slice it searches)
+                    print(SEARCH_GRID, file=sys.stderr, flush=True)
                 if verbose and px is None and predictor.pixel_size_nm and not warned_grid:
                     warned_grid = True
                     print((AUTO_GRID if auto_zoom_enabled(predictor, ic) else UNKNOWN_GRID).format(
@@ -460,8 +457,9 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                           f"{a.summary['ood_score']:.2f} > {a.summary['ood_threshold']:.2f}); check its results and "
                           "consider fine-tuning on a few annotated slices (python -m xmdl_tf.finetune) or, "
                           "without annotation, adapting to these images (python -m xmdl_tf.adapt)"
-                          + (f"; it was predicted at the zoom the model is surest at, x{a.summary.get('auto_zoom') or 1:.3g} "
-                             "(--zoom-search off keeps the grid its pixel size asks for)" if search_possible
+                          + (f"; it was predicted at the zoom the model is surest at, "
+                             f"x{a.summary.get('auto_zoom') or 1:.3g} (--zoom-search off keeps the grid its pixel "
+                             "size asks for)" if search_possible
                              else "; --zoom-search always may also help" if ic.zoom_search == "off" and ic.rescale
                              and predictor.pixel_size_nm else ""),
                           file=sys.stderr, flush=True)
