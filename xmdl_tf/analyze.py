@@ -169,8 +169,16 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
 
     s = settings or Settings()
     ic = s.resolve(predictor)
+    # With zoom search, the OOD score (at the grid the pixel size asks for) decides whether to search, and
+    # is the one reported: computed once here.
+    from .ood import model_distribution
+
+    dist = model_distribution(predictor) if ic.zoom_search != "off" else None
+    ood_score = dist.image_score(predictor, image, pixel_size_nm, ic.rescale) if dist is not None else None
     # Unknown pixel size and auto_zoom: predict at the zoom the objects' widths suggest; measure in px.
-    grid_px, zoom = prediction_grid(predictor, image, ic, pixel_size_nm)
+    # Zoom search: at the zoom the model is surest at ("ood": for a slice its OOD score warns about).
+    grid_px, zoom = prediction_grid(predictor, image, ic, pixel_size_nm,
+                                    unlike=None if ood_score is None else ood_score > dist.threshold)
     scale = {"pixel_size_nm": grid_px, "rescale": ic.rescale}
     prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size, progress,
                                         **scale)
@@ -205,7 +213,7 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
                                image, cam, prob, ic.threshold)
         summary.update({f"deletion_{k}": v for k, v in check.items()})
     uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread, members,
-                         grid_px)
+                         grid_px, ood_score)
     table.insert(0, "image", name)
     return Analysis(name, image, prob, mask, cam, instances, table, summary, true_mask, uncertainty)
 
@@ -218,13 +226,13 @@ def _confidence_features(predictor, tta: bool) -> tuple[str, ...]:
 
 
 def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread=None,
-           members=None, grid_px: float | None = None) -> np.ndarray:
+           members=None, grid_px: float | None = None, ood_score: float | None = None) -> np.ndarray:
     """Per-pixel uncertainty; per-object `confidence` / `needs_review` and per-image OOD columns
     when the model is calibrated (`python -m xmdl_tf.calibrate`), else NaN / False / empty.
 
     members: the test-time-augmented predictions (H, W, 8) when the confidence reads their agreement.
     grid_px: the pixel size the slice was predicted at (`autoscale.prediction_grid`; default
-    `pixel_size_nm`)."""
+    `pixel_size_nm`). ood_score: the slice's OOD score when already computed (zoom search)."""
     from .calibration import apply_temperature
     from .confidence import AGREEMENT_FEATURES, IMAGE_FEATURES, REVIEW_BELOW, entropy, feature_matrix, object_features
     from .postprocess import ZOOMS, alternative_instances
@@ -263,8 +271,8 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     if dist is not None:
         # With zoom search, on the grid the pixel size asks for (where "ood" decided to search: the
         # warning is about the data, not the zoom chosen for it); else where the slice was predicted.
-        at = pixel_size_nm if ic.zoom_search != "off" else grid_px
-        score = dist.image_score(predictor, image, at, ic.rescale)
+        score = ood_score if ood_score is not None else dist.image_score(
+            predictor, image, pixel_size_nm if ic.zoom_search != "off" else grid_px, ic.rescale)
         summary.update(ood_score=round(score, 4), ood_threshold=round(dist.threshold, 4),
                        ood_warning=bool(score > dist.threshold))
     return uncertainty

@@ -233,7 +233,8 @@ def enabled(predictor, inference) -> bool:
 
 
 def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: float | None,
-                    keep_probability: bool = False) -> tuple[float | None, ZoomEstimate | None]:
+                    keep_probability: bool = False, unlike: bool | None = None
+                    ) -> tuple[float | None, ZoomEstimate | None]:
     """The pixel size to predict a slice at, and the zoom estimate behind it (None if none was made).
 
     A known `pixel_size_nm` is returned as it is. For an unknown one, with `inference.auto_zoom`
@@ -244,11 +245,14 @@ def prediction_grid(predictor, image: np.ndarray, inference, pixel_size_nm: floa
     grid to prediction only, and the objects' minimum size through `for_objects`. Off with
     `inference.rescale` False (predict on the slice's own grid). keep_probability: return the
     pass made at the chosen zoom in the estimate (`ZoomEstimate.probability`), for a caller
-    that would predict the slice that way again.
+    that would predict the slice that way again. unlike: whether the model's OOD score warns about the
+    slice, when the caller has it (else `unlike_training` reads it, for `zoom_search` "ood").
     """
     ic = inference
     if ic.zoom_search != "off" and ic.rescale and getattr(predictor, "pixel_size_nm", None):
-        if ic.zoom_search == "always" or unlike_training(predictor, image, pixel_size_nm, ic.rescale):
+        if unlike is None and ic.zoom_search == "ood":
+            unlike = unlike_training(predictor, image, pixel_size_nm, ic.rescale)
+        if ic.zoom_search == "always" or unlike:
             return _searched_grid(predictor, image, ic, pixel_size_nm)
     # Otherwise (data like the model's own under "ood"): auto zoom, for an unknown pixel size.
     if pixel_size_nm or not enabled(predictor, ic):
