@@ -39,9 +39,8 @@ ZOOMS = (0.5, 0.71, 1.0, 1.41, 2.0)
 CORE_PX = 4  # model px from the background to count as an object's core
 
 
-def statistics(prob: np.ndarray, zoom: float, threshold: float, min_px: int = 30) -> dict[str, float]:
-    """Label-free statistics of one probability map (H, W) on a grid `zoom` times the model's
-    (1: the grid the model predicted on).
+def statistics(prob: np.ndarray, threshold: float, min_px: int = 30) -> dict[str, float]:
+    """Label-free statistics of one probability map (H, W) on the grid the model predicted on.
 
     Counts are in that grid's pixels. `band` is the number of unsure pixels (0.1 < p < 0.9), `fg`
     of pixels at or above the threshold, `sure_fg` at or above 0.9; `entropy` the summed binary
@@ -54,7 +53,7 @@ def statistics(prob: np.ndarray, zoom: float, threshold: float, min_px: int = 30
     fg = prob >= threshold
     ent = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
     n, comp, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
-    keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= max(1, round(min_px / zoom ** 2))) + 1
+    keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= max(1, min_px)) + 1
     means = (np.bincount(comp.ravel(), prob.ravel(), n) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1))[keep]
     # The objects' cores: at least CORE_PX from the background, where the rim's lower probabilities
     # (a share of an object that falls as the object grows, zoomed in) do not reach.
@@ -113,7 +112,7 @@ def score_set(predictor, slices: list[tuple[np.ndarray, np.ndarray]], zooms) -> 
             m = prob >= ic.threshold
             out.append({"slice": i, "zoom": z, "ood_warning": warned, "tp": int((m & lab).sum()),
                         "fp": int((m & ~lab).sum()), "fn": int((~m & lab).sum()),
-                        **statistics(prob_z, 1.0, ic.threshold, ic.min_size_px)})
+                        **statistics(prob_z, ic.threshold, ic.min_size_px)})
     return out
 
 

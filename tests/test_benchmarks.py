@@ -428,14 +428,14 @@ def test_zoom_search_statistics_separate_the_objects_cores_from_their_rims():
     r = np.hypot(yy - 32, xx - 32)
     prob[r <= 12] = 0.6  # an unsure rim ...
     prob[r <= 9] = 0.99  # ... around a sure core (wider than the core CORE_PX inside the object)
-    s = zs.statistics(prob, 1.0, 0.5, min_px=30)
+    s = zs.statistics(prob, 0.5, min_px=30)
     fg = int((r <= 12).sum())
     assert s["fg"] == fg and s["objects"] == 1 and s["band"] == fg - int((r <= 9).sum())
     assert s["fg_p_sum"] / s["fg"] < 0.9 < s["core_p_sum"] / s["core"] == pytest.approx(0.99)
     assert 0 < s["core"] < int((r <= 9).sum())  # only pixels CORE_PX inside the object
     # no object smaller than the minimum counts; an empty map scores lowest, not NaN
-    assert zs.statistics(prob, 1.0, 0.5, min_px=1000)["objects"] == 0
-    empty = zs.statistics(np.zeros((16, 16), np.float32), 1.0, 0.5)
+    assert zs.statistics(prob, 0.5, min_px=1000)["objects"] == 0
+    empty = zs.statistics(np.zeros((16, 16), np.float32), 0.5)
     assert all(np.isfinite(f(empty | {"zoom": 1.0})) or f(empty | {"zoom": 1.0}) == -np.inf
                for f in zs.SCORES.values())
 
