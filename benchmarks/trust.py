@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", choices=("on", "off", "model"), default="on",
                    help="test-time augmentation for the probabilities (default on, as the shipped model's "
                         "defaults; 'model': each model's own setting)")
+    p.add_argument("--zoom-search", choices=("off", "always", "ood"), default="off",
+                   help="predict every slice on the grid `analyze --zoom-search MODE` chooses (each model's OOD model, "
+                        "ood.npz from an earlier `calibrate`, decides for 'ood'; auto zoom applies where the model knows "
+                        "its objects' widths); default off: on the grid the pixel size asks for, as the earlier tables")
     p.add_argument("--calibration-from", default=None, metavar="LOSO2",
                    help="use the calibration stored in LOSO2/without_<set>/config.json instead of fitting one (e.g. "
                         "the models `adapt` started from, calibrated by an earlier run of this script: what an "
@@ -195,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--calibration-from: {err}")
         if not inherited[name].get("object_confidence"):
             p.error(f"--calibration-from: {path} holds no object confidence (calibrate that model first)")
+    for name in by_name if args.zoom_search == "ood" else ():
+        run = Path(args.loso) / f"without_{name}"
+        if (run / "model.keras").is_file() and not (run / OOD_FILE).is_file():
+            p.error(f"--zoom-search ood: {run / OOD_FILE} is missing (calibrate the model first: "
+                    "python -m xmdl_tf.calibrate --model ... on its training sets' val splits)")
     report, dump = {}, {}
     for left, (d_left, px_left) in by_name.items():
         run = Path(args.loso) / f"without_{left}"
@@ -208,14 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             if m is not None and args.tta != "model":
                 m.config = dataclasses.replace(m.config, inference=dataclasses.replace(m.config.inference,
                                                                                    tta=args.tta == "on"))
-        val = collect_val(pred, [d for d, _ in seen], [px for _, px in seen], verbose=False)
+        pred.config = dataclasses.replace(pred.config, inference=dataclasses.replace(
+            pred.config.inference, zoom_search=args.zoom_search))
+        grid = args.zoom_search != "off"
+        val = collect_val(pred, [d for d, _ in seen], [px for _, px in seen], verbose=False, grid=grid)
         cal = inherited.get(left) or fit_calibration(pred, val, [d for d, _ in seen], [px for _, px in seen],
                                                      verbose=False, ood=not args.objects_only)
         conf = ObjectConfidence.from_dict(cal["object_confidence"]) if cal["object_confidence"] else None
         t = cal["temperature"]
         unseen = [r for split in ("val", "test") if (Path(d_left) / split / "x").is_dir()
-                  for r in collect_val(pred, [d_left], [px_left], split, verbose=False)[left]]
-        held = [r for d, px in seen for r in collect_val(pred, [d], [px], held_out_split(d), verbose=False)[Path(d).resolve().name]]
+                  for r in collect_val(pred, [d_left], [px_left], split, verbose=False, grid=grid)[left]]
+        held = [r for d, px in seen for r in collect_val(pred, [d], [px], held_out_split(d), verbose=False,
+                                                         grid=grid)[Path(d).resolve().name]]
         # Everything needed to study other confidence features and OOD scores without predicting again.
         val_rows = [r for rows in val.values() for r in rows]
         parts = {"fit": val_rows, "zero_shot": unseen, "in_distribution": held}
@@ -248,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             dump[f"{left}/{part}/slices"] = slice_scores(rows, t, conf, ood[part])
         report[left] = {
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},
+            "zoom_search": args.zoom_search,
+            # How many slices of each part were predicted at each zoom (all x1 without zoom search).
+            "zooms": {part: {f"{z:.3g}": int(n) for z, n in zip(*np.unique([r.get("zoom", 1.0) for r in rows],
+                                                                      return_counts=True))}
+                      for part, rows in parts.items()},
             "zero_shot": {**detections(*found["zero_shot"], conf, names), **pixels(unseen, t)},
             "in_distribution": {**detections(*found["in_distribution"], conf, names), **pixels(held, t)},
             "ood": {"auroc": round(auroc(np.r_[s_un, s_in], np.r_[np.ones(len(s_un), bool), np.zeros(len(s_in), bool)]), 4),

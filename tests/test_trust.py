@@ -241,3 +241,32 @@ def test_zoom_search_ood_searches_only_the_slices_the_ood_score_warns_about(cali
     assert summary.loc["inverted", "auto_zoom"] == pytest.approx(est.zoom)
     err = capsys.readouterr().err
     assert f"predicted at the zoom the model is surest at, x{est.zoom:.3g}" in err
+
+
+def test_collect_val_on_analyzes_grid_gives_analyzes_objects(calibrated, tmp_path):
+    """The trust study's rows with `grid=True` are what `analyze` makes of the slice with zoom
+    search: same zoom, same probabilities, same objects; without it, the pixel size's grid (x1)."""
+    from dataclasses import replace
+
+    from xmdl_tf.analyze import Settings, analyze_image
+    from xmdl_tf.calibrate import collect_val
+    from xmdl_tf.predict import load_model
+
+    _, model = calibrated
+    pred = load_model(model, jit_compile=False)
+    pred.config = replace(pred.config, data=replace(pred.config.data, pixel_size_nm=5.0),
+                          inference=replace(pred.config.inference, zoom_search="ood", tile=64, overlap=16, tta=False))
+    image, mask = blob_image(160, seed=501, n=10)
+    inverted = 255 - image  # warned by the OOD score, so searched
+    for sub in ("x", "y"):
+        (tmp_path / "inv" / "val" / sub).mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "inv" / "val" / "x" / "im0000.tif", inverted)
+    tifffile.imwrite(tmp_path / "inv" / "val" / "y" / "seg0000.tif", mask)
+    row = collect_val(pred, [str(tmp_path / "inv")], [None], verbose=False, agreement=(), grid=True)["inv"][0]
+    a = analyze_image(pred, inverted, "inv", Settings(figure=False), label=mask)
+    assert a.summary["auto_zoom"] not in (None, 1.0) and row["zoom"] == pytest.approx(a.summary["auto_zoom"])
+    np.testing.assert_allclose(row["probability"], a.probability, atol=1e-5)
+    np.testing.assert_array_equal(row["instances"], a.instances)
+    plain = collect_val(pred, [str(tmp_path / "inv")], [None], verbose=False, agreement=())["inv"][0]
+    assert plain["zoom"] == 1.0
+    assert not np.allclose(plain["probability"], row["probability"], atol=1e-3)

@@ -37,7 +37,8 @@ MIN_EACH = 5  # true and false val detections needed to fit the object confidenc
 
 
 def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], split: str = "val",
-                verbose: bool = True, agreement: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
+                verbose: bool = True, agreement: tuple[str, ...] | None = None,
+                grid: bool = False) -> dict[str, list[dict]]:
     """Per set, per slice of `split`: probability, Grad-CAM, predicted instances, labels and pixel size.
 
     As `analyze` makes them: with test-time augmentation when the model's defaults say so (then
@@ -45,7 +46,12 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
     changes of the prediction (`postprocess.alternative_instances`) that the `agreement` features
     need (default: every one of `confidence.AGREEMENT_FEATURES`; "scale_agreement" costs about 2
     more passes, for the `postprocess.ZOOMS` scales; none: "alternatives" is None).
+    grid: predict each slice on the grid `analyze` chooses (`autoscale.prediction_grid`: auto zoom
+    for an unknown pixel size, `InferenceConfig.zoom_search`), its objects' minimum size kept in the
+    slice's pixels (`autoscale.for_objects`); "zoom" is that zoom (1 when none was made). Default:
+    on the grid the pixel size asks for, as the calibration has always been fitted.
     """
+    from .autoscale import for_objects, prediction_grid
     from .confidence import AGREEMENT_FEATURES
 
     from .io import find_pairs, read_pair, read_pixel_size_nm
@@ -61,23 +67,26 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
         for i, pair in enumerate(pairs):
             image, label = read_pair(pair)
             px = read_pixel_size_nm(pair.image) or px_given
+            grid_px, zoom = prediction_grid(predictor, image, ic, px) if grid else (px, None)
+            ic_slice = for_objects(ic, zoom)
             prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size,
-                                                pixel_size_nm=px, rescale=ic.rescale)
+                                                pixel_size_nm=grid_px, rescale=ic.rescale)
             spread = members = None
             if ic.tta:
                 prob, spread, *rest = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True,
-                                                              pixel_size_nm=px, rescale=ic.rescale, spread=True,
+                                                              pixel_size_nm=grid_px, rescale=ic.rescale, spread=True,
                                                               members="tta_agreement" in agreement)
                 members = rest[0] if rest else None
             alternatives = None
             if agreement:
                 zoomed = [predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=False,
-                                                  pixel_size_nm=px, rescale=ic.rescale, zoom=z)
+                                                  pixel_size_nm=grid_px, rescale=ic.rescale, zoom=z)
                           for z in ZOOMS] if "scale_agreement" in agreement else None
-                alternatives = alternative_instances(prob, ic, px, members, zoomed)
+                alternatives = alternative_instances(prob, ic_slice, px, members, zoomed)
             rows.append({"set": name, "name": pair.name, "image": image, "probability": prob, "gradcam": cam,
                          "spread": spread, "label": label,
-                         "pixel_size_nm": px, "instances": instances(prob, ic, px),
+                         "pixel_size_nm": px, "instances": instances(prob, ic_slice, px),
+                         "zoom": zoom.zoom if zoom is not None else 1.0,
                          "alternatives": alternatives,
                          "truth": ground_truth_instances(label)})
             if verbose:
