@@ -15,10 +15,12 @@ threshold) and label-free statistics of the probability map (`statistics`).
 The analysis then asks, for each label-free score: choosing each slice's zoom
 by that score, what pooled F1 results, zero shot (the left-out set) and on
 the sets the model was trained on, against zoom 1, the best single zoom and
-the per-slice oracle. For models calibrated by `python -m xmdl_tf.calibrate`
+the per-slice oracle, and the zoom the product's own search picks on the
+slice (`autoscale.prediction_grid` with zoom search "always": a centred
+crop, "product search"). For models calibrated by `python -m xmdl_tf.calibrate`
 (an `ood.npz` beside them) it also records whether the out-of-distribution
-score warns about each slice and scores `--zoom-search ood` (the surest zoom
-for the warned slices, zoom 1 for the rest). Labels are read only to score.
+score warns about each slice and scores `--zoom-search ood` (the product's
+pick for the warned slices, zoom 1 for the rest). Labels are read only to score.
 Writes `zoom_search.json` (every record) and `zoom_search.md` into the folder
 (`zoom_search_held_out.*` with `--split held-out`).
 """
@@ -59,7 +61,11 @@ def statistics(prob: np.ndarray, threshold: float, min_px: int = 30) -> dict[str
     # (a share of an object that falls as the object grows, zoomed in) do not reach.
     core = cv2.distanceTransform(np.pad(fg.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1] >= CORE_PX
     logit = np.log(p / (1 - p))
+    from xmdl_tf.autoscale import mean_foreground_probability
+
     return {"pixels": int(prob.size), "fg": int(fg.sum()), "sure_fg": int((prob >= 0.9).sum()),
+            # the product's score (`autoscale.search_zoom`): as fg_p_sum / fg, without the specks
+            "fg_p_mean_kept": mean_foreground_probability(prob, threshold, min_px),
             "band": int(((prob > 0.1) & (prob < 0.9)).sum()), "fg_p_sum": float(prob[fg].sum()),
             "fg_logit_sum": float(logit[fg].sum()), "core": int(core.sum()),
             "core_p_sum": float(prob[core].sum()), "core_logit_sum": float(logit[core].sum()),
@@ -71,6 +77,8 @@ def statistics(prob: np.ndarray, threshold: float, min_px: int = 30) -> dict[str
 SCORES = {
     # mean probability of the foreground pixels: how sure the model is of what it marks
     "mean fg probability": lambda s: s["fg_p_sum"] / s["fg"] if s["fg"] else 0.0,
+    # the same without the specks under the minimum object size: `autoscale.mean_foreground_probability`
+    "mean fg probability, objects": lambda s: s.get("fg_p_mean_kept", np.nan),
     # share of the marked pixels it is sure of (p >= 0.9)
     "sure share of fg": lambda s: s["sure_fg"] / s["fg"] if s["fg"] else 0.0,
     # the same in logits, which saturate less than probabilities near 1
@@ -96,21 +104,28 @@ def score_set(predictor, slices: list[tuple[np.ndarray, np.ndarray]], zooms) -> 
     would favour zoom 1 for nothing)."""
     import cv2
 
-    from xmdl_tf.autoscale import unlike_training
+    import dataclasses
+
+    from xmdl_tf.autoscale import prediction_grid, unlike_training
     from xmdl_tf.ood import model_distribution
 
     ic = predictor.config.inference
     has_ood = model_distribution(predictor) is not None
+    always = dataclasses.replace(ic, zoom_search="always")
     out = []
     for i, (img, lab) in enumerate(slices):
         # Would `--zoom-search ood` search this slice? (The slice is on the model's grid already.)
         warned = unlike_training(predictor, img, None) if has_ood else None
+        # The zoom the product's search picks (`autoscale.prediction_grid`: a centred crop of at most
+        # SEARCH_SIDE model px, normalised as the whole slice), as `analyze --zoom-search` would use.
+        _, est = prediction_grid(predictor, img, always, None) if predictor.pixel_size_nm else (None, None)
         for z in zooms:
             shown, _ = present(img, lab, z)
             prob_z = predictor.predict_slice(shown, ic.tile, ic.overlap, ic.batch_size, tta=False, pixel_size_nm=None)
             prob = prob_z if z == 1.0 else cv2.resize(prob_z, lab.shape[::-1], interpolation=cv2.INTER_LINEAR)
             m = prob >= ic.threshold
-            out.append({"slice": i, "zoom": z, "ood_warning": warned, "tp": int((m & lab).sum()),
+            out.append({"slice": i, "zoom": z, "ood_warning": warned,
+                        "product_zoom": est.zoom if est is not None else None, "tp": int((m & lab).sum()),
                         "fp": int((m & ~lab).sum()), "fn": int((~m & lab).sum()),
                         **statistics(prob_z, ic.threshold, ic.min_size_px)})
     return out
@@ -130,8 +145,15 @@ def analyse(results: dict) -> list[str]:
              "oracle (per slice)": lambda rs: max(rs, key=lambda r: f1([r]))}
     for name, fn in SCORES.items():
         rules[name] = (lambda fn: lambda rs: max(rs, key=lambda r: (fn(r), r["zoom"] == 1.0)))(fn)
-    if all(r.get("ood_warning") is not None for m in results.values() for recs in m["records"].values() for r in recs):
-        surest = rules["mean fg probability"]  # what `--zoom-search ood` does: search only the warned slices
+    every = [r for m in results.values() for recs in m["records"].values() for r in recs]
+    if not all("fg_p_mean_kept" in r for r in every):  # records of a version before that statistic
+        del rules["mean fg probability, objects"]
+    if all(r.get("product_zoom") is not None for r in every):
+        # The product's own choice, on a centred crop (`autoscale.prediction_grid`, zoom search "always").
+        rules["product search"] = lambda rs: min(rs, key=lambda r: abs(r["zoom"] - r["product_zoom"]))
+    if all(r.get("ood_warning") is not None for r in every):
+        # What `--zoom-search ood` does: search only the warned slices (the product's pick where recorded).
+        surest = rules.get("product search", rules["mean fg probability"])
         rules["surest where OOD-warned"] = lambda rs: surest(rs) if rs[0]["ood_warning"] else rules["zoom 1"](rs)
     cols = list(rules)
     md = ["| model | scored set | kind | " + " | ".join(cols) + " | best fixed zoom | slices OOD-warned |",

@@ -433,6 +433,11 @@ def test_zoom_search_statistics_separate_the_objects_cores_from_their_rims():
     assert s["fg"] == fg and s["objects"] == 1 and s["band"] == fg - int((r <= 9).sum())
     assert s["fg_p_sum"] / s["fg"] < 0.9 < s["core_p_sum"] / s["core"] == pytest.approx(0.99)
     assert 0 < s["core"] < int((r <= 9).sum())  # only pixels CORE_PX inside the object
+    # the product's score leaves out specks under the minimum size; the plain mean counts them
+    prob[2:5, 2:5] = 0.55
+    s = zs.statistics(prob, 0.5, min_px=30)
+    assert s["fg_p_mean_kept"] == pytest.approx(prob[r <= 12].mean(), rel=1e-5)
+    assert s["fg_p_sum"] / s["fg"] < s["fg_p_mean_kept"]
     # no object smaller than the minimum counts; an empty map scores lowest, not NaN
     assert zs.statistics(prob, 0.5, min_px=1000)["objects"] == 0
     empty = zs.statistics(np.zeros((16, 16), np.float32), 0.5)
@@ -468,3 +473,12 @@ def test_zoom_search_chooses_each_slices_zoom_by_a_label_free_score_and_pools_f1
     row = next(line for line in md.splitlines() if line.startswith("| without_a | a | zero shot"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[-1] == "1 / 2" and "surest where OOD-warned 0.750" in md
+    # With the product's own pick recorded, that is the search: here it keeps slice 1 at zoom 1.
+    for r in recs:
+        r["product_zoom"] = 2.0 if r["slice"] == 0 else 1.0
+    md = "\n".join(zs.analyse({"without_a": {"kind": {"a": "zero shot"}, "records": {"a": recs}}}))
+    assert "product search 1.000" in md and "surest where OOD-warned 0.750" in md
+    for r in recs:
+        r["ood_warning"] = r["slice"] == 0
+    md = "\n".join(zs.analyse({"without_a": {"kind": {"a": "zero shot"}, "records": {"a": recs}}}))
+    assert "surest where OOD-warned 1.000" in md
