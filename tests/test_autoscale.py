@@ -258,8 +258,8 @@ def test_search_zoom_keeps_the_zoom_the_model_is_surest_at():
         return predict
 
     est = search_zoom(at({1.41: 0.9, 2.0: 0.8}), 0.5)
-    assert est.zoom == 1.41 and len(est.widths) == len(SEARCH_ZOOMS) and "surest at x1.41" in est.reason
-    assert est.widths[SEARCH_ZOOMS.index(1.41)] == max(est.widths)
+    assert est.zoom == 1.41 and len(est.scores) == len(SEARCH_ZOOMS) and "surest at x1.41" in est.reason
+    assert est.scores[SEARCH_ZOOMS.index(1.41)] == max(est.scores) and est.widths == ()
     assert search_zoom(at({}), 0.5).zoom == 1.0  # a tie keeps the slice's grid
     nothing = search_zoom(lambda z: np.zeros((16, 16), np.float32), 0.5)
     assert nothing.zoom == 1.0 and nothing.reason == "nothing found at any zoom"
@@ -287,7 +287,7 @@ def test_zoom_search_with_a_real_model_predicts_a_crop_on_the_model_grid(blob_ru
     assert [s[1:] for s in shapes] == [(False, None)] * len(SEARCH_ZOOMS)
     side = min(image.shape[0], SEARCH_SIDE)
     assert [s[0][0] for s in shapes] == [max(1, round(side * z)) for z in SEARCH_ZOOMS]
-    assert est.zoom in SEARCH_ZOOMS and len(est.widths) == len(SEARCH_ZOOMS) and max(est.widths) > 0.5
+    assert est.zoom in SEARCH_ZOOMS and len(est.scores) == len(SEARCH_ZOOMS) and max(est.scores) > 0.5
     assert grid == (None if est.zoom == 1.0 else pytest.approx(5.0 * est.zoom))
     # A known pixel size is searched around: the grid it asks for, times the zoom chosen.
     shapes.clear()

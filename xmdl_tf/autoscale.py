@@ -128,7 +128,9 @@ class ZoomEstimate:
     widths: the median object width (model px) found at each pass; objects: how many the last
     pass measured; reason: why the estimate stopped ("in range", "too few objects", "refined",
     "capped at x4", or, back at zoom 1, "objects did not follow the zoom" / "objects lost at the
-    zoom").
+    zoom"; from `search_zoom`: "surest at ..." or "nothing found at any zoom").
+    scores: `search_zoom`'s score (`mean_foreground_probability`) at each of its zooms, in their
+    order (its widths are empty and objects 0: it measures no widths); () from `estimate_zoom`.
     probability: the pass's foreground probability (H, W) float32 without test-time augmentation
     at the chosen zoom, when one was made there (`prediction_grid`), for a caller that predicts
     the slice the same way to reuse; None otherwise.
@@ -138,6 +140,7 @@ class ZoomEstimate:
     widths: tuple[float, ...]
     objects: int
     reason: str
+    scores: tuple[float, ...] = ()
     probability: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
@@ -204,13 +207,14 @@ def search_zoom(predict: Callable[[float], np.ndarray], threshold: float, zooms:
     if not zooms or min(zooms) <= 0:
         raise ValueError(f"search zooms {zooms}: need positive zooms")
     scores = [mean_foreground_probability(np.asarray(predict(z)), threshold, min_px) for z in zooms]
+    rounded = tuple(round(v, 5) for v in scores)
     if max(scores) == 0.0:
-        return ZoomEstimate(1.0, tuple(round(v, 5) for v in scores), 0, "nothing found at any zoom")
+        return ZoomEstimate(1.0, (), 0, "nothing found at any zoom", rounded)
     best = max(range(len(zooms)), key=lambda i: (scores[i], zooms[i] == 1.0))
     at1 = scores[zooms.index(1.0)] if 1.0 in zooms else float("nan")
-    return ZoomEstimate(zooms[best], tuple(round(v, 5) for v in scores), len(zooms),
+    return ZoomEstimate(zooms[best], (), 0,
                         f"surest at x{zooms[best]:g} (mean foreground probability {scores[best]:.4f}, "
-                        f"{at1:.4f} at x1)")
+                        f"{at1:.4f} at x1)", rounded)
 
 
 def followed(before: float, after: float, zoom: float, share: float = FOLLOW) -> bool:
