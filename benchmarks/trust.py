@@ -16,6 +16,10 @@ in-distribution) report
 - calibration: ECE of the raw and the calibrated probabilities;
 - out of distribution: AUROC of the image OOD score, left-out slices against
   the training sets' held-out slices, and the share of left-out slices warned.
+With `--zoom-search ood` every slice is predicted on the grid `analyze`
+chooses by default (the zoom search for slices the model's OOD score warns
+about; `calibrate.collect_val(grid=True)`), so the figures are those of
+`analyze` with its defaults; without it, on the grid the pixel size asks for.
 With `--second LOSO2` (another draw of the same study, e.g. `SEED=1` of
 `loso_study.sh`), each object also gets a second opinion: the mean
 probability of the matching model of LOSO2 inside it and its best IoU with
