@@ -47,9 +47,13 @@ def statistics(prob: np.ndarray, threshold: float, min_px: int = 30) -> dict[str
     Counts are in that grid's pixels. `band` is the number of unsure pixels (0.1 < p < 0.9), `fg`
     of pixels at or above the threshold, `sure_fg` at or above 0.9; `entropy` the summed binary
     entropy (bits); `objects` the connected components of the foreground with at least
-    `min_px` model px, `object_mean_p` the mean over them of each one's mean probability.
+    `min_px` model px, `object_mean_p` the mean over them of each one's mean probability,
+    `fg_p_mean_kept` the mean probability of the foreground pixels in them (the score of the
+    product's search, `autoscale.mean_foreground_probability`).
     """
     import cv2
+
+    from xmdl_tf.autoscale import mean_foreground_probability
 
     p = np.clip(prob.astype(np.float64), 1e-6, 1 - 1e-6)
     fg = prob >= threshold
@@ -61,8 +65,6 @@ def statistics(prob: np.ndarray, threshold: float, min_px: int = 30) -> dict[str
     # (a share of an object that falls as the object grows, zoomed in) do not reach.
     core = cv2.distanceTransform(np.pad(fg.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1] >= CORE_PX
     logit = np.log(p / (1 - p))
-    from xmdl_tf.autoscale import mean_foreground_probability
-
     return {"pixels": int(prob.size), "fg": int(fg.sum()), "sure_fg": int((prob >= 0.9).sum()),
             # the product's score (`autoscale.search_zoom`): as fg_p_sum / fg, without the specks
             "fg_p_mean_kept": mean_foreground_probability(prob, threshold, min_px),
@@ -102,9 +104,9 @@ def score_set(predictor, slices: list[tuple[np.ndarray, np.ndarray]], zooms) -> 
     `statistics` of the prediction on the zoomed grid, where the model made it (mapped back to
     the own grid, a prediction made zoomed in or out is smoothed by the interpolation, which
     would favour zoom 1 for nothing)."""
-    import cv2
-
     import dataclasses
+
+    import cv2
 
     from xmdl_tf.autoscale import prediction_grid, unlike_training
     from xmdl_tf.ood import model_distribution
