@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": {k: cal[k] for k in ("temperature", "ece", "nll")},
             "zoom_search": args.zoom_search,
             # How many slices of each part were predicted at each zoom (all x1 without zoom search).
-            "zooms": {part: {f"{z:.3g}": int(n) for z, n in zip(*np.unique([r.get("zoom", 1.0) for r in rows],
+            "zooms": {part: {f"{z:.3g}": int(n) for z, n in zip(*np.unique([r["zoom"] for r in rows],
                                                                       return_counts=True))}
                       for part, rows in parts.items()},
             "zero_shot": {**detections(*found["zero_shot"], conf, names), **pixels(unseen, t)},
