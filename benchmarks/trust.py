@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     from xmdl_tf.predict import load_model
 
     sizes = _util.pixel_sizes(p, args)
+    if not any((Path(args.loso) / f"without_{Path(d).resolve().name}" / "model.keras").is_file() for d in args.data):
+        p.error(f"--loso {args.loso}: no without_<set>/model.keras for these --data sets (benchmarks/loso.py runs)")
     for d in args.data if args.second else ():
         name = Path(d).resolve().name
         if (Path(args.loso) / f"without_{name}" / "model.keras").is_file() and \
