@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trust import SECOND_FEATURES, review_f1  # noqa: E402
 from xmdl_tf.confidence import (AGREEMENT_FEATURES, ALL_FEATURES, FEATURES, MIN_SET_AUROC, POOL,  # noqa: E402
-                                 REVIEW_BELOW, ObjectConfidence, auroc, select_features)
+                                 REVIEW_BELOW, ObjectConfidence, auroc, auroc_interval, select_features)
 
 SCALE_FREE = ("mean_probability", "low_probability", "mean_uncertainty", "edge_contrast", "mean_gradcam",
               "solidity", "elongation", "gradcam_contrast")
@@ -115,6 +115,9 @@ def study(tables) -> dict:
         part = {p: (tables[f"{left}/{p}/x"], tables[f"{left}/{p}/y"].astype(bool), tables[f"{left}/{p}/slices"])
                 for p in ("fit", "zero_shot", "in_distribution")}
         fx, fy, fs = part["fit"]
+        # The slice each object lies in (older tables: none, each object its own).
+        slice_of = {p: tables[f"{left}/{p}/slice_of"] if f"{left}/{p}/slice_of" in tables.files
+                    else np.arange(len(part[p][1])) for p in part}
         r = {"feature": {}, "candidate": {}, "ood": {}}
         for i, f in enumerate(names):
             r["feature"][f] = {p: round(directed_auroc(fx[:, i], fy, part[p][0][:, i], part[p][1]), 4)
@@ -147,6 +150,11 @@ def study(tables) -> dict:
             idx = [names.index(f) for f in feats]
             model = ObjectConfidence(tuple(feats)).fit(tx[:, idx], ty, combine=combine)
             if c == reference:
+                # How sure each figure is: a 95% interval from resampling whole slices.
+                r["interval"] = {p: [round(v, 4) for v in (auroc(model.predict(part[p][0][:, idx]), part[p][1]),
+                                                            *auroc_interval(model.predict(part[p][0][:, idx]),
+                                                                            part[p][1], slice_of[p]))]
+                                 for p in ("zero_shot", "in_distribution")}
                 r["errors_of"] = reference
                 r["errors"] = {p: error_kinds(model.predict(part[p][0][:, idx]), part[p][1],
                                               tables[f"{left}/{p}/iou"])
@@ -194,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += table(out, "candidate", ("fit", "zero_shot", "in_distribution")) + [""]
     lines += table(out, "candidate", ("zero_shot_flagged", "zero_shot_f1", "zero_shot_f1_reviewed")) + [""]
     lines += table(out, "ood", ("auroc", "warned_unseen", "warned_seen"), lambda v, p: v[p])
+    if all("interval" in r for r in out.values()):
+        rule = next(iter(out.values()))["errors_of"]
+        lines += ["", f"AUROC of {rule} with its 95% interval (bootstrap over slices):", "",
+                  "| left out | zero shot | in distribution |", "|---|---|---|"]
+        lines += [f"| {f} | " + " | ".join("{:.3f} [{:.3f}, {:.3f}]".format(*r["interval"][p])
+                                          for p in ("zero_shot", "in_distribution")) + " |" for f, r in out.items()]
     if all(len(r.get("errors", ())) == 2 for r in out.values()):
         rule = next(iter(out.values()))["errors_of"]
         lines += ["", f"false detections, and AUROC of {rule} for true ones against each kind:"]

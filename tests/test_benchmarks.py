@@ -125,6 +125,8 @@ def test_trust_features_reads_tables_without_the_newer_features(tmp_path):
                 t.update({f"{fold}/{p}/x": x, f"{fold}/{p}/y": y, f"{fold}/{p}/n_true": np.array(int(y.sum())),
                           f"{fold}/{p}/slices": rng.normal(size=(3, 1)),
                           f"{fold}/{p}/groups": np.repeat(["s", "t"], 60)})
+                if "tta_agreement" in names:  # newer tables say which slice each object lies in
+                    t[f"{fold}/{p}/slice_of"] = np.repeat(np.arange(12), 10)
         return t
 
     old = [f for f in ALL_FEATURES if not f.endswith("_agreement")]
@@ -139,6 +141,10 @@ def test_trust_features_reads_tables_without_the_newer_features(tmp_path):
     assert after["a"]["candidate"]["second (equal)"]["zero_shot"] > 0.6
     assert "selected+second@0.6" in after["a"]["candidate"]
     assert set(after["a"]["feature"]) >= set(tf_.SECOND_FEATURES)
+    # The shipped rule's AUROC with its slice-bootstrap interval, with or without slice ids.
+    for out in (before, after):
+        point, lo, hi = out["a"]["interval"]["zero_shot"]
+        assert point == out["a"]["candidate"]["selected@0.6 (equal)"]["zero_shot"] and lo < point < hi
 
 
 def test_trust_second_opinion_agrees_with_the_objects_of_its_own_model_and_not_with_foreign_ones(blob_run):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from xmdl_tf.confidence import (ALL_FEATURES, FEATURES, ObjectConfidence, auroc, entropy, feature_matrix,
-                                 object_features)
+from xmdl_tf.confidence import (ALL_FEATURES, FEATURES, ObjectConfidence, auroc, auroc_interval, entropy,
+                                 feature_matrix, object_features)
 
 
 def disc(shape, cy, cx, r):
@@ -88,6 +88,28 @@ def test_auroc_matches_the_pairwise_definition():
     pairs = [(a > b) + 0.5 * (a == b) for a in s[pos] for b in s[~pos]]
     assert auroc(s, pos) == pytest.approx(np.mean(pairs))
     assert np.isnan(auroc(s, np.ones(60, bool)))
+
+
+def test_auroc_interval_resamples_slices_and_widens_when_they_differ():
+    """Objects in 40 slices; each slice shifts all its scores by its own offset (contrast), so
+    objects of one slice are not independent. The slice bootstrap's interval holds the point
+    estimate, is reproducible, and is wider than a bootstrap that treats every object as its own
+    slice; with the offsets removed, the two are about as wide."""
+    rng = np.random.default_rng(3)
+    slices = np.repeat(np.arange(40), 15)
+    pos = rng.random(len(slices)) < 0.4
+    shared = rng.normal(0, 1, 40)[slices]
+    score = 2 * pos + rng.normal(0, 1, len(slices)) + shared
+    width = lambda lo_hi: lo_hi[1] - lo_hi[0]  # noqa: E731
+    lo, hi = auroc_interval(score, pos, slices)
+    assert lo < auroc(score, pos) < hi and 0.5 < lo and hi < 1
+    assert (lo, hi) == auroc_interval(score, pos, slices)  # seeded
+    assert width((lo, hi)) > 1.25 * width(auroc_interval(score, pos, np.arange(len(slices))))
+    plain = score - shared
+    assert 0.8 < width(auroc_interval(plain, pos, slices)) / width(auroc_interval(plain, pos, np.arange(len(slices)))) < 1.2
+    assert np.isnan(auroc_interval(score, pos, np.zeros(len(slices)))[0])  # one slice: no interval
+    with pytest.raises(ValueError, match="length"):
+        auroc_interval(score, pos, slices[:-1])
 
 
 def test_a_confidence_fitted_on_the_tta_spread_is_not_used_without_tta(caplog):

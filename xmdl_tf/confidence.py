@@ -343,3 +343,31 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(s)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auroc_interval(scores: np.ndarray, positive: np.ndarray, groups: np.ndarray, level: float = 0.95,
+                   n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval (lo, hi) of `auroc` that resamples whole groups (e.g. the
+    slices the objects lie in, `groups` (N,)) with replacement, not single objects: objects of one
+    slice share its contrast and its errors, so resampling them alone would claim too narrow an
+    interval. NaN bounds when fewer than two groups, or no resample holds both kinds."""
+    s, pos, g = np.asarray(scores, np.float64), np.asarray(positive, bool), np.asarray(groups)
+    if not len(s) == len(pos) == len(g):
+        raise ValueError(f"scores, positive and groups differ in length: {len(s)}, {len(pos)}, {len(g)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level {level!r} is not in (0, 1)")
+    ids, inverse = np.unique(g, return_inverse=True)
+    if len(ids) < 2:
+        return float("nan"), float("nan")
+    members = [np.flatnonzero(inverse == i) for i in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
+        values.append(auroc(s[idx], pos[idx]))
+    values = np.asarray(values)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
