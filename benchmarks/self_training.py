@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + opt.replace("_", "-"), type=type(getattr(defaults, opt)), default=getattr(defaults, opt),
                        help=f"as for xmdl_tf.adapt (default {getattr(defaults, opt)})")
     p.add_argument("--consensus", action="store_true", help="as for xmdl_tf.adapt (writes RUN/self_training_consensus)")
+    p.add_argument("--zoom-search", default=defaults.zoom_search, choices=("off", "always", "ood"),
+                   help="as for xmdl_tf.adapt (other than off: writes RUN/self_training_zoom_MODE; 'ood' needs each "
+                        f"model's ood.npz, from xmdl_tf.calibrate on its training sets) (default {defaults.zoom_search})")
     p.add_argument("--max-drift", type=nonnegative_float, default=0.0,
                    help="adapt's optional early stop (e.g. 0.2), applied to the recorded rounds for one more "
                         "summary row (every round is run and scored all the same)")
@@ -58,8 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     px = parse_pixel_sizes(args.pixel_size, len(args.data))
     names = [Path(d).resolve().name for d in args.data]
+    if not (run / "loso.json").is_file():
+        p.error(f"{run}: no loso.json (a benchmarks/loso.py output folder is needed)")
+    for left in names if args.zoom_search == "ood" else ():
+        model = run / f"without_{left}"
+        if (model / "config.json").is_file() and not (model / "ood.npz").is_file():
+            p.error(f"--zoom-search ood: {model / 'ood.npz'} is missing (calibrate the model first: "
+                    "python -m xmdl_tf.calibrate --model ... on its training sets' val splits)")
     base = json.loads((run / "loso.json").read_text())["cells"]
-    out = run / ("self_training_consensus" if args.consensus else "self_training")
+    out = run / ("self_training" + ("_consensus" if args.consensus else "")
+                 + (f"_zoom_{args.zoom_search}" if args.zoom_search != "off" else ""))
     rows, picked = {}, {}
     for i, left in enumerate(names):
         model = run / f"without_{left}"
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         # A finished adaptation with these settings is returned as it is; one with others is refused.
         adapt(model, [str(Path(args.data[i]) / "train" / "x")], work, px[i], args.slices, args.low, args.high,
               args.min_area, args.rounds, args.epochs, args.steps_per_epoch, consensus=args.consensus,
-              max_drift=None)  # every round, so that each is scored; the stop rule is applied below
+              max_drift=None, zoom_search=args.zoom_search)  # every round, so that each is scored; the stop rule is applied below
         shares = {r["round"]: r for r in json.loads((work / "adapt.json").read_text())["rounds"]}
         stop = drift_round([shares[r]["mitochondrion"] for r in sorted(shares)], args.max_drift)
         picked[left] = args.rounds if stop is None else stop - 1
@@ -90,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
              "| held-out F1 zero shot -> self-trained | precision / recall (val) |", "|---|---|---|---|---|"]
     for left, r in rows.items():
         pl, v = r["pseudo_labels"], r.get("val", {})
+        zooms = np.unique(list(pl.get("zooms", {}).values()), return_counts=True)
+        at = ", ".join(f"x{z:.3g} ({n})" for z, n in zip(*zooms)) if args.zoom_search != "off" else ""
         lines.append(f"| {left} | {pl['slices']} ({pl['mitochondrion']:.2f} / {pl['background']:.2f} / "
-                     f"{pl['ignored']:.2f}) | {r.get('val_zero_shot', float('nan')):.3f} -> {v.get('f1', float('nan')):.3f} "
+                     f"{pl['ignored']:.2f}){'; zooms ' + at if at else ''} | {r.get('val_zero_shot', float('nan')):.3f} -> {v.get('f1', float('nan')):.3f} "
                      f"| {r['held_out_zero_shot']:.3f} -> {r['held_out']['f1']:.3f} "
                      f"| {v.get('precision', float('nan')):.3f} / {v.get('recall', float('nan')):.3f} |")
     def summary(label: str, sel: list[dict]) -> None:

@@ -250,6 +250,9 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
         assert truth[lab == 1].mean() > 0.8 and (~truth[lab == 0]).mean() > 0.95
     rounds = json.loads((out / "adapt.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["slices"] == 2
+    # Without --zoom-search the teacher predicts every slice on the pixel size's grid, and says so.
+    assert json.loads((out / "adapt.json").read_text())["recipe"]["zoom_search"] == "off"
+    assert set(rounds[0]["zooms"].values()) == {1.0} and len(rounds[0]["zooms"]) == 2
     # The adapted model is the last round's, itself fine-tuned from the original (not from round 1).
     last = keras.models.load_model(out / "round2" / "model" / "model.keras", compile=False)
     assert all(np.array_equal(a, b) for a, b in zip(last.get_weights(), child.get_weights()))
@@ -260,6 +263,7 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
     before = (model / "model.keras").stat().st_mtime_ns
     assert adapt_main(argv) == 0 and (model / "model.keras").stat().st_mtime_ns == before
     assert adapt_main([*argv[:-1], "0.5"]) == 2 and "other settings" in capsys.readouterr().err
+    assert adapt_main([*argv, "--zoom-search", "always"]) == 2 and "other settings" in capsys.readouterr().err
 
     # Killed after round 2's labels were written but before they were recorded or trained on, and resumed
     # with the drift stop on: the labels are read back, and against a round 1 that (as recorded here)

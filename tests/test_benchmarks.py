@@ -197,6 +197,25 @@ def test_trust_refuses_an_inherited_calibration_it_cannot_use_before_predicting(
     assert not (loso / "trust.json").exists()
 
 
+def test_self_training_refuses_what_it_cannot_run_before_adapting(blob_run, tmp_path, capsys):
+    """A folder that is no loso.py output, and `--zoom-search ood` for a model without its OOD model
+    (ood.npz, from calibrate): one line each, before any adaptation is written."""
+    import json
+    import shutil
+
+    st = _load("self_training")
+    data, run = blob_run
+    loso = tmp_path / "loso"
+    shutil.copytree(run, loso / f"without_{data.name}")  # the suite's tiny model: not calibrated
+    for argv, message in (([str(loso), "--data", str(data)], "no loso.json"),
+                          ([str(loso), "--data", str(data), "--zoom-search", "ood"], "ood.npz is missing")):
+        with pytest.raises(SystemExit) as err:
+            st.main(argv)
+        assert err.value.code == 2 and message in capsys.readouterr().err
+        (loso / "loso.json").write_text(json.dumps({"cells": {}}))
+    assert not any(loso.glob("self_training*"))
+
+
 def test_gpu_training_budget_stops_training_and_decays_the_rate_over_the_time_left(tmp_path, monkeypatch):
     import itertools
     import types

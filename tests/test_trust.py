@@ -270,3 +270,39 @@ def test_collect_val_on_analyzes_grid_gives_analyzes_objects(calibrated, tmp_pat
     plain = collect_val(pred, [str(tmp_path / "inv")], [None], verbose=False, agreement=())["inv"][0]
     assert plain["zoom"] == 1.0
     assert not np.allclose(plain["probability"], row["probability"], atol=1e-3)
+
+
+def test_adapts_teacher_labels_a_warned_slice_at_the_zoom_analyze_would_search(calibrated, tmp_path):
+    """`adapt --zoom-search ood`: the teacher predicts the slice its OOD score warns about at the
+    zoom analyze would choose, and the one like its training data at the pixel size's grid; the
+    labels stay on each slice's own grid and the zooms are recorded. "off" predicts every slice
+    on the pixel size's grid, as before."""
+    import json
+    from dataclasses import replace
+
+    from xmdl_tf.adapt import label_shares, pseudo_label, write_pseudo_set
+    from xmdl_tf.analyze import expand_inputs
+    from xmdl_tf.autoscale import prediction_grid
+    from xmdl_tf.predict import load_model
+
+    _, model = calibrated
+    pred = load_model(model, jit_compile=False)
+    pred.config = replace(pred.config, data=replace(pred.config.data, pixel_size_nm=5.0))
+    clean = blob_image(160, seed=500, n=10)[0]
+    images = {"clean": clean, "inverted": 255 - clean}
+    for name, im in images.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", im)
+    pairs, failed = expand_inputs([str(tmp_path / "clean.tif"), str(tmp_path / "inverted.tif")])
+    assert not failed and len(pairs) == 2
+    _, est = prediction_grid(pred, images["inverted"], replace(pred.config.inference, zoom_search="ood"), None)
+    assert est is not None and est.zoom != 1  # the warned slice is searched, and moved
+    for mode, zooms in (("ood", {"clean": 1.0, "inverted": est.zoom}), ("off", {"clean": 1.0, "inverted": 1.0})):
+        out = tmp_path / mode
+        shares = write_pseudo_set(pred, pairs, out, zoom_search=mode)
+        assert json.loads((out / "zooms.json").read_text()) == zooms and shares == label_shares(out)
+        assert shares["zooms"] == zooms
+        for name, im in images.items():
+            grid = None if zooms[name] == 1 else 5.0 * zooms[name]  # the model's 5 nm times the zoom
+            want = pseudo_label(pred.predict_slice(im, tta=True, pixel_size_nm=grid), 0.1, 0.9, 100)
+            got = tifffile.imread(out / "train" / "y" / f"{name}.tif")
+            assert got.shape == im.shape and np.array_equal(got, want)

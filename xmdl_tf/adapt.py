@@ -114,14 +114,23 @@ def evenly_spaced(n_items: int, n: int) -> np.ndarray:
 
 
 def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | None = None,
-                     low: float = 0.1, high: float = 0.9, min_area: int = 100, consensus: bool = False) -> dict:
+                     low: float = 0.1, high: float = 0.9, min_area: int = 100, consensus: bool = False,
+                     zoom_search: str = "off") -> dict:
     """Pseudo-label `pairs` (SlicePairs; any label files are not read) with `predictor` (TTA)
     into the split layout `out/train/{x,y}`, written whole or not at all (a `.part` folder
     renamed at the end); `consensus`: from the 8 TTA members, sure only where all agree
-    (`pseudo_label`), not from their mean. Returns `label_shares(out)`."""
+    (`pseudo_label`), not from their mean. zoom_search: each slice is predicted on the grid
+    `analyze --zoom-search MODE` would choose (`autoscale.prediction_grid`; "ood" needs the
+    teacher's OOD model), the labels always on the slice's own grid; the zooms go to
+    `out/zooms.json`. Returns `label_shares(out)`."""
     import tifffile
 
+    from .autoscale import prediction_grid
     from .io import read_image
+    from .runlock import atomic_write_text
+
+    ic = replace(predictor.config.inference, zoom_search=zoom_search)
+    zooms = {}
 
     tmp = out.with_name(out.name + ".part")
     if tmp.exists():
@@ -130,12 +139,15 @@ def write_pseudo_set(predictor, pairs: list, out: Path, pixel_size_nm: float | N
         (tmp / "train" / sub).mkdir(parents=True)
     for pair in pairs:
         image = read_image(pair.image, pair.page)
-        pred = predictor.predict_slice(image, tta=True, pixel_size_nm=pixel_size_nm, members=consensus)
+        grid_px, zoom = prediction_grid(predictor, image, ic, pixel_size_nm)
+        zooms[pair.name] = zoom.zoom if zoom is not None else 1.0
+        pred = predictor.predict_slice(image, tta=True, pixel_size_nm=grid_px, members=consensus)
         lab = pseudo_label(pred[1] if consensus else pred, low, high, min_area)
         tifffile.imwrite(tmp / "train" / "x" / f"{pair.name}.tif", image)
         tifffile.imwrite(tmp / "train" / "y" / f"{pair.name}.tif", lab, compression="zlib")
-        log.info("pseudo-labelled %s: %.1f%% mitochondrion, %.1f%% ignored", pair.name, 100 * np.mean(lab == 1),
-                 100 * np.mean(lab == IGNORE))
+        log.info("pseudo-labelled %s (zoom x%.3g): %.1f%% mitochondrion, %.1f%% ignored", pair.name, zooms[pair.name],
+                 100 * np.mean(lab == 1), 100 * np.mean(lab == IGNORE))
+    atomic_write_text(tmp / "zooms.json", json.dumps(zooms, indent=2) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return label_shares(out)
@@ -149,13 +161,16 @@ def label_shares(pseudo: Path) -> dict:
     shares = [[np.mean(lab == 1), np.mean(lab == 0), np.mean(lab == IGNORE)]
               for lab in map(tifffile.imread, sorted((pseudo / "train" / "y").glob("*.tif")))]
     s = np.mean(shares, axis=0)
-    return {"slices": len(shares), "mitochondrion": float(s[0]), "background": float(s[1]), "ignored": float(s[2])}
+    out = {"slices": len(shares), "mitochondrion": float(s[0]), "background": float(s[1]), "ignored": float(s[2])}
+    if (pseudo / "zooms.json").is_file():  # the zoom each slice was predicted at (`write_pseudo_set`)
+        out["zooms"] = json.loads((pseudo / "zooms.json").read_text())
+    return out
 
 
 def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None = None, slices: int = 8,
           low: float = 0.1, high: float = 0.9, min_area: int = 100, rounds: int = 3, epochs: int = 5,
           steps_per_epoch: int = 60, seed: int = 0, tile_size: int = 256, consensus: bool = False,
-          max_drift: float | None = None, verbose: int = 2) -> Path:
+          max_drift: float | None = None, verbose: int = 2, zoom_search: str = "off") -> Path:
     """Self-train `model` (a run folder, .keras file or built-in name) on unlabelled `inputs`
     (files, folders, globs, stacks, as `analyze` takes them); returns the adapted model's folder
     (`out/model`). pixel_size_nm: the inputs' pixel size when their files do not say (then
@@ -163,10 +178,14 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     pixels all 8 TTA members are sure of (`write_pseudo_set`). max_drift: stop before a round
     whose pseudo-labels' mitochondrion share moved by more than a factor 1 + max_drift either
     way from the last round's (`drift_round`), keeping the last round's model (None or 0:
-    every round). Everything is checked before anything is written; a finished `out` is
+    every round). zoom_search: the teacher predicts each slice on the grid `analyze --zoom-search
+    MODE` would choose ("off", "always", or "ood": where the teacher's OOD score warns; the
+    adapted rounds have no OOD model, so only the parent searches), the student is trained on
+    the slices' own grid. Everything is checked before anything is written; a finished `out` is
     returned as it is when made with the same settings and refused otherwise; an interrupted
     one is resumed."""
     from .analyze import _pixel_size, expand_inputs
+    from .config import ZOOM_SEARCH
     from .config import Config
     from .io import DataError, image_shape, read_pixel_size_nm
     from .predict import load_model, resolve_model_path
@@ -178,6 +197,8 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         raise ValueError(f"--low {low:g} and --high {high:g}: need 0 <= low < high <= 1")
     if min(slices, rounds, epochs, steps_per_epoch) < 1 or min_area < 0:
         raise ValueError("slices, rounds, epochs and steps per epoch must be >= 1, min area >= 0")
+    if zoom_search not in ZOOM_SEARCH:
+        raise ValueError(f"zoom search {zoom_search!r}: one of {', '.join(ZOOM_SEARCH)}")
     model_file, parent_cfg = resolve_model_path(model)
     pairs, failed = expand_inputs(inputs)
     if failed:
@@ -199,10 +220,11 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     recipe = {"model": str(model_file.resolve()), "inputs": [str(Path(i).resolve()) for i in inputs],
               "slices": [p.name for p in pairs], "pixel_size_nm": pixel_size_nm, "low": low, "high": high,
               "min_area_px": min_area, "rounds": rounds, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-              "tile_size": tile_size, "seed": seed, "consensus": consensus, "max_drift": max_drift or 0}
-    # Records written before --consensus and --max-drift existed ran without either.
+              "tile_size": tile_size, "seed": seed, "consensus": consensus, "max_drift": max_drift or 0,
+              "zoom_search": zoom_search}
+    # Records written before --consensus, --max-drift and --zoom-search existed ran without them.
     state = json.loads(record.read_text()) if record.is_file() else {"recipe": recipe, "rounds": []}
-    state["recipe"] = {"consensus": False, "max_drift": 0, **state["recipe"]}
+    state["recipe"] = {"consensus": False, "max_drift": 0, "zoom_search": "off", **state["recipe"]}
     finished = (out / "model" / "model.keras").is_file()
     if state["recipe"] != recipe:
         raise FileExistsError(f"{out}: {'holds an adapted model' if finished else 'an interrupted adaptation'} "
@@ -224,7 +246,8 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         folder = out / f"round{rnd}"
         pseudo = folder / "pseudo" / name
         if not pseudo.is_dir():
-            write_pseudo_set(load_model(teacher), pairs, pseudo, pixel_size_nm, low, high, min_area, consensus)
+            write_pseudo_set(load_model(teacher), pairs, pseudo, pixel_size_nm, low, high, min_area, consensus,
+                             zoom_search)
         recorded = {r["round"]: r for r in state["rounds"]}
         if rnd not in recorded:  # (also when a kill fell between writing the labels and recording them)
             state["rounds"] = [*state["rounds"], {"round": rnd, **label_shares(pseudo)}]
@@ -256,6 +279,8 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import ZOOM_SEARCH
+
     p = cli.parser("python -m xmdl_tf.adapt", __doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="unlabelled image files, folders, globs or TIFF stacks")
     p.add_argument("--out", required=True, help="output folder (the adapted model is OUT/model)")
@@ -277,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "every round, since the rule cost as much as it saved: model card)")
     p.add_argument("--consensus", action="store_true",
                    help="pseudo-label only pixels that all 8 test-time-augmented predictions are sure of")
+    p.add_argument("--zoom-search", default="off", choices=ZOOM_SEARCH,
+                   help="the teacher predicts each slice at the zoom analyze's --zoom-search would choose "
+                        "('ood': only slices the model's out-of-distribution score warns about; the student "
+                        "is trained on the slices' own grid) (off)")
     p.add_argument("--tile-size", type=cli.positive_int, default=256, help="training tile height and width, px")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -291,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     final = adapt(args.model, args.inputs, args.out, args.pixel_size, args.slices, args.low, args.high,
                   args.min_area, args.rounds, args.epochs, args.steps_per_epoch, args.seed, args.tile_size,
-                  args.consensus, args.max_drift)
+                  args.consensus, args.max_drift, zoom_search=args.zoom_search)
     print(f"adapted model: {final}  (python -m xmdl_tf.analyze ... --model {final})")
     return 0
 
