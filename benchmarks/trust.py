@@ -79,11 +79,13 @@ def second_opinion(second, rows) -> np.ndarray:
     return np.concatenate(out)
 
 
-def detections(x: np.ndarray, y: np.ndarray, n_true: int, confidence, names: tuple[str, ...]) -> dict:
+def detections(x: np.ndarray, y: np.ndarray, n_true: int, confidence, names: tuple[str, ...],
+               slice_of: np.ndarray | None = None) -> dict:
     """Pooled object-level figures of some slices from their object table: features x (N, F) named
     `names` (`confidence.ALL_FEATURES` first, then any extra ones, whose own AUROC is reported too),
-    is_true y (N,), and the number of true mitochondria in those slices."""
-    from xmdl_tf.confidence import ALL_FEATURES, REVIEW_BELOW, auroc
+    is_true y (N,), and the number of true mitochondria in those slices. slice_of (N,): the slice
+    of each object, for the confidence AUROC's 95% interval (a bootstrap over slices)."""
+    from xmdl_tf.confidence import ALL_FEATURES, REVIEW_BELOW, auroc, auroc_interval
 
     used = [ALL_FEATURES.index(f) for f in confidence.features] if confidence is not None else []
     conf = confidence.predict(x[:, used]) if confidence is not None and len(x) else np.full(len(x), np.nan)
@@ -94,7 +96,9 @@ def detections(x: np.ndarray, y: np.ndarray, n_true: int, confidence, names: tup
     # Each feature alone (sign-free: max(A, 1 - A)), to see which ones carry over to unseen data.
     by_feature = {f: round(max(a, 1 - a), 4) if np.isfinite(a := auroc(x[:, i], y)) else None
                   for i, f in enumerate(names)} if len(x) else {}
+    interval = auroc_interval(conf, y, slice_of) if slice_of is not None and len(y) else (np.nan, np.nan)
     return {"objects": len(y), "true": tp, "false": fp, "auroc_confidence": auroc(conf, y),
+            "auroc_confidence_95": [round(v, 4) for v in interval],
             "auroc_gradcam": auroc(heat, y), "flagged": int(flagged.sum()), "instance_f1": f1,
             "instance_f1_after_review": f1_reviewed, "auroc_by_feature": by_feature}
 
@@ -272,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             "zooms": {part: {f"{z:.3g}": int(n) for z, n in zip(*np.unique([r["zoom"] for r in rows],
                                                                       return_counts=True))}
                       for part, rows in parts.items()},
-            "zero_shot": {**detections(*found["zero_shot"], conf, names), **pixels(unseen, t)},
-            "in_distribution": {**detections(*found["in_distribution"], conf, names), **pixels(held, t)},
+            "zero_shot": {**detections(*found["zero_shot"], conf, names, dump[f"{left}/zero_shot/slice_of"]),
+                          **pixels(unseen, t)},
+            "in_distribution": {**detections(*found["in_distribution"], conf, names,
+                                             dump[f"{left}/in_distribution/slice_of"]), **pixels(held, t)},
             "ood": {"auroc": round(auroc(np.r_[s_un, s_in], np.r_[np.ones(len(s_un), bool), np.zeros(len(s_in), bool)]), 4),
                     "warned_unseen": float(np.mean(np.array(s_un) > dist.threshold)),
                     "warned_seen": float(np.mean(np.array(s_in) > dist.threshold)), "threshold": dist.threshold}
@@ -286,13 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     features = ALL_FEATURES + (SECOND_FEATURES if args.second else ())
     np.savez_compressed(out / "trust_tables.npz", features=np.array(features), slice_columns=np.array(SLICE_COLUMNS),
                         **dump)
-    rows = ["| left out | data | objects (true/false) | AUROC confidence | AUROC Grad-CAM | flagged | instance F1 -> after review | ECE raw -> calibrated | AUROC entropy (pixel errors) |",
+    rows = ["| left out | data | objects (true/false) | AUROC confidence [95%, slices resampled] | AUROC Grad-CAM | flagged | instance F1 -> after review | ECE raw -> calibrated | AUROC entropy (pixel errors) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for left, r in report.items():
         for part in ("zero_shot", "in_distribution"):
             x = r[part]
             rows.append(f"| {left} | {part.replace('_', ' ')} | {x['objects']} ({x['true']}/{x['false']}) | "
-                        f"{x['auroc_confidence']:.3f} | {x['auroc_gradcam']:.3f} | {x['flagged']} | "
+                        f"{x['auroc_confidence']:.3f} [{x['auroc_confidence_95'][0]:.3f}, {x['auroc_confidence_95'][1]:.3f}] | "
+                        f"{x['auroc_gradcam']:.3f} | {x['flagged']} | "
                         f"{x['instance_f1']:.3f} -> {x['instance_f1_after_review']:.3f} | {x['ece_raw']:.3f} -> "
                         f"{x['ece_calibrated']:.3f} | {x['auroc_entropy_for_errors']:.3f} |")
     rows += ["", "| left out | OOD AUROC (left-out vs seen held-out slices) | warned: left-out | warned: seen |", "|---|---|---|---|"]

@@ -147,6 +147,27 @@ def test_trust_features_reads_tables_without_the_newer_features(tmp_path):
         assert point == out["a"]["candidate"]["selected@0.6 (equal)"]["zero_shot"] and lo < point < hi
 
 
+def test_trust_detections_give_the_confidence_auroc_with_its_interval_over_slices():
+    """`detections`: the object confidence's AUROC, and its 95% interval from resampling slices
+    (NaN without slice ids); the flagged objects and instance F1 before and after review."""
+    import numpy as np
+
+    from xmdl_tf.confidence import ALL_FEATURES, ObjectConfidence, auroc
+
+    trust = _load("trust")
+    rng = np.random.default_rng(4)
+    y = rng.random(200) < 0.5
+    x = rng.normal(size=(200, len(ALL_FEATURES)))
+    x[:, 0] += 1.5 * y  # mean_probability tells true from false
+    conf = ObjectConfidence(("mean_probability",)).fit(x[:, :1], y)
+    r = trust.detections(x, y, int(y.sum()) + 10, conf, ALL_FEATURES, np.repeat(np.arange(20), 10))
+    lo, hi = r["auroc_confidence_95"]
+    assert r["auroc_confidence"] == auroc(conf.predict(x[:, :1]), y) and lo < r["auroc_confidence"] < hi
+    assert r["objects"] == 200 and r["true"] == int(y.sum()) and r["flagged"] > 0
+    assert r["instance_f1_after_review"] > r["instance_f1"]
+    assert np.isnan(trust.detections(x, y, int(y.sum()), conf, ALL_FEATURES)["auroc_confidence_95"][0])
+
+
 def test_trust_second_opinion_agrees_with_the_objects_of_its_own_model_and_not_with_foreign_ones(blob_run):
     """The second opinion of the very model that made the objects is full agreement (IoU 1 with
     its own objects, its probability high inside them); an object drawn where it sees nothing gets none."""
