@@ -263,7 +263,6 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
     before = (model / "model.keras").stat().st_mtime_ns
     assert adapt_main(argv) == 0 and (model / "model.keras").stat().st_mtime_ns == before
     assert adapt_main([*argv[:-1], "0.5"]) == 2 and "other settings" in capsys.readouterr().err
-    assert adapt_main([*argv, "--zoom-search", "always"]) == 2 and "other settings" in capsys.readouterr().err
 
     # Killed after round 2's labels were written but before they were recorded or trained on, and resumed
     # with the drift stop on: the labels are read back, and against a round 1 that (as recorded here)
@@ -292,6 +291,19 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
     with pytest.raises(SystemExit):
         adapt_main([str(data / "test" / "x"), "--out", str(bad), "--model", str(run), "--low", "0.9", "--high", "0.5"])
     assert not bad.exists()
+    # --zoom-search needs a model that states its pixel size and, for "ood", its OOD model (ood.npz).
+    from dataclasses import replace
+
+    from xmdl_tf.config import Config
+
+    sized = tmp_path / "sized"
+    shutil.copytree(run, sized)
+    cfg = Config.load(sized / "config.json")
+    replace(cfg, data=replace(cfg.data, pixel_size_nm=5.0)).save(sized / "config.json")
+    for model_dir, mode, message in ((run, "always", "states no pixel size"), (sized, "ood", "ood.npz is missing")):
+        assert adapt_main([str(data / "test" / "x"), "--out", str(bad), "--model", str(model_dir),
+                           "--zoom-search", mode]) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
 
 
 def test_drift_round_finds_the_first_round_that_relabels_too_much():

@@ -203,6 +203,15 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     if zoom_search not in ZOOM_SEARCH:
         raise ValueError(f"zoom search {zoom_search!r}: one of {', '.join(ZOOM_SEARCH)}")
     model_file, parent_cfg = resolve_model_path(model)
+    if zoom_search != "off":  # else the teacher would silently not search
+        from .ood import OOD_FILE
+
+        if parent_cfg is None or not Config.load(parent_cfg).data.pixel_size_nm:
+            raise ValueError(f"--zoom-search {zoom_search}: {model_file} states no pixel size of its own "
+                             "(config.json), so there is no grid to search around")
+        if zoom_search == "ood" and not (model_file.parent / OOD_FILE).is_file():
+            raise ValueError(f"--zoom-search ood: {model_file.parent / OOD_FILE} is missing, so nothing would be "
+                             "warned about (python -m xmdl_tf.calibrate fits it), or use --zoom-search always")
     pairs, failed = expand_inputs(inputs)
     if failed:
         raise DataError(failed[0][1])  # names the input already
