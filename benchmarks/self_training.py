@@ -38,6 +38,7 @@ def mean_f1(rows: list[dict], key: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     from xmdl_tf.adapt import adapt, build_parser as adapt_parser, drift_round
     from xmdl_tf.cli import nonnegative_float
+    from xmdl_tf.config import ZOOM_SEARCH
 
     defaults = adapt_parser().parse_args(["-", "--out", "-"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + opt.replace("_", "-"), type=type(getattr(defaults, opt)), default=getattr(defaults, opt),
                        help=f"as for xmdl_tf.adapt (default {getattr(defaults, opt)})")
     p.add_argument("--consensus", action="store_true", help="as for xmdl_tf.adapt (writes RUN/self_training_consensus)")
-    p.add_argument("--zoom-search", default=defaults.zoom_search, choices=("off", "always", "ood"),
+    p.add_argument("--zoom-search", default=defaults.zoom_search, choices=ZOOM_SEARCH,
                    help="as for xmdl_tf.adapt (other than off: writes RUN/self_training_zoom_MODE; 'ood' needs each "
                         f"model's ood.npz, from xmdl_tf.calibrate on its training sets) (default {defaults.zoom_search})")
     p.add_argument("--max-drift", type=nonnegative_float, default=0.0,

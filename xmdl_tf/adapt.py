@@ -188,8 +188,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     returned as it is when made with the same settings and refused otherwise; an interrupted
     one is resumed."""
     from .analyze import _pixel_size, expand_inputs
-    from .config import ZOOM_SEARCH
-    from .config import Config
+    from .config import ZOOM_SEARCH, Config
     from .io import DataError, image_shape, read_pixel_size_nm
     from .predict import load_model, resolve_model_path
     from .runlock import atomic_write_text
