@@ -151,10 +151,10 @@ def study(tables) -> dict:
             model = ObjectConfidence(tuple(feats)).fit(tx[:, idx], ty, combine=combine)
             if c == reference:
                 # How sure each figure is: a 95% interval from resampling whole slices.
-                r["interval"] = {p: [round(v, 4) for v in (auroc(model.predict(part[p][0][:, idx]), part[p][1]),
-                                                            *auroc_interval(model.predict(part[p][0][:, idx]),
-                                                                            part[p][1], slice_of[p]))]
-                                 for p in ("zero_shot", "in_distribution")}
+                scores = {p: model.predict(part[p][0][:, idx]) for p in ("zero_shot", "in_distribution")}
+                r["interval"] = {p: [round(v, 4) for v in (auroc(c, part[p][1]),
+                                                            *auroc_interval(c, part[p][1], slice_of[p]))]
+                                 for p, c in scores.items()}
                 r["errors_of"] = reference
                 r["errors"] = {p: error_kinds(model.predict(part[p][0][:, idx]), part[p][1],
                                               tables[f"{left}/{p}/iou"])
