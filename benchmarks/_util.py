@@ -70,6 +70,19 @@ def pixel_sizes(parser, args) -> list:
         parser.error(str(err))
 
 
+def require_ood(parser, runs) -> None:
+    """`parser.error` for the first of the model folders `runs` without its OOD model (ood.npz, which
+    `--zoom-search ood` reads to decide what to search), before any work."""
+    from pathlib import Path
+
+    from xmdl_tf.ood import OOD_FILE
+
+    for run in runs:
+        if not (Path(run) / OOD_FILE).is_file():
+            parser.error(f"--zoom-search ood: {Path(run) / OOD_FILE} is missing (calibrate the model first: "
+                         "python -m xmdl_tf.calibrate --model ... on its training sets' val splits)")
+
+
 def write_results(out, stem: str, rows: dict, md: list[str]) -> None:
     """Write `rows` to OUT/STEM.json and the Markdown lines `md` to OUT/STEM.md, and print them."""
     import json

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util  # noqa: E402  (shared benchmark helpers)
 from loso import score  # noqa: E402
 
 
@@ -64,11 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [Path(d).resolve().name for d in args.data]
     if not (run / "loso.json").is_file():
         p.error(f"{run}: no loso.json (a benchmarks/loso.py output folder is needed)")
-    for left in names if args.zoom_search == "ood" else ():
-        model = run / f"without_{left}"
-        if (model / "config.json").is_file() and not (model / "ood.npz").is_file():
-            p.error(f"--zoom-search ood: {model / 'ood.npz'} is missing (calibrate the model first: "
-                    "python -m xmdl_tf.calibrate --model ... on its training sets' val splits)")
+    if args.zoom_search == "ood":
+        models = (run / f"without_{left}" for left in names)
+        _util.require_ood(p, [m for m in models if (m / "config.json").is_file()])
     base = json.loads((run / "loso.json").read_text())["cells"]
     out = run / ("self_training" + ("_consensus" if args.consensus else "")
                  + (f"_zoom_{args.zoom_search}" if args.zoom_search != "off" else ""))

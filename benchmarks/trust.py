@@ -209,11 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--calibration-from: {err}")
         if not inherited[name].get("object_confidence"):
             p.error(f"--calibration-from: {path} holds no object confidence (calibrate that model first)")
-    for name in by_name if args.zoom_search == "ood" else ():
-        run = Path(args.loso) / f"without_{name}"
-        if (run / "model.keras").is_file() and not (run / OOD_FILE).is_file():
-            p.error(f"--zoom-search ood: {run / OOD_FILE} is missing (calibrate the model first: "
-                    "python -m xmdl_tf.calibrate --model ... on its training sets' val splits)")
+    if args.zoom_search == "ood":
+        runs = (Path(args.loso) / f"without_{name}" for name in by_name)
+        _util.require_ood(p, [r for r in runs if (r / "model.keras").is_file()])
     report, dump = {}, {}
     for left, (d_left, px_left) in by_name.items():
         run = Path(args.loso) / f"without_{left}"
