@@ -17,7 +17,9 @@ slices) and prints, per left-out set and on average:
    (AUROC; share of detections flagged; instance F1 before and after a user
    removes the flagged false ones); a few also fitted on the fit part plus the
    other folds' zero-shot detections (`+other_zero_shot`: examples of errors
-   on an unseen microscope, none from the set being scored);
+   on an unseen microscope, none from the set being scored); tables with
+   slices also get `relative_log_area` (each object's log10 area less its
+   slice's median) and the rule's selection from a pool that includes it;
 3. each candidate OOD score: AUROC of left-out slices against the seen sets'
    held-out slices, and the share of each warned at the 99th percentile of
    the fit (val) slices' scores;
@@ -75,6 +77,9 @@ CANDIDATES = {
 }
 # The pool `calibrate` selects from, widened by the agreement features (for the selected@ rows).
 AGREEMENT_POOL = POOL + tuple(f for f in AGREEMENT_FEATURES if f not in POOL)
+# Derived from the tables (log_area and slice_of): each object's log10 area less its slice's median,
+# a size feature that means the same at any pixel size (candidates "selected+relative_area@...").
+RELATIVE_AREA = "relative_log_area"
 EQUAL = " (equal)"  # suffix of the candidates combined with equal weights
 # Candidates also fitted with the other folds' zero-shot detections added (suffix SHIFTED).
 SHIFTED = "+other_zero_shot"
@@ -106,18 +111,38 @@ def error_kinds(score: np.ndarray, is_true: np.ndarray, iou: np.ndarray) -> dict
             "auroc_partial": round(auroc(score[is_true | partial], is_true[is_true | partial]), 4)}
 
 
+def relative_to_slice(values: np.ndarray, slice_of: np.ndarray) -> np.ndarray:
+    """Each object's `values` (N,) minus the median of its slice's objects (`slice_of` (N,)): for
+    log10 areas, how many times larger than the slice's typical detection, whatever the pixel size."""
+    out = np.empty(len(values))
+    for k in np.unique(slice_of):
+        m = slice_of == k
+        out[m] = values[m] - np.median(values[m])
+    return out
+
+
 def study(tables) -> dict:
     names = [str(f) for f in tables["features"]]
     columns = [str(c) for c in tables["slice_columns"]]
     folds = sorted({k.split("/")[0] for k in tables.files if "/" in k})
+    derive = "log_area" in names and all(f"{f}/fit/slice_of" in tables.files for f in folds)
+    if derive:
+        names = names + [RELATIVE_AREA]
+
+    def features(fold: str, p: str) -> np.ndarray:
+        x = tables[f"{fold}/{p}/x"]
+        if derive:
+            x = np.c_[x, relative_to_slice(x[:, names.index("log_area")], tables[f"{fold}/{p}/slice_of"])]
+        return x
+
     out = {}
     for left in folds:
-        part = {p: (tables[f"{left}/{p}/x"], tables[f"{left}/{p}/y"].astype(bool), tables[f"{left}/{p}/slices"])
+        part = {p: (features(left, p), tables[f"{left}/{p}/y"].astype(bool), tables[f"{left}/{p}/slices"])
                 for p in ("fit", "zero_shot", "in_distribution")}
-        fx, fy, fs = part["fit"]
         # The slice each object lies in (older tables: none, each object its own).
         slice_of = {p: tables[f"{left}/{p}/slice_of"] if f"{left}/{p}/slice_of" in tables.files
                     else np.arange(len(part[p][1])) for p in part}
+        fx, fy, fs = part["fit"]
         r = {"feature": {}, "candidate": {}, "ood": {}}
         for i, f in enumerate(names):
             r["feature"][f] = {p: round(directed_auroc(fx[:, i], fy, part[p][0][:, i], part[p][1]), 4)
@@ -125,7 +150,7 @@ def study(tables) -> dict:
         candidates = dict(CANDIDATES)
         if f"{left}/fit/groups" in tables.files:  # the rule `calibrate` applies, at a few cut-offs
             for tag, pool_names in (("", tuple(f for f in POOL if f in names)), ("+all_agreement", AGREEMENT_POOL),
-                                    ("+second", POOL + SECOND_FEATURES)):
+                                    ("+second", POOL + SECOND_FEATURES), ("+relative_area", POOL + (RELATIVE_AREA,))):
                 if tag and not set(pool_names) <= set(names):
                     continue
                 pool = [names.index(f) for f in pool_names]
@@ -136,7 +161,7 @@ def study(tables) -> dict:
         # Also fit each candidate on the fit part plus the *other* folds' zero-shot detections: what a
         # model's detections look like on a microscope it never saw, from sets other than the one
         # scored here (so nothing of the left-out set enters its own fit).
-        ox = [tables[f"{o}/zero_shot/x"] for o in folds if o != left]
+        ox = [features(o, "zero_shot") for o in folds if o != left]
         oy = [tables[f"{o}/zero_shot/y"].astype(bool) for o in folds if o != left]
         shifted = (np.concatenate([fx, *ox]), np.concatenate([fy, *oy]))
         # Tables of an older trust.py lack the newer features: those candidates are left out.

@@ -528,3 +528,79 @@ def test_zoom_search_chooses_each_slices_zoom_by_a_label_free_score_and_pools_f1
         r["ood_warning"] = r["slice"] == 0
     md = "\n".join(zs.analyse({"without_a": {"kind": {"a": "zero shot"}, "records": {"a": recs}}}))
     assert "surest where OOD-warned 1.000" in md
+
+
+def test_loso_ensemble_of_one_model_twice_scores_as_that_model_and_refuses_missing_draws(blob_run, tmp_path, capsys):
+    """Two copies of one model average to itself: every ensemble cell equals its members'. A draw
+    without the model, or a single draw, is one line before anything is written."""
+    import json
+    import shutil
+
+    ens = _load("loso_ensemble")
+    data, run = blob_run
+    draws = [tmp_path / f"draw{i}" for i in range(2)]
+    for d in draws:
+        shutil.copytree(run, d / f"without_{data.name}")
+    out = tmp_path / "out"
+    for argv, message in (([str(draws[0])], "at least two draws"),
+                          ([str(draws[0]), str(tmp_path / "nothing")], "no model.keras")):
+        with pytest.raises(SystemExit) as err:
+            ens.main([*argv, "--data", str(data), "--out", str(out)])
+        assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+    assert ens.main([*map(str, draws), "--data", str(data), "--out", str(out)]) == 0
+    rows = json.loads((out / "loso_ensemble.json").read_text())["rows"]
+    assert [(r["kind"], r["split"]) for r in rows] == [("zero shot", "val"), ("zero shot", "held-out")]
+    for r in rows:
+        assert r["members"][0] == r["members"][1] == r["member mean"] == r["ensemble of 2"]
+        assert 0.5 < r["ensemble of 2"] <= 1.0  # the suite's tiny model finds its blobs
+    assert "mean over 2 zero shot cells" not in (out / "loso_ensemble.md").read_text()
+    assert "mean over 1 zero shot cells (val)" in (out / "loso_ensemble.md").read_text()
+
+
+def test_loso_ensemble_counts_pool_pixels_and_f1_follows():
+    import numpy as np
+
+    ens = _load("loso_ensemble")
+    prob = np.array([[0.9, 0.6], [0.2, 0.4]])
+    label = np.array([[1, 0], [1, 0]])
+    c = ens.counts(prob, label, 0.5)
+    assert c.tolist() == [1, 1, 1]  # tp, fp, fn
+    assert ens.f1(c) == pytest.approx(0.5) and ens.f1(np.zeros(3)) == 0.0
+
+
+def test_trust_features_relative_area_is_each_objects_size_against_its_slices_median(tmp_path):
+    """The derived size feature is scale-free: two slices with the same objects on grids x2 apart
+    give the same values; it enters the tables' features only where slices are known."""
+    import numpy as np
+
+    tf_ = _load("trust_features")
+    from xmdl_tf.confidence import ALL_FEATURES
+
+    log_area = np.log10([100.0, 400, 1600, 400, 1600, 6400])  # slice 1 is slice 0 at twice the scale
+    rel = tf_.relative_to_slice(log_area, np.array([0, 0, 0, 1, 1, 1]))
+    assert np.allclose(rel[:3], rel[3:]) and np.allclose(rel[:3], np.log10([0.25, 1, 4]))
+
+    rng = np.random.default_rng(1)
+    i_area = ALL_FEATURES.index("log_area")
+    tables = {"features": np.array(ALL_FEATURES), "slice_columns": np.array(["mean_entropy"])}
+    for fold in ("a", "b"):
+        for p in ("fit", "in_distribution", "zero_shot"):
+            y = np.tile([True, False], 50)
+            x = rng.normal(size=(100, len(ALL_FEATURES)))
+            # true objects are the larger ones of their slice; the zero-shot slices are on another grid
+            x[:, i_area] = np.where(y, 3.0, 2.0) + (1.5 if p == "zero_shot" else 0.0) + np.arange(100) // 10 * 0.3
+            tables.update({f"{fold}/{p}/x": x, f"{fold}/{p}/y": y, f"{fold}/{p}/n_true": np.array(50),
+                           f"{fold}/{p}/slices": rng.normal(size=(10, 1)),
+                           f"{fold}/{p}/slice_of": np.arange(100) // 10,
+                           f"{fold}/{p}/groups": np.repeat(["s", "t"], 50)})
+    np.savez(tmp_path / "t.npz", **tables)
+    out = tf_.study(np.load(tmp_path / "t.npz"))
+    for fold in ("a", "b"):
+        assert out[fold]["feature"][tf_.RELATIVE_AREA]["zero_shot"] == 1.0
+        assert out[fold]["feature"]["log_area"]["zero_shot"] < 0.9  # the slices' grids differ
+        assert tf_.RELATIVE_AREA in out[fold]["selected"]["selected+relative_area@0.6"]
+    for p in ("fit", "in_distribution", "zero_shot"):
+        del tables[f"a/{p}/slice_of"]
+    np.savez(tmp_path / "t.npz", **tables)
+    assert tf_.RELATIVE_AREA not in tf_.study(np.load(tmp_path / "t.npz"))["a"]["feature"]
