@@ -604,3 +604,40 @@ def test_trust_features_relative_area_is_each_objects_size_against_its_slices_me
         del tables[f"a/{p}/slice_of"]
     np.savez(tmp_path / "t.npz", **tables)
     assert tf_.RELATIVE_AREA not in tf_.study(np.load(tmp_path / "t.npz"))["a"]["feature"]
+
+
+def test_input_search_rules_pick_each_slices_input_without_labels(tmp_path, capsys):
+    """The lowest-OOD rule takes the input whose score is lowest, the surest rule the one whose marked
+    pixels are surest, the oracle the best per slice; a model without ood.npz is refused up front."""
+    import json
+
+    search = _load("input_search")
+
+    def rec(blur, zoom, ood, sure, counts):
+        return {"blur": blur, "zoom": zoom, "ood": ood, "sure": sure, "counts": counts}
+
+    # one slice: as it is, F1 0.5; blurred, lowest OOD score and F1 1; zoomed x2, surest and F1 0
+    slice_ = [rec(0.0, 1.0, 3.0, 0.8, [1, 1, 1]), rec(3.0, 1.0, 1.0, 0.7, [2, 0, 0]),
+              rec(0.0, 2.0, 2.0, 0.9, [0, 2, 2]), rec(3.0, 2.0, 4.0, 0.6, [0, 0, 2])]
+    rows, md = search.analyse({"records": {"d/s/val/a.png": slice_}})
+    (row,) = rows
+    assert row["as it is"] == 0.5 and row["lowest OOD, every input"] == 1.0
+    assert row["lowest OOD blur, zoom 1"] == 1.0 and row["surest zoom"] == 0.0
+    assert row["surest zoom, then lowest OOD blur"] == 0.0  # at x2 the blurred input scores worse
+    assert row["blur 3, zoom 1"] == 1.0 and row["best input (blur, zoom)"] == "3, x1"
+    assert row["per-slice oracle"] == 1.0 and "mean over 1 zero-shot cells (val)" in md[-1]
+    path = tmp_path / "input_search.json"
+    path.write_text(json.dumps({"records": {"d/s/val/a.png": slice_}}))
+    assert search.main(["--analyse", str(path)]) == 0 and "| d | s | val |" in capsys.readouterr().out
+
+
+def test_input_search_refuses_models_without_their_ood_model_before_any_work(blob_run, tmp_path, capsys):
+    import shutil
+
+    search = _load("input_search")
+    data, run = blob_run
+    shutil.copytree(run, tmp_path / "draw" / f"without_{data.name}")  # the suite's tiny model: not calibrated
+    with pytest.raises(SystemExit) as err:
+        search.main([str(tmp_path / "draw"), "--data", str(data), "--out", str(tmp_path / "out")])
+    assert err.value.code == 2 and "ood.npz" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
