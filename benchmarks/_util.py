@@ -94,6 +94,21 @@ def write_results(out, stem: str, rows: dict, md: list[str]) -> None:
     print("\n".join(md))
 
 
+def pixel_counts(prob, label, threshold: float):
+    """(tp, fp, fn) of the foreground `prob >= threshold` (H, W) against `label > 0`, int64 (3,):
+    what pooled F1 sums over slices."""
+    import numpy as np
+
+    m, t = prob >= threshold, label > 0
+    return np.array([(m & t).sum(), (m & ~t).sum(), (~m & t).sum()], np.int64)
+
+
+def f1_of(counts) -> float:
+    """Foreground F1 of (tp, fp, fn) counts (0 where there is nothing)."""
+    tp, fp, fn = (int(v) for v in counts)
+    return 2 * tp / max(2 * tp + fp + fn, 1)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"

@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402  (first: sets the oneDNN default before TensorFlow loads)
+from _util import f1_of as f1, pixel_counts  # noqa: E402
 
 ZOOMS = (0.5, 0.71, 1.0, 1.41, 2.0)
 BLURS = (0.0, 1.5, 3.0)
@@ -68,15 +69,11 @@ def records(predictor, image: np.ndarray, label: np.ndarray, pixel_size_nm: floa
         im = blurred(image, b) if b else image
         for z in zooms:
             p = predictor.predict_slice(im, pixel_size_nm=pixel_size_nm, tta=False, zoom=z)
-            m, t = p >= 0.5, label > 0
+            m = p >= 0.5
             out.append({"blur": b, "zoom": z, "ood": ood_score_of(predictor, dist, cache["fx"], im, factor * z),
                         "sure": float(p[m].mean()) if m.any() else 0.0,
-                        "counts": [int((m & t).sum()), int((m & ~t).sum()), int((~m & t).sum())]})
+                        "counts": pixel_counts(p, label, 0.5).tolist()})
     return out
-
-
-def f1(c) -> float:
-    return 2 * c[0] / max(2 * c[0] + c[1] + c[2], 1)
 
 
 def _surest(rec: list[dict], blur: float | None = None) -> dict:

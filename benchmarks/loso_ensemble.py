@@ -26,17 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402  (first: sets the oneDNN default before TensorFlow loads)
-
-
-def counts(prob: np.ndarray, label: np.ndarray, threshold: float) -> np.ndarray:
-    """(tp, fp, fn) of the foreground `prob >= threshold` against `label > 0`, int64 (3,)."""
-    m, t = prob >= threshold, label > 0
-    return np.array([(m & t).sum(), (m & ~t).sum(), (~m & t).sum()], np.int64)
-
-
-def f1(c: np.ndarray) -> float:
-    tp, fp, fn = (int(v) for v in c)
-    return 2 * tp / max(2 * tp + fp + fn, 1)
+from _util import f1_of as f1, pixel_counts as counts  # noqa: E402
 
 
 def score_cell(members: list, slices: list[tuple[np.ndarray, np.ndarray]], pixel_size_nm: float | None,

@@ -558,15 +558,15 @@ def test_loso_ensemble_of_one_model_twice_scores_as_that_model_and_refuses_missi
     assert "mean over 1 zero shot cells (val)" in (out / "loso_ensemble.md").read_text()
 
 
-def test_loso_ensemble_counts_pool_pixels_and_f1_follows():
+def test_pixel_counts_pool_and_f1_follows():
     import numpy as np
 
-    ens = _load("loso_ensemble")
+    ens = _load("_util")
     prob = np.array([[0.9, 0.6], [0.2, 0.4]])
     label = np.array([[1, 0], [1, 0]])
-    c = ens.counts(prob, label, 0.5)
+    c = ens.pixel_counts(prob, label, 0.5)
     assert c.tolist() == [1, 1, 1]  # tp, fp, fn
-    assert ens.f1(c) == pytest.approx(0.5) and ens.f1(np.zeros(3)) == 0.0
+    assert ens.f1_of(c) == pytest.approx(0.5) and ens.f1_of(np.zeros(3)) == 0.0
 
 
 def test_trust_features_relative_area_is_each_objects_size_against_its_slices_median(tmp_path):
