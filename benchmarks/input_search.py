@@ -40,37 +40,22 @@ ZOOMS = (0.5, 0.71, 1.0, 1.41, 2.0)
 BLURS = (0.0, 1.5, 3.0)
 
 
-def ood_score_of(predictor, dist, extractor, image: np.ndarray, factor: float) -> float:
-    """The OOD score of a raw slice (H, W) resampled by `factor`, its tiles cut as `ood.image_features`
-    cuts them (normalised, then resampled; mirror-padded up to one tile)."""
-    from xmdl_tf.ood import MAX_TILES, TILE, tile_origins
-    from xmdl_tf.sampling import normalize_as, resample_image
-
-    x = resample_image(normalize_as(image, predictor.config.normalization), factor)
-    if min(x.shape) < TILE:
-        x = np.pad(x, [(0, max(0, TILE - x.shape[0])), (0, max(0, TILE - x.shape[1]))], mode="symmetric")
-    tiles = np.stack([x[y:y + TILE, x0:x0 + TILE] for y, x0 in tile_origins(x.shape, dist.tile, MAX_TILES)])
-    return dist.score(extractor(tiles[..., None].astype(np.float32)))
-
-
 def records(predictor, image: np.ndarray, label: np.ndarray, pixel_size_nm: float | None,
             zooms=ZOOMS, blurs=BLURS) -> list[dict]:
     """One record per (blur, zoom) of one slice: counts at 0.5, OOD score, mean marked probability."""
-    from xmdl_tf.ood import feature_extractor, model_distribution
+    from xmdl_tf.ood import image_features, model_distribution
     from zero_shot_inference import blurred
 
     dist = model_distribution(predictor)
-    cache = predictor.__dict__.setdefault("_input_search", {})
-    if "fx" not in cache:
-        cache["fx"] = feature_extractor(predictor.model, dist.layers, dist.stats)
-    factor = predictor.scale_factor(pixel_size_nm)
     out = []
     for b in blurs:
         im = blurred(image, b) if b else image
         for z in zooms:
             p = predictor.predict_slice(im, pixel_size_nm=pixel_size_nm, tta=False, zoom=z)
             m = p >= 0.5
-            out.append({"blur": b, "zoom": z, "ood": ood_score_of(predictor, dist, cache["fx"], im, factor * z),
+            ood = dist.score(image_features(predictor, im, pixel_size_nm, tile=dist.tile, layers=dist.layers,
+                                            stats=dist.stats, zoom=z))
+            out.append({"blur": b, "zoom": z, "ood": ood,
                         "sure": float(p[m].mean()) if m.any() else 0.0,
                         "counts": pixel_counts(p, label, 0.5).tolist()})
     return out

@@ -62,6 +62,9 @@ def test_a_trained_models_features_flag_inverted_contrast_and_another_texture(bl
     s_tex = dist.score(image_features(pred, stripes.astype(np.uint8), tile=32))
     assert s_inv > s_test and s_tex > s_test
     assert s_inv > dist.threshold and s_tex > dist.threshold
+    # `zoom` resamples the slice as predict_slice's does: 128 px at x0.5 hold 2 x 2 tiles of 32, not 4 x 4
+    assert image_features(pred, test, tile=32, zoom=0.5).shape[0] == 4
+    assert image_features(pred, test, tile=32, zoom=1.0).shape[0] == 16
 
 
 def test_the_shipped_models_ood_score_warns_on_inverted_and_foreign_texture_not_on_a_real_test_slice():

@@ -76,8 +76,9 @@ def feature_extractor(model, layers: tuple[str, ...] = (OOD_LAYER,), stats: str 
 
 def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = None, rescale: bool = True,
                    tile: int = TILE, k: int = MAX_TILES, layers: tuple[str, ...] = (OOD_LAYER,),
-                   stats: str = "mean") -> np.ndarray:
-    """(n_tiles, D) features (`feature_extractor`) of one raw slice (H, W), at the model's pixel size."""
+                   stats: str = "mean", zoom: float = 1.0) -> np.ndarray:
+    """(n_tiles, D) features (`feature_extractor`) of one raw slice (H, W), at the model's pixel size
+    (times `zoom`, as `Predictor.predict_slice` takes it)."""
     from .sampling import normalize_as, resample_image
 
     cache = predictor.__dict__.setdefault("_ood_features", {})
@@ -85,7 +86,7 @@ def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = N
     if key not in cache:
         cache[key] = feature_extractor(predictor.model, tuple(layers), stats)
     x = normalize_as(image, predictor.config.normalization)
-    x = resample_image(x, predictor.scale_factor(pixel_size_nm, rescale))
+    x = resample_image(x, predictor.scale_factor(pixel_size_nm, rescale) * zoom)
     if min(x.shape) < tile:  # small images: mirror-pad up to one tile (never downscale)
         x = np.pad(x, [(0, max(0, tile - x.shape[0])), (0, max(0, tile - x.shape[1]))], mode="symmetric")
     tiles = np.stack([x[y:y + tile, x0:x0 + tile] for y, x0 in tile_origins(x.shape, tile, k)])
