@@ -18,7 +18,8 @@ draw of models it spared the one set that declined, on another it cut short
 three that still gained). `--zoom-search ood` has the teacher predict each slice
 its OOD score warns about at the zoom `analyze` would search (the model is surer
 there); the labels stay on the slice's own grid, where the student learns them
-(off by default; model card "The teacher at the searched zoom").
+(off by default: over three draws of models, one round, it lifted SBEM and cost
+Drosophila ssTEM every time; model card "The teacher at the searched zoom").
 Measured on the leave-one-set-out models
 (`benchmarks/self_training.py`, model card "Adapting without labels"): zero-shot
 val F1, mean of the three microscopes, 0.599 -> 0.668 after three rounds on one
