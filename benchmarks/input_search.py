@@ -152,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     for draw in args.draws:
         for path, name, size in zip(args.data, names, px):
             pred = load_model(Path(draw) / f"without_{name}")
-            for split in dict.fromkeys(("val", held_out_split(path))):
-                tag = "val" if split == "val" else "held-out"
+            held = held_out_split(path)
+            for split in dict.fromkeys(("val", held)):
+                # a set without a test split: its val slices are the held-out ones too
+                tags = [t for t, s in (("val", "val"), ("held-out", held)) if s == split]
                 for q in find_pairs(path, split):
-                    image, label = read_pair(q)
-                    data["records"][f"{Path(draw).name}/{name}/{tag}/{q.image.name}"] = records(pred, image, label, size)
-                    if tag == "val" and split == held_out_split(path):  # no test split: val is the held-out one
-                        data["records"][f"{Path(draw).name}/{name}/held-out/{q.image.name}"] = \
-                            data["records"][f"{Path(draw).name}/{name}/val/{q.image.name}"]
+                    rec = records(pred, *read_pair(q), size)
+                    for tag in tags:
+                        data["records"][f"{Path(draw).name}/{name}/{tag}/{q.image.name}"] = rec
             print(f"{draw}: {name} done", flush=True)
     rows, md = analyse(data)
     _util.write_results(out, "input_search", data, md)

@@ -174,20 +174,18 @@ def study(tables) -> dict:
         for c, feats, (tx, ty), combine in fits:
             idx = [names.index(f) for f in feats]
             model = ObjectConfidence(tuple(feats)).fit(tx[:, idx], ty, combine=combine)
+            conf = {p: model.predict(part[p][0][:, idx]) for p in ("fit", "zero_shot", "in_distribution")}
             if c == reference:
                 # How sure each figure is: a 95% interval from resampling whole slices.
-                scores = {p: model.predict(part[p][0][:, idx]) for p in ("zero_shot", "in_distribution")}
-                r["interval"] = {p: [round(v, 4) for v in (auroc(c, part[p][1]),
-                                                            *auroc_interval(c, part[p][1], slice_of[p]))]
-                                 for p, c in scores.items()}
+                r["interval"] = {p: [round(v, 4) for v in (auroc(conf[p], part[p][1]),
+                                                            *auroc_interval(conf[p], part[p][1], slice_of[p]))]
+                                 for p in ("zero_shot", "in_distribution")}
                 r["errors_of"] = reference
-                r["errors"] = {p: error_kinds(model.predict(part[p][0][:, idx]), part[p][1],
-                                              tables[f"{left}/{p}/iou"])
+                r["errors"] = {p: error_kinds(conf[p], part[p][1], tables[f"{left}/{p}/iou"])
                                for p in ("zero_shot", "in_distribution") if f"{left}/{p}/iou" in tables.files}
-            r["candidate"][c] = {p: round(auroc(model.predict(part[p][0][:, idx]), part[p][1]), 4)
-                                 for p in ("fit", "zero_shot", "in_distribution")}
+            r["candidate"][c] = {p: round(auroc(conf[p], part[p][1]), 4) for p in conf}
             for p in ("zero_shot", "in_distribution"):
-                flagged = model.predict(part[p][0][:, idx]) < REVIEW_BELOW
+                flagged = conf[p] < REVIEW_BELOW
                 before, after = review_f1(part[p][1], flagged, int(tables[f"{left}/{p}/n_true"]))
                 r["candidate"][c].update({f"{p}_flagged": float(flagged.mean()), f"{p}_f1": before,
                                           f"{p}_f1_reviewed": after})
