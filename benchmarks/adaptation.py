@@ -1,15 +1,28 @@
 """Learning curve for adapting to a new microscope: zero-shot, then 1, 2 and 4 annotated slices.
 
+    python benchmarks/adaptation.py --loso runs/loso/em_seed2 --data ../shared/data/cdeep3m_sbem_mouse \
+        ../shared/data/drosophila_vnc_sstem ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5 \
+        --out runs/adaptation_loso
     python benchmarks/adaptation.py --data ../shared/data/cdeep3m_sbem_mouse ../shared/data/drosophila_vnc_sstem \
         --out runs/adaptation --reference xmdl_ref
 
-For each set T: train on the other set only (`xmdl_tf.train`), score on T's
-test split (zero-shot); then fine-tune that model (`xmdl_tf.finetune`,
-defaults: lr 1e-4, heavy augmentation) on the first 1, 2 and 4 training
-slices of T and score again. The reference model trained on everything is
-shown beside it when `--reference` is given. Writes `adaptation.json`,
-`adaptation.md` and `adaptation.png` (test F1 against the number of slices).
-Interrupted runs resume; finished steps are reused.
+With `--loso RUN` (a `benchmarks/loso.py` folder): for each set T, the model
+trained without it (RUN/without_T) is scored on T's held-out split (test, or
+val where T has none) as it is (zero shot), then fine-tuned (`xmdl_tf.finetune`
+with its defaults, as a user runs it: lr 1e-4, heavy augmentation, up to 50
+epochs of one pass over the slices' tiles with early stopping; or a fixed
+budget of `--finetune-epochs` x `--steps-per-epoch` steps, no early stop) on
+the first 1, 2 and 4 training slices of T *alone*, as a user with a
+few annotated slices and nothing else has them: a folder holding only those
+slices, so validation is carved from held-back rows of them and no other label
+of T is read; then scored again on the held-out split. Beside them, from
+RUN/loso.json, the held-out scores on T of the run's other models, which trained
+on all of T's training slices (the level the curve climbs towards). Without `--loso` (two
+sets, the first measurement): train on the other set only (`xmdl_tf.train`),
+then fine-tune with `--max-slices` (validated on T's val split). The reference
+model trained on everything is shown beside it when `--reference` is given.
+Writes `adaptation.json`, `adaptation.md` and `adaptation.png` (held-out F1
+against the number of slices). Interrupted runs resume; finished steps are reused.
 """
 from __future__ import annotations
 
@@ -22,12 +35,71 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import markdown, table  # noqa: E402
 
 
-def scored(model: Path, data: str, out: Path) -> dict:
+def scored(model: Path, data: str, out: Path, pixel_size_nm: float | None = None) -> dict:
     from xmdl_tf.evaluate import evaluate
 
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    return evaluate(model, data, "auto", out)
+    return evaluate(model, data, "auto", out, pixel_size_nm=pixel_size_nm)
+
+
+def few_slices(data: str, n: int, out: Path) -> Path:
+    """A data folder OUT holding only the first `n` training pairs of `data` (links): what a user
+    with n annotated slices has (no val split: `finetune` holds back rows of them instead)."""
+    from xmdl_tf.io import find_pairs
+
+    for q in find_pairs(data, "train")[:n]:
+        for src, sub in ((q.image, "x"), (q.label, "y")):
+            dst = out / "train" / sub / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists():
+                dst.symlink_to(src.resolve())
+    return out
+
+
+def row(target: str, slices, m: dict) -> dict:
+    return {"target": target, "slices": slices, **{k: round(m[k], 4) for k in ("f1", "iou", "precision", "recall")},
+            "instance_f1": round(m.get("instance_f1_iou50", float("nan")), 4)}
+
+
+def loso_curve(args, px: list) -> list[dict]:
+    """Zero shot, then fine-tuned on n slices of the left-out set, for each RUN/without_<set>."""
+    from xmdl_tf.evaluate import held_out_split
+    from xmdl_tf.finetune import main as finetune_main
+
+    out, rows = Path(args.out), []
+    for target, size in zip(args.data, px):
+        tname = Path(target).name
+        base = Path(args.loso) / f"without_{tname}"
+        split = held_out_split(target)
+        label = tname if split == "test" else f"{tname} ({split})"
+        rows.append(row(label, 0, scored(base, target, out / f"{tname}_0slices", size)))
+        for n in args.slices:
+            run = out / f"{tname}_{n}slices"
+            extra = ["--pixel-size", str(size)] if size else []
+            if args.finetune_epochs:
+                extra += ["--epochs", str(args.finetune_epochs), "--patience", str(args.finetune_epochs)]
+            if args.steps_per_epoch:
+                extra += ["--steps-per-epoch", str(args.steps_per_epoch)]
+            finetune_main(["--model", str(base), "--data", str(few_slices(target, n, out / "data" / f"{tname}_{n}")),
+                           "--out", str(run), *extra])
+            rows.append(row(label, n, scored(run, target, run / f"held_out_{tname}", size)))
+        seen = seen_reference(Path(args.loso), tname)
+        if seen:
+            rows.append(row(label, f"all (mean of the {len(seen)} models that trained on it)",
+                            {k: sum(m[k] for m in seen) / len(seen) for k in seen[0]}))
+        print(table(rows, list(rows[0])), flush=True)
+    return rows
+
+
+def seen_reference(loso: Path, target: str) -> list[dict]:
+    """Held-out scores on `target` of the run's other models, which trained on all its slices (from
+    loso.json; metrics dicts with f1, iou, precision, recall, instance_f1_iou50), [] if not recorded."""
+    record = loso / "loso.json"
+    cells = json.loads(record.read_text()).get("cells", {}) if record.is_file() else {}
+    keys = ("f1", "iou", "precision", "recall", "instance_f1_iou50")
+    return [{k: m[k] for k in keys} for left, scored_on in cells.items() if left != target
+            for m in [scored_on.get(target, {}).get("held_out")] if m and all(k in m for k in keys)]
 
 
 def main(argv=None) -> int:
@@ -35,28 +107,44 @@ def main(argv=None) -> int:
     from xmdl_tf.train import main as train_main
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", nargs=2, required=True, help="the two data sets")
+    p.add_argument("--data", nargs="+", required=True, help="the data sets (two without --loso)")
+    p.add_argument("--loso", help="benchmarks/loso.py folder: adapt its models to the set each left out")
+    p.add_argument("--pixel-size", nargs="+", default=None, help="with --loso: nm per set ('unknown' allowed)")
     p.add_argument("--out", required=True)
     p.add_argument("--reference", default=None, help="model trained on both sets, for comparison")
     p.add_argument("--base-filters", type=int, default=8)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--finetune-epochs", type=int, default=10)
-    p.add_argument("--steps-per-epoch", type=int, default=40)
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="fine-tuning epochs (no early stop with --loso); default: finetune's own (--loso), 10")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="steps per epoch; default: finetune's own (--loso), 40")
     p.add_argument("--slices", nargs="+", type=int, default=[1, 2, 4])
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.loso:
+        from _util import pixel_sizes
+
+        px = pixel_sizes(p, args)
+        missing = [m for d in args.data if not (m := Path(args.loso) / f"without_{Path(d).name}" / "model.keras").is_file()]
+        if missing:
+            p.error(f"{missing[0]} is missing (a benchmarks/loso.py folder holds one model per left-out set)")
+        rows = loso_curve(args, px)
+        return finish(rows, out)
+    if len(args.data) != 2:
+        p.error("without --loso, give exactly two data sets")
+    steps, ft_epochs = args.steps_per_epoch or 40, args.finetune_epochs or 10  # the first measurement's budget
     rows = []
     for i, target in enumerate(args.data):
         source = args.data[1 - i]
         tname = Path(target).name
         base = out / f"from_{Path(source).name}"
         train_main(["--data", source, "--out", str(base), "--base-filters", str(args.base_filters),
-                    "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch)])
+                    "--epochs", str(args.epochs), "--steps-per-epoch", str(steps)])
         curve = [(0, scored(base, target, base / f"test_{tname}"))]
         for n in args.slices:
             run = out / f"{tname}_{n}slices"
             finetune_main(["--model", str(base), "--data", target, "--out", str(run), "--max-slices", str(n),
-                           "--epochs", str(args.finetune_epochs), "--steps-per-epoch", str(args.steps_per_epoch)])
+                           "--epochs", str(ft_epochs), "--steps-per-epoch", str(steps)])
             curve.append((n, scored(run, target, run / f"test_{tname}")))
         for n, m in curve:
             rows.append({"target": tname, "slices": n, "f1": round(m["f1"], 4), "iou": round(m["iou"], 4),
@@ -67,6 +155,11 @@ def main(argv=None) -> int:
                          "iou": round(m["iou"], 4), "precision": round(m["precision"], 4),
                          "recall": round(m["recall"], 4)})
         print(table(rows, list(rows[0])), flush=True)
+    return finish(rows, out)
+
+
+def finish(rows: list[dict], out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "adaptation.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "adaptation.md").write_text(markdown(rows))
     plot(rows, out / "adaptation.png")
@@ -83,12 +176,12 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for k, target in enumerate(dict.fromkeys(r["target"] for r in rows)):
         pts = [(r["slices"], r["f1"]) for r in rows if r["target"] == target and isinstance(r["slices"], int)]
-        line, = ax.plot(*zip(*pts), "o-", label=f"{target}: other set + n slices")
+        line, = ax.plot(*zip(*pts), "o-", label=f"{target}: trained without it, + n slices")
         ref = [r["f1"] for r in rows if r["target"] == target and not isinstance(r["slices"], int)]
         if ref:
-            ax.axhline(ref[0], color=line.get_color(), ls="--", lw=1, label=f"{target}: trained on everything")
+            ax.axhline(ref[0], color=line.get_color(), ls="--", lw=1, label=f"{target}: trained with all its slices")
     ax.set_xlabel("annotated slices of the target set (0 = zero-shot)")
-    ax.set_ylabel("test F1 (pooled)")
+    ax.set_ylabel("held-out F1 (pooled)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

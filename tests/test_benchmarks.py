@@ -641,3 +641,41 @@ def test_input_search_refuses_models_without_their_ood_model_before_any_work(blo
         search.main([str(tmp_path / "draw"), "--data", str(data), "--out", str(tmp_path / "out")])
     assert err.value.code == 2 and "ood.npz" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_adaptation_fine_tunes_each_left_out_model_on_its_first_slices_alone(blob_run, tmp_path, capsys):
+    """--loso: zero shot, then fine-tuned on a folder holding only the first n training slices of the
+    left-out set (no val split: a user's few annotated slices), each scored on the held-out split."""
+    import json
+    import shutil
+
+    ad = _load("adaptation")
+    data, run = blob_run
+    loso = tmp_path / "loso"
+    with pytest.raises(SystemExit) as err:  # no model for the set: one line, nothing written
+        ad.main(["--loso", str(loso), "--data", str(data), "--out", str(tmp_path / "out")])
+    assert err.value.code == 2 and f"without_{data.name}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    shutil.copytree(run, loso / f"without_{data.name}")
+    seen = {"f1": 0.8, "iou": 0.7, "precision": 0.9, "recall": 0.7, "instance_f1_iou50": 0.6, "n_images": 2}
+    (loso / "loso.json").write_text(json.dumps({"cells": {
+        "a": {data.name: {"held_out": seen}}, "b": {data.name: {"held_out": {**seen, "f1": 0.6}}},
+        data.name: {data.name: {"held_out": {**seen, "f1": 0.1}}}}}))  # its own zero-shot cell: not a reference
+    out = tmp_path / "out"
+    argv = ["--loso", str(loso), "--data", str(data), "--out", str(out), "--slices", "1",
+            "--finetune-epochs", "1", "--steps-per-epoch", "2"]
+    assert ad.main(argv) == 0
+    few = out / "data" / f"{data.name}_1"
+    assert sorted(p.name for p in few.iterdir()) == ["train"]
+    assert [p.name for p in (few / "train" / "x").iterdir()] == [sorted((data / "train" / "x").iterdir())[0].name]
+    rows = json.loads((out / "adaptation.json").read_text())
+    assert [r["slices"] for r in rows] == [0, 1, "all (mean of the 2 models that trained on it)"]
+    assert all(0 <= r["f1"] <= 1 for r in rows) and rows[2]["f1"] == pytest.approx(0.7)
+    assert rows[2]["instance_f1"] == pytest.approx(0.6)
+    assert rows[0]["target"] == data.name  # scored on its test split, not val
+    tuned = json.loads((out / f"{data.name}_1slices" / "config.json").read_text())
+    assert tuned["train"]["epochs"] == 1
+    assert (out / "adaptation.png").is_file()
+    first = (out / f"{data.name}_1slices" / "model.keras").stat().st_mtime
+    assert ad.main(argv) == 0  # a second call reuses what is done
+    assert (out / f"{data.name}_1slices" / "model.keras").stat().st_mtime == first
