@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import markdown, table  # noqa: E402
 
 
-def scored(model: Path, data: str, out: Path, pixel_size_nm: float | None = None) -> dict:
+def scored(model: Path, data: str, out: Path, pixel_size_nm: float | None = None, split: str = "auto") -> dict:
     from xmdl_tf.evaluate import evaluate
 
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    return evaluate(model, data, "auto", out, pixel_size_nm=pixel_size_nm)
+    return evaluate(model, data, split, out, pixel_size_nm=pixel_size_nm)
 
 
 def few_slices(data: str, n: int, out: Path) -> Path:
@@ -57,9 +57,24 @@ def few_slices(data: str, n: int, out: Path) -> Path:
     return out
 
 
-def row(target: str, slices, m: dict) -> dict:
-    return {"target": target, "slices": slices, **{k: round(m[k], 4) for k in ("f1", "iou", "precision", "recall")},
-            "instance_f1": round(m.get("instance_f1_iou50", float("nan")), 4)}
+def row(target: str, slices, m: dict, val: dict | None = None) -> dict:
+    """One table row: held-out scores `m`, and the val F1 that choices are made on (`val`, where the
+    set's held-out split is not its val split)."""
+    r = {"target": target, "slices": slices, **{k: round(m[k], 4) for k in ("f1", "iou", "precision", "recall")},
+         "instance_f1": round(m.get("instance_f1_iou50", float("nan")), 4)}
+    return {**r, "val_f1": round((val or m)["f1"], 4)}
+
+
+def held_out_and_val(model: Path, target: str, folder: Path, pixel_size_nm: float | None) -> tuple[dict, dict | None]:
+    """`model`'s scores on `target`'s held-out split, and on its val split where that is another one
+    (cached under FOLDER/held_out_<set> and FOLDER/val_<set>)."""
+    from xmdl_tf.evaluate import held_out_split
+
+    name = Path(target).name
+    held = scored(model, target, folder / f"held_out_{name}", pixel_size_nm)
+    if held_out_split(target) == "val":
+        return held, None
+    return held, scored(model, target, folder / f"val_{name}", pixel_size_nm, "val")
 
 
 def loso_curve(args, px: list) -> list[dict]:
@@ -73,7 +88,7 @@ def loso_curve(args, px: list) -> list[dict]:
         base = Path(args.loso) / f"without_{tname}"
         split = held_out_split(target)
         label = tname if split == "test" else f"{tname} ({split})"
-        rows.append(row(label, 0, scored(base, target, out / f"{tname}_0slices", size)))
+        rows.append(row(label, 0, *held_out_and_val(base, target, out / f"{tname}_0slices", size)))
         for n in args.slices:
             run = out / f"{tname}_{n}slices"
             extra = ["--pixel-size", str(size)] if size else []
@@ -83,23 +98,27 @@ def loso_curve(args, px: list) -> list[dict]:
                 extra += ["--steps-per-epoch", str(args.steps_per_epoch)]
             finetune_main(["--model", str(base), "--data", str(few_slices(target, n, out / "data" / f"{tname}_{n}")),
                            "--out", str(run), *extra])
-            rows.append(row(label, n, scored(run, target, run / f"held_out_{tname}", size)))
+            rows.append(row(label, n, *held_out_and_val(run, target, run, size)))
         seen = seen_reference(Path(args.loso), tname)
         if seen:
-            rows.append(row(label, f"all (mean of the {len(seen)} models that trained on it)",
-                            {k: sum(m[k] for m in seen) / len(seen) for k in seen[0]}))
+            held, val = ({k: sum(m[part][k] for m in seen) / len(seen) for k in seen[0][part]} for part in (0, 1))
+            rows.append(row(label, f"all (mean of the {len(seen)} models that trained on it)", held, val))
         print(table(rows, list(rows[0])), flush=True)
     return rows
 
 
-def seen_reference(loso: Path, target: str) -> list[dict]:
-    """Held-out scores on `target` of the run's other models, which trained on all its slices (from
-    loso.json; metrics dicts with f1, iou, precision, recall, instance_f1_iou50), [] if not recorded."""
+def seen_reference(loso: Path, target: str) -> list[tuple[dict, dict]]:
+    """(held-out, val) scores on `target` of the run's other models, which trained on all its slices
+    (from loso.json; dicts of f1, iou, precision, recall, instance_f1_iou50), [] if not recorded."""
     record = loso / "loso.json"
     cells = json.loads(record.read_text()).get("cells", {}) if record.is_file() else {}
     keys = ("f1", "iou", "precision", "recall", "instance_f1_iou50")
-    return [{k: m[k] for k in keys} for left, scored_on in cells.items() if left != target
-            for m in [scored_on.get(target, {}).get("held_out")] if m and all(k in m for k in keys)]
+    out = []
+    for left, scored_on in cells.items():
+        parts = [scored_on.get(target, {}).get(split) for split in ("held_out", "val")]
+        if left != target and all(m and all(k in m for k in keys) for m in parts):
+            out.append(tuple({k: m[k] for k in keys} for m in parts))
+    return out
 
 
 def main(argv=None) -> int:

@@ -659,8 +659,9 @@ def test_adaptation_fine_tunes_each_left_out_model_on_its_first_slices_alone(blo
     shutil.copytree(run, loso / f"without_{data.name}")
     seen = {"f1": 0.8, "iou": 0.7, "precision": 0.9, "recall": 0.7, "instance_f1_iou50": 0.6, "n_images": 2}
     (loso / "loso.json").write_text(json.dumps({"cells": {
-        "a": {data.name: {"held_out": seen}}, "b": {data.name: {"held_out": {**seen, "f1": 0.6}}},
-        data.name: {data.name: {"held_out": {**seen, "f1": 0.1}}}}}))  # its own zero-shot cell: not a reference
+        "a": {data.name: {"held_out": seen, "val": {**seen, "f1": 0.5}}},
+        "b": {data.name: {"held_out": {**seen, "f1": 0.6}, "val": seen}},
+        data.name: {data.name: {"held_out": {**seen, "f1": 0.1}, "val": seen}}}}))  # its own zero shot: no reference
     out = tmp_path / "out"
     argv = ["--loso", str(loso), "--data", str(data), "--out", str(out), "--slices", "1",
             "--finetune-epochs", "1", "--steps-per-epoch", "2"]
@@ -671,7 +672,11 @@ def test_adaptation_fine_tunes_each_left_out_model_on_its_first_slices_alone(blo
     rows = json.loads((out / "adaptation.json").read_text())
     assert [r["slices"] for r in rows] == [0, 1, "all (mean of the 2 models that trained on it)"]
     assert all(0 <= r["f1"] <= 1 for r in rows) and rows[2]["f1"] == pytest.approx(0.7)
-    assert rows[2]["instance_f1"] == pytest.approx(0.6)
+    assert rows[2]["instance_f1"] == pytest.approx(0.6) and rows[2]["val_f1"] == pytest.approx(0.65)
+    # held out = the test split; val scored apart (what a choice may be made on)
+    assert (out / f"{data.name}_1slices" / f"val_{data.name}" / "metrics.json").is_file()
+    assert json.loads((out / f"{data.name}_0slices" / f"held_out_{data.name}" / "metrics.json").read_text())[
+        "split"] == "test"
     assert rows[0]["target"] == data.name  # scored on its test split, not val
     tuned = json.loads((out / f"{data.name}_1slices" / "config.json").read_text())
     assert tuned["train"]["epochs"] == 1
