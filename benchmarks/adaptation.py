@@ -126,10 +126,12 @@ def main(argv=None) -> int:
     from xmdl_tf.train import main as train_main
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", nargs="+", required=True, help="the data sets (two without --loso)")
+    p.add_argument("--data", nargs="+", help="the data sets (two without --loso)")
     p.add_argument("--loso", help="benchmarks/loso.py folder: adapt its models to the set each left out")
     p.add_argument("--pixel-size", nargs="+", default=None, help="with --loso: nm per set ('unknown' allowed)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="only print the mean over earlier --loso runs' adaptation.json (e.g. three draws)")
     p.add_argument("--reference", default=None, help="model trained on both sets, for comparison")
     p.add_argument("--base-filters", type=int, default=8)
     p.add_argument("--epochs", type=int, default=20)
@@ -139,6 +141,15 @@ def main(argv=None) -> int:
                    help="steps per epoch; default: finetune's own (--loso), 40")
     p.add_argument("--slices", nargs="+", type=int, default=[1, 2, 4])
     args = p.parse_args(argv)
+    if args.combine:
+        try:
+            runs = [json.loads(Path(f).read_text()) for f in args.combine]
+        except (OSError, ValueError) as err:
+            p.error(str(err))
+        print(combined(runs))
+        return 0
+    if not args.data or not args.out:
+        p.error("give --data and --out (or --combine JSON...)")
     out = Path(args.out)
     if args.loso:
         from _util import pixel_sizes
@@ -175,6 +186,23 @@ def main(argv=None) -> int:
                          "recall": round(m["recall"], 4)})
         print(table(rows, list(rows[0])), flush=True)
     return finish(rows, out)
+
+
+def combined(runs: list[list[dict]]) -> str:
+    """Markdown: per (target, slices), the mean and range over `runs` (each an adaptation.json's rows)
+    of the held-out F1, its instance F1 and the val F1; the reference rows are matched by position."""
+    import numpy as np
+
+    keyed = [{(r["target"], r["slices"] if isinstance(r["slices"], int) else "all"): r for r in rows} for rows in runs]
+    md = [f"| target | annotated slices | held-out F1, mean of {len(runs)} (range) | instance F1 | val F1 |",
+          "|---|---|---|---|---|"]
+    for key in keyed[0]:
+        got = [k[key] for k in keyed if key in k]
+        f1, inst, val = (np.array([r.get(c, np.nan) for r in got], float) for c in ("f1", "instance_f1", "val_f1"))
+        md.append(f"| {key[0]} | {key[1]} | {f1.mean():.3f} ({f1.min():.3f}-{f1.max():.3f}) | {inst.mean():.3f} | "
+                  + ("-" if np.isnan(val).any() else f"{val.mean():.3f}") + " |"
+                  + ("" if len(got) == len(runs) else f" ({len(got)} runs)"))
+    return "\n".join(md)
 
 
 def finish(rows: list[dict], out: Path) -> int:

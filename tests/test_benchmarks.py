@@ -684,3 +684,22 @@ def test_adaptation_fine_tunes_each_left_out_model_on_its_first_slices_alone(blo
     first = (out / f"{data.name}_1slices" / "model.keras").stat().st_mtime
     assert ad.main(argv) == 0  # a second call reuses what is done
     assert (out / f"{data.name}_1slices" / "model.keras").stat().st_mtime == first
+
+
+def test_adaptation_combine_averages_draws_row_by_row(tmp_path, capsys):
+    import json
+
+    ad = _load("adaptation")
+    rows = [[{"target": "a", "slices": 0, "f1": f, "instance_f1": 0.5, "val_f1": v},
+             {"target": "a", "slices": "all (mean of the 2 models that trained on it)", "f1": 0.9, "instance_f1": 0.8,
+              "val_f1": 0.9}] for f, v in ((0.4, 0.3), (0.6, 0.5))]
+    files = []
+    for i, r in enumerate(rows):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(r))
+    assert ad.main(["--combine", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 0 | 0.500 (0.400-0.600) | 0.500 | 0.400 |" in out and "| a | all | 0.900 (0.900-0.900) |" in out
+    with pytest.raises(SystemExit) as err:
+        ad.main(["--combine", str(tmp_path / "missing.json")])
+    assert err.value.code == 2 and "missing.json" in capsys.readouterr().err
