@@ -15,7 +15,9 @@ budget of `--finetune-epochs` x `--steps-per-epoch` steps, no early stop) on
 the first 1, 2 and 4 training slices of T *alone*, as a user with a
 few annotated slices and nothing else has them: a folder holding only those
 slices, so validation is carved from held-back rows of them and no other label
-of T is read; then scored again on the held-out split. Beside them, from
+of T is read; then scored again on the held-out split (every row with the model's own inference
+defaults but the zoom search off: a fine-tuned model has no OOD model for it to
+read). Beside them, from
 RUN/loso.json, the held-out scores on T of the run's other models, which trained
 on all of T's training slices (the level the curve climbs towards). Without `--loso` (two
 sets, the first measurement): train on the other set only (`xmdl_tf.train`),
@@ -35,12 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import markdown, table  # noqa: E402
 
 
-def scored(model: Path, data: str, out: Path, pixel_size_nm: float | None = None, split: str = "auto") -> dict:
+def scored(model: Path, data: str, out: Path, pixel_size_nm: float | None = None, split: str = "auto",
+           **overrides) -> dict:
+    """evaluate()'s metrics of `model` on a split (cached in OUT/metrics.json); `overrides`: InferenceConfig fields."""
     from xmdl_tf.evaluate import evaluate
 
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    return evaluate(model, data, split, out, pixel_size_nm=pixel_size_nm)
+    return evaluate(model, data, split, out, pixel_size_nm=pixel_size_nm, **overrides)
 
 
 def few_slices(data: str, n: int, out: Path) -> Path:
@@ -70,11 +74,13 @@ def held_out_and_val(model: Path, target: str, folder: Path, pixel_size_nm: floa
     (cached under FOLDER/held_out_<set> and FOLDER/val_<set>)."""
     from xmdl_tf.evaluate import held_out_split
 
+    # One setting for every row: a fine-tuned model carries no OOD model for the zoom search to read,
+    # so it is off for the zero-shot model too (the models' own other defaults apply).
     name = Path(target).name
-    held = scored(model, target, folder / f"held_out_{name}", pixel_size_nm)
+    held = scored(model, target, folder / f"held_out_{name}", pixel_size_nm, zoom_search="off")
     if held_out_split(target) == "val":
         return held, None
-    return held, scored(model, target, folder / f"val_{name}", pixel_size_nm, "val")
+    return held, scored(model, target, folder / f"val_{name}", pixel_size_nm, "val", zoom_search="off")
 
 
 def loso_curve(args, px: list) -> list[dict]:
