@@ -9,9 +9,9 @@
 With `--loso RUN` (a `benchmarks/loso.py` folder): for each set T, the model
 trained without it (RUN/without_T) is scored on T's held-out split (test, or
 val where T has none) as it is (zero shot), then fine-tuned (`xmdl_tf.finetune`
-with its defaults, as a user runs it: lr 1e-4, heavy augmentation, up to 50
-epochs of one pass over the slices' tiles with early stopping; or a fixed
-budget of `--finetune-epochs` x `--steps-per-epoch` steps, no early stop) on
+with its defaults, as a user runs it: lr 1e-4, heavy augmentation, 10 epochs of
+at least 40 steps, the best kept; `--finetune-epochs` x `--steps-per-epoch`
+steps without an early stop, and `--finetune-args` for any other option) on
 the first 1, 2 and 4 training slices of T *alone*, as a user with a
 few annotated slices and nothing else has them: a folder holding only those
 slices, so validation is carved from held-back rows of them and no other label
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -102,8 +103,10 @@ def loso_curve(args, px: list) -> list[dict]:
                 extra += ["--epochs", str(args.finetune_epochs), "--patience", str(args.finetune_epochs)]
             if args.steps_per_epoch:
                 extra += ["--steps-per-epoch", str(args.steps_per_epoch)]
-            finetune_main(["--model", str(base), "--data", str(few_slices(target, n, out / "data" / f"{tname}_{n}")),
-                           "--out", str(run), *extra])
+            extra += shlex.split(args.finetune_args)
+            if finetune_main(["--model", str(base), "--data", str(few_slices(target, n, out / "data" / f"{tname}_{n}")),
+                              "--out", str(run), *extra]):
+                raise SystemExit(f"{run}: fine-tuning failed (above); nothing scored")
             rows.append(row(label, n, *held_out_and_val(run, target, run, size)))
         seen = seen_reference(Path(args.loso), tname)
         if seen:
@@ -146,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="steps per epoch; default: finetune's own (--loso), 40")
     p.add_argument("--slices", nargs="+", type=int, default=[1, 2, 4])
+    p.add_argument("--finetune-args", default="", metavar="ARGS",
+                   help="with --loso: more finetune options as one string, e.g. its defaults before 2026-12-07: "
+                        "'--epochs 50 --patience 5 --min-steps-per-epoch 1'")
     args = p.parse_args(argv)
     if args.combine:
         try:

@@ -64,6 +64,28 @@ def test_finetune_on_one_slice_adapts_to_a_new_look(base_run, tmp_path):
     assert cfg.train.learning_rate == 2e-3 and cfg.info["augment_strength"] == 2.0
 
 
+def test_finetune_defaults_to_a_fixed_budget_of_real_epochs_on_a_few_slices(base_run, tmp_path):
+    """One small slice is one step of tiles: fine-tuning makes each epoch at least 40 steps and runs 10
+    of them without an early stop on the noise of held-back rows; `train` keeps one pass per epoch."""
+    from xmdl_tf.train import build_parser
+
+    write_synthetic(tmp_path / "new", "train", [63], appearance=SHIFTED, size=128)
+    argv = ["--model", str(base_run), "--data", str(tmp_path / "new"), "--tile-size", "64", "--batch-size", "4",
+            "--no-jit"]
+    defaults = build_parser("finetune", finetune=True).parse_args([*argv, "--out", "x"])
+    assert (defaults.epochs, defaults.patience, defaults.min_steps_per_epoch) == (10, 10, 40)
+    trained = build_parser().parse_args(["--data", "d", "--out", "x"])
+    assert (trained.epochs, trained.patience, trained.min_steps_per_epoch) == (50, 5, 1)
+    assert finetune_main([*argv, "--out", str(tmp_path / "a"), "--epochs", "1"]) == 0
+    cfg = Config.load(tmp_path / "a" / "config.json").train
+    assert (cfg.steps_per_epoch, cfg.min_steps_per_epoch, cfg.patience) == (40, 40, 10)
+    assert finetune_main([*argv, "--out", str(tmp_path / "b"), "--epochs", "1", "--min-steps-per-epoch", "1"]) == 0
+    assert Config.load(tmp_path / "b" / "config.json").train.steps_per_epoch == 1  # 128 px: one pass = 4 tiles
+    with pytest.raises(SystemExit) as err:
+        finetune_main([*argv, "--out", str(tmp_path / "c"), "--min-steps-per-epoch", "0"])
+    assert err.value.code == 2 and not (tmp_path / "c").exists()
+
+
 def test_frozen_encoder_keeps_encoder_weights(base_run, tmp_path):
     write_synthetic(tmp_path / "new", "train", [61], appearance=SHIFTED, size=128)
     out = tmp_path / "frozen"

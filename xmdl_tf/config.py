@@ -161,6 +161,11 @@ class TrainConfig:
     lr_schedule: str = "constant"
     loss: str = "dice"  # "dice" or "dice_ce"
     steps_per_epoch: int | None = None
+    # Without steps_per_epoch: one pass over the training slices' tiles, but at least this many
+    # steps. `finetune` sets 40: one pass over one slice is 1-2 steps, and EarlyStopping on such
+    # epochs ended runs on the noise of a validation carved from the same slices (models/README.md,
+    # "Adapting to a new stack").
+    min_steps_per_epoch: int = 1
     seed: int = 0
     mixed_precision: bool | str = False  # False, "float16" (True in old configs) or "bfloat16"
     # "auto": XLA on GPUs only. On CPU, XLA measured 2x slower for this model
@@ -173,6 +178,8 @@ class TrainConfig:
     weight_average: float = 0.0
 
     def __post_init__(self):
+        if self.min_steps_per_epoch < 1:
+            raise ValueError(f"min_steps_per_epoch must be >= 1, got {self.min_steps_per_epoch}")
         if not 0 <= self.weight_average < 1:
             raise ValueError(f"weight_average is a decay per step, 0 <= decay < 1; got {self.weight_average}")
 

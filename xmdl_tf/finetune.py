@@ -4,8 +4,11 @@
 
 The same trainer as `python -m xmdl_tf.train --init-from MODEL` (one code path),
 with fine-tuning defaults: the parent's architecture, weights and
-normalisation; learning rate 1e-4; heavy augmentation (strength 2);
-optionally a frozen encoder. A single annotated slice is enough: without a
+normalisation; learning rate 1e-4; heavy augmentation (strength 2); a fixed
+budget of 10 epochs of at least 40 steps (3,200 tiles at batch 8), the best
+epoch by validation loss kept (one pass over a few slices is 1-7 steps, and
+early stopping on such epochs ended runs on noise: models/README.md, "Adapting
+to a new stack"); optionally a frozen encoder. A single annotated slice is enough: without a
 `val` split, validation is carved from it as held-back rows, and config.json
 says so. Sparse annotation: label the pixels you are sure of and give the
 rest the value `--ignore-value` (e.g. 255, with mitochondria 1 and background
