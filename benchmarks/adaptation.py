@@ -8,23 +8,25 @@
 
 With `--loso RUN` (a `benchmarks/loso.py` folder): for each set T, the model
 trained without it (RUN/without_T) is scored on T's held-out split (test, or
-val where T has none) as it is (zero shot), then fine-tuned (`xmdl_tf.finetune`
-with its defaults, as a user runs it: lr 1e-4, heavy augmentation, 10 epochs of
-at least 40 steps, the best kept; `--finetune-epochs` x `--steps-per-epoch`
-steps without an early stop, and `--finetune-args` for any other option) on
-the first 1, 2 and 4 training slices of T *alone*, as a user with a
-few annotated slices and nothing else has them: a folder holding only those
-slices, so validation is carved from held-back rows of them and no other label
-of T is read; then scored again on the held-out split (every row with the model's own inference
-defaults but the zoom search off: a fine-tuned model has no OOD model for it to
-read). Beside them, from
-RUN/loso.json, the held-out scores on T of the run's other models, which trained
-on all of T's training slices (the level the curve climbs towards). Without `--loso` (two
-sets, the first measurement): train on the other set only (`xmdl_tf.train`),
-then fine-tune with `--max-slices` (validated on T's val split). The reference
-model trained on everything is shown beside it when `--reference` is given.
-Writes `adaptation.json`, `adaptation.md` and `adaptation.png` (held-out F1
-against the number of slices). Interrupted runs resume; finished steps are reused.
+val where T has none) as it is (zero shot); then it is fine-tuned on the first
+1, 2 and 4 training slices of T *alone*, as a user with a few annotated slices
+and nothing else has them (a folder holding only those slices, so validation is
+carved from held-back rows of them and no other label of T is read), with
+`xmdl_tf.finetune`'s defaults (lr 1e-4, heavy augmentation, 10 epochs of at
+least 40 steps, the best kept), or `--finetune-epochs` x `--steps-per-epoch`
+steps without an early stop, and `--finetune-args` for any other option; and
+scored again. Every row is scored on the held-out split and, where that is not
+the val split, on val (what choices are made on), with the model's own
+inference defaults but the zoom search off (a fine-tuned model has no OOD model
+for it to read). Beside them, from RUN/loso.json, the scores on T of the run's
+other models, which trained on all of T's training slices (the level the curve
+climbs towards). `--combine` averages the tables of several draws.
+
+Without `--loso` (two sets, the first measurement): train on the other set only
+(`xmdl_tf.train`), then fine-tune with `--max-slices` (validated on T's val
+split); `--reference` adds a model trained on everything. Writes
+`adaptation.json`, `adaptation.md` and `adaptation.png` (held-out F1 against
+the number of slices). Interrupted runs resume; finished steps are reused.
 """
 from __future__ import annotations
 
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
 
 def combined(runs: list[list[dict]]) -> str:
     """Markdown: per (target, slices), the mean and range over `runs` (each an adaptation.json's rows)
-    of the held-out F1, its instance F1 and the val F1; the reference rows are matched by position."""
+    of the held-out F1, its instance F1 and the val F1 (the reference rows of all draws as one, "all")."""
     import numpy as np
 
     keyed = [{(r["target"], r["slices"] if isinstance(r["slices"], int) else "all"): r for r in rows} for rows in runs]
