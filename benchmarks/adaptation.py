@@ -72,16 +72,15 @@ def row(target: str, slices, m: dict, val: dict | None = None) -> dict:
     return {**r, "val_f1": round((val or m)["f1"], 4)}
 
 
-def held_out_and_val(model: Path, target: str, folder: Path, pixel_size_nm: float | None) -> tuple[dict, dict | None]:
-    """`model`'s scores on `target`'s held-out split, and on its val split where that is another one
-    (cached under FOLDER/held_out_<set> and FOLDER/val_<set>)."""
-    from xmdl_tf.evaluate import held_out_split
-
+def held_out_and_val(model: Path, target: str, folder: Path, pixel_size_nm: float | None,
+                     held_out: str) -> tuple[dict, dict | None]:
+    """`model`'s scores on `target`'s held-out split (`held_out`, from `evaluate.held_out_split`), and on
+    its val split where that is another one (cached under FOLDER/held_out_<set> and FOLDER/val_<set>)."""
     # One setting for every row: a fine-tuned model carries no OOD model for the zoom search to read,
     # so it is off for the zero-shot model too (the models' own other defaults apply).
     name = Path(target).name
     held = scored(model, target, folder / f"held_out_{name}", pixel_size_nm, zoom_search="off")
-    if held_out_split(target) == "val":
+    if held_out == "val":
         return held, None
     return held, scored(model, target, folder / f"val_{name}", pixel_size_nm, "val", zoom_search="off")
 
@@ -97,7 +96,7 @@ def loso_curve(args, px: list) -> list[dict]:
         base = Path(args.loso) / f"without_{tname}"
         split = held_out_split(target)
         label = tname if split == "test" else f"{tname} ({split})"
-        rows.append(row(label, 0, *held_out_and_val(base, target, out / f"{tname}_0slices", size)))
+        rows.append(row(label, 0, *held_out_and_val(base, target, out / f"{tname}_0slices", size, split)))
         for n in args.slices:
             run = out / f"{tname}_{n}slices"
             extra = ["--pixel-size", str(size)] if size else []
@@ -109,7 +108,7 @@ def loso_curve(args, px: list) -> list[dict]:
             if finetune_main(["--model", str(base), "--data", str(few_slices(target, n, out / "data" / f"{tname}_{n}")),
                               "--out", str(run), *extra]):
                 raise SystemExit(f"{run}: fine-tuning failed (above); nothing scored")
-            rows.append(row(label, n, *held_out_and_val(run, target, run, size)))
+            rows.append(row(label, n, *held_out_and_val(run, target, run, size, split)))
         seen = seen_reference(Path(args.loso), tname)
         if seen:
             held, val = ({k: sum(m[part][k] for m in seen) / len(seen) for k in seen[0][part]} for part in (0, 1))
