@@ -25,7 +25,7 @@ from .train import build_parser, check_args, train_from_args
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("python -m xmdl_tf.finetune", finetune=True)
+    parser = build_parser("python -m xmdl_tf.finetune", finetune=True, description=__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     check_args(parser, args)
     train_from_args(args, args.model)

@@ -795,8 +795,9 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
 # CLI
 
 
-def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False) -> argparse.ArgumentParser:
-    p = cli.parser(prog, __doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False,
+                 description: str | None = None) -> argparse.ArgumentParser:
+    p = cli.parser(prog, description or __doc__.split("\n\n")[0])
     p.add_argument("--data", nargs="+", required=True, help="data set folder(s) in the split layout <dir>/{train,val}/{x,y}")
     p.add_argument("--out", required=True, help="run folder (created; an interrupted run here is resumed)")
     p.add_argument("--tile-size", type=cli.positive_int, default=256, help="training tile height and width, px")
