@@ -88,8 +88,9 @@ def read_image_file(path: Path, *, label: bool = False) -> np.ndarray:
         array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if array is None:
             raise ValueError(f"could not decode image file {path}")
-        if array.ndim == 3:
-            array = array[..., ::-1]  # OpenCV gives BGR(A)
+        if array.ndim == 3 and array.shape[-1] in (3, 4):
+            # OpenCV gives BGR(A): turn the colour channels round, keep alpha last (not ARGB).
+            array = np.concatenate([array[..., 2::-1], array[..., 3:]], axis=-1)
     array = np.squeeze(array)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         if label:
@@ -264,6 +265,22 @@ def pair_positions(images: Stack, labels: Stack) -> list[tuple[int, int]]:
 def label_kind(values: Iterable[int]) -> str:
     """'binary' if the label values are 0 and at most one other value, else 'instance'."""
     return "binary" if len(set(int(v) for v in values) - {0}) <= 1 else "instance"
+
+
+def check_image_values(image: np.ndarray, name: str) -> np.ndarray:
+    """``image`` if it can be a training or evaluation slice; else ValueError naming it.
+
+    NaN or infinite pixels and constant slices (blank padding, a failed
+    acquisition) are refused here, when converting, rather than when a
+    training run meets them (`xmdl_tf.io.read_image` refuses them too).
+    """
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        bad = int((~np.isfinite(image)).sum())
+        raise ValueError(f"{name}: {bad} NaN or infinite pixel(s) of {image.size}; fix or leave out this slice")
+    if image.size and image.min() == image.max():
+        raise ValueError(f"{name}: constant image (every pixel is {image.flat[0]}); nothing to learn or score "
+                         "there, leave this slice out")
+    return image
 
 
 def check_label_values(label: np.ndarray, name: str) -> np.ndarray:
@@ -520,7 +537,7 @@ def convert_pairs(out: Path, pairs: Sequence[Pair], *, kind: str, box: Sequence[
     for pair in pairs:
         index = pair.images.indices[pair.pos]
         image_name = pair.images.names[pair.pos]
-        image = crop(pair.images.read(pair.pos), box, image_name)
+        image = check_image_values(crop(pair.images.read(pair.pos), box, image_name), image_name)
         write_image(out / pair.split / "x" / f"im{index:04d}", resample_image(image, factor))
         source = {"image": image_name}
         if pair.labels is not None:

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep import _common as c
-from xmdl_tf.cli import add_debug, guarded
+from xmdl_tf.cli import add_debug, fraction, guarded, pixel_size, positive_int
 
 SHAPE_CLASSES = ("round", "elongated", "tubular", "fragmented", "irregular")
 OBJECTS_PER_UM2 = 0.9  # about the density of the real ssTEM slices
@@ -552,13 +552,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder (must be empty unless --overwrite)")
-    parser.add_argument("--n", type=int, default=20, help="number of slices (default 20)")
-    parser.add_argument("--size", type=int, default=1024, help="slice width and height in px (default 1024)")
+    parser.add_argument("--n", type=positive_int, default=20, help="number of slices (default 20)")
+    parser.add_argument("--size", type=positive_int, default=1024, help="slice width and height in px (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pixel-size", type=float, default=5.0, metavar="NM", help="nm per px (default 5)")
+    parser.add_argument("--pixel-size", type=pixel_size, default=5.0, metavar="NM", help="nm per px (default 5)")
     parser.add_argument("--splits", type=c.fractions_arg, default=(0.7, 0.15, 0.15),
                         help="train,val,test fractions (default 0.7,0.15,0.15)")
-    parser.add_argument("--touching-fraction", type=float, default=0.2,
+    parser.add_argument("--touching-fraction", type=fraction, default=0.2,
                         help="share of objects placed touching a neighbour (default 0.2)")
     parser.add_argument("--appearance", type=json.loads, default=None,
                         help='JSON dict of Appearance fields, e.g. \'{"contrast": 0.6, "noise": 12}\'')

@@ -48,6 +48,7 @@ from scipy import ndimage as ndi
 from data_prep.synthetic import Appearance, _arc as _arc2d, _dots, _finish
 from xmdl_tf.cli import add_debug, guarded
 from xmdl_tf.morphometry3d import SHAPE_CLASSES_3D
+from xmdl_tf.runlock import usual_permissions
 
 OBJECTS_PER_UM3 = 3.0  # with the sizes above ~7-10% of the volume, as in neuropil
 _PLACE_ORDER = ("branched", "tubular", "elongated", "globular", "fragmented")  # big first packs better
@@ -470,6 +471,7 @@ def write_volume(out_dir: str | Path, volume: dict) -> list[Path]:
         os.close(fd)
         try:
             writers[name](tmp)
+            usual_permissions(tmp)  # mkstemp's 0o600 would hide the file from other users
             os.replace(tmp, out / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

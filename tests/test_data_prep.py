@@ -146,6 +146,12 @@ def test_unsupported_and_missing_inputs_name_the_file(tmp_path):
     cv2.imwrite(str(jpg), np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="seg0000.jpg"):
         c.read_image_file(jpg, label=True)  # labels are never read from a lossy format
+    # An RGBA slice: grey from the colour channels only (BGRA turned round whole would be ARGB).
+    rng = np.random.default_rng(0)
+    r, g, b = (rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(3))
+    cv2.imwrite(str(tmp_path / "im0000.png"), np.stack([b, g, r, np.full_like(r, 255)], -1))
+    want = cv2.cvtColor(np.stack([r, g, b], -1), cv2.COLOR_RGB2GRAY)
+    assert np.array_equal(c.read_image_file(tmp_path / "im0000.png"), want)
 
 
 # ---------------------------------------------------------------------------
@@ -399,6 +405,19 @@ def test_generic_errors_and_overwrite(tmp_path):
     (tmp_path / "img.gif").write_bytes(b"GIF89a")
     with pytest.raises(ValueError, match="unsupported format '.gif' for .*img.gif"):
         generic.convert_generic(tmp_path / "img.gif", tmp_path / "lab.tif", tmp_path / "o")
+    # A blank slice or one with NaN pixels is refused here, not when a training run meets it.
+    tifffile.imwrite(tmp_path / "lab.tif", _instances(4))
+    blank = _images(4)
+    blank[2] = 0
+    tifffile.imwrite(tmp_path / "blank.tif", blank)
+    with pytest.raises(ValueError, match=r"blank.tif\[2\]: constant image"):
+        generic.convert_generic(tmp_path / "blank.tif", tmp_path / "lab.tif", tmp_path / "o")
+    nan = _images(4).astype(np.float32)
+    nan[1, 3, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    with pytest.raises(ValueError, match=r"nan.tif\[1\]: 1 NaN"):
+        generic.convert_generic(tmp_path / "nan.tif", tmp_path / "lab.tif", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
     tifffile.imwrite(tmp_path / "lab.tif", _instances(4))
     out = tmp_path / "ok"

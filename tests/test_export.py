@@ -7,6 +7,7 @@ exported once per module.
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -293,6 +294,19 @@ def test_versions_are_never_overwritten(run, export_dir, capsys):
     assert "'nope' not in the model" in capsys.readouterr().err
     assert hashlib.sha256((export_dir / "1" / "saved_model.pb").read_bytes()).hexdigest() == before
     assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]  # no half-written leftovers
+    # A version folder others can read (a TF Serving process of another user), not mkdtemp's 0o700.
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (export_dir / "2").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_exporting_an_export_is_refused_in_one_line_as_python_m(export_dir, tmp_path):
+    """`python -m xmdl_tf.export` runs export.py as __main__ too; the refusal must still fire."""
+    proc = subprocess.run([sys.executable, "-m", "xmdl_tf.export", "--model", str(export_dir / "1"),
+                           "--out", str(tmp_path / "again")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "already a SavedModel" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "again").exists()
 
 
 def test_explain_serves_the_uncertainty_of_the_calibrated_probability(run, export_dir):

@@ -147,6 +147,17 @@ def test_16bit_and_rgb(tmp_path):
     with pytest.warns(UserWarning, match="RGB image converted to grayscale"):
         gray = read_image(tmp_path / "rgb.png")
     assert gray.ndim == 2 and gray.dtype == np.uint8
+    # RGBA: the colour channels give the grey value, alpha none (BGRA turned round would be ARGB).
+    r, g, b = (blob_image(64, seed=k)[0] for k in (2, 3, 4))
+    expected = np.round(0.299 * r + 0.587 * g + 0.114 * b.astype(np.float32)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.stack([b, g, r, np.full_like(r, 255)], -1))  # OpenCV: BGRA
+    with pytest.warns(UserWarning, match="RGB image converted to grayscale"):
+        assert np.abs(read_image(tmp_path / "rgba.png").astype(int) - expected).max() <= 1
+    grey = blob_image(64)[0]
+    cv2.imwrite(str(tmp_path / "grey_rgba.png"), np.stack([grey, grey, grey, np.full_like(grey, 255)], -1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal colour channels: no conversion warning
+        assert np.array_equal(read_image(tmp_path / "grey_rgba.png"), grey)
 
 
 def test_lossy_label_warns(tmp_path):

@@ -139,6 +139,15 @@ def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, t
     # Nothing already written is replaced without --overwrite.
     assert main(["--format", "bioimageio", "--model", str(run), "--out", str(out), "--no-test"]) == 2
     assert (out / "rdf.yaml").is_file()
+    # --overwrite replaces an earlier package only: a folder of anything else, or a file, is never deleted.
+    other = tmp_path / "mydata"
+    (other / "sub").mkdir(parents=True)
+    (other / "notes.txt").write_text("keep")
+    note = tmp_path / "note.txt"
+    note.write_text("keep")
+    for target in (other, note):
+        assert main(["--format", "bioimageio", "--model", str(run), "--out", str(target), "--overwrite"]) == 2
+    assert (other / "notes.txt").read_text() == "keep" and (other / "sub").is_dir() and note.read_text() == "keep"
 
 
 def test_bioimageio_package_of_a_model_with_an_input_blur_ships_the_saved_model_only(blob_run, tmp_path,

@@ -65,6 +65,14 @@ def test_bad_labels_fail_before_training_in_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_warning_to_the_user_is_one_line():
+    code = ("import warnings, sys\nfrom xmdl_tf.cli import guarded\n"
+            "@guarded\ndef main(argv=None):\n    warnings.warn('a.png: RGB image\\n converted to grayscale')\n"
+            "sys.exit(main([]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stderr == "warning: a.png: RGB image converted to grayscale\n", proc.stderr
+
+
 def test_ignore_value_that_swallows_all_foreground_is_refused(tmp_path, capsys):
     data = tmp_path / "d"
     write_split(data, "train", 2, size=64)
@@ -72,6 +80,12 @@ def test_ignore_value_that_swallows_all_foreground_is_refused(tmp_path, capsys):
         tifffile.imwrite(f, tifffile.imread(f) * 255)
     assert train_main(["--data", str(data), "--out", str(tmp_path / "run"), *ARGS, "--ignore-value", "255"]) == 2
     one_line_error(capsys, "--ignore-value 255", "no pixel is a mitochondrion")
+    # evaluate refuses it too, before it loads a model (it used to score F1 0 without a word).
+    from xmdl_tf.evaluate import main as evaluate_main
+    for volume in ([], ["--volume"]):
+        assert evaluate_main(["--model", str(tmp_path / "no_model"), "--data", str(data), "--split", "train",
+                              "--ignore-value", "255", *volume]) == 2
+        one_line_error(capsys, "--ignore-value 255", "no pixel is a mitochondrion")
 
 
 # ----------------------------------------------------------------------------
@@ -438,6 +452,33 @@ def test_one_threshold_operator_and_ignored_pixels():
         InferenceConfig(tile=0)
 
 
+def test_an_empty_slice_predicted_empty_scores_1_for_objects_as_for_pixels():
+    from xmdl_tf.config import InferenceConfig
+    from xmdl_tf.metrics import scores
+    from xmdl_tf.postprocess import pooled_instance_scores, score_slice
+
+    ic = InferenceConfig(threshold=0.5, min_size_px=0)
+    empty = score_slice(np.zeros((32, 32), np.float32), np.zeros((32, 32), np.uint8), ic)
+    assert scores(empty)["f1"] == 1.0
+    pooled = pooled_instance_scores([empty])
+    assert pooled["instance_f1_iou50"] == pooled["instance_precision_iou50"] == 1.0
+    # One false object on another empty slice: nothing to find, one found -> precision and F1 0.
+    prob = np.zeros((32, 32), np.float32)
+    prob[4:12, 4:12] = 0.9
+    false = score_slice(prob, np.zeros((32, 32), np.uint8), ic)
+    assert pooled_instance_scores([empty, false])["instance_f1_iou50"] == 0.0
+
+
+def test_an_empty_test_split_is_scored_on_val(tmp_path):
+    from xmdl_tf.evaluate import held_out_split
+
+    write_split(tmp_path / "d", "val", 1, size=32)
+    (tmp_path / "d" / "test" / "x").mkdir(parents=True)  # a converter's empty test split
+    assert held_out_split(tmp_path / "d") == "val"
+    write_split(tmp_path / "d", "test", 1, size=32)
+    assert held_out_split(tmp_path / "d") == "test"
+
+
 def test_model_mistakes_are_one_clear_line_in_every_command(small_model, images, tmp_path, capsys):
     from xmdl_tf.analyze import main as analyze_main
     from xmdl_tf.evaluate import main as evaluate_main
@@ -462,6 +503,34 @@ def test_model_mistakes_are_one_clear_line_in_every_command(small_model, images,
         assert export_main(["--model", str(model), "--out", str(tmp_path / "e")]) == 2
         one_line_error(capsys, message)
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_an_unusable_out_is_refused_before_any_model_is_loaded(images, tmp_path, capsys):
+    """A file in the way of --out (or a folder this user cannot write) is the first thing each
+    command says, before it loads a model or predicts a slice: here the model does not even exist."""
+    from xmdl_tf.analyze import main as analyze_main
+    from xmdl_tf.evaluate import main as evaluate_main
+    from xmdl_tf.export import main as export_main
+
+    data = tmp_path / "d"
+    write_split(data, "test", 1, size=64)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    nowhere = str(tmp_path / "nowhere")
+    targets = [(blocker, "exists and is not a folder"), (blocker / "sub", "is a file, so")]
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        targets += [(ro, "no permission to write there"), (ro / "sub", "no permission to write in")]
+    for out, message in targets:
+        assert analyze_main([str(images), "--model", nowhere, "--out", str(out)]) == 2
+        one_line_error(capsys, message)
+        assert evaluate_main(["--model", nowhere, "--data", str(data), "--out", str(out)]) == 2
+        one_line_error(capsys, message)
+        assert export_main(["--model", nowhere, "--out", str(out)]) == 2
+        one_line_error(capsys, message)
+    assert blocker.read_text() == "mine"
 
 
 def test_inference_normalises_with_the_models_stored_settings(small_model, tmp_path):

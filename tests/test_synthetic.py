@@ -190,3 +190,13 @@ def test_compare_figure_writes_png(tmp_path):
     out = tmp_path / "docs" / "fig.png"
     compare_figure.main(["--real", str(real), "--out", str(out), "--crop", "128"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = out.read_bytes()
+    # An existing figure is kept without --overwrite; bad values get one line, not a traceback.
+    for argv in (["--out", str(out)], ["--out", str(tmp_path / "fig")], ["--out", str(out), "--crop", "400"]):
+        assert compare_figure.main(["--real", str(real), *argv]) == 2
+    for argv in (["--pixel-size", "0"], ["--crop", "0"]):
+        with pytest.raises(SystemExit):  # argparse: usage and one line
+            compare_figure.main(["--real", str(real), "--out", str(out), *argv])
+    assert out.read_bytes() == before and not (tmp_path / "fig").exists()
+    compare_figure.main(["--real", str(real), "--out", str(out), "--crop", "96", "--overwrite"])
+    assert out.read_bytes() != before and sorted(p.name for p in out.parent.iterdir()) == ["fig.png"]

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 
 from xmdl_tf.config import Config
 from xmdl_tf.io import DataError
@@ -188,6 +189,22 @@ def test_errors(blob_dataset, tmp_path, capsys):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     fails(["--data", str(blob_dataset), "--out", str(tmp_path / "busy"), *ARGS], "not a resumable run")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "r").exists()
+    # A constant or NaN slice is refused before the run folder exists (it used to fail inside
+    # tf.data after config.json was written, as a traceback or a hang).
+    import shutil
+
+    import cv2
+    bad = tmp_path / "bad"
+    shutil.copytree(blob_dataset, bad)
+    cv2.imwrite(str(bad / "val" / "x" / "im0005.png"), np.zeros((128, 128), np.uint8))
+    fails(["--data", str(bad), "--out", str(tmp_path / "r"), *ARGS], "im0005.png: constant image")
+    shutil.copy(blob_dataset / "val" / "x" / "im0005.png", bad / "val" / "x" / "im0005.png")
+    nan = np.random.default_rng(0).random((128, 128)).astype(np.float32)
+    nan[5, 5] = np.nan
+    (bad / "train" / "x" / "im0001.png").unlink()
+    tifffile.imwrite(bad / "train" / "x" / "im0001.tif", nan)
+    fails(["--data", str(bad), "--out", str(tmp_path / "r"), *ARGS], "im0001.tif: float image with NaN")
     assert not (tmp_path / "r").exists()
     with pytest.raises(DataError):  # --debug: the exception itself, for a traceback
         train_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), *ARGS, "--debug"])

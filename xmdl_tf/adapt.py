@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m xmdl_tf.adapt", __doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="unlabelled image files, folders, globs or TIFF stacks")
     p.add_argument("--out", required=True, help="output folder (the adapted model is OUT/model)")
-    p.add_argument("--model", default="xmdl_ref", help="model to adapt (run folder, .keras file or built-in name)")
+    p.add_argument("--model", default=None, help="model to adapt (run folder, .keras file or built-in name; "
+                   "default: $XMDL_MODEL, else the shipped reference model)")
     p.add_argument("--pixel-size", type=cli.pixel_size, default=None, help="nm per pixel when the files do not say")
     p.add_argument("--slices", type=cli.positive_int, default=8, help="slices to pseudo-label, evenly spaced")
     p.add_argument("--low", type=cli.fraction, default=0.1, help="background where the probability is at most this")
@@ -330,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.low >= args.high:
         parser.error(f"--low {args.low:g} must be below --high {args.high:g}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    final = adapt(args.model, args.inputs, args.out, args.pixel_size, args.slices, args.low, args.high,
+    from .pretrained import model_or_default
+
+    final = adapt(model_or_default(args.model), args.inputs, args.out, args.pixel_size, args.slices, args.low, args.high,
                   args.min_area, args.rounds, args.epochs, args.steps_per_epoch, args.seed, args.tile_size,
                   args.consensus, args.max_drift, zoom_search=args.zoom_search)
     print(f"adapted model: {final}  (python -m xmdl_tf.analyze ... --model {final})")

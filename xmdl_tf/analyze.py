@@ -165,7 +165,7 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     from .gradcam import deletion_check, energy_inside
     from .metrics import scores
     from .morphometry import ShapeRules, classify, measure, summarize
-    from .postprocess import foreground, instances as to_instances, score_slice, truth
+    from .postprocess import foreground, instance_scores, instances as to_instances, score_slice, truth
 
     s = settings or Settings()
     ic = s.resolve(predictor)
@@ -204,9 +204,7 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
         sc = score_slice(prob, label, ic, pixel_size_nm, predicted=instances)
         tp, fp, fn = sc["inst_tp"], sc["inst_fp"], sc["inst_fn"]
         summary.update(scores(sc))
-        summary.update({"instance_f1_iou50": 2 * tp / max(2 * tp + fp + fn, 1),
-                        "instance_precision_iou50": tp / max(tp + fp, 1), "instance_recall_iou50": tp / max(tp + fn, 1),
-                        "gt_count": sc["gt_count"], "count_error": sc["count_error"],
+        summary.update({**instance_scores(tp, fp, fn), "gt_count": sc["gt_count"], "count_error": sc["count_error"],
                         "gradcam_energy_in_true_mask": energy_inside(cam, true_mask)})
     if s.faithfulness:
         check = deletion_check(lambda im: predictor.predict_slice(im, ic.tile, ic.overlap, ic.batch_size, **scale),
@@ -375,9 +373,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
     s = settings or Settings()
     if s.pixel_size_nm is not None:
         cli.check_pixel_size(s.pixel_size_nm, "--pixel-size")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    out = cli.check_out_folder(out)
     pairs, failed = expand_inputs(inputs)
     if not pairs and failed:
         return {"analysed": [], "skipped": [], "failed": failed}
@@ -393,6 +389,9 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
             raise FileNotFoundError(NO_DEFAULT)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     ic = s.resolve(predictor)
+    if ic.tile % predictor.size_divisor:  # once, here, rather than as a failure of every image
+        raise cli.UsageError(f"--tile {ic.tile} is not a multiple of the model's size divisor "
+                             f"{predictor.size_divisor}; try {max(ic.tile // predictor.size_divisor, 1) * predictor.size_divisor}")
 
     with FolderLock(out, "analysis"):
         rows, objects = _previous_rows(out)
@@ -407,6 +406,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
         skipped = [p.name for p in pairs if p not in todo]
         if verbose and skipped:
             print(f"--resume: {len(skipped)} image(s) already done, {len(todo)} to go", flush=True)
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         done = []
         t0 = time.time()
@@ -480,8 +480,11 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 msg = str(err) if isinstance(err, (DataError, ValueError)) else f"{type(err).__name__}: {err}"
                 failed.append((where, " ".join(msg.split())))
                 print(f"    skipped {pair.name}: {failed[-1][1]}", file=sys.stderr, flush=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # every image failed: leave no empty folder behind
         if verbose:
-            print(f"analysed {len(done)} image(s) in {time.time() - t0:.0f} s -> {out}/summary.csv, objects.csv")
+            where = f"-> {out}/summary.csv, objects.csv" if (out / "summary.csv").exists() else "; nothing written"
+            print(f"analysed {len(done)} image(s) in {time.time() - t0:.0f} s {where}")
     return {"analysed": done, "skipped": skipped, "failed": failed}
 
 

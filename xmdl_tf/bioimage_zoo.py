@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cli
+
 log = logging.getLogger(__name__)
 
 LICENSE = "CC-BY-NC-SA-4.0"  # derived from CC BY-NC-SA 3.0 and non-commercial training data (models/README.md)
@@ -201,7 +203,8 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
 
     model: run folder, `.keras` file or built-in name (None: the default model).
     run_test: also run `bioimageio.core.test_model` (loads the weights; seconds).
-    An existing non-empty `out_dir` raises FileExistsError unless overwrite.
+    An existing non-empty `out_dir` raises FileExistsError unless it holds an earlier package and overwrite
+    is given (a file, or a folder of anything else, is never replaced).
     """
     from .data import normalize
     from .predict import Predictor, load_keras_with_config
@@ -214,9 +217,15 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
     except ImportError:
         raise ZooError("the bioimage.io export needs bioimageio.spec: pip install 'xmdl-tf[bioimageio]'") from None
 
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: already exists and is not an empty folder; choose another --out or pass --overwrite")
+    out = cli.check_out_folder(out_dir)
+    if out.is_dir() and any(out.iterdir()):
+        # --overwrite replaces an earlier package, never a folder of something else (it is deleted whole).
+        if not any((out / name).is_file() for name in (RDF, "bioimageio.yaml")):
+            raise FileExistsError(f"{out}: a folder that holds no bioimage.io package ({RDF}); choose another "
+                                  "--out (--overwrite replaces only an earlier package)")
+        if not overwrite:
+            raise FileExistsError(f"{out}: already holds a bioimage.io package; choose another --out or pass "
+                                  "--overwrite to replace it")
     model = model if model is not None else default_model_path()
     if model is None:
         raise FileNotFoundError(NO_DEFAULT)

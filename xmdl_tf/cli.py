@@ -15,6 +15,8 @@ import argparse
 import functools
 import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Callable
 
 # Plausible EM pixel sizes: from sub-nm cryo-EM to 10 um overview scans. Outside
@@ -41,6 +43,9 @@ def guarded(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
     def wrapper(argv: list[str] | None = None) -> int:
         args = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in args or os.environ.get("XMDL_DEBUG", "") not in ("", "0")
+        shown = warnings.formatwarning
+        if not debug:  # a user's warning is one line, not Python's file:line and a line of source code
+            warnings.formatwarning = _one_line_warning
         try:
             return int(main(argv) or 0)
         except KeyboardInterrupt:
@@ -54,8 +59,16 @@ def guarded(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
                 raise
             print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
+        finally:
+            warnings.formatwarning = shown
 
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    text = " ".join(str(message).split())
+    return f"warning: {text}\n" if issubclass(category, UserWarning) else \
+        f"{category.__name__}: {text} ({filename}:{lineno})\n"
 
 
 def one_line(err: BaseException) -> str:
@@ -161,6 +174,27 @@ def check_pixel_size(value: float, source: str) -> float:
             raise argparse.ArgumentTypeError(msg.split(": ", 1)[1])
         raise UsageError(msg)
     return value
+
+
+def check_out_folder(out: str | Path) -> Path:
+    """`out` as a Path if it can become or hold a command's output folder; else a one-line error.
+
+    Called before any model is loaded or slice predicted, so a typo in --out costs nothing: a
+    file in the way, or a folder (or the nearest existing parent of one to be created) that this
+    user cannot write to, is refused up front.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FileExistsError(f"{probe}: is a file, so {out} cannot be created; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: no permission to write {'there' if probe == out else f'in {probe}'}; "
+                              "choose another --out")
+    return out
 
 
 # ----------------------------------------------------------------------------

@@ -20,12 +20,18 @@ from pathlib import Path
 
 from . import cli
 from .config import InferenceConfig, resolve_inference
+from .pretrained import model_or_default
 
 def held_out_split(data: str | Path) -> str:
     """The split to score by default: `test` where the data set has one, else `val`
-    (e.g. Lucchi++, whose test volume is kept apart), else `test` (for the error message)."""
+    (e.g. Lucchi++, whose test volume is kept apart), else `test` (for the error message).
+    A split folder with no file in it (a converter's empty test split) counts as absent."""
     p = Path(data)
-    if not (p / "test" / "x").is_dir() and (p / "val" / "x").is_dir():
+
+    def has(split: str) -> bool:
+        return (p / split / "x").is_dir() and any(f.is_file() for f in (p / split / "x").iterdir())
+
+    if not has("test") and has("val"):
         return "val"
     return "test"
 
@@ -47,14 +53,14 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     import pandas as pd
 
     from .autoscale import for_objects, prediction_grid
-    from .io import find_pairs, read_pair, read_pixel_size_nm
+    from .io import check_ignore_value, check_labels, find_pairs, read_pair, read_pixel_size_nm
     from .metrics import add_counts, scores
     from .postprocess import pooled_instance_scores, score_slice
     from .predict import load_model
     from .runlock import atomic_write_text
 
     if out is not None:
-        out = Path(out)
+        out = cli.check_out_folder(out)
         existing = [out / n for n in ("metrics.json", "per_image.csv") if (out / n).exists()]
         if existing and not overwrite:
             raise FileExistsError(f"{existing[0]} exists; use --overwrite or another --out")
@@ -63,6 +69,8 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     if split == "auto":
         split = held_out_split(data)
     pairs = find_pairs(data, split, labels=labels)
+    if ignore_value is not None:  # before any prediction: 0/255 masks with --ignore-value 255 would score 0
+        check_ignore_value(check_labels(pairs, ignore_value), ignore_value)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     ic = resolve_inference(predictor, inference, **overrides)
     total: dict[str, int] = {}
@@ -91,7 +99,7 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
         "n_pixels": int(sum(r["pixels"] for r in rows)),
         "threshold": ic.threshold,
         "pooling": "all pixels of all slices",
-        **_provenance(predictor, data, split, ic, t0),
+        **_provenance(predictor, data, split, ic, t0, labels),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -100,10 +108,17 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     return result
 
 
-def _provenance(predictor, data, split: str, ic: InferenceConfig, t0: float) -> dict:
-    """What was scored, how, and how long it took (the tail of metrics.json)."""
+def _provenance(predictor, data, split: str, ic: InferenceConfig, t0: float, labels=None) -> dict:
+    """What was scored, how, and how long it took (the tail of metrics.json).
+
+    "split" is the split folder scored (`<data>/<split>/x`, or the name of a folder holding x/ and y/),
+    None for an image folder, glob or stack given with --labels, which has no split.
+    """
+    p = Path(data)
+    scored = (split if labels is None and (p / split / "x").is_dir()
+              else p.name if labels is None and (p / "x").is_dir() else None)
     return {"inference": asdict(ic), "model": str(getattr(predictor, "path", predictor)),
-            "data": str(Path(data).resolve()), "split": split, "tta": ic.tta, "seconds": round(time.time() - t0, 1)}
+            "data": str(p.resolve()), "split": scored, "tta": ic.tta, "seconds": round(time.time() - t0, 1)}
 
 
 def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | None = None,
@@ -125,13 +140,13 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
 
     from .instances3d import volume_instances
     from .autoscale import for_objects, prediction_grid
-    from .io import DataError, find_pairs, read_pair, read_pixel_size_nm
+    from .io import DataError, check_ignore_value, check_labels, find_pairs, read_pair, read_pixel_size_nm
     from .predict import load_model
     from .runlock import atomic_write_text
     from .volume import check_planes, predict_volume, score_volume
 
     if out is not None:
-        out = Path(out)
+        out = cli.check_out_folder(out)
         if (out / "metrics.json").exists() and not overwrite:
             raise FileExistsError(f"{out / 'metrics.json'} exists; use --overwrite or another --out")
     voxel = None
@@ -144,6 +159,8 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     if split == "auto":
         split = held_out_split(data)
     pairs = find_pairs(data, split, labels=labels)
+    if ignore_value is not None:
+        check_ignore_value(check_labels(pairs, ignore_value), ignore_value)
     check_planes(planes, voxel, str(data))
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     ic = resolve_inference(predictor, inference, **overrides)
@@ -169,7 +186,7 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
         "auto_zoom": zoom.zoom if zoom is not None else None,
         "pooling": "all voxels of the volume; instances in 3-D",
         "ap_definition": "MitoEM challenge (mAP_3Dvolume): objects ranked by size, 101-point interpolated precision",
-        **_provenance(predictor, data, split, ic, t0),
+        **_provenance(predictor, data, split, ic, t0, labels),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -194,10 +211,15 @@ def format_table(result: dict) -> str:
     return head + "\n" + row
 
 
+def _split_tag(result: dict) -> str:
+    return f" [{result['split']}]" if result.get("split") else ""
+
+
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m xmdl_tf.evaluate", __doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="run folder, .keras file or exported SavedModel folder")
+    p.add_argument("--model", default=None, help="run folder, .keras file, exported SavedModel folder or built-in "
+                   "name (default: $XMDL_MODEL, else the shipped reference model)")
     p.add_argument("--data", required=True, help="data set folder (split layout), image folder or stack")
     p.add_argument("--labels", default=None, help="label folder/glob/stack when --data is not in the split layout")
     p.add_argument("--split", default="auto", help="split to score; auto: test, or val for a set without one")
@@ -214,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_inference_args(p, explain=False)
     args = p.parse_args(argv)
     cli.inference_from_args(args, InferenceConfig())  # the flags' values must form a valid config
+    args.model = model_or_default(args.model)
     if not args.volume and (args.voxel_size is not None or args.planes != "xy"):
         p.error("--voxel-size and --planes need --volume")
     if args.volume:
@@ -222,14 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_volume(args.model, args.data, args.split, args.out, cli.inference_overrides(args),
                                  args.labels, args.overwrite, args.voxel_size, args.pixel_size, args.ignore_value,
                                  parse_planes(args.planes))
-        print(f"{args.data} [{result['split']}] as one volume, {' x '.join(map(str, result['shape_zyx']))} voxels")
+        print(f"{args.data}{_split_tag(result)} as one volume, {' x '.join(map(str, result['shape_zyx']))} voxels")
         print(format_volume_table(result))
         if args.out:
             print(f"wrote {Path(args.out) / 'metrics.json'}")
         return 0
     result = evaluate(args.model, args.data, args.split, args.out, cli.inference_overrides(args), args.labels,
                       args.overwrite, args.pixel_size, args.ignore_value)
-    print(f"{args.data} [{result['split']}]  pooled over {result['n_pixels']:,} pixels")
+    print(f"{args.data}{_split_tag(result)}  pooled over {result['n_pixels']:,} pixels")
     print(format_table(result))
     if args.out:
         print(f"wrote {Path(args.out) / 'metrics.json'} and per_image.csv")

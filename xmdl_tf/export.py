@@ -50,6 +50,7 @@ import numpy as np
 from . import cli
 from .config import NORMALIZATION, Config
 from .predict import ModelError, Predictor
+from .runlock import usual_permissions
 
 META_FILE = "xmdl.json"  # in EXPORT_DIR/<version>/assets/
 MASK_THRESHOLD = 0.5  # mitochondria probability at or above which the served mask is 1
@@ -117,7 +118,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     """
     from .predict import load_model
 
-    out_dir = Path(out_dir)
+    out_dir = cli.check_out_folder(out_dir)
     if version is not None and version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
     existing = versions(out_dir)
@@ -127,7 +128,10 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
         raise FileExistsError(f"{target}: version {version} already exists; choose another --version or omit it "
                               f"(next free: {(existing[-1] + 1) if existing else 1}); versions are never overwritten")
     predictor = load_model(model_path, jit_compile=False)
-    if isinstance(predictor, SavedModelPredictor):
+    # The class as `load_model` imported it: under `python -m xmdl_tf.export` this file also runs as
+    # __main__, whose SavedModelPredictor is another class object, and isinstance would miss.
+    from .export import SavedModelPredictor as LoadedSavedModel
+    if isinstance(predictor, LoadedSavedModel):
         raise ModelError(f"{model_path}: already a SavedModel; export the .keras model it came from")
     layer = gradcam_layer or predictor.gradcam_layer
     archive = _archive(predictor.model, predictor.config, layer)
@@ -138,6 +142,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir))
     try:
+        usual_permissions(tmp)  # mkdtemp's 0o700 would keep a serving process of another user out
         archive.write_out(str(tmp), verbose=False)
         (tmp / "assets").mkdir(exist_ok=True)
         (tmp / "assets" / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -427,12 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.overwrite or args.no_test:
         raise cli.UsageError("--overwrite and --no-test apply to --format bioimageio only")
-    if args.model is None:
-        from .pretrained import NO_DEFAULT, default_model_path
+    from .pretrained import model_or_default
 
-        args.model = default_model_path()
-        if args.model is None:
-            raise FileNotFoundError(NO_DEFAULT)
+    args.model = model_or_default(args.model)
     try:
         path = export_model(args.model, args.out, args.version, args.gradcam_layer)
     except (FileExistsError, ValueError) as err:  # ModelError, GradCamError and bad versions

@@ -68,8 +68,9 @@ def _read_raw(path: Path, page: int | None) -> np.ndarray:
             arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if arr is None:
                 raise DataError(f"{path}: not a readable image (unsupported or corrupt {ext or 'file'})")
-            if arr.ndim == 3:  # OpenCV gives BGR(A); make it RGB(A) for the conversion below
-                arr = arr[..., ::-1] if arr.shape[2] in (3, 4) else arr
+            if arr.ndim == 3 and arr.shape[2] in (3, 4):  # OpenCV gives BGR(A); make it RGB(A)
+                # Only the colour channels turn round: [..., ::-1] would make BGRA into ARGB.
+                arr = np.concatenate([arr[..., 2::-1], arr[..., 3:]], axis=-1)
     except DataError:
         raise
     except Exception as err:  # tifffile raises many types for corrupt files
@@ -476,29 +477,43 @@ def check_pairs(pairs: list[SlicePair]) -> list[tuple[int, int]]:
     return shapes
 
 
+def check_ignore_value(stats: dict[str, int], ignore_value: int | None) -> None:
+    """Refuse an `ignore_value` that swallows every foreground pixel (`check_labels`' pooled counts):
+    with 0/255 masks and --ignore-value 255 nothing would be a mitochondrion, and every score 0."""
+    if ignore_value is not None and stats["foreground"] == 0 and stats["ignored"]:
+        raise DataError(f"--ignore-value {ignore_value}: every non-zero label pixel has this value, so no pixel is "
+                        "a mitochondrion (in 0/{0} masks {0} marks mitochondria); leave --ignore-value out, or mark "
+                        "unlabelled pixels with another value".format(ignore_value))
+
+
 def check_labels(pairs: list[SlicePair], ignore_value: int | None = None, workers: int | None = None,
                  progress=None) -> dict[str, int]:
-    """Decode every label once, up front, so bad ones fail before anything is trained.
+    """Decode every image and label once, up front, so bad ones fail before anything is trained.
 
-    Each label must be readable as a mask or instance ids (`read_label`) and
-    match its image's (H, W) (from the image header). Runs in threads (the
-    decoders release the GIL). progress: called with the number of labels done.
+    Each image must be a readable, non-constant slice with finite values
+    (`read_image`), each label readable as a mask or instance ids
+    (`read_label`) of its image's (H, W). Runs in threads (the decoders
+    release the GIL). progress: called with the number of pairs done.
     Returns pooled pixel counts: {"slices", "pixels", "foreground", "ignored"}
     (foreground excludes `ignore_value`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     def one(p: SlicePair) -> tuple[int, int, int]:
+        # The whole image, not only its header: a constant, NaN or truncated slice would otherwise
+        # fail inside the tf.data pipeline, after the run folder exists, as a traceback (or a hang).
+        shape = read_image(p.image, p.page).shape
+        if p.label is None:
+            return 0, 0, 0
         label = read_label(p.label, p.page)
-        shape = image_shape(p.image, p.page)
         if label.shape != shape:
             raise DataError(f"{p.image} is {shape} but its label {p.label} is {label.shape}")
         ignored = int(np.count_nonzero(label == ignore_value)) if ignore_value is not None else 0
         fg = int(np.count_nonzero(label)) - (ignored if ignore_value else 0)
         return label.size, fg, ignored
 
-    todo = [p for p in pairs if p.label is not None]
-    total = {"slices": len(todo), "pixels": 0, "foreground": 0, "ignored": 0}
+    todo = list(pairs)
+    total = {"slices": sum(p.label is not None for p in todo), "pixels": 0, "foreground": 0, "ignored": 0}
     workers = workers or min(8, (os.cpu_count() or 2) + 2)
     with ThreadPoolExecutor(workers) as pool:
         for i, (n, fg, ig) in enumerate(pool.map(one, todo)):

@@ -63,6 +63,7 @@ from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import marching_cubes, mesh_surface_area
 from skimage.morphology import skeletonize
 from .morphometry import Rules
+from .runlock import usual_permissions
 
 __all__ = [
     "SHAPE_CLASSES_3D", "ShapeRules3D", "classify3d", "measure3d", "object_mesh",
@@ -656,6 +657,7 @@ def write_meshes(
                 _write_ply(fh, ids, verts, faces, offsets, unit)
             else:
                 _write_obj(fh, ids, verts, faces, offsets, unit)
+        usual_permissions(tmp)  # mkstemp's 0o600 would hide the mesh from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import InferenceConfig
+from .metrics import scores
 
 
 def foreground(probability: np.ndarray, threshold: float) -> np.ndarray:
@@ -124,9 +125,16 @@ def best_iou(instances: np.ndarray, others: np.ndarray) -> np.ndarray:
     return out
 
 
+def instance_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Instance precision, recall and F1 at IoU 0.5 from matched counts (`metrics.scores`' rule:
+    nothing to find and nothing found is 1.0, a zero denominator otherwise 0.0)."""
+    s = scores({"tp": tp, "fp": fp, "fn": fn, "tn": 0})
+    return {"instance_f1_iou50": s["f1"], "instance_precision_iou50": s["precision"],
+            "instance_recall_iou50": s["recall"]}
+
+
 def pooled_instance_scores(rows: list[dict]) -> dict:
     """Instance F1 at IoU 0.5 pooled over images, and the mean absolute count error per image."""
     tp, fp, fn = (sum(r[k] for r in rows) for k in ("inst_tp", "inst_fp", "inst_fn"))
-    return {"instance_f1_iou50": 2 * tp / max(2 * tp + fp + fn, 1),
-            "instance_precision_iou50": tp / max(tp + fp, 1), "instance_recall_iou50": tp / max(tp + fn, 1),
+    return {**instance_scores(tp, fp, fn),
             "mean_abs_count_error": sum(abs(r["count_error"]) for r in rows) / max(len(rows), 1)}

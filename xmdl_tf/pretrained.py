@@ -66,3 +66,13 @@ def default_model_path() -> Path | None:
 
 NO_DEFAULT = (f"no default model is installed (built-in '{DEFAULT}' missing and ${ENV} unset); "
               "pass --model MODEL")
+
+
+def model_or_default(model: str | Path | None) -> str | Path:
+    """`model` as given, else `default_model_path()`; FileNotFoundError(NO_DEFAULT) when neither exists."""
+    if model is not None:
+        return model
+    found = default_model_path()
+    if found is None:
+        raise FileNotFoundError(NO_DEFAULT)
+    return found

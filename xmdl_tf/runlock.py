@@ -67,6 +67,17 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
+def usual_permissions(path: str | Path) -> None:
+    """Give `path` the mode a plain `open`/`mkdir` would (0o666 / 0o777 less the umask).
+
+    `tempfile.mkstemp` and `mkdtemp` create 0o600 / 0o700, and the mode survives the rename into
+    place: an exported model would be unreadable to a TF Serving process of another user.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file, fsync and a rename (never half a file)."""
     path = Path(path)

@@ -329,28 +329,25 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
 
 
 def check_training_labels(train_sets, val_sets, ignore_value: int | None, verbose: bool = True) -> None:
-    """Decode every training and validation label before training (see `io.check_labels`).
+    """Decode every training and validation image and label before training (see `io.check_labels`).
 
     Refuses a training set with no mitochondrion pixel at all, and an
     `ignore_value` that swallows every foreground pixel (0/255 masks with
     --ignore-value 255).
     """
-    from .io import DataError, check_labels
+    from .io import DataError, check_ignore_value, check_labels
 
     pairs = list(dict.fromkeys(r.pair for s in [*train_sets, *val_sets] for r in s.regions))
     n = len(pairs)
     step = max(n // 4, 1)
-    report = (lambda i: print(f"checked {i}/{n} labels", flush=True) if i % step == 0 or i == n else None)
+    report = (lambda i: print(f"checked {i}/{n} slices", flush=True) if i % step == 0 or i == n else None)
     t = time.time()
     stats = check_labels(pairs, ignore_value, progress=report if verbose and n >= 100 else None)
     train_pairs = list(dict.fromkeys(r.pair for s in train_sets for r in s.regions))
     if verbose:
-        print(f"checked {n} labels in {time.time() - t:.1f} s", flush=True)
+        print(f"checked {n} slices and labels in {time.time() - t:.1f} s", flush=True)
+    check_ignore_value(stats, ignore_value)
     if stats["foreground"] == 0:
-        if ignore_value is not None and stats["ignored"]:
-            raise DataError(f"--ignore-value {ignore_value}: every non-zero label pixel has this value, so no pixel is "
-                            "a mitochondrion (in 0/{0} masks {0} marks mitochondria); leave --ignore-value out, or mark "
-                            "unlabelled pixels with another value".format(ignore_value))
         raise DataError(f"no mitochondrion pixel in any of the {len(train_pairs)} training labels "
                         f"(e.g. {train_pairs[0].label}); check the label folder")
 

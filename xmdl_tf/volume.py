@@ -332,9 +332,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     from .volume_io import check_same_grid, open_volume, resolve_voxel_size
 
     s = settings or VolumeSettings()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    out = cli.check_out_folder(out)
     if labels is not None and len(inputs) != 1:
         raise cli.UsageError(f"--labels with --volume takes one label stack for one STACK, got {len(inputs)} inputs")
     volumes, failed = [], []
