@@ -460,6 +460,8 @@ def _recover(out: Path) -> None:
 def output_folder(out: str | Path, overwrite: bool) -> Iterator[Path]:
     """A staging folder (empty split folders) inside ``out`` to write the new data set into.
 
+    Split folders left empty by the conversion are not kept.
+
     Nothing in ``out`` is touched while the conversion runs, so inputs that
     live inside ``out`` stay readable, and a failure or a kill leaves the old
     contents exactly as they were. Only when the block completes are the old
@@ -484,6 +486,9 @@ def output_folder(out: str | Path, overwrite: bool) -> Iterator[Path]:
             if created and not any(out.iterdir()):
                 out.rmdir()  # a failed first conversion leaves no empty folder behind
             raise
+        for split in SPLITS:  # a split with no slice is left out: an empty test/ would read as a test split
+            if not any((stage / split / "x").iterdir()) and not any((stage / split / "y").iterdir()):
+                shutil.rmtree(stage / split)
         trash = out / f"{REPLACED_PREFIX}{os.getpid()}"
         trash.mkdir()
         for name in LAYOUT_ITEMS:

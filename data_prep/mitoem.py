@@ -86,6 +86,7 @@ def convert_release(images: str | Path, out: str | Path, *, train_labels: str | 
     if train_labels is None and val_labels is None:
         raise ValueError("give at least --train-labels or --val-labels")
     pairs, label_paths, max_bytes = [], [], 1
+    split_of: dict[int, str] = {}  # z -> the split that holds it: no slice may be in two
     for split, path in sources.items():
         if path is None:
             continue
@@ -96,6 +97,9 @@ def convert_release(images: str | Path, out: str | Path, *, train_labels: str | 
             z = labels.indices[pos]
             if z not in by_z:
                 raise FileNotFoundError(f"no image im{z:04d}.png in {image_stack.path} for label {labels.names[pos]}")
+            if split_of.setdefault(z, split) != split:
+                raise ValueError(f"slice {z} is labelled for both {split_of[z]} and {split} ({labels.names[pos]}); "
+                                 f"splits must not share slices: check --{split}-labels and --{split}-z0")
             pairs.append(c.Pair(split, image_stack, by_z[z], labels, pos))
     kind = "binary" if binary else "instance"
     # One dtype for the whole dataset, wide enough for the source's ids.
@@ -177,6 +181,13 @@ def convert_biapy(src: str | Path, out: str | Path, *, link: bool = False, val_f
     Files are kept byte for byte; only PNG labels are rewritten, as zlib TIFF
     with the same values. Returns dataset.json's path.
     """
+    if link:
+        s_, o_ = Path(src).resolve(), Path(out).resolve()
+        if s_ == o_ or o_ in s_.parents or s_ in o_.parents:
+            # The links would point into the folder the conversion replaces: to themselves, or to
+            # files deleted when the new tree takes its place.
+            raise ValueError(f"--link: --out {out} and --src {src} overlap, so the links would point into the "
+                             "folder being replaced; copy instead (leave out --link) or choose another --out")
     found = check_biapy(src)
     carved = "val" not in found and val_fraction > 0
     if carved:

@@ -345,6 +345,25 @@ def test_mitoem_biapy_val_carved_and_errors(tmp_path):
         mitoem.convert_biapy(tmp_path / "B", tmp_path / "outB")
     with pytest.raises(FileNotFoundError, match="train"):
         mitoem.convert_biapy(tmp_path / "nothing", tmp_path / "outC")
+    # A set with no test split gets no empty test/ folder (it would read as a test split).
+    assert not (tmp_path / "outA" / "test").exists() and (tmp_path / "outA" / "val" / "x").is_dir()
+    # --link into the folder being replaced would leave links to themselves: refused, nothing touched.
+    before = sorted(p.name for p in (tmp_path / "outA" / "train" / "x").iterdir())
+    with pytest.raises(ValueError, match="--link.*overlap"):
+        mitoem.convert_biapy(tmp_path / "outA", tmp_path / "outA", link=True, overwrite=True)
+    after = tmp_path / "outA" / "train" / "x"
+    assert sorted(p.name for p in after.iterdir()) == before and not any(p.is_symlink() for p in after.iterdir())
+
+
+def test_mitoem_release_refuses_a_slice_in_two_splits(tmp_path):
+    _, labels = _write_mitoem_release(tmp_path / "EM30-H")  # train labels z 0-7
+    with h5py.File(tmp_path / "val.h5", "w") as f:  # a val volume placed at z 5 by mistake
+        f.create_dataset("main", data=labels[8:10].astype(np.uint32))
+    with pytest.raises(ValueError, match="slice 5 is labelled for both train and val"):
+        mitoem.convert_release(tmp_path / "EM30-H" / "im", tmp_path / "out",
+                               train_labels=tmp_path / "EM30-H" / "mito-train-v2",
+                               val_labels=tmp_path / "val.h5", z0={"val": 5})
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------

@@ -216,3 +216,16 @@ def test_bad_inputs_fail_before_writing(blob_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
         assert not out.exists()
+    # --overwrite deletes only an earlier run of this command: never the input, never other data.
+    import zarr
+    src = tmp_path / "in.zarr"
+    zarr.open_array(str(src), mode="w", shape=image.shape, chunks=(8, 96, 96), dtype=image.dtype)[:] = image
+    mine = tmp_path / "mine.zarr"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for out, needle in ((src, "would replace the input"), (mine, "is not a run of this command")):
+        for flag in ("--overwrite", "--resume"):
+            assert main([str(src), "--out", str(out), "--model", model, flag]) == 2
+            err = capsys.readouterr().err
+            assert needle in err and "Traceback" not in err, err
+    assert np.array_equal(zarr.open_array(str(src), mode="r")[:], image) and (mine / "notes.txt").is_file()

@@ -260,6 +260,18 @@ def test_analyze_volume_bad_inputs(tiny_run, tmp_path, capsys):
         assert rc != 0, argv
         assert needle in err and "Traceback" not in err, (argv, err)
     assert not any((tmp_path / d).exists() for d in "acde")  # nothing written for bad input
+    # An output folder OUT/<stem> that is the input itself (a slice folder analysed into its parent) or
+    # holds it would be replaced on --resume/--overwrite: refused, the slices kept.
+    import cv2
+
+    folder = tmp_path / "res" / "slices"
+    folder.mkdir(parents=True)
+    for z in range(4):
+        cv2.imwrite(str(folder / f"im{z:04d}.png"), image[z])
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        assert main([str(folder), "--out", str(tmp_path / "res"), *flags, *base]) == 2
+        assert "would replace the input" in capsys.readouterr().err
+    assert len(list(folder.iterdir())) == 4
     with pytest.raises(SystemExit):
         main([str(stack), "--voxel-size", "5", "5", "5", "--model", str(tiny_run)])  # needs --volume
 

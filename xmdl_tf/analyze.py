@@ -377,6 +377,8 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
     pairs, failed = expand_inputs(inputs)
     if not pairs and failed:
         return {"analysed": [], "skipped": [], "failed": failed}
+    for pair in pairs:  # OUT/<name> is replaced whole on --overwrite: it must not hold an input
+        cli.refuse_replacing_input(out / pair.name, pair.image)
     label_map = match_labels(pairs, labels)
     if labels is not None:
         unlabelled = [p.name for p in pairs if p.name not in label_map]

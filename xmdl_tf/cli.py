@@ -197,6 +197,14 @@ def check_out_folder(out: str | Path) -> Path:
     return out
 
 
+def refuse_replacing_input(target: str | Path, source: str | Path) -> None:
+    """One-line error when the output folder `target` (replaced whole on --overwrite) is the input
+    `source` or holds it: writing there would delete the data being analysed."""
+    t, s = Path(target).resolve(), Path(source).resolve()
+    if t == s or t in s.parents:
+        raise UsageError(f"{target}: this output would replace the input {source}; choose another --out")
+
+
 # ----------------------------------------------------------------------------
 # Inference flags, defined once for analyze, evaluate and the benchmarks
 

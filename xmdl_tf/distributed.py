@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import cli
 from .config import InferenceConfig
 from .io import DataError
 
@@ -441,6 +442,11 @@ def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> None:
 
     state = out / WORK / "state.json"
     if out.exists():
+        if not state.is_file() and (not out.is_dir() or any(out.iterdir())):
+            # Neither --resume nor --overwrite may touch what this command did not write: it could be
+            # the input itself, or anyone's data.
+            raise FileExistsError(f"{out}: exists and is not a run of this command (no {WORK}/state.json); "
+                                  "choose another --out")
         if resume and state.is_file():
             old = json.loads(state.read_text())
             mine = json.loads(json.dumps(asdict(plan)))
@@ -485,7 +491,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     from .morphometry3d import ShapeRules3D, classify3d, summarize3d, table_from_rows
     from .predict import is_saved_model, resolve_model_path
     from .runlock import FolderLock, atomic_write_text
-    from .volume_io import open_volume, resolve_voxel_size
+    from .volume_io import open_volume, resolve_voxel_size, source_path
 
     t_start = time.time()
     report = Reporter(verbose, progress, cancel)
@@ -493,6 +499,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     if out.suffix != ".zarr":
         raise DataError(f"--out {out}: the output is an OME-Zarr folder; give it a .zarr name")
     vol = open_volume(source, kind="image")
+    cli.refuse_replacing_input(out, source_path(source))
     voxel = resolve_voxel_size(vol, voxel_size_nm)
     model = model or default_model_path()
     if model is None:

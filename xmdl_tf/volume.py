@@ -329,7 +329,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     from .pretrained import NO_DEFAULT, default_model_path
     from .predict import load_model
     from .runlock import FolderLock
-    from .volume_io import check_same_grid, open_volume, resolve_voxel_size
+    from .volume_io import check_same_grid, open_volume, resolve_voxel_size, source_path
 
     s = settings or VolumeSettings()
     out = cli.check_out_folder(out)
@@ -347,6 +347,11 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     if not volumes:
         return {"analysed": [], "skipped": [], "failed": failed}
     names = [v.name for v, _ in volumes]
+    for vol, _ in volumes:
+        if vol.name in ("", ".", ".."):
+            raise cli.UsageError(f"{vol.source}: gives no output name; name the folder or file itself (not '.' "
+                                 "or '..')")
+        cli.refuse_replacing_input(out / vol.name, source_path(vol.source))
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(f"several inputs share the output name(s) {dupes}; analyse them into separate --out folders")

@@ -421,6 +421,12 @@ def open_volume(spec: str | Path, kind: str = "image") -> Volume:
 _CONTAINER_RE = re.compile(r"^(.+?\.(?:h5|hdf5|hdf|he5|zarr|n5))(?:[:/](.*))?$", re.IGNORECASE)
 
 
+def source_path(spec: str | Path) -> Path:
+    """The file or folder a volume spec reads (`x.h5` of `x.h5:/a/b`)."""
+    container, _ = _split_container(str(spec))
+    return Path(container if container is not None else spec)
+
+
 def _split_container(spec: str) -> tuple[str | None, str | None]:
     """("x.h5", "a/b") from "x.h5:/a/b" or "x.h5/a/b"; (None, None) when spec names no container."""
     m = _CONTAINER_RE.match(spec)
