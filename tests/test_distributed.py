@@ -204,7 +204,11 @@ def test_bad_inputs_fail_before_writing(blob_run, tmp_path, capsys):
     tifffile.imwrite(tmp_path / "flat.tif", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
     image, _ = blob_volume((24, 96, 96), n=1)
     write_volume_tiff(tmp_path / "vol.tif", image)
+    nan = image.astype(np.float32)
+    nan[3, 5, 5] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
     cases = [
+        ([str(tmp_path / "nan.tif")], "NaN or infinite values in slice 3 (1 voxels)"),
         ([f"{tmp_path / 'v.h5'}:/nothere"], "nothere"),
         ([str(tmp_path / "flat.tif")], "2-D"),
         ([str(tmp_path / "vol.tif"), "--chunks", "8", "40", "40", "--halo", "32"], "halo"),

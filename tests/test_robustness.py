@@ -73,6 +73,17 @@ def test_a_warning_to_the_user_is_one_line():
     assert proc.returncode == 0 and proc.stderr == "warning: a.png: RGB image converted to grayscale\n", proc.stderr
 
 
+def test_the_interrupt_advice_names_resume_where_a_command_needs_it(capsys):
+    from xmdl_tf import cli
+
+    def stop(argv=None):
+        raise KeyboardInterrupt
+
+    assert cli.guarded(stop)([]) == 130 and "same command again to continue" in capsys.readouterr().err
+    assert cli.guarded(resume_flag=True)(stop)([]) == 130
+    assert "same command with --resume to continue" in capsys.readouterr().err
+
+
 def test_ignore_value_that_swallows_all_foreground_is_refused(tmp_path, capsys):
     data = tmp_path / "d"
     write_split(data, "train", 2, size=64)
@@ -531,6 +542,26 @@ def test_an_unusable_out_is_refused_before_any_model_is_loaded(images, tmp_path,
         assert export_main(["--model", nowhere, "--out", str(out)]) == 2
         one_line_error(capsys, message)
     assert blocker.read_text() == "mine"
+
+
+def test_a_resampled_slice_is_normalised_by_its_own_grey_values_before_resampling(small_model):
+    """As training normalises whole slices and then resamples tiles, and as the chunked path passes
+    each slice's histogram: the percentiles are the slice's own, not those of its resampled copy,
+    whose interpolated values thin the tails (the two differed by several grey levels)."""
+    from conftest import blob_image
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.sampling import grey_counts, resample_image
+
+    pred = load_model(small_model, jit_compile=False)  # model pixel size 5 nm
+    image = blob_image(64, seed=3)[0]
+    image[::9, ::7] = 255  # isolated bright pixels: their share shrinks when the slice is enlarged x2
+    image[4::11, 3::5] = 0
+    native = pred.predict_slice(image, tile=64, overlap=16, pixel_size_nm=10.0)
+    np.testing.assert_array_equal(
+        native, pred.predict_slice(image, tile=64, overlap=16, pixel_size_nm=10.0, counts=grey_counts(image)))
+    after = pred.predict_slice(image, tile=64, overlap=16, pixel_size_nm=10.0,
+                               counts=grey_counts(resample_image(image, 2.0)))
+    assert np.abs(native - after).max() > 1e-4  # the check above could tell the two apart
 
 
 def test_inference_normalises_with_the_models_stored_settings(small_model, tmp_path):

@@ -542,7 +542,7 @@ def _write_tables(out: Path, rows: dict, objects: dict, order: list[str], key: s
     atomic_write_text(out / "objects.csv", table.to_csv(index=False))
 
 
-@cli.guarded
+@cli.guarded(resume_flag=True)
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m xmdl_tf.analyze", __doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or TIFF stacks")

@@ -36,8 +36,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (DataError, UsageError, FolderBusy, FileExistsError, FileNotFoundError, PermissionError, OSError, ValueError)
 
 
-def guarded(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Decorator for `main(argv)`: expected errors -> `error: <message>` and exit 2."""
+def guarded(main: Callable[[list[str] | None], int | None] | None = None, *, resume_flag: bool = False):
+    """Decorator for `main(argv)`: expected errors -> `error: <message>` and exit 2.
+
+    `@guarded(resume_flag=True)` for a command that continues an interrupted run only with
+    `--resume` (the advice printed on an interrupt says so).
+    """
+    if main is None:
+        return functools.partial(guarded, resume_flag=resume_flag)
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
@@ -51,7 +57,9 @@ def guarded(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
         except KeyboardInterrupt:
             if debug:
                 raise
-            print("interrupted; outputs written so far are complete (run the same command again to continue)",
+            # train and finetune resume by themselves; analyze and volume skip what is done with --resume.
+            hint = " with --resume" if resume_flag else " again"
+            print(f"interrupted; outputs written so far are complete (run the same command{hint} to continue)",
                   file=sys.stderr)
             return 130
         except expected_errors() as err:

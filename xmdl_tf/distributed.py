@@ -500,6 +500,8 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
         raise DataError(f"--out {out}: the output is an OME-Zarr folder; give it a .zarr name")
     vol = open_volume(source, kind="image")
     cli.refuse_replacing_input(out, source_path(source))
+    if np.dtype(vol.dtype).kind == "f":
+        vol.image_slab(0, 1)  # a float volume's range, NaN and constant checks: before OUT exists, not in a worker
     voxel = resolve_voxel_size(vol, voxel_size_nm)
     model = model or default_model_path()
     if model is None:

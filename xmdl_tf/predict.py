@@ -153,15 +153,18 @@ class Predictor:
         there and the probabilities mapped back to the slice's own grid.
         counts: the grey-value histogram of the whole slice when `image` is a
         piece of it (`sampling.grey_counts`), so the piece is normalised as its
-        slice; default: its own.
+        slice; default: its own, taken before any resampling (as in training).
         zoom: predict with the slice resampled by this much more than its pixel size
         asks (0.8: objects look 20% smaller to the model); the output is on the
         slice's grid all the same (for the scale-agreement feature).
         """
-        from .sampling import normalize_as
+        from .sampling import grey_counts, grey_values, normalize_as
 
         tile = self.tile_for(tile)
         use_tta = self.tta if tta is None else tta
+        # Normalise by the slice's own grey values before any resampling, as training does (and the
+        # chunked path, by `counts`): resampling thins the tails the percentiles are taken from.
+        counts = grey_counts(grey_values(image)) if counts is None else counts
         moments = spread and use_tta
 
         def batch(t: np.ndarray) -> np.ndarray:
@@ -200,14 +203,15 @@ class Predictor:
         pixel_size_nm, rescale: as in `predict_slice`.
         Returns (probability float32 (H, W), heatmap float32 (H, W) in [0, 1]).
         """
-        from .sampling import normalize_as
+        from .sampling import grey_counts, grey_values, normalize_as
         from .gradcam import PREDICTED, scale_unit
 
         explain = self._explainer(layer or self.gradcam_layer)
         tile = self.tile_for(tile)
+        counts = grey_counts(grey_values(image))  # the slice's before resampling, as `predict_slice`
 
         def run(img: np.ndarray, reg: np.ndarray | None) -> np.ndarray:
-            x = normalize_as(img, self.config.normalization)
+            x = normalize_as(img, self.config.normalization, counts)
             r = np.full(x.shape, PREDICTED, np.float32) if reg is None else reg.astype(np.float32)
             bs = self._batch_size(x.shape, tile, overlap, batch_size)
             fn = self._pad_batches(lambda t: np.asarray(explain(t))[..., [1, -1]], bs)

@@ -378,6 +378,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
                                       "continue an interrupted batch, --overwrite to replace, or another --out")
         todo = [(v, vx) for v, vx in volumes if overwrite or v.name not in complete]
         skipped = [v.name for v, _ in volumes if v.name in complete and not overwrite]
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         done = []
         for k, (vol, voxel) in enumerate(todo):
@@ -405,6 +406,8 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
             except (DataError, ValueError) as err:
                 failed.append((vol.source, cli.one_line(err)))
                 print(f"    skipped {vol.name}: {cli.one_line(err)}", file=sys.stderr, flush=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # every volume failed: leave no empty folder behind
     return {"analysed": done, "skipped": skipped, "failed": failed}
 
 
@@ -427,7 +430,7 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 # `python -m xmdl_tf.volume`: volumes bigger than memory, in chunks on Dask
 
 
-@cli.guarded
+@cli.guarded(resume_flag=True)
 def main(argv: list[str] | None = None) -> int:
     from .distributed import DEFAULT_CHUNKS, DEFAULT_HALO, process_volume
 

@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,8 +166,10 @@ class Volume:
                 if arr.dtype.kind == "f":
                     bad = ~np.isfinite(arr)
                     if bad.any():
-                        raise DataError(f"{self.source}: NaN or infinite values in slices {z0}..{z1 - 1} "
-                                        f"({int(bad.sum())} voxels)")
+                        zs = (np.flatnonzero(bad.reshape(len(arr), -1).any(1)) + z0).tolist()
+                        where = ", ".join(map(str, zs[:5])) + (f" and {len(zs) - 5} more" if len(zs) > 5 else "")
+                        raise DataError(f"{self.source}: NaN or infinite values in slice{'s' * (len(zs) > 1)} "
+                                        f"{where} ({int(bad.sum())} voxels)")
                     integral = integral and bool(np.array_equal(arr, np.round(arr)))
                 lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
             self._stats = (lo, hi, integral)
@@ -563,6 +566,14 @@ def _open_folder(source: str, folder: Path, kind: str) -> Volume:
         for (n0, a), (n1, b) in zip(numbered, numbered[1:]):
             if n0 == n1:
                 raise DataError(f"{a} and {b} have the same slice number {n0}")
+        steps = sorted({n1 - n0 for (n0, _), (n1, _) in zip(numbered, numbered[1:])})
+        if len(steps) > 1:  # missing slices: the stack is read as if they were not there
+            (n0, a), (n1, b) = next((p, q) for p, q in zip(numbered, numbered[1:]) if q[0] - p[0] != steps[0])
+            warnings.warn(f"{folder}: slice numbers are not evenly spaced ({a.name} is followed by {b.name}); "
+                          "the slices are read as adjacent, so 3-D objects and measurements span the gap")
+        elif steps and steps[0] > 1:
+            warnings.warn(f"{folder}: slice numbers step by {steps[0]}; the z voxel size must be the distance "
+                          "between these slices")
     files = [f for _, f in numbered]
     shape, dtype = _slice_header(files[0])
     for f in files[1:]:
