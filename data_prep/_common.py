@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 import tifffile
 
+from xmdl_tf.cli import pixel_size
+
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 LABEL_EXTS = (".png", ".tif", ".tiff")  # lossless only: never read labels from JPEG
@@ -608,7 +610,7 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the split folders and dataset.json in a non-empty --out")
     parser.add_argument("--crop", nargs=4, type=int, metavar=("Y", "X", "H", "W"),
                         help="crop every slice to this box (source pixels) before resampling")
-    parser.add_argument("--pixel-size-out", type=float, metavar="NM",
+    parser.add_argument("--pixel-size-out", type=pixel_size, metavar="NM",
                         help="resample to this pixel size in nm (images: area/linear, labels: nearest neighbour)")
 
 

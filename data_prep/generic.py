@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from data_prep import _common as c
-from xmdl_tf.cli import guarded
+from xmdl_tf.cli import guarded, pixel_size
 
 
 def scan_labels(labels: c.Stack) -> tuple[str, int]:
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--label-h5-key", help="dataset inside an HDF5 --labels file, if different")
     parser.add_argument("--image-pattern", help="glob for image files in an --images folder, e.g. 'im*.png'")
     parser.add_argument("--label-pattern", help="glob for label files in a --labels folder")
-    parser.add_argument("--pixel-size-in", type=float, metavar="NM", help="source pixel size in nm (recorded)")
+    parser.add_argument("--pixel-size-in", type=pixel_size, metavar="NM", help="source pixel size in nm (recorded)")
     parser.add_argument("--name", help="dataset name in dataset.json (default: the --out folder name)")
     c.add_output_args(parser)
     args = parser.parse_args(argv)

@@ -50,7 +50,7 @@ import tifffile
 from PIL import Image
 
 from data_prep import _common as c
-from xmdl_tf.cli import guarded
+from xmdl_tf.cli import fraction, guarded, pixel_size, positive_int
 
 PIXEL_SIZE_NM = 8.0
 RELEASE_Z0 = {"train": 0, "val": 400, "test": 500}
@@ -243,9 +243,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rel.add_argument(f"--{split}-z0", type=int, default=RELEASE_Z0[split],
                          help=f"image z of the first slice of an HDF5 {split} volume (default {RELEASE_Z0[split]})")
     rel.add_argument("--h5-key", help="dataset inside the HDF5 label files (default: the only one)")
-    rel.add_argument("--z-step", type=int, default=1, help="keep every N-th labelled slice (default 1)")
+    rel.add_argument("--z-step", type=positive_int, default=1, help="keep every N-th labelled slice (default 1)")
     rel.add_argument("--binary", action="store_true", help="write 0/1 uint8 masks instead of instance ids")
-    rel.add_argument("--pixel-size-in", type=float, default=PIXEL_SIZE_NM, help=f"default {PIXEL_SIZE_NM} nm")
+    rel.add_argument("--pixel-size-in", type=pixel_size, default=PIXEL_SIZE_NM, help=f"default {PIXEL_SIZE_NM} nm")
     rel.add_argument("--name", default="mitoem", help="dataset name, e.g. mitoem_h (default mitoem)")
     c.add_output_args(rel)
 
@@ -254,9 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     bia.add_argument("--out", required=True, type=Path, help="output folder (must be empty unless --overwrite)")
     bia.add_argument("--overwrite", action="store_true")
     bia.add_argument("--link", action="store_true", help="symlink the files instead of copying them")
-    bia.add_argument("--val-fraction", type=float, default=0.1,
+    bia.add_argument("--val-fraction", type=fraction, default=0.1,
                      help="when there is no val/, move this fraction of train (last slices) to val (default 0.1)")
-    bia.add_argument("--pixel-size-in", type=float, default=PIXEL_SIZE_NM, help=f"recorded; default {PIXEL_SIZE_NM} nm")
+    bia.add_argument("--pixel-size-in", type=pixel_size, default=PIXEL_SIZE_NM, help=f"recorded; default {PIXEL_SIZE_NM} nm")
     bia.add_argument("--name", default="mitoem", help="dataset name (default mitoem)")
     bia.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 

@@ -46,7 +46,7 @@ import tifffile
 from scipy import ndimage as ndi
 
 from data_prep.synthetic import Appearance, _arc as _arc2d, _dots, _finish
-from xmdl_tf.cli import add_debug, guarded
+from xmdl_tf.cli import add_debug, fraction, guarded, pixel_size, positive_int
 from xmdl_tf.morphometry3d import SHAPE_CLASSES_3D
 from xmdl_tf.runlock import usual_permissions
 
@@ -428,7 +428,12 @@ def generate_volume(
         raise ValueError(f"classes must be names from {SHAPE_CLASSES_3D}, got {list(classes)}")
     appearance = Appearance.coerce(appearance)
     if n_objects is None:
-        n_objects = max(5, round(OBJECTS_PER_UM3 * float(np.prod(np.asarray(shape) * spacing)) / 1e9))
+        # About 3 per um^3, but no more than could each get ~2,000 voxels: at coarse voxel sizes the
+        # density alone asks for millions of objects smaller than a voxel (and a run that never ends).
+        n_objects = max(5, min(round(OBJECTS_PER_UM3 * float(np.prod(np.asarray(shape) * spacing)) / 1e9),
+                               int(np.prod(shape)) // 2000))
+    elif n_objects < 0:
+        raise ValueError(f"n_objects must be >= 0, got {n_objects}")
     wanted = [classes[i % len(classes)] for i in range(n_objects)]
 
     geometry_ss, texture_ss, noise_ss = np.random.SeedSequence(seed).spawn(3)
@@ -445,14 +450,19 @@ def generate_volume(
     }
 
 
+def check_outputs(out: Path) -> None:
+    """FileExistsError when ``out`` already holds any of this command's outputs (never overwritten)."""
+    existing = [str(out / name) for name in _OUTPUTS if (out / name).exists()]
+    if existing:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)}")
+
+
 def write_volume(out_dir: str | Path, volume: dict) -> list[Path]:
     """Write ``image.tif``, ``instances.tif`` (ImageJ hyperstacks carrying the
     voxel size in um) and ``classes.csv`` (id, shape_class, touching) into
     ``out_dir``; refuses to overwrite any of them. Returns the written paths."""
     out = Path(out_dir)
-    existing = [str(out / name) for name in _OUTPUTS if (out / name).exists()]
-    if existing:
-        raise FileExistsError(f"refusing to overwrite {', '.join(existing)}")
+    check_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     z_um, y_um, x_um = (v / 1000 for v in volume["voxel_size_nm"])
     meta = {"resolution": (1 / x_um, 1 / y_um), "metadata": {"spacing": z_um, "unit": "um", "axes": "ZYX"}}
@@ -485,14 +495,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic3d", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder (image.tif, instances.tif, classes.csv)")
-    parser.add_argument("--shape", type=int, nargs=3, default=(48, 256, 256), metavar=("Z", "Y", "X"))
-    parser.add_argument("--voxel-size", type=float, nargs=3, default=(10.0, 10.0, 10.0), metavar=("Z", "Y", "X"),
+    parser.add_argument("--shape", type=positive_int, nargs=3, default=(48, 256, 256), metavar=("Z", "Y", "X"))
+    parser.add_argument("--voxel-size", type=pixel_size, nargs=3, default=(10.0, 10.0, 10.0), metavar=("Z", "Y", "X"),
                         help="voxel size in nm (default 10 10 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-objects", type=int, default=None, help="default: about 3 per um^3")
-    parser.add_argument("--touching-fraction", type=float, default=0.2)
+    parser.add_argument("--n-objects", type=positive_int, default=None,
+                        help="default: about 3 per um^3, at most one per 2,000 voxels")
+    parser.add_argument("--touching-fraction", type=fraction, default=0.2)
     add_debug(parser)
     args = parser.parse_args(argv)
+    check_outputs(args.out)  # before minutes of generating, not after
     volume = generate_volume(args.shape, args.seed, args.voxel_size, args.n_objects, args.touching_fraction)
     write_volume(args.out, volume)
     print(f"wrote {args.out} ({len(volume['classes'])} objects)")

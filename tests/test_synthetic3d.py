@@ -142,3 +142,15 @@ def test_cli_writes_readable_files_and_refuses_to_overwrite(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "overwrite" in err and len(err.splitlines()) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_coarse_voxels_get_a_bounded_number_of_objects(tmp_path):
+    # 1,000 nm voxels: the density of about 3 per um^3 alone would ask for ~1.2 M objects in this
+    # volume (the command never ended); the default is capped at one per 2,000 voxels.
+    v = generate_volume((16, 64, 64), 0, (1000.0, 1000.0, 1000.0))
+    assert 1 <= len(v["classes"]) <= 16 * 64 * 64 // 2000
+    with pytest.raises(SystemExit):  # argparse: a unit mistake (um typed as nm) or a negative count
+        synthetic3d.main(["--out", str(tmp_path / "a"), "--voxel-size", "0.03", "0.01", "0.01"])
+    with pytest.raises(SystemExit):
+        synthetic3d.main(["--out", str(tmp_path / "a"), "--n-objects", "-1"])
+    assert not (tmp_path / "a").exists()
