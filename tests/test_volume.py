@@ -249,6 +249,7 @@ def test_analyze_volume_bad_inputs(tiny_run, tmp_path, capsys):
         ([str(stack), "--voxel-size", "10", "10", "--out", str(tmp_path / "c")], "voxel-size"),
         ([str(stack), "--pixel-size", "5", "--out", str(tmp_path / "d")], "--voxel-size"),
         ([str(stack), "--planes", "xy,xz", "--voxel-size", "40", "5", "5", "--out", str(tmp_path / "e")], "isotropic"),
+        ([str(stack), "--planes", "xy,xz", "--out", str(tmp_path / "f")], "voxel size is unknown"),
     ]
     for argv, needle in cases:
         capsys.readouterr()
@@ -259,7 +260,7 @@ def test_analyze_volume_bad_inputs(tiny_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc != 0, argv
         assert needle in err and "Traceback" not in err, (argv, err)
-    assert not any((tmp_path / d).exists() for d in "acde")  # nothing written for bad input
+    assert not any((tmp_path / d).exists() for d in "acdef")  # nothing written for bad input
     # An output folder OUT/<stem> that is the input itself (a slice folder analysed into its parent) or
     # holds it would be replaced on --resume/--overwrite: refused, the slices kept.
     import cv2

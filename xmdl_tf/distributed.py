@@ -491,7 +491,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     from .morphometry3d import ShapeRules3D, classify3d, summarize3d, table_from_rows
     from .predict import is_saved_model, resolve_model_path
     from .runlock import FolderLock, atomic_write_text
-    from .volume_io import open_volume, resolve_voxel_size, source_path
+    from .volume_io import _split_container, open_volume, resolve_voxel_size, source_path
 
     t_start = time.time()
     report = Reporter(verbose, progress, cancel)
@@ -513,7 +513,12 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     ic = resolve_inference(type("P", (), {"config": config})(), inference)
     if ic.tta:
         log.info("test-time augmentation on: 8x the prediction time")
-    plan = ChunkPlan(str(source), str(mpath.resolve()), vol.shape, _check_chunks(chunks, halo, vol.shape), int(halo),
+    # The source as an absolute path: workers may run elsewhere, and --resume must recognise the same
+    # input given by another relative path.
+    container, inner = _split_container(str(source))
+    canonical = (f"{Path(container).resolve()}:/{inner}" if container is not None and inner
+                 else str(Path(container if container is not None else source).resolve()))
+    plan = ChunkPlan(canonical, str(mpath.resolve()), vol.shape, _check_chunks(chunks, halo, vol.shape), int(halo),
                      voxel, asdict(ic))
     min_size = ic.min_volume(voxel)
     if verbose:

@@ -69,9 +69,12 @@ def parse_planes(text: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def check_planes(planes: Sequence[str], voxel_size_nm: Sequence[float] | None, name: str) -> None:
-    """XZ / YZ planes need near-isotropic voxels (ratio <= MAX_PLANE_ANISOTROPY)."""
-    if set(planes) == {"xy"} or voxel_size_nm is None:
+    """XZ / YZ planes need near-isotropic voxels (ratio <= MAX_PLANE_ANISOTROPY), so a known voxel size."""
+    if set(planes) == {"xy"}:
         return
+    if voxel_size_nm is None:
+        raise cli.UsageError(f"{name}: --planes {','.join(planes)} needs near-isotropic voxels, and the voxel size "
+                             "is unknown; give it with --voxel-size Z Y X (nm), or use --planes xy")
     ratio = max(voxel_size_nm) / min(voxel_size_nm)
     if ratio > MAX_PLANE_ANISOTROPY:
         raise cli.UsageError(f"{name}: --planes {','.join(planes)} needs near-isotropic voxels, but the voxel size is "
@@ -389,7 +392,8 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
                 if verbose:
                     size = " x ".join(str(n) for n in vol.shape)
                     unit = (f"voxel {' x '.join(f'{v:g}' for v in voxel)} nm" if voxel else
-                            "voxel size unknown: measurements in voxels (give --voxel-size Z Y X)")
+                            "voxel size unknown: measurements in voxels (give --voxel-size Z Y X)"
+                            + (f"; {vol.voxel_note}" if vol.voxel_note else ""))
                     print(f"[{k + 1}/{len(todo)}] {vol.name}  {size} (z, y, x), {unit}", flush=True)
                 a = analyze_volume(predictor, image, vol.name, s, voxel, label, ignore_value,
                                    progress=_progress_printer() if verbose else None)
