@@ -583,3 +583,18 @@ def test_n5_dataset_read_as_zyx_with_its_resolution(tmp_path):
     np.testing.assert_array_equal(v.slab(1, 3, (slice(2, 9), slice(5, 17))), vol[1:3, 2:9, 5:17])
     with pytest.raises(DataError, match="em/raw"):
         open_volume(tmp_path / "c.n5")  # a container: the error lists its datasets
+
+
+def test_a_tiff_of_several_series_is_refused_not_truncated(tmp_path, vol8):
+    # Two stacks written one after the other, or a page of another size: tifffile sees several
+    # series; the first alone would silently drop the rest.
+    with tifffile.TiffWriter(tmp_path / "two.tif") as w:
+        w.write(vol8[:3])
+        w.write(vol8[3:6])
+    with pytest.raises(DataError, match="two.tif: holds 2 image series"):
+        open_volume(tmp_path / "two.tif")
+    with tifffile.TiffWriter(tmp_path / "odd.tif") as w:
+        for z in range(4):
+            w.write(vol8[z] if z != 2 else vol8[z][:-4])
+    with pytest.raises(DataError, match="odd.tif: holds .* image series"):
+        open_volume(tmp_path / "odd.tif")

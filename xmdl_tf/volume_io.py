@@ -477,6 +477,7 @@ def _open_tiff(source: str, path: Path, kind: str) -> Volume:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            others = [tuple(x.shape) for x in tif.series[1:] if not getattr(x, "is_pyramidal", False)]
             shape, axes = series.get_shape(False), series.get_axes(False)
             rgb = "S" in axes and shape[axes.index("S")] in (3, 4) and int(tif.pages[0].photometric) == 2
             found = _tiff_voxel_nm(tif)
@@ -484,6 +485,12 @@ def _open_tiff(source: str, path: Path, kind: str) -> Volume:
             dtype, tkind = series.dtype, series.kind
     except Exception as err:  # tifffile raises many types for corrupt files
         raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+    if others:
+        # Pages of different sizes, or stacks written one after the other: reading the first series
+        # alone would silently drop the rest (or call a stack a single 2-D image).
+        raise DataError(f"{path}: holds {len(others) + 1} image series (shapes {tuple(shape)}, "
+                        f"{', '.join(map(str, others[:3]))}{', ...' if len(others) > 3 else ''}); save the volume as "
+                        "one stack of equally sized slices")
     stack = [(a, n) for a, n in zip(axes, shape) if a not in "YX" and not (a == "S" and (rgb or n == 1))]
     big = [(a, n) for a, n in stack if n > 1]
     y, x = shape[axes.index("Y")], shape[axes.index("X")]
