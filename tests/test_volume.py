@@ -359,3 +359,16 @@ def test_pieces_joined_by_a_corner_stay_with_their_object():
     assert (labels[vol] > 0).all()
     assert labels.max() == 2
     assert labels[7, 21, 52] == labels[7, 21, 53] == labels[6, 20, 51] != labels[6, 20, 15]
+
+
+def test_a_set_of_every_nth_section_warns_about_the_z_voxel_size(tmp_path):
+    from xmdl_tf.evaluate import _warn_z_step
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"z_step": 3, "section_thickness_nm": 30.0}))
+    with pytest.warns(UserWarning, match=r"3 sections apart .* \(90 nm\); --voxel-size gives z = 30 nm"):
+        _warn_z_step(tmp_path, (30.0, 8.0, 8.0))
+    (tmp_path / "dataset.json").write_text(json.dumps({"z_step": 1}))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_z_step(tmp_path, None)

@@ -161,6 +161,7 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     pairs = find_pairs(data, split, labels=labels)
     if ignore_value is not None:
         check_ignore_value(check_labels(pairs, ignore_value), ignore_value)
+    _warn_z_step(data, voxel)
     check_planes(planes, voxel, str(data))
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     ic = resolve_inference(predictor, inference, **overrides)
@@ -192,6 +193,24 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _warn_z_step(data, voxel) -> None:
+    """Warn when a converted set kept only every N-th section (dataset.json "z_step", e.g. `data_prep.mitoem
+    release --z-step 3`): its slices are N sections apart, which the z voxel size must say."""
+    import warnings
+
+    meta = Path(data) / "dataset.json"
+    try:
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, ValueError):
+        return
+    step, thick = info.get("z_step") or 1, info.get("section_thickness_nm")
+    if step > 1:
+        need = f"{step} x the section thickness" + (f" ({step * thick:g} nm)" if thick else "")
+        given = f"; --voxel-size gives z = {voxel[0]:g} nm" if voxel else ""
+        warnings.warn(f"{meta}: the slices are {step} sections apart (z_step {step}), so the z voxel size is {need}"
+                      f"{given}")
 
 
 def format_volume_table(result: dict) -> str:
