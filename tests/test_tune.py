@@ -43,3 +43,34 @@ def test_tune_picks_the_best_validation_setting_and_stores_it(blob_run, tmp_path
     with pytest.raises(SystemExit):
         main(["--model", str(model), "--data", str(data), "--split", "test"])
     assert "never on test data" in capsys.readouterr().err
+
+
+def test_tune_and_calibrate_refuse_test_splits_and_shipped_models_up_front(tmp_path, capsys):
+    """However the test split is spelled, and whatever would be rewritten inside the installed
+    package, the refusal comes first: nothing is predicted, nothing written."""
+    from conftest import write_split
+    from xmdl_tf.calibrate import main as calibrate_main
+    from xmdl_tf.pretrained import builtin_model
+    from xmdl_tf.tune import main as tune_main
+
+    data = tmp_path / "D"
+    write_split(data, "val", 1, size=64)
+    write_split(data, "test", 1, size=64)
+    nowhere = str(tmp_path / "no_model")
+
+    def refused(main, argv, needle):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+
+    for argv in (["--data", str(data), "--split", "./test"], ["--data", str(data / "test")]):
+        refused(tune_main, ["--model", nowhere, *argv], "a test split")
+        refused(calibrate_main, ["--model", nowhere, *argv], "a test split")
+    if builtin_model("xmdl_ref_f8") is not None:
+        before = (builtin_model("xmdl_ref_f8") / "config.json").read_bytes()
+        refused(tune_main, ["--model", "xmdl_ref_f8", "--data", str(data), "--write"], "shipped with xmdl_tf")
+        refused(calibrate_main, ["--model", "xmdl_ref_f8", "--data", str(data)], "shipped with xmdl_tf")
+        assert (builtin_model("xmdl_ref_f8") / "config.json").read_bytes() == before
+    (tmp_path / "t.json").write_text("mine")
+    refused(tune_main, ["--model", nowhere, "--data", str(data), "--json", str(tmp_path / "t.json")], "exists")
+    assert (tmp_path / "t.json").read_text() == "mine"

@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--figure {args.figure}: give a .png path")
     if args.figure and not Path(args.figure).resolve().parent.is_dir():
         p.error(f"--figure {args.figure}: its folder does not exist")
+    cli.refuse_test_split(args.data, args.split, "calibration and the OOD threshold")
+    from .pretrained import refuse_builtin
+
+    refuse_builtin(args.model, "calibrate")
     r = calibrate(args.model, args.data, sizes, args.split, ood_tile=args.ood_tile, figure=args.figure)
     print(f"temperature {r['temperature']}; ECE before -> after: " +
           ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in r["ece"].items()))

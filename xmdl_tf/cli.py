@@ -205,6 +205,16 @@ def check_out_folder(out: str | Path) -> Path:
     return out
 
 
+def refuse_test_split(data_dirs, split: str, what: str) -> None:
+    """One-line error when the split folder a command would read, however spelled (`--split ./test`,
+    `--data SET/test`), is a test split: `what` is chosen on validation data, never on test data."""
+    for d in data_dirs:
+        p = Path(d)
+        folder = p / split if (p / split / "x").is_dir() or not (p / "x").is_dir() else p
+        if folder.resolve().name == "test":
+            raise UsageError(f"{folder}: a test split; {what} are chosen on validation data, never on test data")
+
+
 def refuse_replacing_input(target: str | Path, source: str | Path) -> None:
     """One-line error when the output folder `target` (replaced whole on --overwrite) is the input
     `source` or holds it: writing there would delete the data being analysed."""

@@ -76,3 +76,14 @@ def model_or_default(model: str | Path | None) -> str | Path:
     if found is None:
         raise FileNotFoundError(NO_DEFAULT)
     return found
+
+
+def refuse_builtin(model: str | Path, command: str) -> None:
+    """ValueError when `model` is a model shipped inside the package: `command` would rewrite the
+    installed files (every later default run would use them). A copy can be changed freely."""
+    path = resolve_model_spec(model).resolve()
+    root = _models_root().resolve()
+    if path == root or root in path.parents:
+        folder = path if path.is_dir() else path.parent
+        raise ValueError(f"{model}: a model shipped with xmdl_tf ({folder}); {command} would rewrite the installed "
+                         f"files. Copy it first (cp -r {folder} my_model) and give --model my_model")

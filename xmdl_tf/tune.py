@@ -168,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.split == "test":
         p.error("--split test: defaults are chosen on validation data, never on test data")
+    cli.refuse_test_split(args.data, args.split, "inference defaults")
+    if args.write:
+        from .pretrained import refuse_builtin
+
+        refuse_builtin(args.model, "tune --write")
+    if args.json:  # checked now, not after the whole grid is scored
+        cli.check_out_folder(Path(args.json).parent)
+        if Path(args.json).exists():
+            raise FileExistsError(f"{args.json}: exists; choose another --json (it is never overwritten)")
     try:
         sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
     except ValueError as err:
