@@ -93,7 +93,15 @@ def test_resume_after_interruption(blob_dataset, tmp_path, capsys):
     assert json.loads((out / "checkpoint" / "state.json").read_text())["finished"]
     # A different configuration in the same folder is refused, nothing is overwritten.
     assert train_main([*argv[:4], *ARGS, "--epochs", "9"]) == 2
-    assert "different configuration" in capsys.readouterr().err
+    assert "different configuration (differs in train.epochs" in capsys.readouterr().err
+    # So is other data with the same settings (a copy elsewhere, fewer slices): once said "already finished".
+    import shutil
+    other = tmp_path / "copy" / blob_dataset.name
+    shutil.copytree(blob_dataset, other)
+    for data in (["--data", str(other)], [*argv[:2], "--max-slices", "2"]):
+        assert train_main([*data, *argv[2:]]) == 2
+        assert "differs in learns_from.data" in capsys.readouterr().err
+    assert train_main(argv) == 0 and "already finished" in capsys.readouterr().out
 
 
 def _floats(model) -> list:
@@ -205,6 +213,27 @@ def test_errors(blob_dataset, tmp_path, capsys):
     (bad / "train" / "x" / "im0001.png").unlink()
     tifffile.imwrite(bad / "train" / "x" / "im0001.tif", nan)
     fails(["--data", str(bad), "--out", str(tmp_path / "r"), *ARGS], "im0001.tif: float image with NaN")
+    assert not (tmp_path / "r").exists()
+    # --overwrite replaces only a training run: not a folder of other files, not the data it trains on.
+    fails(["--data", str(blob_dataset), "--out", str(tmp_path / "busy"), *ARGS, "--overwrite"], "not a training run")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    fails(["--data", str(blob_dataset), "--out", str(blob_dataset.parent), *ARGS, "--overwrite"],
+          "would replace the input")
+    assert (blob_dataset / "train" / "x" / "im0000.png").is_file()
+    # A val split that is there but broken is an error, not a silent fallback to held-back rows.
+    broken = tmp_path / "broken"
+    shutil.copytree(blob_dataset, broken)
+    (broken / "val" / "y" / "seg0005.tif").unlink()
+    fails(["--data", str(broken), "--out", str(tmp_path / "r"), *ARGS], "val")
+    shutil.rmtree(broken / "val" / "y")
+    fails(["--data", str(broken), "--out", str(tmp_path / "r"), *ARGS], "val/y")
+    # Sparse labels whose validation rows are all unlabelled: nothing to validate on, refused.
+    sparse = tmp_path / "sparse"
+    shutil.copytree(blob_dataset, sparse)
+    for f in (sparse / "val" / "y").iterdir():
+        tifffile.imwrite(f, np.full((128, 128), 255, np.uint8))
+    fails(["--data", str(sparse), "--out", str(tmp_path / "r"), *ARGS, "--ignore-value", "255"],
+          "holds no labelled pixel")
     assert not (tmp_path / "r").exists()
     with pytest.raises(DataError):  # --debug: the exception itself, for a traceback
         train_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), *ARGS, "--debug"])

@@ -25,7 +25,9 @@ def test_tune_picks_the_best_validation_setting_and_stores_it(blob_run, tmp_path
     assert result["chosen_row"]["mean_f1"] == best and result["split"] == "val"
     assert Config.load(model / "config.json").inference.threshold == 0.5  # nothing written without --write
 
-    assert main([*argv, "--write"]) == 0
+    assert main([*argv, "--write"]) == 2  # an existing --json is never overwritten, checked before any work
+    assert "tune.json: exists" in capsys.readouterr().err
+    assert main([*argv[:-1], str(tmp_path / "tune2.json"), "--write"]) == 0
     cfg = Config.load(model / "config.json")
     chosen = result["chosen_row"]
     assert (cfg.inference.tta, cfg.inference.threshold, cfg.inference.min_area_nm2) == (

@@ -94,7 +94,7 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
     the training tiles per set (default equal).
     Returns (train sets, val sets, model pixel size, provenance list of dicts).
     """
-    from .io import DataError, find_pairs
+    from .io import find_pairs
     from .sampling import SliceRegion, TrainingSet, holdout_split
 
     if weights is not None and len(weights) != len(data_dirs):
@@ -110,10 +110,11 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
         pairs = find_pairs(d, train_split)
         if max_slices is not None:
             pairs = pairs[:max_slices]
-        try:
-            vpairs = find_pairs(d, val_split)
-        except DataError:
-            vpairs = []
+        # No val split (or an empty one): validation is carved from the training slices. A val split
+        # that is there but broken (no y/, fewer labels than images) is an error, not a fallback.
+        vdir = Path(d) / val_split
+        present = vdir.is_dir() and any(any((vdir / sub).iterdir()) for sub in ("x", "y") if (vdir / sub).is_dir())
+        vpairs = find_pairs(d, val_split) if present else []
         found.append((pairs, vpairs))
     set_px = [dataset_pixel_size(d, found[i][0][0].image) or given[i] for i, d in enumerate(data_dirs)]
     if model_pixel_size is None:
@@ -209,6 +210,15 @@ def _comparable(cfg: dict) -> dict:
         pass  # unreadable: compared as is, and refused as different
     out = {k: v for k, v in cfg.items() if k not in ("info", "inference", "calibration")}
     out["train"] = {k: v for k, v in out.get("train", {}).items() if k != "jit_compile"}
+    # What the run learns from is part of it too: other data, slices, pixel sizes, parent or a
+    # frozen encoder would continue one run on another's terms (provenance and versions are not).
+    info = cfg.get("info") if isinstance(cfg.get("info"), dict) else {}
+    keys = ("path", "train_slices", "val_slices", "validation", "pixel_size_nm", "sampling_weight")
+    out["learns_from"] = {
+        "data": [{k: d.get(k) for k in keys} for d in info.get("data") or [] if isinstance(d, dict)],
+        "parent": (info.get("lineage") or {}).get("model"),
+        "freeze_encoder": bool(info.get("freeze_encoder")),
+    }
     return out
 
 
@@ -323,6 +333,9 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         "command": " ".join(sys.argv) if sys.argv and "xmdl_tf" in " ".join(sys.argv) else None,
     }
     config = replace(config, info=info_block)
+    for source in [*data_dirs, *([init_from] if init_from is not None else [])]:
+        if Path(source).exists():  # --overwrite would delete it with the old run
+            cli.refuse_replacing_input(out, source)
     with FolderLock(out, "training run"):
         return _train_locked(out, config, train_sets, val_sets, parent, freeze_encoder, overwrite, verbose,
                              callbacks)
@@ -347,9 +360,33 @@ def check_training_labels(train_sets, val_sets, ignore_value: int | None, verbos
     if verbose:
         print(f"checked {n} slices and labels in {time.time() - t:.1f} s", flush=True)
     check_ignore_value(stats, ignore_value)
+    if ignore_value is not None:
+        _check_validation_is_labelled(val_sets, ignore_value)
     if stats["foreground"] == 0:
         raise DataError(f"no mitochondrion pixel in any of the {len(train_pairs)} training labels "
                         f"(e.g. {train_pairs[0].label}); check the label folder")
+
+
+def _check_validation_is_labelled(val_sets, ignore_value: int) -> None:
+    """Refuse a set whose validation rows are all `ignore_value`: its validation loss would be 0 and
+    its F1 1 at every epoch, and the best epoch would be the first (sparse labels on one slice)."""
+    from .io import DataError, read_label
+
+    for s in val_sets:
+        labelled = 0
+        for r in s.regions:
+            label = read_label(r.pair.label, r.pair.page)
+            h = label.shape[0]
+            labelled += int(np.count_nonzero(label[int(round(r.row_from * h)):int(round(r.row_to * h))]
+                                             != ignore_value))
+            if labelled:
+                break
+        if not labelled:
+            where = ("its val split" if all(r.row_from == 0 and r.row_to == 1 for r in s.regions)
+                     else "the held-back bottom rows of its slices, its validation")
+            raise DataError(f"{s.name}: {where} holds no labelled pixel (all --ignore-value {ignore_value}), so "
+                            "nothing can be validated; label some pixels there (mitochondria and background), "
+                            "or give a val split")
 
 
 def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freeze_encoder: bool, overwrite: bool,
@@ -366,6 +403,10 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     finish_replace_dir(out)
     staging = out.with_name(f".{out.name}.overwrite")
     has_run = out.exists() and any(out.iterdir())
+    if overwrite and has_run and _read_config_dict(out / "config.json") is None and not _only_startup_files(out):
+        # --overwrite replaces the folder whole: only ever a training run, never anyone's other files.
+        raise FileExistsError(f"{out}: not a training run (no readable config.json); --overwrite replaces only a "
+                              "run folder; choose another --out")
     run_dir = staging if overwrite and has_run else out
     if run_dir is out and staging.exists():
         if overwrite:
@@ -389,8 +430,15 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
                 shutil.rmtree(staging)  # an older --overwrite attempt with other settings
                 state = None
             else:
-                raise FileExistsError(f"{out}: holds a run with a different configuration; "
-                                      "use another --out, or --overwrite to replace it")
+                was, diff = _comparable(old), []
+                for k in sorted(set(was) | set(comparable)):
+                    a, b = was.get(k), comparable.get(k)
+                    if isinstance(a, dict) and isinstance(b, dict):
+                        diff += [f"{k}.{j}" for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
+                    elif a != b:
+                        diff.append(k)
+                raise FileExistsError(f"{out}: holds a run with a different configuration (differs in "
+                                      f"{', '.join(diff[:6])}); use another --out, or --overwrite to replace it")
         elif state.get("finished"):
             if run_dir is staging:
                 atomic_replace_dir(staging, out)
