@@ -205,6 +205,14 @@ def test_clear_errors_when_model_and_data_disagree(base_run, tmp_path, capsys):
                           "--out", str(tmp_path / "o2")]) == 2
     assert "missing label folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+    # adapt reads every image before its output exists: a constant slice leaves nothing to block a rerun.
+    from xmdl_tf.adapt import main as adapt_main
+    (tmp_path / "unlabelled").mkdir()
+    cv2.imwrite(str(tmp_path / "unlabelled" / "a.png"), generate_slice(size=64, seed=2)[0])
+    cv2.imwrite(str(tmp_path / "unlabelled" / "b.png"), np.zeros((64, 64), np.uint8))
+    assert adapt_main([str(tmp_path / "unlabelled"), "--model", str(base_run), "--out", str(tmp_path / "ad"),
+                       "--zoom-search", "off"]) == 2
+    assert "b.png: constant image" in capsys.readouterr().err and not (tmp_path / "ad").exists()
 
 
 def test_pseudo_labels_keep_only_sure_pixels_and_objects():

@@ -73,6 +73,10 @@ def test_tune_and_calibrate_refuse_test_splits_and_shipped_models_up_front(tmp_p
         refused(tune_main, ["--model", "xmdl_ref_f8", "--data", str(data), "--write"], "shipped with xmdl_tf")
         refused(calibrate_main, ["--model", "xmdl_ref_f8", "--data", str(data)], "shipped with xmdl_tf")
         assert (builtin_model("xmdl_ref_f8") / "config.json").read_bytes() == before
+    (tmp_path / "alt").mkdir()
+    shutil.copytree(data, tmp_path / "alt" / "D")
+    for main in (tune_main, calibrate_main):
+        refused(main, ["--model", nowhere, "--data", str(data), str(tmp_path / "alt" / "D")], "share the folder name")
     (tmp_path / "t.json").write_text("mine")
     refused(tune_main, ["--model", nowhere, "--data", str(data), "--json", str(tmp_path / "t.json")], "exists")
     assert (tmp_path / "t.json").read_text() == "mine"

@@ -190,7 +190,7 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     one is resumed."""
     from .analyze import _pixel_size, expand_inputs
     from .config import ZOOM_SEARCH, Config
-    from .io import DataError, image_shape, read_pixel_size_nm
+    from .io import DataError, read_image, read_pixel_size_nm
     from .predict import load_model, resolve_model_path
     from .runlock import atomic_write_text
     from .train import build_parser, config_from_args, run_finished, train
@@ -220,7 +220,9 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     pairs = [pairs[i] for i in evenly_spaced(len(pairs), slices)]
     sizes = set()
     for p in pairs:
-        image_shape(p.image, p.page)  # readable, 2-D: fail now, not after a round of training
+        # The whole image, not its header: a constant, NaN or truncated slice fails now, before
+        # `out` exists (its leftovers would block the next run), not in the first pseudo-labelling.
+        read_image(p.image, p.page)
         sizes.add(_pixel_size(p, read_pixel_size_nm(p.image), pixel_size_nm, verbose=False))  # as analyze reads it
     if len(sizes) > 1:
         raise DataError(f"the inputs state different pixel sizes ({', '.join(f'{s:g} nm' if s else 'unknown' for s in sizes)}); "

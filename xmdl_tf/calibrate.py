@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--figure {args.figure}: give a .png path")
     if args.figure and not Path(args.figure).resolve().parent.is_dir():
         p.error(f"--figure {args.figure}: its folder does not exist")
+    cli.check_set_names(args.data)
     cli.refuse_test_split(args.data, args.split, "calibration and the OOD threshold")
     from .pretrained import refuse_builtin
 

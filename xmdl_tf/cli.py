@@ -205,6 +205,16 @@ def check_out_folder(out: str | Path) -> Path:
     return out
 
 
+def check_set_names(data_dirs) -> None:
+    """One-line error when two data sets share a folder name: results are keyed by it, and one set
+    would silently replace the other."""
+    names = [Path(d).resolve().name for d in data_dirs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"two data sets share the folder name {dupes[0]!r} ({', '.join(map(str, data_dirs))}); "
+                         "give each set its own name")
+
+
 def refuse_test_split(data_dirs, split: str, what: str) -> None:
     """One-line error when the split folder a command would read, however spelled (`--split ./test`,
     `--data SET/test`), is a test split: `what` is chosen on validation data, never on test data."""

@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.split == "test":
         p.error("--split test: defaults are chosen on validation data, never on test data")
+    cli.check_set_names(args.data)
     cli.refuse_test_split(args.data, args.split, "inference defaults")
     if args.write:
         from .pretrained import refuse_builtin
