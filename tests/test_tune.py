@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from xmdl_tf.config import Config
@@ -77,6 +78,13 @@ def test_tune_and_calibrate_refuse_test_splits_and_shipped_models_up_front(tmp_p
     shutil.copytree(data, tmp_path / "alt" / "D")
     for main in (tune_main, calibrate_main):
         refused(main, ["--model", nowhere, "--data", str(data), str(tmp_path / "alt" / "D")], "share the folder name")
+    empty = tmp_path / "E"
+    shutil.copytree(data, empty)
+    import tifffile
+    for f in (empty / "val" / "y").iterdir():  # val labels without a mitochondrion
+        tifffile.imwrite(f, np.zeros((64, 64), np.uint8))
+    for main in (tune_main, calibrate_main):
+        refused(main, ["--model", nowhere, "--data", str(empty)], "no mitochondrion in any of its 1 labels")
     (tmp_path / "t.json").write_text("mine")
     refused(tune_main, ["--model", nowhere, "--data", str(data), "--json", str(tmp_path / "t.json")], "exists")
     assert (tmp_path / "t.json").read_text() == "mine"

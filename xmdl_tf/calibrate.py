@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--figure {args.figure}: its folder does not exist")
     cli.check_set_names(args.data)
     cli.refuse_test_split(args.data, args.split, "calibration and the OOD threshold")
+    from .io import check_fit_data
+
+    check_fit_data(args.data, args.split, "calibration and the OOD threshold")
     from .pretrained import refuse_builtin
 
     refuse_builtin(args.model, "calibrate")

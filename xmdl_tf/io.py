@@ -477,6 +477,17 @@ def check_pairs(pairs: list[SlicePair]) -> list[tuple[int, int]]:
     return shapes
 
 
+def check_fit_data(data_dirs, split: str, what: str) -> None:
+    """Read every slice and label of each set's `split` up front (as `check_labels`) and refuse a set
+    with no mitochondrion pixel: `what` (inference defaults, a calibration) would be fitted to nothing
+    (every setting scores 0, a temperature needs both classes) after minutes of prediction."""
+    for d in data_dirs:
+        pairs = find_pairs(d, split)
+        if check_labels(pairs)["foreground"] == 0:
+            raise DataError(f"{d} [{split}]: no mitochondrion in any of its {len(pairs)} labels; {what} need "
+                            "slices with mitochondria (and background)")
+
+
 def check_ignore_value(stats: dict[str, int], ignore_value: int | None) -> None:
     """Refuse an `ignore_value` that swallows every foreground pixel (`check_labels`' pooled counts):
     with 0/255 masks and --ignore-value 255 nothing would be a mitochondrion, and every score 0."""

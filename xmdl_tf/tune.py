@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--split test: defaults are chosen on validation data, never on test data")
     cli.check_set_names(args.data)
     cli.refuse_test_split(args.data, args.split, "inference defaults")
+    from .io import check_fit_data
+
+    check_fit_data(args.data, args.split, "inference defaults")
     if args.write:
         from .pretrained import refuse_builtin
 
