@@ -421,6 +421,11 @@ def generate_volume(
         raise ValueError(f"shape must be 3 sizes (Z, Y, X) of at least 8 voxels, got {shape}")
     if spacing.shape != (3,) or not (np.isfinite(spacing).all() and (spacing > 0).all()):
         raise ValueError(f"voxel_size_nm must be 3 positive numbers (z, y, x), got {voxel_size_nm!r}")
+    if spacing[1:].max() > MAX_IN_PLANE_NM or spacing[0] > MAX_Z_NM:
+        # Mitochondria are ~150-500 nm wide: coarser voxels cannot draw them, and placing objects
+        # smaller than a voxel only fails, attempt after attempt (the command never ended).
+        raise ValueError(f"voxel size {' x '.join(f'{v:g}' for v in spacing)} nm is too coarse to draw mitochondria: "
+                         f"at most {MAX_Z_NM:g} nm in z and {MAX_IN_PLANE_NM:g} nm in y and x")
     if not 0 <= touching_fraction <= 1:
         raise ValueError(f"touching_fraction must be in [0, 1], got {touching_fraction}")
     unknown = sorted(set(classes) - set(SHAPE_CLASSES_3D))
@@ -448,6 +453,10 @@ def generate_volume(
         "classes": {r["id"]: r["shape_class"] for r in records},
         "voxel_size_nm": tuple(float(v) for v in spacing),
     }
+
+
+MAX_IN_PLANE_NM = 60.0  # coarsest y/x voxel that still draws a mitochondrion several voxels wide
+MAX_Z_NM = 150.0
 
 
 def check_outputs(out: Path) -> None:

@@ -213,6 +213,11 @@ def test_clear_errors_when_model_and_data_disagree(base_run, tmp_path, capsys):
     assert adapt_main([str(tmp_path / "unlabelled"), "--model", str(base_run), "--out", str(tmp_path / "ad"),
                        "--zoom-search", "off"]) == 2
     assert "b.png: constant image" in capsys.readouterr().err and not (tmp_path / "ad").exists()
+    (tmp_path / "unlabelled" / "b.png").unlink()
+    assert adapt_main([str(tmp_path / "unlabelled"), "--model", str(base_run), "--out", str(tmp_path / "ad"),
+                       "--zoom-search", "off", "--min-area", "100000", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err  # said in adapt's terms (it used to speak of --ignore-value and labels)
+    assert "model is sure of no mitochondrion" in err and "--ignore-value" not in err, err
 
 
 def test_pseudo_labels_keep_only_sure_pixels_and_objects():

@@ -144,11 +144,13 @@ def test_cli_writes_readable_files_and_refuses_to_overwrite(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_coarse_voxels_get_a_bounded_number_of_objects(tmp_path):
-    # 1,000 nm voxels: the density of about 3 per um^3 alone would ask for ~1.2 M objects in this
-    # volume (the command never ended); the default is capped at one per 2,000 voxels.
-    v = generate_volume((16, 64, 64), 0, (1000.0, 1000.0, 1000.0))
-    assert 1 <= len(v["classes"]) <= 16 * 64 * 64 // 2000
+def test_coarse_voxels_are_refused_quickly(tmp_path, capsys):
+    # 1,000 nm voxels: the density of about 3 per um^3 alone asked for millions of objects smaller
+    # than a voxel, and the command never ended; such voxels cannot draw a mitochondrion at all.
+    with pytest.raises(ValueError, match="too coarse to draw mitochondria"):
+        generate_volume((16, 64, 64), 0, (1000.0, 1000.0, 1000.0))
+    assert synthetic3d.main(["--out", str(tmp_path / "a"), "--voxel-size", "1000", "1000", "1000"]) == 2
+    assert "too coarse" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: a unit mistake (um typed as nm) or a negative count
         synthetic3d.main(["--out", str(tmp_path / "a"), "--voxel-size", "0.03", "0.01", "0.01"])
     with pytest.raises(SystemExit):

@@ -274,6 +274,14 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
             atomic_write_text(record, json.dumps(state, indent=2) + "\n")
             log.warning("stopped early: %s (--max-drift %g)", state["stopped"], max_drift)
             break
+        shares = {r["round"]: r for r in state["rounds"]}[rnd]
+        if shares["mitochondrion"] == 0 or shares["background"] == 0:
+            # Said in the user's terms: train would speak of labels and --ignore-value, which adapt has not.
+            sure = "no mitochondrion" if shares["mitochondrion"] == 0 else "no background"
+            raise DataError(f"round {rnd}: the model is sure of {sure} on these slices (probability >= --high "
+                            f"{high:g} over at least --min-area {min_area} px, or <= --low {low:g}), so there is "
+                            "nothing to learn from; relax --high / --low / --min-area, or annotate a slice and use "
+                            "python -m xmdl_tf.finetune")
         run = folder / "model"
         if not run_finished(run):
             # Every round fine-tunes the original model: rounds differ only in who made the labels.
