@@ -398,8 +398,7 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     from .model import build_from_config
     from .runlock import atomic_replace_dir, finish_replace_dir
 
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    cli.check_out_folder(out)
     finish_replace_dir(out)
     staging = out.with_name(f".{out.name}.overwrite")
     has_run = out.exists() and any(out.iterdir())
