@@ -24,6 +24,7 @@ import pytest
 import tifffile
 
 from conftest import ROOT, write_split
+from xmdl_tf.io import DataError
 from xmdl_tf.train import main as train_main
 
 ARGS = ["--tile-size", "32", "--depth", "3", "--base-filters", "4", "--batch-size", "4", "--tiles-per-slice", "4",
@@ -325,6 +326,24 @@ def test_analyze_refuses_missing_labels_and_implausible_pixel_sizes_up_front(sma
     assert "skipped far: pixel size 200 nm would resample the image by x40" in err
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["image"]) == ["huge"] and np.isnan(summary["pixel_size_nm"][0])
+
+
+def test_an_image_narrower_than_the_model_can_see_is_refused_not_padded(small_model, tmp_path, capsys):
+    from xmdl_tf.analyze import main
+    from xmdl_tf.config import InferenceConfig
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.volume import predict_volume
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "strip.tif", rng.integers(0, 255, (3, 500), np.uint8))
+    tifffile.imwrite(tmp_path / "ok.tif", rng.integers(0, 255, (64, 64), np.uint8))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "strip.tif"), str(tmp_path / "ok.tif"), "--model", str(small_model),
+                 "--out", str(out), "--no-figure"]) == 1
+    assert "skipped strip: image of 3 x 500 px is narrower than 4 px" in capsys.readouterr().err
+    assert list(pd.read_csv(out / "summary.csv")["image"]) == ["ok"]
+    with pytest.raises(DataError, match="slices of 64 x 2 px are narrower than 4 px"):
+        predict_volume(load_model(small_model), rng.integers(0, 255, (3, 64, 2), np.uint8), InferenceConfig(tta=False))
 
 
 @pytest.mark.slow

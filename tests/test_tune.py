@@ -88,3 +88,23 @@ def test_tune_and_calibrate_refuse_test_splits_and_shipped_models_up_front(tmp_p
     (tmp_path / "t.json").write_text("mine")
     refused(tune_main, ["--model", nowhere, "--data", str(data), "--json", str(tmp_path / "t.json")], "exists")
     assert (tmp_path / "t.json").read_text() == "mine"
+
+
+def test_calibrate_refuses_a_train_split_too_small_for_the_ood_model_before_predicting(blob_run, tmp_path, capsys):
+    """Two 64-px training slices make two tiles, too few to fit a feature distribution on: said in
+    seconds, naming the sets, before the val split is predicted, and the model is left as it was."""
+    from conftest import write_split
+    from xmdl_tf.calibrate import main as calibrate_main
+
+    _, run = blob_run
+    model = tmp_path / "model"
+    shutil.copytree(run, model)
+    before = (model / "config.json").read_bytes()
+    data = tmp_path / "D"
+    write_split(data, "train", 2, size=64)
+    write_split(data, "val", 1, size=64)
+    assert calibrate_main(["--model", str(model), "--data", str(data)]) == 2
+    err = capsys.readouterr()
+    assert "give 2 tile(s) of 256 px" in err.err and "at least 3" in err.err and "Traceback" not in err.err
+    assert "[val]" not in err.out  # no val slice was predicted
+    assert (model / "config.json").read_bytes() == before and not (model / "ood.npz").exists()

@@ -169,6 +169,10 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
 
     s = settings or Settings()
     ic = s.resolve(predictor)
+    if min(image.shape) < predictor.size_divisor:
+        # Padded up to one tile it would "work", but on a strip this narrow every object is cut by the edge.
+        raise DataError(f"image of {image.shape[0]} x {image.shape[1]} px is narrower than {predictor.size_divisor} px, "
+                        "the least the model can segment; give a larger image")
     # With zoom search, the OOD score (at the grid the pixel size asks for) decides whether to search, and
     # is the one reported: computed once here.
     from .ood import model_distribution

@@ -208,6 +208,24 @@ def fit_ood(predictor, data: list[str], pixel_sizes: list[float | None], val_sli
     return dist.calibrate(scores, quantile), scores
 
 
+def check_ood_data(predictor, data: list[str], pixel_sizes: list[float | None], tile: int | None = None) -> int:
+    """The number of training tiles the OOD model will be fitted on (`fit_ood`), from the image headers;
+    DataError when a set has no readable train split or all sets give fewer than `ood.MIN_TILES`."""
+    from .io import DataError, find_pairs, image_shape, read_pixel_size_nm
+    from .ood import MIN_TILES, TILE, tile_origins
+
+    tile, n = tile or TILE, 0
+    for d, px_given in zip(data, pixel_sizes):
+        for pair in find_pairs(d, "train"):
+            factor = predictor.scale_factor(read_pixel_size_nm(pair.image) or px_given,
+                                            predictor.config.inference.rescale)
+            n += len(tile_origins(tuple(max(1, round(s * factor)) for s in image_shape(pair.image, pair.page)), tile))
+    if n < MIN_TILES:
+        raise DataError(f"{', '.join(map(str, data))}: the train split(s) give {n} tile(s) of {tile} px to fit the "
+                        f"out-of-distribution model on; at least {MIN_TILES} are needed (add training slices)")
+    return n
+
+
 def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = None, split: str = "val",
               verbose: bool = True, ood_tile: int | None = None, figure: str | Path | None = None) -> dict:
     """Fit temperature, object confidence and the OOD model; store them beside the model; return the report.
@@ -226,6 +244,7 @@ def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = N
         raise FileNotFoundError(f"{model_path}: no config.json beside the model to store the calibration in")
     from .confidence import AGREEMENT_FEATURES, POOL
 
+    check_ood_data(predictor, data, pixel_sizes, ood_tile)  # seconds, before minutes of val predictions
     slices = collect_val(predictor, data, pixel_sizes, split, verbose,
                          agreement=tuple(f for f in AGREEMENT_FEATURES if f in POOL))
     return fit_calibration(predictor, slices, data, pixel_sizes, split, verbose, ood_tile, t0, figure)

@@ -511,6 +511,10 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     mpath, cpath = resolve_model_path(model)
     config = Config.load(cpath) if cpath else None
     ic = resolve_inference(type("P", (), {"config": config})(), inference)
+    divisor = config.model.size_divisor if config else 1
+    if min(vol.shape[1:]) < divisor:
+        raise DataError(f"{vol.source}: slices of {vol.shape[1]} x {vol.shape[2]} px are narrower than {divisor} px, "
+                        "the least the model can segment")
     if ic.tta:
         log.info("test-time augmentation on: 8x the prediction time")
     # The source as an absolute path: workers may run elsewhere, and --resume must recognise the same

@@ -28,6 +28,7 @@ OOD_LAYER = "bottleneck_conv2"  # what an ood.npz without `layers` modelled (old
 OOD_LAYERS = ("enc1_relu2", "enc2_relu2", "enc3_relu2")
 OOD_STATS = "mean_std"
 TILE = 256
+MIN_TILES = 3  # feature vectors (tiles) the distribution is fitted on, at least
 MAX_TILES = 16
 OOD_FILE = "ood.npz"  # beside model.keras
 
@@ -121,8 +122,8 @@ class FeatureDistribution:
             stats: str = "mean") -> "FeatureDistribution":
         """Fit on (N, D) training tile features computed on `tile`-px tiles from `layers` / `stats`."""
         x = np.asarray(features, np.float64)
-        if len(x) < 3:
-            raise ValueError("need at least 3 feature vectors to fit the feature distribution")
+        if len(x) < MIN_TILES:
+            raise ValueError(f"need at least {MIN_TILES} feature vectors to fit the feature distribution")
         mu = x.mean(0)
         u, s, vt = np.linalg.svd(x - mu, full_matrices=False)
         var = s ** 2 / (len(x) - 1)

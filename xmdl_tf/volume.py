@@ -100,6 +100,9 @@ def predict_volume(predictor, image: np.ndarray, inference: InferenceConfig,
     (Z, Y, X) of the XY slices (None without `gradcam`).
     """
     ic = inference
+    if min(image.shape[1:]) < predictor.size_divisor:
+        raise DataError(f"slices of {image.shape[1]} x {image.shape[2]} px are narrower than "
+                        f"{predictor.size_divisor} px, the least the model can segment")
     px_xy = pixel_size_nm if voxel_size_nm is None else float(voxel_size_nm[2])
     px_z = None if voxel_size_nm is None else float(voxel_size_nm[0])
     scale = {"rescale": ic.rescale}
