@@ -305,6 +305,15 @@ def test_evaluate_volume_matches_a_hand_computed_case(tiny_run, tmp_path):
     prob, _ = predict_volume(pred, image, ic, gradcam=False)
     direct = score_volume(prob, volume_instances(prob, None, ic.threshold, 50), (ids > 0).astype(np.uint8), 0.5)
     assert direct["f1"] == pytest.approx(r["f1"]) and direct["ap50"] == pytest.approx(r["ap50"])
+    assert r["voxel_size_nm"] is None
+    # A converted set of every 2nd 30-nm section: dataset.json gives the voxel size, z = 2 x 30 nm.
+    (root / "dataset.json").write_text(json.dumps({"pixel_size_nm": 8.0, "section_thickness_nm": 30.0, "z_step": 2}))
+    r = evaluate_volume(pred, str(root), "test", None, tile=64, overlap=16, min_volume_vox=50)
+    assert r["voxel_size_nm"] == [60.0, 8.0, 8.0] and r["voxel_size_from"] == "dataset.json"
+    with pytest.warns(UserWarning, match="2 sections apart"):  # a --voxel-size that says otherwise is warned about
+        r = evaluate_volume(pred, str(root), "test", None, voxel_size_nm=(30, 8, 8), tile=64, overlap=16,
+                            min_volume_vox=50)
+    assert r["voxel_size_nm"] == [30.0, 8.0, 8.0] and r["voxel_size_from"] == "--voxel-size"
 
 
 @pytest.mark.parametrize("voxel", [(10.0, 10.0, 10.0), (30.0, 10.0, 10.0)])

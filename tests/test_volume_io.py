@@ -290,6 +290,9 @@ def test_hdf5_errors(tmp_path, vol):
     with h5py.File(p, "w") as f:
         f["x4"] = np.zeros((2, 3, 32, 40), np.uint8)
         f["plane"] = vol[0]
+        f["rgb"] = np.stack([vol[0]] * 3, -1)  # (32, 40, 3): one colour image, not 32 slices 3 px wide
+    with pytest.raises(DataError, match=r"bad\.h5:/rgb is a single 2-D RGB image \(32 x 40 x 3\); --volume needs"):
+        open_volume(f"{p}:/rgb")
     with pytest.raises(DataError, match=r"bad\.h5:/x4: 4-D data \(2, 3, 32, 40\)"):
         open_volume(f"{p}:/x4")
     with pytest.raises(DataError, match=r"bad\.h5:/plane is a single 2-D image \(32 x 40\)"):

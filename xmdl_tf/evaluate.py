@@ -76,9 +76,10 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     total: dict[str, int] = {}
     rows = []
     t0 = time.time()
+    set_px = pixel_size_nm or _dataset_json(data).get("pixel_size_nm")
     for pair in pairs:
         image, label = read_pair(pair)
-        px = read_pixel_size_nm(pair.image) or pixel_size_nm
+        px = read_pixel_size_nm(pair.image) or set_px
         # As analyze: auto zoom when px is unknown; without TTA its last pass may be the prediction.
         grid_px, zoom = prediction_grid(predictor, image, ic, px, keep_probability=not ic.tta)
         if zoom is not None and zoom.probability is not None:
@@ -161,6 +162,10 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     pairs = find_pairs(data, split, labels=labels)
     if ignore_value is not None:
         check_ignore_value(check_labels(pairs, ignore_value), ignore_value)
+    voxel_from = "--voxel-size" if voxel else None
+    if voxel is None and pixel_size_nm is None:
+        voxel = _dataset_voxel(data)
+        voxel_from = "dataset.json" if voxel else None
     _warn_z_step(data, voxel)
     check_planes(planes, voxel, str(data))
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
@@ -173,7 +178,7 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     image = np.stack([im for im, _ in read])
     label = np.stack([lb for _, lb in read])
     del read
-    px = pixel_size_nm or read_pixel_size_nm(pairs[0].image)
+    px = pixel_size_nm or read_pixel_size_nm(pairs[0].image) or _dataset_json(data).get("pixel_size_nm")
     grid_px, zoom = (px, None) if voxel else prediction_grid(predictor, image[image.shape[0] // 2], ic, px)
     prob, _ = predict_volume(predictor, image, ic, voxel, planes, gradcam=False, pixel_size_nm=grid_px)
     instances = volume_instances(prob, voxel, ic.threshold, for_objects(ic, zoom).min_volume(voxel),
@@ -183,6 +188,7 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
         "n_slices": int(image.shape[0]),
         "shape_zyx": list(image.shape),
         "voxel_size_nm": list(voxel) if voxel else None,
+        "voxel_size_from": voxel_from,
         "planes": ",".join(planes),
         "auto_zoom": zoom.zoom if zoom is not None else None,
         "pooling": "all voxels of the volume; instances in 3-D",
@@ -195,20 +201,39 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     return result
 
 
-def _warn_z_step(data, voxel) -> None:
-    """Warn when a converted set kept only every N-th section (dataset.json "z_step", e.g. `data_prep.mitoem
-    release --z-step 3`): its slices are N sections apart, which the z voxel size must say."""
-    import warnings
-
+def _dataset_json(data) -> dict:
+    """The set's dataset.json (written by the data_prep converters), or {} when absent or unreadable."""
     meta = Path(data) / "dataset.json"
     try:
         info = json.loads(meta.read_text()) if meta.is_file() else {}
     except (OSError, ValueError):
-        return
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _dataset_voxel(data) -> tuple[float, float, float] | None:
+    """(z, y, x) nm from dataset.json: z = section thickness x z_step (a set of every N-th section has
+    slices N sections apart), y = x = its pixel size; None unless both are stated and plausible."""
+    info = _dataset_json(data)
+    px, thick, step = info.get("pixel_size_nm"), info.get("section_thickness_nm"), info.get("z_step") or 1
+    try:
+        voxel = (float(thick) * int(step), float(px), float(px))
+        return tuple(cli.check_pixel_size(v, f"{Path(data) / 'dataset.json'}") for v in voxel)
+    except (TypeError, ValueError, cli.UsageError):
+        return None
+
+
+def _warn_z_step(data, voxel) -> None:
+    """Warn when a converted set kept only every N-th section (dataset.json "z_step", e.g. `data_prep.mitoem
+    release --z-step 3`) and the z voxel size does not say so: its slices are N sections apart."""
+    import warnings
+
+    info = _dataset_json(data)
     step, thick = info.get("z_step") or 1, info.get("section_thickness_nm")
-    if step > 1:
+    if step > 1 and not (voxel and thick and abs(voxel[0] - step * thick) < 1e-6 * step * thick):
         need = f"{step} x the section thickness" + (f" ({step * thick:g} nm)" if thick else "")
         given = f"; --voxel-size gives z = {voxel[0]:g} nm" if voxel else ""
+        meta = Path(data) / "dataset.json"
         warnings.warn(f"{meta}: the slices are {step} sections apart (z_step {step}), so the z voxel size is {need}"
                       f"{given}")
 
@@ -264,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_volume(args.model, args.data, args.split, args.out, cli.inference_overrides(args),
                                  args.labels, args.overwrite, args.voxel_size, args.pixel_size, args.ignore_value,
                                  parse_planes(args.planes))
-        print(f"{args.data}{_split_tag(result)} as one volume, {' x '.join(map(str, result['shape_zyx']))} voxels")
+        vox = result["voxel_size_nm"]
+        print(f"{args.data}{_split_tag(result)} as one volume, {' x '.join(map(str, result['shape_zyx']))} voxels"
+              + (f" of {' x '.join(f'{v:g}' for v in vox)} nm (z, y, x; from {result['voxel_size_from']})" if vox
+                 else " (voxel size unknown: 3-D distances in voxels)"))
         print(format_volume_table(result))
         if args.out:
             print(f"wrote {Path(args.out) / 'metrics.json'}")

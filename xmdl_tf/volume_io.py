@@ -618,6 +618,11 @@ def _require(module: str, what: str):
         raise DataError(f"reading {what} needs the '{module}' package (pip install {module})") from None
 
 
+def _rgb_plane(shape: Sequence[int]) -> bool:
+    """(H, W, 3 or 4): one colour image; no EM volume is 3 or 4 voxels across."""
+    return len(shape) == 3 and shape[-1] in (3, 4) and shape[-2] > shape[-1]
+
+
 def _array_plan(shape: Sequence[int], where: str) -> tuple[Callable[[int, int], tuple], tuple[int, int, int], bool]:
     """How to read (n, Y, X[, C]) slabs from an array of `shape` with no axis names.
 
@@ -626,6 +631,9 @@ def _array_plan(shape: Sequence[int], where: str) -> tuple[Callable[[int, int], 
     singleton axes before them are dropped; at most one may be longer than 1.
     """
     shape = tuple(int(n) for n in shape)
+    if _rgb_plane(shape):
+        raise DataError(f"{where} is a single 2-D {'RGB' if shape[-1] == 3 else 'RGBA'} image "
+                        f"({shape[0]} x {shape[1]} x {shape[2]}); {STACK_HINT}")
     tail: tuple = ()
     rgb = False
     if len(shape) >= 4 and shape[-1] in (1, 3, 4):
@@ -688,7 +696,7 @@ def _open_h5(source: str, path: Path, inner: str | None, kind: str) -> Volume:
                 raise DataError(f"{path}: no dataset /{inner}; datasets: {_listing(found_ds)}")
             key_name = inner
         else:
-            three = [d for d in found_ds if len(d[1]) == 3]
+            three = [d for d in found_ds if len(d[1]) == 3 and not _rgb_plane(d[1])]
             if len(three) != 1:
                 if not three and len(found_ds) == 1:
                     key_name = found_ds[0][0]  # one dataset, not 3-D: let the plan say what is wrong with it
@@ -788,7 +796,7 @@ def _open_zarr(source: str, path: Path, inner: str | None, kind: str) -> Volume:
             found_arrays = arrays(node)
             if not found_arrays:
                 raise DataError(f"{path}{'/' + inner if inner else ''}: Zarr group without arrays; {STACK_HINT}")
-            three = [(n, a) for n, a in found_arrays if a.ndim == 3]
+            three = [(n, a) for n, a in found_arrays if a.ndim == 3 and not _rgb_plane(a.shape)]
             if len(three) != 1 and not (not three and len(found_arrays) == 1):
                 what = "no 3-D array" if not three else f"{len(three)} 3-D arrays"
                 listing = _listing([(n, a.shape, a.dtype) for n, a in found_arrays])
