@@ -193,6 +193,16 @@ def test_inputs_zarr_v2_v3_hdf5_and_tiff_agree(client, volume, blob_run, tmp_pat
         np.testing.assert_array_equal(r, results[0])
 
 
+def test_a_volume_without_mitochondria_gives_empty_tables(client, blob_run, tmp_path):
+    """No component anywhere: every stage still runs (Dask cannot scatter an empty dict of offsets)."""
+    image = np.random.default_rng(0).integers(0, 255, (8, 96, 96), np.uint8)  # noise: nothing blob-like
+    write_volume_tiff(tmp_path / "noise.tif", image, VOXEL)
+    result = _run(client, tmp_path / "noise.tif", tmp_path / "n.zarr", blob_run[1])
+    assert result["count"] == 0
+    assert len(pd.read_csv(tmp_path / "n.zarr" / "objects.csv")) == 0
+    assert not zarr.open_array(str(tmp_path / "n.zarr" / "labels" / "instances" / "0"), mode="r")[:].any()
+
+
 def test_bad_inputs_fail_before_writing(blob_run, tmp_path, capsys):
     import h5py
 
@@ -207,12 +217,14 @@ def test_bad_inputs_fail_before_writing(blob_run, tmp_path, capsys):
     nan = image.astype(np.float32)
     nan[3, 5, 5] = np.nan
     tifffile.imwrite(tmp_path / "nan.tif", nan)
+    write_volume_tiff(tmp_path / "narrow.tif", image[:4, :64, :2])
     cases = [
         ([str(tmp_path / "nan.tif")], "NaN or infinite values in slice 3 (1 voxels)"),
         ([f"{tmp_path / 'v.h5'}:/nothere"], "nothere"),
         ([str(tmp_path / "flat.tif")], "2-D"),
         ([str(tmp_path / "vol.tif"), "--chunks", "8", "40", "40", "--halo", "32"], "halo"),
         ([str(tmp_path / "missing.zarr")], "not found"),
+        ([str(tmp_path / "narrow.tif")], "slices of 64 x 2 px are narrower than 4 px"),
     ]
     for k, (argv, needle) in enumerate(cases):
         out = tmp_path / f"o{k}.zarr"
@@ -233,3 +245,39 @@ def test_bad_inputs_fail_before_writing(blob_run, tmp_path, capsys):
             err = capsys.readouterr().err
             assert needle in err and "Traceback" not in err, err
     assert np.array_equal(zarr.open_array(str(src), mode="r")[:], image) and (mine / "notes.txt").is_file()
+
+
+def test_ctrl_c_stops_a_run_with_one_line(blob_run, tmp_path):
+    """Ctrl-C reaches the whole process group: the workers ignore it and the run stops in order,
+    with the --resume advice as the only message (no worker tracebacks, no Dask warnings; --resume
+    itself: test_worker_killed_mid_run_and_resume)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    image = np.random.default_rng(0).integers(0, 255, (12, 256, 256), np.uint8)
+    write_volume_tiff(tmp_path / "vol.tif", image, VOXEL)
+    argv = [sys.executable, "-u", "-m", "xmdl_tf.volume", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "o.zarr"),
+            "--model", str(blob_run[1]), "--chunks", "4", "128", "128", "--halo", "16", "--tile", "64",
+            "--overlap", "16", "--no-tta"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out = []
+    try:
+        for line in proc.stdout:  # interrupt while the workers predict
+            out.append(line)
+            if line.strip().startswith("probability"):
+                time.sleep(1.0)
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err_lines = [e for e in err.splitlines() if e.strip() and "cuda" not in e.lower() and "absl" not in e
+                 and "oneDNN" not in e and "rebuild TensorFlow" not in e]
+    assert proc.returncode == 130, "".join(out) + rest + err
+    assert err_lines == ["interrupted; outputs written so far are complete (run the same command with --resume to "
+                         "continue)"], err

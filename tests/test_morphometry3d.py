@@ -195,6 +195,18 @@ def test_bumps_are_pruned_not_branches(spacing):
     assert skeleton_stats3d(arm, spacing)[1:] == (3, 1)
 
 
+def test_a_skeleton_of_isolated_voxels_is_measured_as_points_not_an_error():
+    """Smoothing can leave an object as blobs that each thin to one voxel; skan cannot build paths
+    from isolated voxels ("index pointer size 0 should be 1", seen on a chunked run), so they count
+    as points: no branch, as long as the widest blob is wide."""
+    from xmdl_tf.morphometry3d import _skeleton
+
+    solid = np.zeros((10, 10, 20), np.float32)
+    solid[4, 4, 4] = solid[4, 4, 12] = 1.0
+    length, branches, junctions = _skeleton(solid, 0.5, (1.0, 1.0, 1.0), 1.0)
+    assert (branches, junctions) == (0, 0) and length == pytest.approx(1.0)
+
+
 def test_physical_units_scale_voxel_units():
     mask = _cylinder(10.0, 40.0, (1.0, 1.0, 1.0))
     vox = measure3d(mask.astype(np.uint8)).iloc[0]

@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import threading
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -367,19 +367,84 @@ def _components(client, out: Path, plan: ChunkPlan, threshold: float, grid: list
 # Client side
 
 
+def _without_sigint(start: Callable[[], Any]) -> Any:
+    """start() with Ctrl-C ignored, so that the worker processes it spawns inherit the ignoring.
+
+    Ctrl-C reaches every process of the terminal's group: workers would die mid-task, each printing
+    a traceback. Ignoring it there leaves the interrupt to this process, which stops the run and
+    closes the cluster in order. (Python installs its KeyboardInterrupt handler only where SIGINT is
+    not ignored at start-up.) Only the main thread may set signal handlers; elsewhere (napari's
+    worker thread) start() runs as is.
+    """
+    import signal
+
+    _quiet_resource_tracker()
+    if threading.current_thread() is not threading.main_thread():
+        return start()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (shared with the workers it spawns) told not to warn.
+
+    A worker killed in mid-task when an interrupted run closes leaves a semaphore that the tracker
+    removes at exit, with a "leaked semaphore" warning that reads like a fault; its warning filters
+    come from this interpreter's -W options when it starts. Nothing happens if it already runs.
+    """
+    import sys
+    from multiprocessing import resource_tracker
+
+    option = "ignore::UserWarning"
+    sys.warnoptions.append(option)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(option)
+
+
+def _quiet_shutdown() -> None:
+    """After an interrupt: no log noise from the client's abandoned gathers or the nanny's kills."""
+    for name in ("asyncio", "distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _quiet_cancels() -> None:
+    """On a worker: tasks cancelled by a closing run are expected, not worth a warning each."""
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+
+
+def _quiet_worker_logs() -> None:
+    """On a worker of an interrupted run: its shutdown is expected, not worth an error."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
 def _cluster(client, scheduler: str, workers: int):
     """(client, close) for an existing client, an address, or a LocalCluster of `workers` processes."""
     from distributed import Client, LocalCluster
 
     if client is not None:
-        return client, lambda: None
+        return client, lambda interrupted=False: None
     if scheduler != "local":
         c = Client(scheduler)
-        return c, c.close
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return c, lambda interrupted=False: c.close()
+    # No dashboard; the scheduler's HTTP endpoints on a free port (its default, 8787, warns when another
+    # cluster, e.g. a second run, holds it).
+    cluster = _without_sigint(lambda: LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                   dashboard_address=None,
+                                                   scheduler_kwargs={"dashboard_address": ":0"}))
     c = Client(cluster)
+    c.run(_quiet_cancels)  # our own workers only; a user's cluster keeps its logging
 
-    def close():
+    def close(interrupted: bool = False):
+        if interrupted:  # workers cut off mid-task and mid-heartbeat would each log it
+            try:
+                c.run(_quiet_worker_logs)
+            except Exception:  # noqa: BLE001 - closing matters more than quiet
+                pass
         c.close()
         cluster.close()
 
@@ -533,6 +598,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     with FolderLock(out, "chunked volume run"):
         _create(out, plan, overwrite, resume)
         client, close = _cluster(client, scheduler, workers)
+        interrupted = False
         try:
             n_workers = max(1, len(client.scheduler_info().get("workers", {})) or workers)
             tf_threads = max(1, (os.cpu_count() or 1) // n_workers) if scheduler == "local" else None
@@ -621,12 +687,16 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                 r1 = np.array([sl.stop for sl in r])
                 hit = np.all((starts < r1) & (stops > r0), axis=1) if len(keys) else np.zeros(0, bool)
                 comp_lists.append(keys[hit].tolist())
-            o = client.scatter(offsets, broadcast=True)
+            o = client.scatter(offsets, broadcast=True) if offsets else {}  # (Dask cannot scatter an empty dict)
             futs = client.map(task_paint, [str(out)] * len(todo), todo, comp_lists, [o] * len(todo), pure=False)
             _gather(client, futs, "instance labels", report)
             timings["labels_s"] = time.time() - t0
+        except KeyboardInterrupt:
+            interrupted = True
+            _quiet_shutdown()
+            raise
         finally:
-            close()
+            close(interrupted)
 
         # 6. pyramids, metadata, tables
         t0 = time.time()

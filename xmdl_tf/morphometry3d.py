@@ -329,11 +329,13 @@ def _path_length(coords: np.ndarray, passes: int = 2) -> float:
 
 
 def _summary(skel: np.ndarray, spacing: VoxelSize) -> tuple[Any, pd.DataFrame | None]:
-    """skan's Skeleton and branch table of a skeleton image; (None, None) below 2 voxels."""
+    """skan's Skeleton and branch table of a skeleton image; (None, None) when it has no branch: one
+    voxel, or only isolated voxels (smoothing can split an object into blobs that each thin to a point)."""
     import skan  # numba compiles on first use; import only when skeletons are measured
 
-    if np.count_nonzero(skel) < 2:
-        return None, None
+    n = np.count_nonzero(skel)
+    if n < 2 or ndi.label(skel, structure=np.ones((3,) * skel.ndim, bool))[1] == n:
+        return None, None  # (skan fails on a skeleton of isolated voxels: no path to build)
     sk = skan.Skeleton(skel, spacing=spacing)
     with warnings.catch_warnings():
         # skan 0.13 renames columns with pandas' deprecated inplace=True.
@@ -407,8 +409,8 @@ def _skeleton(field: np.ndarray, level: float, spacing: VoxelSize, spur_factor: 
     # distance to the surface (edt minus half a voxel), so a tube's skeleton
     # measures the tube's length.
     reach = np.clip(radius - 0.5 * min(spacing), 0, None)
-    if table is None:  # a point: a sphere-like object, as long as it is wide
-        return 2 * float(reach[0]), 0, 0
+    if table is None:  # a point (or isolated points): a sphere-like object, as long as it is wide
+        return 2 * float(reach.max()), 0, 0
     s = np.asarray(spacing)
     length = sum(_path_length(sk.path_coordinates(i) * s) for i in range(sk.n_paths))
     length += float(reach[sk.degrees == 1].sum())
