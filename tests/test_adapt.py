@@ -1,5 +1,4 @@
 """Adapting to a new microscope: fine-tuning, sparse labels, lineage and pixel-size-aware inference."""
-import json
 
 import cv2
 import keras

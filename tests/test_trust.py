@@ -1,5 +1,4 @@
 """Knowing when not to trust the model: calibrate a trained tiny model, then analyze with it."""
-import json
 import shutil
 
 import numpy as np

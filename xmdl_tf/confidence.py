@@ -94,8 +94,6 @@ def object_features(instances: np.ndarray, probability: np.ndarray, heatmap: np.
     (0 if no image).
     Returns {"label": ids, feature: values (N,)} for every name in `ALL_FEATURES`.
     """
-    from scipy import ndimage
-
     from .postprocess import best_iou
 
     inst = np.asarray(instances)
