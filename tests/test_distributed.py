@@ -224,7 +224,7 @@ def test_bad_inputs_fail_before_writing(blob_run, tmp_path, capsys):
         ([str(tmp_path / "flat.tif")], "2-D"),
         ([str(tmp_path / "vol.tif"), "--chunks", "8", "40", "40", "--halo", "32"], "halo"),
         ([str(tmp_path / "missing.zarr")], "not found"),
-        ([str(tmp_path / "narrow.tif")], "slices of 64 x 2 px are narrower than 4 px"),
+        ([str(tmp_path / "narrow.tif")], "slices of 64 x 2 px: narrower than 4 px"),
     ]
     for k, (argv, needle) in enumerate(cases):
         out = tmp_path / f"o{k}.zarr"

@@ -340,9 +340,9 @@ def test_an_image_narrower_than_the_model_can_see_is_refused_not_padded(small_mo
     out = tmp_path / "out"
     assert main([str(tmp_path / "strip.tif"), str(tmp_path / "ok.tif"), "--model", str(small_model),
                  "--out", str(out), "--no-figure"]) == 1
-    assert "skipped strip: image of 3 x 500 px is narrower than 4 px" in capsys.readouterr().err
+    assert "skipped strip: image of 3 x 500 px: narrower than 4 px" in capsys.readouterr().err
     assert list(pd.read_csv(out / "summary.csv")["image"]) == ["ok"]
-    with pytest.raises(DataError, match="slices of 64 x 2 px are narrower than 4 px"):
+    with pytest.raises(DataError, match="slices of 64 x 2 px: narrower than 4 px"):
         predict_volume(load_model(small_model), rng.integers(0, 255, (3, 64, 2), np.uint8), InferenceConfig(tta=False))
 
 

@@ -113,3 +113,15 @@ def test_wide_models_are_run_on_tiles_under_the_measured_speed_cliff():
     wide._fn = lambda x: (seen.append(x.shape[1:3]), real(x))[1]  # the real model; records each call's tile
     wide.predict_slice(np.zeros((2048, 2048), np.uint8), tile=2048)
     assert len(seen) > 1 and max(max(s) for s in seen) <= 1792
+
+
+def test_check_width_judges_the_strip_on_the_models_grid():
+    from xmdl_tf.io import DataError
+    from xmdl_tf.tiling import check_width
+
+    check_width((500, 32), 1.0, 32)  # exactly one divisor wide
+    check_width((500, 8), 4.0, 32)  # 8 px of 20 nm are 32 px of a 5-nm model
+    with pytest.raises(DataError, match=r"image of 3 x 500 px: narrower than 32 px"):
+        check_width((3, 500), 1.0, 32)
+    with pytest.raises(DataError, match=r"slices of 64 x 16 px \(x0.5 on the model's grid\): narrower"):
+        check_width((64, 16), 0.5, 32, "slices")

@@ -166,13 +166,11 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     from .metrics import scores
     from .morphometry import ShapeRules, classify, measure, summarize
     from .postprocess import foreground, instance_scores, instances as to_instances, score_slice, truth
+    from .tiling import check_width
 
     s = settings or Settings()
     ic = s.resolve(predictor)
-    if min(image.shape) < predictor.size_divisor:
-        # Padded up to one tile it would "work", but on a strip this narrow every object is cut by the edge.
-        raise DataError(f"image of {image.shape[0]} x {image.shape[1]} px is narrower than {predictor.size_divisor} px, "
-                        "the least the model can segment; give a larger image")
+    check_width(image.shape, predictor.scale_factor(pixel_size_nm, ic.rescale), predictor.size_divisor)
     # With zoom search, the OOD score (at the grid the pixel size asks for) decides whether to search, and
     # is the one reported: computed once here.
     from .ood import model_distribution

@@ -576,10 +576,15 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     mpath, cpath = resolve_model_path(model)
     config = Config.load(cpath) if cpath else None
     ic = resolve_inference(type("P", (), {"config": config})(), inference)
-    divisor = config.model.size_divisor if config else 1
-    if min(vol.shape[1:]) < divisor:
-        raise DataError(f"{vol.source}: slices of {vol.shape[1]} x {vol.shape[2]} px are narrower than {divisor} px, "
-                        "the least the model can segment")
+    if config is not None:  # as analyze --volume, on the model's grid
+        from .sampling import resample_factor
+        from .tiling import check_width
+
+        factor = resample_factor(voxel[2] if voxel else None, config.data.pixel_size_nm) if ic.rescale else 1.0
+        try:
+            check_width(vol.shape[1:], factor, config.model.size_divisor, "slices")
+        except DataError as err:
+            raise DataError(f"{vol.source}: {err}") from None
     if ic.tta:
         log.info("test-time augmentation on: 8x the prediction time")
     # The source as an absolute path: workers may run elsewhere, and --resume must recognise the same

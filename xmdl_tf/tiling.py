@@ -193,3 +193,15 @@ def predict_tiled(predict_batch: Callable[[np.ndarray], np.ndarray], image: np.n
     np.maximum(wsum, 1e-12, out=wsum)
     acc /= wsum[..., None]
     return acc[:h, :w]
+
+
+def check_width(shape: tuple[int, ...], factor: float, divisor: int, what: str = "image") -> None:
+    """DataError when (H, W) `shape`, resampled by `factor` to the model's grid, is narrower than the
+    model's size divisor (2**(depth-1) px): padded up to one tile it would "work", but every object
+    in so thin a strip is cut by its edge."""
+    if min(shape) * factor < divisor:
+        from .io import DataError
+
+        grid = f" (x{factor:.3g} on the model's grid)" if factor != 1 else ""
+        raise DataError(f"{what} of {shape[0]} x {shape[1]} px{grid}: narrower than {divisor} px, "
+                        "the least the model can segment")

@@ -99,11 +99,11 @@ def predict_volume(predictor, image: np.ndarray, inference: InferenceConfig,
     Returns float32 probability (Z, Y, X) in [0, 1] and float32 Grad-CAM
     (Z, Y, X) of the XY slices (None without `gradcam`).
     """
+    from .tiling import check_width
+
     ic = inference
-    if min(image.shape[1:]) < predictor.size_divisor:
-        raise DataError(f"slices of {image.shape[1]} x {image.shape[2]} px are narrower than "
-                        f"{predictor.size_divisor} px, the least the model can segment")
     px_xy = pixel_size_nm if voxel_size_nm is None else float(voxel_size_nm[2])
+    check_width(image.shape[1:], predictor.scale_factor(px_xy, ic.rescale), predictor.size_divisor, "slices")
     px_z = None if voxel_size_nm is None else float(voxel_size_nm[0])
     scale = {"rescale": ic.rescale}
     n_z = image.shape[0]
