@@ -21,8 +21,6 @@ _API = {
     "build_model": "model",
     "normalize": "data",
     "load_model": "predict",
-    "train": "train",
-    "evaluate": "evaluate",
     "find_pairs": "io",
     "read_image": "io",
     "read_label": "io",
@@ -32,11 +30,24 @@ _API = {
     "mask_to_instances": "instances",
     "measure": "morphometry",
 }
+# Training and scoring are modules (`python -m xmdl_tf.train`), each with its function of the same
+# name: `xmdl_tf.train.train(...)`, `xmdl_tf.evaluate.evaluate(...)`. (A package attribute cannot be
+# both: importing the submodule replaces a function of its name, so `xmdl_tf.train` is the module.)
+_MODULES = ("adapt", "analyze", "calibrate", "evaluate", "export", "finetune", "train", "tune", "volume")
 
 __all__ = sorted(_API)
 
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    raise AttributeError(f"module 'xmdl_tf' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'xmdl_tf' has no attribute {name!r}")
+    globals()[name] = value  # once: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API) | set(_MODULES))
