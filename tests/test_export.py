@@ -110,6 +110,7 @@ SERVER_SCRIPT = textwrap.dedent("""
         "channels": lambda: sig["explain"](images=tf.constant(np.repeat(images, 3, axis=-1))),
         "empty": lambda: sig["serving_default"](images=tf.constant(images[:, :0])),
         "normalised floats": lambda: sig["serving_float"](images=tf.constant(wide / 65535.0 - 0.5)),
+        "unit floats": lambda: sig["serving_float"](images=tf.constant(wide / 65535.0)),
         "tile size": lambda: sig["predict_normalized"](images=tf.constant(np.zeros((1, 30, 32, 1), np.float32))),
         "empty batch": lambda: sig["serving_default"](images=tf.constant(images[:0])),
         "constant": lambda: sig["serving_default"](images=tf.constant(np.full((1, 32, 32, 1), 7, np.uint8))),
@@ -158,6 +159,7 @@ def test_served_signatures_match_keras_in_a_separate_process(run, export_dir, tm
     assert "images must have shape [batch, height, width, 1]; got shape] [2 37 53 3]" in errors["channels"]
     assert "height and width must be at least 1 pixel" in errors["empty"]
     assert "raw grey values must be in [0, 65535]" in errors["normalised floats"]
+    assert "which looks normalised" in errors["unit floats"]
     assert "multiples of the size divisor 4" in errors["tile size"]
     assert "empty batch" in errors["empty batch"]
     assert "constant image" in errors["constant"]
@@ -368,3 +370,46 @@ def test_keras_file_with_lambda_layer_is_refused(tmp_path):
         load_model(tmp_path / "lambda.keras")
     assert export_main(["--model", str(tmp_path / "lambda.keras"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_a_calibrated_models_export_warns_and_thresholds_as_the_keras_model(run, tmp_path, capsys):
+    """ood.npz travels in the export (served through `ood_features`), so analyze with the export
+    gives the same OOD score; the served mask uses the model's own threshold."""
+    import shutil
+
+    import tensorflow as tf
+
+    from xmdl_tf.ood import OOD_FILE, FeatureDistribution, available_layers, image_features, model_distribution
+
+    model = tmp_path / "calibrated"
+    shutil.copytree(run, model)
+    import dataclasses
+
+    cfg = Config.load(model / "config.json")
+    dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, threshold=0.6)).save(model / "config.json")
+    keras_pred = load_model(model, jit_compile=False)
+    layers = available_layers(keras_pred.model)
+    feats = np.concatenate([image_features(keras_pred, blob_image(96, seed=s)[0], tile=32, layers=layers,
+                                           stats="mean_std") for s in range(4)])
+    FeatureDistribution.fit(feats, k=4, tile=32, layers=layers, stats="mean_std").calibrate([1.0, 2.0]).save(
+        model / OOD_FILE)
+    assert export_main(["--model", str(model), "--out", str(model)]) == 2  # into its own folder: refused
+    assert "the model's own folder" in capsys.readouterr().err and versions(model) == []
+    out = tmp_path / "export"
+    assert export_main(["--model", str(model), "--out", str(out)]) == 0
+    assert (out / "1" / "assets" / OOD_FILE).is_file()
+    served = load_model(out)
+    keras_pred = load_model(model, jit_compile=False)
+    d_served, d_keras = model_distribution(served), model_distribution(keras_pred)
+    assert d_served is not None and d_served.threshold == d_keras.threshold
+    image = blob_image(96, seed=7)[0]
+    assert d_served.image_score(served, image) == pytest.approx(d_keras.image_score(keras_pred, image), rel=1e-4)
+    inverted = 255 - image  # unlike the training images: scored the same way by both
+    assert d_served.image_score(served, inverted) == pytest.approx(d_keras.image_score(keras_pred, inverted), rel=1e-4)
+    sig = tf.saved_model.load(str(out / "1")).signatures["serving_default"]
+    res = sig(images=tf.constant(raw_images()))
+    p = res["probabilities"].numpy()
+    sure = np.abs(p - 0.6) > 1e-4
+    np.testing.assert_array_equal(res["mask"].numpy()[sure], (p >= 0.6)[sure])
+    assert json.loads((out / "1" / "assets" / META_FILE).read_text())["mask_threshold"] == 0.6
+

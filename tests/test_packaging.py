@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from xmdl_tf.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,6 +133,10 @@ def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, t
     x, y = np.load(out / "test_input.npy"), np.load(out / "test_output.npy")
     assert x.shape[-1] == 1 and y.shape == x.shape[:3] + (2,) and np.allclose(y.sum(-1), 1, atol=1e-4)
     assert x.max() > 1  # raw grey values: the package's preprocessing normalises them
+    cfg = Config.load(run / "config.json")
+    doc = (out / "README.md").read_text()  # this model's architecture and threshold, not the shipped one's
+    assert f"({cfg.model.depth} levels, {cfg.model.base_filters} base filters" in doc
+    assert f"multiples of {cfg.model.size_divisor} " in doc and f"at {cfg.inference.threshold:g} for a mask" in doc
 
     # bioimageio.core sets KERAS_BACKEND ("torch") on import; the export puts it back, or every
     # process this test worker starts afterwards would run Keras on PyTorch.
@@ -148,6 +153,18 @@ def test_bioimageio_package_validates_and_reproduces_its_test_output(blob_run, t
     for target in (other, note):
         assert main(["--format", "bioimageio", "--model", str(run), "--out", str(target), "--overwrite"]) == 2
     assert (other / "notes.txt").read_text() == "keep" and (other / "sub").is_dir() and note.read_text() == "keep"
+    # `--out .` from an empty folder, and a config whose normalisation leaves the defaults out.
+    import dataclasses
+    import shutil
+
+    partial = tmp_path / "partial_norm"
+    shutil.copytree(run, partial)
+    dataclasses.replace(cfg, normalization={"method": "percentile"}).save(partial / "config.json")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["--format", "bioimageio", "--model", str(partial), "--out", ".", "--no-test"]) == 0
+    assert (here / "rdf.yaml").is_file()
 
 
 def test_bioimageio_package_of_a_model_with_an_input_blur_ships_the_saved_model_only(blob_run, tmp_path,

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cli
+from .config import NORMALIZATION
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,14 @@ def _documentation(config, sets: list[str], pixel_size_nm: float | None, n_param
           "the training sets' own pixel grids (about 4-10 nm per pixel); it tolerates about "
           f"x{config.augment.scale[0]:g} to x{config.augment.scale[1]:g} (its training's random zoom)")
     temp = config.calibration.get("temperature") if config.calibration else None
-    calib = (f"The toolkit divides the output's logit by a temperature of {temp:g} (fitted on validation data) "
-             "before thresholding; this package's output is the uncalibrated softmax."
-             if temp else "The output is the network's softmax, not calibrated.")
+    calib = (f"The toolkit divides the logit by a temperature of {temp:g} (fitted on validation data) for its "
+             "uncertainty map and per-object confidence; masks threshold the uncalibrated softmax, which is this "
+             "package's output." if temp else "The output is the network's softmax, not calibrated.")
+    div = config.model.size_divisor
     rows = "\n".join(f"- `{s}`" for s in sets) or "- (not recorded)"
     return f"""# XM-DL mitochondria segmentation (xmdl_tf reference model)
 
-A residual attention U-Net (six levels, {config.model.base_filters} base filters, {n_params:,} parameters)
+A residual attention U-Net ({config.model.depth} levels, {config.model.base_filters} base filters, {n_params:,} parameters)
 that finds mitochondria in 2-D electron-microscopy slices (TEM, SBEM, FIB-SEM), exported from the
 `xmdl_tf` toolkit, an implementation of Malik and Singh (2026), "Explainable mitochondrial image
 segmentation and morphological quantification using deep learning based framework" (XM-DL).
@@ -134,11 +136,11 @@ segmentation and morphological quantification using deep learning based framewor
 ## Input and output
 
 - **Input** `raw`: one grey-value EM slice, axes (batch, y, x, channel = 1), any height and width that
-  are multiples of 32 (at least 96). Raw grey values: the preprocessing maps the image's 1st and 99.8th
+  are multiples of {div} (at least {2 * HALO + div}). Raw grey values: the preprocessing maps the image's 1st and 99.8th
   percentiles to 0 and 1 and clips, exactly as the toolkit does.
 - **Pixel size**: {px}.
 - **Output** `probabilities`: softmax over (background, mitochondria), axes (batch, y, x, channel = 2).
-  Threshold channel 1 at 0.5 for a mask. When tiling, discard {HALO} px at each tile border (the halo).
+  Threshold channel 1 at {config.inference.threshold:g} for a mask (the toolkit's threshold for this model). When tiling, discard {HALO} px at each tile border (the halo).
   {calib}
 
 The toolkit adds what this package does not carry: pixel-size resampling, test-time augmentation,
@@ -217,7 +219,7 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
     except ImportError:
         raise ZooError("the bioimage.io export needs bioimageio.spec: pip install 'xmdl-tf[bioimageio]'") from None
 
-    out = cli.check_out_folder(out_dir)
+    out = cli.check_out_folder(out_dir).resolve()  # (`.` has no name to stage a sibling by)
     if out.is_dir() and any(out.iterdir()):
         # --overwrite replaces an earlier package, never a folder of something else (it is deleted whole).
         if not any((out / name).is_file() for name in (RDF, "bioimageio.yaml")):
@@ -235,6 +237,7 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
                        "equivalent")
     div = config.model.size_divisor
     min_size = 2 * HALO + div  # the output halo must leave something
+    norm = {**NORMALIZATION, **config.normalization}  # a stored setting may leave the defaults out
     px = config.data.pixel_size_nm
     sets = training_sets(config)
 
@@ -254,7 +257,7 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
         shutil.make_archive(str(work / "tf_saved_model"), "zip", work / "tf_saved_model")
         crop = sample_crop(TEST_TILE)
         x = crop.astype(np.float32)[None, :, :, None]
-        y = np.asarray(net.predict(normalize(crop, config.normalization["low"], config.normalization["high"])
+        y = np.asarray(net.predict(normalize(crop, norm["low"], norm["high"])
                                    [None, :, :, None], verbose=0), np.float32)
         np.save(work / "test_input.npy", x)
         np.save(work / "test_output.npy", y)
@@ -275,12 +278,13 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
             data=bz.IntervalOrRatioDataDescr(type="float32"),
             preprocessing=[
                 bz.ScaleRangeDescr(kwargs=bz.ScaleRangeKwargs(
-                    axes=[bz.AxisId("y"), bz.AxisId("x")], min_percentile=float(config.normalization["low"]),
-                    max_percentile=float(config.normalization["high"]))),
+                    axes=[bz.AxisId("y"), bz.AxisId("x")], min_percentile=float(norm["low"]),
+                    max_percentile=float(norm["high"]))),
                 bz.ClipDescr(kwargs=bz.ClipKwargs(min=0.0, max=1.0)),
             ])]
         outputs = [bz.OutputTensorDescr(
-            id=prob, description="softmax over (background, mitochondria); threshold channel 1 at 0.5",
+            id=prob, description=f"softmax over (background, mitochondria); threshold channel 1 at "
+                                  f"{config.inference.threshold:g}",
             axes=[bz.BatchAxis(),
                   bz.SpaceOutputAxisWithHalo(id=bz.AxisId("y"), halo=HALO,
                                              size=bz.SizeReference(tensor_id=raw, axis_id=bz.AxisId("y")), **space),

@@ -53,7 +53,6 @@ from .predict import ModelError, Predictor
 from .runlock import usual_permissions
 
 META_FILE = "xmdl.json"  # in EXPORT_DIR/<version>/assets/
-MASK_THRESHOLD = 0.5  # mitochondria probability at or above which the served mask is 1
 MAX_GREY = 65535.0  # normalisation works on integer grey values of 8- or 16-bit EM
 # Largest request (batch x height x width) one call may carry: one 4096 x 4096
 # slice, or four 2048-px tiles. A whole-request pass over an 8192^2 image took
@@ -77,6 +76,10 @@ SIGNATURES = {
     "explain_normalized": ("float32", 2, {**_PROBS, "cam": f"float32 {_MAP}, raw Grad-CAM >= 0"}),
 }
 TILE_SIGNATURES = ("predict_normalized", "explain_normalized")
+# Only for a calibrated model (ood.npz beside it, copied to assets/): the out-of-distribution
+# features of normalised tiles, as `ood.feature_extractor` computes them, so that an export
+# warns and zoom-searches as the .keras model does.
+OOD_SIGNATURE = ("ood_features", "float32", 1, {"features": "float32 [batch, n_features]"})
 
 
 # ----------------------------------------------------------------------------
@@ -128,14 +131,20 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
         raise FileExistsError(f"{target}: version {version} already exists; choose another --version or omit it "
                               f"(next free: {(existing[-1] + 1) if existing else 1}); versions are never overwritten")
     predictor = load_model(model_path, jit_compile=False)
+    if Path(predictor.path).parent.resolve() == out_dir.resolve():
+        # Version folders beside model.keras would make load_model read the folder as the SavedModel.
+        raise cli.UsageError(f"--out {out_dir} is the model's own folder; export to a folder of its own")
     # The class as `load_model` imported it: under `python -m xmdl_tf.export` this file also runs as
     # __main__, whose SavedModelPredictor is another class object, and isinstance would miss.
     from .export import SavedModelPredictor as LoadedSavedModel
     if isinstance(predictor, LoadedSavedModel):
         raise ModelError(f"{model_path}: already a SavedModel; export the .keras model it came from")
     layer = gradcam_layer or predictor.gradcam_layer
-    archive = _archive(predictor.model, predictor.config, layer)
-    meta = _metadata(predictor, layer, version)
+    from .ood import model_distribution
+
+    dist = model_distribution(predictor)
+    archive = _archive(predictor.model, predictor.config, layer, dist)
+    meta = _metadata(predictor, layer, version, dist)
 
     # Write beside the target and rename at the end: TF Serving polls EXPORT_DIR
     # and must never see a half-written version (it ignores non-numeric names).
@@ -146,6 +155,10 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
         archive.write_out(str(tmp), verbose=False)
         (tmp / "assets").mkdir(exist_ok=True)
         (tmp / "assets" / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if dist is not None:
+            from .ood import OOD_FILE
+
+            shutil.copy2(predictor.path.parent / OOD_FILE, tmp / "assets" / OOD_FILE)
         if target.exists():  # another export took this number meanwhile
             raise FileExistsError(f"{target}: version {version} appeared during the export; nothing overwritten")
         os.rename(tmp, target)
@@ -155,8 +168,9 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     return target
 
 
-def _archive(model, config: Config, layer: str):
-    """A keras.export.ExportArchive holding the six signatures around `model`."""
+def _archive(model, config: Config, layer: str, dist=None):
+    """A keras.export.ExportArchive holding the six signatures around `model` (and `ood_features`
+    for the layers and statistics of `dist`, an `ood.FeatureDistribution`)."""
     import keras
     import tensorflow as tf
 
@@ -214,6 +228,9 @@ def _archive(model, config: Config, layer: str):
                 f"images: raw grey values must be in [0, {MAX_GREY:.0f}] (send raw pixels, not normalised ones)")),
             tf.debugging.assert_less_equal(images, MAX_GREY, message=(
                 f"images: raw grey values must be in [0, {MAX_GREY:.0f}] (8- or 16-bit EM)")),
+            tf.debugging.assert_greater(tf.reduce_max(images, axis=[1, 2, 3]), 1.0, message=(
+                "images: every grey value of an image lies in [0, 1], which looks normalised; send raw grey "
+                f"values (0..255 or 0..{MAX_GREY:.0f})")),
         ]
         with tf.control_dependencies(checks):
             return tf.identity(images)
@@ -231,9 +248,11 @@ def _archive(model, config: Config, layer: str):
         x = tf.gather(x, _mirror_index(w, -(-w // divisor) * divisor), axis=2)
         return x, h, w
 
+    threshold = float(config.inference.threshold)  # as analyze: the model's (tuned) threshold
+
     def served(probs: tf.Tensor, h: tf.Tensor, w: tf.Tensor) -> dict[str, tf.Tensor]:
         p = probs[:, :h, :w, 1]
-        return {"probabilities": p, "mask": tf.cast(p >= MASK_THRESHOLD, tf.uint8)}
+        return {"probabilities": p, "mask": tf.cast(p >= threshold, tf.uint8)}
 
     def predict_raw(images: tf.Tensor) -> dict[str, tf.Tensor]:
         x, h, w = prepare(images)
@@ -269,9 +288,25 @@ def _archive(model, config: Config, layer: str):
     fns = {"serving_default": predict_raw, "serving_float": predict_raw, "explain": explain_raw,
            "explain_float": explain_raw, "predict_normalized": predict_normalized,
            "explain_normalized": explain_normalized}
+    signatures = dict(SIGNATURES)
+    if dist is not None:
+        sub = keras.Model(model.inputs, [model.get_layer(name).output for name in dist.layers])
+
+        def ood_features(images: tf.Tensor) -> dict[str, tf.Tensor]:
+            outs = sub([finite(checked(images, 1, divisor))], training=False)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            parts = []
+            for a in outs:  # as ood.feature_extractor, per channel over the tile
+                parts.append(tf.reduce_mean(a, axis=(1, 2)))
+                if dist.stats == "mean_std":
+                    parts.append(tf.math.reduce_std(a, axis=(1, 2)))
+            return {"features": tf.concat(parts, axis=1)}
+
+        name, dtype, channels, outputs = OOD_SIGNATURE
+        fns[name], signatures[name] = ood_features, (dtype, channels, outputs)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, (dtype, channels, _) in SIGNATURES.items():
+    for name, (dtype, channels, _) in signatures.items():
         # Each function's argument is named `images`, which becomes the signature's input key.
         spec = tf.TensorSpec([None, None, None, channels], dtype, name="images")
         archive.add_endpoint(name, fns[name], input_signature=[spec])
@@ -289,7 +324,7 @@ def _mirror_index(n, size):
     return tf.where(i < n, i, 2 * n - 1 - i)
 
 
-def _metadata(predictor: Predictor, layer: str, version: int) -> dict:
+def _metadata(predictor: Predictor, layer: str, version: int, dist=None) -> dict:
     """Contents of assets/xmdl.json: everything a consumer needs besides the graph."""
     import keras
     import tensorflow as tf
@@ -310,12 +345,16 @@ def _metadata(predictor: Predictor, layer: str, version: int) -> dict:
         "size_divisor": config.model.size_divisor,
         "n_classes": config.model.n_classes,
         "mitochondria_class": 1,
-        "mask_threshold": MASK_THRESHOLD,
+        "mask_threshold": float(config.inference.threshold),
         "normalization": config.normalization,
         "gradcam_layer": layer,
         "pixel_size_nm": config.data.pixel_size_nm,
         "signatures": {name: {"inputs": {"images": f"{dtype} [batch, height, width, {channels}]"}, "outputs": outputs}
-                       for name, (dtype, channels, outputs) in SIGNATURES.items()},
+                       for name, (dtype, channels, outputs) in SIGNATURES.items()}
+        | ({OOD_SIGNATURE[0]: {"inputs": {"images": f"{OOD_SIGNATURE[1]} [batch, {dist.tile}, {dist.tile}, 1]"},
+                               "outputs": OOD_SIGNATURE[3]}} if dist is not None else {}),
+        "ood": {"file": "ood.npz", "layers": list(dist.layers), "stats": dist.stats, "tile": dist.tile,
+                "threshold": dist.threshold} if dist is not None else None,
         "model_card": card or None,
         "config": config.to_dict(),
         "versions": {"xmdl_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
@@ -369,6 +408,24 @@ class SavedModelPredictor(Predictor):
             return tf.concat([out["probabilities"], out["cam"][..., None]], axis=-1)
 
         return fn
+
+    def ood_file(self) -> Path | None:
+        """assets/ood.npz of an export that serves `ood_features` (`ood.model_distribution` reads it)."""
+        from .ood import OOD_FILE
+
+        path = Path(self.path) / "assets" / OOD_FILE
+        return path if OOD_SIGNATURE[0] in self.model.signatures and path.is_file() else None
+
+    def ood_feature_function(self, layers: tuple[str, ...], stats: str) -> Callable:
+        """(n, t, t, 1) normalised tiles -> (n, D) float64, by the `ood_features` signature."""
+        import tensorflow as tf
+
+        exported = self.meta.get("ood") or {}
+        if (tuple(exported.get("layers", ())), exported.get("stats")) != (tuple(layers), stats):
+            raise ModelError(f"{self.path}: the export serves OOD features of {exported.get('layers')} "
+                             f"({exported.get('stats')}), not of {list(layers)} ({stats})")
+        fn = self.model.signatures[OOD_SIGNATURE[0]]
+        return lambda x: np.asarray(fn(images=tf.constant(self._checked(x, 1)))["features"], np.float64)
 
     def _checked(self, x: np.ndarray, channels: int) -> np.ndarray:
         """Refuse, before TensorFlow sees them, tiles the signatures cannot take."""

@@ -85,7 +85,9 @@ def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = N
     cache = predictor.__dict__.setdefault("_ood_features", {})
     key = (tuple(layers), stats)
     if key not in cache:
-        cache[key] = feature_extractor(predictor.model, tuple(layers), stats)
+        # An exported SavedModel serves its own (`export.SavedModelPredictor.ood_feature_function`).
+        own = getattr(predictor, "ood_feature_function", None)
+        cache[key] = own(tuple(layers), stats) if own else feature_extractor(predictor.model, tuple(layers), stats)
     x = normalize_as(image, predictor.config.normalization)
     x = resample_image(x, predictor.scale_factor(pixel_size_nm, rescale) * zoom)
     if min(x.shape) < tile:  # small images: mirror-pad up to one tile (never downscale)
@@ -95,12 +97,17 @@ def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = N
 
 
 def model_distribution(predictor) -> "FeatureDistribution | None":
-    """The model's FeatureDistribution (ood.npz beside it), loaded once; None without one or for a SavedModel."""
+    """The model's FeatureDistribution (ood.npz beside it, or in an export's assets), loaded once; None
+    without one."""
     cache = predictor.__dict__.setdefault("_ood_model", {})
     if "dist" not in cache:
-        path = Path(getattr(predictor, "path", "")).parent / OOD_FILE
-        keras_model = hasattr(getattr(predictor, "model", None), "get_layer")
-        cache["dist"] = FeatureDistribution.load(path) if keras_model and path.is_file() else None
+        own = getattr(predictor, "ood_file", None)  # an export keeps it in its assets
+        if own is not None:
+            path = own()
+        else:
+            path = Path(getattr(predictor, "path", "")).parent / OOD_FILE
+            path = path if hasattr(getattr(predictor, "model", None), "get_layer") else None
+        cache["dist"] = FeatureDistribution.load(path) if path is not None and path.is_file() else None
     return cache["dist"]
 
 
