@@ -240,7 +240,7 @@ def test_segment_widget_layers_and_table_match_analyze(viewer, qtbot, blob_model
     out = table.export_csv(tmp_path / "objects.csv")
     assert sorted(pd.read_csv(out)["id"]) == sorted(table.row_ids())
     table.set_filter("no_such_column > 1")
-    assert "filter:" in table.note.text() and len(table.row_ids()) == len(table.shown)
+    assert "filter:" in table.note.text() and len(table.row_ids()) == len(table.shown) == len(expected.table)
 
 
 def test_slice_of_a_stack_and_whole_stack(viewer, blob_model):
@@ -381,6 +381,36 @@ def test_edits_are_recorded_by_diff_and_by_brush(viewer, blob_model):
     fix, = L.collect_corrections(viewer)
     assert np.all(fix.label[labels.data != L.EditTracker.of(labels).original] == 0)
     assert fix.image is not None and fix.image.shape == img.shape
+    # Segmenting again never throws the corrections away: the corrected layer is kept beside the new one.
+    corrected = labels.data.copy()
+    fresh = L.segment_layer(viewer, viewer.layers["im"], model=blob_model)["instances"]
+    kept = viewer.layers["im instances (corrected 1)"]
+    assert fresh.name == "im instances" and fresh is not kept and (fresh.data == obj).any()
+    np.testing.assert_array_equal(kept.data, corrected)
+    assert [f.n_edited for f in L.collect_corrections(viewer)] == [fix.n_edited]
+
+
+def test_segment_runs_again_and_again_on_other_sizes(viewer, qtbot, blob_model):
+    """Each run builds new TensorFlow graphs (other tile sizes); on napari's Qt pool threads the
+    second one segfaulted. A result of another dimensionality replaces a layer of the same name."""
+    from xmdl_tf.napari._widgets import SegmentWidget
+
+    img, _ = blob_image(96, seed=4, n=4)
+    w = SegmentWidget(viewer)
+    qtbot.addWidget(w)
+    w.model.setText(str(blob_model))
+    w._prefill_from_model()
+    for name, arr in (("a", img), ("b", img[30:50, 30:50]), ("c", img[:40, :72]), ("b", np.stack([img[:48, :48]] * 2))):
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+        viewer.add_image(arr, name=name)
+        w.layer_box.setCurrentText(name)
+        if arr.ndim == 3:
+            w.mode.setCurrentIndex(1)  # the whole stack: 3-D results where 2-D ones of "b" stand
+        assert w.run() is not None
+        wait(qtbot, w.job)
+        assert "mitochondria in" in w.job.status.text(), (name, w.job.status.text())
+        assert viewer.layers[f"{name} instances"].data.shape == arr.shape
 
 
 def test_finetune_widget_learns_a_painted_correction(viewer, qtbot, blob_model, tmp_path):
@@ -461,13 +491,25 @@ def test_real_viewer_runs_the_plugin_widget(blob_model, tmp_path):
         viewer, widgets = open_viewer([{str(tmp_path / 'im.png')!r}], show=False)
         w = widgets["Segment mitochondria"]
         w.model.setText({str(blob_model)!r})
-        w.run()
-        t0 = time.time()
-        while w.running and time.time() - t0 < 240:
-            QApplication.processEvents()
-            time.sleep(0.02)
+
+        def segment():
+            w.run()
+            t0 = time.time()
+            while w.running and time.time() - t0 < 240:
+                QApplication.processEvents()
+                time.sleep(0.02)
+            return w.job.status.text()
+
+        status = segment()
+        # Again on other sizes (new TensorFlow graphs): on Qt's pool threads the second run segfaulted.
+        image = viewer.layers["im"].data
+        again = []
+        for name, crop in (("crop", image[30:50, 30:50]), ("strip", image[:40, :72])):
+            viewer.add_image(crop, name=name)
+            w.layer_box.setCurrentText(name)
+            again.append(segment())
         shot = viewer.screenshot(canvas_only=False)
-        print(json.dumps({{"layers": [l.name for l in viewer.layers], "status": w.job.status.text(),
+        print(json.dumps({{"layers": [l.name for l in viewer.layers], "status": status, "again": again,
                           "shot": list(shot.shape), "docked": sorted(widgets)}}))
         viewer.close()
     """)
@@ -487,5 +529,6 @@ def test_real_viewer_runs_the_plugin_widget(blob_model, tmp_path):
     assert run.returncode == 0, "\n---- next try ----\n".join(errors)
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert "im instances" in out["layers"] and "mitochondria" in out["status"], (out, run.stderr[-2000:])
+    assert all("mitochondria in" in s for s in out["again"]) and "strip instances" in out["layers"], out
     assert out["docked"] == ["Mitochondria table", "Segment mitochondria"]
     assert out["shot"][0] > 100 and out["shot"][2] in (3, 4)

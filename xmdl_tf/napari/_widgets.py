@@ -1,6 +1,7 @@
 """The plugin's dock widgets: thin Qt shells over `xmdl_tf.napari.layers`.
 
-Each long job runs in a napari `thread_worker`; progress comes back through a
+Each long job runs in a napari `thread_worker` (its work handed to one long-lived Python
+thread, `_on_python_thread`, where TensorFlow is safe); progress comes back through a
 Qt signal (queued into the GUI thread), Cancel sets an event that the job
 checks between tiles, slices or training steps, and the result layers are
 added in the GUI thread when the job returns.
@@ -43,6 +44,29 @@ MODE_LABELS = {"slice": "2D slice (current)", "volume": "whole stack as a volume
 _SEGMENT_WIDGETS: "weakref.WeakSet[SegmentWidget]" = weakref.WeakSet()
 _TABLE_WIDGETS: "weakref.WeakSet[ObjectTableWidget]" = weakref.WeakSet()
 _HELD_TABLES: dict = {}  # id(viewer) -> table of viewers without a window (ViewerModel)
+
+
+_PYTHON_THREAD: "concurrent.futures.ThreadPoolExecutor | None" = None
+
+
+def _on_python_thread(func):
+    """func(*args, **kwargs), run on one long-lived thread that Python started, waited for here.
+
+    napari's workers run on Qt's pool threads; TensorFlow building a new graph (a new tile size,
+    a new model) on such a thread, after an earlier job on another one, segfaulted or hung with
+    the GIL unowned (the second Segment run of a session). One Python thread for every job
+    avoids that; the Qt worker only waits (its GIL released) and relays the result or error.
+    """
+    import concurrent.futures
+
+    global _PYTHON_THREAD
+    if _PYTHON_THREAD is None:
+        _PYTHON_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmdl-napari")
+
+    def run(*args, **kwargs):
+        return _PYTHON_THREAD.submit(func, *args, **kwargs).result()
+
+    return run
 
 
 class _Relay(QObject):
@@ -91,7 +115,7 @@ class _Job(QWidget):
         kwargs.update(progress=self.relay.progress.emit, cancel=self.cancel_event)
         # Connected here, errors reach _on_error instead of being re-raised in the GUI thread.
         connect = {"returned": on_done, "errored": self._on_error, "finished": self._on_finished}
-        worker = thread_worker(func, start_thread=False, connect=connect)(*args, **kwargs)
+        worker = thread_worker(_on_python_thread(func), start_thread=False, connect=connect)(*args, **kwargs)
         self.worker = worker
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -143,6 +167,7 @@ def _pick(parent: QWidget, line: QLineEdit, folder: bool) -> None:
         path, _ = QFileDialog.getOpenFileName(parent, "Keras model", line.text(), "Keras model (*.keras)")
     if path:
         line.setText(path)
+        line.editingFinished.emit()  # setText alone would not prefill the form from the picked model
 
 
 # ----------------------------------------------------------------------------
@@ -277,12 +302,18 @@ class SegmentWidget(QWidget):
     def _prefill_from_model(self) -> None:
         """Threshold, minimum sizes, TTA and separation from the model's config.json (its inference settings)."""
         from ..config import Config
-        from ..predict import resolve_model_path
+        from ..predict import is_saved_model, resolve_model_path
 
         try:
-            cfg = resolve_model_path(L.model_path(self.model.text()))[1]
-            ic = Config.load(cfg).inference if cfg else None
-        except (OSError, ValueError):
+            path = L.model_path(self.model.text())
+            if is_saved_model(path):  # an export keeps its config in assets/xmdl.json
+                from ..export import read_metadata
+
+                ic = Config.from_dict(read_metadata(path)["config"]).inference
+            else:
+                cfg = resolve_model_path(path)[1]
+                ic = Config.load(cfg).inference if cfg else None
+        except (OSError, ValueError, KeyError):
             ic = None
         if ic is not None:
             self.tta.setChecked(ic.tta)
@@ -351,8 +382,10 @@ class SegmentWidget(QWidget):
         table = object_table(self.viewer)
         table.set_result(self.last_layers["instances"], seg.table, seg.mode)
         unit = "3-D " if seg.mode == "volume" else ""
+        kept = self.last_layers.get("kept_corrections")
         self.job.status.setText(f"{len(seg.table)} {unit}mitochondria in {time.time() - self.job.t0:.1f} s "
-                                f"({Path(seg.model).name})")
+                                f"({Path(seg.model).name})"
+                                + (f"; your corrections are kept in the layer '{html.escape(kept)}'" if kept else ""))
 
 
 def _has_default_model() -> bool:
@@ -473,11 +506,14 @@ class ObjectTableWidget(QWidget):
             self.filter.setText(query)
         try:
             shown = self.data.query(query) if query else self.data
+            note = f"{len(shown)} of {len(self.data)} shown"
         except Exception as err:  # noqa: BLE001 - any pandas parse / name error is the user's query
-            self.note.setText(f"<span style='color:#e05050'>filter: {html.escape(str(err))}</span>")
-            return
+            # All rows of *this* table: never the previous result's rows under a new result.
+            shown = self.data
+            note = (f"<span style='color:#e05050'>filter: {html.escape(str(err))}</span> "
+                    f"(all {len(self.data)} shown)")
         self.shown = shown
-        self.note.setText(f"{len(shown)} of {len(self.data)} shown")
+        self.note.setText(note)
         self._fill(shown)
 
     def _fill(self, df) -> None:
@@ -560,9 +596,12 @@ class ObjectTableWidget(QWidget):
 
     def export_csv(self, path: str | Path) -> Path:
         """Write the rows shown (filtered) to `path` as CSV."""
+        rows = self.shown if self.shown is not None else self.data
+        if rows is None:
+            raise ValueError("no objects to export yet: segment an image first")
         path = Path(path)
-        (self.shown if self.shown is not None else self.data).to_csv(path, index=False)
-        self.note.setText(f"wrote {len(self.shown)} rows to {path.name}")
+        rows.to_csv(path, index=False)
+        self.note.setText(f"wrote {len(rows)} rows to {path.name}")
         return path
 
     def _export_dialog(self) -> None:

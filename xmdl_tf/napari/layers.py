@@ -553,8 +553,9 @@ def _put(viewer, kind: str, name: str, data, **kwargs):
             viewer.layers.remove(name)
         return getattr(viewer, f"add_{kind}")(data if len(data) > 1 else data[0], name=name,
                                               multiscale=len(data) > 1, **kwargs)
-    if name in viewer.layers and type(viewer.layers[name]).__name__.lower() == kind:
-        layer = viewer.layers[name]
+    old = viewer.layers[name] if name in viewer.layers else None
+    if old is not None and type(old).__name__.lower() == kind and old.ndim == np.ndim(data):
+        layer = old
         for key in ("scale", "translate"):
             if key in kwargs:
                 setattr(layer, key, kwargs[key])
@@ -569,12 +570,14 @@ def _put(viewer, kind: str, name: str, data, **kwargs):
     return getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
 
 
-def show_segmentation(viewer, seg: Segmentation, image_layer=None) -> dict:
+def show_segmentation(viewer, seg: Segmentation, image_layer=None, keep_edits: bool = True) -> dict:
     """Add (or update) the result layers of `seg` over `image_layer`; returns them by kind.
 
     probability (image, viridis, hidden), instances (Labels coloured by shape
     class, tracked for corrections), gradcam (inferno, additive, hidden) and
-    uncertainty (2-D only, hidden). Call from the GUI thread.
+    uncertainty (2-D only, hidden). Call from the GUI thread. keep_edits: an instances layer the
+    user corrected is kept (renamed, `keep_corrections`) rather than replaced; off when the new
+    result comes from a model fine-tuned on those very corrections.
     """
     from napari.utils.colormaps import DirectLabelColormap
 
@@ -592,6 +595,9 @@ def show_segmentation(viewer, seg: Segmentation, image_layer=None) -> dict:
         out["uncertainty"] = _put(viewer, "image", names["uncertainty"], shaped(seg.uncertainty), colormap="magma",
                                   blending="additive", contrast_limits=(0.0, 1.0), visible=False, **kw)
     instances = shaped(seg.instances)
+    kept = keep_corrections(viewer, names["instances"]) if keep_edits else None
+    if kept:
+        out["kept_corrections"] = kept
     meta = {"xmdl": {"model": str(seg.model), "mode": seg.mode, "image": seg.name, "z": seg.z,
                      "pixel_size_nm": seg.pixel_size_nm, "voxel_size_nm": seg.voxel_size_nm}}
     labels = _put(viewer, "labels", names["instances"], instances,
@@ -600,6 +606,27 @@ def show_segmentation(viewer, seg: Segmentation, image_layer=None) -> dict:
     EditTracker.attach(labels, seg)
     out["instances"] = labels
     return out
+
+
+def keep_corrections(viewer, name: str) -> str | None:
+    """Before a new result replaces the instances layer `name`: if the user corrected it by hand,
+    rename it (`<name> (corrected N)`) so the corrections survive beside the new result; return
+    the new name, or None when there was nothing to keep."""
+    if name not in viewer.layers:
+        return None
+    tracker = EditTracker.of(viewer.layers[name])
+    if tracker is None:
+        return None
+    try:
+        if not tracker.edited().any():
+            return None
+    except ValueError:  # its data was replaced by another shape: the user's, keep it
+        pass
+    n = 1
+    while f"{name} (corrected {n})" in viewer.layers:
+        n += 1
+    viewer.layers[name].name = f"{name} (corrected {n})"
+    return f"{name} (corrected {n})"
 
 
 def _show_store(viewer, seg: Segmentation, names: dict, kw: dict, out: dict) -> dict:
@@ -923,7 +950,7 @@ def show_finetune(viewer, result: FinetuneResult) -> dict[str, dict]:
     shown = {}
     for layer, seg in result.segmentations:
         image_layer = viewer.layers[seg.name] if seg.name in viewer.layers else None
-        shown[layer.name] = show_segmentation(viewer, seg, image_layer)
+        shown[layer.name] = show_segmentation(viewer, seg, image_layer, keep_edits=False)  # (learnt from)
     return shown
 
 
