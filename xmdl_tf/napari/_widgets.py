@@ -8,6 +8,7 @@ added in the GUI thread when the job returns.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import html
 import threading
 import time
@@ -46,7 +47,7 @@ _TABLE_WIDGETS: "weakref.WeakSet[ObjectTableWidget]" = weakref.WeakSet()
 _HELD_TABLES: dict = {}  # id(viewer) -> table of viewers without a window (ViewerModel)
 
 
-_PYTHON_THREAD: "concurrent.futures.ThreadPoolExecutor | None" = None
+_PYTHON_THREAD: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def _on_python_thread(func):
@@ -57,8 +58,6 @@ def _on_python_thread(func):
     the GIL unowned (the second Segment run of a session). One Python thread for every job
     avoids that; the Qt worker only waits (its GIL released) and relays the result or error.
     """
-    import concurrent.futures
-
     global _PYTHON_THREAD
     if _PYTHON_THREAD is None:
         _PYTHON_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmdl-napari")
