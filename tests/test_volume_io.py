@@ -601,3 +601,20 @@ def test_a_tiff_of_several_series_is_refused_not_truncated(tmp_path, vol8):
             w.write(vol8[z] if z != 2 else vol8[z][:-4])
     with pytest.raises(DataError, match="odd.tif: holds .* image series"):
         open_volume(tmp_path / "odd.tif")
+
+
+def test_a_three_slice_stack_tifffile_stores_as_planar_samples_is_three_slices(tmp_path):
+    """tifffile.imwrite stores a (3, Y, X) array as planar RGB samples: the 2-D readers take it as
+    three slices (`io.stack_depth`), so --volume and the napari reader must too (they refused it
+    as "a single 2-D image"); contiguous RGB (Y, X, 3) stays one colour image."""
+    from xmdl_tf.io import read_image, stack_depth
+
+    arr = np.random.default_rng(0).integers(0, 255, (3, 40, 48), np.uint8)
+    tifffile.imwrite(tmp_path / "s3.tif", arr)
+    vol = open_volume(tmp_path / "s3.tif")
+    assert stack_depth(tmp_path / "s3.tif") == 3 and vol.shape == (3, 40, 48)
+    np.testing.assert_array_equal(vol.read(), arr)
+    np.testing.assert_array_equal(read_image(tmp_path / "s3.tif", page=1), arr[1])
+    tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(arr, 0, -1), photometric="rgb")
+    with pytest.raises(DataError, match=r"single 2-D image \(40 x 48\)"):
+        open_volume(tmp_path / "rgb.tif")

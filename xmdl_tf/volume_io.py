@@ -479,7 +479,11 @@ def _open_tiff(source: str, path: Path, kind: str) -> Volume:
             series = tif.series[0]
             others = [tuple(x.shape) for x in tif.series[1:] if not getattr(x, "is_pyramidal", False)]
             shape, axes = series.get_shape(False), series.get_axes(False)
-            rgb = "S" in axes and shape[axes.index("S")] in (3, 4) and int(tif.pages[0].photometric) == 2
+            # Colour only when the samples follow Y and X (contiguous RGB, as ImageJ and cameras write
+            # it). Samples first are how tifffile.imwrite stores a (3 or 4, Y, X) grey stack: its slices,
+            # as the 2-D readers (`io.stack_depth`) take them.
+            rgb = ("S" in axes and shape[axes.index("S")] in (3, 4) and int(tif.pages[0].photometric) == 2
+                   and axes.index("S") > axes.index("Y"))
             found = _tiff_voxel_nm(tif)
             n_pages = len(series.pages)
             dtype, tkind = series.dtype, series.kind
@@ -501,7 +505,7 @@ def _open_tiff(source: str, path: Path, kind: str) -> Volume:
     if not stack:
         raise DataError(f"{path} is a single 2-D image ({y} x {x}); {STACK_HINT}")
     n = big[0][1] if big else 1
-    if big and big[0][0] not in "ZQI":
+    if big and big[0][0] not in "ZQIS":  # (S: a grey stack tifffile stored as planar samples, above)
         logger.warning("%s: axis %s (%d planes) read as the z slices", path, big[0][0], n)
     if not big and tkind in ("imagej", "ome"):
         logger.warning("%s holds a single plane (%d x %d); read as a one-slice volume (Z = 1)", path, y, x)
