@@ -532,3 +532,14 @@ def test_real_viewer_runs_the_plugin_widget(blob_model, tmp_path):
     assert all("mitochondria in" in s for s in out["again"]) and "strip instances" in out["layers"], out
     assert out["docked"] == ["Mitochondria table", "Segment mitochondria"]
     assert out["shot"][0] > 100 and out["shot"][2] in (3, 4)
+
+
+def test_pixel_size_is_read_from_a_layer_scale_in_any_length_unit(viewer):
+    from xmdl_tf.napari._reader import pixel_size_of, voxel_size_of
+
+    um = viewer.add_image(np.zeros((8, 8)), scale=(0.005, 0.005), units=("um", "um"))
+    assert pixel_size_of(um) == pytest.approx(5.0)
+    stack = viewer.add_image(np.zeros((3, 8, 8)), scale=(0.03, 0.005, 0.005), units=("µm", "µm", "µm"))
+    assert voxel_size_of(stack) == pytest.approx((30.0, 5.0, 5.0))
+    px = viewer.add_image(np.zeros((8, 8)), scale=(2.0, 2.0))  # pixels: no pixel size
+    assert pixel_size_of(px) is None

@@ -140,27 +140,37 @@ def _kwargs(name: str, scale: tuple[float, ...] | None, meta: dict) -> dict:
     return kw
 
 
+# nm per unit of a layer's scale, for the length units napari (pint) names.
+_NM_PER_UNIT = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3, "micrometer": 1e3, "micron": 1e3,
+                "mm": 1e6, "millimeter": 1e6, "angstrom": 0.1, "Å": 0.1}
+
+
+def _nm_per_unit(unit) -> float | None:
+    return _NM_PER_UNIT.get(str(unit).strip())
+
+
 def pixel_size_of(layer) -> float | None:
-    """In-plane pixel size (nm) of a layer: its metadata, else its scale when its units are nm."""
+    """In-plane pixel size (nm) of a layer: its metadata, else its scale when its units are a length
+    (nm, µm, ...)."""
     meta = getattr(layer, "metadata", {}) or {}
     if meta.get("pixel_size_nm"):
         return float(meta["pixel_size_nm"])
     if meta.get("voxel_size_nm"):
         return float(meta["voxel_size_nm"][-1])
-    units = [str(u) for u in getattr(layer, "units", ())]
-    if units and units[-1] in ("nm", "nanometer"):
-        return float(layer.scale[-1])
-    return None
+    units = list(getattr(layer, "units", ()))
+    per = _nm_per_unit(units[-1]) if units else None
+    return float(layer.scale[-1]) * per if per else None
 
 
 def voxel_size_of(layer) -> tuple[float, float, float] | None:
-    """(z, y, x) voxel size (nm) of a 3-D layer from its metadata or nm scale, or None."""
+    """(z, y, x) voxel size (nm) of a 3-D layer from its metadata or its scale in length units, or None."""
     meta = getattr(layer, "metadata", {}) or {}
     if meta.get("voxel_size_nm"):
         return tuple(float(v) for v in meta["voxel_size_nm"])
-    units = [str(u) for u in getattr(layer, "units", ())]
-    if len(units) >= 3 and all(u in ("nm", "nanometer") for u in units[-3:]) and not meta.get("pixel_size_nm"):
-        return tuple(float(s) for s in layer.scale[-3:])
+    units = list(getattr(layer, "units", ()))
+    per = [_nm_per_unit(u) for u in units[-3:]]
+    if len(units) >= 3 and all(per) and not meta.get("pixel_size_nm"):
+        return tuple(float(s) * f for s, f in zip(layer.scale[-3:], per))
     return None
 
 
