@@ -400,6 +400,12 @@ def test_segment_runs_again_and_again_on_other_sizes(viewer, qtbot, blob_model):
     qtbot.addWidget(w)
     w.model.setText(str(blob_model))
     w._prefill_from_model()
+    viewer.add_image(img[:8, :8], name="other")
+    viewer.add_image(img[:64, :64], name="old name")
+    w.layer_box.setCurrentText("old name")
+    viewer.layers["old name"].name = "new name"  # the list follows a rename, and keeps the choice
+    assert w.layer_box.currentText() == "new name" and "old name" not in [
+        w.layer_box.itemText(i) for i in range(w.layer_box.count())]
     for name, arr in (("a", img), ("b", img[30:50, 30:50]), ("c", img[:40, :72]), ("b", np.stack([img[:48, :48]] * 2))):
         if name in viewer.layers:
             viewer.layers.remove(name)

@@ -247,6 +247,8 @@ class SegmentWidget(QWidget):
             lambda *_: self.chunked_box.setVisible(self.mode.currentData() == "chunked"))
         self.layer_box.currentIndexChanged.connect(self._on_layer)
         self.model.editingFinished.connect(self._prefill_from_model)
+        self._watched: set[int] = set()  # ids of the layers whose renaming refreshes the list
+        self._shown_layer = None  # the layer the list shows as chosen
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             ev.connect(self._refresh_layers)
         self._refresh_layers()
@@ -263,6 +265,13 @@ class SegmentWidget(QWidget):
         from napari.layers import Image
 
         current = self.layer_box.currentText()
+        renamed = getattr(event, "source", None)  # a layer's name event: follow the layer, not its old name
+        if renamed is not None and getattr(event, "type", "") == "name" and self._shown_layer is renamed:
+            current = renamed.name
+        for layer in self.viewer.layers:  # renaming a layer must refresh the list too
+            if id(layer) not in self._watched:
+                self._watched.add(id(layer))
+                layer.events.name.connect(self._refresh_layers)
         names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)
                  and not layer.name.endswith((" probability", " gradcam", " uncertainty"))]
         self.layer_box.blockSignals(True)
@@ -273,6 +282,7 @@ class SegmentWidget(QWidget):
         if pick:
             self.layer_box.setCurrentText(pick)
         self.layer_box.blockSignals(False)
+        self._shown_layer = self.image_layer()
         if pick != current:
             self._on_layer()
 
@@ -284,6 +294,8 @@ class SegmentWidget(QWidget):
         """Prefill pixel size and z step from the layer; offer the volume modes for stacks only
         (the chunked one for stacks read from a file)."""
         from ._reader import pixel_size_of, voxel_size_of
+
+        self._shown_layer = self.image_layer()
 
         layer = self.image_layer()
         if layer is None:
