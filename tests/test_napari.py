@@ -358,6 +358,12 @@ def test_stack_in_chunks_from_its_file_streams_cancels_and_continues(viewer, qtb
     whole = L.segment_array(image, replace(s, mode="volume"))
     assert len(np.unique(whole.instances)) == len(np.unique(got))
     np.testing.assert_array_equal(whole.instances > 0, got > 0)
+    # Other settings on the same store: said in the widget's terms, and nothing is deleted.
+    from xmdl_tf.io import DataError
+
+    with pytest.raises(DataError, match=r"holds a run with other settings \(inference\); type another output"):
+        L.segment_chunked(L.layer_source(layer), replace(s, threshold=0.9), layer.name)
+    assert (store / "objects.csv").is_file()
 
 
 # ----------------------------------------------------------------------------

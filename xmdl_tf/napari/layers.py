@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..distributed import DEFAULT_CHUNKS, Cancelled  # one exception for every cancellable job
+from ..io import DataError
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +370,17 @@ def segment_chunked(source: str, settings: SegmentSettings | None = None, name: 
             preview(out)
 
     resume = (out / ".xmdl" / "state.json").is_file()
-    summary = process_volume(source, out, path, scheduler=s.scheduler, workers=s.workers, chunks=s.chunks,
-                             voxel_size_nm=s.voxel_size_nm, inference=s.inference(), resume=resume, verbose=False,
-                             progress=report, cancel=cancel)
+    try:
+        summary = process_volume(source, out, path, scheduler=s.scheduler, workers=s.workers, chunks=s.chunks,
+                                 voxel_size_nm=s.voxel_size_nm, inference=s.inference(), resume=resume,
+                                 verbose=False, progress=report, cancel=cancel)
+    except DataError as err:
+        if "was started with other settings" not in str(err):
+            raise
+        # Said in the widget's terms: it continues a run of the same settings, never deletes one.
+        what = str(err).split("(", 1)[1].split(")", 1)[0]
+        raise DataError(f"{out} holds a run with other settings ({what}); type another output store in the "
+                        "form, or delete that folder to start again") from None
     return open_chunked(out, name, path, s, summary)
 
 
