@@ -262,8 +262,14 @@ def test_ctrl_c_stops_a_run_with_one_line(blob_run, tmp_path):
             "--model", str(blob_run[1]), "--chunks", "4", "128", "128", "--halo", "16", "--tile", "64",
             "--overlap", "16", "--no-tta"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    def as_from_a_terminal():
+        # Ctrl-C at its default and unblocked in the child, whatever this test process does with it:
+        # an ignored or blocked SIGINT is inherited, and Python then leaves it so.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_from_a_terminal)
     out = []
     try:
         for line in proc.stdout:  # interrupt while the workers predict
@@ -278,6 +284,8 @@ def test_ctrl_c_stops_a_run_with_one_line(blob_run, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     err_lines = [e for e in err.splitlines() if e.strip() and "cuda" not in e.lower() and "absl" not in e
                  and "oneDNN" not in e and "rebuild TensorFlow" not in e]
-    assert proc.returncode == 130, "".join(out) + rest + err
+    assert proc.returncode == 130, (f"SIGINT here: {signal.getsignal(signal.SIGINT)}, blocked: "
+                                    f"{signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])}\n"
+                                    + "".join(out) + rest + err)
     assert err_lines == ["interrupted; outputs written so far are complete (run the same command with --resume to "
                          "continue)"], err

@@ -394,6 +394,12 @@ def test_edits_are_recorded_by_diff_and_by_brush(viewer, blob_model):
     assert fresh.name == "im instances" and fresh is not kept and (fresh.data == obj).any()
     np.testing.assert_array_equal(kept.data, corrected)
     assert [f.n_edited for f in L.collect_corrections(viewer)] == [fix.n_edited]
+    # A tracked layer whose data was replaced by another shape: the fine-tune dock still opens, and says so.
+    from xmdl_tf.napari._widgets import FinetuneWidget
+
+    kept.data = np.zeros((10, 10), np.int32)
+    w = FinetuneWidget(viewer)
+    assert "shape changed since it was segmented" in w.info.text() and w.run() is None
 
 
 def test_segment_runs_again_and_again_on_other_sizes(viewer, qtbot, blob_model):

@@ -706,8 +706,13 @@ class FinetuneWidget(QWidget):
 
     def refresh(self) -> list[L.Correction]:
         """Count the edited slices now; fill the model field from the edited layer's model."""
-        layers = L.corrected_layers(self.viewer)
-        corrections = [c for layer in layers for c in L.corrections_of(layer)]
+        try:
+            layers = L.corrected_layers(self.viewer)
+            corrections = [c for layer in layers for c in L.corrections_of(layer)]
+        except ValueError as err:  # a tracked layer whose data was replaced by another shape
+            self.info.setText(f"<span style='color:#e05050'>{html.escape(str(err))}; segment it again to "
+                              "correct it</span>")
+            return []
         if corrections:
             n = sum(c.n_edited for c in corrections)
             self.info.setText(f"{len(corrections)} edited slice(s), {n:,} edited pixels in "
@@ -724,8 +729,8 @@ class FinetuneWidget(QWidget):
 
     def run(self):
         """Start fine-tuning on the current edits; returns the worker (None when there are none)."""
-        layers = L.corrected_layers(self.viewer)
         corrections = self.refresh()
+        layers = L.corrected_layers(self.viewer) if corrections else []
         if not corrections:
             self.job.status.setText("nothing to learn from: no edited pixels")
             return None
