@@ -25,7 +25,8 @@ VOXEL = (20.0, 10.0, 10.0)
 def client():
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                           scheduler_kwargs={"dashboard_address": ":0"})  # as xmdl_tf.volume: a free port
     c = Client(cluster)
     yield c
     c.close()
