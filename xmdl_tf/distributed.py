@@ -406,20 +406,10 @@ def _quiet_resource_tracker() -> None:
         sys.warnoptions.remove(option)
 
 
-def _quiet_shutdown() -> None:
-    """After an interrupt: no log noise from the client's abandoned gathers or the nanny's kills."""
-    for name in ("asyncio", "distributed", "tornado"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def _quiet_cancels() -> None:
-    """On a worker: tasks cancelled by a closing run are expected, not worth a warning each."""
-    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
-
-
-def _quiet_worker_logs() -> None:
-    """On a worker of an interrupted run: its shutdown is expected, not worth an error."""
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+def _log_level(level: int, *names: str) -> None:
+    """Set the loggers `names` to `level` (here, or on each worker through `Client.run`)."""
+    for name in names:
+        logging.getLogger(name).setLevel(level)
 
 
 def _cluster(client, scheduler: str, workers: int):
@@ -437,12 +427,14 @@ def _cluster(client, scheduler: str, workers: int):
                                                    dashboard_address=None,
                                                    scheduler_kwargs={"dashboard_address": ":0"}))
     c = Client(cluster)
-    c.run(_quiet_cancels)  # our own workers only; a user's cluster keeps its logging
+    # Our own workers only (a user's cluster keeps its logging): tasks cancelled by a closing run
+    # are expected, not worth a warning each.
+    c.run(_log_level, logging.ERROR, "distributed.worker.state_machine")
 
     def close(interrupted: bool = False):
         if interrupted:  # workers cut off mid-task and mid-heartbeat would each log it
             try:
-                c.run(_quiet_worker_logs)
+                c.run(_log_level, logging.CRITICAL, "distributed")
             except Exception:  # noqa: BLE001 - closing matters more than quiet
                 pass
         c.close()
@@ -698,7 +690,8 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             timings["labels_s"] = time.time() - t0
         except KeyboardInterrupt:
             interrupted = True
-            _quiet_shutdown()
+            # No log noise from the client's abandoned gathers or the nanny's kills.
+            _log_level(logging.CRITICAL, "asyncio", "distributed", "tornado")
             raise
         finally:
             close(interrupted)

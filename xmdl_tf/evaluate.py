@@ -53,7 +53,7 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     import pandas as pd
 
     from .autoscale import for_objects, prediction_grid
-    from .io import check_ignore_value, check_labels, find_pairs, read_pair, read_pixel_size_nm
+    from .io import check_ignore_value, check_labels, dataset_pixel_size_nm, find_pairs, read_pair, read_pixel_size_nm
     from .metrics import add_counts, scores
     from .postprocess import pooled_instance_scores, score_slice
     from .predict import load_model
@@ -76,7 +76,7 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     total: dict[str, int] = {}
     rows = []
     t0 = time.time()
-    set_px = pixel_size_nm or _dataset_json(data).get("pixel_size_nm")
+    set_px = pixel_size_nm or dataset_pixel_size_nm(data)
     for pair in pairs:
         image, label = read_pair(pair)
         px = read_pixel_size_nm(pair.image) or set_px
@@ -141,7 +141,8 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
 
     from .instances3d import volume_instances
     from .autoscale import for_objects, prediction_grid
-    from .io import DataError, check_ignore_value, check_labels, find_pairs, read_pair, read_pixel_size_nm
+    from .io import (DataError, check_ignore_value, check_labels, dataset_pixel_size_nm, find_pairs, read_pair,
+                     read_pixel_size_nm)
     from .predict import load_model
     from .runlock import atomic_write_text
     from .volume import check_planes, predict_volume, score_volume
@@ -178,7 +179,7 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     image = np.stack([im for im, _ in read])
     label = np.stack([lb for _, lb in read])
     del read
-    px = pixel_size_nm or read_pixel_size_nm(pairs[0].image) or _dataset_json(data).get("pixel_size_nm")
+    px = pixel_size_nm or read_pixel_size_nm(pairs[0].image) or dataset_pixel_size_nm(data)
     grid_px, zoom = (px, None) if voxel else prediction_grid(predictor, image[image.shape[0] // 2], ic, px)
     prob, _ = predict_volume(predictor, image, ic, voxel, planes, gradcam=False, pixel_size_nm=grid_px)
     instances = volume_instances(prob, voxel, ic.threshold, for_objects(ic, zoom).min_volume(voxel),
@@ -201,21 +202,13 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     return result
 
 
-def _dataset_json(data) -> dict:
-    """The set's dataset.json (written by the data_prep converters), or {} when absent or unreadable."""
-    meta = Path(data) / "dataset.json"
-    try:
-        info = json.loads(meta.read_text()) if meta.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
 def _dataset_voxel(data) -> tuple[float, float, float] | None:
     """(z, y, x) nm from dataset.json: z = section thickness x z_step (a set of every N-th section has
     slices N sections apart), y = x = its pixel size; None unless both are stated and plausible."""
-    info = _dataset_json(data)
-    px, thick, step = info.get("pixel_size_nm"), info.get("section_thickness_nm"), info.get("z_step") or 1
+    from .io import dataset_info, dataset_pixel_size_nm
+
+    info = dataset_info(data)
+    px, thick, step = dataset_pixel_size_nm(data), info.get("section_thickness_nm"), info.get("z_step") or 1
     try:
         voxel = (float(thick) * int(step), float(px), float(px))
         return tuple(cli.check_pixel_size(v, f"{Path(data) / 'dataset.json'}") for v in voxel)
@@ -228,7 +221,9 @@ def _warn_z_step(data, voxel) -> None:
     release --z-step 3`) and the z voxel size does not say so: its slices are N sections apart."""
     import warnings
 
-    info = _dataset_json(data)
+    from .io import dataset_info
+
+    info = dataset_info(data)
     step, thick = info.get("z_step") or 1, info.get("section_thickness_nm")
     if step > 1 and not (voxel and thick and abs(voxel[0] - step * thick) < 1e-6 * step * thick):
         need = f"{step} x the section thickness" + (f" ({step * thick:g} nm)" if thick else "")

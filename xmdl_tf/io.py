@@ -14,6 +14,7 @@ Labels are binary (0/1 or 0/255) or instance ids; foreground is label > 0.
 from __future__ import annotations
 
 import functools
+import json
 import glob as _glob
 import os
 import re
@@ -208,6 +209,25 @@ def stack_depth(path: str | Path) -> int:
             return _planes(tif.series[0].shape)
     except Exception as err:
         raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+
+
+def dataset_info(folder: str | Path) -> dict:
+    """A data set's dataset.json (written by the data_prep converters), or {} when absent or unreadable."""
+    meta = Path(folder) / "dataset.json"
+    try:
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def dataset_pixel_size_nm(folder: str | Path) -> float | None:
+    """The pixel size (nm) its dataset.json states (the first value of a list), or None."""
+    value = dataset_info(folder).get("pixel_size_nm")
+    try:
+        return float(value[0] if isinstance(value, list) else value) if value is not None else None
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def read_pixel_size_nm(path: str | Path) -> float | None:

@@ -148,17 +148,9 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
 
 def dataset_pixel_size(data_dir: str, first_image: Path) -> float | None:
     """Pixel size of a data set from its dataset.json, else from TIFF metadata, else None."""
-    from .io import read_pixel_size_nm
+    from .io import dataset_pixel_size_nm, read_pixel_size_nm
 
-    meta = Path(data_dir) / "dataset.json"
-    if meta.is_file():
-        try:
-            value = json.loads(meta.read_text()).get("pixel_size_nm")
-            if value is not None:
-                return float(value[0] if isinstance(value, list) else value)
-        except (ValueError, TypeError, AttributeError):
-            pass
-    return read_pixel_size_nm(first_image)
+    return dataset_pixel_size_nm(data_dir) or read_pixel_size_nm(first_image)
 
 
 def with_shapes(sets: list) -> list:
