@@ -85,9 +85,8 @@ def image_features(predictor, image: np.ndarray, pixel_size_nm: float | None = N
     cache = predictor.__dict__.setdefault("_ood_features", {})
     key = (tuple(layers), stats)
     if key not in cache:
-        # An exported SavedModel serves its own (`export.SavedModelPredictor.ood_feature_function`).
-        own = getattr(predictor, "ood_feature_function", None)
-        cache[key] = own(tuple(layers), stats) if own else feature_extractor(predictor.model, tuple(layers), stats)
+        # (an exported SavedModel serves them through its `ood_features` signature)
+        cache[key] = predictor.ood_feature_function(tuple(layers), stats)
     x = normalize_as(image, predictor.config.normalization)
     x = resample_image(x, predictor.scale_factor(pixel_size_nm, rescale) * zoom)
     if min(x.shape) < tile:  # small images: mirror-pad up to one tile (never downscale)
@@ -101,13 +100,8 @@ def model_distribution(predictor) -> "FeatureDistribution | None":
     without one."""
     cache = predictor.__dict__.setdefault("_ood_model", {})
     if "dist" not in cache:
-        own = getattr(predictor, "ood_file", None)  # an export keeps it in its assets
-        if own is not None:
-            path = own()
-        else:
-            path = Path(getattr(predictor, "path", "")).parent / OOD_FILE
-            path = path if hasattr(getattr(predictor, "model", None), "get_layer") else None
-        cache["dist"] = FeatureDistribution.load(path) if path is not None and path.is_file() else None
+        path = predictor.ood_file()  # beside model.keras, or in an export's assets
+        cache["dist"] = FeatureDistribution.load(path) if path is not None else None
     return cache["dist"]
 
 

@@ -121,6 +121,19 @@ class Predictor:
         """Pixel size (nm) of the data the model was trained on, or None if unknown."""
         return self.config.data.pixel_size_nm
 
+    def ood_file(self) -> Path | None:
+        """The out-of-distribution model `calibrate` stored beside the model (`ood.OOD_FILE`), if any."""
+        from .ood import OOD_FILE
+
+        path = Path(self.path).parent / OOD_FILE
+        return path if path.is_file() else None
+
+    def ood_feature_function(self, layers: tuple[str, ...], stats: str) -> Callable:
+        """(n, t, t, 1) normalised tiles -> (n, D) out-of-distribution features (`ood.feature_extractor`)."""
+        from .ood import feature_extractor
+
+        return feature_extractor(self.model, tuple(layers), stats)
+
     def scale_factor(self, pixel_size_nm: float | None, rescale: bool = True) -> float:
         """Resize factor that brings an input of `pixel_size_nm` to the model's pixel size (1 = none)."""
         from .sampling import resample_factor
