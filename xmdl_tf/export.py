@@ -156,9 +156,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
         (tmp / "assets").mkdir(exist_ok=True)
         (tmp / "assets" / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if dist is not None:
-            from .ood import OOD_FILE
-
-            shutil.copy2(predictor.path.parent / OOD_FILE, tmp / "assets" / OOD_FILE)
+            shutil.copy2(predictor.ood_file(), tmp / "assets" / predictor.ood_file().name)
         if target.exists():  # another export took this number meanwhile
             raise FileExistsError(f"{target}: version {version} appeared during the export; nothing overwritten")
         os.rename(tmp, target)
@@ -353,7 +351,7 @@ def _metadata(predictor: Predictor, layer: str, version: int, dist=None) -> dict
                        for name, (dtype, channels, outputs) in SIGNATURES.items()}
         | ({OOD_SIGNATURE[0]: {"inputs": {"images": f"{OOD_SIGNATURE[1]} [batch, {dist.tile}, {dist.tile}, 1]"},
                                "outputs": OOD_SIGNATURE[3]}} if dist is not None else {}),
-        "ood": {"file": "ood.npz", "layers": list(dist.layers), "stats": dist.stats, "tile": dist.tile,
+        "ood": {"file": predictor.ood_file().name, "layers": list(dist.layers), "stats": dist.stats, "tile": dist.tile,
                 "threshold": dist.threshold} if dist is not None else None,
         "model_card": card or None,
         "config": config.to_dict(),
