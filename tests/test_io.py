@@ -109,6 +109,21 @@ def test_float_images_in_0_1_are_read_as_the_same_picture(tmp_path):
     np.testing.assert_allclose(normalize_np(got), normalize_np(img), atol=2e-3)
 
 
+def test_signed_and_wide_integer_images_are_read_as_the_same_picture(tmp_path):
+    """int16 EM with negative grey values (SerialEM's MRC) is shifted, a range wider than 16 bits
+    mapped linearly: the normalised image the model sees is that of the original."""
+    from xmdl_tf.sampling import normalize_np
+
+    img = blob_image(64)[0]
+    tifffile.imwrite(tmp_path / "i16.tif", img.astype(np.int16) * 100 - 12000)
+    got = read_image(tmp_path / "i16.tif")
+    assert got.dtype == np.uint16 and got.min() == 0
+    np.testing.assert_array_equal(got, (img.astype(np.int64) - img.min()) * 100)
+    np.testing.assert_allclose(normalize_np(got), normalize_np(img), atol=1e-6)
+    tifffile.imwrite(tmp_path / "i32.tif", img.astype(np.int32) * 1000 - 50000)  # a range of 255,000
+    np.testing.assert_allclose(normalize_np(read_image(tmp_path / "i32.tif")), normalize_np(img), atol=2e-3)
+
+
 def test_multipage_tiffs_in_the_split_layout_give_every_page(tmp_path):
     from xmdl_tf.io import find_pairs, read_pair
 

@@ -618,3 +618,15 @@ def test_a_three_slice_stack_tifffile_stores_as_planar_samples_is_three_slices(t
     tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(arr, 0, -1), photometric="rgb")
     with pytest.raises(DataError, match=r"single 2-D image \(40 x 48\)"):
         open_volume(tmp_path / "rgb.tif")
+
+
+def test_a_signed_volume_is_shifted_by_its_own_minimum_in_every_slab(tmp_path, vol):
+    """int16 with negative values: one shift for the whole volume, so slabs (and the chunks of a
+    slice) are mapped alike; the slices keep their grey values up to that offset."""
+    data = (vol.astype(np.int32) // 4 - 9000).astype(np.int16)
+    tifffile.imwrite(tmp_path / "signed.tif", data, photometric="minisblack")
+    v = open_volume(tmp_path / "signed.tif")
+    whole = np.concatenate([v.image_slab(z, z + 1) for z in range(len(v))])
+    assert whole.dtype == np.uint16
+    np.testing.assert_array_equal(whole, data.astype(np.int64) - int(data.min()))
+

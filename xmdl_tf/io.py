@@ -8,8 +8,9 @@ Three layouts are understood (see `find_pairs`):
 (b) an image folder (or glob) plus a label folder (or glob), paired by stem;
 (c) a multi-page TIFF image stack plus a label stack of the same shape.
 
-Images are 2-D 8- or 16-bit grayscale (RGB is converted with a warning).
-Labels are binary (0/1 or 0/255) or instance ids; foreground is label > 0.
+Images are 2-D 8- or 16-bit grayscale (RGB is converted with a warning;
+signed, wider-integer and float images are shifted or mapped linearly onto
+uint16). Labels are binary (0/1 or 0/255) or instance ids; foreground is label > 0.
 """
 from __future__ import annotations
 
@@ -138,8 +139,8 @@ def read_image(path: str | Path, page: int | None = None) -> np.ndarray:
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype not in (np.uint8, np.uint16):
-        if np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0 and arr.max() <= 65535:
-            arr = arr.astype(np.uint16)
+        if np.issubdtype(arr.dtype, np.integer):
+            arr = _int_to_uint16(arr, path)
         elif np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and np.array_equal(arr, np.round(arr)) and arr.min() >= 0 and arr.max() <= 65535:
             arr = arr.astype(np.uint16)
         elif np.issubdtype(arr.dtype, np.floating):
@@ -149,6 +150,19 @@ def read_image(path: str | Path, page: int | None = None) -> np.ndarray:
     if arr.min() == arr.max():
         raise DataError(f"{path}: constant image (every pixel is {arr.flat[0]}); nothing to segment")
     return arr
+
+
+def _int_to_uint16(arr: np.ndarray, path: Path, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """An integer EM image as uint16: values in 0..65535 kept; signed data (e.g. int16 MRC from
+    SerialEM, with negative grey values) shifted by its minimum when its range fits, else mapped
+    linearly as floats are. The percentile normalisation sees neither an offset nor a linear map.
+    value_range: (lo, hi) of a whole volume, so that every slab gets the same map."""
+    lo, hi = (int(arr.min()), int(arr.max())) if value_range is None else (int(value_range[0]), int(value_range[1]))
+    if lo >= 0 and hi <= 65535:
+        return arr.astype(np.uint16)
+    if hi - lo <= 65535:
+        return (arr.astype(np.int64) - lo).astype(np.uint16)
+    return _float_to_uint16(arr.astype(np.float64), path, (lo, hi))
 
 
 def _float_to_uint16(arr: np.ndarray, path: Path, value_range: tuple[float, float] | None = None) -> np.ndarray:

@@ -60,6 +60,7 @@ from .io import (
     _UNIT_NM,
     DataError,
     _float_to_uint16,
+    _int_to_uint16,
     _list_files,
     _number,
     _read_raw,
@@ -178,7 +179,8 @@ class Volume:
     def image_slab(self, z0: int, z1: int, yx: tuple[slice, slice] | None = None) -> np.ndarray:
         """Slices z0..z1-1 as an EM image (z1 - z0, Y, X), uint8 or uint16, like `io.read_image`.
 
-        bool -> 0/255 uint8; other integers in 0..65535 -> uint16. A float volume
+        bool -> 0/255 uint8; other integers in 0..65535 -> uint16, signed ones shifted by the
+        volume's minimum (`io._int_to_uint16`, one map for the whole volume). A float volume
         is mapped onto 0..65535 with one linear map for the whole volume (its
         first call reads the volume once for the range), or cast when all its
         values are integers in 0..65535. A constant volume is a DataError; a
@@ -191,9 +193,8 @@ class Volume:
         elif raw.dtype in (np.uint8, np.uint16):
             out = raw
         elif raw.dtype.kind in "iu":
-            if raw.min() < 0 or raw.max() > 65535:
-                raise DataError(f"{where}: {raw.dtype} image values outside 0..65535; expected 8- or 16-bit grayscale")
-            out = raw.astype(np.uint16)
+            # One shift (or map) for the whole volume, so that the chunks of a slice agree.
+            out = _int_to_uint16(raw, Path(where), self.value_stats()[:2])
         elif raw.dtype.kind == "f":
             lo, hi, integral = self.value_stats()
             if lo == hi:

@@ -210,10 +210,10 @@ class Segmentation:
 def as_em_image(array: Any) -> np.ndarray:
     """A slice or stack (any numeric dtype, NumPy or dask) as uint8/uint16 the model reads.
 
-    Integers in 0..65535 keep their values; floats are mapped linearly onto
-    0..65535 (the percentile normalisation does not see a linear map).
+    Integers in 0..65535 keep their values, signed ones are shifted (`io._int_to_uint16`); floats
+    are mapped linearly onto 0..65535 (the percentile normalisation sees neither).
     """
-    from ..io import DataError, _float_to_uint16
+    from ..io import DataError, _float_to_uint16, _int_to_uint16
 
     arr = np.asarray(array)
     if arr.dtype == np.bool_:
@@ -221,9 +221,7 @@ def as_em_image(array: Any) -> np.ndarray:
     if arr.dtype in (np.uint8, np.uint16):
         return arr
     if arr.dtype.kind in "iu":
-        if arr.min() < 0 or arr.max() > 65535:
-            raise DataError(f"{arr.dtype} image values outside 0..65535; expected 8- or 16-bit grayscale")
-        return arr.astype(np.uint16)
+        return _int_to_uint16(arr, Path("layer"))
     if arr.dtype.kind == "f":
         return _float_to_uint16(arr, Path("layer"))
     raise DataError(f"unsupported image dtype {arr.dtype}; expected grayscale")
