@@ -247,10 +247,11 @@ class SegmentWidget(QWidget):
             lambda *_: self.chunked_box.setVisible(self.mode.currentData() == "chunked"))
         self.layer_box.currentIndexChanged.connect(self._on_layer)
         self.model.editingFinished.connect(self._prefill_from_model)
-        self._watched: set[int] = set()  # ids of the layers whose renaming refreshes the list
         self._shown_layer = None  # the layer the list shows as chosen
-        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            ev.connect(self._refresh_layers)
+        for layer in napari_viewer.layers:  # renaming a layer refreshes the list too
+            layer.events.name.connect(self._refresh_layers)
+        napari_viewer.layers.events.inserted.connect(self._on_inserted)
+        napari_viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
         self._prefill_from_model()
         self.last: L.Segmentation | None = None
@@ -261,6 +262,10 @@ class SegmentWidget(QWidget):
 
     # -- inputs
 
+    def _on_inserted(self, event) -> None:
+        event.value.events.name.connect(self._refresh_layers)
+        self._refresh_layers(event)
+
     def _refresh_layers(self, event=None) -> None:
         from napari.layers import Image
 
@@ -268,10 +273,6 @@ class SegmentWidget(QWidget):
         renamed = getattr(event, "source", None)  # a layer's name event: follow the layer, not its old name
         if renamed is not None and getattr(event, "type", "") == "name" and self._shown_layer is renamed:
             current = renamed.name
-        for layer in self.viewer.layers:  # renaming a layer must refresh the list too
-            if id(layer) not in self._watched:
-                self._watched.add(id(layer))
-                layer.events.name.connect(self._refresh_layers)
         names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)
                  and not layer.name.endswith((" probability", " gradcam", " uncertainty"))]
         self.layer_box.blockSignals(True)
