@@ -485,6 +485,66 @@ def test_finetune_refuses_corrections_without_a_mitochondrion(blob_model, tmp_pa
         L.finetune_from_corrections([], blob_model, tmp_path / "t")
 
 
+def test_a_labels_layer_drawn_over_an_image_is_learnt_from(viewer, qtbot, blob_model, tmp_path):
+    """napari's "new labels layer" over an image, its mitochondria painted on some slices: those slices
+    are fully annotated training data; the fine-tuned model segments the image again, and a layer the
+    user drew under a result's name is never replaced."""
+    from xmdl_tf.napari._widgets import FinetuneWidget
+
+    img, mask = blob_image(128, seed=21, n=6)
+    img2, mask2 = blob_image(128, seed=5, n=3)
+    square = (slice(16, 64), slice(72, 120))
+    mask2[square] = 0
+    img2[square] = 250  # a kind of "mitochondrion" the model never saw: a bright square
+    stack = np.stack([img, blob_image(128, seed=6)[0], img2])
+    viewer.add_image(stack, name="st", scale=(40.0, 5.0, 5.0))
+    viewer.add_image(img[:64], name="other")  # another shape: never paired
+    viewer.layers.selection.active = viewer.layers["st"]
+    viewer._new_labels()  # what napari's "new labels layer" button does
+    drawn = viewer.layers[-1]
+    name = drawn.name
+    assert drawn.data.shape == stack.shape and L.drawn_annotations(viewer) == []  # nothing painted yet
+    # Paint every mitochondrion of slices 0 and 2: the discs, and on slice 2 the bright square too.
+    drawn.data[0][mask > 0] = 1
+    drawn.data[2][mask2 > 0] = 3
+    drawn.data[2][square] = 7
+    viewer.dims.set_point(0, 2 * 40.0)  # the slice shown: the one segmented again afterwards
+    a, = L.drawn_annotations(viewer)
+    assert a.image is viewer.layers["st"] and a.labels is drawn
+    assert [c.name for c in a.corrections] == ["st_z0000", "st_z0002"]
+    np.testing.assert_array_equal(a.corrections[0].label, mask)  # dense: unpainted pixels are background
+    assert a.corrections[1].label[square].all() and a.corrections[1].label.sum() == 48 * 48 + mask2.sum()
+    assert a.corrections[0].pixel_size_nm is None  # a scale in no length unit says nothing about nm
+    assert a.job[2:] == ("st", 2) and a.job[0].shape == img.shape
+    # Fine-tune through the widget: it counts the annotated slices, trains on exactly those labels (how
+    # well a fine-tune learns is test_finetune_widget_learns_a_painted_correction's) and shows the
+    # annotated image's current slice segmented again by the new model.
+    w = FinetuneWidget(viewer)
+    qtbot.addWidget(w)
+    assert f"2 annotated slice(s) in {drawn.name} (over st)" in w.info.text(), w.info.text()
+    w.model.setText(str(blob_model))
+    w.out.setText(str(tmp_path / "tuned"))
+    w.epochs.setValue(1)
+    w.steps.setValue(4)
+    w.tile.setValue(32)
+    w.run()
+    wait(qtbot, w.job, timeout=300_000)
+    assert "saved" in w.job.status.text() and "re-segmented 1 layer" in w.job.status.text(), w.job.status.text()
+    written = tmp_path / "tuned_corrections" / "set0" / "train"
+    for k, c in enumerate(a.corrections):
+        np.testing.assert_array_equal(tifffile.imread(written / "y" / f"seg{k:04d}.tif"), c.label)
+        np.testing.assert_array_equal(tifffile.imread(written / "x" / f"im{k:04d}.tif"), stack[2 * k])
+    shown = viewer.layers["st z=2 instances"]
+    assert shown.metadata["xmdl"]["model"] == str(tmp_path / "tuned") and shown.data.shape[-2:] == img.shape
+    assert drawn in viewer.layers and drawn.name == name  # the drawing stays as it was
+    assert int(drawn.data.sum()) == int(mask.sum()) + 3 * int(mask2.sum()) + 7 * 48 * 48
+    # A user's own layer under the name a result takes is kept beside the result.
+    viewer.add_labels(np.zeros(img.shape, np.uint8), name="other instances")
+    own = viewer.layers["other instances"]
+    L.segment_layer(viewer, viewer.layers["other"], model=blob_model)
+    assert own.name == "other instances (kept 1)" and viewer.layers["other instances"] is not own
+
+
 # ----------------------------------------------------------------------------
 # The real napari window
 

@@ -655,8 +655,11 @@ class FinetuneWidget(QWidget):
 
     Edit an instances layer with napari's brush, eraser or fill (label 0
     erases) on a few slices; only the pixels you changed or brushed are used,
-    the rest is ignored by the loss. The new model (with its parent in
-    config.json) then segments the corrected images again.
+    the rest is ignored by the loss. Or draw a new labels layer over an
+    image (napari's "new labels layer" button) and paint every mitochondrion
+    of a few slices: each slice with a label counts as fully annotated. The
+    new model (with its parent in config.json) then segments the corrected
+    and annotated images again.
     """
 
     def __init__(self, napari_viewer):
@@ -703,10 +706,12 @@ class FinetuneWidget(QWidget):
         box.addStretch(1)
         self.job.run_button.clicked.connect(self.run)
         self.last: L.FinetuneResult | None = None
+        self.annotations: list[L.Annotation] = []
         self.refresh()
 
     def refresh(self) -> list[L.Correction]:
-        """Count the edited slices now; fill the model field from the edited layer's model."""
+        """Count the edited and annotated slices now; fill the model field from the edited layer's
+        model (else the Segment widget's). Returns every slice to learn from."""
         try:
             layers = L.corrected_layers(self.viewer)
             corrections = [c for layer in layers for c in L.corrections_of(layer)]
@@ -714,15 +719,29 @@ class FinetuneWidget(QWidget):
             self.info.setText(f"<span style='color:#e05050'>{html.escape(str(err))}; segment it again to "
                               "correct it</span>")
             return []
+        segment = next((w for w in list(_SEGMENT_WIDGETS) if w.viewer is self.viewer), None)
+        try:
+            settings = segment.settings() if segment else None
+        except ValueError:  # its chunk sizes, which a slice does not use
+            settings = None
+        self.annotations = L.drawn_annotations(self.viewer, settings)
+        drawn = [c for a in self.annotations for c in a.corrections]
+        parts = []
         if corrections:
             n = sum(c.n_edited for c in corrections)
-            self.info.setText(f"{len(corrections)} edited slice(s), {n:,} edited pixels in "
-                              f"{', '.join(layer.name for layer in layers)}")
+            parts.append(f"{len(corrections)} edited slice(s), {n:,} edited pixels in "
+                         f"{', '.join(layer.name for layer in layers)}")
             if not self.model.text():
                 self.model.setText(str(L.EditTracker.of(layers[0]).seg.model))
-        else:
-            self.info.setText("no edits yet: correct an instances layer with the brush / eraser, then Refresh")
-        return corrections
+        if drawn:
+            parts.append(f"{len(drawn)} annotated slice(s) in "
+                         f"{', '.join(f'{a.labels.name} (over {a.image.name})' for a in self.annotations)}")
+        if not self.model.text() and segment is not None:
+            self.model.setText(segment.model.text())
+        self.info.setText("; ".join(parts) if parts else
+                          "no edits yet: correct an instances layer with the brush / eraser, or paint the "
+                          "mitochondria of a slice in a new labels layer over the image, then Refresh")
+        return [*corrections, *drawn]
 
     @property
     def running(self) -> bool:
@@ -730,16 +749,18 @@ class FinetuneWidget(QWidget):
 
     def run(self):
         """Start fine-tuning on the current edits; returns the worker (None when there are none)."""
-        corrections = self.refresh()
-        layers = L.corrected_layers(self.viewer) if corrections else []
-        if not corrections:
+        learn = self.refresh()
+        if not learn:
             self.job.status.setText("nothing to learn from: no edited pixels")
             return None
+        layers = L.corrected_layers(self.viewer)
+        corrections = [c for layer in layers for c in L.corrections_of(layer)]
         model = self.model.text().strip() or None
         parent = L.model_path(model)
         out = self.out.text().strip() or str(Path("runs") / f"{parent.name}_corrected_{time.strftime('%Y%m%d-%H%M%S')}")
-        self.job.status.setText(f"fine-tuning {parent.name} on {len(corrections)} slice(s) -> {out}")
+        self.job.status.setText(f"fine-tuning {parent.name} on {len(learn)} slice(s) -> {out}")
         return self.job.start(L.finetune_and_resegment, layers, corrections, model, out,
+                              annotations=self.annotations,
                               epochs=self.epochs.value(), steps_per_epoch=self.steps.value(),
                               learning_rate=self.lr.value(), tile_size=self.tile.value() or None,
                               isolate=True, on_done=self._show)

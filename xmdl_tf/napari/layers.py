@@ -25,8 +25,11 @@ each edited slice into a sparse label (edited pixels 1 / 0, everything else
 `IGNORE_VALUE`), and `finetune_from_corrections` trains the model on exactly
 those through `train.train` (the `python -m xmdl_tf.finetune` recipe;
 `DataConfig.ignore_value` keeps unedited pixels out of the loss), so the new
-model's `config.json` records its parent (lineage). `finetune_on_layers` does
-all of it and re-segments the corrected layers with the new model.
+model's `config.json` records its parent (lineage). A labels layer the user
+drew from scratch (or opened) over an image layer of its shape is learnt from
+too (`drawn_annotations`): each plane with a label counts as fully annotated.
+`finetune_on_layers` does all of it and re-segments the corrected layers and
+annotated images with the new model.
 """
 from __future__ import annotations
 
@@ -584,7 +587,8 @@ def show_segmentation(viewer, seg: Segmentation, image_layer=None, keep_edits: b
     class, tracked for corrections), gradcam (inferno, additive, hidden) and
     uncertainty (2-D only, hidden). Call from the GUI thread. keep_edits: an instances layer the
     user corrected is kept (renamed, `keep_corrections`) rather than replaced; off when the new
-    result comes from a model fine-tuned on those very corrections.
+    result comes from a model fine-tuned on those very corrections. A layer of that name not made
+    here (drawn or opened by the user) is always kept.
     """
     from napari.utils.colormaps import DirectLabelColormap
 
@@ -602,7 +606,7 @@ def show_segmentation(viewer, seg: Segmentation, image_layer=None, keep_edits: b
         out["uncertainty"] = _put(viewer, "image", names["uncertainty"], shaped(seg.uncertainty), colormap="magma",
                                   blending="additive", contrast_limits=(0.0, 1.0), visible=False, **kw)
     instances = shaped(seg.instances)
-    kept = keep_corrections(viewer, names["instances"]) if keep_edits else None
+    kept = keep_corrections(viewer, names["instances"], edits=keep_edits)
     if kept:
         out["kept_corrections"] = kept
     meta = {"xmdl": {"model": str(seg.model), "mode": seg.mode, "image": seg.name, "z": seg.z,
@@ -615,25 +619,33 @@ def show_segmentation(viewer, seg: Segmentation, image_layer=None, keep_edits: b
     return out
 
 
-def keep_corrections(viewer, name: str) -> str | None:
-    """Before a new result replaces the instances layer `name`: if the user corrected it by hand,
-    rename it (`<name> (corrected N)`) so the corrections survive beside the new result; return
-    the new name, or None when there was nothing to keep."""
+def keep_corrections(viewer, name: str, edits: bool = True) -> str | None:
+    """Before a new result replaces the layer `name`: if the user corrected it by hand (edits), or
+    it is not a result of ours at all (a layer the user drew or opened under that name), rename it
+    (`<name> (corrected N)`, `<name> (kept N)`) so it survives beside the new result; return the
+    new name, or None when there was nothing to keep."""
     if name not in viewer.layers:
         return None
-    tracker = EditTracker.of(viewer.layers[name])
+    layer = viewer.layers[name]
+    tracker = EditTracker.of(layer)
     if tracker is None:
-        return None
-    try:
-        if not tracker.edited().any():
+        if "xmdl" in (getattr(layer, "metadata", None) or {}):  # an untracked result of ours (chunked)
             return None
-    except ValueError:  # its data was replaced by another shape: the user's, keep it
-        pass
+        tag = "kept"
+    else:
+        if not edits:
+            return None
+        try:
+            if not tracker.edited().any():
+                return None
+        except ValueError:  # its data was replaced by another shape: the user's, keep it
+            pass
+        tag = "corrected"
     n = 1
-    while f"{name} (corrected {n})" in viewer.layers:
+    while f"{name} ({tag} {n})" in viewer.layers:
         n += 1
-    viewer.layers[name].name = f"{name} (corrected {n})"
-    return f"{name} (corrected {n})"
+    layer.name = f"{name} ({tag} {n})"
+    return layer.name
 
 
 def _show_store(viewer, seg: Segmentation, names: dict, kw: dict, out: dict) -> dict:
@@ -650,6 +662,9 @@ def _show_store(viewer, seg: Segmentation, names: dict, kw: dict, out: dict) -> 
     out["probability"] = _put(viewer, "image", names["probability"], list(seg.probability), colormap="viridis",
                               contrast_limits=(0.0, 1.0), visible=False, metadata={"xmdl_store": str(seg.store)},
                               **kw)
+    kept = keep_corrections(viewer, names["instances"])
+    if kept:
+        out["kept_corrections"] = kept
     labels = _put(viewer, "labels", names["instances"], list(seg.instances), opacity=0.6, metadata=meta,
                   colormap=DirectLabelColormap(color_dict=class_colors(seg.table, seg.mode)), **kw)
     labels.editable = False
@@ -759,6 +774,82 @@ def corrections_of(layer) -> list[Correction]:
 def collect_corrections(viewer) -> list[Correction]:
     """Every edited slice of every tracked instances layer in the viewer."""
     return [c for layer in viewer.layers for c in corrections_of(layer)]
+
+
+@dataclass
+class Annotation:
+    """A labels layer the user drew (or opened) over an image layer: fine-tuning data of its own.
+
+    Unlike a corrected segmentation there is nothing to diff against, so every
+    plane with at least one painted label counts as fully annotated (label > 0
+    mitochondrion, 0 background, as the split-layout labels of `finetune`);
+    planes without a label are left out. job: (image (H, W), SegmentSettings,
+    image layer name, z) to segment again with the fine-tuned model: the slice
+    shown when fine-tuning started (the whole image in 2-D).
+    """
+
+    labels: Any
+    image: Any
+    corrections: list[Correction]
+    job: tuple
+
+
+def _plain_data(layer) -> np.ndarray | None:
+    """A single-scale layer's data as NumPy (None for multiscale or lazy layers: reading one whole
+    to look for annotations could take minutes)."""
+    data = layer.data
+    return data if isinstance(data, np.ndarray) and not getattr(layer, "multiscale", False) else None
+
+
+def annotated_image(viewer, labels) -> Any | None:
+    """The image layer a drawn labels layer annotates: a grey single-scale image layer of the same
+    shape and in-plane scale, the nearest below it in the layer list (else above); None if none."""
+    from napari.layers import Image
+
+    stack = list(viewer.layers)
+    i = stack.index(labels)
+    for layer in [*reversed(stack[:i]), *stack[i + 1:]]:
+        if (isinstance(layer, Image) and not layer.rgb and not getattr(layer, "multiscale", False)
+                and layer.data.shape == labels.data.shape
+                and np.allclose(layer.scale[-2:], labels.scale[-2:])):
+            return layer
+    return None
+
+
+def drawn_annotations(viewer, settings: SegmentSettings | None = None) -> list[Annotation]:
+    """Labels layers with at least one label that no segmentation here made (no `EditTracker`),
+    each over the image layer it annotates (`annotated_image`); 2-D or (Z, Y, X), in memory.
+
+    settings: how the job segments the image again (default SegmentSettings(); the pixel size
+    is the image layer's). GUI thread: reads the viewer.
+    """
+    from dataclasses import replace
+
+    from napari.layers import Labels
+
+    from ._reader import pixel_size_of
+
+    out = []
+    for layer in viewer.layers:
+        if not isinstance(layer, Labels) or EditTracker.of(layer) is not None or "xmdl" in layer.metadata:
+            continue
+        data = _plain_data(layer)
+        if data is None or data.ndim not in (2, 3) or not data.any():
+            continue
+        image = annotated_image(viewer, layer)
+        if image is None:
+            log.info("%s: no grey image layer of its shape %s to learn from", layer.name, data.shape)
+            continue
+        px = pixel_size_of(image) or pixel_size_of(layer)
+        planes, pixels = (data[None], image.data[None]) if data.ndim == 2 else (data, image.data)
+        corrections = [Correction(f"{image.name}_z{k:04d}" if data.ndim == 3 else image.name,
+                                  as_em_image(pixels[k]), (planes[k] > 0).astype(np.uint8), px)
+                       for k in np.flatnonzero(planes.reshape(len(planes), -1).any(axis=1))]
+        z = current_slice(viewer, image)
+        job = (as_em_image(image.data if z is None else image.data[z]),
+               replace(settings or SegmentSettings(), mode="slice", pixel_size_nm=px), image.name, z)
+        out.append(Annotation(layer, image, corrections, job))
+    return out
 
 
 def write_corrections(corrections: Sequence[Correction], folder: str | Path) -> list[Path]:
@@ -926,20 +1017,27 @@ def corrected_layers(viewer) -> list:
 
 def finetune_and_resegment(layers: Sequence, corrections: Sequence[Correction], model: str | Path | None,
                            out: str | Path, progress: Progress | None = None, cancel: threading.Event | None = None,
-                           **finetune_kw) -> FinetuneResult:
-    """`finetune_from_corrections`, then each corrected layer's input segmented again with the new model.
+                           annotations: Sequence[Annotation] = (), **finetune_kw) -> FinetuneResult:
+    """`finetune_from_corrections` on `corrections` and the annotations' slices, then each corrected
+    layer's input and each annotated image (its `Annotation.job`) segmented again with the new model.
 
     Touches no viewer (worker-thread safe): `show_finetune` adds the results.
     """
     from dataclasses import replace
 
     t0 = time.time()
-    jobs = []
+    jobs, owners = [], []
     for layer in layers:
         seg = EditTracker.of(layer).seg
         settings = replace(seg.settings, pixel_size_nm=seg.pixel_size_nm,
                            z_size_nm=seg.voxel_size_nm[0] if seg.voxel_size_nm else seg.settings.z_size_nm)
         jobs.append((np.asarray(seg.image), settings, seg.name, seg.z))
+        owners.append(layer)
+    for a in annotations:
+        if all((name, z) != a.job[2:] for _, _, name, z in jobs):  # that slice is segmented once
+            jobs.append(a.job)
+            owners.append(a.labels)
+    corrections = [*corrections, *(c for a in annotations for c in a.corrections)]
     if finetune_kw.get("isolate"):  # the child also segments again (see _finetune_job)
         run, segs = finetune_from_corrections(corrections, model, out, progress=progress, cancel=cancel,
                                               resegment=jobs, **finetune_kw)
@@ -947,7 +1045,7 @@ def finetune_and_resegment(layers: Sequence, corrections: Sequence[Correction], 
         run = finetune_from_corrections(corrections, model, out, progress=progress, cancel=cancel, **finetune_kw)
         segs = [segment_array(image, replace(settings, model=run), name, cancel=cancel, z=z)
                 for image, settings, name, z in jobs]
-    result = FinetuneResult(run, list(corrections), list(zip(layers, segs)))
+    result = FinetuneResult(run, list(corrections), list(zip(owners, segs)))
     result.seconds = time.time() - t0
     return result
 
@@ -962,12 +1060,14 @@ def show_finetune(viewer, result: FinetuneResult) -> dict[str, dict]:
 
 
 def finetune_on_layers(viewer, model: str | Path | None, out: str | Path, **finetune_kw) -> FinetuneResult:
-    """Fine-tune on every correction in the viewer and replace the corrected layers' results.
+    """Fine-tune on every correction and drawn annotation in the viewer and replace the corrected
+    layers' results (and segment the annotated images again).
 
     The whole "Fine-tune on my corrections" widget as one call (blocking).
     """
     layers = corrected_layers(viewer)
     corrections = [c for layer in layers for c in corrections_of(layer)]
-    result = finetune_and_resegment(layers, corrections, model, out, **finetune_kw)
+    result = finetune_and_resegment(layers, corrections, model, out, annotations=drawn_annotations(viewer),
+                                    **finetune_kw)
     show_finetune(viewer, result)
     return result
