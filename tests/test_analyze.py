@@ -105,6 +105,16 @@ def test_analyze_errors(tiny_run, tmp_path, monkeypatch, capsys):
     assert "missing.png" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         analyze_main([str(tmp_path / "a.png"), "--model", str(tiny_run), "--rule", "bogus=1"])
+    # An array handed over directly (napari, the Python API): a constant one is refused as a file is,
+    # not segmented into one image-sized "mitochondrion".
+    from xmdl_tf.io import DataError
+    from xmdl_tf.volume import analyze_volume
+
+    predictor = load_model(tiny_run)
+    with pytest.raises(DataError, match="blank: constant image"):
+        an.analyze_image(predictor, np.zeros((64, 64), np.uint16), "blank")
+    with pytest.raises(DataError, match="blank: constant volume"):
+        analyze_volume(predictor, np.full((3, 64, 64), 9, np.uint8), "blank")
 
 
 def test_analyze_real_slice(tiny_run, shared_data, tmp_path):

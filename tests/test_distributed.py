@@ -185,13 +185,31 @@ def test_inputs_zarr_v2_v3_hdf5_and_tiff_agree(client, volume, blob_run, tmp_pat
     with h5py.File(tmp_path / "v.h5", "w") as f:
         f.create_dataset("raw", data=image, chunks=(8, 48, 48))
         f["raw"].attrs["element_size_um"] = [v / 1000 for v in VOXEL]
+    # Signed grey values (int16, as SerialEM writes): shifted by the volume's minimum, which the
+    # driver reads once and hands the workers in the plan.
+    signed = image.astype(np.int16) - 300
+    write_volume_tiff(tmp_path / "signed.tif", signed, VOXEL)
     results = []
-    for i, src in enumerate([root / "vol.tif", tmp_path / "v2.zarr", tmp_path / "v3.zarr", f"{tmp_path / 'v.h5'}:/raw"]):
+    for i, src in enumerate([root / "vol.tif", tmp_path / "v2.zarr", tmp_path / "v3.zarr", f"{tmp_path / 'v.h5'}:/raw",
+                             tmp_path / "signed.tif"]):
         s = _run(client, src, tmp_path / f"o{i}.zarr", model, chunks=(12, 96, 96))
         assert s["voxel_size_nm"] == list(VOXEL)
         results.append(zarr.open_array(str(tmp_path / f"o{i}.zarr" / "labels" / "instances" / "0"))[:])
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+    state = json.loads((tmp_path / "o4.zarr" / ".xmdl" / "state.json").read_text())
+    assert state["value_stats"] == [float(signed.min()), float(signed.max()), True]
+    assert json.loads((tmp_path / "o0.zarr" / ".xmdl" / "state.json").read_text())["value_stats"] is None
+
+
+def test_a_worker_maps_grey_values_by_the_plan_not_by_reading_the_volume_again(tmp_path):
+    from xmdl_tf.distributed import ChunkPlan, _volume
+
+    data = (np.arange(2 * 32 * 32).reshape(2, 32, 32) - 500).astype(np.int16)
+    tifffile.imwrite(tmp_path / "w.tif", data)
+    plan = ChunkPlan(str(tmp_path / "w.tif"), "model", data.shape, (2, 32, 32), 8, None, {}, (-1000.0, 5000.0, True))
+    # The plan's range (not the volume's own minimum, -500) sets the shift.
+    np.testing.assert_array_equal(_volume(plan).image_slab(0, 2), data.astype(np.int64) + 1000)
 
 
 def test_a_volume_without_mitochondria_gives_empty_tables(client, blob_run, tmp_path):

@@ -75,6 +75,15 @@ def test_reader_2d_png_and_tiff_pixel_size(tmp_path):
     assert kw["scale"] == pytest.approx((4.6, 4.6)) and kw["metadata"]["pixel_size_nm"] == pytest.approx(4.6)
 
 
+def test_reader_shows_a_constant_image(tmp_path):
+    """Nothing to segment in it, but a viewer still shows it (a blank or saturated slice of a series)."""
+    tifffile.imwrite(tmp_path / "zero.tif", np.zeros((8, 12), np.uint8))
+    tifffile.imwrite(tmp_path / "half.tif", np.full((8, 12), 0.5, np.float32))
+    for name in ("zero", "half"):
+        data, _ = read(tmp_path / f"{name}.tif")
+        assert data.shape == (8, 12) and data.min() == data.max()
+
+
 @pytest.mark.parametrize("how", ["imagej", "ome"])
 def test_reader_tiff_stack_is_lazy_with_voxel_size(tmp_path, vol, how, monkeypatch):
     from xmdl_tf.volume_io import Volume, write_volume_tiff

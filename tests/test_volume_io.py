@@ -630,3 +630,19 @@ def test_a_signed_volume_is_shifted_by_its_own_minimum_in_every_slab(tmp_path, v
     assert whole.dtype == np.uint16
     np.testing.assert_array_equal(whole, data.astype(np.int64) - int(data.min()))
 
+
+
+@pytest.mark.parametrize("kind", ["bool", "int16", "int32_wide", "uint32", "float_integral", "float_unit"])
+def test_a_slice_reads_the_same_as_a_file_and_as_a_one_slice_volume(tmp_path, kind):
+    """One dtype rule (`io.to_em_dtype`) for slices and stacks: a (1, Y, X) volume's slab equals the
+    2-D read of that plane, whatever its dtype; the napari layers use the same function."""
+    from xmdl_tf.io import read_image
+
+    base = np.random.default_rng(1).integers(0, 200, (24, 32))
+    plane = {"bool": base > 100, "int16": (base - 150).astype(np.int16),
+             "int32_wide": (base * 1000 - 50000).astype(np.int32), "uint32": (base * 300).astype(np.uint32),
+             "float_integral": base.astype(np.float32), "float_unit": (base / 199.0).astype(np.float32)}[kind]
+    tifffile.imwrite(tmp_path / "a.tif", plane)
+    flat = read_image(tmp_path / "a.tif")
+    assert flat.dtype in (np.uint8, np.uint16)
+    np.testing.assert_array_equal(h5_volume(tmp_path, plane[None]).image_slab(0, 1)[0], flat)

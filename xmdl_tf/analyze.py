@@ -168,6 +168,8 @@ def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: S
     from .postprocess import foreground, instance_scores, instances as to_instances, score_slice, truth
     from .tiling import check_width
 
+    if image.size and image.min() == image.max():  # a file was refused on reading; an array (napari, API) here
+        raise DataError(f"{name}: constant image (every pixel the same value); nothing to segment")
     s = settings or Settings()
     ic = s.resolve(predictor)
     check_width(image.shape, predictor.scale_factor(pixel_size_nm, ic.rescale), predictor.size_divisor)

@@ -69,6 +69,9 @@ class ChunkPlan:
     halo: int
     voxel_size_nm: tuple[float, float, float] | None
     inference: dict = field(default_factory=dict)
+    # (min, max, all integral) of a volume that is not uint8/uint16: read once by the driver, so
+    # that no worker reads the whole volume again for its grey-value map (`Volume.image_slab`).
+    value_stats: tuple[float, float, bool] | None = None
 
     @property
     def grid(self) -> list[tuple[slice, slice, slice]]:
@@ -96,12 +99,14 @@ def _check_chunks(chunks: Sequence[int], halo: int, shape: Sequence[int]) -> tup
 _CACHE: dict = {}
 
 
-def _volume(spec: str):
+def _volume(plan: ChunkPlan):
     from .volume_io import open_volume
 
-    key = ("volume", spec)
+    key = ("volume", plan.source)
     if key not in _CACHE:
-        _CACHE[key] = open_volume(spec, kind="image")
+        _CACHE[key] = open_volume(plan.source, kind="image")
+        if plan.value_stats is not None:
+            _CACHE[key].use_value_stats(plan.value_stats)
     return _CACHE[key]
 
 
@@ -140,7 +145,7 @@ def _key(region: Sequence[slice]) -> str:
 
 def task_histogram(plan: ChunkPlan, region) -> np.ndarray:
     """(z, 65536) int64 grey-value counts of each slice of a chunk."""
-    img = _volume(plan.source).image_slab(region[0].start, region[0].stop, region[1:])
+    img = _volume(plan).image_slab(region[0].start, region[0].stop, region[1:])
     return np.stack([np.bincount(s.ravel().astype(np.int64), minlength=65536) for s in img])
 
 
@@ -160,7 +165,7 @@ def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads:
     h = plan.halo
     Y, X = plan.shape[1:]
     grown = (slice(max(ys.start - h, 0), min(ys.stop + h, Y)), slice(max(xs.start - h, 0), min(xs.stop + h, X)))
-    img = _volume(plan.source).image_slab(zs.start, zs.stop, grown)
+    img = _volume(plan).image_slab(zs.start, zs.stop, grown)
     counts = np.load(histograms, mmap_mode="r")[zs.start:zs.stop]
     pred = _predictor(plan.model, tf_threads)
     ic = InferenceConfig(**plan.inference)
@@ -212,7 +217,7 @@ def task_objects(plan: ChunkPlan, out: str, batch: int, comps: np.ndarray, lo: n
         return json.loads(done.read_text())
     cc_arr = zarr.open_array(str(out / WORK / "cc"), mode="r")
     params = Separation.make(plan.voxel_size_nm, separate=InferenceConfig(**plan.inference).separate)
-    vol = _volume(plan.source)
+    vol = _volume(plan)
     folder = out / WORK / "objects"
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -557,8 +562,11 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
         raise DataError(f"--out {out}: the output is an OME-Zarr folder; give it a .zarr name")
     vol = open_volume(source, kind="image")
     cli.refuse_replacing_input(out, source_path(source))
-    if np.dtype(vol.dtype).kind == "f":
-        vol.image_slab(0, 1)  # a float volume's range, NaN and constant checks: before OUT exists, not in a worker
+    stats = None
+    if np.dtype(vol.dtype) not in (np.uint8, np.uint16, np.bool_):
+        # The volume's value range (one read, here), NaN and constant checks: before OUT exists, not in a worker.
+        vol.image_slab(0, 1)
+        stats = vol.value_stats()
     voxel = resolve_voxel_size(vol, voxel_size_nm)
     model = model or default_model_path()
     if model is None:
@@ -585,7 +593,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     canonical = (f"{Path(container).resolve()}:/{inner}" if container is not None and inner
                  else str(Path(container if container is not None else source).resolve()))
     plan = ChunkPlan(canonical, str(mpath.resolve()), vol.shape, _check_chunks(chunks, halo, vol.shape), int(halo),
-                     voxel, asdict(ic))
+                     voxel, asdict(ic), stats)
     min_size = ic.min_volume(voxel)
     if verbose:
         print(f"{vol.source}: {' x '.join(map(str, vol.shape))} voxels (z, y, x), chunks "

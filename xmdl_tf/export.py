@@ -185,18 +185,23 @@ def _archive(model, config: Config, layer: str, dist=None):
         # A served graph does not enforce its declared shape (TF Serving and loaded
         # signatures pass any shape through), so check at run time, before a deep
         # error inside the network. The rank itself cannot be checked (TF folds it
-        # from the declared shape), but a 2-D or 3-D grey image fails the channel test.
-        shape = tf.raw_ops.Shape(input=images)
-        form = tf.debugging.Assert(tf.equal(shape[-1], channels), [
+        # from the declared shape), but a 2-D or 3-D grey image fails the channel test
+        # and a 5-D one (a z-stack) the element count; trailing singleton axes are dropped.
+        shape = tf.raw_ops.Shape(input=images, out_type=tf.int64)
+        four_d = tf.logical_and(tf.equal(shape[-1], channels), tf.equal(
+            tf.raw_ops.Size(input=images, out_type=tf.int64), tf.reduce_prod(shape[:3]) * channels))
+        form = tf.debugging.Assert(four_d, [
             f"images must have shape [batch, height, width, {channels}]; got shape", shape], summarize=8)
         with tf.control_dependencies([form]):
+            images = tf.reshape(images, tf.concat([shape[:3], tf.constant([channels], tf.int64)], 0))
+            images.set_shape([None, None, None, channels])  # static only: a runtime EnsureShape ran before the Assert
             size = "images: height and width must be at least 1 pixel"
             if multiple > 1:
                 size += f" and multiples of the size divisor {multiple} (the caller pads tiles)"
-            pixels = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64) * tf.cast(shape[2], tf.int64)
+            pixels = shape[0] * shape[1] * shape[2]
             checks = [tf.debugging.assert_positive(shape[0:1], message="images: empty batch (no image in the request)"),
                       tf.debugging.assert_positive(shape[1:3], message=size),
-                      tf.debugging.assert_equal(shape[1:3] % multiple, 0, message=size),
+                      tf.debugging.assert_equal(shape[1:3] % multiple, tf.constant(0, tf.int64), message=size),
                       tf.debugging.assert_less_equal(pixels, tf.constant(MAX_REQUEST_PIXELS, tf.int64), message=(
                           f"images: request too large (batch x height x width above {MAX_REQUEST_PIXELS} pixels); "
                           "send tiles, as xmdl_tf.export.load_saved_model(...).predict_slice does"))]

@@ -127,29 +127,49 @@ def _to_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
     return arr
 
 
-def read_image(path: str | Path, page: int | None = None) -> np.ndarray:
-    """Read one EM slice as a 2-D uint8 or uint16 array (H, W).
+def read_image(path: str | Path, page: int | None = None, allow_constant: bool = False) -> np.ndarray:
+    """Read one EM slice as a 2-D uint8 or uint16 array (H, W) (`to_em_dtype`: float images,
+    e.g. 0..1, are mapped linearly onto 0..65535, which the percentile normalisation does not see).
 
-    Raises DataError for missing, unreadable, non-2-D, empty or constant images
-    and for unsupported dtypes. Float images (e.g. 0..1) are mapped linearly
-    onto 0..65535, which the percentile normalisation does not see.
+    Raises DataError for missing, unreadable, non-2-D or empty images, for
+    unsupported dtypes and, unless allow_constant (a viewer showing it), for
+    constant images, which have nothing to segment.
     """
     path = Path(path)
-    arr = _to_2d(_read_raw(path, page), path, "image")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    if arr.dtype not in (np.uint8, np.uint16):
-        if np.issubdtype(arr.dtype, np.integer):
-            arr = _int_to_uint16(arr, path)
-        elif np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and np.array_equal(arr, np.round(arr)) and arr.min() >= 0 and arr.max() <= 65535:
-            arr = arr.astype(np.uint16)
-        elif np.issubdtype(arr.dtype, np.floating):
-            arr = _float_to_uint16(arr, path)
-        else:
-            raise DataError(f"{path}: unsupported image dtype {arr.dtype}; expected 8- or 16-bit grayscale")
-    if arr.min() == arr.max():
-        raise DataError(f"{path}: constant image (every pixel is {arr.flat[0]}); nothing to segment")
+    raw = _to_2d(_read_raw(path, page), path, "image")
+    arr = to_em_dtype(raw, path)
+    if arr.min() == arr.max() and not allow_constant:
+        raise DataError(f"{path}: constant image (every pixel is {raw.flat[0]}); nothing to segment")
     return arr
+
+
+def to_em_dtype(arr: np.ndarray, path: str | Path, value_range: tuple[float, float] | None = None,
+                integral: bool | None = None) -> np.ndarray:
+    """An EM image or stack of any numeric dtype as uint8 or uint16, the one rule for slices,
+    volumes and napari layers: bool -> 0/255 uint8; uint8 and uint16 unchanged; other integers
+    `_int_to_uint16`; floats whose values are all integers in 0..65535 cast; other floats mapped
+    linearly onto 0..65535 (`_float_to_uint16`; a constant one onto 0). The percentile
+    normalisation sees none of these maps. value_range, integral: the (min, max) of a whole
+    volume and whether all its values are integers (`Volume.value_stats`), so that every slab of
+    it gets the same map; default this array's own. DataError names `path`.
+    """
+    path = Path(path)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * np.uint8(255)
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr
+    if arr.dtype.kind in "iu":
+        return _int_to_uint16(arr, path, value_range)
+    if arr.dtype.kind != "f":
+        raise DataError(f"{path}: unsupported image dtype {arr.dtype}; expected 8- or 16-bit grayscale")
+    if value_range is None:
+        lo, hi = float(arr.min()), float(arr.max())  # NaN where any is: neither test below passes
+        integral = bool(np.array_equal(arr, np.round(arr)))
+    else:
+        lo, hi = map(float, value_range)
+    if integral and 0 <= lo and hi <= 65535:
+        return arr.astype(np.uint16)
+    return _float_to_uint16(arr, path, None if value_range is None else (lo, hi))
 
 
 def _int_to_uint16(arr: np.ndarray, path: Path, value_range: tuple[float, float] | None = None) -> np.ndarray:
@@ -179,8 +199,8 @@ def _float_to_uint16(arr: np.ndarray, path: Path, value_range: tuple[float, floa
     if not finite.all():
         raise DataError(f"{path}: float image with NaN or infinite pixels ({int((~finite).sum())} of {arr.size})")
     lo, hi = (float(arr.min()), float(arr.max())) if value_range is None else map(float, value_range)
-    if hi == lo:
-        raise DataError(f"{path}: constant image (every pixel is {lo}); nothing to segment")
+    if hi == lo:  # constant: whether that is an error is the caller's to say
+        return np.zeros(arr.shape, np.uint16)
     return np.round((arr.astype(np.float64) - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
 
 

@@ -59,14 +59,13 @@ from .io import (
     TIFF_EXTS,
     _UNIT_NM,
     DataError,
-    _float_to_uint16,
-    _int_to_uint16,
     _list_files,
     _number,
     _read_raw,
     _to_2d,
     _whole_series,
     image_shape,
+    to_em_dtype,
 )
 
 logger = logging.getLogger(__name__)
@@ -176,35 +175,28 @@ class Volume:
             self._stats = (lo, hi, integral)
         return self._stats
 
+    def use_value_stats(self, stats: Sequence) -> None:
+        """Take `value_stats` computed elsewhere (the driver of a chunked run, from the same source)
+        instead of reading the whole volume again here."""
+        lo, hi, integral = stats
+        self._stats = (float(lo), float(hi), bool(integral))
+
     def image_slab(self, z0: int, z1: int, yx: tuple[slice, slice] | None = None) -> np.ndarray:
         """Slices z0..z1-1 as an EM image (z1 - z0, Y, X), uint8 or uint16, like `io.read_image`.
 
-        bool -> 0/255 uint8; other integers in 0..65535 -> uint16, signed ones shifted by the
-        volume's minimum (`io._int_to_uint16`, one map for the whole volume). A float volume
-        is mapped onto 0..65535 with one linear map for the whole volume (its
-        first call reads the volume once for the range), or cast when all its
-        values are integers in 0..65535. A constant volume is a DataError; a
-        constant slice inside a varying volume is not.
+        The dtype rule of `io.to_em_dtype`, with one map for the whole volume (signed integers
+        shifted by its minimum, floats mapped from its range or cast when all its values are
+        integers in 0..65535), so that the chunks of a slice agree: the first such call reads
+        the volume once for `value_stats`. A constant volume is a DataError; a constant slice
+        inside a varying volume is not.
         """
         raw = self.slab(z0, z1, yx)
-        where = f"{self.source} (slices {z0}..{z1 - 1})"
-        if raw.dtype == np.bool_:
-            out = raw.astype(np.uint8) * np.uint8(255)
-        elif raw.dtype in (np.uint8, np.uint16):
-            out = raw
-        elif raw.dtype.kind in "iu":
-            # One shift (or map) for the whole volume, so that the chunks of a slice agree.
-            out = _int_to_uint16(raw, Path(where), self.value_stats()[:2])
-        elif raw.dtype.kind == "f":
+        if raw.dtype.kind in "iuf" and raw.dtype not in (np.uint8, np.uint16):
             lo, hi, integral = self.value_stats()
             if lo == hi:
                 raise DataError(f"{self.source}: constant volume (every voxel is {lo:g}); nothing to segment")
-            if integral and lo >= 0 and hi <= 65535:
-                out = raw.astype(np.uint16)
-            else:
-                out = _float_to_uint16(raw, Path(where), (lo, hi))
-        else:
-            raise DataError(f"{self.source}: unsupported image dtype {raw.dtype}; expected 8- or 16-bit grayscale")
+            return to_em_dtype(raw, f"{self.source} (slices {z0}..{z1 - 1})", (lo, hi), integral)
+        out = to_em_dtype(raw, self.source)
         if out.min() == out.max() and self.value_stats()[0] == self.value_stats()[1]:
             raise DataError(f"{self.source}: constant volume (every voxel is {raw.flat[0]}); nothing to segment")
         return out

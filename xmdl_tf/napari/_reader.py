@@ -59,7 +59,7 @@ def layer_data(spec: str) -> LayerData:
 
     p = Path(spec)
     if p.is_file() and p.suffix.lower() in IMAGE_EXTS and (p.suffix.lower() not in TIFF_EXTS or stack_depth(p) == 1):
-        image = read_image(p)
+        image = read_image(p, allow_constant=True)  # shown, even if there is nothing to segment in it
         px = read_pixel_size_nm(p)
         meta = {"source": spec, "pixel_size_nm": px, "voxel_size_nm": None}
         return image, _kwargs(p.stem, (px, px) if px else None, meta), "image"

@@ -211,23 +211,12 @@ class Segmentation:
 
 
 def as_em_image(array: Any) -> np.ndarray:
-    """A slice or stack (any numeric dtype, NumPy or dask) as uint8/uint16 the model reads.
+    """A slice or stack (any numeric dtype, NumPy or dask) as uint8/uint16 the model reads, by the rule
+    files are read with (`io.to_em_dtype`: integers in 0..65535 keep their values, signed ones are
+    shifted, floats are mapped linearly onto 0..65535; the percentile normalisation sees neither)."""
+    from ..io import to_em_dtype
 
-    Integers in 0..65535 keep their values, signed ones are shifted (`io._int_to_uint16`); floats
-    are mapped linearly onto 0..65535 (the percentile normalisation sees neither).
-    """
-    from ..io import DataError, _float_to_uint16, _int_to_uint16
-
-    arr = np.asarray(array)
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8) * np.uint8(255)
-    if arr.dtype in (np.uint8, np.uint16):
-        return arr
-    if arr.dtype.kind in "iu":
-        return _int_to_uint16(arr, Path("layer"))
-    if arr.dtype.kind == "f":
-        return _float_to_uint16(arr, Path("layer"))
-    raise DataError(f"unsupported image dtype {arr.dtype}; expected grayscale")
+    return to_em_dtype(np.asarray(array), "layer")
 
 
 def _checker(progress: Progress | None, cancel: threading.Event | None, total: int) -> Callable[[int], None]:
