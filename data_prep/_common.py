@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import logging
 import os
 import re
 import shutil
@@ -71,7 +72,8 @@ def read_image_file(path: Path, *, label: bool = False) -> np.ndarray:
     """Read one 2D image or label file as stored (no rescaling).
 
     Returns a (H, W) array in the file's dtype. RGB images are converted to
-    grey (EM slices saved as RGB); labels must be single-channel.
+    grey (EM slices saved as RGB); labels must be single-channel (a palette
+    PNG gives its indices).
     """
     path = Path(path)
     if not path.is_file():
@@ -86,6 +88,11 @@ def read_image_file(path: Path, *, label: bool = False) -> np.ndarray:
             array = tifffile.imread(path)
         except Exception as err:  # tifffile raises many types for corrupt files
             raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+    elif label and ext == ".png" and _palette_png(path):
+        from PIL import Image
+
+        with Image.open(path) as img:  # OpenCV would expand the palette into colours
+            array = np.asarray(img)
     else:
         array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if array is None:
@@ -93,14 +100,43 @@ def read_image_file(path: Path, *, label: bool = False) -> np.ndarray:
         if array.ndim == 3 and array.shape[-1] in (3, 4):
             # OpenCV gives BGR(A): turn the colour channels round, keep alpha last (not ARGB).
             array = np.concatenate([array[..., 2::-1], array[..., 3:]], axis=-1)
-    array = np.squeeze(array)
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        if label:
-            raise ValueError(f"label file {path} has {array.shape[-1]} channels; expected one channel of ids")
-        rgb = array[..., :3]
-        array = rgb[..., 0] if np.all(rgb == rgb[..., :1]) else cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    return to_plane(np.squeeze(array), path, label=label)
+
+
+def _palette_png(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.mode in ("P", "PA")
+    except Exception:  # not for PIL to judge: OpenCV reads it, or says it cannot
+        return False
+
+
+def to_plane(array: np.ndarray, name: str | Path, *, label: bool = False, samples: bool | None = None) -> np.ndarray:
+    """One slice as (H, W): colour (or grey + alpha) images made grey, in their own dtype;
+    labels must have one channel. samples: whether a last axis of 2-4 is colour samples
+    (default: when the array is 3-D with such a last axis)."""
+    if samples is None:
+        samples = array.ndim == 3 and array.shape[-1] in (2, 3, 4)
+    if samples and array.ndim == 3:
+        grey = array.shape[-1] == 2 or all(np.array_equal(array[..., 0], array[..., k]) for k in (1, 2))
+        if label and not grey:  # colours are no ids (a palette PNG gives its indices on reading)
+            raise ValueError(f"label file {name} has {array.shape[-1]} colour channels; expected one channel of ids")
+        if array.shape[-1] == 2 or label:  # grey + alpha, or a grey label saved as RGB(A): the grey values
+            array = array[..., 0]
+        else:
+            rgb = array[..., :3]
+            if np.all(rgb == rgb[..., :1]):
+                array = rgb[..., 0]
+            else:
+                grey = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+                if array.dtype.kind in "iu":
+                    info = np.iinfo(array.dtype)
+                    grey = np.clip(np.round(grey), info.min, info.max)
+                array = grey.astype(array.dtype)
     if array.ndim != 2:
-        raise ValueError(f"{path} holds an array of shape {array.shape}; expected one 2D slice")
+        raise ValueError(f"{name} holds an array of shape {array.shape}; expected one 2D slice")
     return array
 
 
@@ -138,15 +174,25 @@ class Stack:
         )
 
 
-def _folder_stack(path: Path, *, label: bool, pattern: str | None) -> Stack:
+def _folder_stack(path: Path, *, label: bool, pattern: str | None, numbered: bool = False) -> Stack:
     exts = LABEL_EXTS if label else IMAGE_EXTS
     files = sorted(path.glob(pattern) if pattern else path.iterdir(), key=lambda p: natural_key(p.name))
-    files = [f for f in files if f.is_file() and f.suffix.lower() in exts]
+    # Hidden files (macOS "._im0000.png" resource forks) are no slices; the loader skips them too.
+    files = [f for f in files if f.is_file() and f.suffix.lower() in exts and not f.name.startswith(".")]
     if not files:
         what = f"matching '{pattern}'" if pattern else f"with extension {exts}"
         raise FileNotFoundError(f"no {'label' if label else 'image'} files {what} in folder {path}")
     numbers = [trailing_number(f.name) for f in files]
-    if None in numbers or len(set(numbers)) != len(numbers):
+    if numbered:  # the number in each name is the slice's z: a gap is fine, a clash or a missing one is not
+        seen: dict[int, str] = {}
+        for f, z in zip(files, numbers):
+            if z is None:
+                raise ValueError(f"{path / f.name}: no slice number in its name (expected e.g. seg0012.tif)")
+            if z in seen:
+                raise ValueError(f"{path}: {seen[z]} and {f.name} both carry slice number {z}; "
+                                 "remove the copy")
+            seen[z] = f.name
+    elif None in numbers or len(set(numbers)) != len(numbers):
         numbers = list(range(len(files)))
     return Stack(
         path,
@@ -156,7 +202,22 @@ def _folder_stack(path: Path, *, label: bool, pattern: str | None) -> Stack:
     )
 
 
-def _tiff_stack(path: Path) -> Stack:
+class _Damage(logging.Handler):
+    """Collects what tifffile logs about a file it can only partly read (and keeps it off the screen)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _tiff_stack(path: Path, *, label: bool = False) -> Stack:
+    damage = _Damage()
+    log = logging.getLogger("tifffile")
+    log.addHandler(damage)
+    propagate, log.propagate = log.propagate, False
     try:
         with tifffile.TiffFile(path) as tif:
             shape = tif.series[0].shape
@@ -164,24 +225,37 @@ def _tiff_stack(path: Path) -> Stack:
             n_pages = len(tif.pages)
     except Exception as err:  # tifffile raises many types for corrupt files
         raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
-    if axes.endswith("S") and shape[-1] in (3, 4):  # one RGB(A) slice, made grey on reading
-        return Stack(path, (path.name,), (0,), lambda i: read_image_file(path))
-    squeezed = tuple(s for s in shape if s != 1)
-    if len(squeezed) == 2:
-        n = 1
-    elif len(squeezed) == 3:
-        n = squeezed[0]
-    else:
-        raise ValueError(f"TIFF {path} holds an array of shape {shape}; expected (H, W) or (Z, H, W)")
+    finally:
+        log.removeHandler(damage)
+        log.propagate = propagate
+    if damage.messages:  # a truncated download: tifffile guesses a shorter stack rather than failing
+        raise ValueError(f"{path}: damaged TIFF ({damage.messages[0].split('> ', 1)[-1]}); download or export it again")
+    # tifffile names a colour (or grey + alpha) axis "S": (H, W, S) is one slice, (Z, H, W, S) a stack.
+    samples = axes.endswith("S") and shape[-1] > 1
+    plane = shape[-3:] if samples else shape[-2:]
+    lead = tuple(s for s in shape[:len(shape) - len(plane)] if s != 1)
+    if len(lead) > 1:
+        raise ValueError(f"TIFF {path} holds an array of shape {shape} (axes {axes}); expected (H, W) or (Z, H, W)")
+    n = lead[0] if lead else 1
+    if samples and label:
+        raise ValueError(f"label file {path} has {shape[-1]} channels; expected one channel of ids")
+
+    def read(fn, where: str) -> np.ndarray:
+        try:
+            return fn()
+        except Exception as err:  # a truncated or corrupt file: tifffile raises many types
+            raise ValueError(f"{where}: not readable ({type(err).__name__}: {err})") from None
+
     if n == n_pages:
         # One page per slice (the usual multi-page stack): read pages lazily.
         def reader(i: int) -> np.ndarray:
-            return tifffile.imread(path, key=i)
+            return to_plane(np.asarray(read(lambda: tifffile.imread(path, key=i), f"{path.name}[{i}]")).reshape(plane),
+                            f"{path.name}[{i}]", label=label, samples=samples)
     else:
-        volume = tifffile.imread(path).reshape((n,) + squeezed[-2:])
+        volume = read(lambda: tifffile.imread(path), str(path)).reshape((n,) + plane)
 
         def reader(i: int) -> np.ndarray:
-            return volume[i]
+            return to_plane(volume[i], f"{path.name}[{i}]", label=label, samples=samples)
     return Stack(path, tuple(f"{path.name}[{z}]" for z in range(n)), tuple(range(n)), reader)
 
 
@@ -220,24 +294,36 @@ def _h5_stack(path: Path, key: str | None) -> Stack:
 
 
 def open_stack(path: str | Path, *, label: bool = False, h5_key: str | None = None,
-               pattern: str | None = None) -> Stack:
+               pattern: str | None = None, numbered: bool = False) -> Stack:
     """Open a folder of 2D files, a (multi-page) TIFF, an HDF5 volume, a .npy
     array or a single 2D image as a :class:`Stack`.
 
-    Volumes are (Z, H, W). Raises FileNotFoundError / ValueError naming the path.
+    Volumes are (Z, H, W). numbered: a folder's file names must each carry a
+    distinct slice number (its z). Raises FileNotFoundError / ValueError naming
+    the path, also for a stack without a single slice.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"missing {'labels' if label else 'images'}: {path}")
+    stack = _open(path, label, h5_key, pattern, numbered)
+    if len(stack) == 0:
+        raise ValueError(f"{path}: holds no slice")
+    return stack
+
+
+def _open(path: Path, label: bool, h5_key: str | None, pattern: str | None, numbered: bool) -> Stack:
     if path.is_dir():
-        return _folder_stack(path, label=label, pattern=pattern)
+        return _folder_stack(path, label=label, pattern=pattern, numbered=numbered)
     ext = path.suffix.lower()
     if ext in (".tif", ".tiff"):
-        return _tiff_stack(path)
+        return _tiff_stack(path, label=label)
     if ext in HDF5_EXTS:
         return _h5_stack(path, h5_key)
     if ext == ".npy":
-        volume = np.load(path, mmap_mode="r")
+        try:
+            volume = np.load(path, mmap_mode="r")
+        except Exception as err:  # empty, truncated or pickled (object) arrays
+            raise ValueError(f"{path}: not a readable .npy array ({type(err).__name__}: {err})") from None
         volume = volume[None] if volume.ndim == 2 else volume
         if volume.ndim != 3:
             raise ValueError(f"{path} holds an array of shape {volume.shape}; expected (Z, H, W)")
@@ -309,14 +395,20 @@ def instance_dtype(max_id: int) -> np.dtype:
     raise ValueError(f"instance id {max_id} does not fit in uint32")
 
 
-def encode_label(label: np.ndarray, kind: str, dtype: np.dtype | None = None) -> np.ndarray:
+def encode_label(label: np.ndarray, kind: str, dtype: np.dtype | None = None, name: str = "label") -> np.ndarray:
     """Binary labels -> uint8 0/1 (any non-zero is foreground, so 0/255 maps to 0/1);
-    instance labels -> ids unchanged in ``dtype`` (default: the smallest of uint16/uint32)."""
+    instance labels -> ids unchanged in ``dtype`` (default, or when its ids do not fit
+    ``dtype``: the smallest of uint16/uint32). ValueError naming ``name`` for ids beyond uint32."""
     if kind == "binary":
         return (label != 0).astype(np.uint8)
-    dtype = np.dtype(dtype) if dtype is not None else instance_dtype(int(label.max(initial=0)))
-    if label.size and int(label.max()) > np.iinfo(dtype).max:
-        raise ValueError(f"instance id {int(label.max())} does not fit in {dtype}")
+    top = int(label.max(initial=0))
+    try:
+        need = instance_dtype(top)
+    except ValueError:
+        raise ValueError(f"label {name}: instance id {top} does not fit in uint32; number the objects "
+                         "1, 2, 3, ... (e.g. skimage.segmentation.relabel_sequential)") from None
+    if dtype is None or top > np.iinfo(dtype).max:
+        dtype = need
     return label.astype(dtype, copy=False)
 
 
@@ -388,7 +480,7 @@ def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
     least one slice when n allows.
     """
     fractions = np.asarray(fractions, dtype=float)
-    if fractions.ndim != 1 or np.any(fractions < 0) or fractions.sum() <= 0:
+    if fractions.ndim != 1 or not np.isfinite(fractions).all() or np.any(fractions < 0) or fractions.sum() <= 0:
         raise ValueError(f"split fractions must be non-negative and not all zero, got {list(fractions)}")
     fractions = fractions / fractions.sum()
     raw = fractions * n
@@ -446,16 +538,56 @@ def remove_layout(out: Path) -> None:
             item.unlink()
 
 
+COMPLETE = ".complete"  # in a staging folder: the conversion finished; lists the new layout's items
+
+
+def _swap(out: Path, stage: Path) -> None:
+    """Put a complete staging folder's layout in place of the old one.
+
+    Resumable at any point (`_recover` calls it again after a kill): an item
+    still in the stage is not in place yet, so the old item of that name goes
+    aside first; an old item the new layout lacks goes aside too; items the
+    stage no longer holds are already the new ones and stay.
+    """
+    new_items = json.loads((stage / COMPLETE).read_text())
+    trash = out / (REPLACED_PREFIX + stage.name[len(STAGING_PREFIX):])
+    trash.mkdir(exist_ok=True)
+    for name in LAYOUT_ITEMS:
+        here = out / name
+        if name in new_items and (stage / name).exists():
+            if here.exists() or here.is_symlink():
+                os.replace(here, trash / name)
+            os.replace(stage / name, here)
+        elif name not in new_items and (here.exists() or here.is_symlink()):
+            os.replace(here, trash / name)
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _recover(out: Path) -> None:
-    """Undo what a killed conversion left: half-written staging folders, and old
-    layout items moved aside for a swap that never completed (put back)."""
+    """Finish what a killed conversion left: a complete staging folder is swapped in (the
+    swap had begun or was about to), a half-written one deleted, and old layout items moved
+    aside by a swap of an older version without the completion mark put back."""
     for stage in out.glob(STAGING_PREFIX + "*"):
-        shutil.rmtree(stage, ignore_errors=True)
+        if (stage / COMPLETE).is_file():
+            _swap(out, stage)
+        else:
+            shutil.rmtree(stage, ignore_errors=True)
     for trash in out.glob(REPLACED_PREFIX + "*"):
         for item in trash.iterdir():
             if not (out / item.name).exists():
                 os.replace(item, out / item.name)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """``path``'s folders that do not exist yet, deepest first (``path`` included)."""
+    out = []
+    for p in [path, *path.absolute().parents]:
+        if p.exists():
+            break
+        out.append(p)
+    return out
 
 
 @contextlib.contextmanager
@@ -466,15 +598,18 @@ def output_folder(out: str | Path, overwrite: bool) -> Iterator[Path]:
 
     Nothing in ``out`` is touched while the conversion runs, so inputs that
     live inside ``out`` stay readable, and a failure or a kill leaves the old
-    contents exactly as they were. Only when the block completes are the old
+    contents exactly as they were (a failed first conversion leaves no folder
+    and no lock file behind). Only when the block completes are the old
     layout items (split folders, dataset.json, objects.csv; never other files)
-    replaced by the new ones. ``out`` is locked against a second converter.
+    replaced by the new ones; a kill during that swap is finished by the next
+    conversion into ``out``. ``out`` is locked against a second converter.
     """
     from xmdl_tf.runlock import FolderLock
 
     out = check_output(out, overwrite)
-    created = not out.exists()
-    with FolderLock(out, "data set"):
+    created = _missing_ancestors(Path(out))
+    lock = FolderLock(out, "data set")
+    with lock:
         out.mkdir(parents=True, exist_ok=True)
         _recover(out)
         stage = out / f"{STAGING_PREFIX}{os.getpid()}"
@@ -486,20 +621,21 @@ def output_folder(out: str | Path, overwrite: bool) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             if created and not any(out.iterdir()):
-                out.rmdir()  # a failed first conversion leaves no empty folder behind
+                # A failed first conversion leaves nothing behind: the folders it made, and its lock
+                # file (no other converter can hold a lock on a folder that did not exist).
+                out.rmdir()
+                lock.path.unlink(missing_ok=True)
+                for folder in created[1:]:
+                    try:
+                        folder.rmdir()
+                    except OSError:  # not empty: someone else's now
+                        break
             raise
         for split in SPLITS:  # a split with no slice is left out: an empty test/ would read as a test split
             if not any((stage / split / "x").iterdir()) and not any((stage / split / "y").iterdir()):
                 shutil.rmtree(stage / split)
-        trash = out / f"{REPLACED_PREFIX}{os.getpid()}"
-        trash.mkdir()
-        for name in LAYOUT_ITEMS:
-            if (out / name).exists() or (out / name).is_symlink():
-                os.replace(out / name, trash / name)
-        for item in stage.iterdir():
-            os.replace(item, out / item.name)
-        shutil.rmtree(stage, ignore_errors=True)
-        shutil.rmtree(trash, ignore_errors=True)
+        (stage / COMPLETE).write_text(json.dumps(sorted(p.name for p in stage.iterdir())))
+        _swap(out, stage)
 
 
 def write_image(path_stem: Path, image: np.ndarray) -> Path:
@@ -544,18 +680,18 @@ def convert_pairs(out: Path, pairs: Sequence[Pair], *, kind: str, box: Sequence[
     for pair in pairs:
         index = pair.images.indices[pair.pos]
         image_name = pair.images.names[pair.pos]
-        image = check_image_values(crop(pair.images.read(pair.pos), box, image_name), image_name)
+        whole = pair.images.read(pair.pos)
+        image = check_image_values(crop(whole, box, image_name), image_name)
         write_image(out / pair.split / "x" / f"im{index:04d}", resample_image(image, factor))
         source = {"image": image_name}
         if pair.labels is not None:
             label_pos = pair.pos if pair.label_pos is None else pair.label_pos
             label_name = pair.labels.names[label_pos]
             label = check_label_values(pair.labels.read(label_pos), label_name)
-            label = crop(label, box, label_name)
-            if label.shape != image.shape:
-                raise ValueError(f"shape mismatch: image {image_name} is {image.shape[:2]} "
+            if label.shape != whole.shape:  # before cropping: a crop would hide the mismatch
+                raise ValueError(f"shape mismatch: image {image_name} is {whole.shape[:2]} "
                                  f"but label {label_name} is {label.shape}")
-            label = encode_label(resample_label(label, factor), kind, label_dtype)
+            label = encode_label(resample_label(crop(label, box, label_name), factor), kind, label_dtype, label_name)
             write_label(out / pair.split / "y" / f"seg{index:04d}.tif", label)
             source["label"] = label_name
         else:
@@ -622,4 +758,6 @@ def fractions_arg(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got '{text}'") from err
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected three fractions train,val,test, got '{text}'")
+    if not all(np.isfinite(values)) or min(values) < 0 or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"fractions must be finite, non-negative and not all zero, got '{text}'")
     return values

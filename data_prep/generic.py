@@ -31,15 +31,16 @@ from xmdl_tf.cli import guarded, pixel_size
 
 
 def scan_labels(labels: c.Stack) -> tuple[str, int]:
-    """('binary' or 'instance', largest value) over the whole label stack."""
-    values: set[int] = set()
+    """('binary' or 'instance', largest value) over the whole label stack: binary when every
+    slice holds 0 and at most one other value (masks saved 0/1 and 0/255 mix), else instance."""
+    kind = "binary"
     max_value = 0
     for i in range(len(labels)):
         label = c.check_label_values(labels.read(i), labels.names[i])
         max_value = max(max_value, int(label.max(initial=0)))
-        if len(values) <= 2:  # beyond two values the kind is settled
-            values.update(np.unique(label).tolist())
-    return c.label_kind(values), max_value
+        if kind == "binary":  # one slice of ids settles it
+            kind = c.label_kind(np.unique(label).tolist())
+    return kind, max_value
 
 
 def convert_generic(images: str | Path, labels: str | Path, out: str | Path, *,
@@ -58,7 +59,11 @@ def convert_generic(images: str | Path, labels: str | Path, out: str | Path, *,
     kind, max_value = scan_labels(label_stack)
     if labels_kind != "auto":
         kind = labels_kind
-    dtype = c.instance_dtype(max_value) if kind == "instance" else None
+    try:
+        dtype = c.instance_dtype(max_value) if kind == "instance" else None
+    except ValueError:
+        raise ValueError(f"{label_stack.path}: instance id {max_value} does not fit in uint32; number the objects "
+                         "1, 2, 3, ... (e.g. skimage.segmentation.relabel_sequential)") from None
     factor = c.scale_factor(pixel_size_in, pixel_size_out)
     assignment = c.assign_splits(len(positions), splits, shuffle=shuffle, seed=seed)
     pairs = [c.Pair(split, image_stack, positions[k][0], label_stack, positions[k][1])

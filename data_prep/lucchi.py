@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from data_prep import _common as c
-from xmdl_tf.cli import guarded
+from xmdl_tf.cli import guarded, pixel_size
 
 FILES = {
     "train_images": "training.tif",
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--src", required=True, type=Path, help="folder holding the four Lucchi TIFF stacks")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="fraction of training slices (last in z) used for validation (default 0.1)")
-    parser.add_argument("--pixel-size-in", type=float, default=PIXEL_SIZE_NM,
+    parser.add_argument("--pixel-size-in", type=pixel_size, default=PIXEL_SIZE_NM,
                         help=f"source pixel size in nm (default {PIXEL_SIZE_NM})")
     c.add_output_args(parser)
     args = parser.parse_args(argv)

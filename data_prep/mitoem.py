@@ -56,11 +56,15 @@ PIXEL_SIZE_NM = 8.0
 RELEASE_Z0 = {"train": 0, "val": 400, "test": 500}
 
 
-def _label_stack(path: Path, z0: int, h5_key: str | None) -> c.Stack:
+def _label_stack(path: Path, z0: int, h5_key: str | None, split: str = "train") -> c.Stack:
     """A label source whose ``indices`` are image z numbers."""
-    stack = c.open_stack(path, label=True, h5_key=h5_key, pattern="*.tif*" if Path(path).is_dir() else None)
-    if Path(path).is_dir():
-        return stack  # segNNNN already carries z
+    path = Path(path)
+    if path.is_dir():  # segNNNN carries z: each number once
+        return c.open_stack(path, label=True, pattern="*.tif*", numbered=True)
+    if path.exists() and path.suffix.lower() not in c.HDF5_EXTS:
+        raise ValueError(f"--{split}-labels {path}: expected the folder of segNNNN.tif files or an HDF5 "
+                         "volume, not a single file (its slice number would be lost)")
+    stack = c.open_stack(path, label=True, h5_key=h5_key)
     return c.Stack(stack.path, stack.names, tuple(z0 + z for z in stack.indices), stack.reader)
 
 
@@ -80,7 +84,7 @@ def convert_release(images: str | Path, out: str | Path, *, train_labels: str | 
     if z_step < 1:
         raise ValueError(f"--z-step must be >= 1, got {z_step}")
     z0 = {**RELEASE_Z0, **(z0 or {})}
-    image_stack = c.open_stack(images, pattern="im*.png")
+    image_stack = c.open_stack(images, pattern="im*.png", numbered=True)
     by_z = {z: i for i, z in enumerate(image_stack.indices)}
     sources = {"train": train_labels, "val": val_labels, "test": test_labels}
     if train_labels is None and val_labels is None:
@@ -90,7 +94,7 @@ def convert_release(images: str | Path, out: str | Path, *, train_labels: str | 
     for split, path in sources.items():
         if path is None:
             continue
-        labels = _label_stack(Path(path), z0[split], h5_key)
+        labels = _label_stack(Path(path), z0[split], h5_key, split)
         label_paths.append(labels.path)
         max_bytes = max(max_bytes, labels.read(0).dtype.itemsize)
         for pos in range(0, len(labels), z_step):
@@ -122,12 +126,15 @@ def convert_release(images: str | Path, out: str | Path, *, train_labels: str | 
 
 def _file_shape(path: Path) -> tuple[int, ...]:
     """(H, W) of a 2D image file from its header, without decoding pixels."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        with tifffile.TiffFile(path) as tif:
-            shape = tif.series[0].shape
-    else:
-        with Image.open(path) as img:
-            shape = (img.height, img.width)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+        else:
+            with Image.open(path) as img:
+                shape = (img.height, img.width)
+    except Exception as err:  # a truncated or corrupt file: the readers raise many types
+        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
     return tuple(s for s in shape if s != 1)
 
 
@@ -135,12 +142,28 @@ def _check_label_file(path: Path) -> None:
     if path.suffix.lower() not in c.LABEL_EXTS:
         raise ValueError(f"unsupported label format '{path.suffix}' for {path}; expected {c.LABEL_EXTS}")
     if path.suffix.lower() in (".tif", ".tiff"):
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            if int(page.compression) not in c.LOSSLESS_TIFF:
-                raise ValueError(f"label {path} is stored with lossy compression {page.compression!r}")
-            if np.dtype(page.dtype).kind not in "iu":
-                raise ValueError(f"label {path} has dtype {page.dtype}; expected integer ids")
+        try:
+            with tifffile.TiffFile(path) as tif:
+                compression, dtype = tif.pages[0].compression, tif.pages[0].dtype
+        except Exception as err:  # a truncated or corrupt file: tifffile raises many types
+            raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+        if int(compression) not in c.LOSSLESS_TIFF:
+            raise ValueError(f"label {path} is stored with lossy compression {compression!r}")
+        if np.dtype(dtype).kind not in "iu":
+            raise ValueError(f"label {path} has dtype {dtype}; expected integer ids")
+
+
+def _check_pair_content(image_file: Path, label_file: Path) -> None:
+    """Read the pair as training will (`xmdl_tf.io`): files copied byte for byte must be readable
+    there, so a constant, truncated or colour file fails now, naming itself, not in a training run."""
+    import warnings
+
+    from xmdl_tf.io import read_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter's own reading is what decides
+        read_image(image_file)
+    c.check_label_values(c.read_image_file(label_file, label=True), str(label_file))
 
 
 def check_biapy(src: str | Path) -> dict[str, list[tuple[Path, Path, int]]]:
@@ -168,6 +191,7 @@ def check_biapy(src: str | Path) -> dict[str, list[tuple[Path, Path, int]]]:
             if _file_shape(image_file) != _file_shape(label_file):
                 raise ValueError(f"shape mismatch: image {image_file} is {_file_shape(image_file)} "
                                  f"but label {label_file} is {_file_shape(label_file)}")
+            _check_pair_content(image_file, label_file)
             triples.append((image_file, label_file, images.indices[i]))
         found[split] = triples
     return found
@@ -193,6 +217,9 @@ def convert_biapy(src: str | Path, out: str | Path, *, link: bool = False, val_f
     if carved:
         train = found["train"]
         n_val = c.split_counts(len(train), (1 - val_fraction, val_fraction))[1]
+        if n_val >= len(train):
+            raise ValueError(f"--val-fraction {val_fraction}: {src} has {len(train)} train slice(s) and no val/; "
+                             "carving val from them would leave no training slice")
         found["train"], found["val"] = train[:len(train) - n_val], train[len(train) - n_val:]
     records = {s: {"count": 0, "slices": [], "sources": [], "labelled": True} for s in c.SPLITS}
     with c.output_folder(out, overwrite) as stage:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -458,3 +459,154 @@ def test_clis_have_help(capsys):
         assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "training_groundtruth.tif" in text and "mito-train-v2" in text and "--shuffle" in text
+
+
+# ---------------------------------------------------------------------------
+# Inputs a biologist may well have: each converts right or fails with one line naming the file
+
+
+def test_a_swap_killed_half_way_is_finished_by_the_next_conversion(tmp_path):
+    """The old data set is replaced item by item; a kill between two items must not leave new
+    dataset.json beside old split folders: the next conversion into OUT completes the swap."""
+    out = tmp_path / "out"
+    for split in ("train", "val", "test"):
+        (out / split / "x").mkdir(parents=True)
+        (out / split / "x" / "old.png").write_bytes(b"old")
+    (out / "dataset.json").write_text("old")
+    stage = out / f"{c.STAGING_PREFIX}999"
+    (stage / "train" / "x").mkdir(parents=True)
+    (stage / "train" / "x" / "new.png").write_bytes(b"new")
+    (stage / "dataset.json").write_text("new")
+    (stage / c.COMPLETE).write_text(json.dumps(["dataset.json", "train"]))
+    # Killed after dataset.json was swapped in: the old one aside, train, val and test still old.
+    trash = out / f"{c.REPLACED_PREFIX}999"
+    trash.mkdir()
+    (out / "dataset.json").rename(trash / "dataset.json")
+    (stage / "dataset.json").rename(out / "dataset.json")
+    c._recover(out)
+    assert (out / "dataset.json").read_text() == "new"
+    assert [p.name for p in (out / "train" / "x").iterdir()] == ["new.png"]
+    assert not (out / "val").exists() and not (out / "test").exists()  # the new data set has none
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train"]
+    # A staging folder the conversion never finished is only deleted.
+    (out / f"{c.STAGING_PREFIX}5" / "train").mkdir(parents=True)
+    c._recover(out)
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train"]
+
+
+def test_a_failed_first_conversion_leaves_no_folder_or_lock_behind(tmp_path, capsys):
+    images = _images(3)
+    images[1] = 7  # a blank slice, found only when the conversion reads it
+    np.save(tmp_path / "im.npy", images)
+    np.save(tmp_path / "lab.npy", _instances(3))
+    out = tmp_path / "new" / "deep" / "out"
+    assert generic.main(["--images", str(tmp_path / "im.npy"), "--labels", str(tmp_path / "lab.npy"),
+                         "--out", str(out)]) == 2
+    assert "im.npy[1]: constant image" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["im.npy", "lab.npy"]
+
+
+@pytest.mark.parametrize("case", ["crop hides a size mismatch", "empty stack", "truncated npy", "nan fractions",
+                                  "colour label", "ids beyond uint32", "truncated tiff stack"])
+def test_generic_refuses_with_one_line(tmp_path, capsys, case):
+    im, lab = tmp_path / "im.tif", tmp_path / "lab.tif"
+    tifffile.imwrite(im, _images(2))
+    tifffile.imwrite(lab, _instances(2))
+    extra = []
+    if case == "crop hides a size mismatch":
+        tifffile.imwrite(lab, np.pad(_instances(2), ((0, 0), (0, 8), (0, 8))))
+        extra, want = ["--crop", "0", "0", "16", "16"], "shape mismatch: image im.tif[0] is (48, 64)"
+    elif case == "empty stack":
+        np.save(tmp_path / "im.npy", np.zeros((0, H, W), np.uint8))
+        im, want = tmp_path / "im.npy", "im.npy: holds no slice"
+    elif case == "truncated npy":
+        np.save(tmp_path / "im.npy", _images(2))
+        (tmp_path / "im.npy").write_bytes((tmp_path / "im.npy").read_bytes()[:300])
+        im, want = tmp_path / "im.npy", "im.npy: not a readable .npy array"
+    elif case == "nan fractions":
+        extra, want = ["--splits", "nan,0.5,0.5"], "fractions must be finite"
+    elif case == "colour label":
+        rgb = np.zeros((H, W, 3), np.uint8)
+        rgb[:8, :8] = (255, 0, 0)
+        rgb[20:30, 20:30] = (0, 0, 255)
+        tifffile.imwrite(lab, rgb, photometric="rgb")
+        tifffile.imwrite(im, _images(1)[0])
+        want = "lab.tif has 3 channels; expected one channel of ids"
+    elif case == "ids beyond uint32":
+        tifffile.imwrite(lab, _instances(2).astype(np.uint64) << np.uint64(40))
+        want = "lab.tif: instance id"
+    else:
+        tifffile.imwrite(im, _images(6), compression="zlib")
+        im.write_bytes(im.read_bytes()[:len(im.read_bytes()) * 6 // 10])
+        tifffile.imwrite(lab, _instances(6))
+        want = "im.tif: damaged TIFF"
+    try:
+        rc = generic.main(["--images", str(im), "--labels", str(lab), "--out", str(tmp_path / "o"), *extra])
+    except SystemExit as stop:  # argparse's own refusal: usage, then one line
+        rc = stop.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert want in err[-1] and (len(err) == 1 or "usage" in err[0]), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_generic_reads_colour_stacks_palette_labels_and_mixed_masks_as_training_does(tmp_path):
+    from xmdl_tf.io import read_image
+
+    # An RGB image stack (Z, H, W, 3) is three grey slices, as the loader reads it.
+    rgb = np.stack([np.stack([im] * 3, -1) for im in _images(3)])
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    masks = (_instances(3) > 0).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "masks.tif", masks)
+    generic.main(["--images", str(tmp_path / "rgb.tif"), "--labels", str(tmp_path / "masks.tif"),
+                  "--out", str(tmp_path / "a"), "--splits", "1,1,1"])
+    for split, z in (("train", 0), ("val", 1), ("test", 2)):
+        np.testing.assert_array_equal(read_image(tmp_path / "a" / split / "x" / f"im{z:04d}.png"),
+                                      read_image(tmp_path / "rgb.tif", page=z))
+    # Masks saved some 0/1 and some 0/255, and a palette PNG of ids; macOS "._" files are no slices.
+    from PIL import Image
+
+    for name in ("im", "lab", "pal"):
+        (tmp_path / name).mkdir()
+    for z, image in enumerate(_images(4)):
+        cv2.imwrite(str(tmp_path / "im" / f"im{z:04d}.png"), image)
+        cv2.imwrite(str(tmp_path / "lab" / f"seg{z:04d}.png"), masks[z % 3] * (1 if z < 2 else 255))
+        pal = Image.fromarray(_instances(4)[z].astype(np.uint8) % 7, mode="P")
+        pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+        pal.save(tmp_path / "pal" / f"seg{z:04d}.png")
+    (tmp_path / "im" / "._im0000.png").write_bytes(b"\0\5\26\7 resource fork")
+    generic.main(["--images", str(tmp_path / "im"), "--labels", str(tmp_path / "lab"), "--out", str(tmp_path / "b")])
+    meta = json.loads((tmp_path / "b" / "dataset.json").read_text())
+    assert meta["labels"]["kind"] == "binary" and sum(meta["counts"].values()) == 4
+    generic.main(["--images", str(tmp_path / "im"), "--labels", str(tmp_path / "pal"), "--out", str(tmp_path / "p"),
+                  "--splits", "1,0,0"])
+    for z in range(4):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "p" / "train" / "y" / f"seg{z:04d}.tif"),
+                                      _instances(4)[z].astype(np.uint8) % 7)
+
+
+def test_mitoem_release_refuses_a_copied_label_and_a_lone_label_file(tmp_path, capsys):
+    _write_mitoem_release(tmp_path / "EM30-H")
+    train = tmp_path / "EM30-H" / "mito-train-v2"
+    argv = ["release", "--images", str(tmp_path / "EM30-H" / "im"), "--out", str(tmp_path / "o")]
+    shutil.copy(train / "seg0002.tif", train / "seg0002 copy.tif")  # a Finder copy would shift every z
+    assert mitoem.main([*argv, "--train-labels", str(train)]) == 2
+    assert "seg0002 copy.tif and seg0002.tif both carry slice number 2" in capsys.readouterr().err
+    assert mitoem.main([*argv, "--train-labels", str(train / "seg0005.tif")]) == 2
+    assert "not a single file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_mitoem_biapy_checks_what_training_reads_and_keeps_a_train_split(tmp_path, capsys):
+    src = tmp_path / "src"
+    _write_biapy(src)
+    first = sorted((src / "train" / "x").iterdir())[0]
+    kept = first.read_bytes()
+    first.write_bytes(kept[:60])  # a truncated download
+    assert mitoem.main(["biapy", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert f"{first}: not a readable image" in capsys.readouterr().err
+    first.write_bytes(kept)
+    shutil.rmtree(src / "val")
+    assert mitoem.main(["biapy", "--src", str(src), "--out", str(tmp_path / "o"), "--val-fraction", "1"]) == 2
+    assert "would leave no training slice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

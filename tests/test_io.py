@@ -107,6 +107,9 @@ def test_float_images_in_0_1_are_read_as_the_same_picture(tmp_path):
     assert got.dtype == np.uint16 and got.min() == 0 and got.max() == 65535
     # The model sees (nearly) the same normalised image as from the 8-bit original.
     np.testing.assert_allclose(normalize_np(got), normalize_np(img), atol=2e-3)
+    # Saved as RGB floats in 0..1 too: made grey before any rounding (not a "constant" 0/1 picture).
+    tifffile.imwrite(tmp_path / "rgbf.tif", np.stack([img.astype(np.float32) / 255.0] * 3, -1), photometric="rgb")
+    np.testing.assert_allclose(normalize_np(read_image(tmp_path / "rgbf.tif")), normalize_np(img), atol=2e-3)
 
 
 def test_signed_and_wide_integer_images_are_read_as_the_same_picture(tmp_path):

@@ -119,7 +119,8 @@ def _to_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
             warnings.warn(f"{path}: RGB {what} converted to grayscale", stacklevel=3)
         dtype = arr.dtype
-        arr = (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(dtype)
+        grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        arr = (grey.round() if dtype.kind in "iub" else grey).astype(dtype)  # a float image in 0..1 stays one
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a 2-D {what}, got shape {arr.shape}")
     if arr.size == 0:
