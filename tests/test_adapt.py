@@ -217,6 +217,8 @@ def test_clear_errors_when_model_and_data_disagree(base_run, tmp_path, capsys):
                        "--zoom-search", "off", "--min-area", "100000", "--rounds", "1"]) == 2
     err = capsys.readouterr().err  # said in adapt's terms (it used to speak of --ignore-value and labels)
     assert "model is sure of no mitochondrion" in err and "--ignore-value" not in err, err
+    # ... and its advice can be followed: nothing was left that would refuse the rerun with other settings.
+    assert not (tmp_path / "ad").exists()
 
 
 def test_pseudo_labels_keep_only_sure_pixels_and_objects():

@@ -204,3 +204,39 @@ def test_mixstyle_mixes_tile_statistics_in_training_only(tmp_path):
     m.save(tmp_path / "m.keras")
     np.testing.assert_allclose(load_keras(tmp_path / "m.keras")(img).numpy(), plain(img).numpy(), atol=1e-6)
     assert load_keras_with_config(tmp_path / "m.keras")[1].model.mixstyle == 0.5  # bare file: read off the graph
+
+
+@pytest.mark.parametrize("arch", [dict(depth=3, base_filters=4), dict(depth=4, base_filters=6, residual=False),
+                                  dict(depth=2, base_filters=5, attention=False, dropout=0.1),
+                                  dict(depth=3, base_filters=4, residual=False, attention=False)])
+def test_a_bare_keras_file_reports_its_whole_architecture(tmp_path, arch):
+    """Without config.json, fine-tuning rebuilds the network from what the graph says: every field
+    must come back, or the weights do not fit (a 4-filter model read as the default 8)."""
+    from xmdl_tf.config import ModelConfig
+    from xmdl_tf.model import build_from_config, float32_copy
+    from xmdl_tf.predict import load_keras_with_config
+
+    cfg = ModelConfig(**arch)
+    float32_copy(build_from_config(cfg)).save(tmp_path / "m.keras")
+    got = load_keras_with_config(tmp_path / "m.keras")[1].model
+    assert got == cfg
+    build_from_config(got).set_weights(load_keras_with_config(tmp_path / "m.keras")[0].get_weights())
+
+
+@pytest.mark.parametrize("edit, message", [({"inference": {"threshold": "0.5"}}, "['threshold']: expected a number"),
+                                           ({"data": None}, "['data']: expected a JSON object"),
+                                           ({"model": {"depth": 3.5}}, "['depth']: expected a whole number"),
+                                           ({"info": []}, "['info']: expected a JSON object")])
+def test_a_hand_edited_config_with_a_wrong_type_is_refused_in_one_line(tmp_path, edit, message):
+    import json
+
+    from xmdl_tf.config import Config
+
+    cfg = Config().to_dict()
+    for key, value in edit.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg[key], dict) else value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as err:
+        Config.load(tmp_path / "config.json")
+    assert str(tmp_path / "config.json") in str(err.value) and message in str(err.value)
+    assert Config.from_dict(json.loads(json.dumps(Config().to_dict()))) == Config()  # a saved config loads as saved

@@ -234,6 +234,14 @@ def test_errors(blob_dataset, tmp_path, capsys):
         tifffile.imwrite(f, np.full((128, 128), 255, np.uint8))
     fails(["--data", str(sparse), "--out", str(tmp_path / "r"), *ARGS, "--ignore-value", "255"],
           "holds no labelled pixel")
+    # A val split without a single mitochondrion: no epoch could be told from another.
+    for f in (sparse / "val" / "y").iterdir():
+        tifffile.imwrite(f, np.zeros((128, 128), np.uint8))
+    fails(["--data", str(sparse), "--out", str(tmp_path / "r"), *ARGS], "hold no mitochondrion pixel")
+    # A pixel size no EM has, in dataset.json (a micrometre value): refused, naming the file.
+    shutil.copytree(blob_dataset, tmp_path / "um")
+    (tmp_path / "um" / "dataset.json").write_text('{"pixel_size_nm": 0.005}')
+    fails(["--data", str(tmp_path / "um"), "--out", str(tmp_path / "r"), *ARGS], "dataset.json: pixel_size_nm 0.005")
     assert not (tmp_path / "r").exists()
     with pytest.raises(DataError):  # --debug: the exception itself, for a traceback
         train_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), *ARGS, "--debug"])

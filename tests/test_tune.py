@@ -108,3 +108,56 @@ def test_calibrate_refuses_a_train_split_too_small_for_the_ood_model_before_pred
     assert "give 2 tile(s) of 256 px" in err.err and "at least 3" in err.err and "Traceback" not in err.err
     assert "[val]" not in err.out  # no val slice was predicted
     assert (model / "config.json").read_bytes() == before and not (model / "ood.npz").exists()
+
+
+def test_tune_reads_the_sets_pixel_size_and_unlabelled_value_as_evaluate_does(blob_run, tmp_path, capsys):
+    """A set's dataset.json says its pixel size and which label value is unlabelled (napari's
+    corrections write both): tune scores on the grid and pixels evaluate scores on."""
+    import tifffile
+
+    from xmdl_tf.evaluate import evaluate
+    from xmdl_tf.tune import tune
+
+    data, run = blob_run
+    setd = tmp_path / "blobs"
+    shutil.copytree(data, setd)
+    for f in (setd / "val" / "y").iterdir():  # the top rows unlabelled
+        y = tifffile.imread(f)
+        y[:40] = 255
+        tifffile.imwrite(f, y)
+    (setd / "dataset.json").write_text(json.dumps({"pixel_size_nm": 7.5, "ignore_value": 255}))
+    kw = dict(thresholds=[0.5], min_areas=[0.0], tta=False, verbose=False)
+    row = tune(run, [str(setd)], **kw)["rows"][0]
+    explicit = tune(run, [str(setd)], pixel_sizes=[7.5], ignore_value=255, **kw)["rows"][0]
+    assert row == explicit
+    m = evaluate(run, str(setd), "val", threshold=0.5, min_area_nm2=0.0, tta=False)
+    assert row["blobs_f1"] == pytest.approx(m["f1"], abs=1e-4)
+    assert tune(run, [str(setd)], pixel_sizes=[7.5], ignore_value=0, **kw)["rows"][0]["blobs_f1"] != row["blobs_f1"]
+    # An implausible pixel size in dataset.json (a micrometre value) is refused, naming the file.
+    from xmdl_tf.tune import main
+
+    (setd / "dataset.json").write_text(json.dumps({"pixel_size_nm": 0.005}))
+    assert main(["--model", str(run), "--data", str(setd), "--tta", "off"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.json: pixel_size_nm 0.005 is outside the plausible range" in err and "Traceback" not in err
+
+
+def test_tune_write_and_outputs_are_checked_before_the_grid(blob_run, tmp_path, capsys):
+    from xmdl_tf.calibrate import main as calibrate_main
+    from xmdl_tf.tune import main
+
+    data, run = blob_run
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(run / "model.keras", bare / "model.keras")
+    for argv, needle in (
+            (["--model", str(bare), "--write"], "no config.json beside the model"),
+            (["--model", str(run), "--json", str(tmp_path / "nowhere" / "t.json")], "does not exist")):
+        assert main([*argv, "--data", str(data)]) == 2
+        captured = capsys.readouterr()
+        assert needle in captured.err and "predicted" not in captured.out, captured
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"\x89PNG mine")
+    with pytest.raises(SystemExit):  # an existing file is never overwritten, refused before any work
+        calibrate_main(["--model", str(run), "--data", str(data), "--figure", str(mine)])
+    assert "exists; give a new file" in capsys.readouterr().err and mine.read_bytes() == b"\x89PNG mine"

@@ -278,6 +278,11 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         if shares["mitochondrion"] == 0 or shares["background"] == 0:
             # Said in the user's terms: train would speak of labels and --ignore-value, which adapt has not.
             sure = "no mitochondrion" if shares["mitochondrion"] == 0 else "no background"
+            if rnd == 1:  # nothing trained yet: leave nothing that would refuse a rerun with relaxed settings
+                shutil.rmtree(folder)
+                record.unlink()
+                if not any(out.iterdir()):
+                    out.rmdir()
             raise DataError(f"round {rnd}: the model is sure of {sure} on these slices (probability >= --high "
                             f"{high:g} over at least --min-area {min_area} px, or <= --low {low:g}), so there is "
                             "nothing to learn from; relax --high / --low / --min-area, or annotate a slice and use "

@@ -38,7 +38,7 @@ MIN_EACH = 5  # true and false val detections needed to fit the object confidenc
 
 def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], split: str = "val",
                 verbose: bool = True, agreement: tuple[str, ...] | None = None,
-                grid: bool = False) -> dict[str, list[dict]]:
+                grid: bool = False, ignore_value: int | None = None) -> dict[str, list[dict]]:
     """Per set, per slice of `split`: probability, Grad-CAM, predicted instances, labels and pixel size.
 
     As `analyze` makes them: with test-time augmentation when the model's defaults say so (then
@@ -50,11 +50,16 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
     for an unknown pixel size, `InferenceConfig.zoom_search`), its objects' minimum size kept in the
     slice's pixels (`autoscale.for_objects`); "zoom" is that zoom (1 when none was made). Default:
     on the grid the pixel size asks for, as the calibration has always been fitted.
+    ignore_value: label value of unlabelled pixels (default: each set's dataset.json "ignore_value"):
+    zero in "label" and "truth", False in "valid" (None when there is none), and every predicted
+    object touching them dropped from "instances" (their truth is unknown).
     """
     from .autoscale import for_objects, prediction_grid
     from .confidence import AGREEMENT_FEATURES
 
-    from .io import find_pairs, read_pair, read_pixel_size_nm
+    from skimage.segmentation import relabel_sequential
+
+    from .io import dataset_ignore_value, find_pairs, read_pair, read_pixel_size_nm
     from .postprocess import ZOOMS, alternative_instances, ground_truth_instances, instances
 
     ic = predictor.config.inference
@@ -64,8 +69,10 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
         name = Path(d).resolve().name
         rows = []
         pairs = find_pairs(d, split)
+        ignore = ignore_value if ignore_value is not None else dataset_ignore_value(d)
         for i, pair in enumerate(pairs):
             image, label = read_pair(pair)
+            valid = None if ignore is None else label != ignore
             px = read_pixel_size_nm(pair.image) or px_given
             grid_px, zoom = prediction_grid(predictor, image, ic, px) if grid else (px, None)
             ic_slice = for_objects(ic, zoom)
@@ -83,9 +90,14 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
                                                   pixel_size_nm=grid_px, rescale=ic.rescale, zoom=z)
                           for z in ZOOMS] if "scale_agreement" in agreement else None
                 alternatives = alternative_instances(prob, ic_slice, px, members, zoomed)
+            objects = instances(prob, ic_slice, px)
+            if valid is not None:  # unlabelled pixels: no truth there, and no object touching them is judged
+                label = np.where(valid, label, 0)
+                objects[np.isin(objects, np.unique(objects[~valid]))] = 0
+                objects = relabel_sequential(objects)[0]
             rows.append({"set": name, "name": pair.name, "image": image, "probability": prob, "gradcam": cam,
-                         "spread": spread, "label": label,
-                         "pixel_size_nm": px, "instances": instances(prob, ic_slice, px),
+                         "spread": spread, "label": label, "valid": valid,
+                         "pixel_size_nm": px, "instances": objects,
                          "zoom": zoom.zoom if zoom is not None else 1.0,
                          "alternatives": alternatives,
                          "truth": ground_truth_instances(label)})
@@ -107,7 +119,7 @@ def fit_temperature_on(slices: dict[str, list[dict]], per_set: int = PIXELS_PER_
     samples = {}
     for name, rows in slices.items():
         k = max(1, per_set // max(len(rows), 1))
-        ps, ys = zip(*(sample_pixels(r["probability"], r["label"] > 0, None, k, rng) for r in rows))
+        ps, ys = zip(*(sample_pixels(r["probability"], r["label"] > 0, r.get("valid"), k, rng) for r in rows))
         samples[name] = (np.concatenate(ps), np.concatenate(ys))
     p = np.concatenate([s[0] for s in samples.values()])
     y = np.concatenate([s[1] for s in samples.values()])
@@ -227,17 +239,22 @@ def check_ood_data(predictor, data: list[str], pixel_sizes: list[float | None], 
 
 
 def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = None, split: str = "val",
-              verbose: bool = True, ood_tile: int | None = None, figure: str | Path | None = None) -> dict:
+              verbose: bool = True, ood_tile: int | None = None, figure: str | Path | None = None,
+              ignore_value: int | None = None) -> dict:
     """Fit temperature, object confidence and the OOD model; store them beside the model; return the report.
 
-    figure: a PNG path for the reliability diagrams of each set before and after the temperature.
+    pixel_sizes: per set where its files do not say (default: its dataset.json's). figure: a PNG
+    path for the reliability diagrams of each set before and after the temperature. ignore_value:
+    label value of unlabelled pixels (default: each set's dataset.json "ignore_value"), left out
+    of the fit with every object touching them.
     """
+    from .io import set_pixel_sizes
     from .predict import load_model, resolve_model_path
 
     if split == "test":
         raise cli.UsageError("--split test: calibration is fitted on validation data, never on test data")
     t0 = time.time()
-    pixel_sizes = pixel_sizes or [None] * len(data)
+    pixel_sizes = set_pixel_sizes(data, pixel_sizes)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     model_path, cfg_path = resolve_model_path(predictor.path)
     if cfg_path is None:
@@ -246,7 +263,7 @@ def calibrate(model, data: list[str], pixel_sizes: list[float | None] | None = N
 
     check_ood_data(predictor, data, pixel_sizes, ood_tile)  # seconds, before minutes of val predictions
     slices = collect_val(predictor, data, pixel_sizes, split, verbose,
-                         agreement=tuple(f for f in AGREEMENT_FEATURES if f in POOL))
+                         agreement=tuple(f for f in AGREEMENT_FEATURES if f in POOL), ignore_value=ignore_value)
     return fit_calibration(predictor, slices, data, pixel_sizes, split, verbose, ood_tile, t0, figure)
 
 
@@ -311,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ood-tile", type=cli.positive_int, default=256,
                    help="tile size (model px) of the out-of-distribution features")
     p.add_argument("--figure", default=None, metavar="PNG",
-                   help="also draw each set's reliability diagram, before and after the temperature, here")
+                   help="also draw each set's reliability diagram, before and after the temperature, here "
+                        "(a new file)")
+    p.add_argument("--ignore-value", type=cli.nonnegative_int, default=None,
+                   help="label value of unlabelled pixels, left out of the fit (default: the set's "
+                        "dataset.json 'ignore_value', else none)")
     args = p.parse_args(argv)
     try:
         sizes = parse_pixel_sizes(args.pixel_size, len(args.data))
@@ -321,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--figure {args.figure}: give a .png path")
     if args.figure and not Path(args.figure).resolve().parent.is_dir():
         p.error(f"--figure {args.figure}: its folder does not exist")
+    if args.figure and (Path(args.figure).exists() or Path(args.figure).is_symlink()):
+        p.error(f"--figure {args.figure}: exists; give a new file (nothing is overwritten)")
     cli.check_set_names(args.data)
     cli.refuse_test_split(args.data, args.split, "calibration and the OOD threshold")
     from .io import check_fit_data
@@ -329,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     from .pretrained import refuse_builtin
 
     refuse_builtin(args.model, "calibrate")
-    r = calibrate(args.model, args.data, sizes, args.split, ood_tile=args.ood_tile, figure=args.figure)
+    r = calibrate(args.model, args.data, sizes, args.split, ood_tile=args.ood_tile, figure=args.figure,
+                  ignore_value=args.ignore_value)
     print(f"temperature {r['temperature']}; ECE before -> after: " +
           ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in r["ece"].items()))
     print(f"object confidence fitted on {r['objects']} objects ({r['true_objects']} true), in-sample AUROC "

@@ -353,11 +353,15 @@ class Config:
                             ("augment", AugmentConfig), ("inference", InferenceConfig)):
             part = d.get(name, {})
             _check_keys(part, {f.name for f in dataclasses.fields(klass)}, f"{source}[{name!r}]")
+            _check_types(part, klass, f"{source}[{name!r}]")
             # JSON has no tuples: restore them so configs compare equal after a round trip.
             try:
                 sub[name] = klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in part.items()})
-            except ValueError as err:  # name the file: a hand-edited config.json is the usual cause
+            except (TypeError, ValueError) as err:  # name the file: a hand-edited config.json is the usual cause
                 raise ValueError(f"{source}[{name!r}]: {err}") from None
+        for name in ("info", "calibration"):
+            if not isinstance(d.get(name, {}), dict):
+                raise ValueError(f"{source}[{name!r}]: expected a JSON object, got {type(d[name]).__name__}")
         return cls(
             **sub,
             normalization=check_normalization(d.get("normalization", dict(NORMALIZATION)),
@@ -405,7 +409,32 @@ def check_normalization(normalization: dict, source: str = "normalization") -> d
     return normalization
 
 
-def _check_keys(d: dict, allowed: set[str], source: str) -> None:
+def _check_types(part: dict, klass: type, source: str) -> None:
+    """ValueError naming the key when a value's JSON type is not one the field's annotation allows
+    (a quoted number, a list for a number, a fraction for a count, ...)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(klass)
+    json_types = {bool: (bool,), int: (int,), float: (int, float), str: (str,), type(None): (type(None),),
+                  tuple: (list, tuple), list: (list, tuple), dict: (dict,)}
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", tuple: "a list",
+             list: "a list", dict: "a JSON object", type(None): "null"}
+    for key, value in part.items():
+        hint = hints.get(key)
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        options = [typing.get_origin(o) or o for o in options]
+        if not all(o in json_types for o in options):
+            continue  # a type this check does not know: the dataclass judges it
+        allowed = tuple(t for o in options for t in json_types[o])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in options):
+            want = " or ".join(dict.fromkeys(names[o] for o in options))
+            raise ValueError(f"{source}[{key!r}]: expected {want}, got {json.dumps(value)}")
+
+
+def _check_keys(d: Any, allowed: set[str], source: str) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object of settings, got {type(d).__name__} {d!r:.60}")
     unknown = set(d) - allowed
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")

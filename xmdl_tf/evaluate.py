@@ -47,13 +47,15 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     as in `analyze`. pixel_size_nm: the data's pixel size (else read from TIFF
     metadata); slices are resampled to the model's pixel size when both are
     known (unless inference.rescale is off). ignore_value: label value left
-    out of every count. split: "auto" = `held_out_split(data)`.
+    out of every count (default: the set's dataset.json "ignore_value", when the
+    labels are the set's own). split: "auto" = `held_out_split(data)`.
     Returns the metrics dict written to `out/metrics.json`.
     """
     import pandas as pd
 
     from .autoscale import for_objects, prediction_grid
-    from .io import check_ignore_value, check_labels, dataset_pixel_size_nm, find_pairs, read_pair, read_pixel_size_nm
+    from .io import (check_ignore_value, check_labels, dataset_ignore_value, dataset_pixel_size_nm, find_pairs,
+                     read_pair, read_pixel_size_nm)
     from .metrics import add_counts, scores
     from .postprocess import pooled_instance_scores, score_slice
     from .predict import load_model
@@ -69,6 +71,8 @@ def evaluate(model, data: str, split: str = "auto", out: str | Path | None = Non
     if split == "auto":
         split = held_out_split(data)
     pairs = find_pairs(data, split, labels=labels)
+    if ignore_value is None and labels is None:  # as napari's corrections declare theirs
+        ignore_value = dataset_ignore_value(data)
     if ignore_value is not None:  # before any prediction: 0/255 masks with --ignore-value 255 would score 0
         check_ignore_value(check_labels(pairs, ignore_value), ignore_value)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
@@ -265,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="folder for metrics.json and per_image.csv")
     p.add_argument("--pixel-size", type=cli.pixel_size, default=None, help="nm per pixel of the data (else TIFF metadata)")
     p.add_argument("--ignore-value", type=cli.nonnegative_int, default=None,
-                   help="label value of unlabelled pixels, left out of the scores")
+                   help="label value of unlabelled pixels, left out of the scores (default: the set's "
+                        "dataset.json 'ignore_value', else none)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--volume", action="store_true",
                    help="score the split's slices, in order, as one volume (3-D instances, AP50/AP75 as MitoEM)")

@@ -257,12 +257,36 @@ def dataset_info(folder: str | Path) -> dict:
 
 
 def dataset_pixel_size_nm(folder: str | Path) -> float | None:
-    """The pixel size (nm) its dataset.json states (the first value of a list), or None."""
+    """The pixel size (nm) its dataset.json states (the first value of a list), or None.
+
+    DataError naming the file for a value no EM pixel has (`cli.PIXEL_SIZE_RANGE_NM`: 0.005
+    is a micrometre, a negative one a typo): resampling by it would train or score nonsense.
+    """
+    from .cli import PIXEL_SIZE_RANGE_NM
+
     value = dataset_info(folder).get("pixel_size_nm")
     try:
-        return float(value[0] if isinstance(value, list) else value) if value is not None else None
+        px = float(value[0] if isinstance(value, list) else value) if value is not None else None
     except (TypeError, ValueError, IndexError):
         return None
+    lo, hi = PIXEL_SIZE_RANGE_NM
+    if px is not None and not lo <= px <= hi:
+        raise DataError(f"{Path(folder) / 'dataset.json'}: pixel_size_nm {px:g} is outside the plausible range "
+                        f"{lo:g}-{hi:g} nm for EM (a unit mistake? nm per pixel, or null when unknown)")
+    return px
+
+
+def set_pixel_sizes(data: list[str | Path], given: list[float | None] | None) -> list[float | None]:
+    """Each set's pixel size (nm) for slices whose files do not state one: the one given, else its
+    dataset.json's (`dataset_pixel_size_nm`, which refuses an implausible value), else None."""
+    return [g if g is not None else dataset_pixel_size_nm(d) for g, d in zip(given or [None] * len(data), data)]
+
+
+def dataset_ignore_value(folder: str | Path) -> int | None:
+    """The label value its dataset.json marks as unlabelled ("ignore_value", as napari's corrections
+    write it), or None."""
+    value = dataset_info(folder).get("ignore_value")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def read_pixel_size_nm(path: str | Path) -> float | None:

@@ -341,12 +341,18 @@ def load_keras_with_config(path: str | Path):
     model = load_keras(mpath)
     if cpath is not None:
         config = Config.load(cpath)
-    else:  # a bare .keras file: infer what we can from the graph
-        depth = 1 + sum(1 for l in model.layers if l.name.endswith("_pool"))
-        blur = next((float(l.sigma) for l in model.layers if l.name == "input_blur"), 0.0)
-        mix = next((float(l.p) for l in model.layers if l.name.endswith("_mixstyle")), 0.0)
-        config = Config(model=ModelConfig(depth=depth, n_classes=int(model.output_shape[-1]), input_blur=blur,
-                                          mixstyle=mix))
+    else:  # a bare .keras file: read the architecture off the graph (fine-tuning rebuilds it)
+        names = [l.name for l in model.layers]
+        convs = [l.filters for l in model.layers if l.name.endswith("_conv1") and hasattr(l, "filters")]
+        config = Config(model=ModelConfig(
+            depth=1 + sum(1 for n in names if n.endswith("_pool")),
+            base_filters=int(min(convs)) if convs else ModelConfig.base_filters,
+            residual=any(n.endswith("_add") and "_att_" not in n for n in names),
+            attention=any("_att_" in n for n in names),
+            n_classes=int(model.output_shape[-1]),
+            dropout=next((float(l.rate) for l in model.layers if l.name.endswith("_dropout")), 0.0),
+            input_blur=next((float(l.sigma) for l in model.layers if l.name == "input_blur"), 0.0),
+            mixstyle=next((float(l.p) for l in model.layers if l.name.endswith("_mixstyle")), 0.0)))
     if model.input_shape[-1] != 1:
         raise ModelError(f"{mpath}: model expects {model.input_shape[-1]} channels; xmdl_tf works on 1-channel EM")
     return model, config, mpath

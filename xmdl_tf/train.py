@@ -148,9 +148,13 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
 
 def dataset_pixel_size(data_dir: str, first_image: Path) -> float | None:
     """Pixel size of a data set from its dataset.json, else from TIFF metadata, else None."""
+    from .cli import check_pixel_size
     from .io import dataset_pixel_size_nm, read_pixel_size_nm
 
-    return dataset_pixel_size_nm(data_dir) or read_pixel_size_nm(first_image)
+    px = dataset_pixel_size_nm(data_dir)  # a DataError for an implausible value
+    if px is None and (px := read_pixel_size_nm(first_image)) is not None:
+        check_pixel_size(px, f"{first_image} metadata")
+    return px
 
 
 def with_shapes(sets: list) -> list:
@@ -274,7 +278,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     from .runlock import FolderLock
     from .sampling import default_steps_per_epoch
 
-    out = Path(out)
+    out = cli.check_out_folder(out)  # before anything is read, or the lock file created beside it
     if augment_strength is not None:
         config = replace(config, augment=replace(config.augment, strength=augment_strength))
     parent = None
@@ -352,33 +356,42 @@ def check_training_labels(train_sets, val_sets, ignore_value: int | None, verbos
     if verbose:
         print(f"checked {n} slices and labels in {time.time() - t:.1f} s", flush=True)
     check_ignore_value(stats, ignore_value)
-    if ignore_value is not None:
-        _check_validation_is_labelled(val_sets, ignore_value)
+    _check_validation_is_labelled(val_sets, ignore_value)
     if stats["foreground"] == 0:
         raise DataError(f"no mitochondrion pixel in any of the {len(train_pairs)} training labels "
                         f"(e.g. {train_pairs[0].label}); check the label folder")
 
 
-def _check_validation_is_labelled(val_sets, ignore_value: int) -> None:
-    """Refuse a set whose validation rows are all `ignore_value`: its validation loss would be 0 and
-    its F1 1 at every epoch, and the best epoch would be the first (sparse labels on one slice)."""
+def _check_validation_is_labelled(val_sets, ignore_value: int | None) -> None:
+    """Refuse a set whose validation rows are all `ignore_value` (its validation loss would be 0 and
+    its F1 1 at every epoch, and the best epoch would be the first: sparse labels on one slice), and
+    validation data without a single mitochondrion pixel in any set (Dice loss 1 and F1 0 at every
+    epoch: no epoch could be told from another)."""
     from .io import DataError, read_label
 
+    foreground = 0
     for s in val_sets:
         labelled = 0
         for r in s.regions:
             label = read_label(r.pair.label, r.pair.page)
             h = label.shape[0]
-            labelled += int(np.count_nonzero(label[int(round(r.row_from * h)):int(round(r.row_to * h))]
-                                             != ignore_value))
-            if labelled:
+            rows = label[int(round(r.row_from * h)):int(round(r.row_to * h))]
+            known = rows != ignore_value if ignore_value is not None else np.ones(rows.shape, bool)
+            labelled += int(np.count_nonzero(known))
+            foreground += int(np.count_nonzero((rows > 0) & known))
+            if labelled and foreground:
                 break
+        where = ("its val split" if all(r.row_from == 0 and r.row_to == 1 for r in s.regions)
+                 else "the held-back bottom rows of its slices, its validation")
         if not labelled:
-            where = ("its val split" if all(r.row_from == 0 and r.row_to == 1 for r in s.regions)
-                     else "the held-back bottom rows of its slices, its validation")
             raise DataError(f"{s.name}: {where} holds no labelled pixel (all --ignore-value {ignore_value}), so "
                             "nothing can be validated; label some pixels there (mitochondria and background), "
                             "or give a val split")
+    if val_sets and not foreground:
+        names = ", ".join(s.name for s in val_sets)
+        raise DataError(f"{names}: the validation data hold no mitochondrion pixel, so the validation loss "
+                        "cannot choose an epoch; give a val split with mitochondria in it (or none: "
+                        "validation is then held back from the training slices)")
 
 
 def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freeze_encoder: bool, overwrite: bool,

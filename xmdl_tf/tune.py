@@ -45,10 +45,11 @@ def candidates(base: InferenceConfig, thresholds=THRESHOLDS, min_areas=MIN_AREAS
 
 
 def score_grid(predictions: dict[str, list[tuple[dict, np.ndarray, float | None]]],
-               grid: list[InferenceConfig]) -> list[dict]:
+               grid: list[InferenceConfig], ignore: dict[str, int | None] | None = None) -> list[dict]:
     """Pooled scores of every setting in `grid`.
 
     predictions: {set name: [({False: prob, True: prob_tta}, label, pixel size nm), ...]}.
+    ignore: {set name: its label value of unlabelled pixels, left out of every count}.
     Returns one row per setting: its fields, per-set pooled F1 and instance F1, and their means.
     """
     from .metrics import add_counts, scores
@@ -62,7 +63,7 @@ def score_grid(predictions: dict[str, list[tuple[dict, np.ndarray, float | None]
         for name, slices in predictions.items():
             total, per = {}, []
             for probs, label, px in slices:
-                sc = score_slice(probs[ic.tta], label, ic, px)
+                sc = score_slice(probs[ic.tta], label, ic, px, (ignore or {}).get(name))
                 total = add_counts(total, sc)
                 per.append(sc)
             f1 = scores(total)["f1"]
@@ -82,17 +83,22 @@ def best(rows: list[dict]) -> dict:
 
 
 def tune(model, data: list[str], split: str = "val", pixel_sizes: list[float | None] | None = None,
-         thresholds=THRESHOLDS, min_areas=MIN_AREAS_NM2, tta: bool | None = None, verbose: bool = True) -> dict:
+         thresholds=THRESHOLDS, min_areas=MIN_AREAS_NM2, tta: bool | None = None, verbose: bool = True,
+         ignore_value: int | None = None) -> dict:
     """Predict every `split` slice of every set (with and without TTA), score the grid, return
     {"best": InferenceConfig fields, "rows": [...], "sets": [...], "seconds": ...}.
 
-    tta: None compares both; True / False fixes it.
+    tta: None compares both; True / False fixes it. pixel_sizes: per set where its files do not
+    say (default: its dataset.json's, as `evaluate` and `train` read it). ignore_value: label value
+    of unlabelled pixels, left out of the scores (default: each set's dataset.json "ignore_value").
     """
     from .autoscale import predicted_width, width_range
-    from .io import find_pairs, read_pair, read_pixel_size_nm
+    from .io import dataset_ignore_value, find_pairs, read_pair, read_pixel_size_nm, set_pixel_sizes
     from .predict import load_model
 
-    pixel_sizes = pixel_sizes or [None] * len(data)
+    pixel_sizes = set_pixel_sizes(data, pixel_sizes)
+    ignore = {Path(d).resolve().name: ignore_value if ignore_value is not None else dataset_ignore_value(d)
+              for d in data}
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     base = predictor.config.inference
     t0 = time.time()
@@ -112,7 +118,7 @@ def tune(model, data: list[str], split: str = "val", pixel_sizes: list[float | N
                 print(f"{name} [{split}] {i + 1}/{len(pairs)} predicted", flush=True)
         predictions[name] = slices
     grid = candidates(base, thresholds, min_areas, modes, predictor.pixel_size_nm)
-    rows = score_grid(predictions, grid)
+    rows = score_grid(predictions, grid, ignore)
     chosen = best(rows)
     ic = next(c for c in grid if (c.tta, c.threshold, c.min_area_nm2) ==
               (chosen["tta"], chosen["threshold"], chosen["min_area_nm2"]))
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="smallest object areas compared, nm^2")
     p.add_argument("--tta", choices=("compare", "on", "off"), default="compare",
                    help="compare with and without test-time augmentation, or fix it")
+    p.add_argument("--ignore-value", type=cli.nonnegative_int, default=None,
+                   help="label value of unlabelled pixels, left out of the scores (default: the set's "
+                        "dataset.json 'ignore_value', else none)")
     p.add_argument("--write", action="store_true", help="store the winner in the model's config.json")
     p.add_argument("--json", default=None, help="also write the whole table to this JSON file")
     args = p.parse_args(argv)
@@ -173,12 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     from .io import check_fit_data
 
     check_fit_data(args.data, args.split, "inference defaults")
-    if args.write:
+    if args.write:  # checked now, not after the whole grid is scored
+        from .predict import is_saved_model, resolve_model_path
         from .pretrained import refuse_builtin
 
         refuse_builtin(args.model, "tune --write")
-    if args.json:  # checked now, not after the whole grid is scored
-        cli.check_out_folder(Path(args.json).parent)
+        if is_saved_model(args.model):
+            raise cli.UsageError(f"--write: {args.model} is an exported SavedModel; tune its run folder (the export "
+                                 "carries the settings it was exported with)")
+        if resolve_model_path(args.model)[1] is None:
+            raise FileNotFoundError(f"--write: {args.model}: no config.json beside the model to store the settings in")
+    if args.json:
+        folder = Path(args.json).parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--json {args.json}: its folder {folder} does not exist")
         if Path(args.json).exists():
             raise FileExistsError(f"{args.json}: exists; choose another --json (it is never overwritten)")
     try:
@@ -186,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         p.error(str(err))
     result = tune(args.model, args.data, args.split, sizes, args.thresholds, args.min_areas,
-                  {"compare": None, "on": True, "off": False}[args.tta])
+                  {"compare": None, "on": True, "off": False}[args.tta], ignore_value=args.ignore_value)
     print(format_rows(result["rows"]))
     b = result["best"]
     print(f"best on {args.split}: tta={b['tta']} threshold={b['threshold']} min_area_nm2={b['min_area_nm2']:g} "
