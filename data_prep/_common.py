@@ -202,6 +202,10 @@ def _folder_stack(path: Path, *, label: bool, pattern: str | None, numbered: boo
     )
 
 
+# What tifffile logs when a file ends early or its page chain is broken.
+_TRUNCATED = ("invalid page offset", "failed to read", "failed to reshape", "corrupted", "truncated")
+
+
 class _Damage(logging.Handler):
     """Collects what tifffile logs about a file it can only partly read (and keeps it off the screen)."""
 
@@ -228,8 +232,11 @@ def _tiff_stack(path: Path, *, label: bool = False) -> Stack:
     finally:
         log.removeHandler(damage)
         log.propagate = propagate
-    if damage.messages:  # a truncated download: tifffile guesses a shorter stack rather than failing
-        raise ValueError(f"{path}: damaged TIFF ({damage.messages[0].split('> ', 1)[-1]}); download or export it again")
+    # A truncated download: tifffile guesses a shorter stack rather than failing. (It also warns about
+    # harmless metadata, e.g. non-ASCII text in a description: that file is read as it is.)
+    broken = [m for m in damage.messages if any(k in m for k in _TRUNCATED)]
+    if broken:
+        raise ValueError(f"{path}: damaged TIFF ({broken[0].split('> ', 1)[-1]}); download or export it again")
     # tifffile names a colour (or grey + alpha) axis "S": (H, W, S) is one slice, (Z, H, W, S) a stack.
     samples = axes.endswith("S") and shape[-1] > 1
     plane = shape[-3:] if samples else shape[-2:]
@@ -560,8 +567,10 @@ def _swap(out: Path, stage: Path) -> None:
             os.replace(stage / name, here)
         elif name not in new_items and (here.exists() or here.is_symlink()):
             os.replace(here, trash / name)
-    shutil.rmtree(stage, ignore_errors=True)
+    # The old items first: while the stage (and its mark) is there, a kill here is finished by
+    # `_recover` swapping again, which puts nothing old back.
     shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _recover(out: Path) -> None:

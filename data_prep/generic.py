@@ -31,16 +31,21 @@ from xmdl_tf.cli import guarded, pixel_size
 
 
 def scan_labels(labels: c.Stack) -> tuple[str, int]:
-    """('binary' or 'instance', largest value) over the whole label stack: binary when every
-    slice holds 0 and at most one other value (masks saved 0/1 and 0/255 mix), else instance."""
-    kind = "binary"
+    """('binary' or 'instance', largest value) over the whole label stack: binary when the stack
+    holds 0 and one other value, or when every slice holds 0 and one of the mask values 1 / 255
+    (masks saved 0/1 and 0/255 mixed); else instance (one object per slice, ids 3 and 7, stays ids)."""
+    per_slice = True
+    values: set[int] = set()
     max_value = 0
     for i in range(len(labels)):
         label = c.check_label_values(labels.read(i), labels.names[i])
         max_value = max(max_value, int(label.max(initial=0)))
-        if kind == "binary":  # one slice of ids settles it
-            kind = c.label_kind(np.unique(label).tolist())
-    return kind, max_value
+        found = set(np.unique(label).tolist()) - {0}
+        per_slice = per_slice and len(found) <= 1
+        if len(values) <= 2:  # beyond two other values the union is settled
+            values |= found
+    binary = len(values) <= 1 or (per_slice and values <= {1, 255})
+    return ("binary" if binary else "instance"), max_value
 
 
 def convert_generic(images: str | Path, labels: str | Path, out: str | Path, *,

@@ -610,3 +610,19 @@ def test_mitoem_biapy_checks_what_training_reads_and_keeps_a_train_split(tmp_pat
     assert mitoem.main(["biapy", "--src", str(src), "--out", str(tmp_path / "o"), "--val-fraction", "1"]) == 2
     assert "would leave no training slice" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_one_object_per_slice_stays_instance_ids_and_harmless_tiff_metadata_is_read(tmp_path):
+    labels = np.zeros((3, H, W), np.uint16)
+    for z, obj in enumerate((3, 7, 9)):  # one object per slice: ids, not a mask
+        labels[z, 5:15, 5:15] = obj
+    images = _images(3)
+    # A description with a non-ASCII byte: tifffile warns, the pixels are fine.
+    tifffile.imwrite(tmp_path / "im.tif", images, description=b"acquired with \x81 scope")
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    generic.main(["--images", str(tmp_path / "im.tif"), "--labels", str(tmp_path / "lab.tif"),
+                  "--out", str(tmp_path / "o"), "--splits", "1,0,0"])
+    meta = json.loads((tmp_path / "o" / "dataset.json").read_text())
+    assert meta["labels"]["kind"] == "instance"
+    for z in range(3):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "o" / "train" / "y" / f"seg{z:04d}.tif"), labels[z])

@@ -308,3 +308,20 @@ def test_ctrl_c_stops_a_run_with_one_line(blob_run, tmp_path):
                                     + "".join(out) + rest + err)
     assert err_lines == ["interrupted; outputs written so far are complete (run the same command with --resume to "
                          "continue)"], err
+
+
+def test_a_run_started_before_value_stats_existed_resumes(tmp_path):
+    from dataclasses import asdict
+
+    from xmdl_tf.distributed import ChunkPlan, _create
+
+    plan = ChunkPlan("/data/v.tif", "/m/model.keras", (4, 64, 64), (4, 64, 64), 8, None, {}, (-5.0, 900.0, True))
+    out = tmp_path / "o.zarr"
+    _create(out, plan, overwrite=False, resume=False)
+    state = out / ".xmdl" / "state.json"
+    old = {k: v for k, v in json.loads(state.read_text()).items() if k != "value_stats"}
+    state.write_text(json.dumps(old))
+    _create(out, plan, overwrite=False, resume=True)  # the same run: resumed, not "other settings ()"
+    state.write_text(json.dumps({**asdict(plan), "halo": 16, "value_stats": list(plan.value_stats)}))
+    with pytest.raises(DataError, match=r"other settings \(halo\)"):
+        _create(out, plan, overwrite=False, resume=True)

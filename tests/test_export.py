@@ -108,6 +108,7 @@ SERVER_SCRIPT = textwrap.dedent("""
         "dtype": lambda: sig["serving_default"](images=tf.constant(wide)),
         "rank": lambda: sig["serving_default"](images=tf.constant(images[..., 0])),
         "5-D": lambda: sig["serving_default"](images=tf.constant(images[None])),
+        "unbatched": lambda: sig["serving_default"](images=tf.constant(images[0])),
         "channels": lambda: sig["explain"](images=tf.constant(np.repeat(images, 3, axis=-1))),
         "empty": lambda: sig["serving_default"](images=tf.constant(images[:, :0])),
         "normalised floats": lambda: sig["serving_float"](images=tf.constant(wide / 65535.0 - 0.5)),
@@ -159,6 +160,7 @@ def test_served_signatures_match_keras_in_a_separate_process(run, export_dir, tm
     assert "images must have shape [batch, height, width, 1]; got shape] [2 37 53]" in errors["rank"]
     assert "images must have shape [batch, height, width, 1]; got shape] [2 37 53 3]" in errors["channels"]
     assert "images must have shape [batch, height, width, 1]; got shape] [1 2 37 53 1]" in errors["5-D"]
+    assert "images must have shape [batch, height, width, 1]; got shape] [37 53 1]" in errors["unbatched"]
     assert "height and width must be at least 1 pixel" in errors["empty"]
     assert "raw grey values must be in [0, 65535]" in errors["normalised floats"]
     assert "which looks normalised" in errors["unit floats"]

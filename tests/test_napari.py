@@ -518,6 +518,12 @@ def test_a_labels_layer_drawn_over_an_image_is_learnt_from(viewer, qtbot, blob_m
     drawn.data[2][mask2 > 0] = 3
     drawn.data[2][square] = 7
     viewer.dims.set_point(0, 2 * 40.0)  # the slice shown: the one segmented again afterwards
+    # Ground truth opened from a file (or a sample), and hidden layers, are never training data.
+    from napari.layers._source import layer_source
+
+    with layer_source(path=str(tmp_path / "truth.tif")):
+        viewer.add_labels(np.ones(stack.shape, np.uint8), name="opened truth")
+    viewer.add_labels(np.ones(stack.shape, np.uint8), name="hidden", visible=False)
     a, = L.drawn_annotations(viewer)
     assert a.image is viewer.layers["st"] and a.labels is drawn
     assert [c.name for c in a.corrections] == ["st_z0000", "st_z0002"]

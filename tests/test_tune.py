@@ -133,6 +133,11 @@ def test_tune_reads_the_sets_pixel_size_and_unlabelled_value_as_evaluate_does(bl
     m = evaluate(run, str(setd), "val", threshold=0.5, min_area_nm2=0.0, tta=False)
     assert row["blobs_f1"] == pytest.approx(m["f1"], abs=1e-4)
     assert tune(run, [str(setd)], pixel_sizes=[7.5], ignore_value=0, **kw)["rows"][0]["blobs_f1"] != row["blobs_f1"]
+    # An unlabelled value that swallows every mitochondrion pixel is refused before any prediction.
+    from xmdl_tf.io import DataError
+
+    with pytest.raises(DataError, match="every non-zero label pixel has this value"):
+        tune(run, [str(data)], ignore_value=1, **kw)
     # An implausible pixel size in dataset.json (a micrometre value) is refused, naming the file.
     from xmdl_tf.tune import main
 

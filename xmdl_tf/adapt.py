@@ -171,6 +171,15 @@ def label_shares(pseudo: Path) -> dict:
     return out
 
 
+def _forget_first_round(out: Path, folder: Path, record: Path) -> None:
+    """Nothing was trained yet: remove round 1's pseudo-labels and the record, so that the rerun with
+    the relaxed settings an error advises is not refused as "an interrupted adaptation"."""
+    shutil.rmtree(folder)
+    record.unlink()
+    if not any(out.iterdir()):
+        out.rmdir()
+
+
 def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None = None, slices: int = 8,
           low: float = 0.1, high: float = 0.9, min_area: int = 100, rounds: int = 3, epochs: int = 5,
           steps_per_epoch: int = 60, seed: int = 0, tile_size: int = 256, consensus: bool = False,
@@ -278,11 +287,8 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         if shares["mitochondrion"] == 0 or shares["background"] == 0:
             # Said in the user's terms: train would speak of labels and --ignore-value, which adapt has not.
             sure = "no mitochondrion" if shares["mitochondrion"] == 0 else "no background"
-            if rnd == 1:  # nothing trained yet: leave nothing that would refuse a rerun with relaxed settings
-                shutil.rmtree(folder)
-                record.unlink()
-                if not any(out.iterdir()):
-                    out.rmdir()
+            if rnd == 1:
+                _forget_first_round(out, folder, record)
             raise DataError(f"round {rnd}: the model is sure of {sure} on these slices (probability >= --high "
                             f"{high:g} over at least --min-area {min_area} px, or <= --low {low:g}), so there is "
                             "nothing to learn from; relax --high / --low / --min-area, or annotate a slice and use "
@@ -290,8 +296,14 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
         run = folder / "model"
         if not run_finished(run):
             # Every round fine-tunes the original model: rounds differ only in who made the labels.
-            train([str(pseudo)], run, config, init_from=str(model_file), augment_strength=1.0,
-                  pixel_sizes=[pixel_size_nm], verbose=verbose)
+            try:
+                train([str(pseudo)], run, config, init_from=str(model_file), augment_strength=1.0,
+                      pixel_sizes=[pixel_size_nm], verbose=verbose)
+            except DataError as err:  # refused before training (e.g. no mitochondrion in its validation rows)
+                if rnd == 1 and not run.exists():
+                    _forget_first_round(out, folder, record)
+                raise DataError(f"round {rnd}, the pseudo-labels: {err}; relax --high / --low / --min-area, or "
+                                "annotate a slice and use python -m xmdl_tf.finetune") from None
         teacher = run
     final, tmp = out / "model", out / "model.part"
     if tmp.exists():

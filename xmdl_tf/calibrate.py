@@ -59,17 +59,16 @@ def collect_val(predictor, data: list[str], pixel_sizes: list[float | None], spl
 
     from skimage.segmentation import relabel_sequential
 
-    from .io import dataset_ignore_value, find_pairs, read_pair, read_pixel_size_nm
+    from .io import find_pairs, read_pair, read_pixel_size_nm, set_ignore_values
     from .postprocess import ZOOMS, alternative_instances, ground_truth_instances, instances
 
     ic = predictor.config.inference
     agreement = AGREEMENT_FEATURES if agreement is None else tuple(agreement)
     out = {}
-    for d, px_given in zip(data, pixel_sizes):
+    for d, px_given, ignore in zip(data, pixel_sizes, set_ignore_values(data, split, ignore_value)):
         name = Path(d).resolve().name
         rows = []
         pairs = find_pairs(d, split)
-        ignore = ignore_value if ignore_value is not None else dataset_ignore_value(d)
         for i, pair in enumerate(pairs):
             image, label = read_pair(pair)
             valid = None if ignore is None else label != ignore

@@ -512,6 +512,8 @@ def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> None:
         if resume and state.is_file():
             old = json.loads(state.read_text())
             mine = json.loads(json.dumps(asdict(plan)))
+            for key in ("value_stats",):  # added later: a run started before it had it computed per worker
+                old.setdefault(key, mine[key])
             if old != mine:
                 diff = sorted(k for k in mine if old.get(k) != mine[k])
                 raise DataError(f"{out}: was started with other settings ({', '.join(diff)}); "

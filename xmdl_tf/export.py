@@ -184,17 +184,14 @@ def _archive(model, config: Config, layer: str, dist=None):
     def checked(images: tf.Tensor, channels: int, multiple: int = 1) -> tf.Tensor:
         # A served graph does not enforce its declared shape (TF Serving and loaded
         # signatures pass any shape through), so check at run time, before a deep
-        # error inside the network. The rank itself cannot be checked (TF folds it
-        # from the declared shape), but a 2-D or 3-D grey image fails the channel test
-        # and a 5-D one (a z-stack) the element count; trailing singleton axes are dropped.
+        # error inside the network (or a wrong answer: an unbatched (H, W, 1) image would
+        # be read as H images of W x 1). tf.rank would be folded from the declared shape
+        # into a constant 4, so the rank is counted from the runtime shape vector instead.
         shape = tf.raw_ops.Shape(input=images, out_type=tf.int64)
-        four_d = tf.logical_and(tf.equal(shape[-1], channels), tf.equal(
-            tf.raw_ops.Size(input=images, out_type=tf.int64), tf.reduce_prod(shape[:3]) * channels))
-        form = tf.debugging.Assert(four_d, [
+        rank = tf.shape(tf.where(tf.greater_equal(shape, 0)), out_type=tf.int64)[0]
+        form = tf.debugging.Assert(tf.logical_and(tf.equal(rank, 4), tf.equal(shape[-1], channels)), [
             f"images must have shape [batch, height, width, {channels}]; got shape", shape], summarize=8)
         with tf.control_dependencies([form]):
-            images = tf.reshape(images, tf.concat([shape[:3], tf.constant([channels], tf.int64)], 0))
-            images.set_shape([None, None, None, channels])  # static only: a runtime EnsureShape ran before the Assert
             size = "images: height and width must be at least 1 pixel"
             if multiple > 1:
                 size += f" and multiples of the size divisor {multiple} (the caller pads tiles)"

@@ -282,6 +282,19 @@ def set_pixel_sizes(data: list[str | Path], given: list[float | None] | None) ->
     return [g if g is not None else dataset_pixel_size_nm(d) for g, d in zip(given or [None] * len(data), data)]
 
 
+def set_ignore_values(data: list[str | Path], split: str, given: int | None) -> list[int | None]:
+    """Each set's label value of unlabelled pixels on `split`: the one given, else its dataset.json's
+    (`dataset_ignore_value`); DataError when it would swallow every mitochondrion pixel of the split
+    (`check_ignore_value`: 0/255 masks and 255), checked before anything is predicted."""
+    out = []
+    for d in data:
+        value = given if given is not None else dataset_ignore_value(d)
+        if value is not None:
+            check_ignore_value(check_labels(find_pairs(d, split), value), value)
+        out.append(value)
+    return out
+
+
 def dataset_ignore_value(folder: str | Path) -> int | None:
     """The label value its dataset.json marks as unlabelled ("ignore_value", as napari's corrections
     write it), or None."""

@@ -389,9 +389,13 @@ def _check_validation_is_labelled(val_sets, ignore_value: int | None) -> None:
                             "or give a val split")
     if val_sets and not foreground:
         names = ", ".join(s.name for s in val_sets)
-        raise DataError(f"{names}: the validation data hold no mitochondrion pixel, so the validation loss "
-                        "cannot choose an epoch; give a val split with mitochondria in it (or none: "
-                        "validation is then held back from the training slices)")
+        held_back = not any(all(r.row_from == 0 and r.row_to == 1 for r in s.regions) for s in val_sets)
+        where = ("the held-back bottom rows of the training slices" if held_back else "the validation data")
+        fix = ("give a val split with mitochondria in it" if held_back else
+               "give a val split with mitochondria in it (or none: validation is then held back from the "
+               "training slices)")
+        raise DataError(f"{names}: {where} hold no mitochondrion pixel, so the validation loss cannot choose "
+                        f"an epoch; {fix}")
 
 
 def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freeze_encoder: bool, overwrite: bool,

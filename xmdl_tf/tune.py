@@ -93,12 +93,11 @@ def tune(model, data: list[str], split: str = "val", pixel_sizes: list[float | N
     of unlabelled pixels, left out of the scores (default: each set's dataset.json "ignore_value").
     """
     from .autoscale import predicted_width, width_range
-    from .io import dataset_ignore_value, find_pairs, read_pair, read_pixel_size_nm, set_pixel_sizes
+    from .io import find_pairs, read_pair, read_pixel_size_nm, set_ignore_values, set_pixel_sizes
     from .predict import load_model
 
     pixel_sizes = set_pixel_sizes(data, pixel_sizes)
-    ignore = {Path(d).resolve().name: ignore_value if ignore_value is not None else dataset_ignore_value(d)
-              for d in data}
+    ignore = dict(zip((Path(d).resolve().name for d in data), set_ignore_values(data, split, ignore_value)))
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     base = predictor.config.inference
     t0 = time.time()

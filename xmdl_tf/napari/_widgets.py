@@ -724,7 +724,8 @@ class FinetuneWidget(QWidget):
             settings = segment.settings() if segment else None
         except ValueError:  # its chunk sizes, which a slice does not use
             settings = None
-        self.annotations = L.drawn_annotations(self.viewer, settings)
+        typed = {segment.layer_box.currentText(): settings.pixel_size_nm} if settings and settings.pixel_size_nm else {}
+        self.annotations = L.drawn_annotations(self.viewer, settings, typed)
         drawn = [c for a in self.annotations for c in a.corrections]
         parts = []
         if corrections:

@@ -805,12 +805,16 @@ def annotated_image(viewer, labels) -> Any | None:
     return None
 
 
-def drawn_annotations(viewer, settings: SegmentSettings | None = None) -> list[Annotation]:
-    """Labels layers with at least one label that no segmentation here made (no `EditTracker`),
-    each over the image layer it annotates (`annotated_image`); 2-D or (Z, Y, X), in memory.
+def drawn_annotations(viewer, settings: SegmentSettings | None = None,
+                      pixel_sizes: dict[str, float] | None = None) -> list[Annotation]:
+    """Visible labels layers drawn in the viewer (not opened from a file or a sample: ground truth
+    kept for scoring must not become training data) with at least one label, that no segmentation
+    here made (no `EditTracker`), each over the image layer it annotates (`annotated_image`);
+    2-D or (Z, Y, X), in memory.
 
-    settings: how the job segments the image again (default SegmentSettings(); the pixel size
-    is the image layer's). GUI thread: reads the viewer.
+    settings: how the job segments the image again (default SegmentSettings()). pixel_sizes:
+    {image layer name: nm} typed for an image whose layer states none (the Segment form's).
+    GUI thread: reads the viewer.
     """
     from dataclasses import replace
 
@@ -822,6 +826,9 @@ def drawn_annotations(viewer, settings: SegmentSettings | None = None) -> list[A
     for layer in viewer.layers:
         if not isinstance(layer, Labels) or EditTracker.of(layer) is not None or "xmdl" in layer.metadata:
             continue
+        source = getattr(layer, "source", None)
+        if not layer.visible or getattr(source, "path", None) or getattr(source, "sample", None):
+            continue
         data = _plain_data(layer)
         if data is None or data.ndim not in (2, 3) or not data.any():
             continue
@@ -829,7 +836,7 @@ def drawn_annotations(viewer, settings: SegmentSettings | None = None) -> list[A
         if image is None:
             log.info("%s: no grey image layer of its shape %s to learn from", layer.name, data.shape)
             continue
-        px = pixel_size_of(image) or pixel_size_of(layer)
+        px = pixel_size_of(image) or pixel_size_of(layer) or (pixel_sizes or {}).get(image.name)
         planes, pixels = (data[None], image.data[None]) if data.ndim == 2 else (data, image.data)
         corrections = [Correction(f"{image.name}_z{k:04d}" if data.ndim == 3 else image.name,
                                   as_em_image(pixels[k]), (planes[k] > 0).astype(np.uint8), px)
