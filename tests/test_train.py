@@ -237,7 +237,7 @@ def test_errors(blob_dataset, tmp_path, capsys):
     # A val split without a single mitochondrion: no epoch could be told from another.
     for f in (sparse / "val" / "y").iterdir():
         tifffile.imwrite(f, np.zeros((128, 128), np.uint8))
-    fails(["--data", str(sparse), "--out", str(tmp_path / "r"), *ARGS], "hold no mitochondrion pixel")
+    fails(["--data", str(sparse), "--out", str(tmp_path / "r"), *ARGS], "the val split holds no mitochondrion pixel")
     # A pixel size no EM has, in dataset.json (a micrometre value): refused, naming the file.
     shutil.copytree(blob_dataset, tmp_path / "um")
     (tmp_path / "um" / "dataset.json").write_text('{"pixel_size_nm": 0.005}')
