@@ -15,6 +15,8 @@ from xmdl_tf.predict import ModelError, Predictor, load_model
 from xmdl_tf.train import main as train_main
 
 SHIFTED = {"invert": True, "contrast": 0.7, "noise": 14.0}
+# One worker runs this module, so `base_run` (module scope) is trained once, not once per worker.
+pytestmark = pytest.mark.xdist_group("adapt_base")
 
 
 def write_synthetic(root, split, seeds, appearance=None, size=256):

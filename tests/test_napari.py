@@ -531,20 +531,14 @@ def test_a_labels_layer_drawn_over_an_image_is_learnt_from(viewer, qtbot, blob_m
     assert a.corrections[1].label[square].all() and a.corrections[1].label.sum() == 48 * 48 + mask2.sum()
     assert a.corrections[0].pixel_size_nm is None  # a scale in no length unit says nothing about nm
     assert a.job[2:] == ("st", 2) and a.job[0].shape == img.shape
-    # Fine-tune through the widget: it counts the annotated slices, trains on exactly those labels (how
-    # well a fine-tune learns is test_finetune_widget_learns_a_painted_correction's) and shows the
-    # annotated image's current slice segmented again by the new model.
+    # The dock counts them; fine-tuning (here the dock's function, in this process) trains on exactly
+    # those labels (how well a fine-tune learns is test_finetune_widget_learns_a_painted_correction's)
+    # and shows the annotated image's current slice segmented again by the new model.
     w = FinetuneWidget(viewer)
     qtbot.addWidget(w)
     assert f"2 annotated slice(s) in {drawn.name} (over st)" in w.info.text(), w.info.text()
-    w.model.setText(str(blob_model))
-    w.out.setText(str(tmp_path / "tuned"))
-    w.epochs.setValue(1)
-    w.steps.setValue(4)
-    w.tile.setValue(32)
-    w.run()
-    wait(qtbot, w.job, timeout=300_000)
-    assert "saved" in w.job.status.text() and "re-segmented 1 layer" in w.job.status.text(), w.job.status.text()
+    result = L.finetune_on_layers(viewer, blob_model, tmp_path / "tuned", epochs=1, steps_per_epoch=2, tile_size=32)
+    assert [layer.name for layer, _ in result.segmentations] == [drawn.name]
     written = tmp_path / "tuned_corrections" / "set0" / "train"
     for k, c in enumerate(a.corrections):
         np.testing.assert_array_equal(tifffile.imread(written / "y" / f"seg{k:04d}.tif"), c.label)
