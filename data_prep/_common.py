@@ -30,6 +30,7 @@ import numpy as np
 import tifffile
 
 from xmdl_tf.cli import pixel_size
+from xmdl_tf.io import rgb_to_grey
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -123,18 +124,8 @@ def to_plane(array: np.ndarray, name: str | Path, *, label: bool = False, sample
         grey = array.shape[-1] == 2 or all(np.array_equal(array[..., 0], array[..., k]) for k in (1, 2))
         if label and not grey:  # colours are no ids (a palette PNG gives its indices on reading)
             raise ValueError(f"label file {name} has {array.shape[-1]} colour channels; expected one channel of ids")
-        if array.shape[-1] == 2 or label:  # grey + alpha, or a grey label saved as RGB(A): the grey values
-            array = array[..., 0]
-        else:
-            rgb = array[..., :3]
-            if np.all(rgb == rgb[..., :1]):
-                array = rgb[..., 0]
-            else:
-                grey = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-                if array.dtype.kind in "iu":
-                    info = np.iinfo(array.dtype)
-                    grey = np.clip(np.round(grey), info.min, info.max)
-                array = grey.astype(array.dtype)
+        # Grey + alpha, or grey saved as RGB(A): the grey values; colour made grey as training reads it.
+        array = array[..., 0] if grey else rgb_to_grey(array[..., :3])
     if array.ndim != 2:
         raise ValueError(f"{name} holds an array of shape {array.shape}; expected one 2D slice")
     return array
@@ -244,8 +235,6 @@ def _tiff_stack(path: Path, *, label: bool = False) -> Stack:
     if len(lead) > 1:
         raise ValueError(f"TIFF {path} holds an array of shape {shape} (axes {axes}); expected (H, W) or (Z, H, W)")
     n = lead[0] if lead else 1
-    if samples and label:
-        raise ValueError(f"label file {path} has {shape[-1]} channels; expected one channel of ids")
 
     def read(fn, where: str) -> np.ndarray:
         try:

@@ -531,7 +531,7 @@ def test_generic_refuses_with_one_line(tmp_path, capsys, case):
         rgb[20:30, 20:30] = (0, 0, 255)
         tifffile.imwrite(lab, rgb, photometric="rgb")
         tifffile.imwrite(im, _images(1)[0])
-        want = "lab.tif has 3 channels; expected one channel of ids"
+        want = "lab.tif[0] has 3 colour channels; expected one channel of ids"
     elif case == "ids beyond uint32":
         tifffile.imwrite(lab, _instances(2).astype(np.uint64) << np.uint64(40))
         want = "lab.tif: instance id"

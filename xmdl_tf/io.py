@@ -108,6 +108,13 @@ def _read_tiff_plane(path: Path, page: int) -> np.ndarray:
     return vol.reshape(-1, *vol.shape[-3 if vol.shape[-1] in (3, 4) and vol.ndim > 3 else -2:])[page]
 
 
+def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) colour -> (...) grey by the ITU-R 601 weights, in the input's dtype (rounded for
+    integers; a float image in 0..1 stays one)."""
+    grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return (grey.round() if rgb.dtype.kind in "iub" else grey).astype(rgb.dtype)
+
+
 def _to_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
     # Drop singleton stack/channel axes, never height or width (a 1 x 1 image stays 2-D).
     while arr.ndim > 2 and arr.shape[0] == 1:
@@ -118,9 +125,7 @@ def _to_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
         rgb = arr[..., :3]
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
             warnings.warn(f"{path}: RGB {what} converted to grayscale", stacklevel=3)
-        dtype = arr.dtype
-        grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        arr = (grey.round() if dtype.kind in "iub" else grey).astype(dtype)  # a float image in 0..1 stays one
+        arr = rgb_to_grey(rgb)
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a 2-D {what}, got shape {arr.shape}")
     if arr.size == 0:
