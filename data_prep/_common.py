@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import logging
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ import numpy as np
 import tifffile
 
 from xmdl_tf.cli import pixel_size
-from xmdl_tf.io import rgb_to_grey
+from xmdl_tf.io import open_tiff, rgb_to_grey
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -193,41 +192,12 @@ def _folder_stack(path: Path, *, label: bool, pattern: str | None, numbered: boo
     )
 
 
-# What tifffile logs when a file ends early or its page chain is broken.
-_TRUNCATED = ("invalid page offset", "failed to read", "failed to reshape", "corrupted", "truncated")
-
-
-class _Damage(logging.Handler):
-    """Collects what tifffile logs about a file it can only partly read (and keeps it off the screen)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def _tiff_stack(path: Path, *, label: bool = False) -> Stack:
-    damage = _Damage()
-    log = logging.getLogger("tifffile")
-    log.addHandler(damage)
-    propagate, log.propagate = log.propagate, False
-    try:
-        with tifffile.TiffFile(path) as tif:
-            shape = tif.series[0].shape
-            axes = tif.series[0].axes
-            n_pages = len(tif.pages)
-    except Exception as err:  # tifffile raises many types for corrupt files
-        raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
-    finally:
-        log.removeHandler(damage)
-        log.propagate = propagate
-    # A truncated download: tifffile guesses a shorter stack rather than failing. (It also warns about
-    # harmless metadata, e.g. non-ASCII text in a description: that file is read as it is.)
-    broken = [m for m in damage.messages if any(k in m for k in _TRUNCATED)]
-    if broken:
-        raise ValueError(f"{path}: damaged TIFF ({broken[0].split('> ', 1)[-1]}); download or export it again")
+    # io.open_tiff refuses a truncated download, of which tifffile would guess a shorter stack.
+    with open_tiff(path) as tif:
+        shape = tif.series[0].shape
+        axes = tif.series[0].axes
+        n_pages = len(tif.pages)
     # tifffile names a colour (or grey + alpha) axis "S": (H, W, S) is one slice, (Z, H, W, S) a stack.
     samples = axes.endswith("S") and shape[-1] > 1
     plane = shape[-3:] if samples else shape[-2:]

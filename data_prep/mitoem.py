@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import tifffile
 from PIL import Image
 
 from data_prep import _common as c
 from xmdl_tf.cli import fraction, guarded, pixel_size, positive_int
+from xmdl_tf.io import DataError, open_tiff
 
 PIXEL_SIZE_NM = 8.0
 RELEASE_Z0 = {"train": 0, "val": 400, "test": 500}
@@ -128,11 +128,13 @@ def _file_shape(path: Path) -> tuple[int, ...]:
     """(H, W) of a 2D image file from its header, without decoding pixels."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            with tifffile.TiffFile(path) as tif:
+            with open_tiff(path) as tif:
                 shape = tif.series[0].shape
         else:
             with Image.open(path) as img:
                 shape = (img.height, img.width)
+    except DataError:
+        raise
     except Exception as err:  # a truncated or corrupt file: the readers raise many types
         raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
     return tuple(s for s in shape if s != 1)
@@ -142,11 +144,8 @@ def _check_label_file(path: Path) -> None:
     if path.suffix.lower() not in c.LABEL_EXTS:
         raise ValueError(f"unsupported label format '{path.suffix}' for {path}; expected {c.LABEL_EXTS}")
     if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            with tifffile.TiffFile(path) as tif:
-                compression, dtype = tif.pages[0].compression, tif.pages[0].dtype
-        except Exception as err:  # a truncated or corrupt file: tifffile raises many types
-            raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+        with open_tiff(path) as tif:
+            compression, dtype = tif.pages[0].compression, tif.pages[0].dtype
         if int(compression) not in c.LOSSLESS_TIFF:
             raise ValueError(f"label {path} is stored with lossy compression {compression!r}")
         if np.dtype(dtype).kind not in "iu":

@@ -604,7 +604,7 @@ def test_mitoem_biapy_checks_what_training_reads_and_keeps_a_train_split(tmp_pat
     kept = first.read_bytes()
     first.write_bytes(kept[:60])  # a truncated download
     assert mitoem.main(["biapy", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
-    assert f"{first}: not a readable image" in capsys.readouterr().err
+    assert f"{first}: not a readable TIFF" in capsys.readouterr().err
     first.write_bytes(kept)
     shutil.rmtree(src / "val")
     assert mitoem.main(["biapy", "--src", str(src), "--out", str(tmp_path / "o"), "--val-fraction", "1"]) == 2

@@ -201,3 +201,33 @@ def test_pixel_size_from_ome_tiff(tmp_path):
     assert read_pixel_size_nm(tmp_path / "a.ome.tif") == pytest.approx(6.5)
     tifffile.imwrite(tmp_path / "b.ome.tif", blob_image(32)[0], ome=True, metadata={"PhysicalSizeX": 0.008})
     assert read_pixel_size_nm(tmp_path / "b.ome.tif") == pytest.approx(8.0)  # OME's default unit is um
+
+
+@pytest.mark.parametrize("kind", ["imagej", "plain", "zlib"])
+def test_a_truncated_tiff_stack_is_refused_not_read_short(tmp_path, kind):
+    """tifffile guesses a shorter stack from a cut-off file (a 6-slice ImageJ stack opens as one
+    2-D image); every reader refuses it by name instead, whatever the root logger's level."""
+    import logging
+
+    from xmdl_tf.io import stack_depth
+    from xmdl_tf.volume_io import open_volume
+
+    stack = np.random.default_rng(0).integers(0, 255, (6, 32, 32), dtype=np.uint8)
+    kwargs = {"imagej": {"imagej": True}, "plain": {}, "zlib": {"compression": "zlib"}}[kind]
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, stack, **kwargs)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    log = logging.getLogger("tifffile")
+    before = (log.level, log.propagate, list(log.handlers))
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.CRITICAL)
+    try:
+        for read in (lambda: stack_depth(cut), lambda: read_image(cut, page=0), lambda: open_volume(str(cut)),
+                     lambda: stack_pairs(cut, cut)):
+            with pytest.raises(DataError, match=r"cut\.tif: damaged TIFF"):
+                read()
+    finally:
+        logging.getLogger().setLevel(root_level)
+    assert (log.level, log.propagate, list(log.handlers)) == before  # tifffile's logger left as found
+    assert stack_depth(whole) == 6 and open_volume(str(whole)).shape == (6, 32, 32)

@@ -14,12 +14,16 @@ uint16). Labels are binary (0/1 or 0/255) or instance ids; foreground is label >
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import glob as _glob
+import logging
 import os
 import re
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +91,80 @@ def _planes(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-2])) if len(shape) > 2 else 1
 
 
+# What tifffile logs when a file ends early or its page chain is broken. It then guesses a
+# shorter stack (a truncated 6-slice ImageJ stack opens as one 2-D image) instead of failing.
+_DAMAGE = ("invalid page offset", "failed to read", "failed to reshape", "corrupted", "truncated")
+
+
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs in this thread while one file is open (other threads' files
+    are not this one's damage)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.damage: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.thread == self.thread and any(k in message for k in _DAMAGE):
+            self.damage.append(message.split("> ", 1)[-1])
+
+
+_TIFF_LOG = logging.getLogger("tifffile")
+_TIFF_LOG_LOCK = threading.Lock()
+_tiff_log_users: list[tuple[bool, int]] = []  # one entry per open file; the first holds what to restore
+
+
+@contextlib.contextmanager
+def _listening(seen: _TiffLog) -> Iterator[None]:
+    """tifffile's log goes to `seen`, not the screen, while any thread has a TIFF open. Its level
+    is set too: an application that quiets the root logger must not quiet this check."""
+    with _TIFF_LOG_LOCK:
+        _tiff_log_users.append((_TIFF_LOG.propagate, _TIFF_LOG.level))
+        _TIFF_LOG.propagate = False
+        _TIFF_LOG.setLevel(logging.WARNING)
+        _TIFF_LOG.addHandler(seen)
+    try:
+        yield
+    finally:
+        with _TIFF_LOG_LOCK:
+            _TIFF_LOG.removeHandler(seen)
+            propagate, level = _tiff_log_users.pop()
+            if not _tiff_log_users:  # the last one out restores what the first one found
+                _TIFF_LOG.propagate = propagate
+                _TIFF_LOG.setLevel(level)
+
+
+@contextlib.contextmanager
+def open_tiff(path: str | Path) -> Iterator[tifffile.TiffFile]:
+    """`tifffile.TiffFile(path)`, raising DataError naming the file when it cannot be read or
+    is damaged (truncated download, broken page chain), even where tifffile itself would carry
+    on with what it could guess. The check covers what the `with` body touched (series, pages,
+    data), so read the series inside it."""
+    path = Path(path)
+    seen = _TiffLog()
+    try:
+        with _listening(seen), tifffile.TiffFile(path) as tif:
+            yield tif
+    except DataError:
+        raise
+    except Exception as err:  # tifffile raises many types for corrupt files
+        if seen.damage:
+            raise DataError(f"{path}: damaged TIFF ({seen.damage[0]}); download or export it again") from None
+        raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+    if seen.damage:
+        raise DataError(f"{path}: damaged TIFF ({seen.damage[0]}); download or export it again")
+
+
 @functools.lru_cache(maxsize=2)
 def _whole_series(path: Path, mtime: float) -> np.ndarray:
-    return tifffile.imread(path, series=0)
+    with open_tiff(path) as tif:
+        return tif.asarray(series=0)
 
 
 def _read_tiff_plane(path: Path, page: int) -> np.ndarray:
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
         series = tif.series[0]
         n = _planes(series.shape)
         if page >= n:
@@ -244,11 +315,8 @@ def stack_depth(path: str | Path) -> int:
     path = Path(path)
     if path.suffix.lower() not in TIFF_EXTS:
         return 1
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return _planes(tif.series[0].shape)
-    except Exception as err:
-        raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+    with open_tiff(path) as tif:
+        return _planes(tif.series[0].shape)
 
 
 def dataset_info(folder: str | Path) -> dict:
@@ -492,7 +560,7 @@ def stack_pairs(image_stack: str | Path, label_stack: str | Path | None = None) 
 
 
 def _page_shape(path: Path) -> tuple[int, ...]:
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
         shape = tif.series[0].shape
     return tuple(shape[-3:-1]) if len(shape) >= 3 and shape[-1] in (3, 4) else tuple(shape[-2:])
 

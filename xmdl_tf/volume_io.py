@@ -65,6 +65,7 @@ from .io import (
     _to_2d,
     _whole_series,
     image_shape,
+    open_tiff,
     to_em_dtype,
 )
 
@@ -467,21 +468,19 @@ def _make(source: str, name: str, shape: Sequence[int], dtype: Any, found: Seque
 
 
 def _open_tiff(source: str, path: Path, kind: str) -> Volume:
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            others = [tuple(x.shape) for x in tif.series[1:] if not getattr(x, "is_pyramidal", False)]
-            shape, axes = series.get_shape(False), series.get_axes(False)
-            # Colour only when the samples follow Y and X (contiguous RGB, as ImageJ and cameras write
-            # it). Samples first are how tifffile.imwrite stores a (3 or 4, Y, X) grey stack: its slices,
-            # as the 2-D readers (`io.stack_depth`) take them.
-            rgb = ("S" in axes and shape[axes.index("S")] in (3, 4) and int(tif.pages[0].photometric) == 2
-                   and axes.index("S") > axes.index("Y"))
-            found = _tiff_voxel_nm(tif)
-            n_pages = len(series.pages)
-            dtype, tkind = series.dtype, series.kind
-    except Exception as err:  # tifffile raises many types for corrupt files
-        raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+    # open_tiff refuses a truncated file, of which tifffile would guess a shorter stack.
+    with open_tiff(path) as tif:
+        series = tif.series[0]
+        others = [tuple(x.shape) for x in tif.series[1:] if not getattr(x, "is_pyramidal", False)]
+        shape, axes = series.get_shape(False), series.get_axes(False)
+        # Colour only when the samples follow Y and X (contiguous RGB, as ImageJ and cameras write
+        # it). Samples first are how tifffile.imwrite stores a (3 or 4, Y, X) grey stack: its slices,
+        # as the 2-D readers (`io.stack_depth`) take them.
+        rgb = ("S" in axes and shape[axes.index("S")] in (3, 4) and int(tif.pages[0].photometric) == 2
+               and axes.index("S") > axes.index("Y"))
+        found = _tiff_voxel_nm(tif)
+        n_pages = len(series.pages)
+        dtype, tkind = series.dtype, series.kind
     if others:
         # Pages of different sizes, or stacks written one after the other: reading the first series
         # alone would silently drop the rest (or call a stack a single 2-D image).
@@ -507,7 +506,7 @@ def _open_tiff(source: str, path: Path, kind: str) -> Volume:
 
     def read(z0: int, z1: int) -> np.ndarray:
         if by_page:
-            with tifffile.TiffFile(path) as tif:
+            with open_tiff(path) as tif:
                 arr = tif.asarray(key=range(z0, z1), series=0)
         else:  # the planes share pages (one page holds several): read the series once, keep it
             arr = _whole_series(path, path.stat().st_mtime)
@@ -528,7 +527,7 @@ def _slice_header(path: Path) -> tuple[tuple[int, int], np.dtype]:
     """(H, W) and the dtype a slice decodes to (after RGB -> gray), from its header."""
     try:
         if path.suffix.lower() in TIFF_EXTS:
-            with tifffile.TiffFile(path) as tif:
+            with open_tiff(path) as tif:
                 series = tif.series[0]
                 shape, axes = series.shape, series.axes
                 planes = int(np.prod([n for a, n in zip(axes, shape) if a not in "YXS"] or [1]))
@@ -598,7 +597,7 @@ def _open_folder(source: str, folder: Path, kind: str) -> Volume:
 
     found = None
     if files[0].suffix.lower() in TIFF_EXTS:
-        with tifffile.TiffFile(files[0]) as tif:
+        with open_tiff(files[0]) as tif:
             found = _tiff_voxel_nm(tif)
     return _make(source, folder.name, (len(files), *shape), dtype, found, f"metadata of {files[0]}", kind, read)
 
