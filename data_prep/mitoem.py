@@ -46,11 +46,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from data_prep import _common as c
 from xmdl_tf.cli import fraction, guarded, pixel_size, positive_int
-from xmdl_tf.io import DataError, open_tiff
+from xmdl_tf.io import open_tiff
 
 PIXEL_SIZE_NM = 8.0
 RELEASE_Z0 = {"train": 0, "val": 400, "test": 500}
@@ -124,22 +123,6 @@ def convert_release(images: str | Path, out: str | Path, *, train_labels: str | 
 # BiaPy layout
 
 
-def _file_shape(path: Path) -> tuple[int, ...]:
-    """(H, W) of a 2D image file from its header, without decoding pixels."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            with open_tiff(path) as tif:
-                shape = tif.series[0].shape
-        else:
-            with Image.open(path) as img:
-                shape = (img.height, img.width)
-    except DataError:
-        raise
-    except Exception as err:  # a truncated or corrupt file: the readers raise many types
-        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
-    return tuple(s for s in shape if s != 1)
-
-
 def _check_label_file(path: Path) -> None:
     if path.suffix.lower() not in c.LABEL_EXTS:
         raise ValueError(f"unsupported label format '{path.suffix}' for {path}; expected {c.LABEL_EXTS}")
@@ -154,15 +137,19 @@ def _check_label_file(path: Path) -> None:
 
 def _check_pair_content(image_file: Path, label_file: Path) -> None:
     """Read the pair as training will (`xmdl_tf.io`): files copied byte for byte must be readable
-    there, so a constant, truncated or colour file fails now, naming itself, not in a training run."""
+    there, so a constant, truncated or colour file fails now, naming itself, not in a training run;
+    and their decoded planes must match (a colour image's (H, W, 3) is an (H, W) slice)."""
     import warnings
 
     from xmdl_tf.io import read_image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the converter's own reading is what decides
-        read_image(image_file)
-    c.check_label_values(c.read_image_file(label_file, label=True), str(label_file))
+        image = read_image(image_file)
+    label = c.read_image_file(label_file, label=True)
+    c.check_label_values(label, str(label_file))
+    if image.shape != label.shape:
+        raise ValueError(f"shape mismatch: image {image_file} is {image.shape} but label {label_file} is {label.shape}")
 
 
 def check_biapy(src: str | Path) -> dict[str, list[tuple[Path, Path, int]]]:
@@ -187,9 +174,6 @@ def check_biapy(src: str | Path) -> dict[str, list[tuple[Path, Path, int]]]:
         for split_pos, (i, j) in enumerate(c.pair_positions(images, labels)):
             image_file, label_file = images.path / images.names[i], labels.path / labels.names[j]
             _check_label_file(label_file)
-            if _file_shape(image_file) != _file_shape(label_file):
-                raise ValueError(f"shape mismatch: image {image_file} is {_file_shape(image_file)} "
-                                 f"but label {label_file} is {_file_shape(label_file)}")
             _check_pair_content(image_file, label_file)
             triples.append((image_file, label_file, images.indices[i]))
         found[split] = triples

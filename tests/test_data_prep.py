@@ -328,9 +328,12 @@ def test_mitoem_biapy_layout_checked_and_copied(tmp_path, link):
 
 def test_mitoem_biapy_val_carved_and_errors(tmp_path):
     _write_biapy(tmp_path / "A", splits=("train",), n=10)
+    grey_as_rgb = tmp_path / "A" / "train" / "x" / "im0003.tif"  # (H, W, 3): an (H, W) slice, as training reads it
+    tifffile.imwrite(grey_as_rgb, np.repeat(tifffile.imread(grey_as_rgb)[..., None], 3, axis=-1))
     mitoem.convert_biapy(tmp_path / "A", tmp_path / "outA", val_fraction=0.2)
     meta = json.loads((tmp_path / "outA" / "dataset.json").read_text())
     assert meta["counts"] == {"train": 8, "val": 2, "test": 0} and meta["val_from_train"]
+    assert (tmp_path / "outA" / "train" / "x" / "im0003.tif").read_bytes() == grey_as_rgb.read_bytes()
     assert meta["splits"]["val"]["slices"] == [8, 9]
 
     _write_biapy(tmp_path / "B", splits=("train", "test"))
