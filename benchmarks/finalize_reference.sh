@@ -35,7 +35,7 @@ for i in 0 1 2; do
   name=$(basename "${SETS[$i]}")
   px=()
   [ "${PX[$i]}" != unknown ] && px=(--pixel-size "${PX[$i]}")
-  run "$PY" -m xmdl_tf.evaluate --model "$OUT" --data "${SETS[$i]}" "${px[@]}" --out "$OUT/eval/${name}_tta"
+  run "$PY" -m xmdl_tf.evaluate --model "$OUT" --data "${SETS[$i]}" "${px[@]}" --tta --out "$OUT/eval/${name}_tta"
   run "$PY" -m xmdl_tf.evaluate --model "$OUT" --data "${SETS[$i]}" "${px[@]}" --no-tta --out "$OUT/eval/${name}"
 done
 run "$PY" -m xmdl_tf.evaluate --volume --model "$OUT" --data "$D/lucchipp_fibsem_mouse" --voxel-size 5 5 5 --out "$OUT/eval3d/lucchi_val"

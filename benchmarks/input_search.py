@@ -5,14 +5,14 @@
         ../shared/data/lucchipp_fibsem_mouse --pixel-size unknown 4.6 5 --out runs/loso/input_search
     python benchmarks/input_search.py --analyse runs/loso/input_search/input_search.json
 
-The leave-one-set-out models fail on an unseen microscope for size (SBEM)
-and for sharpness (the crisp ssTEM set gains when blurred: "Where the
-zero-shot errors come from" in the model card). For each draw (a
-`benchmarks/loso.py` folder whose models carry an `ood.npz`, from
-`python -m xmdl_tf.calibrate`), each left-out set's val and held-out slices
-(test, or val where a set has none) are blurred (Gaussian, sigma in slice px,
-`--blurs`) and zoomed (`--zooms`), and for every (slice, blur, zoom) it records
-the pixel counts against the label at threshold 0.5 (one pass, no TTA), the
+The leave-one-set-out models fail on an unseen microscope for size (SBEM) and
+for sharpness (the crisp ssTEM set gains when blurred: "Where the zero-shot
+errors come from" in the model card). For each draw (a `benchmarks/loso.py`
+folder whose models carry an `ood.npz`, from `python -m xmdl_tf.calibrate`),
+each left-out set's val and held-out slices (test, or val where a set has
+none) are blurred (Gaussian, sigma in slice px: `BLURS`, 0, 1.5 and 3) and
+zoomed (`ZOOMS`, x0.5 to x2), and for every (slice, blur, zoom) it records the
+pixel counts against the label at threshold 0.5 (one pass, no TTA), the
 slice's OOD score on that input (the model's own `ood.npz`: lower = more like
 its training data) and how sure the model is of what it marks (the mean
 probability of the marked pixels, on the slice's grid). The analysis scores

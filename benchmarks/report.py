@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,12 +16,17 @@ KEYS = ("f1", "iou", "precision", "recall", "accuracy", "instance_f1_iou50", "me
 
 
 def main(argv=None) -> int:
-    paths = argv if argv is not None else sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("metrics", nargs="+", type=Path, help="metrics.json files from xmdl_tf.evaluate")
+    args = parser.parse_args(argv)
     rows = []
-    for p in paths:
-        m = json.loads(Path(p).read_text())
-        rows.append({"set": Path(m["data"]).name, "split": m["split"], "TTA": m.get("tta", False),
-                     "images": m["n_images"], **{k: round(m[k], 4) for k in KEYS}})
+    for p in args.metrics:
+        try:
+            m = json.loads(p.read_text())
+            rows.append({"set": Path(m["data"]).name, "split": m["split"], "TTA": m.get("tta", False),
+                         "images": m["n_images"], **{k: round(m[k], 4) for k in KEYS}})
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            parser.exit(2, f"error: {p}: not a metrics.json of xmdl_tf.evaluate ({type(err).__name__}: {err})\n")
     print(markdown(rows), end="")
     return 0
 

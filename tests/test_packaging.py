@@ -220,3 +220,112 @@ def test_bioimageio_package_of_an_equalised_model_is_refused_in_one_line(blob_ru
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'equalize' has no bioimage.io equivalent" in err[0]
     assert not (tmp_path / "zoo").exists()
+
+
+def _doc_commands(text: str) -> list[tuple[int, str]]:
+    """(line, command) of every fenced code line (backslash continuations joined) and every
+    inline `code` span (it may wrap lines) of a Markdown text."""
+    import re
+
+    out, prose, buf, start, fenced = [], [], "", 0, False
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            prose.append((i, line))
+            continue
+        start = start if buf else i
+        cmd = f"{buf} {line.strip()}" if buf else line
+        if cmd.rstrip().endswith("\\"):
+            buf = cmd.rstrip()[:-1]
+            continue
+        buf = ""
+        out.append((start, cmd))
+    joined, offsets = "", []
+    for i, line in prose:
+        offsets.append((len(joined), i))
+        joined += line + "\n"
+    for m in re.finditer(r"`([^`]+)`", joined):
+        if "\n\n" not in m.group(1):
+            out.append((max(i for pos, i in offsets if pos <= m.start()), m.group(1).replace("\n", " ")))
+    return out
+
+
+def test_documented_commands_use_only_flags_and_choices_their_parsers_have(monkeypatch):
+    """Every `python -m xmdl_tf.X ...` and `xmdl-X ...` quoted in the README, the model card and
+    docs/*.md names a command, and each --flag it uses exists in that command's argparse parser
+    (exactly: no abbreviations) with a value among the flag's choices where it has them.
+    Placeholders (<DIR>, RUN, ...) are not judged; only the parsers are built (main up to
+    parse_args), nothing runs."""
+    import argparse
+    import importlib
+    import re
+    import shlex
+
+    from xmdl_tf.__main__ import COMMANDS
+
+    modules = {module.removesuffix(".launch"): module for _, module, _ in COMMANDS}
+    scripts = {name: module for name, module, _ in COMMANDS}
+
+    class Parsed(BaseException):  # not an Exception: cli.guarded must not turn it into an error line
+        def __init__(self, parser):
+            self.parser = parser
+
+    def stop(self, *args, **kwargs):
+        raise Parsed(self)
+
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def parser_of(module: str) -> argparse.ArgumentParser:
+        if module not in parsers:
+            with monkeypatch.context() as m:
+                m.setattr(argparse.ArgumentParser, "parse_args", stop)
+                m.setattr(argparse.ArgumentParser, "parse_known_args", stop)
+                with pytest.raises(Parsed) as got:
+                    importlib.import_module(module).main([])
+            parsers[module] = got.value.parser
+        return parsers[module]
+
+    command = re.compile(r"(?:^|[\s/])python3?\s+-m\s+(xmdl_tf(?:\.[\w.<>]+)?)|(?:^|\s)(xmdl-[a-z]+)(?=\s|$)")
+    docs = [ROOT / "README.md", ROOT / "models" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    problems, checked = [], 0
+    for doc in docs:
+        for line, cmd in _doc_commands(doc.read_text()):
+            for seg in re.split(r"&&|;", re.sub(r"\s#\s.*$", "", cmd)):
+                m = command.search(seg)
+                if not m:
+                    continue
+                where = f"{doc.relative_to(ROOT)}:{line}: {seg.strip()[:120]}"
+                name = m.group(1) or m.group(2)
+                if name == "xmdl_tf" or "<" in name:  # the command list; python -m xmdl_tf.<name>
+                    continue
+                if m.group(2) and name not in scripts:  # xmdl-tf, the plugin's name
+                    continue
+                module = scripts.get(name) or modules.get(name)
+                if module is None:
+                    problems.append(f"{where}: {name} is not a command")
+                    continue
+                rest = seg[m.end():].replace("[", " ").replace("]", " ")
+                try:
+                    tokens = shlex.split(rest)
+                except ValueError:
+                    tokens = rest.split()
+                parser = parser_of(module)
+                checked += 1
+                for k, tok in enumerate(tokens):
+                    if not tok.startswith("--") or "<" in tok:
+                        continue
+                    flag, _, value = tok.partition("=")
+                    action = parser._option_string_actions.get(flag)
+                    if action is None:
+                        problems.append(f"{where}: {name} has no {flag}")
+                        continue
+                    value = value or (tokens[k + 1] if k + 1 < len(tokens) else "")
+                    if action.choices is None or not value or value.startswith("-"):
+                        continue
+                    for alt in value.split("|"):  # `--meshes ply|obj` in prose
+                        if alt.isidentifier() and alt.upper() != alt and alt not in action.choices:
+                            problems.append(f"{where}: {flag} {alt!r} is not one of {sorted(action.choices)}")
+    assert checked > 20, checked  # the extraction still finds the documented commands
+    assert not problems, "\n".join(problems)
