@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -417,3 +418,150 @@ def test_a_calibrated_models_export_warns_and_thresholds_as_the_keras_model(run,
     np.testing.assert_array_equal(res["mask"].numpy()[sure], (p >= 0.6)[sure])
     assert json.loads((out / "1" / "assets" / META_FILE).read_text())["mask_threshold"] == 0.6
 
+
+
+# ----------------------------------------------------------------------------
+# Odd inputs: one clear line naming the file, nothing created or deleted
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_a_scalar_request_is_refused_with_the_shape_message(export_dir):
+    """A rank-0 tensor (`{"inputs": 7}` over REST) gets the shape message, not a slice-index error."""
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(str(export_dir / "1")).signatures
+    for name, value in (("serving_default", np.uint8(7)), ("serving_float", np.float32(7)),
+                        ("predict_normalized", np.float32(0.5))):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must have shape \[batch, height, width, 1\]"):
+            sig[name](images=tf.constant(value))
+
+
+def test_unreadable_files_of_a_model_or_an_export_are_named_in_one_line(run, export_dir, tmp_path, capsys):
+    import shutil
+
+    # A broken model-card file beside the model: named, not a bare JSON parser message.
+    card = tmp_path / "card"
+    shutil.copytree(run, card)
+    (card / "metrics_test.json").write_text("")
+    assert export_main(["--model", str(card), "--out", str(tmp_path / "x1")]) == 2
+    line = _one_error_line(capsys)
+    assert "metrics_test.json" in line and "not valid JSON" in line, line
+    # A damaged ood.npz (an interrupted calibrate): named, no KeyError traceback.
+    ood = tmp_path / "ood"
+    shutil.copytree(run, ood)
+    np.savez(ood / "ood.npz", mean=np.zeros(3))
+    assert export_main(["--model", str(ood), "--out", str(tmp_path / "x2")]) == 2
+    line = _one_error_line(capsys)
+    assert "ood.npz" in line and "out-of-distribution" in line, line
+    # An export whose assets/xmdl.json is damaged: loading it names the file; exporting it again is
+    # refused as a SavedModel, before anything in it is read.
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir / "1", broken / "1")
+    (broken / "1" / "assets" / META_FILE).write_text("{")
+    with pytest.raises(ModelError, match=f"{META_FILE}: not valid JSON"):
+        load_model(broken)
+    (broken / "1" / "saved_model.pb").write_bytes(b"not a graph")
+    assert export_main(["--model", str(broken), "--out", str(tmp_path / "x3")]) == 2
+    assert "already a SavedModel" in _one_error_line(capsys)
+    assert not any((tmp_path / f"x{i}").exists() for i in (1, 2, 3))
+
+
+def test_odd_out_model_and_config_are_refused_before_anything_is_written(run, export_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    import shutil
+
+    # --out copied from a path to saved_model.pb: a version folder, not the export's base folder.
+    before = sorted(p.name for p in (export_dir / "1").iterdir())
+    assert export_main(["--model", str(run), "--out", str(export_dir / "1")]) == 2
+    assert "version folder" in _one_error_line(capsys)
+    assert sorted(p.name for p in (export_dir / "1").iterdir()) == before
+    # $XMDL_MODEL naming nothing: the message says where the path came from.
+    monkeypatch.setenv("XMDL_MODEL", str(tmp_path / "gone"))
+    assert export_main(["--out", str(tmp_path / "x1")]) == 2
+    assert "$XMDL_MODEL" in _one_error_line(capsys)
+    monkeypatch.delenv("XMDL_MODEL")
+    # A config.json whose pixel size is no pixel size: named, as the other config errors are.
+    bad = tmp_path / "bad px"
+    shutil.copytree(run, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["data"]["pixel_size_nm"] = -5.0
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert export_main(["--model", str(bad), "--out", str(tmp_path / "x2")]) == 2
+    line = _one_error_line(capsys)
+    assert "config.json" in line and "pixel size -5 nm" in line, line
+    assert not (tmp_path / "x1").exists() and not (tmp_path / "x2").exists()
+
+
+def test_bioimageio_odd_inputs_are_refused_in_one_line_and_nothing_is_deleted(run, export_dir, tmp_path, capsys):
+    pytest.importorskip("bioimageio.spec")
+    import shutil
+
+    def zoo(*args):
+        return export_main(["--format", "bioimageio", "--no-test", *map(str, args)])
+
+    # An export given as the model: said so, not "no model.keras in this folder".
+    assert zoo("--model", export_dir, "--out", tmp_path / "z1") == 2
+    assert "SavedModel" in _one_error_line(capsys)
+    # --overwrite of a package folder that holds the model: the model would be deleted with it.
+    pkg = tmp_path / "pkg"
+    shutil.copytree(run, pkg / "mine")
+    (pkg / "rdf.yaml").write_text("format_version: 0.5.4\n")
+    assert zoo("--model", pkg / "mine", "--out", pkg, "--overwrite") == 2
+    assert "would replace the input" in _one_error_line(capsys)
+    assert (pkg / "mine" / "model.keras").is_file() and (pkg / "rdf.yaml").is_file()
+    # A config.json with a negative pixel size, and a damaged ood.npz: each named in one line.
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["data"]["pixel_size_nm"] = -1
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert zoo("--model", bad, "--out", tmp_path / "z2") == 2
+    line = _one_error_line(capsys)
+    assert "config.json" in line and "pixel size -1 nm" in line, line
+    ood = tmp_path / "ood"
+    shutil.copytree(run, ood)
+    np.savez(ood / "ood.npz", mean=np.zeros(3))
+    assert zoo("--model", ood, "--out", tmp_path / "z3") == 2
+    line = _one_error_line(capsys)
+    assert "ood.npz" in line and "out-of-distribution" in line, line
+    assert not any((tmp_path / f"z{i}").exists() for i in (1, 2, 3))
+
+
+def test_bioimageio_package_of_a_model_at_a_coarse_pixel_size_into_a_folder_with_spaces(run, tmp_path, capsys):
+    """The cover renders the 4.6-nm sample: a model at 100 nm (beyond the x16 resampling limit)
+    still gets a package, and the printed zip command works for a name with spaces."""
+    pytest.importorskip("bioimageio.spec")
+    import shutil
+
+    import yaml
+
+    coarse = tmp_path / "coarse"
+    shutil.copytree(run, coarse)
+    cfg = json.loads((coarse / "config.json").read_text())
+    cfg["data"]["pixel_size_nm"] = 100.0
+    (coarse / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "my zoo ü"
+    assert export_main(["--format", "bioimageio", "--no-test", "--model", str(coarse), "--out", str(out)]) == 0
+    rdf = yaml.safe_load((out / "rdf.yaml").read_text())
+    assert rdf["inputs"][0]["axes"][1]["scale"] == 100.0 and (out / "cover.png").is_file()
+    hint = capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1]
+    proc = subprocess.run(["bash", "-c", hint.replace("python", shlex.quote(sys.executable), 1)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (hint, proc.stderr[-2000:])
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "my zoo ü.zip") as z:
+        assert "rdf.yaml" in z.namelist()
+
+
+def test_a_stray_file_with_a_version_number_is_skipped_not_named_as_the_next_free_version(run, tmp_path):
+    out = tmp_path / "exports"
+    out.mkdir()
+    (out / "1").write_text("keep")
+    assert export_main(["--model", str(run), "--out", str(out)]) == 0
+    assert (out / "1").read_text() == "keep" and (out / "2" / "saved_model.pb").is_file()

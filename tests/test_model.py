@@ -226,7 +226,8 @@ def test_a_bare_keras_file_reports_its_whole_architecture(tmp_path, arch):
 @pytest.mark.parametrize("edit, message", [({"inference": {"threshold": "0.5"}}, "['threshold']: expected a number"),
                                            ({"data": None}, "['data']: expected a JSON object"),
                                            ({"model": {"depth": 3.5}}, "['depth']: expected a whole number"),
-                                           ({"info": []}, "['info']: expected a JSON object")])
+                                           ({"info": []}, "['info']: expected a JSON object"),
+                                           ({"data": {"pixel_size_nm": -4.6}}, "['data']: pixel size -4.6 nm is outside")])
 def test_a_hand_edited_config_with_a_wrong_type_is_refused_in_one_line(tmp_path, edit, message):
     import json
 

@@ -39,7 +39,7 @@ def test_python_m_xmdl_tf_lists_every_command_and_runs_one(capsys):
 
 
 def test_builtin_model_is_found_by_name_and_a_local_folder_or_env_wins(tmp_path, monkeypatch):
-    from xmdl_tf.predict import resolve_model_path
+    from xmdl_tf.predict import ModelError, resolve_model_path
     from xmdl_tf.pretrained import builtin_models, default_model_path, resolve_model_spec
 
     ref = builtin_models()["xmdl_ref"]
@@ -51,6 +51,10 @@ def test_builtin_model_is_found_by_name_and_a_local_folder_or_env_wins(tmp_path,
     assert resolve_model_path("xmdl_ref") == (ref / "model.keras", ref / "config.json")
     (tmp_path / "xmdl_ref").mkdir()  # a user's own folder of that name is never shadowed
     assert resolve_model_spec("xmdl_ref") == Path("xmdl_ref")
+    # ... and when it holds no weights (the checkout's model-card folder), the error says the way out.
+    with pytest.raises(ModelError, match="xmdl_ref: no model.keras in this folder; for the built-in model say "
+                                         "--model xmdl_ref"):
+        resolve_model_path("xmdl_ref")
     monkeypatch.setenv("XMDL_MODEL", str(tmp_path / "mine"))
     assert default_model_path() == tmp_path / "mine"
 

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 LICENSE = "CC-BY-NC-SA-4.0"  # derived from CC BY-NC-SA 3.0 and non-commercial training data (models/README.md)
 TEST_TILE = 256  # test tensor side, px: a multiple of the network's size divisor
 COVER_TILE = 512
+SAMPLE_PIXEL_SIZE_NM = 4.6  # the shipped sample slice's (CDeep3M SBEM)
 HALO = 32  # px each side that a tiling consumer should discard (half the toolkit's 64-px tile overlap)
 RDF = "rdf.yaml"
 
@@ -173,7 +174,15 @@ def _cover(predictor, image: np.ndarray, dest: Path, pixel_size_nm: float | None
     """The toolkit's unified figure for `image`, the package's cover."""
     from .analyze import analyze_image
     from .figure import unified_figure
+    from .predict import MAX_RESAMPLE
 
+    model_px = predictor.pixel_size_nm
+    if model_px and not 1 / MAX_RESAMPLE <= pixel_size_nm / model_px <= MAX_RESAMPLE:
+        # A model at a pixel size far from the sample's (beyond what analyze resamples): the
+        # cover shows it on the sample's own grid rather than refusing the whole package.
+        log.info("model pixel size %g nm is too far from the sample's %g nm to resample; cover on the sample's grid",
+                 model_px, pixel_size_nm)
+        pixel_size_nm = None
     a = analyze_image(predictor, image, "sample", pixel_size_nm=pixel_size_nm)
     unified_figure(a.image, a.instances, a.table, a.heatmap, dest, title="xmdl_tf reference model on the sample",
                    summary=a.summary, uncertainty=a.uncertainty)
@@ -209,8 +218,9 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
     is given (a file, or a folder of anything else, is never replaced).
     """
     from .data import normalize
-    from .predict import Predictor, load_keras_with_config
-    from .pretrained import NO_DEFAULT, default_model_path
+    from .export import model_ood
+    from .predict import ModelError, Predictor, is_saved_model, load_keras_with_config, resolve_model_path
+    from .pretrained import model_or_default, resolve_model_spec
     from .runlock import atomic_replace_dir
 
     try:
@@ -228,10 +238,15 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
         if not overwrite:
             raise FileExistsError(f"{out}: already holds a bioimage.io package; choose another --out or pass "
                                   "--overwrite to replace it")
-    model = model if model is not None else default_model_path()
-    if model is None:
-        raise FileNotFoundError(NO_DEFAULT)
+    model = model_or_default(model)
+    if is_saved_model(resolve_model_spec(model)):
+        raise ModelError(f"{model}: a SavedModel export; package the .keras model (run folder) it came from")
+    if out.is_dir():  # an earlier package, replaced whole with --overwrite: it must not hold the model
+        cli.refuse_replacing_input(out, resolve_model_path(model)[0])
     net, config, model_path = load_keras_with_config(model)
+    # The network already loaded, wrapped for whole-slice inference (not loaded a second time).
+    predictor = Predictor(net, config, model_path, jit_compile=False)
+    model_ood(predictor)  # a damaged ood.npz (read for the cover) named now, before the package is built
     if config.normalization.get("method", "percentile") != "percentile":
         raise ZooError(f"{model_path}: normalisation {config.normalization.get('method')!r} has no bioimage.io "
                        "equivalent")
@@ -261,8 +276,7 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
                                    [None, :, :, None], verbose=0), np.float32)
         np.save(work / "test_input.npy", x)
         np.save(work / "test_output.npy", y)
-        # The network already loaded, wrapped for whole-slice inference (not loaded a second time).
-        _cover(Predictor(net, config, model_path, jit_compile=False), sample_crop(COVER_TILE), work / "cover.png", 4.6)
+        _cover(predictor, sample_crop(COVER_TILE), work / "cover.png", SAMPLE_PIXEL_SIZE_NM)
         n_params = int(net.count_params())
         (work / "README.md").write_text(_documentation(config, sets, px, n_params))
 

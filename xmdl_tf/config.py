@@ -42,6 +42,15 @@ class DataConfig:
     pixel_size_nm: float | None = None
     set_weights: tuple[float, ...] | None = None
 
+    def __post_init__(self):
+        from .cli import PIXEL_SIZE_RANGE_NM
+
+        lo, hi = PIXEL_SIZE_RANGE_NM
+        # 0 (written by older versions) means unknown, like None.
+        if self.pixel_size_nm and not lo <= self.pixel_size_nm <= hi:
+            raise ValueError(f"pixel size {self.pixel_size_nm:g} nm is outside the plausible range {lo:g}-{hi:g} nm "
+                             "for EM (a unit mistake? nm per pixel)")
+
 
 @dataclass(frozen=True)
 class AugmentConfig:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -119,30 +120,31 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     the layer recorded in config.json, else `dec1_conv2`).
     Returns the version folder.
     """
-    from .predict import load_model
+    from .predict import is_saved_model, load_model, resolve_model_path
+    from .pretrained import resolve_model_spec
 
     out_dir = cli.check_out_folder(out_dir)
     if version is not None and version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
-    existing = versions(out_dir)
+    if (out_dir / "saved_model.pb").is_file():
+        raise cli.UsageError(f"--out {out_dir} is a version folder of an export (it holds saved_model.pb); give the "
+                             f"export's base folder (--out {out_dir.parent})")
+    if is_saved_model(resolve_model_spec(model_path)):
+        # Refused before loading: an export (a damaged one too) is never read here.
+        raise ModelError(f"{model_path}: already a SavedModel; export the .keras model it came from")
+    if resolve_model_path(model_path)[0].parent.resolve() == out_dir.resolve():
+        # Version folders beside model.keras would make load_model read the folder as the SavedModel.
+        raise cli.UsageError(f"--out {out_dir} is the model's own folder; export to a folder of its own")
+    # Every numeric name is taken, a stray file "1" too (else "next free: 1" would name it again).
+    existing = sorted(int(p.name) for p in out_dir.iterdir() if p.name.isdecimal()) if out_dir.is_dir() else []
     version = version if version is not None else (existing[-1] + 1 if existing else 1)
     target = out_dir / str(version)
     if target.exists():
         raise FileExistsError(f"{target}: version {version} already exists; choose another --version or omit it "
                               f"(next free: {(existing[-1] + 1) if existing else 1}); versions are never overwritten")
     predictor = load_model(model_path, jit_compile=False)
-    if Path(predictor.path).parent.resolve() == out_dir.resolve():
-        # Version folders beside model.keras would make load_model read the folder as the SavedModel.
-        raise cli.UsageError(f"--out {out_dir} is the model's own folder; export to a folder of its own")
-    # The class as `load_model` imported it: under `python -m xmdl_tf.export` this file also runs as
-    # __main__, whose SavedModelPredictor is another class object, and isinstance would miss.
-    from .export import SavedModelPredictor as LoadedSavedModel
-    if isinstance(predictor, LoadedSavedModel):
-        raise ModelError(f"{model_path}: already a SavedModel; export the .keras model it came from")
     layer = gradcam_layer or predictor.gradcam_layer
-    from .ood import model_distribution
-
-    dist = model_distribution(predictor)
+    dist = model_ood(predictor)
     archive = _archive(predictor.model, predictor.config, layer, dist)
     meta = _metadata(predictor, layer, version, dist)
 
@@ -164,6 +166,17 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
+
+
+def model_ood(predictor: Predictor):
+    """`ood.model_distribution(predictor)`, a damaged ood.npz (an interrupted calibrate) named in one line."""
+    from .ood import model_distribution
+
+    try:
+        return model_distribution(predictor)
+    except Exception as err:  # np.load's and the archive's own errors name neither the file nor its role
+        raise ModelError(f"{predictor.ood_file()}: cannot read this out-of-distribution model "
+                         f"({type(err).__name__}: {cli.one_line(err)}); run calibrate again or remove it") from None
 
 
 def _archive(model, config: Config, layer: str, dist=None):
@@ -189,7 +202,9 @@ def _archive(model, config: Config, layer: str, dist=None):
         # into a constant 4, so the rank is counted from the runtime shape vector instead.
         shape = tf.raw_ops.Shape(input=images, out_type=tf.int64)
         rank = tf.shape(tf.where(tf.greater_equal(shape, 0)), out_type=tf.int64)[0]
-        form = tf.debugging.Assert(tf.logical_and(tf.equal(rank, 4), tf.equal(shape[-1], channels)), [
+        # The last dimension, -1 for a scalar (whose empty shape has none to index).
+        last = tf.concat([tf.constant([-1], tf.int64), shape], axis=0)[-1]
+        form = tf.debugging.Assert(tf.logical_and(tf.equal(rank, 4), tf.equal(last, channels)), [
             f"images must have shape [batch, height, width, {channels}]; got shape", shape], summarize=8)
         with tf.control_dependencies([form]):
             size = "images: height and width must be at least 1 pixel"
@@ -332,7 +347,8 @@ def _metadata(predictor: Predictor, layer: str, version: int, dist=None) -> dict
     from . import __version__
 
     model_dir = predictor.path.parent
-    card = {p.name: json.loads(p.read_text()) for p in sorted(model_dir.glob("metrics*.json"))}
+    card = {p.name: _read_json(p, "it goes into the export's model card; fix or remove it")
+            for p in sorted(model_dir.glob("metrics*.json"))}
     config = predictor.config
     return {
         "format": "xmdl_tf SavedModel",
@@ -371,7 +387,18 @@ def read_metadata(path: str | Path) -> dict:
     meta = vdir / "assets" / META_FILE
     if not meta.is_file():
         raise ModelError(f"{vdir}: no assets/{META_FILE}; not exported by `python -m xmdl_tf.export`")
-    return json.loads(meta.read_text())
+    found = _read_json(meta, "export the model again")
+    if not isinstance(found, dict):
+        raise ModelError(f"{meta}: expected a JSON object, got {type(found).__name__}; export the model again")
+    return found
+
+
+def _read_json(path: Path, advice: str):
+    """The JSON in `path`; ModelError naming the file when it is not JSON (empty, truncated, binary)."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise ModelError(f"{path}: not valid JSON ({cli.one_line(err)}); {advice}") from None
 
 
 @dataclass
@@ -485,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         rdf = export_bioimageio(args.model, args.out, run_test=not args.no_test, overwrite=args.overwrite)
         print(f"wrote the bioimage.io package {rdf.parent} ({rdf.name}); checked with bioimageio.spec"
               + ("" if args.no_test else " and bioimageio.core's model test"))
-        print(f"zip it for deepImageJ or ilastik: python -m zipfile -c {rdf.parent.name}.zip {rdf.parent}/*")
+        zipped, folder = shlex.quote(f"{rdf.parent.name}.zip"), shlex.quote(str(rdf.parent))
+        print(f"zip it for deepImageJ or ilastik: python -m zipfile -c {zipped} {folder}/*")
         return 0
     if args.overwrite or args.no_test:
         raise cli.UsageError("--overwrite and --no-test apply to --format bioimageio only")

@@ -45,7 +45,12 @@ def resolve_model_path(path: str | Path) -> tuple[Path, Path | None]:
         if (path / "model.keras").is_file():
             path = path / "model.keras"
         else:
-            raise ModelError(f"{path}: no model.keras in this folder")
+            from .pretrained import builtin_models
+
+            # `--model models/xmdl_ref` in a checkout: the model card's folder, whose weights ship
+            # in the package under the built-in name.
+            hint = f"; for the built-in model say --model {path.name}" if path.name in builtin_models() else ""
+            raise ModelError(f"{path}: no model.keras in this folder{hint}")
     elif not path.is_file():
         raise ModelError(f"{path}: model not found")
     if path.suffix != ".keras":

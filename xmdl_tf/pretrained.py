@@ -69,12 +69,17 @@ NO_DEFAULT = (f"no default model is installed (built-in '{DEFAULT}' missing and 
 
 
 def model_or_default(model: str | Path | None) -> str | Path:
-    """`model` as given, else `default_model_path()`; FileNotFoundError(NO_DEFAULT) when neither exists."""
+    """`model` as given, else `default_model_path()`; FileNotFoundError(NO_DEFAULT) when neither exists,
+    or naming $XMDL_MODEL when it names nothing (else the user sees a path they never typed)."""
     if model is not None:
         return model
     found = default_model_path()
     if found is None:
         raise FileNotFoundError(NO_DEFAULT)
+    if os.environ.get(ENV) and not found.exists():
+        raise FileNotFoundError(f"${ENV}={os.environ[ENV]}: no such model (a run folder, .keras file, export or "
+                                f"built-in name: {', '.join(builtin_models()) or 'none installed'}); "
+                                f"unset it or pass --model MODEL")
     return found
 
 
