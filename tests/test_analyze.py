@@ -148,3 +148,31 @@ def test_analyze_says_once_when_it_assumes_the_models_pixel_size(tiny_run, tmp_p
     assert err.count("states no pixel size") == 1 and "s0.png states no pixel size" in err and "5 nm" in err
     analyze(inputs, pred, tmp_path / "o2", settings=Settings(inference=fast, figure=False, pixel_size_nm=5.0))
     assert "states no pixel size" not in capsys.readouterr().err
+
+
+def test_a_users_folder_named_like_a_result_is_never_replaced_and_a_killed_swap_keeps_the_old_result(
+        tiny_run, tmp_path, capsys):
+    # data/a.png analysed into data/: data/a/ is the user's own folder. --resume and --overwrite
+    # replace OUT/<name> whole; they would have deleted it.
+    img, _ = blob_image(64)
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    cv2.imwrite(str(data / "a.png"), img)
+    (data / "a" / "notes.txt").write_text("mine")
+    base = [str(data / "a.png"), "--model", str(tiny_run), "--no-figure", "--no-tta"]
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        assert analyze_main(base + ["--out", str(data)] + flags) == 2
+        err = capsys.readouterr().err
+        assert "data/a: exists and is not a result of analyze (holds notes.txt)" in err and "Traceback" not in err
+    assert sorted(p.name for p in data.iterdir()) == ["a", "a.png"] and (data / "a" / "notes.txt").is_file()
+    # A kill between the two renames of the result swap leaves the old result aside only: the next
+    # run puts it back (and --resume skips the image) instead of deleting it.
+    out = tmp_path / "out"
+    assert analyze_main(base + ["--out", str(out)]) == 0
+    before = (out / "a" / "morphometry.csv").read_bytes()
+    (out / "a").rename(out / ".a.replaced")
+    assert analyze_main(base + ["--out", str(out), "--resume"]) == 0
+    assert "1 image(s) already done" in capsys.readouterr().out
+    assert (out / "a" / "morphometry.csv").read_bytes() == before and not (out / ".a.replaced").exists()
+    (out / "a" / ".DS_Store").write_bytes(b"")  # what a file browser adds is no reason to keep the folder
+    assert analyze_main(base + ["--out", str(out), "--overwrite"]) == 0

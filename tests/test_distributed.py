@@ -325,3 +325,66 @@ def test_a_run_started_before_value_stats_existed_resumes(tmp_path):
     state.write_text(json.dumps({**asdict(plan), "halo": 16, "value_stats": list(plan.value_stats)}))
     with pytest.raises(DataError, match=r"other settings \(halo\)"):
         _create(out, plan, overwrite=False, resume=True)
+
+
+def test_out_inside_the_input_store_is_refused(blob_run, tmp_path, capsys):
+    """An OUT.zarr inside a Zarr input becomes part of that store: the workers (and any later run) then
+    find several 3-D arrays there and cannot read the input any more."""
+    from xmdl_tf.volume import main
+
+    image = blob_volume((24, 64, 64), n=1)[0][:8]
+    src = tmp_path / "in.zarr"
+    zarr.open_group(str(src), mode="w", zarr_format=2).create_array("raw", data=image)
+    out = src / "res.zarr"
+    assert main([str(src), "--out", str(out), "--model", str(blob_run[1])]) == 2
+    err = capsys.readouterr().err
+    assert "inside the input" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in src.iterdir()) == [".zattrs", ".zgroup", "raw"] or \
+        sorted(p.name for p in src.iterdir()) == [".zgroup", "raw"]
+
+
+def test_a_constant_chunk_is_not_a_whole_volume_read_and_a_constant_volume_one_line(client, blob_run, tmp_path,
+                                                                                    monkeypatch):
+    from xmdl_tf.distributed import ChunkPlan, _CACHE, task_histogram
+    from xmdl_tf.volume_io import Volume
+
+    image = blob_volume((24, 64, 64), n=1)[0][:8]
+    image[:, :, :32] = 0  # a blank margin: the left chunks are constant
+    write_volume_tiff(tmp_path / "margin.tif", image)
+    plan = ChunkPlan(str(tmp_path / "margin.tif"), "model", image.shape, (8, 64, 32), 8, None, {}, None)
+    _CACHE.clear()
+
+    def whole_read(self, *a, **k):
+        raise AssertionError("a worker read the whole volume for a constant chunk")
+
+    monkeypatch.setattr(Volume, "value_stats", whole_read)
+    counts = task_histogram(plan, plan.grid[0])
+    assert counts[:, 0].tolist() == [64 * 32] * 8
+    _CACHE.clear()
+    monkeypatch.undo()
+    # A constant 8-bit volume (known only once its histograms are in): one line, and no OUT left.
+    write_volume_tiff(tmp_path / "const.tif", np.full((4, 64, 64), 7, np.uint8))
+    with pytest.raises(DataError, match="constant volume"):
+        _run(client, tmp_path / "const.tif", tmp_path / "c.zarr", blob_run[1], chunks=(4, 64, 64))
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_corrupt_slice_read_by_a_worker_is_one_line(blob_run, tmp_path, capfd):
+    """A DataError raised in a worker (here a slice whose header reads but whose pixels do not) is
+    reported once by the driver, without Dask's "Compute Failed" log and the worker's traceback."""
+    import cv2
+
+    from xmdl_tf.volume import main
+
+    image = blob_volume((24, 64, 64), n=1)[0][:8]
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z in range(4):
+        cv2.imwrite(str(folder / f"im{z}.png"), image[z])
+    (folder / "im2.png").write_bytes((folder / "im2.png").read_bytes()[:300])  # cut short
+    capfd.readouterr()
+    assert main([str(folder), "--out", str(tmp_path / "o.zarr"), "--model", str(blob_run[1]), "--workers", "1",
+                 "--tile", "64"]) == 2
+    err = capfd.readouterr().err
+    assert "im2.png: not a readable image" in err
+    assert "Compute Failed" not in err and "Traceback" not in err, err

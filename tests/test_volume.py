@@ -381,3 +381,48 @@ def test_a_set_of_every_nth_section_warns_about_the_z_voxel_size(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_z_step(tmp_path, None)
+
+
+def test_resume_or_overwrite_never_replaces_a_folder_it_did_not_write(tiny_run, tmp_path, capsys):
+    # data/stack.tif analysed into data/: OUT/stack is the user's folder of the same slices. --resume
+    # and --overwrite replace OUT/<stem> whole; they used to delete it.
+    import cv2
+
+    from xmdl_tf.analyze import main
+
+    image, _ = blob_volume((24, 64, 64), n=1)
+    data = tmp_path / "data"
+    (data / "stack").mkdir(parents=True)
+    _write_stack(data / "stack.tif", image[:4])
+    for z in range(3):
+        cv2.imwrite(str(data / "stack" / f"im{z}.png"), image[z])
+    base = [str(data / "stack.tif"), "--volume", "--model", str(tiny_run), "--tile", "64", "--no-figure"]
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        assert main(base + ["--out", str(data)] + flags) == 2
+        err = capsys.readouterr().err
+        assert "is not a result of analyze (holds im0.png and 2 more)" in err and "Traceback" not in err
+    assert sorted(p.name for p in (data / "stack").iterdir()) == ["im0.png", "im1.png", "im2.png"]
+    assert sorted(p.name for p in data.iterdir()) == ["stack", "stack.tif"]
+    # Its own earlier result is replaced on --overwrite as before.
+    out = tmp_path / "out"
+    assert main(base + ["--out", str(out)]) == 0
+    assert main(base + ["--out", str(out), "--overwrite"]) == 0
+
+
+def test_a_run_killed_while_swapping_a_result_in_keeps_the_old_one(tiny_run, tmp_path):
+    # atomic_replace_dir renames OUT/<stem> to .<stem>.replaced, then the new folder into place: a kill
+    # between the two leaves only the old result, aside. The next run must put it back, not delete it.
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.volume import VolumeSettings, analyze_volumes
+
+    image, _ = blob_volume((24, 64, 64), n=1)
+    stack = _write_stack(tmp_path / "stack.tif", image[:4], (20.0, 10.0, 10.0))
+    out = tmp_path / "out"
+    model = load_model(tiny_run, jit_compile=False)
+    settings = VolumeSettings(inference={"tile": 64}, figure=False)
+    assert analyze_volumes([str(stack)], model, out, settings=settings, verbose=False)["analysed"] == ["stack"]
+    before = (out / "stack" / "objects.csv").read_bytes()
+    (out / "stack").rename(out / ".stack.replaced")
+    r = analyze_volumes([str(stack)], model, out, settings=settings, resume=True, verbose=False)
+    assert r["skipped"] == ["stack"] and r["analysed"] == []
+    assert (out / "stack" / "objects.csv").read_bytes() == before and not (out / ".stack.replaced").exists()

@@ -530,6 +530,19 @@ def test_label_slab(tmp_path, vol):
         h5_volume(tmp_path, neg).label_slab(0, 1)
 
 
+def test_label_ids_beyond_uint32_are_not_wrapped(tmp_path, vol):
+    # int64 instance ids (e.g. from a 64-bit agglomeration) above 2**32 - 1: a cast to uint32
+    # would wrap 2**32 + 2 onto 2, silently merging two objects.
+    ids = np.zeros(vol.shape, np.int64)
+    ids[:, :4, :4] = 2
+    ids[:, 10:14, 10:14] = 2**32 + 2
+    out = h5_volume(tmp_path, ids).label_slab(0, len(ids))
+    assert len(np.unique(out)) == 3
+    np.testing.assert_array_equal(out, ids)
+    assert h5_volume(tmp_path, ids.astype(np.float64)).label_slab(0, 2).max() == 2**32 + 2
+    assert h5_volume(tmp_path, ids % 7).label_slab(0, 2).dtype == np.uint32  # small ids stay uint32
+
+
 def test_check_same_grid(tmp_path, vol):
     image = open_volume(tifffile.imwrite(tmp_path / "i.tif", vol) or tmp_path / "i.tif")
     label = open_volume(tifffile.imwrite(tmp_path / "l.tif", vol[:, :, :30]) or tmp_path / "l.tif", kind="label")
@@ -646,3 +659,18 @@ def test_a_slice_reads_the_same_as_a_file_and_as_a_one_slice_volume(tmp_path, ki
     flat = read_image(tmp_path / "a.tif")
     assert flat.dtype in (np.uint8, np.uint16)
     np.testing.assert_array_equal(h5_volume(tmp_path, plane[None]).image_slab(0, 1)[0], flat)
+
+
+def test_n5_container_listing_skips_a_broken_attributes_file(tmp_path):
+    # Naming the container instead of a dataset lists its datasets; one unreadable attributes.json
+    # elsewhere in it used to end in a JSONDecodeError traceback instead of that one line.
+    pytest.importorskip("tensorstore")
+    root = tmp_path / "c.n5"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "attributes.json").write_text('{"n5": "2.0.0"}')
+    (root / "a" / "attributes.json").write_text('{"dimensions": [8, 8, 4], "blockSize": [8, 8, 4], '
+                                                '"dataType": "uint8", "compression": {"type": "raw"}}')
+    (root / "b" / "attributes.json").write_text("{broken")
+    with pytest.raises(DataError, match=r"an N5 container, not a dataset; .*\(datasets: a\)"):
+        open_volume(root)

@@ -303,6 +303,29 @@ def confidence_model(calibration: dict, tta: bool):
     return None
 
 
+# Files a computer writes beside a user's (never a reason to keep a folder).
+_SYSTEM_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def refuse_foreign_result(folder: Path) -> None:
+    """One-line error when OUT/<name> exists and is not a result of analyze (2-D or --volume):
+    --resume and --overwrite replace that folder whole, and must never delete what this command
+    did not write (say, a folder of slices `stack/` beside the `stack.tif` being analysed)."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    from .volume import VOLUME_FILES
+
+    ours = {*OUTPUT_FILES, *VOLUME_FILES, "meshes.ply", "meshes.obj", *_SYSTEM_FILES}
+    if folder.is_symlink() or not folder.is_dir():
+        what = "a link" if folder.is_symlink() else "a file"
+    else:
+        other = sorted(p.name for p in folder.iterdir() if p.name not in ours or not p.is_file())
+        what = other and f"holds {other[0]}" + (f" and {len(other) - 1} more" if len(other) > 1 else "")
+    if what:
+        raise cli.UsageError(f"{folder}: exists and is not a result of analyze ({what}), which this input's "
+                             "results would replace; choose another --out")
+
+
 def write_outputs(a: Analysis, folder: Path, make_figure: bool = True) -> None:
     """Write the per-image files (see module docstring) into `folder`, atomically.
 
@@ -372,7 +395,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
 
     from .io import read_image, read_label, read_pixel_size_nm
     from .predict import load_model
-    from .runlock import FolderLock
+    from .runlock import FolderLock, finish_replace_dir
 
     s = settings or Settings()
     if s.pixel_size_nm is not None:
@@ -383,6 +406,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
         return {"analysed": [], "skipped": [], "failed": failed}
     for pair in pairs:  # OUT/<name> is replaced whole on --overwrite: it must not hold an input
         cli.refuse_replacing_input(out / pair.name, pair.image)
+        refuse_foreign_result(out / pair.name)
     label_map = match_labels(pairs, labels)
     if labels is not None:
         unlabelled = [p.name for p in pairs if p.name not in label_map]
@@ -400,6 +424,8 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                              f"{predictor.size_divisor}; try {max(ic.tile // predictor.size_divisor, 1) * predictor.size_divisor}")
 
     with FolderLock(out, "analysis"):
+        for pair in pairs:  # a run killed between the two renames of atomic_replace_dir: keep its result
+            finish_replace_dir(out / pair.name)
         rows, objects = _previous_rows(out)
         complete = {n for n in rows if _complete(out / n, s.figure)}
         if not (overwrite or resume):

@@ -145,7 +145,9 @@ def _key(region: Sequence[slice]) -> str:
 
 def task_histogram(plan: ChunkPlan, region) -> np.ndarray:
     """(z, 65536) int64 grey-value counts of each slice of a chunk."""
-    img = _volume(plan).image_slab(region[0].start, region[0].stop, region[1:])
+    # The driver checks for a constant volume (from these histograms); a constant chunk (a blank margin)
+    # must not make each worker read the whole volume to tell.
+    img = _volume(plan).image_slab(region[0].start, region[0].stop, region[1:], check_constant=False)
     return np.stack([np.bincount(s.ravel().astype(np.int64), minlength=65536) for s in img])
 
 
@@ -165,7 +167,7 @@ def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads:
     h = plan.halo
     Y, X = plan.shape[1:]
     grown = (slice(max(ys.start - h, 0), min(ys.stop + h, Y)), slice(max(xs.start - h, 0), min(xs.stop + h, X)))
-    img = _volume(plan).image_slab(zs.start, zs.stop, grown)
+    img = _volume(plan).image_slab(zs.start, zs.stop, grown, check_constant=False)
     counts = np.load(histograms, mmap_mode="r")[zs.start:zs.stop]
     pred = _predictor(plan.model, tf_threads)
     ic = InferenceConfig(**plan.inference)
@@ -235,7 +237,7 @@ def task_objects(plan: ChunkPlan, out: str, batch: int, comps: np.ndarray, lo: n
                 continue
             origin = [r.start + s.start for r, s in zip(region, bb)]
             box = tuple(slice(o, o + (s.stop - s.start)) for o, s in zip(origin, bb))
-            image = vol.image_slab(box[0].start, box[0].stop, box[1:])
+            image = vol.image_slab(box[0].start, box[0].stop, box[1:], check_constant=False)
             row = object_row(k, sub[bb] == k, origin, plan.shape, plan.voxel_size_nm, image=image)
             rows.append({**{c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()},
                          "component": int(i), "sub": int(k)})
@@ -417,6 +419,23 @@ def _log_level(level: int, *names: str) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+class _DataErrorFilter(logging.Filter):
+    """Drops a worker's "Compute Failed" log (with its traceback) of a DataError: bad input that the
+    driver reports as one line when it re-raises it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("Compute Failed") and len(args) > 3
+                    and str(args[3]).startswith("DataError("))
+
+
+def _quiet_data_errors() -> None:
+    """Install `_DataErrorFilter` on this (worker) process's `distributed.worker` logger."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _DataErrorFilter) for f in logger.filters):
+        logger.addFilter(_DataErrorFilter())
+
+
 def _cluster(client, scheduler: str, workers: int):
     """(client, close) for an existing client, an address, or a LocalCluster of `workers` processes."""
     from distributed import Client, LocalCluster
@@ -435,6 +454,7 @@ def _cluster(client, scheduler: str, workers: int):
     # Our own workers only (a user's cluster keeps its logging): tasks cancelled by a closing run
     # are expected, not worth a warning each.
     c.run(_log_level, logging.ERROR, "distributed.worker.state_machine")
+    c.run(_quiet_data_errors)
 
     def close(interrupted: bool = False):
         if interrupted:  # workers cut off mid-task and mid-heartbeat would each log it
@@ -498,8 +518,8 @@ def _gather(client, futures, what: str, report: Reporter):
     return results
 
 
-def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> None:
-    """Create OUT.zarr for `plan`, or check it belongs to the same run (`resume`)."""
+def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> bool:
+    """Create OUT.zarr for `plan` (True), or check it belongs to the same run (`resume`, False)."""
     import zarr
 
     state = out / WORK / "state.json"
@@ -518,7 +538,7 @@ def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> None:
                 diff = sorted(k for k in mine if old.get(k) != mine[k])
                 raise DataError(f"{out}: was started with other settings ({', '.join(diff)}); "
                                 "resume with the same ones, or use --overwrite")
-            return
+            return False
         if not overwrite:
             raise FileExistsError(f"{out} exists; use --resume to continue that run, --overwrite to replace it, "
                                   "or another --out")
@@ -531,6 +551,7 @@ def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> None:
                                                   fill_value=0)
     (out / WORK).mkdir()
     state.write_text(json.dumps(asdict(plan), indent=2) + "\n")
+    return True
 
 
 def process_volume(source: str, out: str | Path, model: str | Path | None = None, client=None,
@@ -564,6 +585,11 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
         raise DataError(f"--out {out}: the output is an OME-Zarr folder; give it a .zarr name")
     vol = open_volume(source, kind="image")
     cli.refuse_replacing_input(out, source_path(source))
+    src = source_path(source).resolve()
+    if src.is_dir() and src in out.resolve().parents:
+        # A store inside a Zarr input becomes part of it: the input would no longer open (several arrays).
+        raise DataError(f"--out {out}: inside the input {source}; the output must not be written into the "
+                        "data it reads; choose another --out")
     stats = None
     if np.dtype(vol.dtype) not in (np.uint8, np.uint16, np.bool_):
         # The volume's value range (one read, here), NaN and constant checks: before OUT exists, not in a worker.
@@ -603,7 +629,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
               + (" x ".join(f"{v:g}" for v in voxel) + " nm" if voxel else "size unknown (voxels)"), flush=True)
 
     with FolderLock(out, "chunked volume run"):
-        _create(out, plan, overwrite, resume)
+        fresh = _create(out, plan, overwrite, resume)
         client, close = _cluster(client, scheduler, workers)
         interrupted = False
         try:
@@ -623,7 +649,13 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                 hist = np.zeros((plan.shape[0], 65536), np.int64)
                 for region, h in zip(grid, _gather(client, futs, "histograms", report)):
                     hist[region[0]] += h
-                top = max(256, int(np.flatnonzero(hist.any(0)).max(initial=0)) + 1)
+                levels = np.flatnonzero(hist.any(0))
+                if len(levels) < 2:  # (a volume of another dtype was checked before OUT was created)
+                    if fresh:
+                        shutil.rmtree(out, ignore_errors=True)
+                    raise DataError(f"{vol.source}: constant volume (every voxel is {int(levels.max(initial=0))}); "
+                                    "nothing to segment")
+                top = max(256, int(levels.max(initial=0)) + 1)
                 with open(work / "histograms.tmp.npy", "wb") as f:
                     np.save(f, hist[:, :top])
                 os.replace(work / "histograms.tmp.npy", hist_file)

@@ -333,10 +333,10 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     `overwrite`; `resume` skips volumes already complete. `labels` (one label
     stack) needs exactly one input.
     """
-    from .analyze import _previous_rows, _write_tables
+    from .analyze import _previous_rows, _write_tables, refuse_foreign_result
     from .pretrained import NO_DEFAULT, default_model_path
     from .predict import load_model
-    from .runlock import FolderLock
+    from .runlock import FolderLock, finish_replace_dir
     from .volume_io import check_same_grid, open_volume, resolve_voxel_size, source_path
 
     s = settings or VolumeSettings()
@@ -360,6 +360,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
             raise cli.UsageError(f"{vol.source}: gives no output name; name the folder or file itself (not '.' "
                                  "or '..')")
         cli.refuse_replacing_input(out / vol.name, source_path(vol.source))
+        refuse_foreign_result(out / vol.name)
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(f"several inputs share the output name(s) {dupes}; analyse them into separate --out folders")
@@ -375,6 +376,8 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     resolve_inference(predictor, s.inference)  # invalid overrides fail here, before any output
 
     with FolderLock(out, "analysis"):
+        for vol, _ in volumes:  # a run killed between the two renames of atomic_replace_dir: keep its result
+            finish_replace_dir(out / vol.name)
         rows, objects = _previous_rows(out, key="volume")
         need = _needed(s.figure)
         complete = {n for n in rows if all((out / n / f).is_file() for f in need)}

@@ -182,14 +182,16 @@ class Volume:
         lo, hi, integral = stats
         self._stats = (float(lo), float(hi), bool(integral))
 
-    def image_slab(self, z0: int, z1: int, yx: tuple[slice, slice] | None = None) -> np.ndarray:
+    def image_slab(self, z0: int, z1: int, yx: tuple[slice, slice] | None = None,
+                   check_constant: bool = True) -> np.ndarray:
         """Slices z0..z1-1 as an EM image (z1 - z0, Y, X), uint8 or uint16, like `io.read_image`.
 
         The dtype rule of `io.to_em_dtype`, with one map for the whole volume (signed integers
         shifted by its minimum, floats mapped from its range or cast when all its values are
         integers in 0..65535), so that the chunks of a slice agree: the first such call reads
         the volume once for `value_stats`. A constant volume is a DataError; a constant slice
-        inside a varying volume is not.
+        inside a varying volume is not. check_constant=False skips that check (which reads the
+        whole volume when this slab is constant): for callers that check the volume elsewhere.
         """
         raw = self.slab(z0, z1, yx)
         if raw.dtype.kind in "iuf" and raw.dtype not in (np.uint8, np.uint16):
@@ -198,7 +200,7 @@ class Volume:
                 raise DataError(f"{self.source}: constant volume (every voxel is {lo:g}); nothing to segment")
             return to_em_dtype(raw, f"{self.source} (slices {z0}..{z1 - 1})", (lo, hi), integral)
         out = to_em_dtype(raw, self.source)
-        if out.min() == out.max() and self.value_stats()[0] == self.value_stats()[1]:
+        if check_constant and out.min() == out.max() and self.value_stats()[0] == self.value_stats()[1]:
             raise DataError(f"{self.source}: constant volume (every voxel is {raw.flat[0]}); nothing to segment")
         return out
 
@@ -206,8 +208,8 @@ class Volume:
         """Slices z0..z1-1 as label ids (z1 - z0, Y, X); foreground is > 0.
 
         Unsigned ids are returned unchanged, bool as uint8, signed and float ids
-        as uint32; negative or non-integer values are a DataError (checked as
-        each slab is read).
+        as uint32 (uint64 when an id exceeds uint32, never wrapped); negative or
+        non-integer values are a DataError (checked as each slab is read).
         """
         raw = self.slab(z0, z1, yx)
         where = f"{self.source} (slices {z0}..{z1 - 1})"
@@ -216,14 +218,19 @@ class Volume:
         if raw.dtype.kind == "f":
             if not np.isfinite(raw).all() or not np.array_equal(raw, np.round(raw)) or raw.min() < 0:
                 raise DataError(f"{where}: label has non-integer or negative values; expected a mask or instance ids")
-            return raw.astype(np.uint32)
+            return raw.astype(_id_dtype(raw))
         if raw.dtype.kind == "i":
             if raw.min() < 0:
                 raise DataError(f"{where}: label has negative values")
-            return raw.astype(np.uint32)
+            return raw.astype(_id_dtype(raw))
         if raw.dtype.kind == "u":
             return raw
         raise DataError(f"{self.source}: unsupported label dtype {raw.dtype}")
+
+
+def _id_dtype(ids: np.ndarray) -> type:
+    """uint32 for non-negative ids that fit it, else uint64 (a cast must never merge two ids)."""
+    return np.uint32 if ids.size == 0 or ids.max() <= np.iinfo(np.uint32).max else np.uint64
 
 
 def iter_slabs(n_slices: int, slab: int) -> Iterator[tuple[int, int]]:
@@ -821,6 +828,15 @@ def _open_zarr(source: str, path: Path, inner: str | None, kind: str) -> Volume:
     return _make(source, name, shape, arr.dtype, found, origin, kind, read, reads_yx=True)
 
 
+def _json_or_empty(path: Path) -> dict:
+    """A JSON object file's contents, or {} when it is unreadable or not an object (listing only)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def _open_n5(source: str, path: Path, inner: str | None, kind: str) -> Volume:
     """An N5 dataset (a folder with attributes.json holding `dimensions`), read with tensorstore.
 
@@ -840,7 +856,7 @@ def _open_n5(source: str, path: Path, inner: str | None, kind: str) -> Volume:
         raise DataError(f"{attrs_file}: unreadable N5 attributes ({err})") from None
     if "dimensions" not in attrs:
         found = sorted(p.parent.relative_to(path).as_posix() for p in path.rglob("attributes.json")
-                       if "dimensions" in json.loads(p.read_text()))
+                       if "dimensions" in _json_or_empty(p))
         raise DataError(f"{folder}: an N5 container, not a dataset; name one as {path}/<dataset> "
                         f"(datasets: {', '.join(found) or 'none'})")
     try:
