@@ -8,12 +8,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import re
 import shlex
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -291,8 +293,16 @@ def test_grpc_without_serving_api_is_explained(tmp_path):
 
 def test_versions_are_never_overwritten(run, export_dir, capsys):
     before = hashlib.sha256((export_dir / "1" / "saved_model.pb").read_bytes()).hexdigest()
+    # Staging folders: one left by an export killed a day ago (removed), one of an export that may
+    # still be running (kept).
+    stale, recent = export_dir / ".tmp-2-killed", export_dir / ".tmp-7-running"
+    for p in (stale, recent):
+        (p / "variables").mkdir(parents=True)
+    os.utime(stale, (time.time() - 86400,) * 2)
     assert export_main(["--model", str(run), "--out", str(export_dir)]) == 0
     assert versions(export_dir) == [1, 2]
+    assert not stale.exists() and recent.is_dir()
+    shutil.rmtree(recent)
     assert export_main(["--model", str(run), "--out", str(export_dir), "--version", "1"]) == 2
     assert "version 1 already exists" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="never overwritten"):

@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shlex
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -151,6 +153,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     # Write beside the target and rename at the end: TF Serving polls EXPORT_DIR
     # and must never see a half-written version (it ignores non-numeric names).
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir))
     try:
         usual_permissions(tmp)  # mkdtemp's 0o700 would keep a serving process of another user out
@@ -166,6 +169,23 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
+
+
+STALE_TEMP_S = 6 * 3600  # an export takes minutes; a staging folder this old was left by a killed one
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Delete the staging folders (`.tmp-<version>-*`) of exports killed before they could clean up
+    (SIGKILL, power loss): hidden from TF Serving, but a full model each. Recent ones may belong
+    to an export still running, so only old ones go."""
+    now = time.time()
+    for p in out_dir.glob(".tmp-*-*"):
+        try:
+            if p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > STALE_TEMP_S:
+                shutil.rmtree(p)
+                logging.getLogger(__name__).info("removed %s, left by an interrupted export", p)
+        except OSError:  # another process removed it, or it is not ours to remove: leave it
+            pass
 
 
 def model_ood(predictor: Predictor):
