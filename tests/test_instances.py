@@ -242,3 +242,136 @@ def test_pairwise_iou_sparse_table():
     assert ids_a.tolist() == [3, 7] and ids_b.tolist() == [5, 900]
     pairs = {(int(ids_a[i]), int(ids_b[j])): v for i, j, v in zip(ia, ib, iou)}
     assert pairs == pytest.approx({(7, 5): 4 / 16, (7, 900): 8 / (16 + 16 - 8)})
+
+
+# Independent brute-force references for the scores
+
+
+def _brute_ious(pred, true):
+    p_ids = [int(i) for i in np.unique(pred) if i]
+    t_ids = [int(j) for j in np.unique(true) if j]
+    iou = np.zeros((len(p_ids), len(t_ids)))
+    for a, i in enumerate(p_ids):
+        for b, j in enumerate(t_ids):
+            iou[a, b] = np.sum((pred == i) & (true == j)) / np.sum((pred == i) | (true == j))
+    return p_ids, t_ids, iou
+
+
+def _brute_max_matching(iou, threshold):
+    """Largest number of one-to-one pairs with IoU >= threshold, by enumeration."""
+    def best(a, used):
+        if a == iou.shape[0]:
+            return 0
+        options = [best(a + 1, used)]
+        options += [1 + best(a + 1, used | {b}) for b in range(iou.shape[1]) if b not in used and iou[a, b] >= threshold]
+        return max(options)
+    return best(0, frozenset())
+
+
+def _coco_ap(pred, true, threshold, scores=None):
+    """COCO / MitoEM AP: greedy matching in score order (a true object claimed once), 101-point precision."""
+    p_ids, t_ids, iou = _brute_ious(pred, true)
+    if not t_ids:
+        return float("nan")
+    rank = [np.sum(pred == i) if scores is None else scores.get(i, 0.0) for i in p_ids]
+    claimed, hits = set(), []
+    for a in np.argsort(-np.asarray(rank, float), kind="stable"):
+        free = [b for b in range(len(t_ids)) if b not in claimed and iou[a, b] >= threshold]
+        if free:
+            claimed.add(max(free, key=lambda b: iou[a, b]))
+        hits.append(bool(free))
+    hits = np.asarray(hits, bool)
+    tp, fp = np.cumsum(hits), np.cumsum(~hits)
+    recall, precision = tp / len(t_ids), list(tp / np.maximum(tp + fp, 1))
+    for i in range(len(precision) - 1, 0, -1):
+        precision[i - 1] = max(precision[i - 1], precision[i])
+    q = [precision[k] if k < len(precision) else 0.0 for k in np.searchsorted(recall, np.linspace(0, 1, 101), "left")]
+    return float(np.mean(q))
+
+
+def test_match_and_ap_agree_with_brute_force():
+    from xmdl_tf.instances import average_precision
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        # Tiny random label images: many exact IoU ties (0.5 included), non-contiguous ids.
+        pred, true = rng.integers(0, 4, (3, 4)) * 3, rng.integers(0, 4, (3, 4)) * 5
+        scores = {int(i): float(rng.random()) for i in range(3, 10, 3)} if trial % 2 else None
+        p_ids, t_ids, iou = _brute_ious(pred, true)
+        for t in (0.5, 0.75):
+            m = match_instances(pred, true, t)
+            tp = _brute_max_matching(iou, t)
+            assert (m["tp"], m["n_pred"], m["n_true"]) == (tp, len(p_ids), len(t_ids))
+            ap = average_precision(pred, true, (t,), scores)[f"ap{round(100 * t)}"]
+            ref = _coco_ap(pred, true, t, scores)
+            assert (math.isnan(ap) and math.isnan(ref)) or ap == pytest.approx(ref), (trial, t)
+
+
+def test_ap_counts_a_true_object_once_when_two_halves_reach_iou_half():
+    from xmdl_tf.instances import average_precision
+
+    # True: two 2 x 4 objects; predicted: the first cut into two 1 x 4 halves (IoU exactly 0.5
+    # each), the second missed. One true positive, recall 0.5: AP50 = 51 / 101, not 1.0.
+    true = np.zeros((6, 4), np.uint16)
+    true[0:2], true[4:6] = 1, 2
+    pred = np.zeros((6, 4), np.uint16)
+    pred[0], pred[1] = 1, 2
+    assert average_precision(pred, true)["ap50"] == pytest.approx(51 / 101)
+    assert match_instances(pred, true, 0.5)["tp"] == 1
+
+
+def test_match_and_ap_with_uint64_ids_beyond_int64():
+    from xmdl_tf.instances import average_precision
+
+    true = np.zeros((4, 8), np.uint64)
+    true[:, 0:2], true[:, 4:6], true[:, 6:8] = 1, 2**63 + 7, 2**64 - 1
+    assert match_instances(true, true)["tp"] == 3
+    assert average_precision(true, true) == {"ap50": 1.0, "ap75": 1.0}
+
+
+def test_pooled_pixel_scores_agree_with_brute_force():
+    from xmdl_tf.metrics import add_counts, confusion, scores
+
+    rng = np.random.default_rng(1)
+    total = {}
+    preds, trues = [], []
+    for _ in range(5):
+        pred, true, valid = rng.random((9, 7)) < 0.4, rng.random((9, 7)) < 0.3, rng.random((9, 7)) < 0.8
+        total = add_counts(total, confusion(pred, true, valid))
+        preds.append(pred[valid]), trues.append(true[valid])
+    p, t = np.concatenate(preds), np.concatenate(trues)
+    tp, fp, fn = np.sum(p & t), np.sum(p & ~t), np.sum(~p & t)
+    s = scores(total)
+    assert s["precision"] == pytest.approx(tp / (tp + fp)) and s["recall"] == pytest.approx(tp / (tp + fn))
+    assert s["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn)) and s["iou"] == pytest.approx(tp / (tp + fp + fn))
+    assert s["accuracy"] == pytest.approx(np.mean(p == t))
+    # Documented conventions: nothing to find and nothing found scores 1; otherwise a 0/0 ratio is 0.
+    empty = np.zeros((4, 4), bool)
+    assert scores(confusion(empty, empty)) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "iou": 1.0, "accuracy": 1.0}
+    some = empty.copy()
+    some[1, 1] = True
+    assert scores(confusion(empty, some))["precision"] == 0.0 and scores(confusion(some, empty))["recall"] == 0.0
+
+
+def test_separation_neither_loses_nor_duplicates_foreground():
+    from scipy import ndimage as ndi
+
+    from xmdl_tf.instances3d import volume_instances
+
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        mask = np.zeros((64, 64), bool)
+        for _ in range(6):
+            rr, cc = disk(rng.integers(0, 64, 2), rng.integers(3, 12), shape=mask.shape)
+            mask[rr, cc] = True
+        labels = mask_to_instances(mask)
+        assert not (mask & (labels == 0)).any() and not ((labels > 0) & ~ndi.binary_fill_holes(mask)).any()
+        assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))
+    zz, yy, xx = np.mgrid[:12, :32, :32]
+    vol = np.zeros((12, 32, 32), bool)
+    for _ in range(5):
+        c, r = rng.integers(0, (12, 32, 32)), rng.integers(3, 8)
+        vol |= (3 * (zz - c[0])) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r
+    labels = volume_instances(vol, (30.0, 10.0, 10.0))
+    assert not (vol & (labels == 0)).any()
+    assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))

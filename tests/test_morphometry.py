@@ -307,3 +307,47 @@ def test_large_slice_many_objects():
     classify(table)
     assert len(table) >= 400 and len(table) == labels.max()
     np.testing.assert_array_equal(table["area_px2"].to_numpy(), np.bincount(labels.ravel())[1:])
+
+
+# Edge cases found in the numerical audit
+
+
+@pytest.mark.parametrize("dtype, big", [(np.uint32, 2**32 - 1), (np.int64, 2**40), (np.uint64, 2**63 + 5)])
+def test_huge_ids_are_measured_and_kept(dtype, big):
+    # Ids far above the pixel count (uint32 maxima, 64-bit hashes) made per-id arrays
+    # as long as the largest id: MemoryError, or a wrapped negative id for uint64.
+    labels = np.zeros((20, 20), dtype)
+    labels[2:5, 2:6] = 3
+    labels[10:19, 10:12] = big
+    image = np.arange(400, dtype=np.float64).reshape(20, 20)
+    table = measure(labels, image=image, pixel_size_nm=2.0)
+    assert [int(i) for i in table["id"]] == [3, big]
+    assert table["area_px2"].tolist() == [12.0, 18.0]
+    assert table["area_nm2"].tolist() == [48.0, 72.0]
+    assert table["mean_intensity"].tolist() == [image[2:5, 2:6].mean(), image[10:19, 10:12].mean()]
+    assert (table["centroid_y_px"].tolist(), table["centroid_x_px"].tolist()) == ([3.0, 14.0], [3.5, 10.5])
+
+
+def _bar(angle_deg, length=200, width=11, size=300):
+    """Round-capped bar whose medial axis is ``length`` px long, at ``angle_deg``."""
+    a = math.radians(angle_deg)
+    dx, dy = length / 2 * math.cos(a), length / 2 * math.sin(a)
+    c = size / 2
+    return _line_mask((size, size), [(round(c - dx), round(c + dy)), (round(c + dx), round(c - dy))], width)
+
+
+def test_skeleton_length_does_not_depend_on_orientation():
+    # The raw 8-connected staircase (steps 1 and sqrt 2) measured a bar at 22.5-30 degrees
+    # ~7% longer than the same bar drawn horizontally, and a ring 5% longer than 2 pi r.
+    for angle in (0, 10, 22.5, 30, 45, 60):
+        length, branches, _ = skeleton_stats(_bar(angle))
+        assert branches == 1 and length == pytest.approx(200, rel=0.025), angle
+    for r in (15, 25, 50):
+        ring = np.zeros((2 * r + 20, 2 * r + 20), np.uint8)
+        cv2.circle(ring, (r + 10, r + 10), r, 1, 5)
+        assert skeleton_stats(ring.astype(bool))[0] == pytest.approx(2 * math.pi * r, rel=0.015)
+    from xmdl_tf.morphometry import _path_length
+
+    corner = np.zeros((6, 6), bool)
+    corner[2, 2:4] = corner[3, 3] = True  # three mutually adjacent pixels (a pruned skeleton can end so)
+    assert 1.4 <= _path_length(corner) <= 2.0

@@ -454,3 +454,15 @@ def test_coarse_mesh_of_a_thin_object_does_not_fail():
     plate[1, 5:35, 5:35] = True
     verts, faces = object_mesh(plate, (30.0, 5.0, 5.0), step=6)
     assert verts.ndim == 2 and verts.shape[1] == 3 and faces.shape[1] == 3
+
+
+@pytest.mark.parametrize("dtype, big", [(np.uint32, 2**32 - 1), (np.int64, 2**40), (np.uint64, 2**63 + 5)])
+def test_huge_ids_are_measured_and_kept(dtype, big):
+    # Ids far above the voxel count made ndi.find_objects allocate one entry per id.
+    labels = np.zeros((6, 12, 12), dtype)
+    labels[1:4, 2:5, 2:6] = 2
+    labels[2:5, 6:11, 6:10] = big
+    table = measure3d(labels, ISO)
+    assert [int(i) for i in table["id"]] == [2, big]
+    assert table["volume_vox"].tolist() == [36, 60]
+    assert table["volume_nm3"].tolist() == [36_000.0, 60_000.0]

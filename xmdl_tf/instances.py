@@ -285,15 +285,20 @@ def _gaps(holes: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> np.ndarray
 
 
 def _ids_and_areas(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nonzero ids (sorted) and their pixel counts."""
+    """Nonzero ids (sorted; int64, or uint64 for uint64 labels) and their pixel counts."""
     flat = labels.ravel()
     if flat.size and int(flat.max()) <= 4 * flat.size:
         counts = np.bincount(flat.astype(np.int64))
         ids = np.flatnonzero(counts)
         ids = ids[ids > 0]
-        return ids, counts[ids]
+        return ids.astype(_id_dtype(labels)), counts[ids]
     ids, counts = np.unique(flat, return_counts=True)
-    return ids[ids > 0].astype(np.int64), counts[ids > 0]
+    return ids[ids > 0].astype(_id_dtype(labels)), counts[ids > 0]
+
+
+def _id_dtype(labels: np.ndarray) -> type:
+    """uint64 ids stay uint64 (ids >= 2**63 would wrap in int64 and break the sorted order)."""
+    return np.uint64 if labels.dtype == np.uint64 else np.int64
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -308,8 +313,8 @@ def pairwise_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     ids_a, area_a = _ids_and_areas(a)
     ids_b, area_b = _ids_and_areas(b)
     both = (a != 0) & (b != 0)
-    ia = np.searchsorted(ids_a, a[both].astype(np.int64))
-    ib = np.searchsorted(ids_b, b[both].astype(np.int64))
+    ia = np.searchsorted(ids_a, a[both].astype(ids_a.dtype))
+    ib = np.searchsorted(ids_b, b[both].astype(ids_b.dtype))
     nb = max(len(ids_b), 1)
     key, inter = np.unique(ia.astype(np.int64) * nb + ib, return_counts=True)
     ia, ib = key // nb, key % nb
@@ -403,8 +408,9 @@ def average_precision(
     As in the challenge's evaluation code (mAP_3Dvolume, COCO-style): the
     predictions are ranked by score, highest first; each one is a true
     positive at threshold t when its best IoU with any true object is >= t
-    (for t >= 0.5 no true object can be claimed twice, since predictions are
-    disjoint); precision is made monotone from the right and read at the 101
+    and no higher-ranked prediction has claimed that object (above 0.5 none
+    can, since predictions are disjoint; at exactly 0.5 the two halves of one
+    true object both reach it, and only the first counts); precision is made monotone from the right and read at the 101
     recall points 0, 0.01, ..., 1 (0 beyond the highest recall reached); AP is
     their mean. Without ``scores`` objects are ranked by size (voxel count),
     the challenge's default when no score file is given.
@@ -427,15 +433,20 @@ def average_precision(
     p_ids, p_area = _ids_and_areas(pred)
     t_ids, t_area = _ids_and_areas(true)
     best = np.zeros(len(p_ids))
+    best_true = np.full(len(p_ids), -1)  # index into t_ids of each prediction's best true object
     both = (pred != 0) & (true != 0)
     if both.any():
-        pi = np.searchsorted(p_ids, pred[both].astype(np.int64))
-        ti = np.searchsorted(t_ids, true[both].astype(np.int64))
+        pi = np.searchsorted(p_ids, pred[both].astype(p_ids.dtype))
+        ti = np.searchsorted(t_ids, true[both].astype(t_ids.dtype))
         key, inter = np.unique(pi.astype(np.int64) * len(t_ids) + ti, return_counts=True)
         pi, ti = key // len(t_ids), key % len(t_ids)
-        np.maximum.at(best, pi, inter / (p_area[pi] + t_area[ti] - inter))
+        iou = inter / (p_area[pi] + t_area[ti] - inter)
+        order = np.lexsort((-iou, pi))  # per prediction, highest IoU first
+        first = order[np.r_[True, pi[order][1:] != pi[order][:-1]]]
+        best[pi[first]], best_true[pi[first]] = iou[first], ti[first]
     rank = p_area.astype(np.float64) if scores is None else np.array([scores.get(int(i), 0.0) for i in p_ids], float)
-    best = best[np.argsort(-rank, kind="stable")]
+    order = np.argsort(-rank, kind="stable")
+    best, best_true = best[order], best_true[order]
     out = {}
     for t in iou_thresholds:
         key = f"ap{round(100 * t)}"
@@ -443,6 +454,11 @@ def average_precision(
             out[key] = float("nan")
             continue
         hit = best >= t
+        # A true object is claimed once, by the highest-ranked prediction reaching t (as in the
+        # challenge's COCO matching): at t = 0.5 exactly, two halves of one object both reach it.
+        reach = np.flatnonzero(hit)
+        hit[reach] = False
+        hit[reach[np.unique(best_true[reach], return_index=True)[1]]] = True
         tp, fp = np.cumsum(hit), np.cumsum(~hit)
         recall = tp / len(t_ids)
         precision = tp / np.maximum(tp + fp, 1)

@@ -6,8 +6,10 @@ applied in three dimensions and in physical units, so anisotropic voxels
 (e.g. 45 x 4.6 x 4.6 nm serial sections) are measured as what they are:
 
 - foreground: probability >= threshold (or a given mask);
-- 3-D connected components (26-connected, as 8-connected in 2-D); enclosed
-  cavities filled; components under ``min_volume`` dropped;
+- 3-D connected components (26-connected, as 8-connected in 2-D); components
+  under ``min_volume`` dropped, their voxels counted before cavities are
+  filled (unlike 2-D, which fills holes first; the chunked path counts the
+  same way as this one); enclosed cavities filled;
 - each component is split at its necks by `instances.split_component` on its
   Euclidean distance transform computed with the voxel spacing (nm), so a
   neck is judged by its real half-width whatever the slice thickness.
@@ -89,7 +91,9 @@ def volume_instances(
             is foreground; NaN is background), or a bool/integer mask (nonzero).
         voxel_size_nm: (z, y, x) nm; None = unknown, distances in voxels.
         threshold: probability cut-off for float input.
-        min_size_vox: components with fewer voxels are dropped (see `min_volume_vox`).
+        min_size_vox: components with fewer voxels are dropped (see `min_volume_vox`);
+            the count is taken before cavities are filled, so an enclosed cavity
+            does not count towards it (`measure3d` reports the filled volume).
         fill_holes: fill cavities enclosed in 3-D (not those open to a face of
             the volume or to the outside).
         separate: split touching mitochondria at necks; False keeps 3-D

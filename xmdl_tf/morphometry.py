@@ -72,17 +72,65 @@ def _neighbours(skel: np.ndarray) -> np.ndarray:
 
 
 def _path_length(skel: np.ndarray) -> float:
-    """Centre-to-centre length of an 8-connected skeleton, pixels.
+    """Length of a skeleton in pixels: the sum over its branches of the polyline through the pixel centres.
 
-    Orthogonal links count 1 and diagonal links sqrt(2); a diagonal link that
-    is already bridged by an orthogonal corner pixel is skipped, so staircase
-    corners are not counted twice.
+    Links: orthogonal neighbours, and diagonal ones not already bridged by an
+    orthogonal corner pixel (so staircase corners are not counted twice). The
+    links are cut into branches (end or junction to end or junction, or a
+    closed loop), and each branch is smoothed by two passes of a [1, 2, 1] / 4
+    filter with its ends fixed before its length is taken, as in 3-D
+    (``morphometry3d._path_length``): the raw 8-connected staircase of steps
+    1 and sqrt(2) overstates an oblique or curved line by up to ~8% (a bar at
+    22.5-30 degrees, a ring), the smoothed one stays within ~1.5% at every
+    angle; straight horizontal, vertical and diagonal runs are unchanged.
     """
+    width = skel.shape[1]
     right, down = _shifted(skel, 0, 1), _shifted(skel, 1, 0)
-    ortho = np.count_nonzero(skel & right) + np.count_nonzero(skel & down)
-    dr = skel & _shifted(skel, 1, 1) & ~right & ~down
-    dl = skel & _shifted(skel, 1, -1) & ~_shifted(skel, 0, -1) & ~down
-    return ortho + math.sqrt(2) * (np.count_nonzero(dr) + np.count_nonzero(dl))
+    starts = (
+        (1, skel & right),
+        (width, skel & down),
+        (width + 1, skel & _shifted(skel, 1, 1) & ~right & ~down),
+        (width - 1, skel & _shifted(skel, 1, -1) & ~_shifted(skel, 0, -1) & ~down),
+    )
+    src = np.concatenate([np.flatnonzero(start) for _, start in starts])
+    dst = np.concatenate([np.flatnonzero(start) + step for step, start in starts])
+    adjacent: dict[int, list[tuple[int, int]]] = {}
+    for e, (a, b) in enumerate(zip(src.tolist(), dst.tolist())):
+        adjacent.setdefault(a, []).append((b, e))
+        adjacent.setdefault(b, []).append((a, e))
+    used = np.zeros(len(src), bool)
+
+    def branch(start: int, nxt: int, e: int) -> float:
+        path = [start]
+        while True:
+            used[e] = True
+            path.append(nxt)
+            if len(adjacent[nxt]) != 2:
+                break
+            ahead = [(q, f) for q, f in adjacent[nxt] if not used[f]]
+            if not ahead:  # back at the start of a closed loop
+                break
+            nxt, e = ahead[0]
+        return _smoothed_length(np.column_stack(np.divmod(np.asarray(path), width)))
+
+    total = 0.0
+    # Branches from every end or junction first, then what is left: closed loops.
+    for nodes_first in (True, False):
+        for a, links in adjacent.items():
+            if nodes_first and len(links) == 2:
+                continue
+            for b, e in links:
+                if not used[e]:
+                    total += branch(a, b, e)
+    return total
+
+
+def _smoothed_length(coords: np.ndarray, passes: int = 2) -> float:
+    """Length of an ordered path (n, 2) after ``passes`` [1, 2, 1] / 4 smoothings, ends fixed."""
+    c = np.asarray(coords, np.float64)
+    for _ in range(passes if len(c) > 2 else 0):
+        c[1:-1] = 0.25 * c[:-2] + 0.5 * c[1:-1] + 0.25 * c[2:]
+    return float(np.linalg.norm(np.diff(c, axis=0), axis=1).sum())
 
 
 def _trace_spur(skel: np.ndarray, nb: np.ndarray, end: tuple[int, int]) -> tuple[list, tuple[int, int]] | None:
@@ -196,9 +244,10 @@ def skeleton_stats(obj: np.ndarray, spur_factor: float = 1.0) -> tuple[float, in
             local half-width at its junction.
 
     Returns:
-        skeleton length in pixels (centre to centre; for a straight bar of
-        length L and width W about L - W, since the medial axis stops short of
-        the ends), number of branches (1 for a simple curve or loop, 3 for a
+        skeleton length in pixels (centre to centre along the smoothed
+        branches, see ``_path_length``; for a straight bar of length L and
+        width W about L - W, since the medial axis stops short of the ends),
+        number of branches (1 for a simple curve or loop, 3 for a
         Y, 4 for an X, 0 for an empty mask) and the (h, w) bool skeleton.
     """
     obj = np.pad(np.asarray(obj, bool), 2)
@@ -246,8 +295,7 @@ def measure(
         raise ValueError(f"pixel_size_nm must be a positive number or None, got {pixel_size_nm!r}")
     if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
         raise ValueError("instance ids must be non-negative")
-    if labels.dtype == np.uint64:
-        labels = labels.astype(np.int64)
+    labels, original_ids = compact_ids(labels)
     height, width = labels.shape
 
     props = regionprops_table(
@@ -302,7 +350,29 @@ def measure(
     if pixel_size_nm is not None:
         for col, (phys, power) in _PHYSICAL.items():
             table[phys] = table[col] * float(pixel_size_nm) ** power
+    if original_ids is not None:
+        table["id"] = original_ids[ids]
     return table
+
+
+def compact_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels whose ids are small enough for per-id arrays (``ndi.find_objects``, ``bincount``).
+
+    Ids above the number of pixels (e.g. 2**32 - 1 or uint64 hashes) would make
+    those arrays as long as the largest id; such labels are renumbered 1..n in
+    id order. Returns (labels to measure, the original id of each new id with
+    index 0 for the background, int64 or uint64), or (labels, None) when the
+    ids are kept.
+    """
+    top = int(labels.max()) if labels.size else 0
+    if top <= max(labels.size, 1):
+        return (labels.astype(np.int64) if labels.dtype == np.uint64 else labels), None
+    ids, inverse = np.unique(labels, return_inverse=True)
+    if ids[0] != 0:
+        ids, inverse = np.r_[ids.dtype.type(0), ids], inverse + 1
+    if ids.dtype.kind == "i" or ids[-1] <= np.iinfo(np.int64).max:
+        ids = ids.astype(np.int64)
+    return inverse.reshape(labels.shape).astype(np.int64), ids
 
 
 def _means(values: np.ndarray, labels: np.ndarray, ids: np.ndarray, area: np.ndarray) -> np.ndarray:

@@ -62,7 +62,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import marching_cubes, mesh_surface_area
 from skimage.morphology import skeletonize
-from .morphometry import Rules
+from .morphometry import Rules, compact_ids
 from .runlock import usual_permissions
 
 __all__ = [
@@ -549,12 +549,14 @@ def measure3d(
         if arr is not None and np.shape(arr) != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} differs from instances shape {labels.shape}")
     size = _voxel_size(voxel_size_nm)
+    labels, original_ids = compact_ids(labels)  # ids up to 2**64 - 1 without id-long arrays
     rows = []
     for index, box in enumerate(ndi.find_objects(labels)):
         if box is None:
             continue
         obj_id = index + 1
-        rows.append(object_row(obj_id, labels[box] == obj_id, tuple(s.start for s in box), labels.shape, size,
+        rows.append(object_row(obj_id if original_ids is None else original_ids[obj_id], labels[box] == obj_id,
+                               tuple(s.start for s in box), labels.shape, size,
                                None if image is None else image[box], None if heatmap is None else heatmap[box]))
     return table_from_rows(rows, voxel_size_nm, image is not None, heatmap is not None)
 
@@ -608,7 +610,8 @@ def table_from_rows(rows: list[dict], voxel_size_nm: Sequence[float] | None = No
     table = pd.DataFrame(rows, columns=columns)
     for axis, value in zip("zyx", spacing):
         table[f"voxel_size_{axis}_nm"] = value if known else np.nan
-    dtypes = {"id": np.int64, "volume_vox": np.int64, "z_extent_slices": np.int64, "n_branches": np.int64,
+    big = len(table) and int(table["id"].max()) > np.iinfo(np.int64).max  # uint64 ids beyond int64
+    dtypes = {"id": np.uint64 if big else np.int64, "volume_vox": np.int64, "z_extent_slices": np.int64, "n_branches": np.int64,
               "n_junctions": np.int64, "touches_border": bool}
     dtypes.update({c: np.int64 for c in columns if c.startswith("bbox_")})
     return table.astype(dtypes).astype({c: np.float64 for c in columns if c not in dtypes})
