@@ -107,7 +107,9 @@ def score_slice(probability: np.ndarray, label: np.ndarray, inference: Inference
 
 def matched_objects(predicted: np.ndarray, true: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
     """Per predicted object 1..N (N = predicted.max()): True if some true object overlaps it with
-    IoU >= iou_threshold (unique at 0.5 and above, as in `instances.match_instances`)."""
+    IoU >= iou_threshold. Above 0.5 a true object can be matched by one prediction only; at exactly
+    0.5 the two halves of one true object both count (`instances.match_instances`, which pairs
+    them one to one, counts one), a tie too rare on real slices to change a figure."""
     if iou_threshold < 0.5:
         raise ValueError("matched_objects needs iou_threshold >= 0.5 (where matches are unique)")
     return best_iou(predicted, true) >= iou_threshold
