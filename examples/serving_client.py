@@ -68,7 +68,9 @@ def request_body(image: np.ndarray, signature: str = "explain") -> dict:
 def parse_response(response: dict) -> dict[str, np.ndarray]:
     """TF Serving REST response (row `predictions` or columnar `outputs`) -> arrays with a batch axis.
 
-    For `explain`: probabilities float32 (n, H, W), mask uint8 (n, H, W), gradcam float32 (n, H, W).
+    For `explain`: probabilities float32 (n, H, W), mask uint8 (n, H, W) 0/1, gradcam float32 (n, H, W)
+    in [0, 1] and uncertainty float32 (n, H, W) (entropy, bits, in [0, 1]); `serving_default` has
+    the first two only.
     """
     if "error" in response:
         raise RuntimeError(f"TF Serving: {response['error']}")

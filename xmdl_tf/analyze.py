@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from .autoscale import enabled as auto_zoom_enabled
 from .config import InferenceConfig, resolve_inference
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
 from .pretrained import NO_DEFAULT, default_model_path
+
+if TYPE_CHECKING:
+    from .predict import Predictor
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # warnings given once per process
@@ -140,7 +144,14 @@ class Settings:
 
 @dataclass
 class Analysis:
-    """Everything computed for one image."""
+    """Everything computed for one image (H, W: the image's own grid, whatever it was predicted at).
+
+    image: the raw slice; probability, heatmap (Grad-CAM, [0, 1]) and uncertainty (entropy, bits,
+    [0, 1]): float32 (H, W); mask: bool (H, W), probability >= threshold; instances: uint16 (uint32
+    above 65535 objects) (H, W) ids, 0 background; table: pandas DataFrame, one row per object
+    (the objects.csv columns, lengths in px and, with a pixel size, nm); summary: the summary.csv
+    row; true_mask: bool (H, W) when a label was given.
+    """
 
     name: str
     image: np.ndarray
@@ -154,12 +165,17 @@ class Analysis:
     uncertainty: np.ndarray | None = None  # (H, W) float32 entropy of the calibrated probability
 
 
-def analyze_image(predictor, image: np.ndarray, name: str = "image", settings: Settings | None = None,
-                  label: np.ndarray | None = None, pixel_size_nm: float | None = None, progress=None) -> Analysis:
-    """Run the whole pipeline on one raw slice (H, W) uint8/uint16.
+def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", settings: Settings | None = None,
+                  label: np.ndarray | None = None, pixel_size_nm: float | None = None,
+                  progress: Callable[[int], None] | None = None) -> Analysis:
+    """Run the whole pipeline on one raw slice (H, W) uint8/uint16; returns an `Analysis`.
 
-    label: optional ground truth (binary mask or instance ids) for scores.
+    predictor: from `load_model` (a run folder, `.keras` file, export or built-in name).
+    settings: inference overrides, shape rules, faithfulness (`Settings`); default: the
+    model's own inference settings, as `python -m xmdl_tf.analyze` applies them.
+    label: optional ground truth (H, W) (binary mask or instance ids) for scores.
     pixel_size_nm: nm per pixel, or None (measurements in pixels).
+    progress: optional callable, called with the number of tiles in each finished batch.
     """
     from .autoscale import for_objects, prediction_grid
     from .gradcam import deletion_check, energy_inside

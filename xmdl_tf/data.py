@@ -26,6 +26,7 @@ Targets are float32 (B, T, T, 1): 1 mitochondrion, 0 background, -1 ignored.
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from .augment import IGNORE
@@ -42,7 +43,7 @@ __all__ = ["IGNORE", "SliceRegion", "TrainingSet", "holdout_split", "normalize",
 # Normalisation: defined once, used by training, inference and export.
 
 
-def normalize(image, low: float = NORMALIZATION["low"], high: float = NORMALIZATION["high"],
+def normalize(image: np.ndarray | tf.Tensor, low: float = NORMALIZATION["low"], high: float = NORMALIZATION["high"],
               clip: bool = NORMALIZATION["clip"], method: str = "percentile") -> tf.Tensor:
     """Map raw grey values of ONE image to float32 [0, 1] by its own histogram.
 

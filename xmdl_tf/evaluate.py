@@ -17,10 +17,15 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import cli
 from .config import InferenceConfig, resolve_inference
 from .pretrained import model_or_default
+
+if TYPE_CHECKING:
+    from .predict import Predictor
+
 
 def held_out_split(data: str | Path) -> str:
     """The split to score by default: `test` where the data set has one, else `val`
@@ -36,10 +41,10 @@ def held_out_split(data: str | Path) -> str:
     return "test"
 
 
-def evaluate(model, data: str, split: str = "auto", out: str | Path | None = None,
+def evaluate(model: Predictor | str | Path, data: str, split: str = "auto", out: str | Path | None = None,
              inference: InferenceConfig | dict | None = None, labels: str | None = None, overwrite: bool = False,
              pixel_size_nm: float | None = None, ignore_value: int | None = None, **overrides) -> dict:
-    """Whole-slice evaluation of `model` (a Predictor or a path) on a split.
+    """Whole-slice evaluation of `model` (a Predictor, a path or a built-in name) on a split.
 
     inference: the model's `InferenceConfig` is used, with these fields (a dict,
     or keyword `overrides` such as tile=64, tta=True) replaced, or a whole

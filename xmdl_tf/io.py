@@ -571,6 +571,12 @@ def find_pairs(data: str | Path, split: str = "train", labels: str | Path | None
 
     data: a split-layout root (with `<split>/x`), a folder with `x/` and `y/`,
         an image folder or glob (with `labels`), or a TIFF stack (with `labels`).
+    split: the split read from a split-layout root ("train", "val", "test").
+    labels: a label folder or glob (paired by stem: `a.png` <-> `a.tif`, `a_mask.tif`)
+        or a label stack of the image stack's shape.
+    require_labels: False lets an image folder without labels through (label None).
+    Returns one `SlicePair(image, label, page)` per slice (page: the stack page, else None),
+    in sorted order; DataError names the file for missing, unpaired or mismatched ones.
     """
     p = Path(data)
     if labels is not None:

@@ -30,6 +30,8 @@ class SegmentationLoss(keras.losses.Loss):
     loss = 1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s), sums over valid pixels.
     Identical masks give 0, disjoint masks give ~1. kind="dice_ce" adds the
     mean binary cross-entropy of the same channel (often steadier early on).
+    y_true float32 (B, H, W, 1): 1 mitochondrion, 0 background, -1 ignored; y_pred
+    float32 (B, H, W, C) softmax, channel 1 the mitochondria. One value for the batch.
     """
 
     def __init__(self, kind: str = "dice", smooth: float = 1.0, name: str | None = None, **kwargs):
@@ -61,7 +63,8 @@ class PooledMetric(keras.metrics.Metric):
 
     Thresholds the mitochondria probability at `threshold`. Undefined ratios
     (no positives at all) are reported as 1 when nothing was expected and
-    nothing was predicted, else 0.
+    nothing was predicted, else 0. Inputs as `SegmentationLoss` (-1 pixels left
+    out); `result()` is a float32 scalar in [0, 1].
     """
 
     KINDS = ("accuracy", "precision", "recall", "f1", "iou")
