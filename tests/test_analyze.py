@@ -176,3 +176,155 @@ def test_a_users_folder_named_like_a_result_is_never_replaced_and_a_killed_swap_
     assert (out / "a" / "morphometry.csv").read_bytes() == before and not (out / ".a.replaced").exists()
     (out / "a" / ".DS_Store").write_bytes(b"")  # what a file browser adds is no reason to keep the folder
     assert analyze_main(base + ["--out", str(out), "--overwrite"]) == 0
+
+
+# ----------------------------------------------------------------------------
+# The unified figure, drawn from synthetic arrays (no model)
+
+
+def _figure_inputs(h, w, n=12, seed=0, review_every=0):
+    rng = np.random.default_rng(seed)
+    inst = np.zeros((h, w), np.uint16)
+    for i in range(1, n + 1):
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        inst[max(cy - 6, 0):cy + 6, max(cx - 9, 0):cx + 9] = i
+    ids = np.unique(inst[inst > 0])
+    classes = ("round", "elongated", "tubular", "fragmented", "irregular")
+    table = pd.DataFrame({"id": ids, "shape_class": [classes[k % 5] for k in range(len(ids))],
+                          "area_px2": 200.0, "aspect_ratio": 1.5, "solidity": 0.9, "circularity": 0.8,
+                          "needs_review": [bool(review_every) and k % review_every == 0 for k in range(len(ids))]})
+    image = (rng.normal(30000, 40, (h, w)) - 200 * (inst > 0)).astype(np.uint16)  # 16-bit, narrow grey range
+    heat = (inst > 0).astype(np.float32)
+    return image, inst, table, heat
+
+
+def _draw(h, w, pixel_size_nm=5.0, **kw):
+    import matplotlib.pyplot as plt
+
+    from xmdl_tf.figure import draw_unified
+
+    image, inst, table, heat = _figure_inputs(h, w, review_every=kw.pop("review_every", 0))
+    table = kw.pop("table", table)
+    fig, info = draw_unified(image, inst, table, heat, summary={"pixel_size_nm": pixel_size_nm, **kw.pop("summary", {})},
+                             **kw)
+    plt.close(fig)
+    return fig, info
+
+
+def test_scale_bar_lengths_and_labels():
+    from xmdl_tf.figure import scale_bar
+
+    assert scale_bar(1024, 5.0) == (200.0, "1 \u00b5m")
+    assert scale_bar(1024, None) == (200.0, "200 px")
+    assert scale_bar(64, 5.0) == (10.0, "50 nm")
+    assert scale_bar(4096, 5.0) == (400.0, "2 \u00b5m")
+    assert scale_bar(1000, 0.5) == (200.0, "100 nm")
+    for width in (16, 64, 500, 1024, 3000, 4096, 20000):
+        for px in (None, 0.37, 1.0, 5.0, 8.0, 30.0, 200.0):
+            length, label = scale_bar(width, px)
+            value, unit = label.split()
+            nm = float(value) * {"nm": 1.0, "\u00b5m": 1000.0, "px": px or 1.0}[unit]
+            assert nm / (px or 1.0) == pytest.approx(length)  # the label says the bar's true length
+            assert value[0] in "125" and set(value[1:]) <= set("0.")  # 1, 2 or 5 x 10^k
+            if width * 0.2 * (px or 1) >= (px or 1):
+                assert 0.08 * width <= length <= 0.2 * width + 1e-9, (width, px, length)
+
+
+def test_figure_scale_bar_drawn_at_its_length_after_display_downsampling():
+    for (h, w), step in (((1024, 1024), 1), ((4096, 4096), 4), ((512, 4096), 4)):
+        fig, info = _draw(h, w)
+        assert info["step"] == step
+        bar = [a for a in fig.axes[0].artists if a.get_gid() == "scale_bar"]
+        assert len(bar) == 1
+        drawn = bar[0].size_bar.get_children()[0].get_width()  # in the displayed image's pixels
+        assert drawn * step == pytest.approx(info["scale_bar"][2])
+        assert info["scale_bar"][1] == ("2 \u00b5m" if w == 4096 else "1 \u00b5m")
+    _, info = _draw(1024, 1024, pixel_size_nm=None)
+    assert info["scale_bar"][1] == "200 px"
+
+
+def test_figure_legend_explains_review_marking_and_titles_every_panel():
+    fig, info = _draw(512, 512, review_every=3, true_mask=np.zeros((512, 512), bool),
+                      uncertainty=np.zeros((512, 512), np.float32))
+    assert info["legend"][:5] == ["round (3)", "elongated (3)", "tubular (2)", "fragmented (2)", "irregular (2)"]
+    assert info["legend"][5] == "needs review (4)"
+    assert info["panels"][0] == "input" and info["panels"][1] == "true mask" and "needs review" in info["panels"][2]
+    assert len(info["panels"]) == 5 and all(ax.get_title() for ax in fig.axes[:5])
+    assert fig.axes[2].collections  # the review outlines
+    _, info = _draw(512, 512)  # nothing flagged and no confidence model: no review entry
+    assert len(info["legend"]) == 5 and info["panels"][1] == "predicted, by shape class"
+
+
+def test_figure_classes_colours_told_apart_with_colour_blindness():
+    from matplotlib.colors import to_rgb
+    from skimage.color import rgb2lab
+
+    from xmdl_tf.figure import CLASS_COLORS, CLASS_COLORS_3D
+
+    sims = [np.eye(3),  # Machado et al. 2009, severity 1: protanopia, deuteranopia, tritanopia
+            np.array([[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]]),
+            np.array([[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]]),
+            np.array([[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]])]
+    for palette in (CLASS_COLORS, CLASS_COLORS_3D):
+        rgb = np.array([to_rgb(c) for c in palette.values()])
+        lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+        for m in sims:
+            sim = np.clip(lin @ m.T, 0, 1)
+            lab = rgb2lab(np.where(sim <= 0.0031308, 12.92 * sim, 1.055 * sim ** (1 / 2.4) - 0.055)[None])[0]
+            dist = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
+            assert dist[np.triu_indices(len(lab), 1)].min() > 12  # the old tab10 palette: 4.6 (protanopia)
+
+
+def test_figure_panels_keep_their_shape_for_wide_tall_tiny_and_huge_slices():
+    for h, w in ((1024, 1024), (512, 4096), (4096, 512), (64, 64), (4096, 4096), (1000, 1900)):
+        fig, info = _draw(h, w, uncertainty=np.zeros((h, w), np.float32), true_mask=np.zeros((h, w), bool))
+        fw, fh = info["size"]
+        assert fw * 100 <= 2400 and fh * 100 <= 1800, (h, w, info["size"])  # pixels at 100 dpi
+        for ax in fig.axes[:5]:
+            bw, bh = ax.get_position().width * fw, ax.get_position().height * fh
+            assert bw / bh == pytest.approx(w / h, rel=0.02)
+            assert min(bw, bh) >= 0.8, (h, w, bw, bh)  # no strip
+
+
+def test_figure_edge_cases_zero_one_many_objects_and_huge_ids(tmp_path):
+    from xmdl_tf.figure import _class_rgba, unified_figure
+
+    image, inst, table, heat = _figure_inputs(256, 256, n=0)
+    assert len(table) == 0
+    unified_figure(image, inst, table, heat, tmp_path / "zero.png", summary={})
+    image, inst, table, heat = _figure_inputs(1024, 1024, n=2000)
+    unified_figure(image, inst, table, heat, tmp_path / "many.png", summary={"pixel_size_nm": 5.0})
+    big = np.zeros((64, 64), np.uint64)
+    big[10:20, 10:20] = 2 ** 40  # ids are not indices: no 2**40-row colour table
+    rgba = _class_rgba(big, {2 ** 40: "round"})
+    assert rgba.shape == (64, 64, 4) and rgba[15, 15, 3] > 0 and rgba[0, 0, 3] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.png", "zero.png"]
+
+
+def test_figure_written_atomically_and_closed_when_drawing_fails(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from xmdl_tf.figure import unified_figure
+
+    image, inst, table, heat = _figure_inputs(128, 128)
+    out = tmp_path / "figure.png"
+    out.write_bytes(b"old")
+    open_before = plt.get_fignums()
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(RuntimeError):
+        unified_figure(image, inst, table, heat, out)
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+    assert plt.get_fignums() == open_before
+    monkeypatch.undo()
+    monkeypatch.setattr("xmdl_tf.figure._class_rgba", broken)  # fails half-way through drawing
+    with pytest.raises(RuntimeError):
+        unified_figure(image, inst, table, heat, out)
+    assert plt.get_fignums() == open_before and out.read_bytes() == b"old"
+    monkeypatch.undo()
+    unified_figure(image, inst, table, heat, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]

@@ -559,6 +559,10 @@ def test_bioimageio_package_of_a_model_at_a_coarse_pixel_size_into_a_folder_with
     assert export_main(["--format", "bioimageio", "--no-test", "--model", str(coarse), "--out", str(out)]) == 0
     rdf = yaml.safe_load((out / "rdf.yaml").read_text())
     assert rdf["inputs"][0]["axes"][1]["scale"] == 100.0 and (out / "cover.png").is_file()
+    from PIL import Image
+
+    with Image.open(out / "cover.png") as cover:  # the zoo's 2:1, whole panels on a white canvas
+        assert cover.width == 2 * cover.height or cover.width == 2 * cover.height - 1
     hint = capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1]
     proc = subprocess.run(["bash", "-c", hint.replace("python", shlex.quote(sys.executable), 1)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)

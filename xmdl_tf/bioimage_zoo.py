@@ -184,15 +184,17 @@ def _cover(predictor, image: np.ndarray, dest: Path, pixel_size_nm: float | None
                  model_px, pixel_size_nm)
         pixel_size_nm = None
     a = analyze_image(predictor, image, "sample", pixel_size_nm=pixel_size_nm)
+    # Three whole panels (input, classes, Grad-CAM; the uncertainty one left out), centred on a
+    # white 2:1 canvas, the shape the zoo shows covers at: nothing cut off at an edge.
     unified_figure(a.image, a.instances, a.table, a.heatmap, dest, title="xmdl_tf reference model on the sample",
-                   summary=a.summary, uncertainty=a.uncertainty)
-    # The zoo shows covers at 2:1: keep the left panels (input, classes, Grad-CAM).
+                   summary=a.summary)
     from PIL import Image
 
     with Image.open(dest) as im:
         w, h = im.size
-        cropped = im.crop((0, 0, min(w, 2 * h), h)) if w > 2 * h else im.copy()
-    cropped.save(dest)
+        canvas = Image.new("RGB", (max(w, 2 * h), max(h, (w + 1) // 2)), "white")
+        canvas.paste(im.convert("RGB"), ((canvas.width - w) // 2, (canvas.height - h) // 2))
+    canvas.save(dest)
 
 
 def _saved_model(net, dest: Path) -> None:
