@@ -375,3 +375,28 @@ def test_separation_neither_loses_nor_duplicates_foreground():
     labels = volume_instances(vol, (30.0, 10.0, 10.0))
     assert not (vol & (labels == 0)).any()
     assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))
+
+
+def test_separation_cuts_off_no_piece_under_the_minimum_size():
+    # A disc with a 7 x 7 knob on a 1-px neck: a split makes a 50-px piece. With a minimum size
+    # above that, the knob stays with the disc; two touching discs of the size are still split.
+    y, x = np.mgrid[:80, :80]
+    mask = (y - 45) ** 2 + (x - 45) ** 2 <= 400
+    mask[17:24, 43:50] = True
+    mask[24, 45] = True
+    assert sorted(np.bincount(mask_to_instances(mask).ravel())[1:]) == [50, 1257]
+    kept = mask_to_instances(mask, min_size_px=200)
+    assert kept.max() == 1 and np.count_nonzero(kept) == 1307
+    discs = _discs((64, 128), [(32, 44), (32, 78)], 20)
+    halves = np.bincount(mask_to_instances(discs, min_size_px=1000).ravel())[1:]
+    assert len(halves) == 2 and halves.min() >= 1000
+    assert mask_to_instances(discs, min_size_px=halves.min() + 1).max() == 1  # the smaller half is too small
+
+    from xmdl_tf.instances3d import volume_instances
+
+    z, y, x = np.mgrid[:24, :48, :48]
+    vol = (z - 12) ** 2 + (y - 30) ** 2 + (x - 24) ** 2 <= 81
+    vol[8:17, 4:13, 20:29] = True  # a 9 x 9 x 9 knob
+    vol[12, 13:22, 24] = True  # on a 1-voxel neck
+    assert sorted(np.bincount(volume_instances(vol).ravel())[1:]) == [734, 3074]
+    assert volume_instances(vol, min_size_vox=1000).max() == 1

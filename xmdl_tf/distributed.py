@@ -229,7 +229,7 @@ def task_objects(plan: ChunkPlan, out: str, batch: int, comps: np.ndarray, lo: n
         region = bbox if small else params.region(bbox, plan.shape)
         crop = np.asarray(cc_arr[region]).astype(np.int32)
         crop[(sizes[np.minimum(crop, len(sizes) - 1)] < min_size) & (crop > 0)] = 0  # dropped components
-        comp, sub = split_crop(crop, i, region, plan.shape, params, small=small)
+        comp, sub = split_crop(crop, i, region, plan.shape, params, small=small, min_size=min_size)
         sub = np.where(comp, sub, 0)
         np.savez_compressed(folder / f"{i}.npz", start=[s.start for s in region], sub=sub.astype(np.uint32))
         for k, bb in enumerate(ndi.find_objects(sub), start=1):

@@ -86,6 +86,7 @@ def split_component(
     min_distance_px: int | tuple[int, ...],
     neck_ratio: float,
     min_depth_px: float,
+    min_size: int = 0,
 ) -> np.ndarray:
     """Split one connected component at its necks (2-D or 3-D; see the module docstring).
 
@@ -96,6 +97,9 @@ def split_component(
         min_distance_px: radius of the local-maximum search, in array cells;
             one int, or one per axis (anisotropic voxels).
         min_depth_px: least body-minus-neck half-width, in the unit of ``dist``.
+        min_size: least cells (pixels, voxels) of a piece: a smaller one is not cut off
+            but stays with the neighbour it shares its widest pass with (the minimum
+            object size holds for what the split makes, not only for whole components).
 
     Returns:
         int32 labels 0..k (0 outside ``comp``), k >= 1, same shape.
@@ -152,6 +156,18 @@ def split_component(
             continue
         parent[rb] = ra
         peak[ra] = max(peak[ra], peak[rb])
+    if min_size > 1:
+        # Widest pass first, so a small piece joins the body it is most broadly attached to;
+        # sizes only grow, so one pass leaves no piece under min_size that has a neighbour.
+        size = np.bincount(ws[comp], minlength=n + 1).astype(np.int64)
+        for r in range(n + 1):
+            if find(r) != r:
+                size[find(r)] += size[r]
+        for i in np.argsort(-saddle, kind="stable"):
+            ra, rb = find(int(pair_a[i])), find(int(pair_b[i]))
+            if ra != rb and min(size[ra], size[rb]) < min_size:
+                parent[rb] = ra
+                size[ra] += size[rb]
 
     roots = np.array([find(i) for i in range(n + 1)])
     _, compact = np.unique(roots[1:], return_inverse=True)
@@ -173,15 +189,17 @@ def mask_to_instances(
     """Label the mitochondria in a foreground mask or probability map.
 
     Steps: threshold -> fill holes -> drop objects under ``min_size_px`` ->
-    split touching objects at necks (see module docstring) -> relabel 1..N.
+    split touching objects at necks, into pieces of at least ``min_size_px``
+    (see module docstring) -> relabel 1..N.
 
     Args:
         mask_or_prob: (H, W) foreground. Float arrays are probabilities and
             ``>= threshold`` is foreground; bool and integer arrays are masks
             (any nonzero value is foreground, so 0/1 and 0/255 both work).
         threshold: probability cut-off for float input.
-        min_size_px: objects with fewer pixels (8-connected) are dropped,
-            before separation. See ``min_size_px_from_area`` for nm^2.
+        min_size_px: objects with fewer pixels (8-connected, holes filled) are
+            dropped before separation, and separation cuts off no piece smaller
+            than this. See ``min_size_px_from_area`` for nm^2.
         fill_holes: fill enclosed background holes (not those open to the
             image border), except background enclosed by several touching
             objects: holes that separate objects and are either cracks <= 2 px
@@ -214,7 +232,8 @@ def mask_to_instances(
     if not separate or n <= 1:
         return _as_label_dtype(cc, n - 1)
 
-    split = dict(min_distance_px=min_distance_px, neck_ratio=neck_ratio, min_depth_px=min_depth_px)
+    split = dict(min_distance_px=min_distance_px, neck_ratio=neck_ratio, min_depth_px=min_depth_px,
+                 min_size=min_size_px)
     pad = 1 + math.ceil(3 * smooth_sigma_px)
     out = np.zeros(cc.shape, np.int64)
     next_id = 1

@@ -93,7 +93,8 @@ def volume_instances(
         threshold: probability cut-off for float input.
         min_size_vox: components with fewer voxels are dropped (see `min_volume_vox`);
             the count is taken before cavities are filled, so an enclosed cavity
-            does not count towards it (`measure3d` reports the filled volume).
+            does not count towards it (`measure3d` reports the filled volume); and
+            separation cuts off no piece smaller than this.
         fill_holes: fill cavities enclosed in 3-D (not those open to a face of
             the volume or to the outside).
         separate: split touching mitochondria at necks; False keeps 3-D
@@ -147,7 +148,7 @@ def volume_instances(
             continue
         region = params.region(sl, labels.shape) if sizes[i] >= _SMALL else sl
         crop = labels[region]
-        comp, sub = split_crop(crop, i, region, labels.shape, params, small=sizes[i] < _SMALL)
+        comp, sub = split_crop(crop, i, region, labels.shape, params, small=sizes[i] < _SMALL, min_size=min_size_vox)
         crop[comp] = sub[comp] + (next_id - 1)
         next_id += int(sub.max())
     count = next_id - n - 1
@@ -190,12 +191,13 @@ class Separation:
 
 
 def split_crop(crop: np.ndarray, i: int, region: tuple[slice, ...], shape: tuple[int, ...], params: Separation,
-               small: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               small: bool = False, min_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Separate component `i` of a connected-component crop (the work of one component).
 
     crop: integer component ids of `region` of a volume of `shape` (dropped
     components already 0), grown by `Separation.region`; small: a component
-    under _SMALL voxels, kept whole without hole filling or splitting.
+    under _SMALL voxels, kept whole without hole filling or splitting; min_size: least
+    voxels of a piece the split cuts off (`instances.split_component`).
     Returns (comp bool mask of the component, holes filled; sub int32 labels
     0..k of its objects), both crop-shaped. A pure function of its inputs, so
     the in-memory path and the chunked one (`xmdl_tf.distributed`) agree.
@@ -210,7 +212,7 @@ def split_crop(crop: np.ndarray, i: int, region: tuple[slice, ...], shape: tuple
         faces = [(s.start == 0, s.stop == n) for s, n in zip(region, shape)]
         sub = split_component(_edt(comp, faces, params.spacing, params.sigma_vox), comp,
                               min_distance_px=params.radius_vox, neck_ratio=params.neck_ratio,
-                              min_depth_px=params.min_depth_nm)
+                              min_depth_px=params.min_depth_nm, min_size=min_size)
     else:
         sub = comp.astype(np.int32)
     return comp, sub
