@@ -426,3 +426,139 @@ def test_a_run_killed_while_swapping_a_result_in_keeps_the_old_one(tiny_run, tmp
     r = analyze_volumes([str(stack)], model, out, settings=settings, resume=True, verbose=False)
     assert r["skipped"] == ["stack"] and r["analysed"] == []
     assert (out / "stack" / "objects.csv").read_bytes() == before and not (out / ".stack.replaced").exists()
+
+
+# ----------------------------------------------------------------------------
+# The volume figure, drawn from synthetic arrays (no model)
+
+
+def _volume_figure_inputs(shape, n=12, seed=0, size=(3, 9, 13), id_offset=0):
+    """Cuboid objects and a table with the `measure3d` columns the figure reads."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    ids = np.zeros(shape, np.uint64 if id_offset else np.uint16)
+    for k in range(1, n + 1):
+        c = [int(rng.integers(0, s)) for s in shape]
+        ids[tuple(slice(max(p - h // 2, 0), p + h - h // 2) for p, h in zip(c, size))] = id_offset + k
+    rows = []
+    compact = np.unique(ids, return_inverse=True)[1].reshape(shape)
+    for index, box in enumerate(ndi.find_objects(compact)):
+        if box is None:
+            continue
+        where = np.nonzero(compact[box] == index + 1)
+        row = {"id": int(ids[box][where][0]), "volume_vox": len(where[0])}
+        for a, sl, w in zip("zyx", box, where):
+            row.update({f"centroid_{a}_vox": sl.start + w.mean(), f"bbox_{a}0": sl.start, f"bbox_{a}1": sl.stop})
+        rows.append(row)
+    classes = ("globular", "elongated", "tubular", "branched", "fragmented")
+    table = pd.DataFrame(rows, columns=["id", "volume_vox"] + [f"{c}_{a}{s}" for a in "zyx"
+                                                                for c, s in (("centroid", "_vox"), ("bbox", "0"),
+                                                                             ("bbox", "1"))])
+    table["shape_class"] = [classes[k % 5] for k in range(len(table))]
+    image = (rng.normal(30000, 40, shape) - 200 * (ids > 0)).astype(np.uint16)
+    return image, ids, table
+
+
+def _draw_volume(shape, voxel=(30.0, 8.0, 8.0), **kw):
+    import matplotlib.pyplot as plt
+
+    from xmdl_tf.figure import draw_volume
+
+    image, ids, table = _volume_figure_inputs(shape, **{k: kw.pop(k) for k in ("n", "size", "id_offset") if k in kw})
+    fig, info = draw_volume(image, ids, table, voxel, **kw)
+    plt.close(fig)
+    return fig, info, table
+
+
+def _box(info, key):
+    pos, (fw, fh) = info["axes"][key].get_position(), info["size"]
+    return pos.width * fw, pos.height * fh
+
+
+def test_volume_figure_scale_bars_in_nm_um_or_voxels_and_along_z():
+    from xmdl_tf.figure import scale_bar
+
+    _, info, _ = _draw_volume((16, 256, 256))
+    bars = info["scale_bars"]
+    assert bars["XY"] == (25.0, "200 nm", 25.0) and bars["XZ"] == bars["XY"]  # x: same scale in both
+    assert bars["YZ"][1] == "z: 50 nm"
+    # along z the bar is in slices of the physical z size, drawn with the stretch
+    assert bars["YZ"][2] == pytest.approx(50 / 30) and bars["YZ"][0] >= bars["YZ"][2]
+    fig, info, _ = _draw_volume((8, 128, 2048))  # wide: shown downsampled in x, never in z
+    length, label = scale_bar(2048, 8.0)
+    assert info["scale_bars"]["XY"] == (length / 2, label, length) and label == "2 \u00b5m"
+    drawn = [a for a in info["axes"]["XY"].artists if a.get_gid() == "scale_bar"][0]
+    assert drawn.size_bar.get_children()[0].get_width() * 2 == pytest.approx(length)
+    _, info, _ = _draw_volume((16, 256, 256), voxel=None)
+    assert info["scale_bars"]["XY"][1] == "50 px" and info["scale_bars"]["YZ"][1].endswith("slices")
+
+
+@pytest.mark.parametrize("shape, voxel", [((16, 256, 256), (30.0, 8.0, 8.0)), ((16, 256, 256), (40.0, 5.0, 5.0)),
+                                          ((16, 256, 256), None), ((8, 128, 2048), (30.0, 8.0, 8.0)),
+                                          ((8, 2048, 128), (30.0, 8.0, 8.0)), ((200, 128, 128), (8.0, 8.0, 8.0)),
+                                          ((2, 256, 256), (30.0, 8.0, 8.0))])
+def test_volume_figure_views_at_one_physical_scale_and_z_stretch_stated(shape, voxel):
+    fig, info, _ = _draw_volume(shape, voxel)
+    nz, ny, nx = shape
+    vz, vy, vx = voxel or (1.0, 1.0, 1.0)
+    zx = info["z_stretch"]
+    (xy_w, xy_h), (xz_w, xz_h), (yz_w, yz_h) = (_box(info, k) for k in ("XY", "XZ", "YZ"))
+    assert xy_w / xy_h == pytest.approx(nx * vx / (ny * vy), rel=0.02)
+    assert xz_w == pytest.approx(xy_w, rel=1e-3) and yz_h == pytest.approx(xy_h, rel=1e-3)  # shared axes
+    assert xz_h / xz_w == pytest.approx(nz * vz * zx / (nx * vx), rel=0.02)
+    assert yz_w / yz_h == pytest.approx(nz * vz * zx / (ny * vy), rel=0.02)
+    assert min(xy_w, xy_h, xz_h, yz_w) >= 0.1 and info["size"][0] <= 17 and info["size"][1] <= 18
+    said = "to scale" if zx == 1 else f"stretched \u00d7{zx:.3g}"
+    assert all(said in t for t in info["panels"][1:]), info["panels"]
+    if voxel == (40.0, 5.0, 5.0):  # strongly anisotropic but deep enough: z drawn at its physical size
+        assert zx == 1
+    elif nz <= 16:  # a shallow stack: z enlarged to a quarter of the smaller side at least
+        assert zx > 1 and nz * vz * zx >= 0.25 * min(ny * vy, nx * vx) - 1e-6
+    titles = [ax.get_title() for ax in fig.axes[:3]]
+    assert all(titles) and titles[0].startswith("XY at z =")
+
+
+def test_volume_figure_legend_counts_and_edge_cases(tmp_path):
+    from xmdl_tf.figure import volume_figure
+
+    _, info, table = _draw_volume((16, 256, 256), n=12)
+    counts = table["shape_class"].value_counts()
+    assert info["legend"] == [f"{c} ({counts.get(c, 0)})" for c in ("globular", "elongated", "tubular", "branched",
+                                                                      "fragmented")]
+    _, info, _ = _draw_volume((1, 256, 256))  # one slice: the XY view only, said so
+    assert list(info["axes"]) == ["XY"] and "none for a one-slice stack" in info["panels"][-1]
+    _, info, _ = _draw_volume((16, 256, 256), n=0)
+    assert info["legend"][0] == "globular (0)" and "no objects" in info["panels"][-1]
+    _, info, table = _draw_volume((8, 256, 256), n=2000, size=(1, 2, 2))
+    assert len(table) > 1000 and f"80 largest of {len(table)}" in info["panels"][-1]
+    _, info, _ = _draw_volume((16, 128, 128), n=5, id_offset=2 ** 40)  # ids are not indices: no 2**40 list
+    image, ids, table = _volume_figure_inputs((4, 64, 64), n=3)
+    volume_figure(image, ids, table, tmp_path / "figure.png", voxel_size_nm=(30.0, 8.0, 8.0), title="t")
+    assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_volume_figure_written_atomically_and_closed_when_drawing_fails(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from xmdl_tf.figure import volume_figure
+
+    image, ids, table = _volume_figure_inputs((4, 64, 64), n=3)
+    out = tmp_path / "figure.png"
+    out.write_bytes(b"old")
+    open_before = plt.get_fignums()
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(RuntimeError):
+        volume_figure(image, ids, table, out)
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+    assert plt.get_fignums() == open_before
+    monkeypatch.undo()
+    monkeypatch.setattr("xmdl_tf.morphometry3d.object_mesh", broken)  # fails half-way through drawing
+    with pytest.raises(RuntimeError):
+        volume_figure(image, ids, table, out)
+    assert plt.get_fignums() == open_before and out.read_bytes() == b"old"

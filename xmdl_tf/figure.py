@@ -29,15 +29,17 @@ REVIEW_STYLE = ({"colors": "black", "linestyles": "solid", "linewidths": 2.4},  
                 {"colors": "white", "linestyles": "dashed", "linewidths": 1.3})
 
 
-def _display(arr: np.ndarray, step: int, labels: bool = False) -> np.ndarray:
-    if step == 1:
+def _display(arr: np.ndarray, step: int | tuple[int, int], labels: bool = False) -> np.ndarray:
+    """`arr` downsampled by `step` (one for both axes, or (rows, columns))."""
+    sr, sc = (step, step) if isinstance(step, int) else step
+    if sr == sc == 1:
         return arr
     if labels:
-        return arr[::step, ::step]
+        return arr[::sr, ::sc]
     import cv2
 
     h, w = arr.shape[:2]
-    return cv2.resize(arr.astype(np.float32), (math.ceil(w / step), math.ceil(h / step)), interpolation=cv2.INTER_AREA)
+    return cv2.resize(arr.astype(np.float32), (math.ceil(w / sc), math.ceil(h / sr)), interpolation=cv2.INTER_AREA)
 
 
 def _class_rgba(instances: np.ndarray, classes: dict[int, str], fill_alpha: float = FILL_ALPHA,
@@ -220,13 +222,18 @@ def unified_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame
     `pixel_size_nm` sets the scale bar); uncertainty: optional (H, W) in [0, 1],
     shown as its own panel.
     """
+    fig, _ = draw_unified(image, instances, table, heatmap, title, true_mask, summary, uncertainty)
+    return _save(fig, out, 100)
+
+
+def _save(fig, out: str | Path, dpi: int) -> Path:
+    """Write `fig` to `out` atomically (a temporary file, then a rename) and close it, also on failure."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    fig, _ = draw_unified(image, instances, table, heatmap, title, true_mask, summary, uncertainty)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".").lower() or "png")
+        fig.savefig(tmp, dpi=dpi, format=out.suffix.lstrip(".").lower() or "png")
         os.replace(tmp, out)
     finally:
         plt.close(fig)
@@ -272,26 +279,87 @@ CLASS_COLORS_3D = {  # Okabe-Ito, as CLASS_COLORS
 MAX_RENDERED = 80  # surfaces drawn in the 3-D panel (the largest objects)
 
 
-def volume_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame, out: str | Path,
-                  voxel_size_nm=None, point: tuple[int, int, int] | None = None, title: str = "",
-                  summary: dict | None = None) -> Path:
-    """Orthogonal views (XY, XZ, YZ through `point`) with objects coloured by 3-D shape class,
-    a 3-D rendering of the object surfaces, and a summary.
+def _volume_layout(extent: tuple[float, float, float], titles: list[str], text: str) -> dict:
+    """Where everything goes, in inches, for the volume figure. `extent`: (x, y, depth) as drawn (depth
+    already stretched), in any one unit. The views are laid out as orthogonal views at one scale: XY,
+    YZ to its right (same height, z across), XZ below it (same width, z down); a one-slice stack
+    (depth 0) has the XY view only. A wide block spans the figure with the 3-D panel, legend and text
+    below it; otherwise they stand to its right."""
+    import textwrap
 
-    image, instances: (Z, Y, X). table: `measure3d` rows with `id`, `shape_class`.
-    voxel_size_nm: (z, y, x) nm; views keep the physical aspect ratio (voxels when None).
-    point: (z, y, x) voxel; default: the centroid of the largest object, else the centre.
+    x, y, d = extent
+    lines = text.split("\n")
+    text_w = 0.08 * max(map(len, lines))
+    bottom = max(1.7, 0.3 + 0.19 * len(lines))
+    gap, left, top = 0.3, 0.3, 0.55
+    wide, tall = (x + d) / (y + d) > 1.6, (y + d) / (x + d) > 1.6
+    w_max, h_max = (15.2, 6.0) if wide else (8.5, 14.0) if tall else (8.5, 8.0)
+    slot = 1.4  # the least width of a column: a narrow panel is centred in it, under a readable title
+
+    def title_h(ts):
+        return 0.15 + 0.2 * max(t.count("\n") + 1 for t in ts)
+
+    # the wrapped titles depend on the scale and the scale on the titles' height: twice is enough
+    s, wrapped = 0.0, titles
+    for _ in range(2):
+        th = title_h(wrapped)
+        s = (min((w_max - gap) / (x + d), (h_max - th - 0.1) / (y + d)) if d else min(w_max / x, h_max / y))
+        widths = [max(x * s, slot), max(d * s, slot), max(x * s, slot)]
+        wrapped = ["\n".join(textwrap.wrap(t, max(int(w * 11), 14))) for t, w in zip(titles, widths)]
+    th = title_h(wrapped)
+    col1, col2 = max(x * s, slot), max(d * s, slot)
+    block_w = col1 + (gap + col2 if d else 0.0)
+    block_h = th + y * s + (th + 0.1 + d * s if d else 0.0)
+    side_w = max(6.2, 2.6 + text_w)
+    box3 = (6.2, 4.6) if not wide else (6.5, 4.6)
+    if wide:
+        width = max(left + block_w + 0.3, left + box3[0] + 0.5 + 2.6 + text_w)
+        height = top + block_h + 0.35 + th + box3[1] + 0.3
+    else:
+        width = left + block_w + 0.6 + side_w + 0.2
+        height = top + max(block_h, th + box3[1] + 0.3 + bottom) + 0.2
+    y_top = height - top - th
+    x1, x2 = left + (col1 - x * s) / 2, left + col1 + gap + (col2 - d * s) / 2
+    boxes = {"XY": (x1, y_top - y * s, x * s, y * s)}
+    if d:
+        boxes["YZ"] = (x2, y_top - y * s, d * s, y * s)
+        boxes["XZ"] = (x1, y_top - y * s - th - 0.1 - d * s, x * s, d * s)
+    if wide:
+        y3 = height - top - block_h - 0.35 - th - box3[1]
+        boxes["3D"] = (left, y3, *box3)
+        boxes["legend"] = (left + box3[0] + 0.5, y3, 2.5, box3[1])
+        boxes["text"] = (left + box3[0] + 0.5 + 2.6, y3, text_w + 0.1, box3[1])
+    else:
+        x3 = left + block_w + 0.6
+        boxes["3D"] = (x3, y_top - box3[1], *box3)
+        boxes["legend"] = (x3, 0.1, 2.5, bottom)
+        boxes["text"] = (x3 + 2.6, 0.1, text_w + 0.1, bottom)
+    return {"size": (width, height), "boxes": boxes, "titles": wrapped, "scale": s}
+
+
+def draw_volume(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame, voxel_size_nm=None,
+                point: tuple[int, int, int] | None = None, title: str = "", summary: dict | None = None):
+    """The figure `volume_figure` writes (arguments as there), not saved: (matplotlib Figure, info).
+
+    info: "panels" (titles), "legend" (its labels), "scale_bars" ({view: (length in the displayed
+    image's pixels, label, length in voxels)}), "z_stretch" (how much z is drawn enlarged, 1: to
+    scale), "point" (z, y, x), "axes" ({view: Axes}), "size" (inches).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator, NullFormatter
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     from .morphometry3d import SHAPE_CLASSES_3D, object_mesh
 
-    vz, vy, vx = voxel_size_nm or (1.0, 1.0, 1.0)
+    known = bool(voxel_size_nm)
+    summary = {"count": len(table), **(summary or {})}
+    vz, vy, vx = (float(v) for v in voxel_size_nm) if known else (1.0, 1.0, 1.0)
+    nz, ny, nx = image.shape
     classes = dict(zip(table["id"].astype(int), table["shape_class"])) if len(table) else {}
     if point is None:
         if len(table):
@@ -305,86 +373,151 @@ def volume_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame,
     def gray(a):
         return np.clip((a.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
 
-    def rgba(ids):
-        return _class_rgba(ids, classes, fill_alpha=0.45, colors=CLASS_COLORS_3D) if ids.any() else None
+    # A shallow stack (25 slices of a 1024-px field) would show as a hairline: depth is drawn at
+    # least a quarter of the smaller side (a twentieth of the larger), and the figure says so.
+    X, Y, depth = nx * vx, ny * vy, nz * vz
+    zx = max(1.0, max(0.25 * min(X, Y), 0.05 * max(X, Y)) / depth) if nz > 1 else 1.0
+    stretch = f"stretched \u00d7{zx:.3g}" if zx > 1 else "to scale"
+    # (title, grey image, ids, steps (rows, cols), voxel size along (rows, cols) in drawn units)
+    in_plane = max(1, math.ceil(max(ny, nx) / DISPLAY_MAX))  # z is never downsampled
+    views = {"XY": (f"XY at z = {z0}", image[z0], instances[z0], (in_plane, in_plane))}
+    if nz > 1:
+        views["YZ"] = (f"YZ at x = {x0} (z \u2192, {stretch})", image[:, :, x0].T, instances[:, :, x0].T,
+                       (in_plane, 1))
+        views["XZ"] = (f"XZ at y = {y0} (z \u2193, {stretch})", image[:, y0, :], instances[:, y0, :], (1, in_plane))
+    text = _volume_text(summary, voxel_size_nm, (z0, y0, x0), zx, nz)
+    order = (table.sort_values("volume_vox", ascending=False)["id"].astype(int).tolist()[:MAX_RENDERED]
+             if len(table) and nz > 1 else [])
+    shown = (f"the {len(order)} largest of {len(table)} objects" if len(table) > len(order) else
+             f"all {len(table)} objects" if len(table) else "no objects")
+    title3 = (f"3-D surfaces: {shown} (z {stretch})" if nz > 1 else "3-D surfaces: none for a one-slice stack")
+    titles = [v[0] for v in views.values()]
+    geo = _volume_layout((X, Y, depth * zx if nz > 1 else 0.0), titles + [""] * (3 - len(titles)), text)
+    fw, fh = geo["size"]
+    fig = plt.figure(figsize=(fw, fh))
+    try:  # a figure left open would leak in a long batch
+        def axes_at(box, **kw):
+            x, y, w, h = box
+            return fig.add_axes((x / fw, y / fh, w / fw, h / fh), **kw)
 
-    # A shallow stack (25 slices of a 1024-px field) would show as a hairline:
-    # depth is stretched to at least a quarter of the width, and the titles say so.
-    depth, width = image.shape[0] * vz, max(image.shape[1] * vy, image.shape[2] * vx)
-    zx = max(1.0, 0.25 * width / depth)
-    note = f", z x{zx:.3g}" if zx > 1 else ""
-    views = [("XY (z = %d)" % z0, image[z0], instances[z0], vy / vx),
-             ("XZ (y = %d%s)" % (y0, note), image[:, y0, :], instances[:, y0, :], zx * vz / vx),
-             ("YZ (x = %d%s)" % (x0, note), image[:, :, x0], instances[:, :, x0], zx * vz / vy)]
-    fig = plt.figure(figsize=(16, 10))
-    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.1])
-    for k, (name, img, ids, aspect) in enumerate(views):
-        ax = fig.add_subplot(grid[0, k])
-        step = max(1, math.ceil(max(img.shape) / DISPLAY_MAX))
-        shown = _display(gray(img), step)
-        ax.imshow(shown, cmap="gray", interpolation="nearest", aspect=aspect)
-        colours = rgba(_display(ids, step, labels=True))
-        if colours is not None:
-            ax.imshow(colours, interpolation="nearest", aspect=aspect)
-        ax.set_title(name, fontsize=11)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        aa = "antialiased"  # as in the 2-D figure: "nearest" would alias thin structures away
+        marks = {"XY": ((x0, "YZ"), (y0, "XZ")), "YZ": ((z0, "XY"), (y0, "XZ")), "XZ": ((x0, "YZ"), (z0, "XY"))}
+        bars, axes = {}, {}
+        for (key, (_, img, ids, (sr, sc))), name in zip(views.items(), geo["titles"]):
+            box = geo["boxes"][key]
+            ax = axes[key] = axes_at(box)
+            shown_img, ids = _display(gray(img), (sr, sc)), _display(ids, (sr, sc), labels=True)
+            # A few slices drawn large are repeated, not interpolated: no blend of two sections
+            # (the smoothing that keeps x and y from aliasing would otherwise smear across z).
+            ratio = (box[3] / shown_img.shape[0]) / (box[2] / shown_img.shape[1])  # row height / column width
+            rep_r, rep_c = (max(1, round(ratio)), 1) if key == "XZ" else (1, max(1, round(1 / ratio))) \
+                if key == "YZ" else (1, 1)
+            shown_img = np.repeat(np.repeat(shown_img, rep_r, 0), rep_c, 1)
+            ids = np.repeat(np.repeat(ids, rep_r, 0), rep_c, 1)
+            fr, fc = rep_r / sr, rep_c / sc  # displayed pixels per voxel along rows, columns
+            ax.imshow(shown_img, cmap="gray", vmin=0, vmax=1, interpolation=aa, aspect="auto")
+            if ids.any():
+                ax.imshow(_class_rgba(ids, classes, fill_alpha=0.45, colors=CLASS_COLORS_3D), interpolation=aa,
+                          aspect="auto")
+            # the bar runs along the view's columns: x (XY, XZ) or z (YZ)
+            along_z = key == "YZ"
+            length, label = scale_bar(img.shape[1], (vz if along_z else vx) if known else None)
+            if along_z:
+                label = "z: " + (label if known else label.replace(" px", " slices"))
+            rows_per_inch = shown_img.shape[0] / box[3]
+            bar = AnchoredSizeBar(ax.transData, length * fc, label, "lower right", pad=0.3, sep=2, color="white",
+                                  frameon=True, size_vertical=0.04 * rows_per_inch, fontproperties={"size": 9})
+            bar.patch.set(facecolor="black", alpha=0.6, edgecolor="none")
+            bar.set_gid("scale_bar")
+            ax.add_artist(bar)
+            bars[key] = (length * fc, label, length)
+            ax.set_title(name, fontsize=11)
+            (cx, _), (cy, _) = marks[key]  # where the other views cut: ticks on the frame, off the data
+            ax.set_xticks([(cx + 0.5) * fc - 0.5] if nz > 1 else [])
+            ax.set_yticks([(cy + 0.5) * fr - 0.5] if nz > 1 else [])
+            ax.tick_params(length=7, width=1.5, color="#CC0000", direction="out", labelbottom=False,
+                           labelleft=False, right=True)
 
-    ax3 = fig.add_subplot(grid[1, :2], projection="3d")
-    order = table.sort_values("volume_vox", ascending=False)["id"].astype(int).tolist()[:MAX_RENDERED] if len(table) else []
-    from scipy import ndimage as ndi
+        ax3 = axes_at(geo["boxes"]["3D"], projection="3d")
+        # µm when the field is over 2 µm wide: tick labels such as 16000 would run into each other
+        unit, div = ("voxels", 1.0) if not known else ("\u00b5m", 1000.0) if max(X, Y) >= 2000 else ("nm", 1.0)
+        for i in order:
+            row = table.loc[table["id"].astype(int) == i].iloc[0]
+            if all(f"bbox_{a}0" in row for a in "zyx"):  # no id-long object list (ids can be 2**40)
+                sl = tuple(slice(int(row[f"bbox_{a}0"]), int(row[f"bbox_{a}1"])) for a in "zyx")
+            else:
+                where = np.nonzero(instances == i)
+                sl = tuple(slice(int(w.min()), int(w.max()) + 1) for w in where)
+            crop = instances[sl] == i
+            step = max(1, int(round(max(crop.shape) / 48)))  # coarse meshes: a picture, not a measurement
+            verts, faces = object_mesh(crop, (vz, vy, vx), offset_vox=tuple(q.start for q in sl), step=step)
+            if len(faces) == 0:
+                continue
+            xyz = verts[:, ::-1] / div  # (x, y, z) for display
+            ax3.add_collection3d(Poly3DCollection(xyz[faces], facecolor=CLASS_COLORS_3D.get(classes.get(i), "gray"),
+                                                  edgecolor="none", alpha=0.9, linewidth=0))
+        ext = np.array([X, Y, depth]) / div
+        ax3.set_xlim(0, ext[0])
+        ax3.set_ylim(0, ext[1])
+        ax3.set_zlim(0, ext[2])
+        box = ext * [1, 1, zx]
+        ax3.set_box_aspect(tuple(box / box.max()))
+        for axis, name, frac in ((ax3.xaxis, "x", box[0]), (ax3.yaxis, "y", box[1]), (ax3.zaxis, "z", box[2])):
+            axis.set_major_locator(MaxNLocator(4 if frac / box.max() > 0.3 else 2))
+            if frac / box.max() < 0.12:  # a sliver of an axis: its tick labels would pile up on the next one's
+                axis.set_major_formatter(NullFormatter())
+            axis.set_label_text(f"{name} ({unit})")
+        ax3.tick_params(labelsize=8)
+        ax3.set_title(title3, fontsize=11, wrap=True)
+        if nz == 1:
+            ax3.set_axis_off()
 
-    slices = ndi.find_objects(instances)
-    for i in order:
-        sl = slices[i - 1] if i - 1 < len(slices) else None
-        if sl is None:
-            continue
-        crop = instances[sl] == i
-        step = max(1, int(round(max(crop.shape) / 48)))  # coarse meshes: a picture, not a measurement
-        verts, faces = object_mesh(crop, (vz, vy, vx), offset_vox=tuple(s.start for s in sl), step=step)
-        if len(faces) == 0:
-            continue
-        xyz = verts[:, ::-1]  # (x, y, z) for display
-        poly = Poly3DCollection(xyz[faces], facecolor=CLASS_COLORS_3D.get(classes.get(i), "gray"),
-                                edgecolor="none", alpha=0.9, linewidth=0)
-        ax3.add_collection3d(poly)
-    ext = np.array(image.shape[::-1], float) * np.array([vx, vy, vz])
-    ax3.set_xlim(0, ext[0])
-    ax3.set_ylim(0, ext[1])
-    ax3.set_zlim(0, ext[2])
-    ax3.set_box_aspect(tuple(ext * [1, 1, zx] / (ext * [1, 1, zx]).max()))
-    unit = "nm" if voxel_size_nm else "voxels"
-    ax3.set_xlabel(f"x ({unit})")
-    ax3.set_ylabel(f"y ({unit})")
-    ax3.set_zlabel(f"z ({unit})")
-    shown = f"{len(order)} largest of {len(table)}" if len(table) > len(order) else f"all {len(table)}"
-    ax3.set_title(f"3-D surfaces ({shown} objects{note})", fontsize=11)
-
-    text_ax = fig.add_subplot(grid[1, 2])
-    text_ax.axis("off")
-    counts = table["shape_class"].value_counts() if len(table) else pd.Series(dtype=int)
-    handles = [Patch(color=CLASS_COLORS_3D[c], label=f"{c} ({int(counts.get(c, 0))})") for c in SHAPE_CLASSES_3D]
-    text_ax.legend(handles=handles, loc="upper left", title="3-D shape class (count)", frameon=False, fontsize=10)
-    text_ax.text(0, 0.55, _volume_text(summary or {}, voxel_size_nm), family="monospace", fontsize=9.5, va="top",
-                 transform=text_ax.transAxes)
-    fig.suptitle(title, fontsize=13)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+        counts = table["shape_class"].value_counts() if len(table) else pd.Series(dtype=int)
+        handles = [Patch(facecolor=CLASS_COLORS_3D[c], label=f"{c} ({int(counts.get(c, 0))})")
+                   for c in SHAPE_CLASSES_3D]
+        legend_ax = axes_at(geo["boxes"]["legend"])
+        legend_ax.axis("off")
+        legend_ax.legend(handles=handles, loc="upper left", title="3-D shape class (count)", frameon=False,
+                         fontsize=10, alignment="left")
+        text_ax = axes_at(geo["boxes"]["text"])
+        text_ax.axis("off")
+        text_ax.text(0, 1, text, family="monospace", fontsize=9.5, va="top", transform=text_ax.transAxes)
+        fig.suptitle(title, fontsize=13, y=1 - 0.1 / fh, va="top")
+        info = {"panels": [v[0] for v in views.values()] + [title3], "legend": [h.get_label() for h in handles],
+                "scale_bars": bars, "z_stretch": zx, "point": (z0, y0, x0), "axes": axes, "size": (fw, fh)}
+        return fig, info
+    except BaseException:
+        plt.close(fig)
+        raise
 
 
-def _volume_text(summary: dict, voxel_size_nm) -> str:
+def volume_figure(image: np.ndarray, instances: np.ndarray, table: pd.DataFrame, out: str | Path,
+                  voxel_size_nm=None, point: tuple[int, int, int] | None = None, title: str = "",
+                  summary: dict | None = None) -> Path:
+    """Write the volume figure (PNG, 90 dpi; replaced atomically: `out` is whole or absent):
+    orthogonal views (XY, YZ, XZ slices through `point`, at one scale, with scale bars) with objects
+    coloured by 3-D shape class, a 3-D rendering of the object surfaces, a legend and a summary.
+
+    image, instances: (Z, Y, X). table: `measure3d` rows with `id`, `shape_class`.
+    voxel_size_nm: (z, y, x) nm; views keep the physical aspect ratio (voxels when None), a shallow
+    stack's z drawn enlarged (said in the titles). point: (z, y, x) voxel; default: the centroid of
+    the largest object, else the centre.
+    """
+    fig, _ = draw_volume(image, instances, table, voxel_size_nm, point, title, summary)
+    return _save(fig, out, 90)
+
+
+def _volume_text(summary: dict, voxel_size_nm, point=None, z_stretch: float = 1.0, slices: int = 2) -> str:
     def num(key, fmt="{:.3g}"):
         v = summary.get(key)
         return "n/a" if v is None or v != v else fmt.format(v)
 
+    density = num("density_per_um3")
     lines = [f"mitochondria (3-D): {summary.get('count', 0)}",
-             ("voxel: " + " x ".join(f"{v:g}" for v in voxel_size_nm) + " nm") if voxel_size_nm else
-             "voxel size unknown: units are voxels",
+             ("voxel: " + " x ".join(f"{v:g}" for v in voxel_size_nm) + " nm (z x y x x)") if voxel_size_nm else
+             "voxel size unknown: units are voxels, drawn as cubes",
              f"volume fraction: {num('volume_fraction')}",
-             f"density: {num('density_per_um3')} per um^3"]
+             f"density: {density}" + (" per um^3" if density != "n/a" else "")]
     for key in ("median_volume_nm3", "median_volume_vox", "median_sphericity", "median_elongation"):
         if key in summary:
             lines.append(f"{key.replace('_', ' ')}: {num(key)}")
@@ -392,4 +525,13 @@ def _volume_text(summary: dict, voxel_size_nm) -> str:
         lines.append(f"vs. labels: F1 {num('f1')}  IoU {num('iou')}")
         lines.append(f"  instance F1@0.5 {num('instance_f1_iou50')}  AP50 {num('ap50')}  AP75 {num('ap75')}")
         lines.append(f"  true count {summary.get('gt_count')}  count error {summary.get('count_error')}")
+    if point is not None:
+        z, y, x = point
+        if slices > 1:
+            lines.append(f"views: slices through z = {z}, y = {y}, x = {x} (red ticks)")
+            lines.append(f"z drawn \u00d7{z_stretch:.3g}" + (" its physical scale" if voxel_size_nm else "")
+                         + " (shallow stack)" if z_stretch > 1 else
+                         "z drawn to scale" + ("" if voxel_size_nm else " (as voxels)"))
+        else:
+            lines.append("one slice: no XZ, YZ or 3-D view")
     return "\n".join(lines)
