@@ -33,6 +33,86 @@ def test_save_and_load_round_trip(tmp_path):
     assert again.threshold == 2.0
 
 
+def test_scores_match_a_brute_force_probabilistic_pca_distance():
+    """sqrt((Mahalanobis distance in the k leading eigenvectors of the covariance + squared residual
+    / mean variance of the other D - k eigenvalues) / D), from numpy.linalg.eigh of np.cov."""
+    rng = np.random.default_rng(4)
+    d, k = 12, 4
+    x = rng.normal(size=(500, d)) @ rng.normal(size=(d, d))
+    dist = FeatureDistribution.fit(x, k=k)
+    ev, vec = np.linalg.eigh(np.cov(x.T))
+    ev, vec = ev[::-1], vec[:, ::-1]
+    y = rng.normal(size=(9, d)) * 3
+    off = y - x.mean(0)
+    proj = off @ vec[:, :k]
+    brute = np.sqrt((np.sum(proj ** 2 / ev[:k], 1) + (np.sum(off ** 2, 1) - np.sum(proj ** 2, 1)) / ev[k:].mean()) / d)
+    np.testing.assert_allclose(dist.tile_scores(y), brute, rtol=1e-9)
+    assert dist.score(y) == pytest.approx(np.median(brute))
+
+
+def test_the_threshold_is_the_linearly_interpolated_quantile_and_refuses_nan_scores():
+    dist = FeatureDistribution.fit(np.random.default_rng(5).normal(size=(20, 4)), k=2)
+    scores = [3.0, 1.0, 10.0, 2.0, 4.0]
+    # 99th percentile of 5 scores: 4 + 0.96 * (10 - 4), between the two highest
+    assert dist.calibrate(scores).threshold == pytest.approx(4 + 0.96 * (10 - 4))
+    assert dist.calibrate([2.5]).threshold == 2.5
+    for bad in ([1.0, float("nan"), 2.0], [], [1.0, float("inf")]):  # a NaN threshold would never warn
+        with pytest.raises(ValueError, match="threshold"):
+            dist.calibrate(bad)
+
+
+def test_nan_or_constant_features():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(40, 5))
+    x[:, 2] = 7.0  # a constant feature: in-distribution tiles still score about 1
+    dist = FeatureDistribution.fit(x, k=2)
+    fresh = rng.normal(size=(400, 5))
+    fresh[:, 2] = 7.0
+    assert 0.7 < np.median(dist.tile_scores(fresh)) < 1.3 and np.isfinite(dist.tile_scores(fresh)).all()
+    x[3, 1] = np.nan  # was numpy's "SVD did not converge"
+    with pytest.raises(ValueError, match="1 of 40 feature vectors hold NaN"):
+        FeatureDistribution.fit(x)
+
+
+def test_save_and_load_round_trip_every_field_exactly(tmp_path):
+    x = np.random.default_rng(7).normal(size=(60, 10)).astype(np.float32)
+    dist = FeatureDistribution.fit(x, k=3, tile=128, layers=("enc1_relu2", "enc2_relu2"), stats="mean_std")
+    dist.calibrate([1.0, 1.5, 2.0])
+    dist.save(tmp_path / "ood.npz")
+    again = FeatureDistribution.load(tmp_path / "ood.npz")
+    for name in ("mean", "components", "variances"):
+        a, b = getattr(dist, name), getattr(again, name)
+        assert a.dtype == b.dtype == np.float64 and a.shape == b.shape and np.array_equal(a, b)
+    for name in ("residual_variance", "threshold", "tile", "layers", "stats"):
+        assert getattr(again, name) == getattr(dist, name) and type(getattr(again, name)) is type(getattr(dist, name))
+    FeatureDistribution.fit(x, k=3).save(tmp_path / "uncalibrated.npz")
+    assert FeatureDistribution.load(tmp_path / "uncalibrated.npz").threshold == float("inf")
+
+
+def test_a_damaged_ood_file_gives_one_error_naming_it(tmp_path):
+    """Garbage, a cut-off file, a missing value, shapes that do not fit together, NaN: each one
+    ValueError naming the file (np.load's own errors name neither it nor its role)."""
+    dist = FeatureDistribution.fit(np.random.default_rng(8).normal(size=(30, 6)), k=2).calibrate([1.0, 2.0])
+    dist.save(tmp_path / "good.npz")
+    raw = (tmp_path / "good.npz").read_bytes()
+    fields = dict(mean=dist.mean, components=dist.components, variances=dist.variances,
+                  residual_variance=dist.residual_variance, threshold=dist.threshold)
+    (tmp_path / "garbage.npz").write_bytes(b"not an archive")
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    np.savez(tmp_path / "missing.npz", **{k: v for k, v in fields.items() if k != "variances"})
+    np.savez(tmp_path / "shapes.npz", **{**fields, "mean": dist.mean[:4]})
+    np.savez(tmp_path / "nan.npz", **{**fields, "threshold": np.nan})
+    np.savez(tmp_path / "zero.npz", **{**fields, "variances": np.zeros(2)})
+    for name in ("garbage", "cut", "missing", "shapes", "nan", "zero"):
+        path = tmp_path / f"{name}.npz"
+        with pytest.raises(ValueError) as err:
+            FeatureDistribution.load(path)
+        assert str(err.value).startswith(f"{path}: ") and "out-of-distribution" in str(err.value)
+        assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        FeatureDistribution.load(tmp_path / "absent.npz")
+
+
 def test_tile_origins_cover_and_cap():
     assert tile_origins((100, 100), 256) == [(0, 0)]
     grid = tile_origins((1024, 768), 256, k=100)

@@ -6,7 +6,8 @@ number T fitted on validation pixels (T > 1 softens, T < 1 sharpens); it
 never changes which side of 0.5 a pixel falls, so masks at threshold 0.5
 are unchanged. Everything here works on flat arrays of foreground
 probabilities `p` (float, [0, 1]) and truths `y` (bool or 0/1), optionally
-with a `valid` mask to leave ignored pixels out.
+with a `valid` mask to leave ignored pixels out (`sample_pixels`). NaN
+probabilities (no prediction) are left out of every fit and measure.
 """
 from __future__ import annotations
 
@@ -37,7 +38,16 @@ def blockwise(fn, x: np.ndarray, block: int = BLOCK) -> np.ndarray:
 
 
 def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated probabilities sigmoid(logit(p) / T), float32, same shape as p (NaN stays NaN)."""
+    """Calibrated probabilities sigmoid(logit(p) / T), float32, same shape as p (NaN stays NaN).
+
+    ValueError unless T is a positive finite number (0 would make every pixel 0 or 1, a negative
+    T would swap foreground and background)."""
+    try:
+        ok = bool(np.isfinite(temperature) and temperature > 0)
+    except (TypeError, ValueError):  # not one number
+        ok = False
+    if not ok:
+        raise ValueError(f"temperature {temperature!r}: expected a positive finite number")
     if temperature == 1.0:
         return np.asarray(p, np.float32)
 
@@ -49,9 +59,9 @@ def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def nll(p: np.ndarray, y: np.ndarray) -> float:
-    """Mean binary negative log-likelihood (nats) of truths y under probabilities p."""
-    p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
-    y = np.asarray(y, bool)
+    """Mean binary negative log-likelihood (nats) of truths y under probabilities p (NaN p left out)."""
+    p, y = _known(p, y)
+    p = np.clip(p, EPS, 1 - EPS)
     return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
 
 
@@ -59,10 +69,12 @@ def fit_temperature(p: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = 
                     iterations: int = 60) -> float:
     """The T minimising the NLL of sigmoid(logit(p) / T) against y (golden-section search on log T).
 
-    The NLL is convex in 1/T, so the search finds the global minimum within `bounds`.
+    The NLL is convex in 1/T, so the search finds the global minimum within `bounds` (a bound
+    itself when the NLL keeps falling towards it: e.g. the lower one when every pixel is on its
+    right side of 0.5). NaN probabilities are left out.
     """
-    z = logit(np.ravel(p))
-    y = np.ravel(np.asarray(y, bool))
+    p, y = _known(p, y)
+    z = logit(p)
     if z.size == 0:
         raise ValueError("no pixels to fit a temperature on")
     if y.all() or not y.any():
@@ -91,9 +103,9 @@ def fit_temperature(p: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = 
 
 def reliability(p: np.ndarray, y: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
     """Reliability diagram data: per equal-width probability bin, the mean predicted foreground
-    probability, the observed foreground frequency and the pixel count (empty bins: NaN, 0)."""
-    p = np.ravel(np.asarray(p, np.float64))
-    y = np.ravel(np.asarray(y, bool))
+    probability, the observed foreground frequency and the pixel count (empty bins: NaN, 0).
+    Bin i holds edges[i] <= p < edges[i + 1]; the last one also p = 1. NaN probabilities are left out."""
+    p, y = _known(p, y)
     idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
     count = np.bincount(idx, minlength=bins).astype(np.int64)
     sum_p = np.bincount(idx, weights=p, minlength=bins)
@@ -112,6 +124,16 @@ def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> 
         raise ValueError("no pixels to measure calibration on")
     gap = np.abs(r["mean_probability"][used] - r["frequency"][used])
     return float(np.sum(r["count"][used] * gap) / n)
+
+
+def _known(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float64 probabilities and bool truths of the pixels whose probability is not NaN."""
+    p = np.ravel(np.asarray(p, np.float64))
+    y = np.ravel(np.asarray(y, bool))
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} probabilities against {y.size} truths")
+    keep = ~np.isnan(p)
+    return (p, y) if keep.all() else (p[keep], y[keep])
 
 
 def sample_pixels(p: np.ndarray, y: np.ndarray, valid: np.ndarray | None, k: int,

@@ -272,22 +272,28 @@ class ObjectConfidence:
         combine: "logistic" fits one weight per feature; "equal" averages the standardised
         features, each signed as it separates y (its AUROC above or below 0.5), and fits the
         logistic on that one score (a weight and an intercept), so that only the ranking's
-        direction, not the val sets' particular weights, carries over. Either way the result
-        is a logistic model of the standardised features (`predict` is the same).
+        direction, not the val sets' particular weights, carries over; a feature constant on x
+        separates nothing and gets weight 0. Either way the result is a logistic model of the
+        standardised features (`predict` is the same). ValueError if x holds NaN or inf.
         """
         x = np.asarray(x, np.float64)
         y = np.asarray(y, np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.features):
             raise ValueError(f"object confidence on {len(self.features)} features {self.features} got x of shape {x.shape}")
+        if not np.isfinite(x).all():
+            bad = [self.features[i] for i in np.flatnonzero(~np.isfinite(x).all(0))]
+            raise ValueError(f"object confidence: features {bad} hold NaN or inf values")
         if len(x) < 4 or y.min() == y.max():
             raise ValueError("fitting object confidence needs true and false detections (at least 4 objects)")
         if combine not in ("logistic", "equal"):
             raise ValueError(f"combine {combine!r}: 'logistic' or 'equal'")
         mu, sd = x.mean(0), x.std(0)
-        sd[sd == 0] = 1.0
+        constant = sd == 0
+        sd[constant] = 1.0
         zx = (x - mu) / sd
         if combine == "equal":
             sign = np.array([1.0 if auroc(zx[:, i], y > 0.5) >= 0.5 else -1.0 for i in range(zx.shape[1])])
+            sign[constant] = 0.0  # its z is 0 here, but would not be on new data
             intercept, (slope,) = _logistic(zx @ sign[:, None] / len(sign), y, l2, iterations)
             coef = slope * sign / len(sign)
         else:
@@ -309,8 +315,22 @@ class ObjectConfidence:
                 "intercept": self.intercept}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ObjectConfidence":
-        return cls(tuple(d["features"]), list(d["mean"]), list(d["scale"]), list(d["coef"]), float(d["intercept"]))
+    def from_dict(cls, d: dict, source: str = "object confidence") -> "ObjectConfidence":
+        """The model `to_dict` stored; one ValueError naming `source` (say, the config.json and its
+        key) when a value is missing or damaged."""
+        try:
+            features = tuple(str(n) for n in d["features"])
+            arrays = [np.asarray(d[k], np.float64) for k in ("mean", "scale", "coef")]
+            intercept = float(d["intercept"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{source}: missing or damaged value ({type(err).__name__}: {err})") from None
+        mean, scale, coef = arrays
+        if any(a.shape != (len(features),) for a in arrays):
+            raise ValueError(f"{source}: mean, scale and coef need one number per feature ({len(features)}), got "
+                             f"{[a.shape for a in arrays]}")
+        if not (all(np.isfinite(a).all() for a in arrays) and np.isfinite(intercept) and (scale > 0).all()):
+            raise ValueError(f"{source}: NaN, inf or non-positive scale among the stored values")
+        return cls(features, mean.tolist(), scale.tolist(), coef.tolist(), intercept)
 
 
 def _logistic(z: np.ndarray, y: np.ndarray, l2: float, iterations: int) -> tuple[float, np.ndarray]:
@@ -331,7 +351,9 @@ def _logistic(z: np.ndarray, y: np.ndarray, l2: float, iterations: int) -> tuple
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a random positive > that of a random negative), ties half."""
+    """Area under the ROC curve: P(score of a random positive > that of a random negative), ties half.
+
+    NaN (not 0.5) when there are no positives or no negatives, or when a score is NaN."""
     from scipy.stats import rankdata
 
     s = np.asarray(scores, np.float64)

@@ -125,6 +125,9 @@ class FeatureDistribution:
         x = np.asarray(features, np.float64)
         if len(x) < MIN_TILES:
             raise ValueError(f"need at least {MIN_TILES} feature vectors to fit the feature distribution")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{int((~np.isfinite(x).all(1)).sum())} of {len(x)} feature vectors hold NaN or inf: "
+                             "cannot fit the feature distribution")
         mu = x.mean(0)
         u, s, vt = np.linalg.svd(x - mu, full_matrices=False)
         var = s ** 2 / (len(x) - 1)
@@ -155,8 +158,15 @@ class FeatureDistribution:
         return float(np.median(self.tile_scores(features)))
 
     def calibrate(self, image_scores: list[float], quantile: float = 0.99) -> "FeatureDistribution":
-        """Set the warning threshold at `quantile` of in-distribution images' scores (held out from the fit)."""
-        self.threshold = float(np.quantile(np.asarray(image_scores, np.float64), quantile))
+        """Set the warning threshold at `quantile` of in-distribution images' scores (held out from the fit),
+        linearly interpolated between the two nearest scores (`numpy.quantile`'s default).
+
+        ValueError on no scores or a NaN or inf among them (a NaN threshold would never warn)."""
+        scores = np.asarray(image_scores, np.float64)
+        if scores.size == 0 or not np.isfinite(scores).all():
+            raise ValueError(f"the OOD warning threshold needs finite in-distribution image scores; got {scores.size}"
+                             f" ({int((~np.isfinite(scores)).sum())} NaN or inf)")
+        self.threshold = float(np.quantile(scores, quantile))
         return self
 
     def save(self, path: str | Path) -> None:
@@ -172,8 +182,27 @@ class FeatureDistribution:
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureDistribution":
-        with np.load(path) as z:
-            return cls(z["mean"], z["components"], z["variances"], float(z["residual_variance"]),
-                       float(z["threshold"]), int(z["tile"]) if "tile" in z else TILE,
-                       tuple(str(n) for n in z["layers"]) if "layers" in z else (OOD_LAYER,),
-                       str(z["stats"]) if "stats" in z else "mean")
+        """What `save` wrote. FileNotFoundError without the file; one ValueError naming it when it
+        is not such an archive or a stored value is missing or damaged."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: out-of-distribution model not found")
+        try:
+            with np.load(path) as z:
+                dist = cls(np.asarray(z["mean"], np.float64), np.asarray(z["components"], np.float64),
+                           np.asarray(z["variances"], np.float64), float(z["residual_variance"]),
+                           float(z["threshold"]), int(z["tile"]) if "tile" in z else TILE,
+                           tuple(str(n) for n in z["layers"]) if "layers" in z else (OOD_LAYER,),
+                           str(z["stats"]) if "stats" in z else "mean")
+        except Exception as err:  # np.load's and zipfile's own errors name neither the file nor its role
+            raise ValueError(f"{path}: cannot read this out-of-distribution model ({type(err).__name__}: "
+                             f"{err})") from None
+        d, k = dist.mean.shape, dist.variances.shape
+        if len(d) != 1 or len(k) != 1 or dist.components.shape != k + d:
+            raise ValueError(f"{path}: out-of-distribution model with inconsistent shapes: mean {d}, components "
+                             f"{dist.components.shape}, variances {k}")
+        if not (np.isfinite(dist.mean).all() and np.isfinite(dist.components).all()
+                and (dist.variances > 0).all() and np.isfinite(dist.variances).all()
+                and 0 < dist.residual_variance < np.inf and not np.isnan(dist.threshold)):
+            raise ValueError(f"{path}: out-of-distribution model holds NaN, inf or non-positive variances")
+        return dist
