@@ -305,3 +305,28 @@ def test_adapts_teacher_labels_a_warned_slice_at_the_zoom_analyze_would_search(c
             want = pseudo_label(pred.predict_slice(im, tta=True, pixel_size_nm=grid), 0.1, 0.9, 100)
             got = tifffile.imread(out / "train" / "y" / f"{name}.tif")
             assert got.shape == im.shape and np.array_equal(got, want)
+
+
+def test_a_damaged_stored_calibration_is_one_line_naming_the_file_before_any_image(calibrated, tmp_path, capsys):
+    """A hand-edited config.json (a negative temperature would swap foreground and background; a
+    confidence model with a missing value) is one line naming the file and key, before any image."""
+    import json
+
+    from xmdl_tf.analyze import main
+
+    _, model = calibrated
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, blob_image(96, seed=7, n=5)[0])
+    for key, value, says in (("temperature", -2.0, "['calibration']['temperature']: "),
+                             ("object_confidence", {"features": ["mean_prob"], "mean": [0.5]},
+                              "['calibration']['object_confidence']: missing or damaged value")):
+        bad = tmp_path / f"bad_{key}"
+        shutil.copytree(model, bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg["calibration"][key] = value
+        (bad / "config.json").write_text(json.dumps(cfg))
+        assert main([str(image), "--model", str(bad), "--out", str(tmp_path / f"o_{key}"), "--tile", "64",
+                     "--no-tta"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{bad / 'config.json'}{says}" in err[0], err
+        assert not (tmp_path / f"o_{key}").exists()

@@ -29,6 +29,7 @@ shape (see `xmdl_tf.volume` for its outputs).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -239,8 +240,33 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
 def _confidence_features(predictor, tta: bool) -> tuple[str, ...]:
     """The features the predictor's object confidence model reads (none if it is not calibrated)."""
     config = getattr(predictor, "config", None)
-    model = confidence_model(config.calibration if config is not None else {}, tta)
+    model = confidence_model(config.calibration if config is not None else {}, tta, _calibration_source(predictor))
     return model.features if model is not None else ()
+
+
+def _calibration_source(predictor) -> str:
+    """Where a model's stored calibration lives, for error messages."""
+    path = getattr(predictor, "path", None)
+    return f"{Path(path).parent / 'config.json' if path else 'config.json'}['calibration']"
+
+
+def check_calibration(predictor) -> None:
+    """ValueError naming config.json when the stored calibration (temperature, object confidence
+    models) is damaged: once, before any image, not as a failure of each."""
+    from .calibration import apply_temperature
+
+    config = getattr(predictor, "config", None)
+    cal = config.calibration if config is not None else {}
+    source = _calibration_source(predictor)
+    try:
+        apply_temperature(np.full(1, 0.5, np.float32), float(cal.get("temperature", 1.0)))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}['temperature']: {err}; run calibrate again") from None
+    from .confidence import ObjectConfidence
+
+    for key in ("object_confidence", "object_confidence_without_tta"):
+        if cal.get(key):
+            ObjectConfidence.from_dict(cal[key], f"{source}[{key!r}]")
 
 
 def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread=None,
@@ -259,9 +285,9 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
 
     config = getattr(predictor, "config", None)
     cal = config.calibration if config is not None else {}
-    p_cal = apply_temperature(prob, float(cal.get("temperature", 1.0)))
+    p_cal = apply_temperature(prob, float(cal.get("temperature", 1.0)))  # (checked: `check_calibration`)
     uncertainty = entropy(p_cal)
-    model = confidence_model(cal, tta=spread is not None)
+    model = confidence_model(cal, tta=spread is not None, source=_calibration_source(predictor))
     if model is not None and len(table):
         alternatives = None
         if set(AGREEMENT_FEATURES) & set(model.features):
@@ -274,7 +300,9 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
                             image=image if uses_image else None)
         conf = model.predict(feature_matrix(f, model.features))
         by_id = dict(zip(f["label"].tolist(), conf.tolist()))
-        table["confidence"] = [round(by_id[int(i)], 4) for i in table["id"]]
+        # Rounded down to 4 decimals: `confidence < REVIEW_BELOW` in the table is `needs_review`
+        # exactly (0.49996 shown as 0.5 would read as sure while it is flagged).
+        table["confidence"] = [math.floor(by_id[int(i)] * 1e4) / 1e4 for i in table["id"]]
         table["needs_review"] = table["confidence"] < REVIEW_BELOW
     else:
         table["confidence"] = np.nan
@@ -291,27 +319,28 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
         # warning is about the data, not the zoom chosen for it); else where the slice was predicted.
         score = ood_score if ood_score is not None else dist.image_score(
             predictor, image, pixel_size_nm if ic.zoom_search != "off" else grid_px, ic.rescale)
+        # A score that could not be computed (NaN) warns: nothing says the slice is like the training data.
         summary.update(ood_score=round(score, 4), ood_threshold=round(dist.threshold, 4),
-                       ood_warning=bool(score > dist.threshold))
+                       ood_warning=bool(not score <= dist.threshold))
     return uncertainty
 
 
-def confidence_model(calibration: dict, tta: bool):
+def confidence_model(calibration: dict, tta: bool, source: str = "calibration"):
     """The calibration's object confidence model for predictions made with or without test-time
     augmentation, or None. A model fitted on the TTA spread or agreement needs it: without TTA, the
     one fitted without them (`object_confidence_without_tta`), else none (a spread of 0 would read
-    as sure)."""
+    as sure). source: where the calibration was read from, named by errors."""
     from .confidence import TTA_FEATURES, ObjectConfidence
 
     d = calibration.get("object_confidence")
     if not d:
         return None
-    model = ObjectConfidence.from_dict(d)
+    model = ObjectConfidence.from_dict(d, f"{source}['object_confidence']")
     if tta or not set(TTA_FEATURES) & set(model.features):
         return model
     other = calibration.get("object_confidence_without_tta")
     if other:
-        return ObjectConfidence.from_dict(other)
+        return ObjectConfidence.from_dict(other, f"{source}['object_confidence_without_tta']")
     if "confidence_needs_tta" not in _WARNED:
         _WARNED.add("confidence_needs_tta")
         log.warning("per-object confidence left empty: this model's confidence was calibrated on the spread of "
@@ -435,6 +464,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
             raise FileNotFoundError(NO_DEFAULT)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     ic = s.resolve(predictor)
+    check_calibration(predictor)
     if ic.tile % predictor.size_divisor:  # once, here, rather than as a failure of every image
         raise cli.UsageError(f"--tile {ic.tile} is not a multiple of the model's size divisor "
                              f"{predictor.size_divisor}; try {max(ic.tile // predictor.size_divisor, 1) * predictor.size_divisor}")
