@@ -309,7 +309,8 @@ def test_adapts_teacher_labels_a_warned_slice_at_the_zoom_analyze_would_search(c
 
 def test_a_damaged_stored_calibration_is_one_line_naming_the_file_before_any_image(calibrated, tmp_path, capsys):
     """A hand-edited config.json (a negative temperature would swap foreground and background; a
-    confidence model with a missing value) is one line naming the file and key, before any image."""
+    confidence model with a missing value) or a cut-off ood.npz is one line naming the file (and
+    key), before any image."""
     import json
 
     from xmdl_tf.analyze import main
@@ -330,3 +331,10 @@ def test_a_damaged_stored_calibration_is_one_line_naming_the_file_before_any_ima
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{bad / 'config.json'}{says}" in err[0], err
         assert not (tmp_path / f"o_{key}").exists()
+    bad = tmp_path / "bad_ood"  # an interrupted calibrate: ood.npz cut short
+    shutil.copytree(model, bad)
+    (bad / "ood.npz").write_bytes((bad / "ood.npz").read_bytes()[:100])
+    assert main([str(image), "--model", str(bad), "--out", str(tmp_path / "o_ood"), "--tile", "64", "--no-tta"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad / 'ood.npz'}: cannot read this out-of-distribution model" in err[0], err
+    assert "run calibrate again" in err[0] and not (tmp_path / "o_ood").exists()

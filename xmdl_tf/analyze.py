@@ -251,8 +251,8 @@ def _calibration_source(predictor) -> str:
 
 
 def check_calibration(predictor) -> None:
-    """ValueError naming config.json when the stored calibration (temperature, object confidence
-    models) is damaged: once, before any image, not as a failure of each."""
+    """ValueError naming the file when the stored calibration (config.json's temperature and object
+    confidence models, ood.npz) is damaged: once, before any image, not as a failure of each."""
     from .calibration import apply_temperature
 
     config = getattr(predictor, "config", None)
@@ -263,10 +263,12 @@ def check_calibration(predictor) -> None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}['temperature']: {err}; run calibrate again") from None
     from .confidence import ObjectConfidence
+    from .ood import model_distribution
 
     for key in ("object_confidence", "object_confidence_without_tta"):
         if cal.get(key):
             ObjectConfidence.from_dict(cal[key], f"{source}[{key!r}]")
+    model_distribution(predictor)  # a damaged ood.npz: one ValueError naming it (loaded once, kept)
 
 
 def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread=None,

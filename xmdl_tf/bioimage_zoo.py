@@ -220,7 +220,7 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
     is given (a file, or a folder of anything else, is never replaced).
     """
     from .data import normalize
-    from .export import model_ood
+    from .ood import model_distribution
     from .predict import ModelError, Predictor, is_saved_model, load_keras_with_config, resolve_model_path
     from .pretrained import model_or_default, resolve_model_spec
     from .runlock import atomic_replace_dir
@@ -248,7 +248,7 @@ def export_bioimageio(model: str | Path | None, out_dir: str | Path, *, validate
     net, config, model_path = load_keras_with_config(model)
     # The network already loaded, wrapped for whole-slice inference (not loaded a second time).
     predictor = Predictor(net, config, model_path, jit_compile=False)
-    model_ood(predictor)  # a damaged ood.npz (read for the cover) named now, before the package is built
+    model_distribution(predictor)  # a damaged ood.npz (read for the cover) named now, before the package is built
     if config.normalization.get("method", "percentile") != "percentile":
         raise ZooError(f"{model_path}: normalisation {config.normalization.get('method')!r} has no bioimage.io "
                        "equivalent")

@@ -144,9 +144,11 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     if target.exists():
         raise FileExistsError(f"{target}: version {version} already exists; choose another --version or omit it "
                               f"(next free: {(existing[-1] + 1) if existing else 1}); versions are never overwritten")
+    from .ood import model_distribution
+
     predictor = load_model(model_path, jit_compile=False)
     layer = gradcam_layer or predictor.gradcam_layer
-    dist = model_ood(predictor)
+    dist = model_distribution(predictor)  # a damaged ood.npz: one ValueError naming it
     archive = _archive(predictor.model, predictor.config, layer, dist)
     meta = _metadata(predictor, layer, version, dist)
 
@@ -186,17 +188,6 @@ def _remove_stale_temps(out_dir: Path) -> None:
                 logging.getLogger(__name__).info("removed %s, left by an interrupted export", p)
         except OSError:  # another process removed it, or it is not ours to remove: leave it
             pass
-
-
-def model_ood(predictor: Predictor):
-    """`ood.model_distribution(predictor)`, a damaged ood.npz (an interrupted calibrate) named in one line."""
-    from .ood import model_distribution
-
-    try:
-        return model_distribution(predictor)
-    except Exception as err:  # np.load's and the archive's own errors name neither the file nor its role
-        raise ModelError(f"{predictor.ood_file()}: cannot read this out-of-distribution model "
-                         f"({type(err).__name__}: {cli.one_line(err)}); run calibrate again or remove it") from None
 
 
 def _archive(model, config: Config, layer: str, dist=None):

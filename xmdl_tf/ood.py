@@ -187,6 +187,7 @@ class FeatureDistribution:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: out-of-distribution model not found")
+        redo = "run calibrate again or remove it"
         try:
             with np.load(path) as z:
                 dist = cls(np.asarray(z["mean"], np.float64), np.asarray(z["components"], np.float64),
@@ -196,13 +197,13 @@ class FeatureDistribution:
                            str(z["stats"]) if "stats" in z else "mean")
         except Exception as err:  # np.load's and zipfile's own errors name neither the file nor its role
             raise ValueError(f"{path}: cannot read this out-of-distribution model ({type(err).__name__}: "
-                             f"{err})") from None
+                             f"{' '.join(str(err).split())}); {redo}") from None
         d, k = dist.mean.shape, dist.variances.shape
         if len(d) != 1 or len(k) != 1 or dist.components.shape != k + d:
             raise ValueError(f"{path}: out-of-distribution model with inconsistent shapes: mean {d}, components "
-                             f"{dist.components.shape}, variances {k}")
+                             f"{dist.components.shape}, variances {k}; {redo}")
         if not (np.isfinite(dist.mean).all() and np.isfinite(dist.components).all()
                 and (dist.variances > 0).all() and np.isfinite(dist.variances).all()
                 and 0 < dist.residual_variance < np.inf and not np.isnan(dist.threshold)):
-            raise ValueError(f"{path}: out-of-distribution model holds NaN, inf or non-positive variances")
+            raise ValueError(f"{path}: out-of-distribution model holds NaN, inf or non-positive variances; {redo}")
         return dist
