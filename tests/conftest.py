@@ -95,3 +95,27 @@ def blob_run(tmp_path_factory) -> tuple[Path, Path]:
     shutil.copytree(trained / "blobs", root / "blobs")
     shutil.copytree(trained / "run", root / "run")
     return root / "blobs", root / "run"
+
+
+def check_figure_kept_when_saving_fails(write, tmp_path: Path, monkeypatch, drawing_step: str) -> Path:
+    """`write(out)` draws a figure to `out`; when saving fails, or `drawing_step` (a dotted name of a
+    function the drawing calls) fails half-way, an earlier `out` stays whole, no temporary file is
+    left and no figure stays open. Returns `out`."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "figure.png"
+    out.write_bytes(b"old")
+    open_before = plt.get_fignums()
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    for target in ((Figure, "savefig"), (drawing_step,)):
+        with monkeypatch.context() as m:
+            m.setattr(*target, broken)
+            with pytest.raises(RuntimeError):
+                write(out)
+        assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+        assert plt.get_fignums() == open_before
+    return out

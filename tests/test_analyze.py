@@ -10,7 +10,7 @@ from xmdl_tf.analyze import OUTPUT_FILES, main as analyze_main
 from xmdl_tf.gradcam import GradCamError, energy_inside
 from xmdl_tf.predict import load_model
 
-from conftest import blob_image
+from conftest import blob_image, check_figure_kept_when_saving_fails
 
 
 
@@ -302,29 +302,10 @@ def test_figure_edge_cases_zero_one_many_objects_and_huge_ids(tmp_path):
 
 
 def test_figure_written_atomically_and_closed_when_drawing_fails(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-
     from xmdl_tf.figure import unified_figure
 
     image, inst, table, heat = _figure_inputs(128, 128)
-    out = tmp_path / "figure.png"
-    out.write_bytes(b"old")
-    open_before = plt.get_fignums()
-
-    def broken(*a, **k):
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(Figure, "savefig", broken)
-    with pytest.raises(RuntimeError):
-        unified_figure(image, inst, table, heat, out)
-    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
-    assert plt.get_fignums() == open_before
-    monkeypatch.undo()
-    monkeypatch.setattr("xmdl_tf.figure._class_rgba", broken)  # fails half-way through drawing
-    with pytest.raises(RuntimeError):
-        unified_figure(image, inst, table, heat, out)
-    assert plt.get_fignums() == open_before and out.read_bytes() == b"old"
-    monkeypatch.undo()
+    out = check_figure_kept_when_saving_fails(lambda out: unified_figure(image, inst, table, heat, out), tmp_path,
+                                              monkeypatch, "xmdl_tf.figure._class_rgba")
     unified_figure(image, inst, table, heat, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]

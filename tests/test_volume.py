@@ -11,6 +11,7 @@ from xmdl_tf.instances import average_precision
 from xmdl_tf.instances3d import min_volume_vox, volume_instances
 from xmdl_tf.volume import ground_truth_instances_3d, parse_planes, score_volume
 
+from conftest import check_figure_kept_when_saving_fails
 
 
 def _ball(shape, centre, radius_nm, voxel=(1.0, 1.0, 1.0)):
@@ -539,26 +540,8 @@ def test_volume_figure_legend_counts_and_edge_cases(tmp_path):
 
 
 def test_volume_figure_written_atomically_and_closed_when_drawing_fails(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-
     from xmdl_tf.figure import volume_figure
 
     image, ids, table = _volume_figure_inputs((4, 64, 64), n=3)
-    out = tmp_path / "figure.png"
-    out.write_bytes(b"old")
-    open_before = plt.get_fignums()
-
-    def broken(*a, **k):
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(Figure, "savefig", broken)
-    with pytest.raises(RuntimeError):
-        volume_figure(image, ids, table, out)
-    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
-    assert plt.get_fignums() == open_before
-    monkeypatch.undo()
-    monkeypatch.setattr("xmdl_tf.morphometry3d.object_mesh", broken)  # fails half-way through drawing
-    with pytest.raises(RuntimeError):
-        volume_figure(image, ids, table, out)
-    assert plt.get_fignums() == open_before and out.read_bytes() == b"old"
+    check_figure_kept_when_saving_fails(lambda out: volume_figure(image, ids, table, out), tmp_path, monkeypatch,
+                                        "xmdl_tf.morphometry3d.object_mesh")
