@@ -253,13 +253,13 @@ def _calibration_source(predictor) -> str:
 def check_calibration(predictor) -> None:
     """ValueError naming the file when the stored calibration (config.json's temperature and object
     confidence models, ood.npz) is damaged: once, before any image, not as a failure of each."""
-    from .calibration import apply_temperature
+    from .calibration import check_temperature
 
     config = getattr(predictor, "config", None)
     cal = config.calibration if config is not None else {}
     source = _calibration_source(predictor)
     try:
-        apply_temperature(np.full(1, 0.5, np.float32), float(cal.get("temperature", 1.0)))
+        check_temperature(float(cal.get("temperature", 1.0)))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}['temperature']: {err}; run calibrate again") from None
     from .confidence import ObjectConfidence

@@ -37,17 +37,23 @@ def blockwise(fn, x: np.ndarray, block: int = BLOCK) -> np.ndarray:
     return out
 
 
-def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated probabilities sigmoid(logit(p) / T), float32, same shape as p (NaN stays NaN).
-
-    ValueError unless T is a positive finite number (0 would make every pixel 0 or 1, a negative
-    T would swap foreground and background)."""
+def check_temperature(temperature: float) -> float:
+    """`temperature` if it is a positive finite number; else ValueError (0 would make every pixel
+    0 or 1, a negative T would swap foreground and background)."""
     try:
         ok = bool(np.isfinite(temperature) and temperature > 0)
     except (TypeError, ValueError):  # not one number
         ok = False
     if not ok:
         raise ValueError(f"temperature {temperature!r}: expected a positive finite number")
+    return temperature
+
+
+def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities sigmoid(logit(p) / T), float32, same shape as p (NaN stays NaN).
+
+    ValueError unless T is a positive finite number (`check_temperature`)."""
+    check_temperature(temperature)
     if temperature == 1.0:
         return np.asarray(p, np.float32)
 
