@@ -169,6 +169,37 @@ def test_worker_killed_mid_run_and_resume(client, volume, blob_run, tmp_path):
     assert {m.name: m.stat().st_mtime_ns for m in (out / ".xmdl" / "done" / "probability").iterdir()} == prob_marks
 
 
+def test_overwrite_keeps_the_earlier_result_until_the_new_one_is_complete(client, volume, blob_run, tmp_path):
+    from xmdl_tf.distributed import Cancelled, previous_result
+
+    root, _, _ = volume
+    out = tmp_path / "o.zarr"
+    first = _run(client, root / "vol.tif", out, blob_run[1])
+    labels = zarr.open_array(str(out / "labels" / "instances" / "0"))[:]
+    prev = previous_result(out)
+
+    def stop_after_first_chunk(stage, done, total):
+        if stage.startswith("probability") and done >= 1:
+            cancel.set()
+
+    for _ in range(2):  # a second failed --overwrite must not replace the kept result with the unfinished one
+        cancel = threading.Event()
+        with pytest.raises(Cancelled):
+            _run(client, root / "vol.tif", out, blob_run[1], overwrite=True, progress=stop_after_first_chunk,
+                 cancel=cancel)
+        assert not (out / "summary.json").exists()
+        assert json.loads((prev / "summary.json").read_text())["count"] == first["count"]
+        np.testing.assert_array_equal(zarr.open_array(str(prev / "labels" / "instances" / "0"))[:], labels)
+    # Resuming the replacement completes it, and only then is the earlier result removed.
+    assert _run(client, root / "vol.tif", out, blob_run[1], resume=True)["count"] == first["count"]
+    assert not prev.exists()
+    np.testing.assert_array_equal(zarr.open_array(str(out / "labels" / "instances" / "0"))[:], labels)
+    # A replacement that completes at once leaves nothing beside OUT.
+    _run(client, root / "vol.tif", out, blob_run[1], overwrite=True)
+    assert not prev.exists() and (out / "summary.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if "o.zarr" in p.name) == [".o.zarr.lock", "o.zarr"]
+
+
 def test_inputs_zarr_v2_v3_hdf5_and_tiff_agree(client, volume, blob_run, tmp_path):
     import h5py
 

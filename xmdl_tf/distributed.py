@@ -34,6 +34,7 @@ inference, as in 2-D). `process_volume(..., client=...)` runs on any
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -542,7 +543,7 @@ def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> bool:
         if not overwrite:
             raise FileExistsError(f"{out} exists; use --resume to continue that run, --overwrite to replace it, "
                                   "or another --out")
-        shutil.rmtree(out)
+        _set_aside(out)
     out.mkdir(parents=True)
     root = zarr.open_group(str(out), mode="w", zarr_format=2)
     root.create_array("0", shape=plan.shape, chunks=plan.chunks, dtype="float32", fill_value=0)
@@ -552,6 +553,37 @@ def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> bool:
     (out / WORK).mkdir()
     state.write_text(json.dumps(asdict(plan), indent=2) + "\n")
     return True
+
+
+def previous_result(out: Path) -> Path:
+    """Where --overwrite keeps OUT.zarr's earlier result until the run replacing it completes."""
+    return out.with_name(f".{out.name}.previous")
+
+
+def _set_aside(out: Path) -> None:
+    """Move an earlier run's OUT.zarr to `previous_result(out)` (--overwrite): a replacement that fails
+    or is interrupted must not have cost the user the result they had."""
+    prev = previous_result(out)
+    if prev.exists() and not (out / "summary.json").is_file():
+        # OUT is an unfinished replacement of the result kept in prev: that one stays the one to keep.
+        shutil.rmtree(out)
+    else:
+        if prev.exists():  # (a completed replacement whose clean-up did not happen)
+            shutil.rmtree(prev)
+        os.replace(out, prev)
+    log.info("%s: the earlier result is kept in %s until this run completes", out, prev)
+
+
+@contextlib.contextmanager
+def _say_where_previous_is(out: Path):
+    """On failure or interrupt, tell the user where --overwrite put the earlier result."""
+    try:
+        yield
+    except BaseException:
+        if previous_result(out).exists():
+            log.warning("%s: the result it held before --overwrite is kept in %s until a run completes "
+                        "(the same command with --resume continues this one)", out, previous_result(out))
+        raise
 
 
 def process_volume(source: str, out: str | Path, model: str | Path | None = None, client=None,
@@ -628,7 +660,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
               f"{' x '.join(map(str, plan.chunks))}, {len(plan.grid)} chunk(s); voxel "
               + (" x ".join(f"{v:g}" for v in voxel) + " nm" if voxel else "size unknown (voxels)"), flush=True)
 
-    with FolderLock(out, "chunked volume run"):
+    with FolderLock(out, "chunked volume run"), _say_where_previous_is(out):
         fresh = _create(out, plan, overwrite, resume)
         client, close = _cluster(client, scheduler, workers)
         interrupted = False
@@ -653,6 +685,8 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                 if len(levels) < 2:  # (a volume of another dtype was checked before OUT was created)
                     if fresh:
                         shutil.rmtree(out, ignore_errors=True)
+                        if previous_result(out).exists():  # nothing was replaced: put the earlier result back
+                            os.replace(previous_result(out), out)
                     raise DataError(f"{vol.source}: constant volume (every voxel is {int(levels.max(initial=0))}); "
                                     "nothing to segment")
                 top = max(256, int(levels.max(initial=0)) + 1)
@@ -752,6 +786,8 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                    "workers": workers if client is None else None, "seconds": round(time.time() - t_start, 1),
                    **{k: round(v, 1) for k, v in timings.items()}}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+        # Replaced now (by this run, or by the interrupted one this run resumed).
+        shutil.rmtree(previous_result(out), ignore_errors=True)
     if verbose:
         print(f"{summary['count']} mitochondria -> {out} (probability, labels/instances, objects.csv, "
               f"summary.json) in {summary['seconds']:.0f} s", flush=True)
