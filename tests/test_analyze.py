@@ -89,8 +89,13 @@ def test_analyze_cli_end_to_end(tiny_run, tmp_path):
     before = (out / "summary.csv").read_bytes()
     assert analyze_main([str(inp / "slice0.png"), "--model", str(tiny_run), "--out", str(out)]) == 2
     assert (out / "summary.csv").read_bytes() == before
-    assert analyze_main([str(inp / "slice0.png"), "--model", str(tiny_run), "--out", str(out), "--overwrite",
-                         "--tile", "64", "--no-figure", "--rule", "round_max_aspect=2.0"]) == 0
+    # --overwrite replaces one image's result; with another shape rule it would leave the other
+    # rows classified the old way (tests/test_robustness.py: settings never mix in one table).
+    again = [str(inp / "slice0.png"), "--model", str(tiny_run), "--out", str(out), "--overwrite", "--tile", "64",
+             "--overlap", "16", "--faithfulness", "--no-figure"]
+    assert analyze_main(again + ["--rule", "round_max_aspect=2.0"]) == 2
+    assert analyze_main(again) == 0
+    assert pd.read_csv(out / "summary.csv")["image"].tolist()[0] == "slice0"
 
 
 def test_analyze_errors(tiny_run, tmp_path, monkeypatch, capsys):

@@ -150,6 +150,39 @@ def test_reader_ome_zarr_and_n5(tmp_path, vol):
     np.testing.assert_array_equal(np.asarray(data[1:3]), vol[1:3])
 
 
+def test_reader_opens_results_as_what_they_are(blob_run, tmp_path):
+    """analyze's outputs: ids as Labels, probability kept float in [0, 1] (not an EM image rescaled to
+    uint16), the result folder as all its layers; a folder of slices as one volume."""
+    from xmdl_tf.analyze import main
+
+    img, _ = blob_image(96, seed=3)
+    tifffile.imwrite(tmp_path / "a.tif", img, imagej=True, resolution=(1 / 0.005, 1 / 0.005), metadata={"unit": "um"})
+    assert main([str(tmp_path / "a.tif"), "--model", str(blob_run[1]), "--out", str(tmp_path / "out"),
+                 "--no-figure", "--tile", "64", "--overlap", "16"]) == 0
+    folder = tmp_path / "out" / "a"
+    layers = {kw["name"]: (data, kw, kind) for data, kw, kind in napari_get_reader(str(folder))(str(folder))}
+    assert set(layers) == {"a probability", "a uncertainty", "a gradcam", "a instances"}
+    data, kw, kind = layers["a instances"]
+    assert kind == "labels" and data.dtype.kind == "u"
+    np.testing.assert_array_equal(data, tifffile.imread(folder / "instances.tif"))
+    data, kw, kind = layers["a probability"]
+    assert kind == "image" and data.dtype == np.float32 and kw["contrast_limits"] == (0.0, 1.0) and kw["visible"]
+    assert kw["scale"] == pytest.approx((5.0, 5.0)) and not layers["a gradcam"][1]["visible"]
+    (data, kw, kind), = napari_get_reader(str(folder / "mask.tif"))(str(folder / "mask.tif"))
+    assert kind == "labels" and set(np.unique(data)) <= {0, 1}
+    # A user's float image that happens to be called mask.tif is shown as an image, not as labels.
+    (tmp_path / "mine").mkdir()
+    tifffile.imwrite(tmp_path / "mine" / "mask.tif", np.random.default_rng(0).random((8, 8), np.float32))
+    assert read(tmp_path / "mine" / "mask.tif")[0].shape == (8, 8)
+    # A folder of numbered slices: one lazy volume.
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    for z in range(3):
+        tifffile.imwrite(slices / f"s{z:03d}.tif", np.full((16, 20), z * 40, np.uint8))
+    data, kw = read(slices)
+    assert data.shape == (3, 16, 20) and int(np.asarray(data[2]).max()) == 80
+
+
 def test_reader_declines_what_it_cannot_read(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "folder").mkdir()
@@ -373,6 +406,11 @@ def test_stack_in_chunks_from_its_file_streams_cancels_and_continues(viewer, qtb
     with pytest.raises(DataError, match=r"holds a run with other settings \(inference\); type another output"):
         L.segment_chunked(L.layer_source(layer), replace(s, threshold=0.9), layer.name)
     assert (store / "objects.csv").is_file()
+    # The finished store opened again (drag and drop): the probability and its instances as Labels.
+    (prob, pkw, pkind), (lab, lkw, lkind) = napari_get_reader(str(store))(str(store))
+    assert (pkind, lkind) == ("image", "labels") and lkw["name"] == f"{pkw['name']} instances"
+    assert pkw["contrast_limits"] == (0.0, 1.0) and lkw["scale"] == pytest.approx((20.0, 10.0, 10.0))
+    np.testing.assert_array_equal(np.asarray(lab), got)
 
 
 # ----------------------------------------------------------------------------

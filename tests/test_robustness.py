@@ -347,6 +347,44 @@ def test_an_image_narrower_than_the_model_can_see_is_refused_not_padded(small_mo
 
 
 @pytest.mark.slow
+def test_resume_and_overwrite_never_mix_settings_in_one_table(small_model, images, tmp_path, capsys):
+    import json
+    import shutil
+
+    import xmdl_tf.analyze as an
+
+    out = tmp_path / "out"
+    base = ["--model", str(small_model), "--out", str(out), *ANALYZE]
+    first = [str(images / "s0.png"), str(images / "s1.png")]
+    assert an.main(first + base + ["--no-figure"]) == 0
+    made = json.loads((out / "settings.json").read_text())
+    assert made["inference"]["tile"] == 64 and len(made["model_sha256"]) == 64
+    table = (out / "summary.csv").read_bytes()
+    # Resuming with another threshold, or another model, would add rows made otherwise: refused,
+    # naming what differs, and nothing is written.
+    other = tmp_path / "other_model"
+    shutil.copytree(small_model, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.setdefault("inference", {})["threshold"] = 0.6  # the model's own default: a different model
+    (other / "config.json").write_text(json.dumps(cfg))
+    for argv, needle in ((first + [str(images / "s2.png")] + base + ["--threshold", "0.3"], "(threshold)"),
+                         ([str(images / "s2.png"), "--model", str(other), "--out", str(out), *ANALYZE],
+                          f"model {small_model}")):
+        assert an.main(argv + ["--no-figure", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "other settings" in err and "Traceback" not in err, err
+        assert (out / "summary.csv").read_bytes() == table and not (out / "s2").exists()
+    # --overwrite with other settings may replace this batch, but not leave s1's row made the old way.
+    assert an.main([str(images / "s0.png")] + base + ["--no-figure", "--overwrite", "--threshold", "0.3"]) == 2
+    assert "holds results of 1 other input(s) (e.g. s1)" in capsys.readouterr().err
+    assert (out / "summary.csv").read_bytes() == table
+    assert an.main(first + base + ["--no-figure", "--overwrite", "--threshold", "0.3"]) == 0
+    assert json.loads((out / "settings.json").read_text())["inference"]["threshold"] == 0.3
+    # The same settings resume (the figure is not a setting of the results).
+    assert an.main(first + [str(images / "s2.png")] + base + ["--threshold", "0.3", "--resume"]) == 0
+    assert list(pd.read_csv(out / "summary.csv")["image"]) == ["s0", "s1", "s2"]
+
+
 def test_analyze_resumes_after_a_random_kill(small_model, tmp_path):
     import cv2
 

@@ -5,6 +5,7 @@ morphometry -> shape classes -> Grad-CAM (scored) -> one figure. Outputs:
 
     OUT/summary.csv              one row per image
     OUT/objects.csv              one row per mitochondrion, all images (`image` column)
+    OUT/settings.json            the model (path, sha256) and settings every row was made with
     OUT/<stem>/mask.tif          uint8, 0 background / 1 mitochondrion
     OUT/<stem>/instances.tif     uint16 or uint32 instance ids, 0 background
     OUT/<stem>/probability.tif   float32 mitochondria probability
@@ -441,6 +442,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
     from keras.utils import Progbar
 
     from .io import read_image, read_label, read_pixel_size_nm
+    from .morphometry import ShapeRules
     from .predict import load_model
     from .runlock import FolderLock, finish_replace_dir
 
@@ -482,12 +484,16 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
             if clash:
                 raise FileExistsError(f"{clash[0]} exists (and {len(clash) - 1} more outputs); use --resume to "
                                       "continue an interrupted batch, --overwrite to replace, or another --out")
+        mine = run_settings(predictor, ic, pixel_size_nm=s.pixel_size_nm, rules=s.rules or ShapeRules(),
+                            faithfulness=s.faithfulness)
+        check_run_settings(out, mine, resume, overwrite, sorted(set(rows) - {p.name for p in pairs}))
         todo = [p for p in pairs if overwrite or p.name not in complete]
         skipped = [p.name for p in pairs if p not in todo]
         if verbose and skipped:
             print(f"--resume: {len(skipped)} image(s) already done, {len(todo)} to go", flush=True)
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        write_run_settings(out, mine)
         done = []
         t0 = time.time()
         warned_grid = warned_search = False
@@ -560,12 +566,96 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 msg = str(err) if isinstance(err, (DataError, ValueError)) else f"{type(err).__name__}: {err}"
                 failed.append((where, " ".join(msg.split())))
                 print(f"    skipped {pair.name}: {failed[-1][1]}", file=sys.stderr, flush=True)
-        if created and not any(out.iterdir()):
+        if created and not any(p.name != SETTINGS_FILE for p in out.iterdir()):
+            (out / SETTINGS_FILE).unlink(missing_ok=True)
             out.rmdir()  # every image failed: leave no empty folder behind
         if verbose:
             where = f"-> {out}/summary.csv, objects.csv" if (out / "summary.csv").exists() else "; nothing written"
             print(f"analysed {len(done)} image(s) in {time.time() - t0:.0f} s {where}")
     return {"analysed": done, "skipped": skipped, "failed": failed}
+
+
+SETTINGS_FILE = "settings.json"  # OUT/settings.json: what every row of OUT/summary.csv was made with
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 (hex) of a model's files: the weights (a file, or every file of a SavedModel or run
+    folder) and the config.json / ood.npz beside them, so a recalibrated model counts as another."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():  # (a model built in memory)
+        return ""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_file():
+        files += [path.parent / n for n in ("config.json", "ood.npz") if (path.parent / n).is_file()]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def run_settings(predictor, ic: InferenceConfig, **given) -> dict:
+    """The settings that decide an output folder's results (JSON-ready): the model (by content),
+    the inference settings as resolved, and `given` (pixel or voxel size, shape rules, ...)."""
+    import json
+    from dataclasses import asdict, is_dataclass
+
+    ready = {k: asdict(v) if is_dataclass(v) else v for k, v in given.items()}
+    return json.loads(json.dumps({"model": str(predictor.path), "model_sha256": model_fingerprint(predictor.path),
+                                  "inference": asdict(ic), **ready}))
+
+
+def check_run_settings(out: Path, mine: dict, resume: bool, overwrite: bool, others: list[str]) -> None:
+    """One-line error before a run adds rows made with other settings to OUT's tables.
+
+    --resume must continue with the settings OUT/settings.json records; --overwrite may change
+    them only when no result of another input (`others`) would stay behind with the old ones.
+    An OUT written before settings.json existed is taken as it is.
+    """
+    import json
+
+    path = out / SETTINGS_FILE
+    if not (resume or overwrite) or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable ({err}); move it away, or use another --out") from None
+    diff = []
+    for key in sorted(set(old) | set(mine)):
+        if key in ("model", "model_sha256"):
+            continue
+        a, b = old.get(key), mine.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diff.append(key)
+    if old.get("model_sha256") != mine["model_sha256"]:
+        diff.insert(0, f"model {old.get('model', '?')}")
+    if not diff:
+        return
+    what = ", ".join(diff)
+    if resume:
+        raise cli.UsageError(f"{out}: its results were made with other settings ({what}); resume with the same "
+                             "ones, or use --overwrite or another --out")
+    if others:
+        raise cli.UsageError(f"{out}: holds results of {len(others)} other input(s) (e.g. {others[0]}) made with "
+                             f"other settings ({what}); --overwrite replaces only this batch's, so the tables "
+                             "would mix the two; use another --out")
+
+
+def write_run_settings(out: Path, mine: dict) -> None:
+    import json
+
+    from .runlock import atomic_write_text
+
+    atomic_write_text(out / SETTINGS_FILE, json.dumps(mine, indent=2) + "\n")
 
 
 def _pixel_size(pair: SlicePair, from_file: float | None, given: float | None, verbose: bool) -> float | None:

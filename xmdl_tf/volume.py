@@ -19,6 +19,7 @@ Outputs of `analyze_volumes` (one folder per volume, written atomically):
 
     OUT/summary.csv                 one row per volume
     OUT/objects.csv                 one row per 3-D mitochondrion (`volume` column)
+    OUT/settings.json               the model (path, sha256) and settings every row was made with
     OUT/<stem>/probability.tif      float32 (Z, Y, X), voxel size in the metadata
     OUT/<stem>/mask.tif             uint8 0/1
     OUT/<stem>/instances.tif        uint16/uint32 ids, one per 3-D object
@@ -333,7 +334,9 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     `overwrite`; `resume` skips volumes already complete. `labels` (one label
     stack) needs exactly one input.
     """
-    from .analyze import _previous_rows, _write_tables, refuse_foreign_result
+    from .analyze import (SETTINGS_FILE, _previous_rows, _write_tables, check_run_settings, refuse_foreign_result,
+                          run_settings, write_run_settings)
+    from .morphometry3d import ShapeRules3D
     from .pretrained import NO_DEFAULT, default_model_path
     from .predict import load_model
     from .runlock import FolderLock, finish_replace_dir
@@ -373,7 +376,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
         if model is None:
             raise FileNotFoundError(NO_DEFAULT)
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
-    resolve_inference(predictor, s.inference)  # invalid overrides fail here, before any output
+    ic = resolve_inference(predictor, s.inference)  # invalid overrides fail here, before any output
 
     with FolderLock(out, "analysis"):
         for vol, _ in volumes:  # a run killed between the two renames of atomic_replace_dir: keep its result
@@ -387,10 +390,16 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
             if clash:
                 raise FileExistsError(f"{clash[0]} exists (and {len(clash) - 1} more outputs); use --resume to "
                                       "continue an interrupted batch, --overwrite to replace, or another --out")
+        mine = run_settings(predictor, ic, voxel_size_nm=s.voxel_size_nm, planes=list(s.planes),
+                            rules=s.rules or ShapeRules3D())
+        check_run_settings(out, mine, resume, overwrite, sorted(set(rows) - set(names)))
         todo = [(v, vx) for v, vx in volumes if overwrite or v.name not in complete]
         skipped = [v.name for v, _ in volumes if v.name in complete and not overwrite]
+        if verbose and skipped:
+            print(f"--resume: {len(skipped)} volume(s) already done, {len(todo)} to go", flush=True)
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        write_run_settings(out, mine)
         done = []
         for k, (vol, voxel) in enumerate(todo):
             try:
@@ -418,7 +427,8 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
             except (DataError, ValueError) as err:
                 failed.append((vol.source, cli.one_line(err)))
                 print(f"    skipped {vol.name}: {cli.one_line(err)}", file=sys.stderr, flush=True)
-        if created and not any(out.iterdir()):
+        if created and not any(p.name != SETTINGS_FILE for p in out.iterdir()):
+            (out / SETTINGS_FILE).unlink(missing_ok=True)
             out.rmdir()  # every volume failed: leave no empty folder behind
     return {"analysed": done, "skipped": skipped, "failed": failed}
 

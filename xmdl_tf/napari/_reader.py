@@ -8,6 +8,13 @@ dask array of one chunk per slice, so napari reads only the slices it shows.
 
 Layers get `scale` in nm (pixel or voxel size; 1 where unknown), `units`
 "nm" when known, and metadata {"source", "pixel_size_nm", "voxel_size_nm"}.
+
+The toolkit's own results open as what they are: `instances.tif` and
+`mask.tif` as Labels, `probability.tif` / `uncertainty.tif` / `gradcam.tif`
+as float images in [0, 1]; a result folder (`analyze`'s `OUT/<stem>/`) as
+all of these at once; an OME-Zarr with NGFF labels (`xmdl-volume`'s
+`OUT.zarr`) as its image plus a Labels layer per label image. A folder of
+numbered slices opens as one volume.
 """
 from __future__ import annotations
 
@@ -34,10 +41,30 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
     return read_layers if _claims(str(path)) else None
 
 
+# The toolkit's outputs (analyze, analyze --volume): label images, and float maps in [0, 1] with the
+# colormap the plugin's own layers use for them.
+RESULT_LABELS = ("instances.tif", "mask.tif")
+RESULT_MAPS = {"probability.tif": "viridis", "uncertainty.tif": "magma", "gradcam.tif": "inferno"}
+
+
 def read_layers(path: str | list[str]) -> list[LayerData]:
-    """[(data, kwargs, "image")] for one image or volume spec."""
+    """[(data, kwargs, "image" | "labels"), ...] for one image, volume, result file or result folder."""
     spec = str(path[0] if isinstance(path, (list, tuple)) else path)
-    return [layer_data(spec)]
+    p = Path(spec)
+    if p.is_dir() and _is_result_folder(p):
+        layers = [layer_data(str(p / n)) for n in ("probability.tif", "uncertainty.tif", "gradcam.tif",
+                                                   "instances.tif") if (p / n).is_file()]
+        for data, kwargs, _ in layers:  # the segmentation over its probability; the other maps one click away
+            kwargs["visible"] = kwargs["name"].endswith(("probability", "instances"))
+        return layers
+    layers = [layer_data(spec)]
+    if p.is_dir():
+        layers += ngff_label_layers(p, layers[0][1])
+    return layers
+
+
+def _is_result_folder(p: Path) -> bool:
+    return (p / "instances.tif").is_file() and (p / "probability.tif").is_file()
 
 
 def _claims(spec: str) -> bool:
@@ -48,16 +75,29 @@ def _claims(spec: str) -> bool:
     if not p.exists():
         return False
     if p.is_dir():
-        return p.suffix.lower() in (".zarr", ".n5") or _is_zarr_dir(p) or (p / "attributes.json").is_file()
+        return (p.suffix.lower() in (".zarr", ".n5") or _is_zarr_dir(p) or (p / "attributes.json").is_file()
+                or _is_result_folder(p) or _holds_images(p))
     ext = p.suffix.lower()
     return ext in IMAGE_EXTS or ext in HDF5_EXTS
 
 
+def _holds_images(folder: Path) -> bool:
+    """A folder of slices (what `volume_io` reads as a volume): image files and no sub-folders of data."""
+    try:
+        return any(f.suffix.lower() in IMAGE_EXTS and f.is_file() for f in folder.iterdir())
+    except OSError:
+        return False
+
+
 def layer_data(spec: str) -> LayerData:
-    """One layer's (data, kwargs, "image") for a 2-D image file or a stack; DataError names the file."""
+    """One layer's (data, kwargs, "image" | "labels") for a 2-D image file or a stack; DataError names the file."""
     from ..io import read_image, read_pixel_size_nm, stack_depth
 
     p = Path(spec)
+    if p.is_file() and p.name.lower() in (*RESULT_LABELS, *RESULT_MAPS):
+        result = result_layer_data(p)
+        if result is not None:
+            return result
     if p.is_file() and p.suffix.lower() in IMAGE_EXTS and (p.suffix.lower() not in TIFF_EXTS or stack_depth(p) == 1):
         image = read_image(p, allow_constant=True)  # shown, even if there is nothing to segment in it
         px = read_pixel_size_nm(p)
@@ -81,6 +121,64 @@ def volume_layer_data(spec: str) -> LayerData:
     kwargs = _kwargs(vol.name, scale, meta)
     kwargs["contrast_limits"] = _contrast_limits(vol)
     return data, kwargs, "image"
+
+
+def result_layer_data(p: Path) -> LayerData | None:
+    """A result file of the toolkit (`RESULT_LABELS`, `RESULT_MAPS`) as Labels or as a float map in
+    [0, 1]; None when its data is not what that name holds here (a user's own file of that name)."""
+    from ..io import open_tiff, read_pixel_size_nm
+    from ..volume_io import open_volume
+
+    with open_tiff(p) as tif:
+        dtype, depth = np.dtype(tif.series[0].dtype), len(tif.series[0].shape)
+    name = f"{p.parent.name} {p.stem}"  # "im0015 instances": the image it belongs to
+    labels = p.name.lower() in RESULT_LABELS
+    if labels != (dtype.kind in "ui") or (not labels and dtype.kind != "f") or depth not in (2, 3):
+        return None
+    if depth == 2:
+        import tifffile
+
+        data = tifffile.imread(p)
+        px = read_pixel_size_nm(p)
+        scale, meta = ((px, px) if px else None), {"source": str(p), "pixel_size_nm": px, "voxel_size_nm": None}
+    else:
+        vol = open_volume(str(p), kind="label" if labels else "image")
+        data, voxel = lazy_volume(vol), vol.voxel_size_nm
+        scale = voxel
+        meta = {"source": str(p), "pixel_size_nm": voxel[2] if voxel else None, "voxel_size_nm": voxel}
+    kwargs = _kwargs(name, scale, meta)
+    if labels:
+        del kwargs["colormap"]
+        kwargs["opacity"] = 0.6
+        return data, kwargs, "labels"
+    kwargs.update(colormap=RESULT_MAPS[p.name.lower()], contrast_limits=(0.0, 1.0))
+    return data, kwargs, "image"
+
+
+def ngff_label_layers(store: Path, image_kwargs: dict) -> list[LayerData]:
+    """Labels layers for the NGFF label images of an OME-Zarr (`labels/<name>`, level 0, lazy), on the
+    image's scale; an xmdl-volume result's image (the probability) is shown as a map in [0, 1]."""
+    import json
+
+    import dask.array as da
+
+    group = store / "labels"
+    try:
+        attrs = json.loads((group / ".zattrs").read_text()) if (group / ".zattrs").is_file() else \
+            json.loads((group / "zarr.json").read_text()).get("attributes", {})
+        names = [str(n) for n in attrs.get("labels", [])]
+    except (OSError, ValueError, AttributeError):
+        return []
+    if (store / "summary.json").is_file() and "instances" in names:  # (distributed.process_volume's layout)
+        image_kwargs.update(colormap="viridis", contrast_limits=(0.0, 1.0))
+    out = []
+    for n in names:
+        if not (group / n / "0").is_dir():
+            continue
+        data = da.from_zarr(str(group / n / "0"))
+        kwargs = {k: v for k, v in image_kwargs.items() if k in ("scale", "units", "metadata")}
+        out.append((data, {**kwargs, "name": f"{image_kwargs['name']} {n}", "opacity": 0.6}, "labels"))
+    return out
 
 
 def lazy_volume(vol) -> dask.array.Array:
