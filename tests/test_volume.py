@@ -233,6 +233,7 @@ def test_analyze_volume_end_to_end(tiny_run, tmp_path):
     # Existing results are not overwritten silently; --resume skips the finished volume.
     assert main(args) == 2
     assert main(args + ["--resume"]) == 0
+    assert main(args + ["--resume", "--threshold", "0.9"]) == 2  # its rows were made with another threshold
 
 
 def test_analyze_volume_bad_inputs(tiny_run, tmp_path, capsys):
