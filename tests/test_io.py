@@ -27,7 +27,7 @@ def test_split_layout_errors(blob_dataset, tmp_path):
     with pytest.raises(DataError, match="split 'holdout' not found"):
         find_pairs(blob_dataset, "holdout")
     (blob_dataset / "train" / "y" / "seg0003.tif").unlink()
-    with pytest.raises(DataError, match="4 images but .* 3 labels"):
+    with pytest.raises(DataError, match="4 images but .* 3 labels; no label named or numbered like im0003.png"):
         split_pairs(blob_dataset, "train")
     # numbers in names must agree
     (blob_dataset / "val" / "y" / "seg0005.tif").rename(blob_dataset / "val" / "y" / "seg0009.tif")
@@ -37,6 +37,30 @@ def test_split_layout_errors(blob_dataset, tmp_path):
     empty.mkdir(parents=True)
     with pytest.raises(DataError, match="no images found"):
         split_pairs(tmp_path / "empty", "train")
+
+
+def test_split_layout_pairs_by_name_before_sorted_order(tmp_path):
+    """Names without numbers: sorted order would pair sample.png with sample_b_mask.tif ('.' sorts
+    before '_' among images, 'b' before 'm' among labels); the names say otherwise."""
+    x, y = tmp_path / "train" / "x", tmp_path / "train" / "y"
+    x.mkdir(parents=True)
+    y.mkdir(parents=True)
+    for name in ("sample", "sample_b"):
+        img, msk = blob_image(32)
+        cv2.imwrite(str(x / f"{name}.png"), img)
+        tifffile.imwrite(y / f"{name}_mask.tif", msk)
+    assert [(p.image.stem, p.label.stem) for p in split_pairs(tmp_path)] == [("sample", "sample_mask"),
+                                                                           ("sample_b", "sample_b_mask")]
+    # One label named after an image that sorted order would give another: refused, not guessed.
+    (y / "sample_mask.tif").rename(y / "zz.tif")
+    with pytest.raises(DataError, match="sample_b.png is paired with zz.tif by sorted order, but "
+                                        "sample_b_mask.tif is named after it"):
+        split_pairs(tmp_path)
+    (y / "zz.tif").rename(y / "sample_mask.tif")
+    # Two images of one name: which one is the slice?
+    cv2.imwrite(str(x / "sample.tif"), blob_image(32)[0])
+    with pytest.raises(DataError, match="sample.png and sample.tif share the name sample"):
+        split_pairs(tmp_path)
 
 
 def test_folder_pairs_by_stem(tmp_path):
@@ -178,13 +202,14 @@ def test_16bit_and_rgb(tmp_path):
         assert np.array_equal(read_image(tmp_path / "grey_rgba.png"), grey)
 
 
-def test_lossy_label_warns(tmp_path):
-    msk = blob_image(64)[1] * 255
+def test_lossy_label_is_refused(tmp_path):
+    # 0/1 mitochondria with 255 unlabelled: as JPEG no threshold can tell 1 from 0, so the
+    # unlabelled part would be read as the foreground.
+    msk = blob_image(64)[1].astype(np.uint8)
+    msk[:, :32] = 255
     cv2.imwrite(str(tmp_path / "m.jpg"), msk)
-    with pytest.warns(UserWarning, match="lossy JPEG"):
-        lbl = read_label(tmp_path / "m.jpg")
-    assert set(np.unique(lbl)) <= {0, 1}
-    assert abs(int(lbl.sum()) - int((msk > 0).sum())) < 0.05 * (msk > 0).sum()
+    with pytest.raises(DataError, match=r"m\.jpg: labels must be lossless.*PNG or TIFF"):
+        read_label(tmp_path / "m.jpg")
 
 
 def test_pixel_size_from_imagej_tiff(tmp_path):

@@ -285,18 +285,15 @@ def read_label(path: str | Path, page: int | None = None) -> np.ndarray:
     """Read a label image as a 2-D integer array (H, W); foreground is > 0.
 
     Binary masks (0/1, 0/255) and instance-id images are returned unchanged.
-    Lossy formats (JPEG) are read with a warning: compression noise changes
-    label values, so such a mask is thresholded at half its maximum instead.
+    Lossy formats (JPEG) are refused: compression changes the values at every
+    edge, and no threshold recovers a mask whose values mean different things
+    (0/1 mitochondria with 255 unlabelled reads back as 255 = foreground).
     """
     path = Path(path)
-    arr = _to_2d(_read_raw(path, page), path, "label")
     if path.suffix.lower() in LOSSY_EXTS:
-        warnings.warn(
-            f"{path}: label read from a lossy JPEG; values are corrupted by compression, "
-            "thresholding at half the maximum. Save labels as PNG or TIFF.",
-            stacklevel=2,
-        )
-        arr = (arr > arr.max() / 2).astype(np.uint8)
+        raise DataError(f"{path}: labels must be lossless; JPEG compression changes the label values at every "
+                        "edge, so this mask cannot be trusted; export it again as PNG or TIFF")
+    arr = _to_2d(_read_raw(path, page), path, "label")
     if np.issubdtype(arr.dtype, np.floating):
         if not np.array_equal(arr, np.round(arr)) or arr.min() < 0:
             raise DataError(f"{path}: label has non-integer or negative values; expected a mask or instance ids")
@@ -428,9 +425,12 @@ def _number(stem: str) -> int | None:
 
 
 def split_pairs(root: str | Path, split: str = "train", require_labels: bool = True) -> list[SlicePair]:
-    """Layout (a): `<root>/<split>/x/*` paired with `<root>/<split>/y/*` by sorted order.
+    """Layout (a): `<root>/<split>/x/*` paired with `<root>/<split>/y/*`.
 
-    The numbers in the names (im0050.png / seg0050.tif) must agree.
+    By name when every image has a label named after it (`a.png` <-> `a.tif`,
+    `a_mask.tif`); else by sorted order (BiaPy's rule), where the numbers in
+    the names (im0050.png / seg0050.tif) must agree and no label named after
+    one image may land on another.
     """
     root = Path(root)
     if not root.is_dir():
@@ -446,15 +446,48 @@ def split_pairs(root: str | Path, split: str = "train", require_labels: bool = T
             raise DataError(f"{ydir}: missing label folder")
         return [q for p in images for q in _pages(p, None)]
     labels = _list_files(ydir, LABEL_EXTS)
+    _refuse_shared_stems(images)
+    _refuse_shared_stems(labels)
+    index = LabelIndex(ydir)
+    named = {img: index._by_stem.get(img.stem) for img in images}
     if len(images) != len(labels):
-        raise DataError(f"{xdir} has {len(images)} images but {ydir} has {len(labels)} labels")
+        raise DataError(f"{xdir} has {len(images)} images but {ydir} has {len(labels)} labels"
+                        + _unmatched(images, labels, index))
+    if all(named.values()) and len(set(named.values())) == len(images):
+        return [q for img in images for q in _pages(img, named[img])]
     pairs = []
     for img, lbl in zip(images, labels):
         ni, nl = _number(img.stem), _number(lbl.stem)
         if ni is not None and nl is not None and ni != nl:
             raise DataError(f"{img} is paired with {lbl} by sorted order but their numbers differ ({ni} vs {nl})")
+        if named[img] not in (None, lbl):
+            raise DataError(f"{img} is paired with {lbl.name} by sorted order, but {named[img].name} is named after "
+                            "it; name every label after its image (a.png <-> a.tif or a_mask.tif), or number "
+                            "images and labels alike")
         pairs += _pages(img, lbl)
     return pairs
+
+
+def _refuse_shared_stems(files: list[Path]) -> None:
+    """Two files of one folder with one name (`im0000.png` and `im0000.tif`): which is the slice?"""
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.stem in seen:
+            raise DataError(f"{f.parent}: {seen[f.stem].name} and {f.name} share the name {f.stem}; keep one")
+        seen[f.stem] = f
+
+
+def _unmatched(images: list[Path], labels: list[Path], index: "LabelIndex") -> str:
+    """'; no label for X' / '; no image for Y' when names or numbers tell which file is alone."""
+    found = {img: index.find(img) for img in images}
+    alone = [img for img, lbl in found.items() if lbl is None]
+    if alone and len(images) > len(labels):
+        return f"; no label named or numbered like {alone[0].name}"
+    used = set(found.values())
+    extra = [lbl for lbl in labels if lbl not in used]
+    if extra and len(labels) > len(images) and not alone:
+        return f"; no image named or numbered like {extra[0].name}"
+    return ""
 
 
 def _pages(image: Path, label: Path | None) -> list[SlicePair]:
