@@ -85,6 +85,11 @@ def test_chunked_equals_in_memory_and_objects_cross_chunks(client, volume, blob_
     np.testing.assert_allclose(prob, mem.probability, atol=1e-4)
     # Each slice's grey-value counts, summed from its chunks: what every chunk is normalised by.
     hist = np.load(tmp_path / "whole.zarr" / ".xmdl" / "histograms.npy")
+    # Done: the volume-sized scratch label arrays are gone, and --resume has nothing left to do.
+    assert sorted(p.name for p in (tmp_path / "whole.zarr" / ".xmdl").iterdir()) == ["done", "histograms.npy",
+                                                                                      "state.json"]
+    assert _run(client, root / "vol.tif", tmp_path / "whole.zarr", model, chunks=(8, 96, 96),
+                resume=True)["count"] == s["count"]
     assert hist.shape == (24, 256)
     np.testing.assert_array_equal(hist, np.stack([np.bincount(s.ravel(), minlength=256) for s in image]))
     ic = resolve_inference(load_model(model, jit_compile=False), INFER)
@@ -151,13 +156,19 @@ def test_worker_killed_mid_run_and_resume(client, volume, blob_run, tmp_path):
     assert s["count"] == ref["count"]
     np.testing.assert_array_equal(zarr.open_array(str(out / "labels" / "instances" / "0"))[:], ref_labels)
 
-    # An interrupted run (labels of some chunks and their markers gone) continues with --resume only.
-    lab = zarr.open_array(str(out / "labels" / "instances" / "0"), mode="r+")
-    lab[:8] = 0
-    marks = sorted((out / ".xmdl" / "done" / "labels").iterdir())
-    for m in marks:
-        if m.name.startswith("0_"):
-            m.unlink()
+    # A run interrupted while it paints the labels continues with --resume only.
+    from xmdl_tf.distributed import Cancelled
+
+    out = tmp_path / "interrupted.zarr"
+    cancel = threading.Event()
+
+    def stop_painting(stage, done, total):
+        if stage == "instance labels" and done >= 1:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        _run(client, root / "vol.tif", out, model, progress=stop_painting, cancel=cancel)
+    assert not (out / "summary.json").exists() and (out / ".xmdl" / "cc").is_dir()
     prob_marks = {m.name: m.stat().st_mtime_ns for m in (out / ".xmdl" / "done" / "probability").iterdir()}
     with pytest.raises(FileExistsError):
         _run(client, root / "vol.tif", out, model)

@@ -236,6 +236,18 @@ def test_analyze_volume_end_to_end(tiny_run, tmp_path):
     assert main(args + ["--resume", "--threshold", "0.9"]) == 2  # its rows were made with another threshold
 
 
+def test_a_blank_section_is_named(tiny_run):
+    """A missing section (one grey value) cuts every object through it: the user is told which."""
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.volume import VolumeSettings, analyze_volume
+
+    image, _ = blob_volume((24, 64, 64), n=2)
+    image[5] = 0
+    settings = VolumeSettings(inference={"tile": 64, "overlap": 16}, figure=False)
+    with pytest.warns(UserWarning, match=r"v: slice\(s\) 5 \(from 0\) hold a single grey value"):
+        analyze_volume(load_model(tiny_run, jit_compile=False), image, "v", settings)
+
+
 def test_analyze_volume_bad_inputs(tiny_run, tmp_path, capsys):
     from xmdl_tf.analyze import main
 

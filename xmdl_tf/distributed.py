@@ -608,7 +608,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     from .morphometry3d import ShapeRules3D, classify3d, summarize3d, table_from_rows
     from .predict import is_saved_model, resolve_model_path
     from .runlock import FolderLock, atomic_write_text
-    from .volume_io import _split_container, open_volume, resolve_voxel_size, source_path
+    from .volume_io import _split_container, open_volume, resolve_voxel_size, source_path, warn_blank_slices
 
     t_start = time.time()
     report = Reporter(verbose, progress, cancel)
@@ -662,6 +662,12 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
 
     with FolderLock(out, "chunked volume run"), _say_where_previous_is(out):
         fresh = _create(out, plan, overwrite, resume)
+        if not fresh and (out / "summary.json").is_file():  # --resume of a finished run
+            summary = json.loads((out / "summary.json").read_text())
+            if verbose:
+                print(f"{out}: already complete ({summary.get('count')} mitochondria); nothing to do", flush=True)
+            shutil.rmtree(previous_result(out), ignore_errors=True)
+            return summary
         client, close = _cluster(client, scheduler, workers)
         interrupted = False
         try:
@@ -689,6 +695,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                             os.replace(previous_result(out), out)
                     raise DataError(f"{vol.source}: constant volume (every voxel is {int(levels.max(initial=0))}); "
                                     "nothing to segment")
+                warn_blank_slices(vol.source, np.flatnonzero((hist > 0).sum(1) == 1))
                 top = max(256, int(levels.max(initial=0)) + 1)
                 with open(work / "histograms.tmp.npy", "wb") as f:
                     np.save(f, hist[:, :top])
@@ -788,6 +795,10 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
         # Replaced now (by this run, or by the interrupted one this run resumed).
         shutil.rmtree(previous_result(out), ignore_errors=True)
+        # The scratch arrays are volume-sized (two int32 label volumes): a finished run keeps only its
+        # state, markers and histograms, enough to know it is finished.
+        for name in ("cc", "cc_local", "objects"):
+            shutil.rmtree(out / WORK / name, ignore_errors=True)
     if verbose:
         print(f"{summary['count']} mitochondria -> {out} (probability, labels/instances, objects.csv, "
               f"summary.json) in {summary['seconds']:.0f} s", flush=True)

@@ -234,9 +234,13 @@ def analyze_volume(predictor, image: np.ndarray, name: str = "volume", settings:
     from .gradcam import energy_inside
     from .instances3d import volume_instances
     from .morphometry3d import ShapeRules3D, classify3d, measure3d, summarize3d
+    from .volume_io import warn_blank_slices
 
     if image.size and image.min() == image.max():  # a file was refused on reading; an array (napari, API) here
         raise DataError(f"{name}: constant volume (every voxel the same value); nothing to segment")
+    if image.size:
+        flat = image.reshape(len(image), -1)
+        warn_blank_slices(name, np.flatnonzero(flat.min(1) == flat.max(1)))
     s = settings or VolumeSettings()
     ic = resolve_inference(predictor, s.inference)
     voxel = None if voxel_size_nm is None else tuple(float(v) for v in voxel_size_nm)

@@ -936,3 +936,16 @@ def write_volume_tiff(path: str | Path, array: np.ndarray, voxel_size_nm: Sequen
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def warn_blank_slices(source: str, blank: Sequence[int]) -> None:
+    """One warning naming the slices of a volume that hold a single grey value (a missing or blank
+    section): every mitochondrion crossing one is cut in two there, with nothing else to say so."""
+    import warnings
+
+    blank = [int(z) for z in blank]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+        warnings.warn(f"{source}: slice(s) {shown} (from 0) hold a single grey value (a blank or missing "
+                      "section?); mitochondria crossing them are cut in two there: remove or replace those "
+                      "slices for whole objects", UserWarning, stacklevel=2)
