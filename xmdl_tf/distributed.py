@@ -167,10 +167,15 @@ def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads:
     zs, ys, xs = region
     h = plan.halo
     Y, X = plan.shape[1:]
-    grown = (slice(max(ys.start - h, 0), min(ys.stop + h, Y)), slice(max(xs.start - h, 0), min(xs.stop + h, X)))
+    pred = _predictor(plan.model, tf_threads)
+    # The halo grown out to multiples of the network's size divisor: the tiles then sit on the pooling
+    # grid of a whole-slice prediction (a U-Net is shift-equivariant only by multiples of 2**levels),
+    # so a chunk boundary anywhere changes the probability only through context, not everywhere.
+    d = pred.size_divisor
+    grown = tuple(slice(max(s.start - h, 0) // d * d, min(-(-(s.stop + h) // d) * d, n))
+                  for s, n in ((ys, Y), (xs, X)))
     img = _volume(plan).image_slab(zs.start, zs.stop, grown, check_constant=False)
     counts = np.load(histograms, mmap_mode="r")[zs.start:zs.stop]
-    pred = _predictor(plan.model, tf_threads)
     ic = InferenceConfig(**plan.inference)
     px = plan.voxel_size_nm[2] if plan.voxel_size_nm else None
     inner = (slice(ys.start - grown[0].start, ys.stop - grown[0].start),
