@@ -1,5 +1,7 @@
 """Adapting to a new microscope: fine-tuning, sparse labels, lineage and pixel-size-aware inference."""
 
+import json
+
 import cv2
 import keras
 import numpy as np
@@ -93,7 +95,9 @@ def test_frozen_encoder_keeps_encoder_weights(base_run, tmp_path):
     finetune_main(["--model", str(base_run), "--data", str(tmp_path / "new"), "--out", str(out), "--tile-size", "64",
                    "--batch-size", "4", "--no-jit", "--epochs", "1", "--steps-per-epoch", "3", "--freeze-encoder"])
     parent = keras.models.load_model(base_run / "model.keras")
-    child = keras.models.load_model(out / "model.keras")
+    # The epoch's weights (model.keras keeps the parent's unless the epoch beat it on validation).
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    child = keras.models.load_model(out / "checkpoint" / state["last"])
     np.testing.assert_array_equal(parent.get_layer("enc1_conv1").get_weights()[0],
                                   child.get_layer("enc1_conv1").get_weights()[0])
     assert not np.array_equal(parent.get_layer("dec1_conv2").get_weights()[0],

@@ -367,6 +367,10 @@ def test_a_run_started_before_value_stats_existed_resumes(tmp_path):
     state.write_text(json.dumps({**asdict(plan), "halo": 16, "value_stats": list(plan.value_stats)}))
     with pytest.raises(DataError, match=r"other settings \(halo\)"):
         _create(out, plan, overwrite=False, resume=True)
+    # An inference setting is named as itself.
+    state.write_text(json.dumps({**asdict(plan), "inference": {"threshold": 0.5}, "value_stats": list(plan.value_stats)}))
+    with pytest.raises(DataError, match=r"other settings \(inference threshold\)"):
+        _create(out, plan, overwrite=False, resume=True)
 
 
 def test_out_inside_the_input_store_is_refused(blob_run, tmp_path, capsys):

@@ -403,7 +403,7 @@ def test_stack_in_chunks_from_its_file_streams_cancels_and_continues(viewer, qtb
     # Other settings on the same store: said in the widget's terms, and nothing is deleted.
     from xmdl_tf.io import DataError
 
-    with pytest.raises(DataError, match=r"holds a run with other settings \(inference\); type another output"):
+    with pytest.raises(DataError, match=r"holds a run with other settings \(inference threshold\); type another output"):
         L.segment_chunked(L.layer_source(layer), replace(s, threshold=0.9), layer.name)
     assert (store / "objects.csv").is_file()
     # The finished store opened again (drag and drop): the probability and its instances as Labels.

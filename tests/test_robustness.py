@@ -135,6 +135,38 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(blob_dataset, tm
     assert not list(tmp_path.glob(".run.overwrite*")) and not list(tmp_path.glob(".run.replaced"))
 
 
+def test_a_users_folder_is_never_taken_for_a_killed_start_of_a_run(blob_dataset, tmp_path, capsys):
+    """A folder holding only a config.json of the user's own and *.tmp files looks like what `train`
+    writes before its first epoch; it used to be deleted as such, without --overwrite."""
+    from xmdl_tf.config import Config
+    from xmdl_tf.train import _only_startup_files
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "config.json").write_text('{"microscope": "Talos"}')
+    (proj / "scan.tmp").write_text("half a scan")
+    before = digest(proj)
+    for extra in ([], ["--overwrite"]):
+        assert train_main(["--data", str(blob_dataset), "--out", str(proj), *ARGS, "--epochs", "1", *extra]) == 2
+        one_line_error(capsys, str(proj), "is not a training run", "choose another --out")
+        assert digest(proj) == before
+    assert not list(tmp_path.glob(".proj.overwrite*"))
+    for files in ({"config.json": '{"microscope": "Talos"}'}, {"notes.tmp": "mine"}, {"config.json": "{}"}):
+        other = tmp_path / f"other{len(list(tmp_path.glob('other*')))}"
+        other.mkdir()
+        for name, text in files.items():
+            (other / name).write_text(text)
+        assert not _only_startup_files(other), files
+    # What a start killed before its first epoch leaves (the run's config.json, the checkpoint folder,
+    # an atomic write's temporary) is still recognised, and restarted by the same command.
+    killed = tmp_path / "killed"
+    (killed / "checkpoint").mkdir(parents=True)
+    Config(info={"data": []}).save(killed / "config.json")
+    (killed / ".config.json.123.tmp").write_text("{")
+    (killed / "checkpoint" / ".state.json.123.tmp").write_text("{")
+    assert _only_startup_files(killed)
+
+
 def test_a_second_process_on_the_same_run_is_refused(blob_dataset, tmp_path, capsys):
     from xmdl_tf.runlock import FolderLock
 

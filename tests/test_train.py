@@ -195,7 +195,7 @@ def test_errors(blob_dataset, tmp_path, capsys):
     assert "multiple of 2**(depth-1)" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    fails(["--data", str(blob_dataset), "--out", str(tmp_path / "busy"), *ARGS], "not a resumable run")
+    fails(["--data", str(blob_dataset), "--out", str(tmp_path / "busy"), *ARGS], "is not a training run")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "r").exists()
     # A constant or NaN slice is refused before the run folder exists (it used to fail inside
@@ -369,3 +369,174 @@ def test_histogram_equalisation_is_trained_stored_and_kept_on_resume(tmp_path, c
     assert train_main(["--data", str(tmp_path / "d"), "--out", str(out), *ARGS, "--epochs", "2",
                        "--steps-per-epoch", "2"]) == 2
     assert "different configuration" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# Labels: the unlabelled value from dataset.json, and labels that train silently wrong
+
+
+def _relabel(folder, fn) -> None:
+    for f in sorted(folder.iterdir()):
+        tifffile.imwrite(f, fn(tifffile.imread(f)).astype(np.uint8), compression="zlib")
+
+
+def _checked(data_dirs, ignore_value):
+    """Run the pre-training label checks on `data_dirs`; returns the warnings' messages."""
+    import warnings
+
+    from xmdl_tf.train import check_training_labels, resolve_data, resolve_ignore_value, with_shapes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = resolve_ignore_value([str(d) for d in data_dirs], ignore_value)
+        t, v, _, _ = resolve_data([str(d) for d in data_dirs])
+        check_training_labels(with_shapes(t), with_shapes(v), value, verbose=False)
+    return value, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_unlabelled_value_comes_from_dataset_json_and_suspicious_labels_are_warned(blob_dataset, tmp_path, capsys):
+    import shutil
+
+    # Sparse labels as napari's corrections write them: 1 mitochondrion, 0 background, 255 unlabelled.
+    sparse = tmp_path / "sparse"
+    shutil.copytree(blob_dataset, sparse)
+    for split in ("train", "val"):
+        _relabel(sparse / split / "y", lambda m: np.where(np.arange(m.shape[0])[:, None] % 4 == 0, 255, m))
+    # Without a word from dataset.json: one warning naming a file and the flag to give.
+    value, said = _checked([sparse], None)
+    assert value is None and len(said) == 1, said
+    assert "sparse/train/y/seg0000.tif" in said[0] and "0, 1 and 255" in said[0] and "--ignore-value 255" in said[0]
+
+    (sparse / "dataset.json").write_text('{"pixel_size_nm": 4.6, "ignore_value": 255}')
+    value, said = _checked([sparse], None)
+    assert value == 255 and said == []
+    # A given --ignore-value wins over the file, as in evaluate, and says so.
+    value, said = _checked([sparse], 7)
+    assert value == 7 and len(said) == 1 and "dataset.json marks unlabelled pixels 255; --ignore-value 7" in said[0]
+    # Two sets saying different things: training has one value for all, so it asks.
+    other = tmp_path / "other"
+    shutil.copytree(sparse, other)
+    (other / "dataset.json").write_text('{"ignore_value": 254}')
+    with pytest.raises(DataError, match="different values .*255.*254.*give --ignore-value"):
+        _checked([sparse, other], None)
+
+    # The run learns with, and records, the file's value: the unlabelled rows are not learnt as mitochondria.
+    out = tmp_path / "run"
+    assert train_main(["--data", str(sparse), "--out", str(out), *ARGS, "--epochs", "1", "--steps-per-epoch", "1"]) == 0
+    assert Config.load(out / "config.json").data.ignore_value == 255
+    # 0/255 masks whose dataset.json says 255 is unlabelled: refused, saying where the value came from.
+    masks = tmp_path / "masks"
+    shutil.copytree(blob_dataset, masks)
+    for split in ("train", "val"):
+        _relabel(masks / split / "y", lambda m: m * 255)
+    (masks / "dataset.json").write_text('{"ignore_value": 255}')
+    assert train_main(["--data", str(masks), "--out", str(tmp_path / "r2"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no pixel is a mitochondrion" in err and "dataset.json" in err, err
+    assert not (tmp_path / "r2").exists()
+
+    # Inverted masks (mitochondria black on white): a warning naming the set and a file.
+    inverted = tmp_path / "inverted"
+    shutil.copytree(blob_dataset, inverted)
+    _relabel(inverted / "train" / "y", lambda m: 1 - m)
+    value, said = _checked([inverted], None)
+    assert len(said) == 1 and said[0].startswith("inverted: mitochondria cover") and "may be inverted" in said[0]
+    assert "inverted/train/y/seg000" in said[0]
+    # Ordinary labels, instance ids and 0/255 masks: nothing to say.
+    ids = tmp_path / "ids"
+    shutil.copytree(blob_dataset, ids)
+    from skimage.measure import label as components
+
+    # Instance ids may hold 1 and 255 too, but then many other ids as well.
+    _relabel(ids / "train" / "y", lambda m: np.where(components(m) == components(m).max(), 255, components(m)))
+    masks255 = tmp_path / "masks255"
+    shutil.copytree(masks, masks255)
+    (masks255 / "dataset.json").unlink()
+    for data in (blob_dataset, ids, masks255):
+        assert _checked([data], None)[1] == [], data
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning must beat its parent on the same validation data
+
+
+FT_ARGS = ["--tile-size", "32", "--batch-size", "8", "--tiles-per-slice", "8", "--no-jit"]
+
+
+def test_finetuning_that_makes_the_model_worse_keeps_the_parent_and_says_so(blob_run, tmp_path, capsys):
+    import shutil
+
+    from xmdl_tf.finetune import main as finetune_main
+    from xmdl_tf.train import build_parser, config_from_args, train
+
+    blobs, parent = blob_run
+    # Inverted training labels, untouched val labels, a huge learning rate: every epoch is worse.
+    bad = tmp_path / "bad"
+    shutil.copytree(blobs, bad)
+    _relabel(bad / "train" / "y", lambda m: 1 - m)
+    out = tmp_path / "ft"
+    argv = ["--model", str(parent), "--data", str(bad), "--out", str(out), *FT_ARGS, "--epochs", "2",
+            "--steps-per-epoch", "4", "--lr", "0.05"]
+
+    # Killed during the first epoch, after the parent was validated: the resume must not validate it again.
+    class Kill(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                raise Interrupt()
+
+    args = build_parser(finetune=True).parse_args(argv)
+    with pytest.raises(Interrupt):
+        train(args.data, out, config_from_args(args), init_from=str(parent), augment_strength=args.augment_strength,
+              callbacks=[Kill()], verbose=0, parent_baseline=True)
+    first = capsys.readouterr().out
+    assert first.count("parent model: val_loss") == 1
+    stored = json.loads((out / "checkpoint" / "state.json").read_text())["parent"]
+    assert stored["val_f1"] > 0.9  # the suite's model segments these blobs
+
+    with pytest.warns(UserWarning, match="may be inverted"):
+        assert finetune_main(argv) == 0
+    said = capsys.readouterr().out
+    assert "parent model: val_loss" not in said  # validated once, kept through the kill
+    assert (f"no epoch beat the parent model (val_loss {stored['val_loss']:.3f}, F1 {stored['val_f1']:.3f}): "
+            "the run keeps the parent's weights") in said
+    assert f"parent {stored['val_f1']:.3f} -> best {stored['val_f1']:.3f} (the parent)" in said
+    h = pd.read_csv(out / "history.csv")
+    assert len(h) == 2 and (h["val_loss"] > stored["val_loss"]).all()  # the epochs were worse
+    # The run's model is the parent's weights, and the config says why.
+    kept = keras.models.load_model(out / "model.keras", compile=False).get_weights()
+    for a, b in zip(kept, keras.models.load_model(parent / "model.keras", compile=False).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    info = Config.load(out / "config.json").info
+    assert info["kept_parent"] and info["best_epoch"] == 0 and info["parent_validation"] == {
+        k: stored[k] for k in ("val_loss", "val_f1", "val_iou", "val_precision", "val_recall")}
+    assert info["best_validation"] == info["parent_validation"]
+
+
+def test_finetuning_that_helps_keeps_its_best_epoch(blob_dataset, tmp_path, capsys):
+    from xmdl_tf.finetune import main as finetune_main
+
+    # A parent that has barely trained (one step at a tiny learning rate): fine-tuning must beat it.
+    parent = tmp_path / "parent"
+    assert train_main(["--data", str(blob_dataset), "--out", str(parent), *ARGS, "--epochs", "1",
+                       "--steps-per-epoch", "1", "--lr", "1e-6"]) == 0
+    out = tmp_path / "ft"
+    assert finetune_main(["--model", str(parent), "--data", str(blob_dataset), "--out", str(out), *FT_ARGS,
+                          "--epochs", "3", "--steps-per-epoch", "8", "--lr", "3e-3"]) == 0
+    said = capsys.readouterr().out
+    info = Config.load(out / "config.json").info
+    h = pd.read_csv(out / "history.csv")
+    best = int(h["val_loss"].idxmin())
+    assert not info["kept_parent"] and info["best_epoch"] == best + 1
+    assert h["val_loss"][best] < info["parent_validation"]["val_loss"]
+    assert info["best_validation"]["val_f1"] == pytest.approx(h["val_f1"][best])
+    assert "no epoch beat the parent" not in said
+    assert (f"validation F1: parent {info['parent_validation']['val_f1']:.3f} -> best {h['val_f1'][best]:.3f} "
+            f"(epoch {best + 1})") in said
+    # model.keras is that epoch's weights, not the parent's.
+    from xmdl_tf.train import _validation_counts, resolve_data, validation_scores
+
+    cfg = Config.load(out / "config.json")
+    _, val_sets, _, _ = resolve_data([str(blob_dataset)])
+    model = keras.models.load_model(out / "model.keras", compile=False)
+    assert validation_scores(_validation_counts(model, val_sets, cfg.data, 8))["val_loss"] == pytest.approx(
+        h["val_loss"][best], abs=2e-3)

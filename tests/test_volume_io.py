@@ -152,7 +152,7 @@ def test_2d_image_is_refused(tmp_path, vol8, ext):
         cv2.imwrite(str(p), vol8[0])
     else:
         tifffile.imwrite(p, vol8[0])
-    with pytest.raises(DataError, match=r"plane\.(png|tif) is a single 2-D image \(32 x 40\); --volume needs a stack"):
+    with pytest.raises(DataError, match=r"plane\.(png|tif) is a single 2-D image \(32 x 40\); a volume needs a stack"):
         open_volume(p)
 
 
@@ -291,7 +291,7 @@ def test_hdf5_errors(tmp_path, vol):
         f["x4"] = np.zeros((2, 3, 32, 40), np.uint8)
         f["plane"] = vol[0]
         f["rgb"] = np.stack([vol[0]] * 3, -1)  # (32, 40, 3): one colour image, not 32 slices 3 px wide
-    with pytest.raises(DataError, match=r"bad\.h5:/rgb is a single 2-D RGB image \(32 x 40 x 3\); --volume needs"):
+    with pytest.raises(DataError, match=r"bad\.h5:/rgb is a single 2-D RGB image \(32 x 40 x 3\); a volume needs"):
         open_volume(f"{p}:/rgb")
     with pytest.raises(DataError, match=r"bad\.h5:/x4: 4-D data \(2, 3, 32, 40\)"):
         open_volume(f"{p}:/x4")
@@ -674,3 +674,14 @@ def test_n5_container_listing_skips_a_broken_attributes_file(tmp_path):
     (root / "b" / "attributes.json").write_text("{broken")
     with pytest.raises(DataError, match=r"an N5 container, not a dataset; .*\(datasets: a\)"):
         open_volume(root)
+
+
+def test_voxel_size_argument_names_itself():
+    """--voxel-size 0.045 0.005 0.005 (micrometres): the error says voxel size, not pixel size."""
+    import argparse
+
+    from xmdl_tf import cli
+
+    assert cli.voxel_size("45") == 45.0
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^voxel size 0.005 nm is outside .* nm per voxel side"):
+        cli.voxel_size("0.005")

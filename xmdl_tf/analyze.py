@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     v = p.add_argument_group("volumes (each STACK analysed in 3-D)")
     v.add_argument("--volume", action="store_true",
                    help="treat each input (multi-page TIFF, folder of slices, file.h5:/dataset, Zarr) as one volume")
-    v.add_argument("--voxel-size", type=cli.pixel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
+    v.add_argument("--voxel-size", type=cli.voxel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="voxel size in nm when the metadata does not say")
     v.add_argument("--planes", default="xy", help="xy, or xy,xz,yz to also predict the XZ/YZ planes of near-isotropic volumes")
     v.add_argument("--meshes", choices=("ply", "obj"), default=None, help="also write every object's surface mesh")

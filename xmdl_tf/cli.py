@@ -172,12 +172,20 @@ def pixel_size(text: str) -> float:
     return v
 
 
-def check_pixel_size(value: float, source: str) -> float:
+def voxel_size(text: str) -> float:
+    """One side of a voxel in nm within `PIXEL_SIZE_RANGE_NM` (--voxel-size Z Y X)."""
+    v = _number(float, text)
+    check_pixel_size(v, "value", what="voxel size")
+    return v
+
+
+def check_pixel_size(value: float, source: str, what: str = "pixel size") -> float:
     """`value` (nm) if plausible for EM; else a one-line error naming `source`."""
     lo, hi = PIXEL_SIZE_RANGE_NM
     if not lo <= value <= hi:
-        msg = (f"{source}: pixel size {value:g} nm is outside the plausible range {lo:g}-{hi:g} nm for EM "
-               "(a unit mistake? give nm per pixel)")
+        unit = "nm per voxel side" if what == "voxel size" else "nm per pixel"
+        msg = (f"{source}: {what} {value:g} nm is outside the plausible range {lo:g}-{hi:g} nm for EM "
+               f"(a unit mistake? give {unit})")
         if source == "value":
             raise argparse.ArgumentTypeError(msg.split(": ", 1)[1])
         raise UsageError(msg)

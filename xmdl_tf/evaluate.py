@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--volume", action="store_true",
                    help="score the split's slices, in order, as one volume (3-D instances, AP50/AP75 as MitoEM)")
-    p.add_argument("--voxel-size", type=cli.pixel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
+    p.add_argument("--voxel-size", type=cli.voxel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="voxel size in nm for --volume")
     p.add_argument("--planes", default="xy", help="--volume: xy, or xy,xz,yz for near-isotropic volumes")
     cli.add_inference_args(p, explain=False)

@@ -514,7 +514,7 @@ def _volume_text(summary: dict, voxel_size_nm, point=None, z_stretch: float = 1.
 
     density = num("density_per_um3")
     lines = [f"mitochondria (3-D): {summary.get('count', 0)}",
-             ("voxel: " + " x ".join(f"{v:g}" for v in voxel_size_nm) + " nm (z x y x x)") if voxel_size_nm else
+             ("voxel: " + " x ".join(f"{v:g}" for v in voxel_size_nm) + " nm (z, y, x)") if voxel_size_nm else
              "voxel size unknown: units are voxels, drawn as cubes",
              f"volume fraction: {num('volume_fraction')}",
              f"density: {density}" + (" per um^3" if density != "n/a" else "")]

@@ -12,8 +12,13 @@ to a new stack"); optionally a frozen encoder. A single annotated slice is enoug
 `val` split, validation is carved from it as held-back rows, and config.json
 says so. Sparse annotation: label the pixels you are sure of and give the
 rest the value `--ignore-value` (e.g. 255, with mitochondria 1 and background
-0); the loss ignores them. The new `config.json` records the lineage (parent
-model and its data, the slices used here).
+0); the loss ignores them (a data set's dataset.json "ignore_value" is used
+when no flag gives one). The parent is validated once on the same validation
+data before the first epoch, and an epoch must beat its validation loss to
+replace it: a run no epoch improves keeps the parent's weights, and says so.
+The new `config.json` records the lineage (parent model and its data, the
+slices used here) and the parent's and the kept model's validation figures
+(`info.parent_validation`, `info.best_validation`).
 """
 from __future__ import annotations
 

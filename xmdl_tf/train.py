@@ -22,6 +22,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -257,7 +258,8 @@ def run_finished(out: str | Path) -> bool:
 def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: float = 0.2,
           init_from: str | Path | None = None, freeze_encoder: bool = False, augment_strength: float | None = None,
           max_slices: int | None = None, overwrite: bool = False, verbose: int = 2,
-          callbacks: list | None = None, pixel_sizes: list[float | None] | None = None) -> Path:
+          callbacks: list | None = None, pixel_sizes: list[float | None] | None = None,
+          parent_baseline: bool = False) -> Path:
     """Train (or resume, or fine-tune) a model; returns the run folder.
 
     Data sets are sampled by `config.data.set_weights` (equal by default) and
@@ -274,7 +276,12 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     `overwrite`, the new run trains beside the old one and replaces it only
     when finished, so a failed or killed new run loses nothing.
     callbacks: extra Keras callbacks, run after the checkpointing ones.
+    parent_baseline: with `init_from`, validate the parent once before the
+    first epoch and keep its weights unless an epoch beats its validation loss
+    (what `finetune` and `train --init-from` do; off for self-training, whose
+    validation labels are the parent's own pseudo-labels, which it cannot lose on).
     """
+    from .io import DataError
     from .runlock import FolderLock
     from .sampling import default_steps_per_epoch
 
@@ -301,7 +308,17 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         data_dirs, val_fraction, max_slices=max_slices, pixel_sizes=pixel_sizes, model_pixel_size=model_px,
         weights=list(config.data.set_weights) if config.data.set_weights else None)
     train_sets, val_sets = with_shapes(train_sets), with_shapes(val_sets)
-    check_training_labels(train_sets, val_sets, config.data.ignore_value, verbose=bool(verbose))
+    # As evaluate, tune and calibrate: a set's dataset.json says which label value is unlabelled
+    # (napari's corrections write 255 there), and a given --ignore-value wins. Resolved before the
+    # checks and before config.json, so both see, and the run records, the value it learns with.
+    ignore = resolve_ignore_value(data_dirs, config.data.ignore_value)
+    try:
+        check_training_labels(train_sets, val_sets, ignore, verbose=bool(verbose))
+    except DataError as err:
+        if config.data.ignore_value is None and ignore is not None and "--ignore-value" in str(err):
+            raise DataError(f"{err} (the value {ignore} is the data set's dataset.json \"ignore_value\")") from None
+        raise
+    config = replace(config, data=replace(config.data, ignore_value=ignore))
     tile = config.data.tile_size
     if tile % config.model.size_divisor:
         raise ValueError(f"tile size {tile} is not divisible by 2**(depth-1) = {config.model.size_divisor}")
@@ -334,7 +351,40 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
             cli.refuse_replacing_input(out, source)
     with FolderLock(out, "training run"):
         return _train_locked(out, config, train_sets, val_sets, parent, freeze_encoder, overwrite, verbose,
-                             callbacks)
+                             callbacks, parent_baseline=parent_baseline and parent is not None)
+
+
+def resolve_ignore_value(data_dirs: list[str], given: int | None) -> int | None:
+    """The label value of unlabelled pixels for training on `data_dirs`: `given` (--ignore-value), else
+    the one the sets' dataset.json files declare ("ignore_value", `io.dataset_ignore_value`), else None.
+
+    As in evaluate, a given value wins over a dataset.json that says otherwise (with a warning). Training
+    applies one value to every set, so sets declaring different values are refused (DataError), and a
+    value declared by some sets only is applied to the others with a warning.
+    """
+    from .io import DataError, dataset_ignore_value
+
+    declared = {str(d): dataset_ignore_value(d) for d in data_dirs}
+    if given is not None:
+        for d, v in declared.items():
+            if v is not None and v != given:
+                warnings.warn(f"{Path(d) / 'dataset.json'} marks unlabelled pixels {v}; --ignore-value {given} "
+                              "is used instead", stacklevel=2)
+        return given
+    values = sorted({v for v in declared.values() if v is not None})
+    if not values:
+        return None
+    if len(values) > 1:
+        said = ", ".join(f"{Path(d) / 'dataset.json'}: {v}" for d, v in declared.items() if v is not None)
+        raise DataError(f"the data sets mark unlabelled pixels with different values ({said}); training applies one "
+                        "value to every set: give --ignore-value, or relabel one set")
+    undeclared = [d for d, v in declared.items() if v is None]
+    if undeclared:
+        source = next(d for d, v in declared.items() if v is not None)
+        warnings.warn(f"ignore_value {values[0]} of {Path(source) / 'dataset.json'} is applied to "
+                      f"{', '.join(undeclared)} too (one value for every set): its label pixels of that value are "
+                      "not learnt", stacklevel=2)
+    return values[0]
 
 
 def check_training_labels(train_sets, val_sets, ignore_value: int | None, verbose: bool = True) -> None:
@@ -360,6 +410,78 @@ def check_training_labels(train_sets, val_sets, ignore_value: int | None, verbos
     if stats["foreground"] == 0:
         raise DataError(f"no mitochondrion pixel in any of the {len(train_pairs)} training labels "
                         f"(e.g. {train_pairs[0].label}); check the label folder")
+    _warn_suspicious_labels(train_sets, ignore_value)
+
+
+# Labels made only of 0, one small value and 255 are masks with 255 marking unlabelled pixels (napari's
+# corrections, sparse annotation); a mid-grey second value (128) is more likely a class of a 3-class mask.
+_SMALL_LABEL = 127
+# Mitochondria are a few to ~40% of an EM slice; an inverted mask (Fiji's black-on-white) makes them
+# 60-95%. Above 70% a warning is very likely right, and dense synthetic or cropped data stays below it.
+INVERTED_SHARE = 0.7
+
+
+def _label_summary(region, ignore_value: int | None) -> tuple[frozenset | None, int, int, int]:
+    """(values present, or None when more than 3 or above 255; labelled, foreground, ignored pixel
+    counts) of a training region's rows."""
+    from .io import read_label
+
+    label = read_label(region.pair.label, region.pair.page)
+    h = label.shape[0]
+    rows = label[int(round(region.row_from * h)):int(round(region.row_to * h))]
+    if rows.size and int(rows.max()) <= 255:
+        flat = rows.ravel()
+        counts = np.zeros(256, np.int64)
+        for i in range(0, flat.size, 1 << 20):  # in blocks: bincount widens to int64 (8 bytes a pixel)
+            counts += np.bincount(flat[i:i + (1 << 20)], minlength=256)
+        present = np.flatnonzero(counts)
+        values = frozenset(int(v) for v in present) if len(present) <= 3 else None
+        nonzero = int(rows.size - counts[0])
+        ignored = int(counts[ignore_value]) if ignore_value is not None and ignore_value <= 255 else 0
+    else:  # instance ids: many values, none of them "unlabelled" unless told
+        values = None
+        nonzero = int(np.count_nonzero(rows))
+        ignored = int(np.count_nonzero(rows == ignore_value)) if ignore_value is not None else 0
+    if ignore_value == 0:
+        ignored = rows.size - nonzero  # 0 unlabelled: the background is not counted either
+        return values, nonzero, nonzero, ignored
+    return values, int(rows.size) - ignored, nonzero - ignored, ignored
+
+
+def _warn_suspicious_labels(train_sets, ignore_value: int | None) -> None:
+    """One-line warnings, per training set, for labels that train without error but teach the wrong thing:
+    values exactly {0, 1, 255} with no ignore value (255 is then learnt as mitochondrion, though it
+    almost always means unlabelled), and mitochondria covering more than half of the labelled pixels
+    (an inverted mask: mitochondria black on white, as exported from Fiji). One more decode of each
+    training label, in threads (the decoders release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(8, (os.cpu_count() or 2) + 2)) as pool:
+        for s in train_sets:
+            regions = [r for r in s.regions if r.pair.label is not None]
+            summaries = list(pool.map(lambda r: _label_summary(r, ignore_value), regions))
+            if not summaries:
+                continue
+            values: set | None = set()
+            for v, *_ in summaries:
+                values = None if v is None or values is None else values | v
+            if ignore_value is None and values is not None and len(values) == 3 and {0, 255} <= values:
+                small = min(values - {0, 255})
+                if small <= _SMALL_LABEL:
+                    where = next(r.pair.label for r, (v, *_) in zip(regions, summaries) if v and 255 in v)
+                    warnings.warn(f"{where}: the labels of {s.name} hold only the values 0, {small} and 255; if 255 "
+                                  f"marks unlabelled pixels, add --ignore-value 255 (now they are learnt as "
+                                  "mitochondrion)", stacklevel=3)
+            labelled = sum(x[1] for x in summaries)
+            foreground = sum(x[2] for x in summaries)
+            ignored = sum(x[3] for x in summaries)
+            # Sparse labels (pixels ignored) may well be mostly mitochondrion: the user labelled what they
+            # chose to, so the shares say nothing about inversion there.
+            if not ignored and labelled and foreground > INVERTED_SHARE * labelled:
+                where = max(zip(regions, summaries), key=lambda t: t[1][2] / max(t[1][1], 1))[0].pair.label
+                warnings.warn(f"{s.name}: mitochondria cover {100 * foreground / labelled:.0f}% of the labelled "
+                              f"pixels of its training labels (e.g. {where}); the masks may be inverted "
+                              "(mitochondria must be the non-zero pixels)", stacklevel=3)
 
 
 def _check_validation_is_labelled(val_sets, ignore_value: int | None) -> None:
@@ -396,7 +518,7 @@ def _check_validation_is_labelled(val_sets, ignore_value: int | None) -> None:
 
 
 def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freeze_encoder: bool, overwrite: bool,
-                  verbose: int, callbacks: list | None) -> Path:
+                  verbose: int, callbacks: list | None, parent_baseline: bool = False) -> Path:
     """The part of `train` that writes: run with `out` locked."""
     import keras
 
@@ -408,10 +530,10 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     finish_replace_dir(out)
     staging = out.with_name(f".{out.name}.overwrite")
     has_run = out.exists() and any(out.iterdir())
-    if overwrite and has_run and _read_config_dict(out / "config.json") is None and not _only_startup_files(out):
+    if overwrite and has_run and not _is_run_config(out / "config.json") and not _only_startup_files(out):
         # --overwrite replaces the folder whole: only ever a training run, never anyone's other files.
-        raise FileExistsError(f"{out}: not a training run (no readable config.json); --overwrite replaces only a "
-                              "run folder; choose another --out")
+        raise FileExistsError(f"{out}: exists and is not a training run (no config.json of this toolkit); "
+                              "--overwrite replaces only a run folder; choose another --out")
     run_dir = staging if overwrite and has_run else out
     if run_dir is out and staging.exists():
         if overwrite:
@@ -428,8 +550,10 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
                 shutil.rmtree(run_dir)
                 state = None
             else:
-                raise FileExistsError(f"{out}: folder exists and is not a resumable run; choose another --out "
-                                      "or pass --overwrite")
+                if _is_run_config(run_dir / "config.json"):  # a run whose state is lost: --overwrite may replace it
+                    raise FileExistsError(f"{out}: folder exists and is not a resumable run; choose another --out "
+                                          "or pass --overwrite")
+                raise FileExistsError(f"{out}: exists and is not a training run; choose another --out")
         elif _comparable(old) != comparable:
             if run_dir is staging:
                 shutil.rmtree(staging)  # an older --overwrite attempt with other settings
@@ -449,7 +573,7 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
                 atomic_replace_dir(staging, out)
                 print(f"{out}: replaced by the finished --overwrite run")
             else:
-                print(f"{out}: training already finished (best epoch {state['best_epoch'] + 1}); "
+                print(f"{out}: training already finished (best: {_best_name(state)}); "
                       "nothing to do. Use --overwrite to train again.")
             return out
     else:
@@ -470,12 +594,13 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     train_ds = make_training_input(train_sets, config, start_tile=initial_epoch * steps * batch)
 
     jit = resolve_jit(config.train.jit_compile)
+    killed_start = state  # a start killed before its first epoch ended (or None): may hold the parent's validation
     with _strategy():
         if resume:
             _sync_best(run_dir, state)
             model = keras.models.load_model(ckpt_dir / state.get("last", "last.keras"), safe_mode=True)
             history = state["history"]
-            print(f"{out}: resuming after epoch {initial_epoch} (best so far: epoch {state['best_epoch'] + 1}, "
+            print(f"{out}: resuming after epoch {initial_epoch} (best so far: {_best_name(state)}, "
                   f"val_loss {state['best']:.4f})")
         else:
             model = build_from_config(config.model)
@@ -493,9 +618,29 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     config = replace(config, info={**config.info, "parameters": int(model.count_params()),
                                    "augment": "on" if aug else "off"})
     config.save(run_dir / "config.json")
-    if not resume:
+    start = None  # the state training starts from: a resumed run's, or the parent's as "epoch 0"
+    if resume:
+        start = state
+    else:
+        # A start killed after validating the parent keeps that validation (the same weights, the same data).
+        baseline = (killed_start or {}).get("parent") if parent_baseline else None
         # Written before the first epoch, so a run killed during it resumes (from the start).
-        atomic_write_text(run_dir / STATE, json.dumps({"epoch": -1, "finished": False}))
+        atomic_write_text(run_dir / STATE, json.dumps({"epoch": -1, "finished": False,
+                                                       **({"parent": baseline} if baseline else {})}))
+        if parent_baseline:
+            if baseline is None:
+                t = time.time()
+                # The per-epoch validation's own code path, on the same sets, tiles and loss.
+                baseline = validation_scores(_validation_counts(model, val_sets, config.data, batch,
+                                                                config.normalization), config.train.loss)
+                print(f"parent model: val_loss {baseline['val_loss']:.4f}  val_f1 {baseline['val_f1']:.4f} "
+                      f"({time.time() - t:.0f} s); an epoch must beat it to replace the parent's weights",
+                      flush=True)
+            start = _parent_state(baseline)
+            # The parent is the best so far: model.keras holds its weights until an epoch beats it.
+            _save_inference(model, ckpt_dir / start["best_file"])
+            atomic_write_text(run_dir / STATE, json.dumps(start))
+            _sync_best(run_dir, start)
 
     ResumableEarlyStopping, RunCheckpoint = _make_callbacks()
     average = [WeightAverage(config.train.weight_average, ckpt_dir, state["epoch"] if resume else None)
@@ -503,7 +648,7 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     validate = SetValidation(val_sets, config.data, batch, config.train.loss, config.normalization)
     schedule = [] if config.train.lr_schedule == "constant" else [
         keras.callbacks.LearningRateScheduler(lambda e, _lr: lr_at(e, config.train))]
-    early = ResumableEarlyStopping(state, run_dir, monitor="val_loss", patience=config.train.patience,
+    early = ResumableEarlyStopping(start, run_dir, monitor="val_loss", patience=config.train.patience,
                                    restore_best_weights=True, verbose=1)
     ckpt = RunCheckpoint(run_dir, history, early, steps * batch)
     t0 = time.time()
@@ -515,24 +660,91 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     final["finished"] = True
     atomic_write_text(run_dir / STATE, json.dumps(final))
     (ckpt_dir / AVERAGE_FILE).unlink(missing_ok=True)  # only a resume reads it
+    parent_val = final.get("parent")
     cfg_final = replace(config, info={**config.info, "best_epoch": final["best_epoch"] + 1,
                                       "epochs_run": final["epoch"] + 1,
                                       "tiles_seen": (final["epoch"] + 1) * steps * batch,
-                                      "train_seconds": round(final.get("seconds", 0.0), 1)})
+                                      "train_seconds": round(final.get("seconds", 0.0), 1),
+                                      **_parent_summary(final)})
     cfg_final.save(run_dir / "config.json")
-    plot_history(run_dir / "history.csv", run_dir / "training_curves.png")
+    plot_history(run_dir / "history.csv", run_dir / "training_curves.png", parent=parent_val)
     if run_dir is staging:
         atomic_replace_dir(staging, out)
-    print(f"{out}: done in {time.time() - t0:.0f} s; best epoch {final['best_epoch'] + 1} "
+    print(f"{out}: done in {time.time() - t0:.0f} s; best: {_best_name(final)} "
           f"(val_loss {final['best']:.4f}); model at {out / 'model.keras'}")
     return out
 
 
+PARENT_FILE = "best-0000.keras"  # the parent's weights as the run's "epoch 0" (epochs are best-0001, ...)
+
+
+def _parent_state(baseline: dict) -> dict:
+    """The run's state before its first epoch when it must beat its parent: the parent's validation
+    (`validation_scores`) is the best so far, its weights the best checkpoint (epoch index -1)."""
+    return {"epoch": -1, "wait": 0, "best": float(baseline["val_loss"]), "best_epoch": -1, "best_file": PARENT_FILE,
+            "last": None, "seconds": 0.0, "history": [], "finished": False, "parent": baseline}
+
+
+def _best_name(state: dict) -> str:
+    return "the parent model (no epoch beat it)" if state.get("best_epoch") == -1 else \
+        f"epoch {state['best_epoch'] + 1}"
+
+
+def _parent_summary(state: dict) -> dict:
+    """config.json `info` entries comparing the parent with the run's result (empty without a baseline):
+    `parent_validation` (its val_* figures), `best_validation` (the kept model's) and `kept_parent`."""
+    parent = state.get("parent")
+    if not parent:
+        return {}
+    keys = ("val_loss", "val_f1", "val_iou", "val_precision", "val_recall")
+    kept = state.get("best_epoch") == -1
+    row = parent if kept else next((r for r in state.get("history", []) if r.get("epoch") == state["best_epoch"] + 1),
+                                   {})
+    return {"parent_validation": {k: parent[k] for k in keys if k in parent},
+            "best_validation": {k: row[k] for k in keys if k in row}, "kept_parent": kept}
+
+
+def parent_comparison(out: str | Path) -> list[str]:
+    """The lines a command prints at the end of a run that started from a parent model: whether an
+    epoch beat the parent, and "parent F1 X -> best Y" (from config.json; [] for other runs)."""
+    info = (_read_config_dict(Path(out) / "config.json") or {}).get("info") or {}
+    parent, best = info.get("parent_validation"), info.get("best_validation")
+    if not parent or not best:
+        return []
+    lines = []
+    if info.get("kept_parent"):
+        lines.append(f"no epoch beat the parent model (val_loss {parent['val_loss']:.3f}, F1 {parent['val_f1']:.3f}): "
+                     "the run keeps the parent's weights")
+    lines.append(f"validation F1: parent {parent['val_f1']:.3f} -> best {best['val_f1']:.3f} "
+                 f"({'the parent' if info.get('kept_parent') else 'epoch ' + str(info.get('best_epoch'))})")
+    return lines
+
+
 def _only_startup_files(run_dir: Path) -> bool:
-    """True if `run_dir` holds nothing but what `train` writes before the first epoch ends."""
+    """True if `run_dir` holds nothing but what `train` writes before the first epoch ends: a killed
+    start of a run, safe to delete. A config.json must be one this toolkit wrote (`_is_run_config`),
+    and temporaries only those of its atomic writes: a user's folder holding a config.json or *.tmp
+    files of their own is not a run, and is never deleted."""
     startup = {"config.json", "checkpoint", STATE}
-    return all(str(f.relative_to(run_dir)) in startup or f.name.endswith(".tmp")
-               for f in run_dir.rglob("*"))
+    for f in run_dir.rglob("*"):
+        rel = f.relative_to(run_dir)
+        # What atomic_write_text leaves when killed mid-write (.config.json.<pid>.tmp, and the state's).
+        ours_tmp = f.name.endswith(".tmp") and (rel.parts[0] == "checkpoint" or f.name.startswith(".config.json."))
+        if not (str(rel) in startup or ours_tmp):
+            return False
+    return not (run_dir / "config.json").exists() or _is_run_config(run_dir / "config.json")
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` is a config.json this toolkit wrote for a run (not a user's file of that name)."""
+    d = _read_config_dict(path)
+    if not isinstance(d, dict) or not {"data", "model", "train", "info"} <= set(d):
+        return False
+    try:
+        Config.from_dict(d, source=str(path))
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _read_state(run_dir: Path) -> dict | None:
@@ -795,6 +1007,8 @@ def _make_callbacks():
                      "best": float(self.early.best), "best_epoch": self.early.best_epoch,
                      "best_file": self._best_file, "last": last,
                      "seconds": self._seconds, "history": self.history, "finished": False}
+            if (self.early._resume or {}).get("parent"):  # the baseline, kept for a resume and the summary
+                state["parent"] = self.early._resume["parent"]
             atomic_write_text(self.out / STATE, json.dumps(state))
             if new_best:
                 _sync_best(self.out, state)
@@ -812,8 +1026,9 @@ def write_history(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_history(history_csv: Path, out_png: Path) -> None:
-    """Loss, F1 and IoU per epoch for training and validation."""
+def plot_history(history_csv: Path, out_png: Path, parent: dict | None = None) -> None:
+    """Loss, F1 and IoU per epoch for training and validation; `parent`: the parent model's validation
+    figures (`validation_scores`), drawn as a level the epochs had to beat."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -831,7 +1046,12 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    if "val_loss" in h:
+    if parent:
+        for ax, key in zip(axes, ("val_loss", "val_f1", "val_iou")):
+            if key in parent:
+                ax.axhline(parent[key], color="tab:red", ls=":", lw=1, label="parent (validation)")
+                ax.legend()
+    if "val_loss" in h and not (parent and h["val_loss"].min() >= parent["val_loss"]):
         best = h["val_loss"].idxmin()
         axes[0].axvline(h["epoch"][best], color="grey", ls="--", lw=1)
     fig.tight_layout()
@@ -972,10 +1192,13 @@ def augment_from_args(args: argparse.Namespace) -> AugmentConfig:
 
 def train_from_args(args: argparse.Namespace, init_from: str | None) -> Path:
     """`train` with everything taken from parsed `train` or `finetune` arguments."""
-    return train(args.data, args.out, config_from_args(args), val_fraction=args.val_fraction, init_from=init_from,
-                 freeze_encoder=args.freeze_encoder, augment_strength=args.augment_strength,
-                 max_slices=args.max_slices, overwrite=args.overwrite,
-                 pixel_sizes=parse_pixel_sizes(args.pixel_size, len(args.data)))
+    out = train(args.data, args.out, config_from_args(args), val_fraction=args.val_fraction, init_from=init_from,
+                freeze_encoder=args.freeze_encoder, augment_strength=args.augment_strength,
+                max_slices=args.max_slices, overwrite=args.overwrite,
+                pixel_sizes=parse_pixel_sizes(args.pixel_size, len(args.data)), parent_baseline=True)
+    for line in parent_comparison(out):
+        print(line)
+    return out
 
 
 @cli.guarded

@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="chunk size in voxels")
     p.add_argument("--halo", type=cli.nonnegative_int, default=DEFAULT_HALO,
                    help="context around each chunk in y and x, px (the tiled inference's overlap)")
-    p.add_argument("--voxel-size", type=cli.pixel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
+    p.add_argument("--voxel-size", type=cli.voxel_size, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="voxel size in nm when the metadata does not say")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: skip chunks already written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.zarr")

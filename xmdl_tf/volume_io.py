@@ -73,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 HDF5_EXTS = (".h5", ".hdf5", ".hdf", ".he5")
 PLAUSIBLE_NM = (0.1, 10000.0)
-STACK_HINT = "--volume needs a stack: a multi-page TIFF, a folder of slices, HDF5 or Zarr"
+STACK_HINT = "a volume needs a stack: a multi-page TIFF, a folder of slices, HDF5 or Zarr"
 # ImageJ TIFFs cannot be BigTIFF; past this size write an OME BigTIFF instead
 # (the margin leaves room for the IFDs and metadata).
 _BIGTIFF_BYTES = 2**32 - 2**25
@@ -269,12 +269,12 @@ def _voxel_from(found: Sequence[float | None] | None, origin: str) -> tuple[Trip
     if found is None or all(v is None for v in found):
         return None, f"no voxel size in the {origin}"
     if any(v is None for v in found):
-        return None, f"the {origin} gives only part of the voxel size: {_fmt(found)} nm (z x y x x)"
+        return None, f"the {origin} gives only part of the voxel size: {_fmt(found)} nm (z, y, x)"
     vals = tuple(float(v) for v in found)
     if not all(math.isfinite(v) for v in vals) or not _plausible(vals):
         return None, (f"the {origin} gives voxel size {_fmt(vals)} nm, outside "
                       f"{PLAUSIBLE_NM[0]:g}..{PLAUSIBLE_NM[1]:g} nm; ignored")
-    return vals, f"voxel size {_fmt(vals)} nm (z x y x x) from the {origin}"
+    return vals, f"voxel size {_fmt(vals)} nm (z, y, x) from the {origin}"
 
 
 def resolve_voxel_size(volume: Volume, given: Sequence[float] | None) -> Triple | None:
