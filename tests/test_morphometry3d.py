@@ -466,3 +466,18 @@ def test_huge_ids_are_measured_and_kept(dtype, big):
     assert [int(i) for i in table["id"]] == [2, big]
     assert table["volume_vox"].tolist() == [36, 60]
     assert table["volume_nm3"].tolist() == [36_000.0, 60_000.0]
+
+
+def test_shape_of_an_object_in_one_or_two_sections_is_not_measured():
+    """A 270 x 200 nm profile in 1-2 sections of 45 nm: its z extent is the sections', so sphericity and
+    solidity are NaN (smoothing would make the one-section slab a lens of sphericity 0.89); from 3 on,
+    measured; volume and area always."""
+    y, x = np.ogrid[:60, :60]
+    disk = ((y - 30) / 27.0) ** 2 + ((x - 30) / 20.0) ** 2 <= 1
+    for nz in (1, 2, 3):
+        lab = np.zeros((nz + 2, 60, 60), np.uint16)
+        lab[1:1 + nz] = disk
+        row = measure3d(lab, (45.0, 5.0, 5.0)).iloc[0]
+        assert row["volume_nm3"] == pytest.approx(disk.sum() * nz * 45 * 25)
+        assert row["surface_area_nm2"] > 2 * disk.sum() * 25 * 0.8
+        assert np.isnan(row["sphericity"]) == (nz < 3) and np.isnan(row["solidity"]) == (nz < 3)
