@@ -415,3 +415,21 @@ def test_normalization_settings_are_checked_and_name_the_file(tmp_path):
         with pytest.raises(ValueError, match=msg) as err:
             Config.load(tmp_path / "config.json")
         assert f"{tmp_path / 'config.json'}['normalization']" in str(err.value)
+
+
+def test_the_trainer_validates_with_at_least_256_px_of_context(tmp_path):
+    """Small training tiles (the napari dock picks them for small crops) are not what epochs are chosen
+    on: validation tiles reach 256 px, or cover the region when it is smaller, and stay multiples of the
+    training tile (so of the network's size divisor)."""
+    from conftest import write_split
+
+    from xmdl_tf.sampling import selection_tiles, validation_tile
+
+    assert validation_tile(64, (1024, 1024)) == 256 and validation_tile(96, (1024, 768)) == 288
+    assert validation_tile(256, (1024, 1024)) == 256 and validation_tile(512, (2048, 2048)) == 512
+    assert validation_tile(64, (100, 120)) == 128  # the region is smaller: one tile covers it
+    write_split(tmp_path, "val", 1, size=300)
+    region = SliceRegion(split_pairs(tmp_path, "val")[0])
+    x, y = selection_tiles(region, 64)
+    assert x.shape == y.shape == (4, 256, 256, 1)
+    assert int((y >= 0).sum()) == 300 * 300  # every pixel once; padding ignored

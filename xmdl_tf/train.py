@@ -813,11 +813,14 @@ def make_training_input(train_sets, config: Config, start_tile: int = 0):
 
 def region_counts(model, region, factor: float, data_cfg, batch_size: int,
                   normalization: dict | None = None) -> np.ndarray:
-    """Pooled [sum p*t, sum p, sum t, tp, fp, fn, tn, sum CE, n valid] of one validation region's grid tiles."""
-    from .sampling import validation_tiles
+    """Pooled [sum p*t, sum p, sum t, tp, fp, fn, tn, sum CE, n valid] of one validation region's grid tiles
+    (`sampling.selection_tiles`: at least 256 px of context, whatever the training tile)."""
+    from .sampling import selection_tiles
 
     acc = np.zeros(9, np.float64)
-    x, y = validation_tiles(region, data_cfg.tile_size, factor, data_cfg.ignore_value, normalization)
+    x, y = selection_tiles(region, data_cfg.tile_size, factor, data_cfg.ignore_value, normalization)
+    # The training batch's pixels per call, in tiles that may be larger (sampling.validation_tile).
+    batch_size = max(1, batch_size * data_cfg.tile_size ** 2 // x.shape[1] ** 2)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size, ..., 0]
         n = len(xb)
