@@ -256,3 +256,30 @@ def test_a_truncated_tiff_stack_is_refused_not_read_short(tmp_path, kind):
         logging.getLogger().setLevel(root_level)
     assert (log.level, log.propagate, list(log.handlers)) == before  # tifffile's logger left as found
     assert stack_depth(whole) == 6 and open_volume(str(whole)).shape == (6, 32, 32)
+
+
+def test_colour_labels_keep_every_object(tmp_path):
+    """Colour masks: one label per colour on black (dark blue must not vanish as grey 0, equal-luminance
+    colours must not merge); a mask drawn only in alpha is its alpha; grey RGB is read as it is."""
+    lab = np.zeros((32, 32, 3), np.uint8)
+    lab[2:8, 2:8] = (0, 0, 3)  # dark blue: luminance 0.3 -> 0
+    lab[10:16, 10:16] = (255, 0, 0)
+    lab[20:26, 20:26] = (0, 0, 255)
+    lab[20:26, 2:8] = (255, 0, 0)  # a second red object: the same label as the first
+    cv2.imwrite(str(tmp_path / "c.png"), lab[..., ::-1])  # OpenCV writes BGR
+    with pytest.warns(UserWarning, match="colour label read as 3 label"):
+        ids = read_label(tmp_path / "c.png")
+    assert ids[0, 0] == 0 and len(np.unique(ids[2:8, 2:8])) == 1 and ids[2, 2] > 0
+    assert len({int(ids[3, 3]), int(ids[12, 12]), int(ids[22, 22])}) == 3 and ids[12, 12] == ids[22, 4]
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[5:15, 5:15, 3] = 255
+    cv2.imwrite(str(tmp_path / "a.png"), rgba)
+    with pytest.warns(UserWarning, match="alpha channel only"):
+        assert (read_label(tmp_path / "a.png") > 0).sum() == 100
+    grey = np.zeros((32, 32, 3), np.uint8)
+    grey[4:9, 4:9] = 1
+    cv2.imwrite(str(tmp_path / "g.png"), grey)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (read_label(tmp_path / "g.png") == 1).sum() == 25

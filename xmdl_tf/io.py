@@ -192,6 +192,8 @@ def _to_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
         arr = arr[0]
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and what == "label":
+        return _colour_label(arr, path)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         rgb = arr[..., :3]
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
@@ -202,6 +204,36 @@ def _to_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
     if arr.size == 0:
         raise DataError(f"{path}: empty {what}")
     return arr
+
+
+def _colour_label(arr: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, 3|4) label -> (H, W) ids: grey (equal channels) as it is; a mask drawn only in alpha (one
+    colour everywhere) as its alpha; else one id per colour, background the black pixels (or, with no
+    black, the most common colour). Grey by luminance would lose dark colours (0, 0, 3 -> 0) and merge
+    colours of equal luminance, i.e. drop or merge mitochondria."""
+    rgb = arr[..., :3]
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        if arr.shape[-1] == 4 and rgb.min() == rgb.max() and arr[..., 3].min() != arr[..., 3].max():
+            return _alpha_mask(arr, path)
+        return rgb[..., 0]
+    if rgb.dtype.kind not in "ub" or rgb.dtype.itemsize > 1:
+        raise DataError(f"{path}: colour label of dtype {rgb.dtype}; save labels as one channel of ids")
+    key = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    colours, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    black = np.flatnonzero(colours == 0)
+    bg = int(black[0]) if len(black) else int(np.argmax(counts))
+    ids = np.where(np.arange(len(colours)) < bg, np.arange(len(colours)) + 1, np.arange(len(colours)))
+    ids[bg] = 0
+    dtype = np.uint16 if len(colours) <= 65536 else np.uint32
+    warnings.warn(f"{path}: colour label read as {len(colours) - 1} label(s), one per colour, on "
+                  + ("black" if len(black) else f"the most common colour #{colours[bg]:06x}") + " background",
+                  stacklevel=4)
+    return ids.astype(dtype)[inverse.reshape(key.shape)]
+
+
+def _alpha_mask(arr: np.ndarray, path: Path) -> np.ndarray:
+    warnings.warn(f"{path}: label drawn in the alpha channel only; its alpha is read as the mask", stacklevel=5)
+    return arr[..., 3]
 
 
 def read_image(path: str | Path, page: int | None = None, allow_constant: bool = False) -> np.ndarray:
