@@ -168,7 +168,11 @@ def _folder_stack(path: Path, *, label: bool, pattern: str | None, numbered: boo
     exts = LABEL_EXTS if label else IMAGE_EXTS
     files = sorted(path.glob(pattern) if pattern else path.iterdir(), key=lambda p: natural_key(p.name))
     # Hidden files (macOS "._im0000.png" resource forks) are no slices; the loader skips them too.
+    lossy = [f for f in files if label and f.is_file() and f.suffix.lower() in (".jpg", ".jpeg")]
     files = [f for f in files if f.is_file() and f.suffix.lower() in exts and not f.name.startswith(".")]
+    if lossy:  # never read (JPEG changes label values at every edge); say so rather than count them out
+        raise ValueError(f"{lossy[0]}: labels must be lossless; JPEG compression changes the label values at "
+                         f"every edge ({len(lossy)} JPEG label(s) in {path}); export them again as PNG or TIFF")
     if not files:
         what = f"matching '{pattern}'" if pattern else f"with extension {exts}"
         raise FileNotFoundError(f"no {'label' if label else 'image'} files {what} in folder {path}")

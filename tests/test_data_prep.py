@@ -510,7 +510,7 @@ def test_a_failed_first_conversion_leaves_no_folder_or_lock_behind(tmp_path, cap
 
 
 @pytest.mark.parametrize("case", ["crop hides a size mismatch", "empty stack", "truncated npy", "nan fractions",
-                                  "colour label", "ids beyond uint32", "truncated tiff stack"])
+                                  "colour label", "ids beyond uint32", "truncated tiff stack", "jpeg label"])
 def test_generic_refuses_with_one_line(tmp_path, capsys, case):
     im, lab = tmp_path / "im.tif", tmp_path / "lab.tif"
     tifffile.imwrite(im, _images(2))
@@ -538,6 +538,13 @@ def test_generic_refuses_with_one_line(tmp_path, capsys, case):
     elif case == "ids beyond uint32":
         tifffile.imwrite(lab, _instances(2).astype(np.uint64) << np.uint64(40))
         want = "lab.tif: instance id"
+    elif case == "jpeg label":  # one JPEG among PNG labels: named, not silently left out of the count
+        (tmp_path / "x").mkdir()
+        (tmp_path / "y").mkdir()
+        for z, (image, ids) in enumerate(zip(_images(3), _instances(3))):
+            cv2.imwrite(str(tmp_path / "x" / f"im{z:04d}.png"), image)
+            cv2.imwrite(str(tmp_path / "y" / f"seg{z:04d}.{'jpg' if z == 1 else 'png'}"), (ids > 0).astype(np.uint8))
+        im, lab, want = tmp_path / "x", tmp_path / "y", "seg0001.jpg: labels must be lossless"
     else:
         tifffile.imwrite(im, _images(6), compression="zlib")
         im.write_bytes(im.read_bytes()[:len(im.read_bytes()) * 6 // 10])

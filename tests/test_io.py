@@ -77,7 +77,20 @@ def test_folder_pairs_by_stem(tmp_path):
     globbed = folder_pairs(str(tmp_path / "img" / "*.png"), str(tmp_path / "lbl" / "*.tif"))
     assert globbed == pairs
     (tmp_path / "lbl" / "b_mask.tif").rename(tmp_path / "lbl" / "c_mask.tif")
-    with pytest.raises(DataError, match="no label with a matching name.*b.png"):
+    with pytest.raises(DataError, match="no label with a matching name or number for 1 image.*b.png"):
+        folder_pairs(tmp_path / "img", tmp_path / "lbl")
+    # BiaPy names (im0007 <-> seg0007) pair by their number, as analyze --labels pairs them.
+    for d in ("img", "lbl"):
+        for f in (tmp_path / d).iterdir():
+            f.unlink()
+    for z in (7, 12):
+        img, msk = blob_image(32, seed=z)
+        cv2.imwrite(str(tmp_path / "img" / f"im{z:04d}.png"), img)
+        tifffile.imwrite(tmp_path / "lbl" / f"seg{z:04d}.tif", msk)
+    assert [(p.image.stem, p.label.stem) for p in folder_pairs(tmp_path / "img", tmp_path / "lbl")] == [
+        ("im0007", "seg0007"), ("im0012", "seg0012")]
+    cv2.imwrite(str(tmp_path / "img" / "other0007.png"), blob_image(32)[0])
+    with pytest.raises(DataError, match="both match the label"):
         folder_pairs(tmp_path / "img", tmp_path / "lbl")
     with pytest.raises(DataError, match="no files match"):
         folder_pairs(str(tmp_path / "img" / "*.tif"), tmp_path / "lbl")

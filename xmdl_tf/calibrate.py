@@ -355,8 +355,12 @@ def main(argv: list[str] | None = None) -> int:
                   ignore_value=args.ignore_value)
     print(f"temperature {r['temperature']}; ECE before -> after: " +
           ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in r["ece"].items()))
-    print(f"object confidence fitted on {r['objects']} objects ({r['true_objects']} true), in-sample AUROC "
-          f"{r['object_auroc_in_sample']}; OOD threshold {r['ood_threshold']}")
+    if r.get("object_confidence"):
+        print(f"object confidence fitted on {r['objects']} objects ({r['true_objects']} true), in-sample AUROC "
+              f"{r['object_auroc_in_sample']}; OOD threshold {r['ood_threshold']}")
+    else:  # (the warning above said why)
+        print(f"no object confidence ({r['objects']} objects, {r['true_objects']} true); OOD threshold "
+              f"{r['ood_threshold']}")
     return 0
 
 

@@ -582,7 +582,9 @@ class LabelIndex:
 def folder_pairs(images: str | Path, labels: str | Path | None = None) -> list[SlicePair]:
     """Layout (b): image folder or glob plus label folder or glob, paired by file stem.
 
-    A label may carry a suffix such as `_mask` or `_label` (`a.png` <-> `a_mask.tif`).
+    A label may carry a suffix such as `_mask` or `_label` (`a.png` <-> `a_mask.tif`); failing
+    that, by the number in the name when exactly one label carries it (`im0050.png` <->
+    `seg0050.tif`), as `analyze --labels` pairs.
     """
     img_files = _expand(images, IMAGE_EXTS)
     if labels is None:
@@ -591,13 +593,20 @@ def folder_pairs(images: str | Path, labels: str | Path | None = None) -> list[S
     lbl_files = index.files
     pairs, missing = [], []
     for p in img_files:
-        lbl = index.find(p, by_number=False)
+        lbl = index.find(p)
         if lbl is None:
             missing.append(p)
         else:
             pairs.append(SlicePair(p, lbl))
     if missing:
-        raise DataError(f"no label with a matching name for {len(missing)} image(s), e.g. {missing[0]} (labels in {labels})")
+        raise DataError(f"no label with a matching name or number for {len(missing)} image(s), e.g. {missing[0]} "
+                        f"(labels in {labels})")
+    used: dict[Path, Path] = {}
+    for pair in pairs:
+        if pair.label in used:
+            raise DataError(f"{used[pair.label].name} and {pair.image.name} both match the label {pair.label}; "
+                            "name each label after its image")
+        used[pair.label] = pair.image
     if len(lbl_files) != len(img_files):
         raise DataError(f"{images}: {len(img_files)} images but {labels}: {len(lbl_files)} labels")
     return pairs
