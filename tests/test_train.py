@@ -540,3 +540,17 @@ def test_finetuning_that_helps_keeps_its_best_epoch(blob_dataset, tmp_path, caps
     model = keras.models.load_model(out / "model.keras", compile=False)
     assert validation_scores(_validation_counts(model, val_sets, cfg.data, 8))["val_loss"] == pytest.approx(
         h["val_loss"][best], abs=2e-3)
+
+
+def test_a_split_given_as_the_set_is_warned_about(blob_dataset):
+    """--data SET/train trains without SET/val and SET/dataset.json: said, naming the set to give."""
+    from xmdl_tf.train import resolve_data
+
+    with pytest.warns(UserWarning, match=r"train is the 'train' split of .*: .* give the set folder"):
+        train_sets, val_sets, *_ = resolve_data([str(blob_dataset / "train")])
+    assert train_sets[0].name == "train"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_data([str(blob_dataset)])

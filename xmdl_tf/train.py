@@ -108,6 +108,12 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
         raise ValueError(f"two data sets share a folder name: {names}; give each set its own name")
     found = []
     for d in data_dirs:
+        p = Path(d)
+        if p.name in (train_split, val_split, "test") and (p / "x").is_dir() and (p.parent / train_split).is_dir():
+            # SET/train: the set's val split and dataset.json (pixel size, unlabelled value) lie one up.
+            warnings.warn(f"{d} is the '{p.name}' split of {p.parent}: trained on as a set of its own, with "
+                          "validation carved from its rows and no dataset.json; give the set folder "
+                          f"{p.parent} to use its val split and metadata", stacklevel=2)
         pairs = find_pairs(d, train_split)
         if max_slices is not None:
             pairs = pairs[:max_slices]
