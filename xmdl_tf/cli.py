@@ -59,6 +59,8 @@ def guarded(main: Callable[[list[str] | None], int | None] | None = None, *, res
                 raise
             # train and finetune resume by themselves; analyze and volume skip what is done with --resume.
             hint = " with --resume" if resume_flag else " again"
+            if sys.stderr.isatty():  # a progress bar may hold the terminal's line: start a new one
+                print(file=sys.stderr)
             print(f"interrupted; outputs written so far are complete (run the same command{hint} to continue)",
                   file=sys.stderr)
             return 130

@@ -469,7 +469,15 @@ def _cluster(client, scheduler: str, workers: int):
             except Exception:  # noqa: BLE001 - closing matters more than quiet
                 pass
         c.close()
-        cluster.close()
+        # A worker that takes over the nanny's 4 s to exit (TensorFlow's teardown) is killed with a
+        # warning: expected at the end of a run, not news to the user.
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)
+        try:
+            cluster.close()
+        finally:
+            nanny.setLevel(level)
 
     return c, close
 
