@@ -497,6 +497,9 @@ class Reporter:
     verbose: bool = True
     progress: Callable[[str, int, int], None] | None = None
     cancel: threading.Event | None = None
+    # On a cluster this run did not start (it stays up), cancelled tasks still running must finish before
+    # the run returns: a --overwrite that follows would otherwise have them write into its new store.
+    drain: bool = False
 
 
 def _gather(client, futures, what: str, report: Reporter):
@@ -525,11 +528,30 @@ def _gather(client, futures, what: str, report: Reporter):
                 report.progress(stage, done, len(futures))
             if report.cancel is not None and report.cancel.is_set():
                 client.cancel(futures)
+                if report.drain:
+                    _drain(client, {f.key for f in futures})
                 raise Cancelled("cancelled")
     results = client.gather(futures)
     if report.verbose:
         print(f"    done in {time.time() - t0:.1f} s", flush=True)
     return results
+
+
+def _running_keys(dask_worker) -> list:
+    """Keys of the tasks occupying a worker's threads, cancelled ones included (run on each worker)."""
+    return [ts.key for ts in dask_worker.state.all_running_tasks]
+
+
+def _drain(client, keys: set, timeout_s: float = 600.0) -> None:
+    """Wait until no worker still runs one of `keys` (a cancelled task runs to its end: Dask cannot stop
+    a running function)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        busy = {k for ks in client.run(_running_keys).values() for k in ks} & keys
+        if not busy:
+            return
+        time.sleep(0.2)
+    log.warning("%d cancelled task(s) still running after %.0f s", len(busy), timeout_s)
 
 
 def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> bool:
@@ -630,7 +652,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     from .volume_io import _split_container, open_volume, resolve_voxel_size, source_path, warn_blank_slices
 
     t_start = time.time()
-    report = Reporter(verbose, progress, cancel)
+    report = Reporter(verbose, progress, cancel, drain=client is not None or scheduler != "local")
     out = Path(out)
     if out.suffix != ".zarr":
         raise DataError(f"--out {out}: the output is an OME-Zarr folder; give it a .zarr name")
