@@ -92,7 +92,7 @@ def test_analyze_cli_end_to_end(tiny_run, tmp_path):
     # --overwrite replaces one image's result; with another shape rule it would leave the other
     # rows classified the old way (tests/test_robustness.py: settings never mix in one table).
     again = [str(inp / "slice0.png"), "--model", str(tiny_run), "--out", str(out), "--overwrite", "--tile", "64",
-             "--overlap", "16", "--faithfulness", "--no-figure"]
+             "--overlap", "16", "--no-figure", "--pixel-size", "5"]  # a pixel size is the input's, not a setting
     assert analyze_main(again + ["--rule", "round_max_aspect=2.0"]) == 2
     assert analyze_main(again) == 0
     assert pd.read_csv(out / "summary.csv")["image"].tolist()[0] == "slice0"

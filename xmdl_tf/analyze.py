@@ -484,8 +484,9 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
             if clash:
                 raise FileExistsError(f"{clash[0]} exists (and {len(clash) - 1} more outputs); use --resume to "
                                       "continue an interrupted batch, --overwrite to replace, or another --out")
-        mine = run_settings(predictor, ic, pixel_size_nm=s.pixel_size_nm, rules=s.rules or ShapeRules(),
-                            faithfulness=s.faithfulness)
+        # What makes rows comparable: the model, its inference settings and the shape rules. A pixel
+        # size is the input's (each row records its own), the Grad-CAM check only adds columns.
+        mine = run_settings(predictor, ic, rules=s.rules or ShapeRules())
         check_run_settings(out, mine, resume, overwrite, sorted(set(rows) - {p.name for p in pairs}))
         todo = [p for p in pairs if overwrite or p.name not in complete]
         skipped = [p.name for p in pairs if p not in todo]

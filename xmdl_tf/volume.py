@@ -394,8 +394,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
             if clash:
                 raise FileExistsError(f"{clash[0]} exists (and {len(clash) - 1} more outputs); use --resume to "
                                       "continue an interrupted batch, --overwrite to replace, or another --out")
-        mine = run_settings(predictor, ic, voxel_size_nm=s.voxel_size_nm, planes=list(s.planes),
-                            rules=s.rules or ShapeRules3D())
+        mine = run_settings(predictor, ic, planes=list(s.planes), rules=s.rules or ShapeRules3D())
         check_run_settings(out, mine, resume, overwrite, sorted(set(rows) - set(names)))
         todo = [(v, vx) for v, vx in volumes if overwrite or v.name not in complete]
         skipped = [v.name for v, _ in volumes if v.name in complete and not overwrite]
