@@ -296,3 +296,18 @@ def test_colour_labels_keep_every_object(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert (read_label(tmp_path / "g.png") == 1).sum() == 25
+
+
+def test_pixel_size_units_and_non_square_pixels(tmp_path):
+    img = blob_image(32)[0]
+    for x, y, unit, nm in ((46, 46, "Å", 4.6), (4600, 4600, "pm", 4.6), (4.6, 4.6, "nm", 4.6), (1, 1, "furlong", None)):
+        tifffile.imwrite(tmp_path / "o.ome.tif", img, ome=True,
+                         metadata={"axes": "YX", "PhysicalSizeX": x, "PhysicalSizeXUnit": unit,
+                                   "PhysicalSizeY": y, "PhysicalSizeYUnit": unit})
+        got = read_pixel_size_nm(tmp_path / "o.ome.tif")
+        assert got == (pytest.approx(nm) if nm else None), (unit, got)
+    # ImageJ calibration of 4.6 x 9.2 nm pixels: x is used, and the user is told the areas are off.
+    tifffile.imwrite(tmp_path / "aniso.tif", img, imagej=True, resolution=(1 / 0.0046, 1 / 0.0092),
+                     metadata={"unit": "um"})
+    with pytest.warns(UserWarning, match=r"not square \(4.6 nm wide, 9.2 nm high\)"):
+        assert read_pixel_size_nm(tmp_path / "aniso.tif") == pytest.approx(4.6)

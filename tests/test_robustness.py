@@ -358,6 +358,11 @@ def test_analyze_refuses_missing_labels_and_implausible_pixel_sizes_up_front(sma
     assert "skipped far: pixel size 200 nm would resample the image by x40" in err
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["image"]) == ["huge"] and np.isnan(summary["pixel_size_nm"][0])
+    # A stale calibration (200 nm/pixel in the file) is overridden by an explicit --pixel-size, with a warning.
+    assert main([str(images / "far.tif"), "--model", str(small_model), "--out", str(out), "--pixel-size", "5",
+                 "--resume"]) == 0
+    assert "far.tif: its metadata says 200 nm per pixel; --pixel-size 5 is used" in capsys.readouterr().err
+    assert pd.read_csv(out / "summary.csv").set_index("image").loc["far", "pixel_size_nm"] == 5.0
 
 
 def test_an_image_narrower_than_the_model_can_see_is_refused_not_padded(small_model, tmp_path, capsys):

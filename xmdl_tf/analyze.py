@@ -660,14 +660,23 @@ def write_run_settings(out: Path, mine: dict) -> None:
 
 
 def _pixel_size(pair: SlicePair, from_file: float | None, given: float | None, verbose: bool) -> float | None:
-    """The slice's pixel size: its metadata if plausible, else `given` (--pixel-size), else None."""
+    """The slice's pixel size: `given` (--pixel-size) when given, else its metadata if plausible, else None.
+
+    An explicit --pixel-size wins, as --voxel-size does for volumes: a stale calibration in a file
+    (1 um/pixel is a common one) must not decide the measurements of a user who said otherwise; a
+    disagreement is warned about."""
+    if given is not None:
+        if verbose and from_file is not None and abs(from_file - given) > 0.02 * given:
+            print(f"    warning: {pair.image}: its metadata says {from_file:g} nm per pixel; --pixel-size "
+                  f"{given:g} is used", file=sys.stderr, flush=True)
+        return given
     if from_file is not None:
         try:
             return cli.check_pixel_size(from_file, f"{pair.image} metadata")
         except cli.UsageError as err:
             if verbose:
-                print(f"    warning: {err}; ignored", file=sys.stderr, flush=True)
-    return given
+                print(f"    warning: {err}; ignored (give --pixel-size)", file=sys.stderr, flush=True)
+    return None
 
 
 def _complete(folder: Path, figure: bool) -> bool:
@@ -717,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or TIFF stacks")
     p.add_argument("--model", default=None, help="run folder, .keras file or exported SavedModel folder (default: the shipped reference model)")
     p.add_argument("--labels", default=None, help="ground-truth masks or instance labels (file, folder, glob or stack)")
-    p.add_argument("--pixel-size", type=cli.pixel_size, default=None, help="nm per pixel when the files do not say")
+    p.add_argument("--pixel-size", type=cli.pixel_size, default=None,
+                   help="nm per pixel (wins over the files' metadata, with a warning where they disagree)")
     p.add_argument("--out", default="xmdl_out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out (each image's when its new one is done)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted batch: skip images already done")

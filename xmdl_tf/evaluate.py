@@ -85,10 +85,11 @@ def evaluate(model: Predictor | str | Path, data: str, split: str = "auto", out:
     total: dict[str, int] = {}
     rows = []
     t0 = time.time()
-    set_px = pixel_size_nm or dataset_pixel_size_nm(data)
+    set_px = dataset_pixel_size_nm(data)
     for pair in pairs:
         image, label = read_pair(pair)
-        px = read_pixel_size_nm(pair.image) or set_px
+        # As analyze: a given --pixel-size wins over the file's metadata, which wins over dataset.json.
+        px = pixel_size_nm or read_pixel_size_nm(pair.image) or set_px
         # As analyze: auto zoom when px is unknown; without TTA its last pass may be the prediction.
         grid_px, zoom = prediction_grid(predictor, image, ic, px, keep_probability=not ic.tta)
         if zoom is not None and zoom.probability is not None:

@@ -405,42 +405,57 @@ def dataset_ignore_value(folder: str | Path) -> int | None:
 
 
 def read_pixel_size_nm(path: str | Path) -> float | None:
-    """Pixel size in nm from TIFF metadata (ImageJ or OME or resolution tags), or None."""
+    """Pixel size in nm from TIFF metadata (ImageJ or OME or resolution tags), or None.
+
+    Non-square pixels (x and y sizes more than 1% apart) are warned about: the toolkit measures in
+    one pixel size, x's. A unit it does not know gives None (not a guess).
+    """
     path = Path(path)
     if path.suffix.lower() not in TIFF_EXTS or not path.is_file():
         return None
     try:
-        with tifffile.TiffFile(path) as tif:
-            if tif.ome_metadata:
-                m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-                if m:
-                    unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-                    return float(m.group(1)) * _UNIT_NM.get(unit.group(1) if unit else "µm", 1000.0)
-            page = tif.pages[0]
-            tag = page.tags.get("XResolution")
-            if tag is None:
-                return None
-            num, den = tag.value
-            if num == 0:
-                return None
-            pixels_per_unit = num / den
-            unit = None
-            if tif.imagej_metadata:
-                unit = tif.imagej_metadata.get("unit")
-            if unit is None:
-                res_unit = page.tags.get("ResolutionUnit")
-                code = int(res_unit.value) if res_unit is not None else 2
-                unit = {3: "cm", 2: "inch"}.get(code)
-                if unit == "inch":
-                    return None  # 72 dpi etc. is a display setting, not a pixel size
-            scale = _UNIT_NM.get(unit)
-            return None if scale is None else scale / pixels_per_unit
-    except Exception:
+        x, y = _pixel_sizes_xy(path)
+    except Exception:  # noqa: BLE001 - metadata is optional: unreadable means unknown
         return None
+    if x is not None and y is not None and abs(x - y) > 0.01 * max(x, y):
+        warnings.warn(f"{path}: pixels are not square ({x:g} nm wide, {y:g} nm high); measurements use "
+                      f"{x:g} nm for both, so areas are off by x{y / x:.3g}: resample the image to square pixels",
+                      stacklevel=2)
+    return x
 
 
-_UNIT_NM = {"nm": 1.0, "nanometer": 1.0, "µm": 1000.0, "um": 1000.0, "micron": 1000.0,
-            "\\u00B5m": 1000.0, "mm": 1e6, "cm": 1e7, "m": 1e9}
+def _pixel_sizes_xy(path: Path) -> tuple[float | None, float | None]:
+    """(x, y) pixel size in nm from one TIFF's OME or ImageJ/resolution metadata (None where unknown)."""
+    with tifffile.TiffFile(path) as tif:
+        if tif.ome_metadata:
+            sizes = []
+            for axis in "XY":
+                m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', tif.ome_metadata)
+                unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', tif.ome_metadata)
+                scale = _UNIT_NM.get(unit.group(1) if unit else "µm")  # OME's default unit is the micrometre
+                sizes.append(float(m.group(1)) * scale if m and scale else None)
+            if sizes[0] is not None:
+                return sizes[0], sizes[1]
+        page = tif.pages[0]
+        unit = tif.imagej_metadata.get("unit") if tif.imagej_metadata else None
+        if unit is None:
+            res_unit = page.tags.get("ResolutionUnit")
+            code = int(res_unit.value) if res_unit is not None else 2
+            unit = {3: "cm", 2: "inch"}.get(code)
+            if unit == "inch":
+                return None, None  # 72 dpi etc. is a display setting, not a pixel size
+        scale = _UNIT_NM.get(unit)
+        out = []
+        for name in ("XResolution", "YResolution"):
+            tag = page.tags.get(name)
+            num, den = tag.value if tag is not None else (0, 1)
+            out.append(scale * den / num if scale is not None and num else None)
+        return out[0], out[1]
+
+
+_UNIT_NM = {"nm": 1.0, "nanometer": 1.0, "µm": 1000.0, "μm": 1000.0, "um": 1000.0, "micron": 1000.0,
+            "micrometer": 1000.0, "\\u00B5m": 1000.0, "mm": 1e6, "millimeter": 1e6, "cm": 1e7, "m": 1e9,
+            "Å": 0.1, "angstrom": 0.1, "Angstrom": 0.1, "pm": 1e-3, "picometer": 1e-3}
 
 
 # ----------------------------------------------------------------------------

@@ -146,8 +146,8 @@ class Predictor:
         factor = resample_factor(pixel_size_nm, self.pixel_size_nm) if rescale else 1.0
         if not 1 / MAX_RESAMPLE <= factor <= MAX_RESAMPLE:
             raise ValueError(f"pixel size {pixel_size_nm:g} nm would resample the image by x{factor:.3g} to the model's "
-                             f"{self.pixel_size_nm:g} nm (more than x{MAX_RESAMPLE:g} either way); check the pixel size, "
-                             "or pass --no-rescale to predict on the image's own grid")
+                             f"{self.pixel_size_nm:g} nm (more than x{MAX_RESAMPLE:g} either way); check the pixel size "
+                             "(a stale calibration in the file? --pixel-size overrides it)")
         return factor
 
     def predict_slice(self, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
