@@ -314,3 +314,32 @@ def test_figure_written_atomically_and_closed_when_drawing_fails(tmp_path, monke
                                               monkeypatch, "xmdl_tf.figure._class_rgba")
     unified_figure(image, inst, table, heat, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_a_padded_section_is_segmented_as_the_section(tiny_run):
+    """A section set into a black canvas (registration, rotation): the padding is left out of the
+    normalisation and predicted 0, so the section's objects are those of the section alone, and an
+    object cut by the padding is marked as touching the border."""
+    from xmdl_tf.analyze import Settings, analyze_image
+    from xmdl_tf.sampling import padding_mask
+
+    pred = load_model(tiny_run, jit_compile=False)
+    img, _ = blob_image(128, seed=5)
+    img = np.clip(img.astype(int), 30, 255).astype(np.uint8)  # tissue never reaches 0
+    canvas = np.zeros((256, 256), np.uint8)
+    canvas[64:192, 48:176] = img
+    assert padding_mask(img) is None and padding_mask(canvas).sum() == 256 * 256 - 128 * 128
+    s = Settings(inference={"tile": 64, "overlap": 16, "tta": False, "zoom_search": "off"}, figure=False)
+    alone, padded = analyze_image(pred, img, "a", s), analyze_image(pred, canvas, "p", s)
+    assert padded.summary["padding_fraction"] == pytest.approx(0.75)
+    assert (padded.probability[canvas == 0] == 0).all()
+    inner = padded.probability[64:192, 48:176]
+    assert np.mean((inner >= 0.5) == (alone.probability >= 0.5)) > 0.98
+    assert padded.summary["count"] == alone.summary["count"]
+    # The section's edge is the image's: an object reaching it is marked as cut there.
+    import cv2
+
+    near = cv2.dilate((canvas == 0).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    cut = set(np.unique(padded.instances[near])) - {0}
+    marked = set(padded.table.loc[padded.table["touches_border"], "id"])
+    assert cut == marked and padded.summary["n_touching_border"] == len(cut)

@@ -195,8 +195,13 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
     # is the one reported: computed once here.
     from .ood import model_distribution
 
+    from .predict import without_padding
+
+    # A registered section's constant padding (`predict.without_padding`): not part of the image the model
+    # is judged on, and what touches it is cut there, as at the image edge.
+    unpadded, _, pad = without_padding(image)
     dist = model_distribution(predictor) if ic.zoom_search != "off" else None
-    ood_score = dist.image_score(predictor, image, pixel_size_nm, ic.rescale) if dist is not None else None
+    ood_score = dist.image_score(predictor, unpadded, pixel_size_nm, ic.rescale) if dist is not None else None
     # Unknown pixel size and auto_zoom: predict at the zoom the objects' widths suggest; measure in px.
     # Zoom search: at the zoom the model is surest at ("ood": for a slice its OOD score warns about).
     grid_px, zoom = prediction_grid(predictor, image, ic, pixel_size_nm,
@@ -214,9 +219,15 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
     ic = for_objects(ic, zoom)
     instances = to_instances(prob, ic, pixel_size_nm)
     table = measure(instances, image=image, pixel_size_nm=pixel_size_nm, heatmap=cam)
+    if pad is not None and len(table):
+        import cv2
+
+        near = cv2.dilate(pad.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        table.loc[table["id"].isin(np.unique(instances[near])), "touches_border"] = True
     table["shape_class"] = classify(table, s.rules or ShapeRules(), pixel_size_nm)
     mask = foreground(prob, ic.threshold)
     summary = {"image": name, **summarize(table), "foreground_fraction": float(mask.mean()),
+               "padding_fraction": float(pad.mean()) if pad is not None else 0.0,
                "gradcam_energy_in_mask": energy_inside(cam, mask), "pixel_size_nm": pixel_size_nm,
                "rescaled_by": predictor.scale_factor(grid_px, ic.rescale),
                "auto_zoom": zoom.zoom if zoom is not None else None}

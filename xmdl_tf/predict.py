@@ -85,6 +85,25 @@ def load_keras(path: str | Path):
         raise ModelError(f"{path}: cannot load model ({type(err).__name__}: {err})") from None
 
 
+def without_padding(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(image to predict, grey-value counts to normalise it by, padding mask or None) of a whole slice.
+
+    A slice's constant padding (`sampling.padding_mask`: a registered or rotated section set into a
+    canvas) is neither tissue nor context: it is left out of the normalisation's percentiles, shown to
+    the network as the tissue's median grey, and its probability is 0. Otherwise the slice as it is,
+    normalised by its own grey values, taken before any resampling as training does (and the chunked
+    path, by its slices' counts): resampling thins the tails the percentiles come from.
+    """
+    from .sampling import grey_counts, grey_values, padding_mask
+
+    pad = padding_mask(image)
+    if pad is None:
+        return image, grey_counts(grey_values(image)), None
+    values = grey_values(image)
+    tissue = values[~pad]
+    return np.where(pad, np.median(tissue), image).astype(image.dtype), grey_counts(tissue), pad
+
+
 @dataclass
 class Predictor:
     """A loaded model plus what is needed to feed it."""
@@ -176,13 +195,13 @@ class Predictor:
         asks (0.8: objects look 20% smaller to the model); the output is on the
         slice's grid all the same (for the scale-agreement feature).
         """
-        from .sampling import grey_counts, grey_values, normalize_as
+        from .sampling import normalize_as
 
         tile = self.tile_for(tile)
         use_tta = self.tta if tta is None else tta
-        # Normalise by the slice's own grey values before any resampling, as training does (and the
-        # chunked path, by `counts`): resampling thins the tails the percentiles are taken from.
-        counts = grey_counts(grey_values(image)) if counts is None else counts
+        pad = None
+        if counts is None:  # a whole slice (a piece of one comes with its slice's counts)
+            image, counts, pad = without_padding(image)
         moments = spread and use_tta
 
         def batch(t: np.ndarray) -> np.ndarray:
@@ -200,6 +219,8 @@ class Predictor:
                                  progress=progress)
 
         out = self._at_model_scale(image, None, self.scale_factor(pixel_size_nm, rescale) * zoom, run)
+        if pad is not None:
+            out[pad] = 0.0
         if members:
             prob = out.mean(-1, dtype=np.float32)
             sd = out.std(-1, dtype=np.float32) if use_tta else np.zeros_like(prob)
@@ -221,12 +242,12 @@ class Predictor:
         pixel_size_nm, rescale: as in `predict_slice`.
         Returns (probability float32 (H, W), heatmap float32 (H, W) in [0, 1]).
         """
-        from .sampling import grey_counts, grey_values, normalize_as
+        from .sampling import normalize_as
         from .gradcam import PREDICTED, scale_unit
 
         explain = self._explainer(layer or self.gradcam_layer)
         tile = self.tile_for(tile)
-        counts = grey_counts(grey_values(image))  # the slice's before resampling, as `predict_slice`
+        image, counts, pad = without_padding(image)  # as `predict_slice`
 
         def run(img: np.ndarray, reg: np.ndarray | None) -> np.ndarray:
             x = normalize_as(img, self.config.normalization, counts)
@@ -237,6 +258,8 @@ class Predictor:
                                  progress=progress)
 
         out = self._at_model_scale(image, region, self.scale_factor(pixel_size_nm, rescale), run)
+        if pad is not None:
+            out[pad] = 0.0
         return out[..., 0], scale_unit(out[..., 1])
 
     @staticmethod

@@ -60,6 +60,39 @@ def grey_values(image: np.ndarray) -> np.ndarray:
     return x
 
 
+# Constant padding smaller than this share of a slice is left alone (a few clipped pixels at an edge).
+PADDING_MIN_FRACTION = 0.005
+
+
+def padding_mask(image: np.ndarray) -> np.ndarray | None:
+    """bool (H, W): the constant padding of a slice (a registered or rotated section set into a canvas),
+    i.e. the 4-connected regions of exactly the slice's lowest or highest grey value that touch its
+    edge, when they cover at least PADDING_MIN_FRACTION of it; None when there is none.
+
+    EM noise makes real tissue never exactly constant over thousands of pixels, so such regions hold
+    no tissue; left in, they drag the normalisation's percentiles and show the network a black block
+    with a hard edge, which cost a padded slice half its mitochondria next to that edge.
+    """
+    x = np.asarray(image)
+    lo, hi = x.min(), x.max()
+    if lo == hi:
+        return None
+    found = None
+    for v in {lo.item(), hi.item()}:
+        same = (x == v).astype(np.uint8)
+        if same.sum() < PADDING_MIN_FRACTION * x.size:
+            continue
+        n, lab = cv2.connectedComponents(same, connectivity=4)
+        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        edge = edge[edge > 0]
+        if not len(edge):
+            continue
+        region = np.isin(lab, edge)
+        if region.sum() >= PADDING_MIN_FRACTION * x.size:
+            found = region if found is None else found | region
+    return found
+
+
 def grey_counts(image: np.ndarray) -> np.ndarray:
     """int64 counts per grey value 0.. of an image of integer grey values (`grey_values`).
 
