@@ -579,3 +579,26 @@ def test_a_stray_file_with_a_version_number_is_skipped_not_named_as_the_next_fre
     (out / "1").write_text("keep")
     assert export_main(["--model", str(run), "--out", str(out)]) == 0
     assert (out / "1").read_text() == "keep" and (out / "2" / "saved_model.pb").is_file()
+
+
+def test_a_damaged_export_is_one_line_and_an_export_given_to_training_says_what_it_is(run, export_dir, tmp_path,
+                                                                                         capsys):
+    import shutil
+
+    from xmdl_tf.analyze import main as analyze_main
+    from xmdl_tf.finetune import main as finetune_main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    for data in (broken).rglob("variables.data-*"):
+        data.write_bytes(b"")
+    img = tmp_path / "a.png"
+    import cv2
+
+    cv2.imwrite(str(img), raw_images()[0, ..., 0])
+    assert analyze_main([str(img), "--model", str(broken), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "damaged export, TensorFlow cannot load it" in err and "export the model again" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert finetune_main(["--model", str(export_dir), "--data", str(tmp_path), "--out", str(tmp_path / "ft")]) == 2
+    assert "it is a SavedModel export" in capsys.readouterr().err

@@ -206,7 +206,16 @@ def test_an_adapted_model_keeps_its_parents_object_confidence_but_not_its_ood_mo
                          "--tile", "64", "--overlap", "16"]) == 0
     objects = pd.read_csv(res / "objects.csv")
     assert len(objects) and objects["confidence"].between(0, 1).all()
-    assert not pd.read_csv(res / "summary.csv")["ood_warning"].any()
+    assert pd.read_csv(res / "summary.csv")["ood_warning"].isna().all()  # not checked: neither warned nor fine
+    # A calibrated model whose ood.npz is gone: said, not silently unchecked.
+    import shutil
+
+    lost = tmp_path / "lost"
+    shutil.copytree(parent, lost)
+    (lost / "ood.npz").unlink()
+    with pytest.warns(UserWarning, match="names the out-of-distribution model ood.npz, which is not beside"):
+        assert analyze_main([str(data / "val" / "x" / "im0000.tif"), "--model", str(lost), "--out",
+                             str(tmp_path / "res2"), "--tile", "64", "--overlap", "16"]) == 0
     # Nothing to pass on: a parent without object confidence gives an uncalibrated child.
     assert inherited_calibration({}, "p") == {} and inherited_calibration({"temperature": 2.0}, "p") == {}
 

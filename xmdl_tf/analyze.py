@@ -33,6 +33,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -280,7 +281,10 @@ def check_calibration(predictor) -> None:
     for key in ("object_confidence", "object_confidence_without_tta"):
         if cal.get(key):
             ObjectConfidence.from_dict(cal[key], f"{source}[{key!r}]")
-    model_distribution(predictor)  # a damaged ood.npz: one ValueError naming it (loaded once, kept)
+    if model_distribution(predictor) is None and cal.get("ood_file"):  # (a damaged one: a ValueError naming it)
+        warnings.warn(f"{source} names the out-of-distribution model {cal['ood_file']}, which is not beside the "
+                      "model: no image is checked against the training data (ood_warning stays empty); run "
+                      "calibrate again to restore it", stacklevel=2)
 
 
 def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread=None,
@@ -327,7 +331,8 @@ def _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm
     from .ood import model_distribution
 
     dist = model_distribution(predictor)
-    summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), False
+    # No OOD model: not checked, so neither "warned" nor "fine" (empty in summary.csv).
+    summary["ood_score"], summary["ood_threshold"], summary["ood_warning"] = float("nan"), float("nan"), None
     if dist is not None:
         # With zoom search, on the grid the pixel size asks for (where "ood" decided to search: the
         # warning is about the data, not the zoom chosen for it); else where the slice was predicted.

@@ -97,10 +97,19 @@ def add_debug(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's, but a help text that already says its default ("(default: the shipped model)") does
+    not get a second, bare one ("(default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
 def parser(prog: str, description: str, **kw) -> argparse.ArgumentParser:
     """An ArgumentParser that shows every default in --help and has --debug."""
     p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=kw.pop("formatter_class", argparse.ArgumentDefaultsHelpFormatter), **kw)
+                                formatter_class=kw.pop("formatter_class", _DefaultsFormatter), **kw)
     add_debug(p)
     return p
 

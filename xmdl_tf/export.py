@@ -488,7 +488,12 @@ def load_saved_model(path: str | Path, tta: bool = False) -> SavedModelPredictor
 
     vdir = resolve_version(path)
     meta = read_metadata(vdir)
-    loaded = tf.saved_model.load(str(vdir))
+    try:
+        loaded = tf.saved_model.load(str(vdir))
+    except Exception as err:  # noqa: BLE001 - TensorFlow raises anything from a damaged graph or variables
+        what = " ".join(str(err).split())[:160]
+        raise ModelError(f"{vdir}: damaged export, TensorFlow cannot load it ({type(err).__name__}: {what}); "
+                         "export the model again") from None
     missing = [s for s in TILE_SIGNATURES if s not in loaded.signatures]
     if missing:
         raise ModelError(f"{vdir}: SavedModel lacks the signature(s) {missing}; re-export with this xmdl_tf")

@@ -50,6 +50,9 @@ def resolve_model_path(path: str | Path) -> tuple[Path, Path | None]:
             # `--model models/xmdl_ref` in a checkout: the model card's folder, whose weights ship
             # in the package under the built-in name.
             hint = f"; for the built-in model say --model {path.name}" if path.name in builtin_models() else ""
+            if is_saved_model(path):
+                hint = ("; it is a SavedModel export, which serves and analyses but does not train or "
+                        "calibrate: give the run folder or .keras model it was exported from")
             raise ModelError(f"{path}: no model.keras in this folder{hint}")
     elif not path.is_file():
         raise ModelError(f"{path}: model not found")
