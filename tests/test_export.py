@@ -602,3 +602,9 @@ def test_a_damaged_export_is_one_line_and_an_export_given_to_training_says_what_
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert finetune_main(["--model", str(export_dir), "--data", str(tmp_path), "--out", str(tmp_path / "ft")]) == 2
     assert "it is a SavedModel export" in capsys.readouterr().err
+    # A Grad-CAM layer the export cannot explain: one line before any image, not a failure of each.
+    assert analyze_main([str(img), "--model", str(export_dir), "--out", str(tmp_path / "o"),
+                         "--gradcam-layer", "enc1_conv1"]) == 2
+    err = capsys.readouterr().err
+    assert "exported for layer 'dec1_conv2' only" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

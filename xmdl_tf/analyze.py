@@ -485,6 +485,12 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
     predictor = load_model(model) if isinstance(model, (str, Path)) else model
     ic = s.resolve(predictor)
     check_calibration(predictor)
+    from .gradcam import GradCamError
+
+    try:  # a model-wide setting: one line now, not a failure of every image after its prediction
+        predictor._explainer(ic.gradcam_layer or predictor.gradcam_layer)
+    except GradCamError as err:
+        raise cli.UsageError(str(err)) from None
     if ic.tile % predictor.size_divisor:  # once, here, rather than as a failure of every image
         raise cli.UsageError(f"--tile {ic.tile} is not a multiple of the model's size divisor "
                              f"{predictor.size_divisor}; try {max(ic.tile // predictor.size_divisor, 1) * predictor.size_divisor}")
