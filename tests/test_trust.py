@@ -347,3 +347,22 @@ def test_a_damaged_stored_calibration_is_one_line_naming_the_file_before_any_ima
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad / 'ood.npz'}: cannot read this out-of-distribution model" in err[0], err
     assert "run calibrate again" in err[0] and not (tmp_path / "o_ood").exists()
+
+
+def test_recalibrating_with_too_few_detections_keeps_the_object_confidence(calibrated, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Too few true or false detections to refit: the object confidence config.json had stays (said),
+    rather than objects silently losing confidence and needs_review."""
+    import xmdl_tf.calibrate as cal
+    from xmdl_tf.config import Config
+
+    data, model = calibrated
+    again = tmp_path / "model"
+    shutil.copytree(model, again)
+    before = Config.load(again / "config.json").calibration["object_confidence"]
+    monkeypatch.setattr(cal, "MIN_EACH", 10**6)
+    assert cal.main(["--model", str(again), "--data", str(data), "--ood-tile", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert "the object confidence config.json had is kept" in err and "the earlier one is kept" in out
+    after = Config.load(again / "config.json").calibration
+    assert after["object_confidence"] == before and after["object_confidence_kept"]

@@ -294,9 +294,16 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
         if rest and rest != names:  # for analyze runs without test-time augmentation
             conf_no_tta = ObjectConfidence(rest).fit(columns(rest), y, combine=COMBINE)
         x = columns(names)
-    elif verbose:
+    old = Config.load(cfg_path).calibration if cfg_path else {}
+    kept = conf is None and bool(old.get("object_confidence"))
+    if conf is None and verbose:
+        # An earlier object confidence (inherited by adapt, or fitted before) is kept rather than dropped:
+        # objects would otherwise lose their confidence and needs_review without a word.
+        fate = ("the object confidence config.json had is kept (fitted "
+                + (f"for {old['inherited_from']}" if old.get("inherited_from") else "earlier") + ")"
+                if kept else "so objects get none")
         print(f"warning: only {int(y.sum())} true and {int((~y).sum())} false detections on {split}; at least "
-              f"{MIN_EACH} of each are needed to fit object confidence, so objects get none", file=sys.stderr)
+              f"{MIN_EACH} of each are needed to fit object confidence, {fate}", file=sys.stderr)
     dist = None
     if ood:
         dist, _ = fit_ood(predictor, data, pixel_sizes, slices, verbose=verbose, tile=ood_tile)
@@ -309,6 +316,10 @@ def fit_calibration(predictor, slices: dict[str, list[dict]], data: list[str], p
               "ood_file": OOD_FILE if dist else None, "ood_threshold": round(dist.threshold, 4) if dist else None,
               "fitted_on": {"split": split, "sets": [str(Path(d).resolve()) for d in data]},
               "seconds": round(time.time() - t0, 1)}
+    if kept:
+        report.update({k: old.get(k) for k in ("object_confidence", "object_confidence_without_tta", "features",
+                                               "combine", "inherited_from") if k in old},
+                      object_confidence_kept=True)
     cfg = Config.load(cfg_path)
     dataclasses.replace(cfg, calibration=report).save(cfg_path)
     return report
@@ -355,12 +366,13 @@ def main(argv: list[str] | None = None) -> int:
                   ignore_value=args.ignore_value)
     print(f"temperature {r['temperature']}; ECE before -> after: " +
           ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in r["ece"].items()))
-    if r.get("object_confidence"):
+    if r.get("object_confidence") and not r.get("object_confidence_kept"):
         print(f"object confidence fitted on {r['objects']} objects ({r['true_objects']} true), in-sample AUROC "
               f"{r['object_auroc_in_sample']}; OOD threshold {r['ood_threshold']}")
     else:  # (the warning above said why)
-        print(f"no object confidence ({r['objects']} objects, {r['true_objects']} true); OOD threshold "
-              f"{r['ood_threshold']}")
+        print(f"no object confidence fitted ({r['objects']} objects, {r['true_objects']} true"
+              + ("; the earlier one is kept" if r.get("object_confidence_kept") else "")
+              + f"); OOD threshold {r['ood_threshold']}")
     return 0
 
 
