@@ -201,6 +201,10 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
     # A registered section's constant padding (`predict.without_padding`): not part of the image the model
     # is judged on, and what touches it is cut there, as at the image edge.
     unpadded, _, pad = without_padding(image)
+    if pad is not None:  # judged on the tissue's bounding box: a canvas of flat grey is unlike any EM
+        ys, xs = np.nonzero(~pad)
+        box = unpadded[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        unpadded = box if min(box.shape) >= 64 else unpadded
     dist = model_distribution(predictor) if ic.zoom_search != "off" else None
     ood_score = dist.image_score(predictor, unpadded, pixel_size_nm, ic.rescale) if dist is not None else None
     # Unknown pixel size and auto_zoom: predict at the zoom the objects' widths suggest; measure in px.
