@@ -304,7 +304,7 @@ def test_adapt_self_trains_on_the_sure_pixels_of_unlabelled_images(blob_run, tmp
     # A finished adaptation is never overwritten: the same command finds it done, other settings are refused.
     before = (model / "model.keras").stat().st_mtime_ns
     assert adapt_main(argv) == 0 and (model / "model.keras").stat().st_mtime_ns == before
-    assert adapt_main([*argv[:-1], "0.5"]) == 2 and "other settings" in capsys.readouterr().err
+    assert adapt_main([*argv[:-1], "0.5"]) == 2 and "other settings (max_drift)" in capsys.readouterr().err
 
     # Killed after round 2's labels were written but before they were recorded or trained on, and resumed
     # with the drift stop on: the labels are read back, and against a round 1 that (as recorded here)
