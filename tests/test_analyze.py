@@ -343,3 +343,14 @@ def test_a_padded_section_is_segmented_as_the_section(tiny_run):
     cut = set(np.unique(padded.instances[near])) - {0}
     marked = set(padded.table.loc[padded.table["touches_border"], "id"])
     assert cut == marked and padded.summary["n_touching_border"] == len(cut)
+
+
+def test_isolated_saturated_pixels_on_the_edge_are_no_padding():
+    from xmdl_tf.sampling import padding_mask
+
+    image = blob_image(64, seed=3)[0]
+    image[::9, ::7] = 255  # hot pixels, some on the edge rows and columns
+    image[4::11, 3::5] = 0
+    assert padding_mask(image) is None
+    image[:, :6] = 0  # a real margin: 6 columns of exactly the minimum
+    assert padding_mask(image)[:, :6].all() and padding_mask(image).sum() == 64 * 6

@@ -67,7 +67,8 @@ PADDING_MIN_FRACTION = 0.005
 def padding_mask(image: np.ndarray) -> np.ndarray | None:
     """bool (H, W): the constant padding of a slice (a registered or rotated section set into a canvas),
     i.e. the 4-connected regions of exactly the slice's lowest or highest grey value that touch its
-    edge, when they cover at least PADDING_MIN_FRACTION of it; None when there is none.
+    edge and each cover at least PADDING_MIN_FRACTION of it (isolated saturated pixels on the edge are
+    no padding); None when there is none.
 
     EM noise makes real tissue never exactly constant over thousands of pixels, so such regions hold
     no tissue; left in, they drag the normalisation's percentiles and show the network a black block
@@ -82,13 +83,11 @@ def padding_mask(image: np.ndarray) -> np.ndarray | None:
         same = (x == v).astype(np.uint8)
         if same.sum() < PADDING_MIN_FRACTION * x.size:
             continue
-        n, lab = cv2.connectedComponents(same, connectivity=4)
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(same, connectivity=4)
         edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-        edge = edge[edge > 0]
-        if not len(edge):
-            continue
-        region = np.isin(lab, edge)
-        if region.sum() >= PADDING_MIN_FRACTION * x.size:
+        edge = edge[(edge > 0) & (stats[edge, cv2.CC_STAT_AREA] >= PADDING_MIN_FRACTION * x.size)]
+        if len(edge):
+            region = np.isin(lab, edge)
             found = region if found is None else found | region
     return found
 
