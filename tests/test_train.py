@@ -521,7 +521,7 @@ def test_finetuning_that_helps_keeps_its_best_epoch(blob_dataset, tmp_path, caps
                        "--steps-per-epoch", "1", "--lr", "1e-6"]) == 0
     out = tmp_path / "ft"
     assert finetune_main(["--model", str(parent), "--data", str(blob_dataset), "--out", str(out), *FT_ARGS,
-                          "--epochs", "3", "--steps-per-epoch", "8", "--lr", "3e-3"]) == 0
+                          "--epochs", "2", "--steps-per-epoch", "8", "--lr", "3e-3"]) == 0
     said = capsys.readouterr().out
     info = Config.load(out / "config.json").info
     h = pd.read_csv(out / "history.csv")
