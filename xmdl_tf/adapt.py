@@ -250,9 +250,9 @@ def adapt(model, inputs: list[str], out: str | Path, pixel_size_nm: float | None
     state["recipe"] = {"consensus": False, "max_drift": 0, "zoom_search": "off", **state["recipe"]}
     finished = (out / "model" / "model.keras").is_file()
     if state["recipe"] != recipe:
-        diff = sorted(k for k in set(recipe) | set(state["recipe"]) if state["recipe"].get(k) != recipe.get(k))
         raise FileExistsError(f"{out}: {'holds an adapted model' if finished else 'an interrupted adaptation'} "
-                              f"made with other settings ({', '.join(diff)}); choose another --out")
+                              f"made with other settings ({', '.join(cli.differing(state['recipe'], recipe))}); "
+                              "choose another --out")
     if finished:
         log.info("%s: already adapted with these settings (%s)", out, state.get("stopped") or f"{rounds} rounds")
         return out / "model"

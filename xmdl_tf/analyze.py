@@ -654,15 +654,7 @@ def check_run_settings(out: Path, mine: dict, resume: bool, overwrite: bool, oth
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: unreadable ({err}); move it away, or use another --out") from None
-    diff = []
-    for key in sorted(set(old) | set(mine)):
-        if key in ("model", "model_sha256"):
-            continue
-        a, b = old.get(key), mine.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff += [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            diff.append(key)
+    diff = cli.differing(old, mine, qualify=False, skip=("model", "model_sha256"))
     if old.get("model_sha256") != mine["model_sha256"]:
         diff.insert(0, f"model {old.get('model', '?')}")
     if not diff:

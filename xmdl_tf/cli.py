@@ -203,6 +203,22 @@ def check_pixel_size(value: float, source: str, what: str = "pixel size") -> flo
     return value
 
 
+def differing(old: dict, new: dict, qualify: bool = True, skip: tuple[str, ...] = ()) -> list[str]:
+    """Names of the settings that differ between two JSON-like records (sorted; keys in `skip` left out).
+
+    A setting that is itself a record is named by its differing fields, so a refusal says "threshold",
+    not "inference": "inference threshold" with `qualify`, bare "threshold" without.
+    """
+    names = []
+    for key in sorted((set(old) | set(new)) - set(skip)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += [f"{key} {f}" if qualify else f for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        elif a != b:
+            names.append(key)
+    return names
+
+
 def check_out_folder(out: str | Path) -> Path:
     """`out` as a Path if it can become or hold a command's output folder; else a one-line error.
 

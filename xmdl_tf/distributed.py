@@ -571,14 +571,7 @@ def _create(out: Path, plan: ChunkPlan, overwrite: bool, resume: bool) -> bool:
             for key in ("value_stats",):  # added later: a run started before it had it computed per worker
                 old.setdefault(key, mine[key])
             if old != mine:
-                diff = []
-                for k in sorted(mine):
-                    a, b = old.get(k), mine[k]
-                    if isinstance(a, dict) and isinstance(b, dict):  # name the setting: "threshold", not "inference"
-                        diff += [f"{k} {f}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
-                    elif a != b:
-                        diff.append(k)
-                raise DataError(f"{out}: was started with other settings ({', '.join(diff)}); "
+                raise DataError(f"{out}: was started with other settings ({', '.join(cli.differing(old, mine))}); "
                                 "resume with the same ones, or use --overwrite")
             return False
         if not overwrite:
