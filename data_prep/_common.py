@@ -120,6 +120,14 @@ def to_plane(array: np.ndarray, name: str | Path, *, label: bool = False, sample
     if samples is None:
         samples = array.ndim == 3 and array.shape[-1] in (2, 3, 4)
     if samples and array.ndim == 3:
+        if label and array.shape[-1] in (2, 4) and _alpha_only(array):
+            # Drawn in the alpha channel only (one colour everywhere): its alpha is the mask, as
+            # `xmdl_tf.io.read_label` reads it; the grey would be an empty mask.
+            import warnings
+
+            warnings.warn(f"{name}: label drawn in the alpha channel only; its alpha is read as the mask",
+                          stacklevel=2)
+            return array[..., -1]
         grey = array.shape[-1] == 2 or all(np.array_equal(array[..., 0], array[..., k]) for k in (1, 2))
         if label and not grey:  # colours are no ids (a palette PNG gives its indices on reading)
             raise ValueError(f"label file {name} has {array.shape[-1]} colour channels; expected one channel of ids")
@@ -128,6 +136,12 @@ def to_plane(array: np.ndarray, name: str | Path, *, label: bool = False, sample
     if array.ndim != 2:
         raise ValueError(f"{name} holds an array of shape {array.shape}; expected one 2D slice")
     return array
+
+
+def _alpha_only(array: np.ndarray) -> bool:
+    """(H, W, 2|4): the colour (or grey) channels hold one value everywhere and the alpha does not."""
+    colour, alpha = array[..., :-1], array[..., -1]
+    return colour.min() == colour.max() and alpha.min() != alpha.max()
 
 
 @dataclass(frozen=True)
@@ -313,7 +327,22 @@ def pair_positions(images: Stack, labels: Stack) -> list[tuple[int, int]]:
         return [(i, where[z]) for i, z in enumerate(images.indices)]
     if len(images) != len(labels):
         raise ValueError(f"{images.path} has {len(images)} slices but {labels.path} has {len(labels)}")
+    if _named_by_number(images) and _named_by_number(labels):
+        # Both folders number their files, differently: by order is right for one shift of the
+        # numbering (im0001.. with seg0000..), never when the numbers disagree otherwise (a label
+        # missing and another one extra would put every later label on the wrong image).
+        shift = labels.indices[0] - images.indices[0]
+        for i, (zi, zl) in enumerate(zip(images.indices, labels.indices)):
+            if zl - zi != shift:
+                raise ValueError(f"{images.path / images.names[i]} would be paired with {labels.names[i]} by sorted "
+                                 f"order, but their numbers ({zi}, {zl}) disagree unlike those before; is a label "
+                                 "missing or one extra? Number images and labels alike")
     return [(i, i) for i in range(len(images))]
+
+
+def _named_by_number(stack: Stack) -> bool:
+    """A folder whose file names each carry a distinct number, its slices' indices."""
+    return stack.path.is_dir() and tuple(trailing_number(n) for n in stack.names) == stack.indices
 
 
 # ---------------------------------------------------------------------------

@@ -4,10 +4,14 @@ Source: your own data. ``--images`` and ``--labels`` may each be a folder of
 2D files (.png/.tif; images also .jpg), a multi-page or 3D TIFF, an HDF5
 volume (``--h5-key``; needs h5py) or a .npy array, all (Z, H, W). Folders
 pair files by the number in their names (``im0007.png`` with
-``seg0007.tif``) when both sides are numbered alike, else by sorted order.
-Labels may be binary (0 and one other value, e.g. 0/255 -> written 0/1 uint8)
-or instance ids (written unchanged as uint16/uint32); ``--labels-kind auto``
-decides from the whole stack.
+``seg0007.tif``) when both sides are numbered alike, else by sorted order;
+two numbered folders may then differ only by one shift of the numbering
+(``im0001..`` with ``seg0000..``): other disagreements (a label missing and
+another extra) are refused, naming the first file. Labels may be binary (0
+and one other value, e.g. 0/255 -> written 0/1 uint8) or instance ids
+(written unchanged as uint16/uint32); ``--labels-kind auto`` decides from the
+whole stack. A label drawn in the alpha channel only (RGBA of one colour) is
+read as its alpha, as training reads it.
 
 Splits are whole slices in contiguous z blocks (train, val, test in that
 order), so no test slice is a z-neighbour of a training slice. ``--shuffle``

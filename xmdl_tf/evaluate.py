@@ -109,13 +109,17 @@ def evaluate(model: Predictor | str | Path, data: str, split: str = "auto", out:
         "n_images": len(rows),
         "n_pixels": int(sum(r["pixels"] for r in rows)),
         "threshold": ic.threshold,
+        "ignore_value": ignore_value,
         "pooling": "all pixels of all slices",
         **_provenance(predictor, data, split, ic, t0, labels),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        # metrics.json last, and an old one gone first: a run stopped between the two files never
+        # leaves the new per-image table beside the old run's pooled scores.
+        (out / "metrics.json").unlink(missing_ok=True)
         atomic_write_text(out / "per_image.csv", pd.DataFrame(rows).to_csv(index=False))
-        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "metrics.json", _json_text(result))
     return result
 
 
@@ -145,14 +149,17 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     challenge computes it, and the count error.
     voxel_size_nm: (z, y, x) nm; without it the in-plane `pixel_size_nm` (or
     TIFF metadata) still drives resampling, and 3-D distances are in voxels.
-    Returns the metrics dict written to `out/metrics.json`.
+    ignore_value: label value left out of every count (default, as `evaluate`: the set's dataset.json
+    "ignore_value", when the labels are the set's own).
+    Returns the metrics dict written to `out/metrics.json` (there a NaN AP, of a volume with no true
+    object, is written as null).
     """
     import numpy as np
 
     from .instances3d import volume_instances
     from .autoscale import for_objects, prediction_grid
-    from .io import (DataError, check_ignore_value, check_labels, dataset_pixel_size_nm, find_pairs, read_pair,
-                     read_pixel_size_nm)
+    from .io import (DataError, check_ignore_value, check_labels, dataset_ignore_value, dataset_pixel_size_nm,
+                     find_pairs, read_pair, read_pixel_size_nm)
     from .predict import load_model
     from .runlock import atomic_write_text
     from .volume import check_planes, predict_volume, score_volume
@@ -171,6 +178,8 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
     if split == "auto":
         split = held_out_split(data)
     pairs = find_pairs(data, split, labels=labels)
+    if ignore_value is None and labels is None:  # as the 2-D scores: the set's declared unlabelled value
+        ignore_value = dataset_ignore_value(data)
     if ignore_value is not None:
         check_ignore_value(check_labels(pairs, ignore_value), ignore_value)
     voxel_from = "--voxel-size" if voxel else None
@@ -202,14 +211,23 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
         "voxel_size_from": voxel_from,
         "planes": ",".join(planes),
         "auto_zoom": zoom.zoom if zoom is not None else None,
+        "ignore_value": ignore_value,
         "pooling": "all voxels of the volume; instances in 3-D",
         "ap_definition": "MitoEM challenge (mAP_3Dvolume): objects ranked by size, 101-point interpolated precision",
         **_provenance(predictor, data, split, ic, t0, labels),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "metrics.json", _json_text(result))
     return result
+
+
+def _json_text(result: dict) -> str:
+    """metrics.json's text: strict JSON, a NaN score (AP of a volume with no true object) written as null."""
+    import math
+
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
+    return json.dumps(clean, indent=2, allow_nan=False) + "\n"
 
 
 def _dataset_voxel(data) -> tuple[float, float, float] | None:

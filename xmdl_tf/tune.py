@@ -12,8 +12,9 @@ ties). It also measures the median width of the objects the model finds in
 each set (one pass, at the winner's threshold, in model pixels): their range is
 what `analyze` and `evaluate` zoom slices of unknown pixel size towards
 (`InferenceConfig.object_width_px`, `xmdl_tf.autoscale`). `--write` stores it
-all as the model's `inference` settings in its config.json, with the table it
-was chosen from, so `analyze` and `evaluate` use it by default. Only
+all as the model's `inference` settings in its config.json, with the winning row of
+the table it was chosen from (`--json FILE` writes the whole table), so `analyze` and `evaluate`
+use it by default. Only
 validation splits are read: test splits never choose.
 """
 from __future__ import annotations
@@ -178,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--split test: defaults are chosen on validation data, never on test data")
     cli.check_set_names(args.data)
     cli.refuse_test_split(args.data, args.split, "inference defaults")
+    for d in args.data:  # tune has no --labels: say what it reads, not what another command would take
+        if Path(d).is_dir() and not any((Path(d) / s).is_dir() for s in (args.split, "x", "train", "val", "test")):
+            from .io import DataError
+
+            raise DataError(f"{d}: no '{args.split}/x' folder; tune reads data sets in the split layout "
+                            f"(<set>/{args.split}/x and <set>/{args.split}/y), e.g. as data_prep writes them")
     from .io import check_fit_data
 
     check_fit_data(args.data, args.split, "inference defaults")
