@@ -154,6 +154,12 @@ def test_score_volume_hand_computed():
     assert s["ap50"] == pytest.approx(51 / 101)
     ids = ground_truth_instances_3d(np.where(label > 0, np.arange(label.size).reshape(label.shape) % 2 + 1, 0))
     assert ids.max() == 2  # instance ids are kept as they are
+    # A 0/1 mask whose unlabelled voxels are 255: the mask's two objects, not one (255 is no id).
+    masked = label.copy()
+    masked[2, 8:, :] = 255
+    ids = ground_truth_instances_3d(masked, ignore_value=255)
+    assert ids.max() == 2 and (ids[masked == 255] == 0).all()
+    assert score_volume(prob, inst, masked, 0.5, ignore_value=255)["gt_count"] == 2
 
 
 def test_parse_planes():

@@ -152,7 +152,9 @@ def ground_truth_instances_3d(label: np.ndarray, ignore_value: int | None = None
     fg = label > 0
     if ignore_value is not None:
         fg &= label != ignore_value
-    top = int(label.max()) if label.size else 0
+    # The top foreground value, not the label's: an ignore value above it (0/1 masks, 255 unlabelled)
+    # would make every mask voxel look like an id and the whole mask one object.
+    top = int(label[fg].max()) if fg.any() else 0
     if np.count_nonzero(fg & (label != top)):  # more than one foreground value: instance ids
         return np.where(fg, label, 0)
     out = np.empty(label.shape, np.int32)
