@@ -404,7 +404,7 @@ def test_a_constant_chunk_is_not_a_whole_volume_read_and_a_constant_volume_one_l
         raise AssertionError("a worker read the whole volume for a constant chunk")
 
     monkeypatch.setattr(Volume, "value_stats", whole_read)
-    counts = task_histogram(plan, plan.grid[0])
+    counts = task_histogram(plan, plan.grid[0])[0]
     assert counts[:, 0].tolist() == [64 * 32] * 8
     _CACHE.clear()
     monkeypatch.undo()
@@ -434,3 +434,59 @@ def test_a_corrupt_slice_read_by_a_worker_is_one_line(blob_run, tmp_path, capfd)
     err = capfd.readouterr().err
     assert "im2.png: not a readable image" in err
     assert "Compute Failed" not in err and "Traceback" not in err, err
+
+
+def _canvas(image: np.ndarray, size: int, y: int, x: int) -> np.ndarray:
+    """Each slice of `image` (tissue never 0) set into a black size x size canvas at (y, x)."""
+    out = np.zeros((len(image), size, size), image.dtype)
+    out[:, y:y + image.shape[1], x:x + image.shape[2]] = np.maximum(image, 30)
+    return out
+
+
+def test_padding_found_on_thumbnails_is_the_whole_slice_padding():
+    """The chunked path never holds a whole slice: it finds a slice's padding on a thumbnail (every s-th
+    pixel) and gives each chunk its share. Cut into pieces, that is the padding and the tissue
+    histogram the whole-slice path (`predict.without_padding`) finds."""
+    from xmdl_tf.distributed import chunk_padding, slice_padding
+    from xmdl_tf.predict import without_padding
+    from xmdl_tf.sampling import grey_counts
+
+    vol = blob_volume((24, 96, 96), seed=4, n=3)[0][11:13]
+    canvas = _canvas(vol, 300, 40, 150)
+    canvas[1][canvas[1] == 0] = 3  # the second slice's canvas is grey 3, its lowest value,
+    canvas[1][:, 295:] = 255  # and it has a saturated margin as well: padding of its highest value
+    s = 3
+    thumbs = canvas[:, ::s, ::s]
+    hist = np.stack([grey_counts(c) for c in canvas])
+    codes = slice_padding(hist, thumbs)
+    for z in range(2):
+        whole, counts, pad = without_padding(canvas[z])
+        assert pad is not None and pad.sum() > 300 * 300 - 96 * 96 - 1
+        for ys, xs in ((slice(0, 150), slice(0, 150)), (slice(150, 300), slice(120, 300)),
+                       (slice(30, 140), slice(140, 260))):
+            rows, cols = (np.minimum(np.arange(r.start, r.stop) // s, n - 1) for r, n in zip((ys, xs), thumbs.shape[1:]))
+            piece_pad, piece_counts = chunk_padding(canvas[z][ys, xs], codes[z], hist[z], rows, cols)
+            np.testing.assert_array_equal(piece_counts, counts)
+            np.testing.assert_array_equal(piece_pad if piece_pad is not None else False, pad[ys, xs])
+    # A slice without padding: nothing found, its histogram kept whole.
+    assert not slice_padding(hist[:1] * 0 + grey_counts(vol[0])[None], vol[:1, ::s, ::s]).any()
+
+
+def test_a_padded_volume_is_segmented_as_in_memory(client, blob_run, tmp_path):
+    """A registered stack's sections in a black canvas: each slice's padding is left out of the
+    normalisation and predicted 0 by the chunked path as by `analyze --volume`, so whole-slice chunks
+    give its probability, and chunks that cut the canvas give 0 in the padding as well."""
+    vol = blob_volume((24, 96, 96), seed=2, n=3)[0][10:14]
+    canvas = _canvas(vol, 128, 24, 8)
+    write_volume_tiff(tmp_path / "padded.tif", canvas, VOXEL)
+    mem = _in_memory(blob_run[1], canvas)
+    assert (mem.probability[canvas == 0] == 0).all()
+    _run(client, tmp_path / "padded.tif", tmp_path / "whole.zarr", blob_run[1], chunks=(4, 128, 128))
+    prob = zarr.open_array(str(tmp_path / "whole.zarr" / "0"))[:]
+    np.testing.assert_allclose(prob, mem.probability, atol=1e-4)
+    _run(client, tmp_path / "padded.tif", tmp_path / "cut.zarr", blob_run[1], chunks=(4, 64, 64))
+    cut = zarr.open_array(str(tmp_path / "cut.zarr" / "0"))[:]
+    assert (cut[canvas == 0] == 0).all()
+    assert np.mean((cut >= 0.5) == (mem.probability >= 0.5)) > 0.99
+    assert sorted(p.name for p in (tmp_path / "cut.zarr" / ".xmdl").iterdir()) == ["done", "histograms.npy",
+                                                                                    "state.json"]

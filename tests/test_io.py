@@ -235,7 +235,8 @@ def test_pixel_size_from_imagej_tiff(tmp_path):
 
 def test_pixel_size_from_ome_tiff(tmp_path):
     tifffile.imwrite(tmp_path / "a.ome.tif", blob_image(32)[0], ome=True,
-                     metadata={"PhysicalSizeX": 6.5, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 6.5})
+                     metadata={"PhysicalSizeX": 6.5, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 6.5,
+                               "PhysicalSizeYUnit": "nm"})
     assert read_pixel_size_nm(tmp_path / "a.ome.tif") == pytest.approx(6.5)
     tifffile.imwrite(tmp_path / "b.ome.tif", blob_image(32)[0], ome=True, metadata={"PhysicalSizeX": 0.008})
     assert read_pixel_size_nm(tmp_path / "b.ome.tif") == pytest.approx(8.0)  # OME's default unit is um

@@ -57,6 +57,7 @@ WORK = ".xmdl"  # work folder inside OUT.zarr
 DEFAULT_CHUNKS = (32, 1024, 1024)
 DEFAULT_HALO = 64  # px each side in y and x: the 2-D path's tile overlap
 COMPONENTS_PER_TASK = 32
+THUMB = 256  # px, at most, a side of the slice thumbnails a slice's constant padding is found on
 
 
 @dataclass(frozen=True)
@@ -144,19 +145,80 @@ def _key(region: Sequence[slice]) -> str:
     return "_".join(str(s.start) for s in region)
 
 
-def task_histogram(plan: ChunkPlan, region) -> np.ndarray:
-    """(z, 65536) int64 grey-value counts of each slice of a chunk."""
+def thumb_stride(shape_yx: Sequence[int]) -> int:
+    """s: the slice thumbnails the padding is found on hold every s-th pixel in y and x (at most
+    THUMB px a side; 1 for slices that small: then the padding is exactly the in-memory path's)."""
+    return max(1, -(-max(shape_yx) // THUMB))
+
+
+def task_histogram(plan: ChunkPlan, region) -> tuple[np.ndarray, np.ndarray]:
+    """(z, 65536) int64 grey-value counts of each slice of a chunk, and the chunk's part of each slice's
+    thumbnail: uint16 grey values (z, h, w) at the rows and columns that are multiples of `thumb_stride`."""
+    from .sampling import grey_values
+
     # The driver checks for a constant volume (from these histograms); a constant chunk (a blank margin)
     # must not make each worker read the whole volume to tell.
     img = _volume(plan).image_slab(region[0].start, region[0].stop, region[1:], check_constant=False)
-    return np.stack([np.bincount(s.ravel().astype(np.int64), minlength=65536) for s in img])
+    s = thumb_stride(plan.shape[1:])
+    thumb = grey_values(img[:, (-region[1].start) % s::s, (-region[2].start) % s::s]).astype(np.uint16)
+    return np.stack([np.bincount(p.ravel().astype(np.int64), minlength=65536) for p in img]), thumb
 
 
-def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads: int | None) -> str:
+def slice_padding(hist: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
+    """uint8 (z, h, w) codes on the slice thumbnails: 1 where a slice's constant padding has its lowest
+    grey value, 2 its highest, 0 elsewhere (`sampling.padding_mask` on each thumbnail, with the
+    lowest and highest grey values of the whole slice from its histogram)."""
+    from .sampling import padding_mask
+
+    codes = np.zeros(thumbs.shape, np.uint8)
+    for z, (h, t) in enumerate(zip(hist, thumbs)):
+        levels = np.flatnonzero(h)
+        if len(levels) < 2:
+            continue
+        lo, hi = int(levels[0]), int(levels[-1])
+        pad = padding_mask(t, (lo, hi))
+        if pad is not None:
+            codes[z][pad & (t == lo)] = 1
+            codes[z][pad & (t == hi)] = 2
+    return codes
+
+
+def chunk_padding(image: np.ndarray, codes: np.ndarray, counts: np.ndarray, rows: np.ndarray,
+                  cols: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(padding mask of a piece of a slice or None, the slice's tissue histogram).
+
+    image: (h, w) the piece; codes: the slice's thumbnail codes (`slice_padding`); counts: the whole
+    slice's histogram; rows, cols: the thumbnail row/column of each of the piece's rows/columns.
+    A pixel is padding where it has the padding's grey value within one thumbnail pixel of padding
+    on the thumbnail; the padding's grey values leave the histogram of the whole slice (so every
+    chunk of a slice is normalised alike, as `predict.without_padding` normalises a whole slice).
+    """
+    import cv2
+
+    from .sampling import grey_values, without_values
+
+    if not codes.any():
+        return None, counts
+    levels = np.flatnonzero(counts)
+    values = grey_values(image)
+    pad = np.zeros(image.shape, bool)
+    dropped = []
+    for code, v in ((1, int(levels[0])), (2, int(levels[-1]))):
+        near = cv2.dilate((codes == code).astype(np.uint8), np.ones((3, 3), np.uint8))
+        if near.any():
+            dropped.append(v)
+            pad |= near[np.ix_(rows, cols)].astype(bool) & (values == v)
+    return (pad if pad.any() else None), without_values(counts, dropped)
+
+
+def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads: int | None,
+                 padding: str | None = None) -> str:
     """Predict one chunk (slice by slice, with an XY halo) into OUT.zarr/0; returns its key.
 
     histograms: .npy file of each whole slice's grey-value counts (z, grey levels),
-    so a chunk is normalised as its slice.
+    so a chunk is normalised as its slice. padding: .npy file of the slices'
+    padding codes on their thumbnails (`slice_padding`), or None (a run started
+    before padding was handled).
     """
     import zarr
 
@@ -181,9 +243,15 @@ def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads:
     inner = (slice(ys.start - grown[0].start, ys.stop - grown[0].start),
              slice(xs.start - grown[1].start, xs.stop - grown[1].start))
     prob = np.empty((zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start), np.float32)
+    codes = np.load(padding, mmap_mode="r")[zs.start:zs.stop] if padding else None
+    if codes is not None:
+        s = thumb_stride(plan.shape[1:])
+        rows, cols = (np.minimum(np.arange(g.start, g.stop) // s, n - 1) for g, n in zip(grown, codes.shape[1:]))
     for k in range(len(img)):
+        pad, c = (None, np.asarray(counts[k])) if codes is None else \
+            chunk_padding(img[k], np.asarray(codes[k]), np.asarray(counts[k]), rows, cols)
         p = pred.predict_slice(img[k], ic.tile, ic.overlap, ic.batch_size, tta=ic.tta, pixel_size_nm=px,
-                               rescale=ic.rescale, counts=np.asarray(counts[k]))
+                               rescale=ic.rescale, counts=c, padding=pad)
         prob[k] = p[inner]
     zarr.open_array(str(out / "0"), mode="r+")[zs, ys, xs] = prob
     _mark(out, "probability", key)
@@ -715,12 +783,16 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             # normalised as its whole slice); cut at the highest grey value present, so an
             # 8-bit volume stores 256 counts per slice
             t0 = time.time()
-            hist_file = work / "histograms.npy"
+            hist_file, pad_file = work / "histograms.npy", work / "padding.npy"
             if not hist_file.is_file():
                 futs = client.map(task_histogram, [plan] * len(grid), grid, pure=False)
                 hist = np.zeros((plan.shape[0], 65536), np.int64)
-                for region, h in zip(grid, _gather(client, futs, "histograms", report)):
+                st = thumb_stride(plan.shape[1:])
+                thumbs = np.zeros((plan.shape[0], *(-(-n // st) for n in plan.shape[1:])), np.uint16)
+                for region, (h, t) in zip(grid, _gather(client, futs, "histograms", report)):
                     hist[region[0]] += h
+                    y0, x0 = (-(-r.start // st) for r in region[1:])
+                    thumbs[region[0], y0:y0 + t.shape[1], x0:x0 + t.shape[2]] = t
                 levels = np.flatnonzero(hist.any(0))
                 if len(levels) < 2:  # (a volume of another dtype was checked before OUT was created)
                     if fresh:
@@ -731,6 +803,11 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                                     "nothing to segment")
                 warn_blank_slices(vol.source, np.flatnonzero((hist > 0).sum(1) == 1))
                 top = max(256, int(levels.max(initial=0)) + 1)
+                # Each slice's constant padding (a registered section in its canvas), found on its thumbnail
+                # and given to every chunk of it: written first, so a histograms.npy always has it beside.
+                with open(work / "padding.tmp.npy", "wb") as f:
+                    np.save(f, slice_padding(hist, thumbs))
+                os.replace(work / "padding.tmp.npy", pad_file)
                 with open(work / "histograms.tmp.npy", "wb") as f:
                     np.save(f, hist[:, :top])
                 os.replace(work / "histograms.tmp.npy", hist_file)
@@ -740,8 +817,8 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             t0 = time.time()
             todo = [r for r in grid if not _marker(out, "probability", _key(r)).exists()]
             futs = client.map(task_predict, [plan] * len(todo), [str(out)] * len(todo), todo,
-                              [str(hist_file)] * len(todo),
-                              [tf_threads] * len(todo), pure=False)
+                              [str(hist_file)] * len(todo), [tf_threads] * len(todo),
+                              [str(pad_file) if pad_file.is_file() else None] * len(todo), pure=False)
             _gather(client, futs, f"probability ({len(grid) - len(todo)} chunk(s) already done)", report)
             timings["probability_s"] = time.time() - t0
 
@@ -833,6 +910,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
         # state, markers and histograms, enough to know it is finished.
         for name in ("cc", "cc_local", "objects"):
             shutil.rmtree(out / WORK / name, ignore_errors=True)
+        (out / WORK / "padding.npy").unlink(missing_ok=True)
     if verbose:
         print(f"{summary['count']} mitochondria -> {out} (probability, labels/instances, objects.csv, "
               f"summary.json) in {summary['seconds']:.0f} s", flush=True)

@@ -97,14 +97,23 @@ def without_padding(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     normalised by its own grey values, taken before any resampling as training does (and the chunked
     path, by its slices' counts): resampling thins the tails the percentiles come from.
     """
-    from .sampling import grey_counts, grey_values, padding_mask
+    from .sampling import grey_counts, grey_values, padding_mask, without_values
 
     pad = padding_mask(image)
-    if pad is None:
-        return image, grey_counts(grey_values(image)), None
     values = grey_values(image)
-    tissue = values[~pad]
-    return np.where(pad, np.median(tissue), image).astype(image.dtype), grey_counts(tissue), pad
+    if pad is None:
+        return image, grey_counts(values), None
+    # The padding's grey values (its slice's lowest and/or highest) dropped from the histogram, as the
+    # chunked path, which never holds a whole slice, does (a tissue pixel of exactly that value is rare).
+    counts = without_values(grey_counts(values), np.unique(values[pad]))
+    return fill_padding(image, pad, counts), counts, pad
+
+
+def fill_padding(image: np.ndarray, pad: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The image with its padding pixels set to the median grey of the tissue histogram `counts`."""
+    from .sampling import median_grey
+
+    return np.where(pad, median_grey(counts), image).astype(image.dtype)
 
 
 @dataclass
@@ -176,7 +185,8 @@ class Predictor:
                       batch_size: int | None = None, progress: Callable[[int], None] | None = None,
                       tta: bool | None = None, pixel_size_nm: float | None = None,
                       rescale: bool = True, counts: np.ndarray | None = None,
-                      spread: bool = False, members: bool = False, zoom: float = 1.0
+                      spread: bool = False, members: bool = False, zoom: float = 1.0,
+                      padding: np.ndarray | None = None
                       ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1].
 
@@ -193,7 +203,11 @@ class Predictor:
         there and the probabilities mapped back to the slice's own grid.
         counts: the grey-value histogram of the whole slice when `image` is a
         piece of it (`sampling.grey_counts`), so the piece is normalised as its
-        slice; default: its own, taken before any resampling (as in training).
+        slice; default: its own, taken before any resampling (as in training),
+        less its constant padding (`without_padding`).
+        padding: with `counts`, bool (H, W) the piece's share of its slice's padding
+        (`counts` then being the slice's tissue histogram): shown as the tissue's
+        median grey and predicted 0, as a whole slice's is.
         zoom: predict with the slice resampled by this much more than its pixel size
         asks (0.8: objects look 20% smaller to the model); the output is on the
         slice's grid all the same (for the scale-agreement feature).
@@ -205,6 +219,9 @@ class Predictor:
         pad = None
         if counts is None:  # a whole slice (a piece of one comes with its slice's counts)
             image, counts, pad = without_padding(image)
+        elif padding is not None and padding.any():
+            pad = np.asarray(padding, bool)
+            image = fill_padding(image, pad, counts)
         moments = spread and use_tta
 
         def batch(t: np.ndarray) -> np.ndarray:

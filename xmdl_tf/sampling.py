@@ -64,22 +64,25 @@ def grey_values(image: np.ndarray) -> np.ndarray:
 PADDING_MIN_FRACTION = 0.005
 
 
-def padding_mask(image: np.ndarray) -> np.ndarray | None:
+def padding_mask(image: np.ndarray, values: tuple[float, float] | None = None) -> np.ndarray | None:
     """bool (H, W): the constant padding of a slice (a registered or rotated section set into a canvas),
     i.e. the 4-connected regions of exactly the slice's lowest or highest grey value that touch its
     edge and each cover at least PADDING_MIN_FRACTION of it (isolated saturated pixels on the edge are
     no padding); None when there is none.
+
+    values: the slice's (lowest, highest) grey values when `image` is a thumbnail of it (every s-th
+    pixel: the chunked volume path); default: the image's own.
 
     EM noise makes real tissue never exactly constant over thousands of pixels, so such regions hold
     no tissue; left in, they drag the normalisation's percentiles and show the network a black block
     with a hard edge, which cost a padded slice half its mitochondria next to that edge.
     """
     x = np.asarray(image)
-    lo, hi = x.min(), x.max()
+    lo, hi = (x.min().item(), x.max().item()) if values is None else values
     if lo == hi:
         return None
     found = None
-    for v in {lo.item(), hi.item()}:
+    for v in {lo, hi}:
         same = (x == v).astype(np.uint8)
         if same.sum() < PADDING_MIN_FRACTION * x.size:
             continue
@@ -100,6 +103,20 @@ def grey_counts(image: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(image)
     return np.bincount(x.ravel(), minlength=256 if x.dtype == np.uint8 else 65536).astype(np.int64)
+
+
+def without_values(counts: np.ndarray, values) -> np.ndarray:
+    """A copy of the grey-value histogram `counts` with the bins of `values` emptied: the histogram of a
+    slice's tissue when `values` are the grey values of its padding (`padding_mask`)."""
+    c = np.array(counts, np.int64)
+    c[np.asarray(list(values), np.int64)] = 0
+    return c
+
+
+def median_grey(counts: np.ndarray) -> int:
+    """The (lower) median grey value of a histogram: what a slice's padding is shown as."""
+    cdf = np.cumsum(counts)
+    return int(np.searchsorted(cdf, max((int(cdf[-1]) + 1) // 2, 1), side="left"))
 
 
 def normalize_counts(x: np.ndarray, counts: np.ndarray, low: float, high: float, clip: bool,
