@@ -110,6 +110,18 @@ def test_analyze_errors(tiny_run, tmp_path, monkeypatch, capsys):
     assert "missing.png" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         analyze_main([str(tmp_path / "a.png"), "--model", str(tiny_run), "--rule", "bogus=1"])
+    capsys.readouterr()
+    # A rule's value, or its form, is named in one line (was "could not convert string to float").
+    for rule, said in (("round_max_aspect=abc", "--rule round_max_aspect: 'abc' is not a number"),
+                       ("round_max_aspect", "expected NAME=VALUE")):
+        with pytest.raises(SystemExit):
+            analyze_main([str(tmp_path / "a.png"), "--model", str(tiny_run), "--rule", rule])
+        assert said in capsys.readouterr().err
+    (tmp_path / "r.json").write_text("{bad")
+    with pytest.raises(SystemExit):
+        analyze_main([str(tmp_path / "a.png"), "--model", str(tiny_run), "--rules", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert "r.json: not a JSON object" in err and "Traceback" not in err
     # An array handed over directly (napari, the Python API): a constant one is refused as a file is,
     # not segmented into one image-sized "mitochondrion".
     from xmdl_tf.io import DataError

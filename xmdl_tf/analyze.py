@@ -781,10 +781,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .morphometry import ShapeRules as Rules
 
-    rules = Rules.from_json(args.rules) if args.rules else Rules()
+    try:
+        rules = Rules.from_json(args.rules) if args.rules else Rules()
+    except ValueError as err:
+        p.error(f"--rules {err}")
     if args.rule:
+        values = {}
+        for r in args.rule:
+            name, eq, value = r.partition("=")
+            try:
+                values[name.strip()] = float(value)
+            except ValueError:
+                p.error(f"--rule {r!r}: expected NAME=VALUE with a number, e.g. round_max_aspect=1.3"
+                        if not eq else f"--rule {name.strip()}: {value!r} is not a number")
         try:
-            rules = rules.override({k: float(v) for k, v in (r.split("=", 1) for r in args.rule)})
+            rules = rules.override(values)
         except ValueError as err:
             p.error(f"--rule: {err}")
     cli.inference_from_args(args, InferenceConfig())  # the flags' values must form a valid config

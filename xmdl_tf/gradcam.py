@@ -52,6 +52,13 @@ def explain_function(model, layer: str = DEFAULT_GRADCAM_LAYER) -> Callable:
         raise GradCamError(f"layer {layer!r} not in the model; convolution layers: {', '.join(convs)}")
     if "logits" not in names:
         raise GradCamError("the model has no 'logits' layer (build it with xmdl_tf.build_model)")
+    # Only a layer the logits are computed from has a gradient (the softmax after them has none: every
+    # image would fail deep in TensorFlow with "None values not supported").
+    upstream = {l.name for l in keras.Model(model.inputs, model.get_layer("logits").output).layers}
+    if layer not in upstream:
+        convs = [l.name for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
+        raise GradCamError(f"layer {layer!r} comes after the logits: Grad-CAM needs a layer the logits are computed "
+                           f"from; convolution layers: {', '.join(convs)}")
     sub = keras.Model(model.inputs, [model.get_layer(layer).output, model.get_layer("logits").output, model.output])
 
     def fn(x):
@@ -101,28 +108,41 @@ def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float:
 
 
 def deletion_check(predict: Callable[[np.ndarray], np.ndarray], image: np.ndarray, cam: np.ndarray,
-                   prob: np.ndarray, threshold: float = 0.5, seed: int = 0) -> dict[str, float]:
+                   prob: np.ndarray | None = None, threshold: float = 0.5, seed: int = 0) -> dict[str, float]:
     """Faithfulness: does blanking the hottest pixels remove more mitochondria than random ones?
 
     predict: raw slice (H, W) -> probability (H, W). The n hottest pixels
     (n = predicted mitochondria area, at least 0.5% of the slice) are set to
     the slice median; the same n random pixels are blanked for comparison.
-    Returns predicted areas (pixels) and `ratio` = area lost (heat) / area lost (random).
+    All three areas (before, after heat, after random blanking) come from
+    `predict`, so a `prob` made another way (test-time augmented, as `analyze`
+    does) cannot pass for area lost; `prob` is not used (kept for callers).
+    Returns predicted areas (pixels) and `ratio` = area lost (heat) / area lost
+    (random): NaN when nothing is predicted or neither blanking removes area,
+    inf when only the heat's does (random blanking removing none, or adding area).
     """
-    area = int(np.count_nonzero(prob >= threshold))
+    base = np.asarray(predict(image))
+    area = int(np.count_nonzero(base >= threshold))
     n = max(area, int(0.005 * image.size), 1)
     fill = np.median(image).astype(image.dtype)
-    hot = np.argpartition(cam.ravel(), -n)[-n:]
+    hot = np.argpartition(np.asarray(cam).ravel(), -n)[-n:]
     rnd = np.random.default_rng(seed).choice(image.size, n, replace=False)
     lost = {}
     for name, idx in (("heat", hot), ("random", rnd)):
         blank = image.copy().ravel()
         blank[idx] = fill
         lost[name] = area - int(np.count_nonzero(predict(blank.reshape(image.shape)) >= threshold))
+    heat, random = lost["heat"], lost["random"]
+    if area == 0 or max(heat, random) <= 0:
+        ratio = float("nan")
+    elif random <= 0:
+        ratio = float("inf")
+    else:
+        ratio = heat / random
     return {
         "pixels": n,
         "area_before": area,
-        "area_lost_heat": lost["heat"],
-        "area_lost_random": lost["random"],
-        "ratio": float(lost["heat"] / max(lost["random"], 1)),
+        "area_lost_heat": heat,
+        "area_lost_random": random,
+        "ratio": float(ratio),
     }

@@ -428,12 +428,23 @@ class Rules:
 
     @classmethod
     def from_json(cls, path: str | Path):
-        """Read a JSON object of thresholds (a subset is fine; the rest default)."""
-        with open(path, encoding="utf-8") as fh:
-            values = json.load(fh)
+        """Read a JSON object of thresholds (a subset is fine; the rest default).
+
+        Every problem (no such file, not JSON, a bad or unknown threshold) is a
+        one-line ValueError naming the file."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values = json.load(fh)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such {cls.__name__} file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a JSON object of {cls.__name__} thresholds ({err})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object of {cls.__name__} thresholds, got {type(values).__name__}")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def to_json(self, path: str | Path) -> None:
         """Write all thresholds as a JSON object."""
