@@ -257,7 +257,8 @@ def _table_text(table: pd.DataFrame, summary: dict) -> str:
     if summary.get("ood_warning"):
         lines.append(f"WARNING: unlike the training data (OOD score {summary['ood_score']:.2f} > "
                      f"{summary['ood_threshold']:.2f}); check the result, consider fine-tuning")
-    if "gradcam_energy_in_mask" in summary:
+    energy = summary.get("gradcam_energy_in_mask")
+    if energy is not None and energy == energy:  # NaN: nothing predicted, no mask to hold the heat
         lines.append(f"Grad-CAM energy inside the predicted mask: {summary['gradcam_energy_in_mask']:.2f}")
     if "f1" in summary and summary.get("f1") == summary.get("f1"):
         lines.append(f"vs. true mask: F1 {summary['f1']:.3f}  IoU {summary['iou']:.3f}  precision {summary['precision']:.3f}  "

@@ -138,3 +138,14 @@ def test_measurements_match_brute_force_at_several_pixel_sizes():
     # objects.csv rows carry their pixel size: classify reads it row by row
     mixed = measure(labels, pixel_size_nm=12.5)
     assert list(classify(mixed)) == list(classify(mixed, pixel_size_nm=12.5))
+
+
+def test_figure_text_leaves_out_a_nan_gradcam_energy():
+    """A slice with nothing predicted has no mask to hold the heat: no 'energy ... : nan' line."""
+    import pandas as pd
+
+    from xmdl_tf.figure import _table_text
+
+    empty = pd.DataFrame({"area_px2": [], "aspect_ratio": [], "solidity": [], "circularity": []})
+    assert "Grad-CAM energy" not in _table_text(empty, {"gradcam_energy_in_mask": float("nan")})
+    assert "Grad-CAM energy inside the predicted mask: 0.75" in _table_text(empty, {"gradcam_energy_in_mask": 0.75})
