@@ -46,10 +46,7 @@ def test_deletion_check_areas_all_come_from_the_predict_function():
     def predict(im):  # dark pixels are mitochondria
         return (im < 100).astype(np.float32)
 
-    tta_prob = np.zeros(image.shape, np.float32)  # a differently made probability: the disc grown by 3 px
-    yy, xx = np.mgrid[:64, :64]
-    tta_prob[np.hypot(yy - 32, xx - 32) <= 13] = 1.0
-    check = deletion_check(predict, image, cam, tta_prob, threshold=0.5, seed=0)
+    check = deletion_check(predict, image, cam, threshold=0.5, seed=0)
     area = int(disc.sum())
     assert check["area_before"] == area == check["pixels"]
     assert check["area_lost_heat"] == area  # the n hottest pixels are the disc

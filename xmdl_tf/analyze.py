@@ -246,7 +246,7 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
                         "gradcam_energy_in_true_mask": energy_inside(cam, true_mask)})
     if s.faithfulness:
         check = deletion_check(lambda im: predictor.predict_slice(im, ic.tile, ic.overlap, ic.batch_size, **scale),
-                               image, cam, prob, ic.threshold)
+                               image, cam, ic.threshold)
         summary.update({f"deletion_{k}": v for k, v in check.items()})
     uncertainty = _trust(predictor, image, prob, cam, instances, table, summary, pixel_size_nm, ic, spread, members,
                          grid_px, ood_score)

@@ -108,15 +108,15 @@ def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float:
 
 
 def deletion_check(predict: Callable[[np.ndarray], np.ndarray], image: np.ndarray, cam: np.ndarray,
-                   prob: np.ndarray | None = None, threshold: float = 0.5, seed: int = 0) -> dict[str, float]:
+                   threshold: float = 0.5, seed: int = 0) -> dict[str, float]:
     """Faithfulness: does blanking the hottest pixels remove more mitochondria than random ones?
 
     predict: raw slice (H, W) -> probability (H, W). The n hottest pixels
     (n = predicted mitochondria area, at least 0.5% of the slice) are set to
     the slice median; the same n random pixels are blanked for comparison.
     All three areas (before, after heat, after random blanking) come from
-    `predict`, so a `prob` made another way (test-time augmented, as `analyze`
-    does) cannot pass for area lost; `prob` is not used (kept for callers).
+    `predict`, so a probability made another way (test-time augmented, as
+    `analyze`'s) cannot pass for area lost.
     Returns predicted areas (pixels) and `ratio` = area lost (heat) / area lost
     (random): NaN when nothing is predicted or neither blanking removes area,
     inf when only the heat's does (random blanking removing none, or adding area).
