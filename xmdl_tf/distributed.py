@@ -141,6 +141,14 @@ def _mark(out: Path, stage: str, key: str, payload: bytes = b"") -> None:
     atomic_write_bytes(path, payload)
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save, atomically: a killed run leaves the file whole or absent."""
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
 def _key(region: Sequence[slice]) -> str:
     return "_".join(str(s.start) for s in region)
 
@@ -805,12 +813,8 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                 top = max(256, int(levels.max(initial=0)) + 1)
                 # Each slice's constant padding (a registered section in its canvas), found on its thumbnail
                 # and given to every chunk of it: written first, so a histograms.npy always has it beside.
-                with open(work / "padding.tmp.npy", "wb") as f:
-                    np.save(f, slice_padding(hist, thumbs))
-                os.replace(work / "padding.tmp.npy", pad_file)
-                with open(work / "histograms.tmp.npy", "wb") as f:
-                    np.save(f, hist[:, :top])
-                os.replace(work / "histograms.tmp.npy", hist_file)
+                _save_npy(pad_file, slice_padding(hist, thumbs))
+                _save_npy(hist_file, hist[:, :top])
             timings["histograms_s"] = time.time() - t0
 
             # 2. probability, chunk by chunk with an XY halo
