@@ -174,6 +174,44 @@ def test_served_signatures_match_keras_in_a_separate_process(run, export_dir, tm
     assert "NaN or infinite" in errors["nan tile"]
 
 
+def test_a_padded_image_is_served_as_analyze_predicts_it(run, export_dir):
+    """A section set into a canvas of its lowest grey value (registration): the served graph leaves
+    the padding out of the normalisation and answers 0 there, as the local path does; so do the
+    `xmdl-volume` thumbnails and the graph's on an image above 256 px (every 2nd pixel)."""
+    import tensorflow as tf
+
+    from xmdl_tf.distributed import chunk_padding, slice_padding
+    from xmdl_tf.export import unpadded
+    from xmdl_tf.predict import without_padding
+    from xmdl_tf.sampling import grey_counts
+
+    img = np.maximum(blob_image(64, seed=3)[0], 30)  # tissue never reaches the canvas's 0
+    canvas = np.zeros((96, 120), np.uint8)
+    canvas[20:84, 40:104] = img
+    canvas[:, :3] = 255  # and a saturated margin at the left edge: padding of the highest value too
+    served = tf.saved_model.load(str(export_dir / "1")).signatures
+    keras_pred = load_model(run, jit_compile=False)
+    prob = keras_pred.predict_slice(canvas)
+    _, _, pad = without_padding(canvas)
+    assert pad.sum() == 96 * 120 - 64 * 64 and (prob[pad] == 0).all()
+    for sig in ("serving_default", "explain"):
+        out = served[sig](images=tf.constant(canvas[None, ..., None]))
+        np.testing.assert_allclose(out["probabilities"].numpy()[0], prob, atol=1e-5)
+    assert (out["gradcam"].numpy()[0][pad] == 0).all()
+    # Above 256 px the graph, as xmdl-volume, finds the padding on a thumbnail of every 2nd pixel.
+    big = np.zeros((300, 280), np.uint16)
+    big[60:252, 50:242] = np.kron(canvas[20:84, 40:104], np.ones((3, 3), np.uint8)).astype(np.uint16) * 100
+    big[:, 270:] = 65535
+    xi, counts, graph_pad = (t.numpy() for t in unpadded(tf.constant(big.astype(np.int32))))
+    filled, local_counts, local_pad = without_padding(big)
+    np.testing.assert_array_equal(graph_pad, local_pad)
+    np.testing.assert_array_equal(counts, np.pad(local_counts, (0, 65536 - len(local_counts))))
+    np.testing.assert_array_equal(xi, filled)
+    codes = slice_padding(grey_counts(big)[None], big[None, ::2, ::2])
+    rows, cols = np.minimum(np.arange(300) // 2, 149), np.minimum(np.arange(280) // 2, 139)
+    assert np.array_equal(chunk_padding(big, codes[0], grey_counts(big), rows, cols)[0], local_pad)
+
+
 def test_equalized_model_exports_its_normalisation_into_the_graph(run, tmp_path):
     """A model trained on histogram-equalised slices is served with the same equalisation,
     computed inside the SavedModel from each raw image."""

@@ -60,12 +60,29 @@ def normalize(image: np.ndarray | tf.Tensor, low: float = NORMALIZATION["low"], 
     """
     if method not in NORMALIZATION_METHODS:
         raise ValueError(f"normalisation method {method!r} is not one of {NORMALIZATION_METHODS}")
+    xi = grey_ints(image)
+    return normalize_counts(xi, grey_counts(xi), low, high, clip, method)
+
+
+def grey_ints(image: np.ndarray | tf.Tensor) -> tf.Tensor:
+    """int32 grey values 0..65535 of an image (uint8/uint16 as they are; others rounded and clipped):
+    the in-graph `sampling.grey_values`."""
     x = tf.convert_to_tensor(image)
     if x.dtype in (tf.uint8, tf.uint16):  # already integer grey values in range: no rounding pass
-        xi = tf.cast(x, tf.int32)
-    else:
-        xi = tf.cast(tf.clip_by_value(tf.round(tf.cast(x, tf.float32)), 0.0, 65535.0), tf.int32)
-    counts = tf.math.bincount(tf.reshape(xi, [-1]), minlength=65536, maxlength=65536, dtype=tf.int64)
+        return tf.cast(x, tf.int32)
+    return tf.cast(tf.clip_by_value(tf.round(tf.cast(x, tf.float32)), 0.0, 65535.0), tf.int32)
+
+
+def grey_counts(xi: tf.Tensor) -> tf.Tensor:
+    """int64 (65536,) counts per grey value of `grey_ints` values."""
+    return tf.math.bincount(tf.reshape(xi, [-1]), minlength=65536, maxlength=65536, dtype=tf.int64)
+
+
+def normalize_counts(xi: tf.Tensor, counts: tf.Tensor, low: float = NORMALIZATION["low"],
+                     high: float = NORMALIZATION["high"], clip: bool = NORMALIZATION["clip"],
+                     method: str = "percentile") -> tf.Tensor:
+    """`normalize` of grey values `xi` (`grey_ints`) by the histogram `counts` (of `xi`, or of its
+    tissue alone when its padding is left out): the in-graph `sampling.normalize_counts`."""
     cdf = tf.cumsum(counts)
     n = tf.cast(cdf[-1], tf.float64)
     if method == "equalize":

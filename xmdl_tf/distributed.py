@@ -57,7 +57,6 @@ WORK = ".xmdl"  # work folder inside OUT.zarr
 DEFAULT_CHUNKS = (32, 1024, 1024)
 DEFAULT_HALO = 64  # px each side in y and x: the 2-D path's tile overlap
 COMPONENTS_PER_TASK = 32
-THUMB = 256  # px, at most, a side of the slice thumbnails a slice's constant padding is found on
 
 
 @dataclass(frozen=True)
@@ -155,8 +154,11 @@ def _key(region: Sequence[slice]) -> str:
 
 def thumb_stride(shape_yx: Sequence[int]) -> int:
     """s: the slice thumbnails the padding is found on hold every s-th pixel in y and x (at most
-    THUMB px a side; 1 for slices that small: then the padding is exactly the in-memory path's)."""
-    return max(1, -(-max(shape_yx) // THUMB))
+    `sampling.PADDING_THUMB` px a side; 1 for slices that small: then the padding is exactly the
+    in-memory path's)."""
+    from .sampling import PADDING_THUMB
+
+    return max(1, -(-max(shape_yx) // PADDING_THUMB))
 
 
 def task_histogram(plan: ChunkPlan, region) -> tuple[np.ndarray, np.ndarray]:

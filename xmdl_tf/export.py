@@ -196,7 +196,7 @@ def _archive(model, config: Config, layer: str, dist=None):
     import keras
     import tensorflow as tf
 
-    from .data import normalize
+    from .data import grey_ints, normalize_counts
     from .gradcam import PREDICTED, explain_function
 
     divisor = config.model.size_divisor
@@ -261,36 +261,42 @@ def _archive(model, config: Config, layer: str, dist=None):
         with tf.control_dependencies(checks):
             return tf.identity(images)
 
-    def prepare(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Raw [b, h, w, 1] -> (normalised float32 [b, H, W, 1] padded to the divisor, h, w)."""
+    def normalized(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # One intensity mapping per image, from that image's own histogram, less its constant padding
+        # (a registered section in a canvas), which is shown as the tissue's median grey and predicted 0.
+        xi, counts, pad = unpadded(grey_ints(image[..., 0]))
+        return normalize_counts(xi, counts, low, high, clip, method)[..., None], pad
+
+    def prepare(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Raw [b, h, w, 1] -> (normalised float32 [b, H, W, 1] padded to the divisor, h, w,
+        bool [b, h, w] constant padding of each image)."""
         images = checked(images, 1)
         if images.dtype.is_floating:
             images = checked_grey(images)
         images = not_constant(images)
-        # One intensity mapping per image, from that image's own histogram.
-        x = tf.map_fn(lambda im: normalize(im, low, high, clip, method), images, fn_output_signature=tf.float32)
+        x, pad = tf.map_fn(normalized, images, fn_output_signature=(tf.float32, tf.bool))
         h, w = tf.shape(x)[1], tf.shape(x)[2]
         x = tf.gather(x, _mirror_index(h, -(-h // divisor) * divisor), axis=1)
         x = tf.gather(x, _mirror_index(w, -(-w // divisor) * divisor), axis=2)
-        return x, h, w
+        return x, h, w, pad
 
     threshold = float(config.inference.threshold)  # as analyze: the model's (tuned) threshold
 
-    def served(probs: tf.Tensor, h: tf.Tensor, w: tf.Tensor) -> dict[str, tf.Tensor]:
-        p = probs[:, :h, :w, 1]
+    def served(probs: tf.Tensor, h: tf.Tensor, w: tf.Tensor, pad: tf.Tensor) -> dict[str, tf.Tensor]:
+        p = tf.where(pad, 0.0, probs[:, :h, :w, 1])
         return {"probabilities": p, "mask": tf.cast(p >= threshold, tf.uint8)}
 
     def predict_raw(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        x, h, w = prepare(images)
-        return served(model(x, training=False), h, w)
+        x, h, w, pad = prepare(images)
+        return served(model(x, training=False), h, w, pad)
 
     def explain_raw(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        x, h, w = prepare(images)
+        x, h, w, pad = prepare(images)
         out = explain_tiles(tf.concat([x, tf.fill(tf.shape(x), PREDICTED)], axis=-1))
-        cam = out[:, :h, :w, -1]
+        cam = tf.where(pad, 0.0, out[:, :h, :w, -1])
         # Scaled per image by its maximum, as `gradcam.scale_unit` does for a slice.
         cam = tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
-        result = served(out[..., :-1], h, w)
+        result = served(out[..., :-1], h, w, pad)
         return {**result, "gradcam": cam, "uncertainty": uncertainty(result["probabilities"])}
 
     temperature = float(config.calibration.get("temperature", 1.0))
@@ -337,6 +343,60 @@ def _archive(model, config: Config, layer: str, dist=None):
         spec = tf.TensorSpec([None, None, None, channels], dtype, name="images")
         archive.add_endpoint(name, fns[name], input_signature=[spec])
     return archive
+
+
+def _edge_regions(same, min_fraction: float):
+    """bool (h, w): the 4-connected regions of `same` (bool (h, w)) that touch the border and each
+    cover at least `min_fraction` of it: `sampling.padding_mask`'s rule, in the graph (each pixel
+    takes the largest index in its region by repeated 4-neighbour maxima: as many steps as the
+    regions are long, a few hundred on a thumbnail)."""
+    import tensorflow as tf
+
+    h, w = tf.shape(same)[0], tf.shape(same)[1]
+    start = tf.where(same, tf.reshape(tf.range(1, h * w + 1), [h, w]), 0)
+
+    def step(lab, _):
+        p = tf.pad(lab, [[1, 1], [1, 1]])
+        top = tf.reduce_max(tf.stack([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]), axis=0)
+        new = tf.where(same, top, 0)
+        return new, tf.reduce_any(tf.not_equal(new, lab))
+
+    lab, _ = tf.while_loop(lambda _, changed: changed, step, [start, tf.constant(True)])
+    n = h * w + 1
+    area = tf.math.bincount(tf.reshape(lab, [-1]), minlength=n, maxlength=n)
+    border = tf.concat([lab[0], lab[-1], lab[:, 0], lab[:, -1]], axis=0)
+    keep = (tf.math.bincount(border, minlength=n, maxlength=n) > 0) & \
+        (tf.cast(area, tf.float32) >= min_fraction * tf.cast(h * w, tf.float32)) & (tf.range(n) > 0)
+    return tf.gather(keep, lab)
+
+
+def unpadded(xi):
+    """(grey values with the padding shown as the tissue's median grey, the tissue's histogram,
+    bool padding mask) of ONE image of `data.grey_ints` values (H, W): `predict.without_padding` in
+    the graph, its regions found on a thumbnail of at most `sampling.PADDING_THUMB` px a side as
+    `xmdl-volume` finds them (the same on smaller images)."""
+    import tensorflow as tf
+
+    from .data import grey_counts
+    from .sampling import PADDING_MIN_FRACTION, PADDING_THUMB
+
+    h, w = tf.shape(xi)[0], tf.shape(xi)[1]
+    s = tf.maximum(1, (tf.maximum(h, w) + PADDING_THUMB - 1) // PADDING_THUMB)
+    thumb = xi[::s, ::s]
+    rows = tf.minimum(tf.range(h) // s, tf.shape(thumb)[0] - 1)
+    cols = tf.minimum(tf.range(w) // s, tf.shape(thumb)[1] - 1)
+    counts = grey_counts(xi)
+    pad = tf.zeros_like(xi, tf.bool)
+    for v in (tf.reduce_min(xi), tf.reduce_max(xi)):
+        region = _edge_regions(tf.equal(thumb, v), PADDING_MIN_FRACTION)
+        near = tf.nn.max_pool2d(tf.cast(region, tf.float32)[None, ..., None], 3, 1, "SAME")[0, ..., 0] > 0
+        pad |= tf.gather(tf.gather(near, rows, axis=0), cols, axis=1) & tf.equal(xi, v)
+        # The padding's grey value leaves the histogram (the lowest and highest are distinct: a constant
+        # image is refused before).
+        counts = tf.where(tf.reduce_any(region) & tf.equal(tf.range(65536), v), tf.zeros_like(counts), counts)
+    cdf = tf.cumsum(counts)
+    median = tf.cast(tf.searchsorted(cdf, tf.maximum((cdf[-1:] + 1) // 2, 1), side="left")[0], tf.int32)
+    return tf.where(pad, median, xi), counts, pad
 
 
 def _mirror_index(n, size):

@@ -62,6 +62,9 @@ def grey_values(image: np.ndarray) -> np.ndarray:
 
 # Constant padding smaller than this share of a slice is left alone (a few clipped pixels at an edge).
 PADDING_MIN_FRACTION = 0.005
+# Where a slice is not held whole (xmdl-volume's chunks) or connected components are dear (the served
+# graph), its padding is found on a thumbnail of at most this many px a side (every s-th pixel).
+PADDING_THUMB = 256
 
 
 def padding_mask(image: np.ndarray, values: tuple[float, float] | None = None) -> np.ndarray | None:
