@@ -173,6 +173,10 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
                   progress: Callable[[int], None] | None = None) -> Analysis:
     """Run the whole pipeline on one raw slice (H, W) uint8/uint16; returns an `Analysis`.
 
+    image: any other numeric array-like is taken as a file would be read (`io.as_em_slice`: (H, W, 1)
+    squeezed, RGB made grey, signed integers shifted, floats such as 0..1 mapped onto 0..65535), and
+    `Analysis.image` (and `mean_intensity`) are then in those grey values.
+
     predictor: from `load_model` (a run folder, `.keras` file, export or built-in name).
     settings: inference overrides, shape rules, faithfulness (`Settings`); default: the
     model's own inference settings, as `python -m xmdl_tf.analyze` applies them.
@@ -187,6 +191,11 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
     from .postprocess import foreground, instance_scores, instances as to_instances, score_slice, truth
     from .tiling import check_width
 
+    from .io import as_em_slice
+    from .predict import check_pixel_size
+
+    image = as_em_slice(image, name)  # as a file is read: any numeric dtype, (H, W, 1), RGB, ...
+    check_pixel_size(pixel_size_nm)
     if image.size and image.min() == image.max():  # a file was refused on reading; an array (napari, API) here
         raise DataError(f"{name}: constant image (every pixel the same value); nothing to segment")
     s = settings or Settings()

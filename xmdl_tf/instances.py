@@ -66,6 +66,8 @@ def _foreground(mask_or_prob: np.ndarray, threshold: float) -> np.ndarray:
     arr = np.asarray(mask_or_prob)
     if arr.ndim != 2:
         raise ValueError(f"expected a 2-D (H, W) mask or probability map, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"empty mask or probability map (shape {arr.shape})")
     if arr.dtype == bool:
         return arr
     if np.issubdtype(arr.dtype, np.floating):

@@ -252,6 +252,51 @@ def read_image(path: str | Path, page: int | None = None, allow_constant: bool =
     return arr
 
 
+def as_em_slice(array, name: str = "image") -> np.ndarray:
+    """An in-memory EM slice as `read_image` returns a file's: (H, W) uint8 or uint16.
+
+    array: any array-like (NumPy, memory-mapped, dask, zarr, nested lists) of any numeric dtype,
+    taken by the rules files are read with: leading singleton axes and a trailing channel of 1 are
+    dropped ((1, H, W), (H, W, 1)), RGB(A) becomes grey (with a warning unless its channels are
+    equal), and grey values go through `to_em_dtype` (bool -> 0/255, signed integers shifted,
+    floats such as 0..1 mapped linearly onto 0..65535: the percentile normalisation sees none of
+    it). A (H, W) uint8/uint16 array is returned as it is (no copy). The input is never modified.
+    DataError naming `name` for a stack, an empty or non-numeric array, or NaN / infinite values.
+    """
+    arr = np.asarray(array)
+    try:
+        arr = _to_2d(arr, Path(name), "image")
+    except DataError:
+        if arr.ndim >= 3:
+            raise DataError(f"{name}: expected one 2-D (H, W) slice, got an array of shape {arr.shape}; analyse a "
+                            "stack slice by slice, or as a volume (xmdl_tf.volume.analyze_volume)") from None
+        raise
+    return to_em_dtype(arr, name)
+
+
+def as_em_volume(array, name: str = "volume") -> np.ndarray:
+    """An in-memory EM volume as (Z, Y, X) uint8 or uint16, by the rules of `as_em_slice` (one grey-value
+    map for the whole volume). array: any array-like (NumPy, memory-mapped, dask, zarr); leading
+    singleton axes and a trailing channel of 1 are dropped, RGB(A) slices become grey. DataError naming
+    `name` for a 2-D image, an empty array or NaN / infinite values.
+    """
+    arr = np.asarray(array)
+    while arr.ndim > 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 4 and arr.shape[-1] in (3, 4) and arr.size:
+        arr = np.stack([_to_2d(a, Path(name), "image") for a in arr])
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[-2] > arr.shape[-1]:
+        raise DataError(f"{name}: shape {arr.shape} is one 2-D colour image, not a (Z, Y, X) volume")
+    if arr.ndim != 3:
+        hint = "; for one slice use xmdl_tf.analyze.analyze_image (or image[None], a one-slice volume)" if arr.ndim == 2 else ""
+        raise DataError(f"{name}: expected a 3-D (Z, Y, X) volume, got an array of shape {arr.shape}{hint}")
+    if arr.size == 0:
+        raise DataError(f"{name}: empty volume of shape {arr.shape}")
+    return to_em_dtype(arr, name)
+
+
 def to_em_dtype(arr: np.ndarray, path: str | Path, value_range: tuple[float, float] | None = None,
                 integral: bool | None = None) -> np.ndarray:
     """An EM image or stack of any numeric dtype as uint8 or uint16, the one rule for slices,

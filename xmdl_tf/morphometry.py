@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,10 +289,13 @@ def measure(
     labels = np.asarray(instances)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"instances must be a 2-D integer label image, got {labels.dtype} {labels.shape}")
+    if labels.size == 0:
+        raise ValueError(f"instances is an empty label image (shape {labels.shape})")
     for name, arr in (("image", image), ("heatmap", heatmap)):
         if arr is not None and np.shape(arr) != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} differs from instances shape {labels.shape}")
-    if pixel_size_nm is not None and not (pixel_size_nm > 0 and math.isfinite(pixel_size_nm)):
+    if pixel_size_nm is not None and not (isinstance(pixel_size_nm, numbers.Real) and not isinstance(pixel_size_nm, bool)
+                                         and pixel_size_nm > 0 and math.isfinite(pixel_size_nm)):
         raise ValueError(f"pixel_size_nm must be a positive number or None, got {pixel_size_nm!r}")
     if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
         raise ValueError("instance ids must be non-negative")

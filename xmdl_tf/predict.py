@@ -7,6 +7,8 @@ normalises a whole slice once and stitches overlapping tiles (see `tiling`).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +36,16 @@ MAX_RESAMPLE = 16.0
 
 class ModelError(ValueError):
     """A model file or folder that cannot be used; the message names it."""
+
+
+def check_pixel_size(pixel_size_nm) -> None:
+    """ValueError unless `pixel_size_nm` is None (unknown) or a finite number > 0 (nm per pixel)."""
+    if pixel_size_nm is None:
+        return
+    ok = isinstance(pixel_size_nm, numbers.Real) and not isinstance(pixel_size_nm, (bool, np.bool_))
+    if not ok or not (math.isfinite(pixel_size_nm) and pixel_size_nm > 0):
+        raise ValueError(f"pixel_size_nm must be a positive number of nm per pixel or None (unknown), "
+                         f"got {pixel_size_nm!r}")
 
 
 def resolve_model_path(path: str | Path) -> tuple[Path, Path | None]:
@@ -141,6 +153,8 @@ class Predictor:
 
     def tile_for(self, tile: int) -> int:
         """`tile`, capped at the largest this model runs at full speed (`tiling.max_tile`)."""
+        if not (isinstance(tile, numbers.Real) and tile >= 1):
+            raise ValueError(f"tile must be a positive number of pixels, got {tile!r}")
         cap = max_tile(self.config.model.base_filters, self.size_divisor)
         if tile > cap:
             log.debug("tile %d capped at %d px for a %d-filter model", tile, cap, self.config.model.base_filters)
@@ -174,6 +188,7 @@ class Predictor:
         """Resize factor that brings an input of `pixel_size_nm` to the model's pixel size (1 = none)."""
         from .sampling import resample_factor
 
+        check_pixel_size(pixel_size_nm)
         factor = resample_factor(pixel_size_nm, self.pixel_size_nm) if rescale else 1.0
         if not 1 / MAX_RESAMPLE <= factor <= MAX_RESAMPLE:
             raise ValueError(f"pixel size {pixel_size_nm:g} nm would resample the image by x{factor:.3g} to the model's "
@@ -188,7 +203,11 @@ class Predictor:
                       spread: bool = False, members: bool = False, zoom: float = 1.0,
                       padding: np.ndarray | None = None
                       ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw slice (H, W) uint8/uint16 -> mitochondria probability float32 (H, W) in [0, 1].
+        """Raw slice (H, W) -> mitochondria probability float32 (H, W) in [0, 1].
+
+        image: uint8/uint16, or any numeric array-like taken as files are read (`io.as_em_slice`:
+        (H, W, 1) / (1, H, W) squeezed, RGB made grey, signed shifted, floats such as 0..1 mapped
+        onto 0..65535); a stack, NaN or an invalid pixel size is a ValueError (DataError).
 
         tta: override the predictor's test-time augmentation setting.
         spread: also return the standard deviation (H, W) of the foreground
@@ -212,13 +231,16 @@ class Predictor:
         asks (0.8: objects look 20% smaller to the model); the output is on the
         slice's grid all the same (for the scale-agreement feature).
         """
+        from .io import as_em_slice
         from .sampling import normalize_as
 
+        if not (isinstance(zoom, numbers.Real) and math.isfinite(zoom) and zoom > 0):
+            raise ValueError(f"zoom must be a positive number, got {zoom!r}")
         tile = self.tile_for(tile)
         use_tta = self.tta if tta is None else tta
         pad = None
         if counts is None:  # a whole slice (a piece of one comes with its slice's counts)
-            image, counts, pad = without_padding(image)
+            image, counts, pad = without_padding(as_em_slice(image))
         elif padding is not None and padding.any():
             pad = np.asarray(padding, bool)
             image = fill_padding(image, pad, counts)
@@ -257,14 +279,18 @@ class Predictor:
                       rescale: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Probability and Grad-CAM of a raw slice in one tiled pass.
 
-        image: (H, W) uint8/uint16. region: optional (H, W) bool target region
+        image: (H, W) uint8/uint16 (or any array `predict_slice` takes). region: optional (H, W) bool target region
         (default: the predicted mask). layer: conv layer name (default `dec1_conv2`).
         pixel_size_nm, rescale: as in `predict_slice`.
         Returns (probability float32 (H, W), heatmap float32 (H, W) in [0, 1]).
         """
+        from .io import as_em_slice
         from .sampling import normalize_as
         from .gradcam import PREDICTED, scale_unit
 
+        image = as_em_slice(image)
+        if region is not None and np.shape(region) != image.shape:
+            raise ValueError(f"region of shape {np.shape(region)} differs from the image's {image.shape}")
         explain = self._explainer(layer or self.gradcam_layer)
         tile = self.tile_for(tile)
         image, counts, pad = without_padding(image)  # as `predict_slice`

@@ -82,6 +82,19 @@ def check_planes(planes: Sequence[str], voxel_size_nm: Sequence[float] | None, n
                              f"{' x '.join(f'{v:g}' for v in voxel_size_nm)} nm (ratio {ratio:.2g}); use --planes xy")
 
 
+def check_voxel_size(voxel_size_nm: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """(z, y, x) as floats; ValueError unless None or three finite numbers > 0 (nm)."""
+    if voxel_size_nm is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in np.asarray(voxel_size_nm, dtype=float).ravel())
+    except (TypeError, ValueError):
+        vals = ()
+    if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(f"voxel_size_nm must be three positive numbers (z, y, x) in nm or None, got {voxel_size_nm!r}")
+    return vals
+
+
 # ----------------------------------------------------------------------------
 # Prediction
 
@@ -100,8 +113,11 @@ def predict_volume(predictor, image: np.ndarray, inference: InferenceConfig,
     Returns float32 probability (Z, Y, X) in [0, 1] and float32 Grad-CAM
     (Z, Y, X) of the XY slices (None without `gradcam`).
     """
+    from .io import as_em_volume
     from .tiling import check_width
 
+    image = as_em_volume(image)
+    voxel_size_nm = check_voxel_size(voxel_size_nm)
     ic = inference
     px_xy = pixel_size_nm if voxel_size_nm is None else float(voxel_size_nm[2])
     check_width(image.shape[1:], predictor.scale_factor(px_xy, ic.rescale), predictor.size_divisor, "slices")
@@ -231,13 +247,23 @@ class VolumeAnalysis:
 def analyze_volume(predictor, image: np.ndarray, name: str = "volume", settings: VolumeSettings | None = None,
                    voxel_size_nm: Sequence[float] | None = None, label: np.ndarray | None = None,
                    ignore_value: int | None = None, progress=None) -> VolumeAnalysis:
-    """The whole pipeline on one raw volume (Z, Y, X) uint8/uint16 (see the module docstring)."""
+    """The whole pipeline on one raw volume (Z, Y, X) uint8/uint16 (see the module docstring).
+
+    image: any other numeric array-like (memory-mapped, dask, zarr, signed, float, (Z, Y, X, 1)) is
+    taken as a stack file would be read (`io.as_em_volume`, one grey-value map for the whole volume);
+    `VolumeAnalysis.image` and `mean_intensity` are then in those grey values.
+    voxel_size_nm: (z, y, x) nm, three positive numbers, or None (unknown).
+    """
     from .autoscale import for_objects, prediction_grid
     from .gradcam import energy_inside
     from .instances3d import volume_instances
     from .morphometry3d import ShapeRules3D, classify3d, measure3d, summarize3d
     from .volume_io import warn_blank_slices
 
+    from .io import as_em_volume
+
+    image = as_em_volume(image, name)  # as a stack file is read: any numeric dtype, dask, zarr, ...
+    voxel_size_nm = check_voxel_size(voxel_size_nm)
     if image.size and image.min() == image.max():  # a file was refused on reading; an array (napari, API) here
         raise DataError(f"{name}: constant volume (every voxel the same value); nothing to segment")
     if image.size:
