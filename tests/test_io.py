@@ -312,3 +312,19 @@ def test_pixel_size_units_and_non_square_pixels(tmp_path):
                      metadata={"unit": "um"})
     with pytest.warns(UserWarning, match=r"not square \(4.6 nm wide, 9.2 nm high\)"):
         assert read_pixel_size_nm(tmp_path / "aniso.tif") == pytest.approx(4.6)
+
+
+def test_reading_one_slice_of_a_stack_warns(tmp_path):
+    """read_image on a multi-page TIFF gives its first slice; the others must not go unnoticed."""
+    import warnings
+
+    stack = np.stack([blob_image(32, seed=s)[0] for s in range(3)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    with pytest.warns(UserWarning, match=r"stack\.tif: a stack of 3 slices; reading its first only"):
+        first = read_image(tmp_path / "stack.tif")
+    np.testing.assert_array_equal(first, stack[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(read_image(tmp_path / "stack.tif", page=2), stack[2])
+        tifffile.imwrite(tmp_path / "one.tif", stack[1])
+        np.testing.assert_array_equal(read_image(tmp_path / "one.tif"), stack[1])

@@ -67,7 +67,7 @@ def _read_raw(path: Path, page: int | None) -> np.ndarray:
     ext = path.suffix.lower()
     try:
         if ext in TIFF_EXTS:
-            arr = _read_tiff_plane(path, page or 0)
+            arr = _read_tiff_plane(path, page)
         else:
             if page not in (None, 0):
                 raise DataError(f"{path}: page {page} requested from a single-page {ext} file")
@@ -163,10 +163,16 @@ def _whole_series(path: Path, mtime: float) -> np.ndarray:
         return tif.asarray(series=0)
 
 
-def _read_tiff_plane(path: Path, page: int) -> np.ndarray:
+def _read_tiff_plane(path: Path, page: int | None) -> np.ndarray:
+    """Plane `page` of a TIFF; page None: its only plane (the first of a stack, with a warning)."""
     with open_tiff(path) as tif:
         series = tif.series[0]
         n = _planes(series.shape)
+        if page is None:
+            if n > 1:  # one slice asked of a stack: say so, or its other slices go unnoticed
+                warnings.warn(f"{path}: a stack of {n} slices; reading its first only (pass page=, or read it "
+                              "as a stack: xmdl_tf.volume_io.open_volume, analyze --volume)", stacklevel=4)
+            page = 0
         if page >= n:
             raise DataError(f"{path}: page {page} requested but the stack has {n} slices")
         if n == 1:
