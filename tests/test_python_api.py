@@ -196,3 +196,17 @@ def test_empty_masks_are_refused_clearly():
     with pytest.raises(ValueError, match="pixel_size_nm must be a positive number"):  # was a TypeError about '>'
         measure(labels, pixel_size_nm="4.6")
     assert measure(labels, pixel_size_nm=np.float64(5.0))["area_nm2"].tolist() == [300.0]
+
+
+def test_load_model_without_a_path_is_the_commands_default(monkeypatch, tmp_path):
+    """load_model() loads what every command uses without --model ($XMDL_MODEL, else the built-in)."""
+    from xmdl_tf.predict import load_model
+    from xmdl_tf.tiling import tile_starts
+
+    monkeypatch.setenv("XMDL_MODEL", "xmdl_ref_f8")
+    assert load_model().config.model.base_filters == 8
+    monkeypatch.setenv("XMDL_MODEL", str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="XMDL_MODEL=.*no such model"):
+        load_model()
+    with pytest.raises(ValueError, match="overlap -8 must be 0 or more"):
+        tile_starts(300, 128, -8)

@@ -395,16 +395,20 @@ def is_saved_model(path: str | Path) -> bool:
     return any((v / "saved_model.pb").is_file() for v in path.iterdir() if v.is_dir() and v.name.isdigit())
 
 
-def load_model(path: str | Path, jit_compile: bool | str = "auto", tta: bool = False) -> Predictor:
+def load_model(path: str | Path | None = None, jit_compile: bool | str = "auto", tta: bool = False) -> Predictor:
     """Load a trained model: a run folder or `.keras` file (with `config.json` beside it), a
     built-in model's name (`"xmdl_ref"`, `"xmdl_ref_f8"`), or a SavedModel exported by
-    `python -m xmdl_tf.export` (a `SavedModelPredictor`, see `xmdl_tf.export`).
+    `python -m xmdl_tf.export` (a `SavedModelPredictor`, see `xmdl_tf.export`); None: the
+    default the commands use without `--model` ($XMDL_MODEL, else the built-in `xmdl_ref`).
 
     tta: the default of `predict_slice` / `predict_batch` (8 flips and rotations, 8x the
     compute); the model's own `inference.tta` is applied by `analyze` and `evaluate`, not here.
     Returns a `Predictor`: `predict_slice(image)` maps a raw (H, W) uint8/uint16 slice to the
     float32 (H, W) mitochondria probability in [0, 1]; `config` is the model's `Config`.
     """
+    from .pretrained import model_or_default
+
+    path = model_or_default(path)
     if is_saved_model(path):
         from .export import load_saved_model
 

@@ -50,6 +50,8 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
     """
     if tile >= length:
         return [0]
+    if overlap < 0:
+        raise ValueError(f"overlap {overlap} must be 0 or more pixels")
     if tile - overlap <= 0:
         raise ValueError(f"overlap {overlap} must be smaller than the tile size {tile}")
     n = -(-(length - overlap) // (tile - overlap))
