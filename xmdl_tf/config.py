@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,19 @@ class DataConfig:
         if self.pixel_size_nm and not lo <= self.pixel_size_nm <= hi:
             raise ValueError(f"pixel size {self.pixel_size_nm:g} nm is outside the plausible range {lo:g}-{hi:g} nm "
                              "for EM (a unit mistake? nm per pixel)")
+        problems = [f"{k} {getattr(self, k)!r} must be a whole number >= 1" for k in ("tile_size", "tiles_per_slice")
+                    if not _whole(getattr(self, k), 1)]
+        if not _number_in(self.foreground_fraction, 0, 1):
+            problems.append(f"foreground_fraction {self.foreground_fraction!r} must be between 0 and 1")
+        if not _whole(self.shuffle_buffer, 0):
+            problems.append(f"shuffle_buffer {self.shuffle_buffer!r} must be a whole number >= 0")
+        if self.ignore_value is not None and not _whole(self.ignore_value, 0):
+            problems.append(f"ignore_value {self.ignore_value!r} must be a label value >= 0 (or None)")
+        w = self.set_weights
+        if w is not None and not (isinstance(w, (tuple, list)) and w and all(_number_in(v, 0, math.inf) for v in w)
+                                  and sum(w) > 0):
+            problems.append(f"set_weights {w!r} must be weights >= 0 with a positive sum (or None)")
+        _refuse("data settings", problems)
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,22 @@ class AugmentConfig:
 
     COMPONENTS = ("rotate", "scale", "elastic", "blur", "sharpen", "texture", "contrast", "brightness", "gamma",
                   "noise", "poisson", "stripes", "illumination")
+
+    def __post_init__(self):
+        problems = []
+        if self.rotate not in ("any", "90"):
+            problems.append(f"rotate {self.rotate!r} must be 'any' or '90'")
+        s = self.scale
+        if not (isinstance(s, (tuple, list)) and len(s) == 2 and all(_number_in(v, 0, math.inf) for v in s)
+                and 0 < s[0] <= s[1]):
+            problems.append(f"scale {s!r} must be (min, max) zoom with 0 < min <= max")
+        for k in ("elastic", "blur", "sharpen", "contrast", "brightness", "gamma", "noise", "illumination", "strength"):
+            if not _number_in(getattr(self, k), 0, math.inf):
+                problems.append(f"{k} {getattr(self, k)!r} must be a number >= 0")
+        for k in ("texture", "poisson", "stripes"):
+            if not _number_in(getattr(self, k), 0, 1):
+                problems.append(f"{k} {getattr(self, k)!r} must be a probability between 0 and 1")
+        _refuse("augmentation settings", problems)
 
     @classmethod
     def preset(cls, name: str) -> "AugmentConfig":
@@ -191,6 +222,66 @@ class TrainConfig:
             raise ValueError(f"min_steps_per_epoch must be >= 1, got {self.min_steps_per_epoch}")
         if not 0 <= self.weight_average < 1:
             raise ValueError(f"weight_average is a decay per step, 0 <= decay < 1; got {self.weight_average}")
+        # What train() would otherwise find out only after creating the run folder (or never: a
+        # learning rate of 0 or below trains nothing, or climbs the loss).
+        problems = [f"{k} {getattr(self, k)!r} must be a whole number >= 1" for k in ("epochs", "batch_size")
+                    if not _whole(getattr(self, k), 1)]
+        if not _number_in(self.learning_rate, 0, math.inf) or self.learning_rate == 0:
+            problems.append(f"learning_rate {self.learning_rate!r} must be a number above 0")
+        if not _whole(self.patience, 0):
+            problems.append(f"patience {self.patience!r} must be a whole number >= 0")
+        if self.steps_per_epoch is not None and not _whole(self.steps_per_epoch, 1):
+            problems.append(f"steps_per_epoch {self.steps_per_epoch!r} must be a whole number >= 1 (or None: "
+                            "one pass over the training slices)")
+        if not _whole(self.seed, 0) or self.seed >= 2 ** 32:
+            problems.append(f"seed {self.seed!r} must be a whole number from 0 to 2**32 - 1")
+        if self.loss not in LOSSES:
+            problems.append(f"loss {self.loss!r} must be one of {LOSSES}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule {self.lr_schedule!r} must be one of {LR_SCHEDULES}")
+        if self.mixed_precision not in (False, True, None, "", "float32", "float16", "bfloat16"):
+            problems.append(f"mixed_precision {self.mixed_precision!r} must be false, 'float16' or 'bfloat16'")
+        _refuse("training settings", problems)
+
+
+LOSSES = ("dice", "dice_ce")  # TrainConfig.loss
+LR_SCHEDULES = ("constant", "cosine")  # TrainConfig.lr_schedule
+
+
+def _whole(value, least: int) -> bool:
+    """`value` is a whole number (Python or NumPy, not a bool) >= least."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def _number_in(value, lo: float, hi: float) -> bool:
+    """`value` is a finite real number (Python or NumPy, not a bool) in [lo, hi] (hi may be inf)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and lo <= value <= hi)
+
+
+def _refuse(what: str, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def check_model_config(model: "ModelConfig") -> None:
+    """ValueError (one line) for an architecture no network can be built from. Called by `train` before
+    anything is written; not in `ModelConfig` itself, whose graph-inferred copies of foreign `.keras`
+    files (`predict.load_keras_with_config`) must still load far enough to be refused with a clear reason."""
+    problems = []
+    if not _whole(model.depth, 2):
+        problems.append(f"depth {model.depth!r} must be a whole number >= 2")
+    if not _whole(model.base_filters, 1):
+        problems.append(f"base_filters {model.base_filters!r} must be a whole number >= 1")
+    if not _whole(model.n_classes, 2):
+        problems.append(f"n_classes {model.n_classes!r} must be a whole number >= 2")
+    if not _number_in(model.dropout, 0, 1) or model.dropout == 1:
+        problems.append(f"dropout {model.dropout!r} must be >= 0 and below 1")
+    if not _number_in(model.mixstyle, 0, 1):
+        problems.append(f"mixstyle {model.mixstyle!r} must be a probability between 0 and 1")
+    if not _number_in(model.input_blur, 0, math.inf):
+        problems.append(f"input_blur {model.input_blur!r} must be a sigma >= 0")
+    _refuse("model settings", problems)
 
 
 ZOOM_SEARCH = ("off", "always", "ood")  # InferenceConfig.zoom_search

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import cli
 from .config import (NORMALIZATION, NORMALIZATION_METHODS, VARIANTS, AugmentConfig, Config, DataConfig, ModelConfig,
-                     TrainConfig, resolve_jit)
+                     TrainConfig, check_model_config, resolve_jit)
 from .runlock import atomic_write_bytes, atomic_write_text
 from .sampling import SAME_PIXEL_SIZE, resample_factor
 
@@ -83,7 +83,8 @@ def choose_model_pixel_size(known: list[float]) -> float | None:
 
 def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: str = "train",
                  val_split: str = "val", max_slices: int | None = None, pixel_sizes: list[float | None] | None = None,
-                 model_pixel_size: float | None = None, weights: list[float] | None = None):
+                 model_pixel_size: float | None = None, weights: list[float] | None = None,
+                 labels: list[str | None] | None = None):
     """Training and validation sets for one or several data sets.
 
     Each data set uses its own `val` split when present; otherwise validation is
@@ -92,10 +93,13 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
     from a few annotated slices). pixel_sizes: nm per set where the set's
     dataset.json / TIFF metadata do not say (None = unknown). model_pixel_size:
     the model's pixel size (default `choose_model_pixel_size`). weights: share of
-    the training tiles per set (default equal).
+    the training tiles per set (default equal). labels: per set, the label folder,
+    glob or stack of a set given as an image folder, glob or TIFF stack (the other
+    two layouts of `io.find_pairs`; None for a set in the split layout); such a set
+    has no val split, so its validation is carved from its slices.
     Returns (train sets, val sets, model pixel size, provenance list of dicts).
     """
-    from .io import find_pairs
+    from .io import dataset_pixel_size_nm, find_pairs
     from .sampling import SliceRegion, TrainingSet, holdout_split
 
     if weights is not None and len(weights) != len(data_dirs):
@@ -103,12 +107,17 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
     if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
         raise ValueError(f"--set-weights must be >= 0 with a positive sum, got {weights}")
     given = pixel_sizes or [None] * len(data_dirs)
-    names = [Path(d).resolve().name for d in data_dirs]
+    labels = check_labels_per_set(labels, len(data_dirs))
+    names = [_set_name(d, lab) for d, lab in zip(data_dirs, labels)]
     if len(set(names)) != len(names):
         raise ValueError(f"two data sets share a folder name: {names}; give each set its own name")
     found = []
-    for d in data_dirs:
+    for d, lab in zip(data_dirs, labels):
         p = Path(d)
+        if lab is not None:  # an image folder, glob or stack with its labels: no splits, no val split
+            pairs = find_pairs(d, train_split, labels=lab)
+            found.append((pairs[:max_slices] if max_slices is not None else pairs, []))
+            continue
         if p.name in (train_split, val_split, "test") and (p / "x").is_dir() and (p.parent / train_split).is_dir():
             # SET/train: the set's val split and dataset.json (pixel size, unlabelled value) lie one up.
             warnings.warn(f"{d} is the '{p.name}' split of {p.parent}: trained on as a set of its own, with "
@@ -123,7 +132,17 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
         present = vdir.is_dir() and any(any((vdir / sub).iterdir()) for sub in ("x", "y") if (vdir / sub).is_dir())
         vpairs = find_pairs(d, val_split) if present else []
         found.append((pairs, vpairs))
-    set_px = [dataset_pixel_size(d, found[i][0][0].image) or given[i] for i, d in enumerate(data_dirs)]
+    # The set's own pixel size (dataset.json, then TIFF metadata) wins; --pixel-size fills in sets that
+    # say nothing. A given value that disagrees is said to be unused, not dropped in silence.
+    set_px = []
+    for i, d in enumerate(data_dirs):
+        own = dataset_pixel_size(d, found[i][0][0].image)
+        if given[i] and own and abs(given[i] / own - 1) > SAME_PIXEL_SIZE:
+            source = "dataset.json" if dataset_pixel_size_nm(d) else f"TIFF metadata ({found[i][0][0].image})"
+            warnings.warn(f"{d}: --pixel-size {given[i]:g} nm is not used: the set's {source} states {own:g} nm "
+                          "(--pixel-size fills in sets that state none); if the file is wrong, write the right "
+                          f"\"pixel_size_nm\" into {Path(d) / 'dataset.json'}", stacklevel=2)
+        set_px.append(own or given[i])
     if model_pixel_size is None:
         model_pixel_size = choose_model_pixel_size([p for p in set_px if p])
     w = [1.0] * len(data_dirs) if weights is None else [float(x) for x in weights]
@@ -143,6 +162,7 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
         info.append({
             "name": names[i],
             "path": str(Path(d).resolve()),
+            **({"labels": _label_source(labels[i])} if labels[i] is not None else {}),
             "train_slices": [p.name for p in pairs],
             "val_slices": [p.name for p in vpairs] if vpairs else [p.name for p in pairs],
             "validation": how,
@@ -151,6 +171,34 @@ def resolve_data(data_dirs: list[str], val_fraction: float = 0.2, train_split: s
             "sampling_weight": round(w[i] / total, 4),
         })
     return train, val, model_pixel_size, info
+
+
+def check_labels_per_set(labels: list[str | None] | None, n_sets: int) -> list[str | None]:
+    """`--labels` values -> one entry per data set (None: the set is in the split layout).
+
+    Give exactly one per --data set; "-" (or "none") stands for a set in the split layout."""
+    if not labels:
+        return [None] * n_sets
+    if len(labels) != n_sets:
+        raise ValueError(f"--labels: give one label folder, glob or stack per --data set ({n_sets}), got "
+                         f"{len(labels)} ('-' for a set in the split layout)")
+    return [None if lab is None or str(lab).lower() in ("-", "none") else str(lab) for lab in labels]
+
+
+def _set_name(data: str, labels: str | None) -> str:
+    """A data set's name (history columns, config.json): its folder's; a stack's file stem; a glob's folder."""
+    if labels is None:
+        return Path(data).resolve().name
+    p = Path(data)
+    while any(c in p.name for c in "*?[") and p != p.parent:
+        p = p.parent
+    p = p.resolve()
+    return p.stem if p.is_file() else p.name
+
+
+def _label_source(labels: str) -> str:
+    """How config.json records a --labels value: resolved, unless it is a glob."""
+    return labels if any(c in labels for c in "*?[") else str(Path(labels).resolve())
 
 
 def dataset_pixel_size(data_dir: str, first_image: Path) -> float | None:
@@ -173,6 +221,21 @@ def with_shapes(sets: list) -> list:
 
 # ----------------------------------------------------------------------------
 # Training
+
+
+def _command_line() -> str | None:
+    """The command line that runs this process, as the user can type it again: `python -m xmdl_tf.train
+    ...` (sys.argv[0] is then the module's file path, which does not run), `xmdl-train ...` for the
+    console scripts; None when the toolkit is called from another program (the Python API)."""
+    import shlex
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None) or ""
+    if name == "xmdl_tf" or name.startswith("xmdl_tf."):
+        return shlex.join(["python", "-m", name.removesuffix(".__main__"), *sys.argv[1:]])
+    if sys.argv and Path(sys.argv[0]).name.startswith("xmdl-"):
+        return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return None
 
 
 def _versions() -> dict:
@@ -216,7 +279,7 @@ def _comparable(cfg: dict) -> dict:
     # What the run learns from is part of it too: other data, slices, pixel sizes, parent or a
     # frozen encoder would continue one run on another's terms (provenance and versions are not).
     info = cfg.get("info") if isinstance(cfg.get("info"), dict) else {}
-    keys = ("path", "train_slices", "val_slices", "validation", "pixel_size_nm", "sampling_weight")
+    keys = ("path", "labels", "train_slices", "val_slices", "validation", "pixel_size_nm", "sampling_weight")
     out["learns_from"] = {
         "data": [{k: d.get(k) for k in keys} for d in info.get("data") or [] if isinstance(d, dict)],
         "parent": (info.get("lineage") or {}).get("model"),
@@ -265,7 +328,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
           init_from: str | Path | None = None, freeze_encoder: bool = False, augment_strength: float | None = None,
           max_slices: int | None = None, overwrite: bool = False, verbose: int = 2,
           callbacks: list | None = None, pixel_sizes: list[float | None] | None = None,
-          parent_baseline: bool = False) -> Path:
+          parent_baseline: bool = False, labels: list[str | None] | None = None) -> Path:
     """Train (or resume, or fine-tune) a model; returns the run folder.
 
     Data sets are sampled by `config.data.set_weights` (equal by default) and
@@ -282,6 +345,8 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     `overwrite`, the new run trains beside the old one and replaces it only
     when finished, so a failed or killed new run loses nothing.
     callbacks: extra Keras callbacks, run after the checkpointing ones.
+    labels: per data set, the label folder, glob or stack of a set given as an image
+    folder, glob or TIFF stack (None for a set in the split layout; `resolve_data`).
     parent_baseline: with `init_from`, validate the parent once before the
     first epoch and keep its weights unless an epoch beats its validation loss
     (what `finetune` and `train --init-from` do; off for self-training, whose
@@ -292,6 +357,8 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     from .sampling import default_steps_per_epoch
 
     out = cli.check_out_folder(out)  # before anything is read, or the lock file created beside it
+    if init_from is None:  # (a fine-tuned model's architecture is its parent's)
+        check_model_config(config.model)
     if augment_strength is not None:
         config = replace(config, augment=replace(config.augment, strength=augment_strength))
     parent = None
@@ -312,7 +379,7 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         model_px = model_px or parent_px
     train_sets, val_sets, model_px, info = resolve_data(
         data_dirs, val_fraction, max_slices=max_slices, pixel_sizes=pixel_sizes, model_pixel_size=model_px,
-        weights=list(config.data.set_weights) if config.data.set_weights else None)
+        weights=list(config.data.set_weights) if config.data.set_weights else None, labels=labels)
     train_sets, val_sets = with_shapes(train_sets), with_shapes(val_sets)
     # As evaluate, tune and calibrate: a set's dataset.json says which label value is unlabelled
     # (napari's corrections write 255 there), and a given --ignore-value wins. Resolved before the
@@ -349,10 +416,10 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
         "lineage": parent_info,
         "freeze_encoder": freeze_encoder,
         "augment_strength": config.augment.strength,
-        "command": " ".join(sys.argv) if sys.argv and "xmdl_tf" in " ".join(sys.argv) else None,
+        "command": _command_line(),
     }
     config = replace(config, info=info_block)
-    for source in [*data_dirs, *([init_from] if init_from is not None else [])]:
+    for source in [*data_dirs, *(lab for lab in labels or [] if lab), *([init_from] if init_from is not None else [])]:
         if Path(source).exists():  # --overwrite would delete it with the old run
             cli.refuse_replacing_input(out, source)
     with FolderLock(out, "training run"):
@@ -658,8 +725,14 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
                                    restore_best_weights=True, verbose=1)
     ckpt = RunCheckpoint(run_dir, history, early, steps * batch)
     t0 = time.time()
-    model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
-              callbacks=[*schedule, *average, validate, early, ckpt, *(callbacks or [])], verbose=verbose)
+    # A kill after the last epoch's state was written but before the run was marked finished: the
+    # run had ended (all epochs, or EarlyStopping's patience spent, as Keras decides it); training
+    # on would add epochs the uninterrupted run never had.
+    ended = resume and (initial_epoch >= config.train.epochs
+                        or (state["epoch"] > 0 and state.get("wait", 0) >= config.train.patience))
+    if not ended:
+        model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
+                  callbacks=[*schedule, *average, validate, early, ckpt, *(callbacks or [])], verbose=verbose)
     final = _read_state(run_dir)
     # model.keras is the best epoch's weights (saved when it was reached).
     _sync_best(run_dir, final)
@@ -1077,7 +1150,13 @@ def plot_history(history_csv: Path, out_png: Path, parent: dict | None = None) -
 def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False,
                  description: str | None = None) -> argparse.ArgumentParser:
     p = cli.parser(prog, description or __doc__.split("\n\n")[0])
-    p.add_argument("--data", nargs="+", required=True, help="data set folder(s) in the split layout <dir>/{train,val}/{x,y}")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="data set folder(s) in the split layout <dir>/{train,val}/{x,y}; or, with --labels, image "
+                        "folders, globs or multi-page TIFF stacks")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABELS",
+                   help="one per --data set: the label folder or glob (paired by file name) of an image folder, or "
+                        "the label stack of a TIFF stack; '-' for a set in the split layout. Such a set has no val "
+                        "split: validation is held back from its slices (--val-fraction)")
     p.add_argument("--out", required=True, help="run folder (created; an interrupted run here is resumed)")
     p.add_argument("--tile-size", type=cli.positive_int, default=256, help="training tile height and width, px")
     p.add_argument("--tiles-per-slice", type=cli.positive_int, default=8, help="random crops per decoded slice")
@@ -1204,7 +1283,8 @@ def train_from_args(args: argparse.Namespace, init_from: str | None) -> Path:
     out = train(args.data, args.out, config_from_args(args), val_fraction=args.val_fraction, init_from=init_from,
                 freeze_encoder=args.freeze_encoder, augment_strength=args.augment_strength,
                 max_slices=args.max_slices, overwrite=args.overwrite,
-                pixel_sizes=parse_pixel_sizes(args.pixel_size, len(args.data)), parent_baseline=True)
+                pixel_sizes=parse_pixel_sizes(args.pixel_size, len(args.data)), parent_baseline=True,
+                labels=args.labels)
     for line in parent_comparison(out):
         print(line)
     return out
@@ -1229,6 +1309,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--augment-scale {lo:g} {hi:g}: need {MIN_ZOOM:g} <= MIN <= MAX <= {MAX_ZOOM:g}")
     try:
         parse_pixel_sizes(args.pixel_size, len(args.data))
+        check_labels_per_set(args.labels, len(args.data))
     except ValueError as err:
         parser.error(str(err))
     if args.set_weights is not None and (len(args.set_weights) != len(args.data) or min(args.set_weights) < 0
