@@ -233,3 +233,23 @@ def test_tune_names_the_layout_it_reads(tmp_path, capsys):
     assert main(["--model", "xmdl_ref_f8", "--data", str(tmp_path / "slices")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tune reads data sets in the split layout" in err[0] and "labels explicitly" not in err[0]
+
+
+def test_evaluate_warns_when_a_set_the_model_was_trained_on_at_a_known_pixel_size_has_none(tmp_path):
+    """A run trained with --pixel-size 4.6 on a set without metadata records it; scoring that set
+    without it is not scoring it as trained: said in one warning naming the value to pass."""
+    import types
+    import warnings
+
+    from xmdl_tf.evaluate import warn_trained_pixel_size
+
+    data = tmp_path / "setA"
+    data.mkdir()
+    info = {"data": [{"path": str(data.resolve()), "pixel_size_nm": 4.6}]}
+    pred = types.SimpleNamespace(config=types.SimpleNamespace(info=info))
+    with pytest.warns(UserWarning, match=r"trained on this set at 4.6 nm.*--pixel-size 4.6"):
+        warn_trained_pixel_size(pred, str(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_trained_pixel_size(pred, str(tmp_path / "other"))  # another set: nothing to say
+        warn_trained_pixel_size(types.SimpleNamespace(config=types.SimpleNamespace(info={})), str(data))

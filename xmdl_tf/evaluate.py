@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,6 +87,8 @@ def evaluate(model: Predictor | str | Path, data: str, split: str = "auto", out:
     rows = []
     t0 = time.time()
     set_px = dataset_pixel_size_nm(data)
+    if pixel_size_nm is None and set_px is None and read_pixel_size_nm(pairs[0].image) is None:
+        warn_trained_pixel_size(predictor, data)
     for pair in pairs:
         image, label = read_pair(pair)
         # As analyze: a given --pixel-size wins over the file's metadata, which wins over dataset.json.
@@ -220,6 +223,20 @@ def evaluate_volume(model, data: str, split: str = "auto", out: str | Path | Non
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", _json_text(result))
     return result
+
+
+def warn_trained_pixel_size(predictor, data: str | Path) -> None:
+    """Warn when `data`, whose pixel size is unknown here, is a set the model was trained on at a
+    known pixel size (its config.json "info.data"): scored without it, it is not scored as trained."""
+    entries = (getattr(predictor.config, "info", None) or {}).get("data") or []
+    here = str(Path(data).resolve())
+    for d in entries:
+        if isinstance(d, dict) and d.get("path") == here and d.get("pixel_size_nm") and not d.get("labels"):
+            px = float(d["pixel_size_nm"])
+            warnings.warn(f"{data}: pixel size unknown here (no dataset.json or TIFF metadata), but the model was "
+                          f"trained on this set at {px:g} nm (its config.json); pass --pixel-size {px:g} to score "
+                          "it as trained", stacklevel=2)
+            return
 
 
 def _json_text(result: dict) -> str:
