@@ -1,6 +1,7 @@
 """Installs like other tools: built-in model, console commands, wheel, BioImage Model Zoo export."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def test_builtin_model_is_found_by_name_and_a_local_folder_or_env_wins(tmp_path,
 
 @pytest.mark.slow
 def test_wheel_installs_with_its_model_and_analyzes_the_sample_like_the_checkout(tmp_path):
-    """pip wheel -> fresh venv -> `xmdl-analyze sample --out --no-tta` from outside the repo, no --model."""
+    """pip wheel -> fresh venv -> `xmdl-analyze sample --out --no-tta` from outside the repo, no --model
+    (the built-in named by $XMDL_MODEL, found in the installed package)."""
     import zipfile
 
     import pandas as pd
@@ -95,17 +97,22 @@ def test_wheel_installs_with_its_model_and_analyzes_the_sample_like_the_checkout
     assert Path(where).is_relative_to(venv), where
     # Without test-time augmentation (8x the inference): what is compared is the installed wheel's
     # model and code against the checkout's, not the defaults, which tests/test_analyze.py covers.
+    # The 8-filter built-in, by the name a lab's default takes ($XMDL_MODEL): found inside the installed
+    # wheel as the default one is (`pretrained.builtin_model`), at a sixth of the 16-filter model's time.
+    env["XMDL_MODEL"] = "xmdl_ref_f8"
     run = subprocess.run([venv / "bin" / "xmdl-analyze", image, "--out", "results", "--no-tta"], cwd=elsewhere,
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
 
     # The checkout's analysis in a fresh process too, like the wheel's: inside the test process,
-    # TensorFlow's thread pools are already set up by other tests, and the 16-filter model's
-    # per-object confidence moves by a few 1e-4 with the order of float32 reductions.
+    # TensorFlow's thread pools are already set up by other tests, and a model's per-object
+    # confidence moves by a few 1e-4 with the order of float32 reductions.
     check = subprocess.run([sys.executable, "-m", "xmdl_tf.analyze", image, "--out", tmp_path / "checkout", "--no-tta"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert check.returncode == 0, check.stderr[-2000:]
     ours, theirs = elsewhere / "results" / "im0015", tmp_path / "checkout" / "im0015"
+    used = Path(json.loads((elsewhere / "results" / "settings.json").read_text())["model"])
+    assert used.is_relative_to(venv) and used.parent.name == "xmdl_ref_f8", used  # the wheel's own copy
     assert np.array_equal(tifffile.imread(ours / "instances.tif"), tifffile.imread(theirs / "instances.tif"))
     a, b = pd.read_csv(ours / "morphometry.csv"), pd.read_csv(theirs / "morphometry.csv")
     assert len(a) > 0 and list(a.columns) == list(b.columns)
@@ -264,6 +271,7 @@ def test_documented_commands_use_only_flags_and_choices_their_parsers_have(monke
     parse_args), nothing runs."""
     import argparse
     import importlib
+    import importlib.util
     import re
     import shlex
 
@@ -273,25 +281,43 @@ def test_documented_commands_use_only_flags_and_choices_their_parsers_have(monke
     scripts = {name: module for name, module, _ in COMMANDS}
 
     class Parsed(BaseException):  # not an Exception: cli.guarded must not turn it into an error line
-        def __init__(self, parser):
-            self.parser = parser
+        def __init__(self, parser, known: bool):
+            self.parser, self.known = parser, known
 
-    def stop(self, *args, **kwargs):
-        raise Parsed(self)
+    def stopper(name: str):
+        original = getattr(argparse.ArgumentParser, name)
 
-    parsers: dict[str, argparse.ArgumentParser] = {}
+        def stop(self, args=None, namespace=None):
+            if args:  # a parser the script fills with fixed arguments of its own (e.g. another's defaults)
+                return original(self, args, namespace)
+            raise Parsed(self, name == "parse_known_args")  # main([]): the command's own parser
 
-    def parser_of(module: str) -> argparse.ArgumentParser:
+        return stop
+
+    parsers: dict[str, tuple[argparse.ArgumentParser, bool]] = {}
+
+    def load(module: str):
+        if not module.startswith("benchmarks/"):
+            return importlib.import_module(module)
+        spec = importlib.util.spec_from_file_location(Path(module).stem, ROOT / module)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    def parser_of(module: str) -> tuple[argparse.ArgumentParser, bool]:
+        """(the parser, whether it passes unknown flags on: to `xmdl_tf.train`, in the scripts that do)."""
         if module not in parsers:
             with monkeypatch.context() as m:
-                m.setattr(argparse.ArgumentParser, "parse_args", stop)
-                m.setattr(argparse.ArgumentParser, "parse_known_args", stop)
+                m.setattr(argparse.ArgumentParser, "parse_args", stopper("parse_args"))
+                m.setattr(argparse.ArgumentParser, "parse_known_args", stopper("parse_known_args"))
                 with pytest.raises(Parsed) as got:
-                    importlib.import_module(module).main([])
-            parsers[module] = got.value.parser
+                    load(module).main([])
+            parsers[module] = got.value.parser, got.value.known
         return parsers[module]
 
-    command = re.compile(r"(?:^|[\s/])python3?\s+-m\s+(xmdl_tf(?:\.[\w.<>]+)?)|(?:^|\s)(xmdl-[a-z]+)(?=\s|$)")
+    # The toolkit's commands, and the benchmark scripts every figure in the docs names.
+    command = re.compile(r"(?:^|[\s/])python3?\s+-m\s+(xmdl_tf(?:\.[\w.<>]+)?)|(?:^|\s)(xmdl-[a-z]+)(?=\s|$)"
+                         r"|(?:^|\s)(?:python3?|\S*/bin/python|KERAS_BACKEND=\w+\s+python3?)\s+(benchmarks/\w+\.py)")
     docs = [ROOT / "README.md", ROOT / "models" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     problems, checked = [], 0
     for doc in docs:
@@ -301,12 +327,12 @@ def test_documented_commands_use_only_flags_and_choices_their_parsers_have(monke
                 if not m:
                     continue
                 where = f"{doc.relative_to(ROOT)}:{line}: {seg.strip()[:120]}"
-                name = m.group(1) or m.group(2)
+                name = m.group(1) or m.group(2) or m.group(3)
                 if name == "xmdl_tf" or "<" in name:  # the command list; python -m xmdl_tf.<name>
                     continue
                 if m.group(2) and name not in scripts:  # xmdl-tf, the plugin's name
                     continue
-                module = scripts.get(name) or modules.get(name)
+                module = scripts.get(name) or modules.get(name) or (name if (ROOT / name).is_file() else None)
                 if module is None:
                     problems.append(f"{where}: {name} is not a command")
                     continue
@@ -315,13 +341,15 @@ def test_documented_commands_use_only_flags_and_choices_their_parsers_have(monke
                     tokens = shlex.split(rest)
                 except ValueError:
                     tokens = rest.split()
-                parser = parser_of(module)
+                parser, passes_on = parser_of(module)
                 checked += 1
                 for k, tok in enumerate(tokens):
-                    if not tok.startswith("--") or "<" in tok:
+                    if not tok.startswith("--") or "<" in tok or " " in tok:  # (a quoted value: '--epochs 50')
                         continue
                     flag, _, value = tok.partition("=")
                     action = parser._option_string_actions.get(flag)
+                    if action is None and passes_on:
+                        action = parser_of("xmdl_tf.train")[0]._option_string_actions.get(flag)
                     if action is None:
                         problems.append(f"{where}: {name} has no {flag}")
                         continue
