@@ -85,6 +85,27 @@ def test_the_interrupt_advice_names_resume_where_a_command_needs_it(capsys):
     assert "same command with --resume to continue" in capsys.readouterr().err
 
 
+def test_running_out_of_memory_is_one_line_with_what_to_lower(capsys):
+    """A model or tile too large for the machine (`--base-filters 100000`): TensorFlow's allocator
+    error is pages long; the user gets one line saying what to change."""
+    import tensorflow as tf
+
+    from xmdl_tf import cli
+
+    def tf_oom(argv=None):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8,100000,256,256]"
+                                               "\nhint: if you want to see a list of allocated tensors ...")
+
+    def numpy_oom(argv=None):
+        raise MemoryError("Unable to allocate 64.0 GiB for an array")
+
+    for fn, said in ((tf_oom, "OOM when allocating tensor with shape[8,100000,256,256]"),
+                     (numpy_oom, "Unable to allocate 64.0 GiB")):
+        assert cli.guarded(fn)([]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: out of memory ({said}") and "--batch-size" in err and err.count("\n") == 1
+
+
 def test_ignore_value_that_swallows_all_foreground_is_refused(tmp_path, capsys):
     data = tmp_path / "d"
     write_split(data, "train", 2, size=64)

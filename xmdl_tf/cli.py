@@ -36,6 +36,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (DataError, UsageError, FolderBusy, FileExistsError, FileNotFoundError, PermissionError, OSError, ValueError)
 
 
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """NumPy's MemoryError, and TensorFlow's ResourceExhaustedError once TensorFlow is loaded (never
+    imported for this)."""
+    tf = sys.modules.get("tensorflow")
+    exhausted = getattr(getattr(tf, "errors", None), "ResourceExhaustedError", None)
+    return (MemoryError,) + ((exhausted,) if isinstance(exhausted, type) else ())
+
+
 def guarded(main: Callable[[list[str] | None], int | None] | None = None, *, resume_flag: bool = False):
     """Decorator for `main(argv)`: expected errors -> `error: <message>` and exit 2.
 
@@ -68,6 +76,15 @@ def guarded(main: Callable[[list[str] | None], int | None] | None = None, *, res
             if debug:
                 raise
             print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except out_of_memory_errors() as err:
+            if debug:
+                raise
+            # TensorFlow's message is pages of allocator state; the size it failed on is enough.
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            print(f"error: out of memory{f' ({first})' if first else ''}; lower --batch-size or --tile-size, or use "
+                  "a model with fewer filters (e.g. --model xmdl_ref_f8), then run the same command again",
+                  file=sys.stderr)
             return 2
         finally:
             warnings.formatwarning = shown
