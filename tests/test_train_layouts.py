@@ -193,3 +193,14 @@ def test_a_pixel_size_given_for_a_set_that_states_another_is_said_to_be_unused(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a value that agrees is not warned about
         resolve_data([str(data)], pixel_sizes=[9.25])
+
+
+def test_a_tile_far_larger_than_every_slice_is_warned():
+    """--tile-size 4096 on 256-px slices: each tile is mostly padding and the run may be killed for memory."""
+    from xmdl_tf.train import oversized_tile
+
+    said = oversized_tile(4096, 256.0, 32)
+    assert said and "--tile-size 4096 is more than twice the largest training slice (256 px" in said
+    assert "--tile-size 256 holds the same" in said
+    assert "--tile-size 160 holds" in oversized_tile(512, 150.4, 32)  # rounded up to the size divisor
+    assert oversized_tile(512, 256.0, 32) is None and oversized_tile(256, 0, 32) is None

@@ -212,6 +212,17 @@ def dataset_pixel_size(data_dir: str, first_image: Path) -> float | None:
     return px
 
 
+def oversized_tile(tile: int, largest: float, divisor: int) -> str | None:
+    """A warning when training tiles are more than twice the largest slice (`largest`, px at the model's
+    pixel size): tiles larger than slices are padded, so most of their memory would hold nothing."""
+    if not largest or tile <= 2 * largest:
+        return None
+    enough = -(-int(math.ceil(largest)) // divisor) * divisor
+    return (f"--tile-size {tile} is more than twice the largest training slice ({largest:.0f} px at the model's "
+            f"pixel size): most of every tile is padding, at {tile} x {tile} px of memory each; --tile-size {enough} "
+            "holds the same")
+
+
 def with_shapes(sets: list) -> list:
     """The same sets with (H, W) of every slice filled in (checks every pair on the way)."""
     from .io import check_pairs
@@ -395,6 +406,10 @@ def train(data_dirs: list[str], out: str | Path, config: Config, val_fraction: f
     tile = config.data.tile_size
     if tile % config.model.size_divisor:
         raise ValueError(f"tile size {tile} is not divisible by 2**(depth-1) = {config.model.size_divisor}")
+    oversized = oversized_tile(tile, max((max(hw) * st.factor for st in train_sets for hw in st.shapes), default=0),
+                               config.model.size_divisor)
+    if oversized:
+        warnings.warn(oversized, stacklevel=2)
     steps = config.train.steps_per_epoch or max(config.train.min_steps_per_epoch,
                                                 default_steps_per_epoch(train_sets, tile, config.train.batch_size))
     config = replace(config, data=replace(config.data, pixel_size_nm=model_px),
