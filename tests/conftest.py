@@ -64,6 +64,20 @@ BLOB_RUN_ARGS = ["--tile-size", "32", "--depth", "3", "--base-filters", "8", "--
                  "--lr", "3e-3"]
 
 
+@pytest.fixture(scope="module")
+def untrained_model(tmp_path_factory) -> Path:
+    """An untrained tiny model folder (depth 3, 4 filters, 5 nm): its predictions are deterministic,
+    which is all tests of reading, scoring, resuming and the Python API need."""
+    from xmdl_tf.config import Config, DataConfig, ModelConfig
+    from xmdl_tf.model import build_from_config
+
+    folder = tmp_path_factory.mktemp("model")
+    cfg = Config(model=ModelConfig(depth=3, base_filters=4), data=DataConfig(pixel_size_nm=5.0))
+    build_from_config(cfg.model).save(folder / "model.keras")
+    cfg.save(folder / "config.json")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def blob_run(tmp_path_factory) -> tuple[Path, Path]:
     """(data set, run folder) of the suite's trained tiny model.

@@ -19,17 +19,11 @@ from xmdl_tf.io import DataError, as_em_slice, as_em_volume
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    """An untrained tiny model (deterministic, which is all these tests need), loaded once."""
-    from xmdl_tf.config import Config, DataConfig, ModelConfig
-    from xmdl_tf.model import build_from_config
+def predictor(untrained_model):
+    """The suite's untrained tiny model (deterministic, which is all these tests need), loaded once."""
     from xmdl_tf.predict import load_model
 
-    folder = tmp_path_factory.mktemp("model")
-    cfg = Config(model=ModelConfig(depth=3, base_filters=4), data=DataConfig(pixel_size_nm=5.0))
-    build_from_config(cfg.model).save(folder / "model.keras")
-    cfg.save(folder / "config.json")
-    return load_model(folder)
+    return load_model(untrained_model)
 
 
 @pytest.fixture(scope="module")

@@ -275,16 +275,8 @@ def test_train_resumes_after_kills_at_any_moment(blob_dataset, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory) -> Path:
-    """An untrained tiny model folder (predictions are deterministic, which is all these tests need)."""
-    from xmdl_tf.config import Config, DataConfig, ModelConfig
-    from xmdl_tf.model import build_from_config
-
-    folder = tmp_path_factory.mktemp("model")
-    cfg = Config(model=ModelConfig(depth=3, base_filters=4), data=DataConfig(pixel_size_nm=5.0))
-    build_from_config(cfg.model).save(folder / "model.keras")
-    cfg.save(folder / "config.json")
-    return folder
+def small_model(untrained_model) -> Path:
+    return untrained_model
 
 
 @pytest.fixture

@@ -102,19 +102,6 @@ def test_empty_truth_and_empty_prediction():
 # evaluate --volume
 
 
-@pytest.fixture(scope="module")
-def untrained_model(tmp_path_factory) -> Path:
-    """An untrained tiny model folder: deterministic predictions are all the scoring needs."""
-    from xmdl_tf.config import Config, DataConfig, ModelConfig
-    from xmdl_tf.model import build_from_config
-
-    folder = tmp_path_factory.mktemp("model")
-    cfg = Config(model=ModelConfig(depth=3, base_filters=4), data=DataConfig(pixel_size_nm=5.0))
-    build_from_config(cfg.model).save(folder / "model.keras")
-    cfg.save(folder / "config.json")
-    return folder
-
-
 def _volume_set(root: Path, labels: np.ndarray) -> Path:
     rng = np.random.default_rng(0)
     for d in ("x", "y"):
