@@ -103,7 +103,7 @@ def test_running_out_of_memory_is_one_line_with_what_to_lower(capsys):
                      (numpy_oom, "Unable to allocate 64.0 GiB")):
         assert cli.guarded(fn)([]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: out of memory ({said}") and "--batch-size" in err and err.count("\n") == 1
+        assert err.startswith(f"error: out of memory ({said}") and "smaller tiles or batches" in err and err.count("\n") == 1
 
 
 def test_ignore_value_that_swallows_all_foreground_is_refused(tmp_path, capsys):

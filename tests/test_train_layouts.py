@@ -154,6 +154,38 @@ def test_a_run_killed_after_early_stopping_ended_it_resumes_as_finished(blob_dat
     assert info["epochs_run"] == 2 and info["best_epoch"] == 1
 
 
+def test_with_patience_0_a_run_killed_after_an_improving_epoch_trains_on(blob_dataset, tmp_path, monkeypatch):
+    """EarlyStopping stops only after an epoch that did not improve: with --patience 0 the wait is 0 after
+    every improving epoch, and a run killed there must not be taken for a finished one."""
+    import xmdl_tf.train as tr
+
+    losses = iter([0.5, 0.4, 0.3, 0.2])  # better every epoch: never stopped early
+
+    def scores(counts, loss="dice"):
+        return {"val_loss": next(losses), "val_f1": 0.5, "val_iou": 0.3, "val_precision": 0.5, "val_recall": 0.5}
+
+    monkeypatch.setattr(tr, "validation_scores", scores)
+
+    class KillAfterSecond(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    argv = ["--data", str(blob_dataset), "--out", str(tmp_path / "run"), *TINY, "--epochs", "4", "--patience", "0"]
+    cfg = tr.config_from_args(tr.build_parser().parse_args(argv))
+    with pytest.raises(KeyboardInterrupt):
+        tr.train([str(blob_dataset)], tmp_path / "run", cfg, callbacks=[KillAfterSecond()], verbose=0)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+    tr.train([str(blob_dataset)], tmp_path / "run", cfg, callbacks=[Record()], verbose=0)
+    assert seen == [2, 3]
+    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [1, 2, 3, 4]
+
+
 def test_the_recorded_command_can_be_run_again(monkeypatch):
     """`python -m xmdl_tf.train` has the module's file path as sys.argv[0]: recorded as is, the command does
     not run (relative imports); the console script's was not recorded at all."""

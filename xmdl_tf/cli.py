@@ -82,9 +82,9 @@ def guarded(main: Callable[[list[str] | None], int | None] | None = None, *, res
                 raise
             # TensorFlow's message is pages of allocator state; the size it failed on is enough.
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-            print(f"error: out of memory{f' ({first})' if first else ''}; lower --batch-size or --tile-size, or use "
-                  "a model with fewer filters (e.g. --model xmdl_ref_f8), then run the same command again",
-                  file=sys.stderr)
+            print(f"error: out of memory{f' ({first})' if first else ''}; use smaller tiles or batches (the "
+                  "command's tile and batch size options), or a model with fewer filters (e.g. xmdl_ref_f8), then "
+                  "run the same command again", file=sys.stderr)
             return 2
         finally:
             warnings.formatwarning = shown

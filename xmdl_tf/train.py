@@ -743,8 +743,10 @@ def _train_locked(out: Path, config: Config, train_sets, val_sets, parent, freez
     # A kill after the last epoch's state was written but before the run was marked finished: the
     # run had ended (all epochs, or EarlyStopping's patience spent, as Keras decides it); training
     # on would add epochs the uninterrupted run never had.
+    # (Keras stops only after an epoch that did not improve: an improving one resets the wait.)
     ended = resume and (initial_epoch >= config.train.epochs
-                        or (state["epoch"] > 0 and state.get("wait", 0) >= config.train.patience))
+                        or (state["epoch"] > 0 and state.get("best_epoch") != state["epoch"]
+                            and state.get("wait", 0) >= config.train.patience))
     if not ended:
         model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
                   callbacks=[*schedule, *average, validate, early, ckpt, *(callbacks or [])], verbose=verbose)
