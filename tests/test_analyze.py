@@ -103,11 +103,18 @@ def test_analyze_errors(tiny_run, tmp_path, monkeypatch, capsys):
 
     img, _ = blob_image(64)
     cv2.imwrite(str(tmp_path / "a.png"), img)
-    monkeypatch.setattr(an, "default_model_path", lambda: None)
+    import xmdl_tf.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "default_model_path", lambda: None)
     assert analyze_main([str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 2
     assert "no default model is installed" in capsys.readouterr().err
     assert analyze_main([str(tmp_path / "missing.png"), "--model", str(tiny_run), "--out", str(tmp_path / "o2")]) == 1
     assert "missing.png" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setenv("XMDL_MODEL", "nope")  # a lab default naming nothing is named as such
+    assert analyze_main([str(tmp_path / "a.png"), "--out", str(tmp_path / "o3")]) == 2
+    assert "$XMDL_MODEL=nope: no such model" in capsys.readouterr().err
+    monkeypatch.delenv("XMDL_MODEL")
     with pytest.raises(SystemExit):
         analyze_main([str(tmp_path / "a.png"), "--model", str(tiny_run), "--rule", "bogus=1"])
     capsys.readouterr()

@@ -44,7 +44,6 @@ from . import cli
 from .autoscale import enabled as auto_zoom_enabled
 from .config import InferenceConfig, resolve_inference
 from .io import TIFF_EXTS, DataError, LabelIndex, SlicePair, folder_pairs, stack_depth, stack_pairs
-from .pretrained import NO_DEFAULT, default_model_path
 
 if TYPE_CHECKING:
     from .predict import Predictor
@@ -491,11 +490,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
         if unlabelled:
             raise DataError(f"{labels}: no label for {len(unlabelled)} input(s), e.g. {unlabelled[0]}; give a label "
                             "for every input, or analyse the unlabelled ones without --labels")
-    if model is None:
-        model = default_model_path()
-        if model is None:
-            raise FileNotFoundError(NO_DEFAULT)
-    predictor = load_model(model) if isinstance(model, (str, Path)) else model
+    predictor = load_model(model) if model is None or isinstance(model, (str, Path)) else model
     ic = s.resolve(predictor)
     check_calibration(predictor)
     from .gradcam import GradCamError
@@ -581,7 +576,7 @@ def analyze(inputs: list[str], model=None, out: str | Path = "xmdl_out", labels:
                 if verbose:
                     z = a.summary.get("auto_zoom")
                     zoomed = f" (zoom x{z:.3g})" if z not in (None, 1.0) else ""
-                    print(f"    {a.summary['count']} mitochondria{zoomed} -> {out / pair.name}", flush=True)
+                    print(f"    {cli.mitochondria(a.summary['count'])}{zoomed} -> {out / pair.name}", flush=True)
                 if a.summary.get("ood_warning"):
                     print(f"    warning: {pair.name} is unlike the model's training data (OOD score "
                           f"{a.summary['ood_score']:.2f} > {a.summary['ood_threshold']:.2f}); check its results and "
@@ -751,7 +746,8 @@ def _write_tables(out: Path, rows: dict, objects: dict, order: list[str], key: s
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m xmdl_tf.analyze", __doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or TIFF stacks")
-    p.add_argument("--model", default=None, help="run folder, .keras file or exported SavedModel folder (default: the shipped reference model)")
+    p.add_argument("--model", default=None, help="run folder, .keras file, exported SavedModel folder or built-in name (default: $XMDL_MODEL, "
+                   "else the built-in xmdl_ref)")
     p.add_argument("--labels", default=None, help="ground-truth masks or instance labels (file, folder, glob or stack)")
     p.add_argument("--pixel-size", type=cli.pixel_size, default=None,
                    help="nm per pixel (wins over the files' metadata, with a warning where they disagree)")

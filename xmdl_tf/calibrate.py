@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import parse_pixel_sizes
 
     p = cli.parser("python -m xmdl_tf.calibrate", __doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="run folder or .keras file (config.json beside it)")
+    p.add_argument("--model", required=True, help="run folder or .keras file (config.json beside it; a built-in model: copy it first)")
     p.add_argument("--data", nargs="+", required=True, help="the model's data set folder(s), split layout")
     p.add_argument("--pixel-size", nargs="+", default=None, metavar="NM",
                    help="nm per pixel of each set whose files do not say ('unknown' allowed)")

@@ -98,6 +98,11 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
         f"{category.__name__}: {text} ({filename}:{lineno})\n"
 
 
+def mitochondria(n) -> str:
+    """'1 mitochondrion', '2 mitochondria' (a count as printed to the user)."""
+    return f"{n} mitochondrion" if n == 1 else f"{n} mitochondria"
+
+
 def one_line(err: BaseException) -> str:
     """The message of an exception on one line (OSErrors with their file name)."""
     if isinstance(err, OSError) and not isinstance(err, (FileExistsError, FileNotFoundError)) and err.strerror:

@@ -777,7 +777,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
         if not fresh and (out / "summary.json").is_file():  # --resume of a finished run
             summary = json.loads((out / "summary.json").read_text())
             if verbose:
-                print(f"{out}: already complete ({summary.get('count')} mitochondria); nothing to do", flush=True)
+                print(f"{out}: already complete ({cli.mitochondria(summary.get('count'))}); nothing to do", flush=True)
             shutil.rmtree(previous_result(out), ignore_errors=True)
             return summary
         client, close = _cluster(client, scheduler, workers)
@@ -918,7 +918,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             shutil.rmtree(out / WORK / name, ignore_errors=True)
         (out / WORK / "padding.npy").unlink(missing_ok=True)
     if verbose:
-        print(f"{summary['count']} mitochondria -> {out} (probability, labels/instances, objects.csv, "
+        print(f"{cli.mitochondria(summary['count'])} -> {out} (probability, labels/instances, objects.csv, "
               f"summary.json) in {summary['seconds']:.0f} s", flush=True)
     return summary
 

@@ -1234,7 +1234,7 @@ def build_parser(prog: str = "python -m xmdl_tf.train", finetune: bool = False,
                    help="never use XLA (default: XLA on GPUs only; on CPU it measured slower)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     if finetune:
-        p.add_argument("--model", required=True, help="parent model (.keras file or run folder)")
+        p.add_argument("--model", required=True, help="parent model (run folder, .keras file or built-in name)")
         p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder")
     else:
         p.add_argument("--model-pixel-size", type=cli.pixel_size, default=None, metavar="NM",

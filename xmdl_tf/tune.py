@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import parse_pixel_sizes
 
     p = cli.parser("python -m xmdl_tf.tune", __doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="run folder or .keras file (config.json beside it)")
+    p.add_argument("--model", required=True, help="run folder, .keras file or built-in name (config.json beside it; --write: not a built-in)")
     p.add_argument("--data", nargs="+", required=True, help="data set folder(s) in the split layout")
     p.add_argument("--split", default="val", help="split to choose on (never a test split)")
     p.add_argument("--pixel-size", nargs="+", default=None, metavar="NM",

@@ -369,7 +369,6 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     from .analyze import (SETTINGS_FILE, _previous_rows, _write_tables, check_run_settings, refuse_foreign_result,
                           run_settings, write_run_settings)
     from .morphometry3d import ShapeRules3D
-    from .pretrained import NO_DEFAULT, default_model_path
     from .predict import load_model
     from .runlock import FolderLock, finish_replace_dir
     from .volume_io import check_same_grid, open_volume, resolve_voxel_size, source_path
@@ -403,11 +402,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
     if labels is not None:
         label_vol = open_volume(labels, kind="label")
         check_same_grid(volumes[0][0], label_vol)
-    if model is None:
-        model = default_model_path()
-        if model is None:
-            raise FileNotFoundError(NO_DEFAULT)
-    predictor = load_model(model) if isinstance(model, (str, Path)) else model
+    predictor = load_model(model) if model is None or isinstance(model, (str, Path)) else model
     ic = resolve_inference(predictor, s.inference)  # invalid overrides fail here, before any output
 
     with FolderLock(out, "analysis"):
@@ -453,7 +448,7 @@ def analyze_volumes(inputs: Sequence[str], model=None, out: str | Path = "xmdl_o
                 if verbose:
                     extra = (f", AP50 {a.summary['ap50']:.3f}, 3-D F1 {a.summary['f1']:.3f}" if label is not None
                              else "")
-                    print(f"    {a.summary['count']} mitochondria in 3-D{extra} -> {out / vol.name} "
+                    print(f"    {cli.mitochondria(a.summary['count'])} in 3-D{extra} -> {out / vol.name} "
                           f"({time.time() - t0:.0f} s)", flush=True)
             except (DataError, ValueError) as err:
                 failed.append((vol.source, cli.one_line(err)))
@@ -492,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                    "writes OME-Zarr (probability, labels/instances) with objects.csv and summary.json.")
     p.add_argument("input", help="OME-Zarr / Zarr array, file.h5:/dataset, TIFF stack or folder of slices")
     p.add_argument("--out", required=True, help="output OME-Zarr folder (NAME.zarr)")
-    p.add_argument("--model", default=None, help="run folder or .keras file (default: the shipped reference model)")
+    p.add_argument("--model", default=None, help="run folder, .keras file or built-in name (default: $XMDL_MODEL, else "
+                   "the built-in xmdl_ref)")
     p.add_argument("--scheduler", default="local",
                    help="'local' starts a Dask LocalCluster here; else a scheduler address (tcp://host:8786)")
     p.add_argument("--workers", type=cli.positive_int, default=2, help="worker processes of the local cluster")
