@@ -443,33 +443,55 @@ def _canvas(image: np.ndarray, size: int, y: int, x: int) -> np.ndarray:
     return out
 
 
-def test_padding_found_on_thumbnails_is_the_whole_slice_padding():
-    """The chunked path never holds a whole slice: it finds a slice's padding on a thumbnail (every s-th
-    pixel) and gives each chunk its share. Cut into pieces, that is the padding and the tissue
-    histogram the whole-slice path (`predict.without_padding`) finds."""
+def test_padding_found_on_blocks_is_the_whole_slice_padding():
+    """The chunked path never holds a whole slice: it finds a slice's padding on its grid of s x s blocks
+    (their extremes combined from the chunks) and gives each chunk its share. Cut into pieces, that is
+    the padding and the tissue histogram the whole-slice path (`predict.without_padding`) finds."""
     from xmdl_tf.distributed import chunk_padding, slice_padding
     from xmdl_tf.predict import without_padding
-    from xmdl_tf.sampling import grey_counts
+    from xmdl_tf.sampling import block_extremes, grey_counts
 
     vol = blob_volume((24, 96, 96), seed=4, n=3)[0][11:13]
-    canvas = _canvas(vol, 300, 40, 150)
+    canvas = np.kron(_canvas(vol, 150, 27, 27), np.ones((1, 2, 2), np.uint8))  # 300 x 300: blocks of 2 px
     canvas[1][canvas[1] == 0] = 3  # the second slice's canvas is grey 3, its lowest value,
     canvas[1][:, 295:] = 255  # and it has a saturated margin as well: padding of its highest value
-    s = 3
-    thumbs = canvas[:, ::s, ::s]
+    canvas[1][150, 100:140] = 3  # tissue of exactly the canvas's grey, not touching it: tissue
+    s = 2
+    pieces = [(slice(0, 150), slice(0, 150)), (slice(150, 300), slice(120, 300)), (slice(0, 150), slice(150, 300)),
+              (slice(150, 300), slice(0, 120)), (slice(31, 141), slice(141, 263))]
     hist = np.stack([grey_counts(c) for c in canvas])
-    codes = slice_padding(hist, thumbs)
+    bmin, bmax = np.full((2, 150, 150), 255, np.uint8), np.zeros((2, 150, 150), np.uint8)
+    for ys, xs in pieces[:4]:  # the extremes of the blocks, combined over chunks (one cuts blocks in two)
+        for z in range(2):
+            lo, hi = block_extremes(canvas[z][ys, xs], s, (ys.start, xs.start))
+            at = (z, slice(ys.start // s, ys.start // s + lo.shape[0]), slice(xs.start // s, xs.start // s + lo.shape[1]))
+            bmin[at], bmax[at] = np.minimum(bmin[at], lo), np.maximum(bmax[at], hi)
+    codes = slice_padding(hist, bmin, bmax)
     for z in range(2):
-        whole, counts, pad = without_padding(canvas[z])
-        assert pad is not None and pad.sum() > 300 * 300 - 96 * 96 - 1
-        for ys, xs in ((slice(0, 150), slice(0, 150)), (slice(150, 300), slice(120, 300)),
-                       (slice(30, 140), slice(140, 260))):
-            rows, cols = (np.minimum(np.arange(r.start, r.stop) // s, n - 1) for r, n in zip((ys, xs), thumbs.shape[1:]))
+        _, counts, pad = without_padding(canvas[z])
+        assert pad is not None and pad.sum() == 300 * 300 - 192 * 192  # (both slices: canvas and margin)
+        assert not pad[150, 100:140].any()
+        for ys, xs in pieces:
+            rows, cols = (np.minimum(np.arange(r.start, r.stop) // s, 149) for r in (ys, xs))
             piece_pad, piece_counts = chunk_padding(canvas[z][ys, xs], codes[z], hist[z], rows, cols)
             np.testing.assert_array_equal(piece_counts, counts)
             np.testing.assert_array_equal(piece_pad if piece_pad is not None else False, pad[ys, xs])
-    # A slice without padding: nothing found, its histogram kept whole.
-    assert not slice_padding(hist[:1] * 0 + grey_counts(vol[0])[None], vol[:1, ::s, ::s]).any()
+
+
+def test_clipped_tissue_is_no_padding_on_any_grid():
+    """Dark tissue clipped to 0 in half its pixels at the edge of a 1024-px slice is no padding: no whole
+    block of a grid of 4 x 4 px is 0 (single sampled pixels were; the chunked path then zeroed it)."""
+    from xmdl_tf.predict import without_padding
+    from xmdl_tf.sampling import padding_mask
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(120, 30, (1024, 1024)), 1, 255).astype(np.uint8)
+    img[:, :200] = np.where(rng.random((1024, 200)) < 0.57, 0, img[:, :200])
+    assert padding_mask(img) is None and without_padding(img)[2] is None
+    # Two grey values only, both at the edge ("padding" everywhere): no tissue would be left, so none.
+    two = np.zeros((64, 64), np.uint8)
+    two[:, 32:] = 255
+    assert padding_mask(two) is None
 
 
 def test_a_padded_volume_is_segmented_as_in_memory(client, blob_run, tmp_path):

@@ -183,7 +183,7 @@ def test_a_padded_image_is_served_as_analyze_predicts_it(run, export_dir):
     from xmdl_tf.distributed import chunk_padding, slice_padding
     from xmdl_tf.export import unpadded
     from xmdl_tf.predict import without_padding
-    from xmdl_tf.sampling import grey_counts
+    from xmdl_tf.sampling import block_extremes, grey_counts
 
     img = np.maximum(blob_image(64, seed=3)[0], 30)  # tissue never reaches the canvas's 0
     canvas = np.zeros((96, 120), np.uint8)
@@ -198,18 +198,29 @@ def test_a_padded_image_is_served_as_analyze_predicts_it(run, export_dir):
         out = served[sig](images=tf.constant(canvas[None, ..., None]))
         np.testing.assert_allclose(out["probabilities"].numpy()[0], prob, atol=1e-5)
     assert (out["gradcam"].numpy()[0][pad] == 0).all()
-    # Above 256 px the graph, as xmdl-volume, finds the padding on a thumbnail of every 2nd pixel.
-    big = np.zeros((300, 280), np.uint16)
+    # Above 256 px the graph, as xmdl-volume and the whole-slice path, searches a grid of 2 x 2 blocks.
+    big = np.zeros((300, 281), np.uint16)
     big[60:252, 50:242] = np.kron(canvas[20:84, 40:104], np.ones((3, 3), np.uint8)).astype(np.uint16) * 100
     big[:, 270:] = 65535
-    xi, counts, graph_pad = (t.numpy() for t in unpadded(tf.constant(big.astype(np.int32))))
-    filled, local_counts, local_pad = without_padding(big)
-    np.testing.assert_array_equal(graph_pad, local_pad)
-    np.testing.assert_array_equal(counts, np.pad(local_counts, (0, 65536 - len(local_counts))))
-    np.testing.assert_array_equal(xi, filled)
-    codes = slice_padding(grey_counts(big)[None], big[None, ::2, ::2])
-    rows, cols = np.minimum(np.arange(300) // 2, 149), np.minimum(np.arange(280) // 2, 139)
-    assert np.array_equal(chunk_padding(big, codes[0], grey_counts(big), rows, cols)[0], local_pad)
+    big[100, 100:140] = 0  # tissue of the canvas's grey that does not touch it,
+    big[59, 50] = big[60, 49] = 3000  # and a tissue pixel of that grey touching it only diagonally
+    big[60, 50] = 0
+    clipped = np.where(np.random.default_rng(1).random(big.shape) < 0.6, 0, 40000).astype(np.uint16)
+    clipped[0, 0] = 65535  # clipped noise at both ends and a third value: no padding anywhere
+    for image in (big, clipped):
+        xi, counts, graph_pad = (t.numpy() for t in unpadded(tf.constant(image.astype(np.int32))))
+        filled, local_counts, local_pad = without_padding(image)
+        np.testing.assert_array_equal(graph_pad, False if local_pad is None else local_pad)
+        np.testing.assert_array_equal(counts, np.pad(local_counts, (0, 65536 - len(local_counts))))
+        np.testing.assert_array_equal(xi, filled)
+        bmin, bmax = block_extremes(image, 2)
+        codes = slice_padding(grey_counts(image)[None], bmin[None], bmax[None])
+        rows, cols = np.minimum(np.arange(300) // 2, 149), np.minimum(np.arange(281) // 2, 140)
+        chunked = chunk_padding(image, codes[0], grey_counts(image), rows, cols)[0]
+        assert np.array_equal(False if chunked is None else chunked, False if local_pad is None else local_pad)
+        if image is big:
+            assert not local_pad[100, 100:140].any() and not local_pad[60, 50] and local_pad[59, 49]
+    assert local_pad is None and not graph_pad.any()  # the clipped noise
 
 
 def test_equalized_model_exports_its_normalisation_into_the_graph(run, tmp_path):

@@ -152,73 +152,44 @@ def _key(region: Sequence[slice]) -> str:
     return "_".join(str(s.start) for s in region)
 
 
-def thumb_stride(shape_yx: Sequence[int]) -> int:
-    """s: the slice thumbnails the padding is found on hold every s-th pixel in y and x (at most
-    `sampling.PADDING_THUMB` px a side; 1 for slices that small: then the padding is exactly the
-    in-memory path's)."""
-    from .sampling import PADDING_THUMB
-
-    return max(1, -(-max(shape_yx) // PADDING_THUMB))
-
-
-def task_histogram(plan: ChunkPlan, region) -> tuple[np.ndarray, np.ndarray]:
-    """(z, 65536) int64 grey-value counts of each slice of a chunk, and the chunk's part of each slice's
-    thumbnail: uint16 grey values (z, h, w) at the rows and columns that are multiples of `thumb_stride`."""
-    from .sampling import grey_values
+def task_histogram(plan: ChunkPlan, region) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, 65536) int64 grey-value counts of each slice of a chunk, and the (min, max) grey value of each
+    block of each slice's padding grid that the chunk overlaps (`sampling.block_extremes`: (z, bh, bw),
+    blocks at multiples of `sampling.padding_stride`; a block shared with another chunk is combined)."""
+    from .sampling import block_extremes, grey_values, padding_stride
 
     # The driver checks for a constant volume (from these histograms); a constant chunk (a blank margin)
     # must not make each worker read the whole volume to tell.
     img = _volume(plan).image_slab(region[0].start, region[0].stop, region[1:], check_constant=False)
-    s = thumb_stride(plan.shape[1:])
-    thumb = grey_values(img[:, (-region[1].start) % s::s, (-region[2].start) % s::s]).astype(np.uint16)
-    return np.stack([np.bincount(p.ravel().astype(np.int64), minlength=65536) for p in img]), thumb
+    s = padding_stride(plan.shape[1:])
+    origin = (region[1].start, region[2].start)
+    lo, hi = zip(*(block_extremes(grey_values(p), s, origin) for p in img))
+    return (np.stack([np.bincount(p.ravel().astype(np.int64), minlength=65536) for p in img]),
+            np.stack(lo).astype(np.uint16), np.stack(hi).astype(np.uint16))
 
 
-def slice_padding(hist: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
-    """uint8 (z, h, w) codes on the slice thumbnails: 1 where a slice's constant padding has its lowest
-    grey value, 2 its highest, 0 elsewhere (`sampling.padding_mask` on each thumbnail, with the
-    lowest and highest grey values of the whole slice from its histogram)."""
-    from .sampling import padding_mask
+def slice_padding(hist: np.ndarray, bmin: np.ndarray, bmax: np.ndarray) -> np.ndarray:
+    """uint8 (z, bh, bw) padding codes of each slice on its block grid (`sampling.padding_blocks`;
+    0 everywhere for a slice without padding)."""
+    from .sampling import padding_blocks
 
-    codes = np.zeros(thumbs.shape, np.uint8)
-    for z, (h, t) in enumerate(zip(hist, thumbs)):
-        levels = np.flatnonzero(h)
-        if len(levels) < 2:
-            continue
-        lo, hi = int(levels[0]), int(levels[-1])
-        pad = padding_mask(t, (lo, hi))
-        if pad is not None:
-            codes[z][pad & (t == lo)] = 1
-            codes[z][pad & (t == hi)] = 2
+    codes = np.zeros(bmin.shape, np.uint8)
+    for z in range(len(hist)):
+        found = padding_blocks(bmin[z], bmax[z], hist[z])
+        if found is not None:
+            codes[z] = found
     return codes
 
 
 def chunk_padding(image: np.ndarray, codes: np.ndarray, counts: np.ndarray, rows: np.ndarray,
                   cols: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """(padding mask of a piece of a slice or None, the slice's tissue histogram).
-
-    image: (h, w) the piece; codes: the slice's thumbnail codes (`slice_padding`); counts: the whole
-    slice's histogram; rows, cols: the thumbnail row/column of each of the piece's rows/columns.
-    A pixel is padding where it has the padding's grey value within one thumbnail pixel of padding
-    on the thumbnail; the padding's grey values leave the histogram of the whole slice (so every
-    chunk of a slice is normalised alike, as `predict.without_padding` normalises a whole slice).
-    """
-    import cv2
-
-    from .sampling import grey_values, without_values
+    """(padding mask of a piece of a slice or None, the slice's tissue histogram): `sampling.padding_pixels`
+    with the slice's codes (`slice_padding`); rows, cols: each of the piece's rows' (columns') block."""
+    from .sampling import grey_values, padding_pixels
 
     if not codes.any():
         return None, counts
-    levels = np.flatnonzero(counts)
-    values = grey_values(image)
-    pad = np.zeros(image.shape, bool)
-    dropped = []
-    for code, v in ((1, int(levels[0])), (2, int(levels[-1]))):
-        near = cv2.dilate((codes == code).astype(np.uint8), np.ones((3, 3), np.uint8))
-        if near.any():
-            dropped.append(v)
-            pad |= near[np.ix_(rows, cols)].astype(bool) & (values == v)
-    return (pad if pad.any() else None), without_values(counts, dropped)
+    return padding_pixels(grey_values(image), codes, counts, rows, cols)
 
 
 def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads: int | None,
@@ -227,7 +198,7 @@ def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads:
 
     histograms: .npy file of each whole slice's grey-value counts (z, grey levels),
     so a chunk is normalised as its slice. padding: .npy file of the slices'
-    padding codes on their thumbnails (`slice_padding`), or None (a run started
+    padding codes on their block grids (`slice_padding`), or None (a run started
     before padding was handled).
     """
     import zarr
@@ -255,7 +226,9 @@ def task_predict(plan: ChunkPlan, out: str, region, histograms: str, tf_threads:
     prob = np.empty((zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start), np.float32)
     codes = np.load(padding, mmap_mode="r")[zs.start:zs.stop] if padding else None
     if codes is not None:
-        s = thumb_stride(plan.shape[1:])
+        from .sampling import padding_stride
+
+        s = padding_stride(plan.shape[1:])
         rows, cols = (np.minimum(np.arange(g.start, g.stop) // s, n - 1) for g, n in zip(grown, codes.shape[1:]))
     for k in range(len(img)):
         pad, c = (None, np.asarray(counts[k])) if codes is None else \
@@ -720,6 +693,7 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
     from .morphometry3d import ShapeRules3D, classify3d, summarize3d, table_from_rows
     from .predict import is_saved_model, resolve_model_path
     from .runlock import FolderLock, atomic_write_text
+    from .sampling import padding_stride
     from .volume_io import _split_container, open_volume, resolve_voxel_size, source_path, warn_blank_slices
 
     t_start = time.time()
@@ -797,12 +771,14 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
             if not hist_file.is_file():
                 futs = client.map(task_histogram, [plan] * len(grid), grid, pure=False)
                 hist = np.zeros((plan.shape[0], 65536), np.int64)
-                st = thumb_stride(plan.shape[1:])
-                thumbs = np.zeros((plan.shape[0], *(-(-n // st) for n in plan.shape[1:])), np.uint16)
-                for region, (h, t) in zip(grid, _gather(client, futs, "histograms", report)):
+                st = padding_stride(plan.shape[1:])
+                grid_shape = (plan.shape[0], *(-(-n // st) for n in plan.shape[1:]))
+                bmin, bmax = np.full(grid_shape, 65535, np.uint16), np.zeros(grid_shape, np.uint16)
+                for region, (h, lo, hi) in zip(grid, _gather(client, futs, "histograms", report)):
                     hist[region[0]] += h
-                    y0, x0 = (-(-r.start // st) for r in region[1:])
-                    thumbs[region[0], y0:y0 + t.shape[1], x0:x0 + t.shape[2]] = t
+                    at = (region[0], *(slice(r.start // st, r.start // st + n)
+                                       for r, n in zip(region[1:], lo.shape[1:])))
+                    bmin[at], bmax[at] = np.minimum(bmin[at], lo), np.maximum(bmax[at], hi)
                 levels = np.flatnonzero(hist.any(0))
                 if len(levels) < 2:  # (a volume of another dtype was checked before OUT was created)
                     if fresh:
@@ -813,9 +789,9 @@ def process_volume(source: str, out: str | Path, model: str | Path | None = None
                                     "nothing to segment")
                 warn_blank_slices(vol.source, np.flatnonzero((hist > 0).sum(1) == 1))
                 top = max(256, int(levels.max(initial=0)) + 1)
-                # Each slice's constant padding (a registered section in its canvas), found on its thumbnail
+                # Each slice's constant padding (a registered section in its canvas), found on its block grid
                 # and given to every chunk of it: written first, so a histograms.npy always has it beside.
-                _save_npy(pad_file, slice_padding(hist, thumbs))
+                _save_npy(pad_file, slice_padding(hist, bmin, bmax))
                 _save_npy(hist_file, hist[:, :top])
             timings["histograms_s"] = time.time() - t0
 

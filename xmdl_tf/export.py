@@ -347,9 +347,9 @@ def _archive(model, config: Config, layer: str, dist=None):
 
 def _edge_regions(same, min_fraction: float):
     """bool (h, w): the 4-connected regions of `same` (bool (h, w)) that touch the border and each
-    cover at least `min_fraction` of it: `sampling.padding_mask`'s rule, in the graph (each pixel
-    takes the largest index in its region by repeated 4-neighbour maxima: as many steps as the
-    regions are long, a few hundred on a thumbnail)."""
+    cover at least `min_fraction` of it: `sampling._edge_regions` in the graph (each pixel takes the
+    largest index in its region by repeated 4-neighbour maxima: as many steps as the regions are
+    long, a few hundred on a block grid of at most 256 x 256)."""
     import tensorflow as tf
 
     h, w = tf.shape(same)[0], tf.shape(same)[1]
@@ -372,9 +372,8 @@ def _edge_regions(same, min_fraction: float):
 
 def unpadded(xi):
     """(grey values with the padding shown as the tissue's median grey, the tissue's histogram,
-    bool padding mask) of ONE image of `data.grey_ints` values (H, W): `predict.without_padding` in
-    the graph, its regions found on a thumbnail of at most `sampling.PADDING_THUMB` px a side as
-    `xmdl-volume` finds them (the same on smaller images)."""
+    bool padding mask) of ONE image of `data.grey_ints` values (H, W): `sampling.find_padding` in the
+    graph, on the same grid of s x s blocks (`sampling.padding_blocks`, `padding_pixels`)."""
     import tensorflow as tf
 
     from .data import grey_counts
@@ -382,21 +381,45 @@ def unpadded(xi):
 
     h, w = tf.shape(xi)[0], tf.shape(xi)[1]
     s = tf.maximum(1, (tf.maximum(h, w) + PADDING_THUMB - 1) // PADDING_THUMB)
-    thumb = xi[::s, ::s]
-    rows = tf.minimum(tf.range(h) // s, tf.shape(thumb)[0] - 1)
-    cols = tf.minimum(tf.range(w) // s, tf.shape(thumb)[1] - 1)
+    bh, bw = (h + s - 1) // s, (w + s - 1) // s
+    # Each block's extremes; a partial block at the bottom / right repeats its last row / column.
+    blocks = tf.gather(tf.gather(xi, tf.minimum(tf.range(bh * s), h - 1), axis=0),
+                       tf.minimum(tf.range(bw * s), w - 1), axis=1)
+    blocks = tf.transpose(tf.reshape(blocks, [bh, s, bw, s]), [0, 2, 1, 3])
+    bmin, bmax = tf.reduce_min(blocks, axis=[2, 3]), tf.reduce_max(blocks, axis=[2, 3])
+    rows, cols = tf.minimum(tf.range(h) // s, bh - 1), tf.minimum(tf.range(w) // s, bw - 1)
     counts = grey_counts(xi)
+    lo, hi = tf.reduce_min(xi), tf.reduce_max(xi)
+    cores = [_edge_regions(tf.equal(bmax, lo), PADDING_MIN_FRACTION),
+             _edge_regions(tf.equal(bmin, hi), PADDING_MIN_FRACTION)]
+    grey = tf.range(65536)
+    dropped = (tf.reduce_any(cores[0]) & tf.equal(grey, lo)) | (tf.reduce_any(cores[1]) & tf.equal(grey, hi))
+    tissue = tf.where(dropped, tf.zeros_like(counts), counts)
+    keep = tf.reduce_sum(tissue) > 0  # nothing but "padding" (an image of two grey values): none
     pad = tf.zeros_like(xi, tf.bool)
-    for v in (tf.reduce_min(xi), tf.reduce_max(xi)):
-        region = _edge_regions(tf.equal(thumb, v), PADDING_MIN_FRACTION)
-        near = tf.nn.max_pool2d(tf.cast(region, tf.float32)[None, ..., None], 3, 1, "SAME")[0, ..., 0] > 0
-        pad |= tf.gather(tf.gather(near, rows, axis=0), cols, axis=1) & tf.equal(xi, v)
-        # The padding's grey value leaves the histogram (the lowest and highest are distinct: a constant
-        # image is refused before).
-        counts = tf.where(tf.reduce_any(region) & tf.equal(tf.range(65536), v), tf.zeros_like(counts), counts)
-    cdf = tf.cumsum(counts)
+    for core, v in zip(cores, (lo, hi)):
+        near = tf.nn.max_pool2d(tf.cast(core, tf.float32)[None, ..., None], 3, 1, "SAME")[0, ..., 0] > 0
+        same = tf.gather(tf.gather(near, rows, axis=0), cols, axis=1) & tf.equal(xi, v)
+        seed = same & tf.gather(tf.gather(core, rows, axis=0), cols, axis=1)
+        pad |= _reconstruct(seed, same) & keep
+    tissue = tf.where(keep, tissue, counts)
+    cdf = tf.cumsum(tissue)
     median = tf.cast(tf.searchsorted(cdf, tf.maximum((cdf[-1:] + 1) // 2, 1), side="left")[0], tf.int32)
-    return tf.where(pad, median, xi), counts, pad
+    return tf.where(pad, median, xi), tissue, pad
+
+
+def _reconstruct(seed, mask):
+    """bool: the pixels of `mask` 4-connected to `seed` within it (repeated 4-neighbour growth: as many
+    steps as the band of `mask` around the seed is wide, one block at most)."""
+    import tensorflow as tf
+
+    def step(grown, _):
+        p = tf.pad(grown, [[1, 1], [1, 1]])
+        new = mask & (grown | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:])
+        return new, tf.reduce_any(tf.not_equal(new, grown))
+
+    grown, _ = tf.while_loop(lambda _, changed: changed, step, [seed, tf.reduce_any(seed)])
+    return grown
 
 
 def _mirror_index(n, size):

@@ -109,15 +109,13 @@ def without_padding(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     normalised by its own grey values, taken before any resampling as training does (and the chunked
     path, by its slices' counts): resampling thins the tails the percentiles come from.
     """
-    from .sampling import grey_counts, grey_values, padding_mask, without_values
+    from .sampling import find_padding, grey_values
 
-    pad = padding_mask(image)
-    values = grey_values(image)
+    # (The padding's grey values leave the whole histogram, tissue pixels of that value too: the chunked
+    # path and the served graph, which never hold a slice whole, can do no other, and all three agree.)
+    pad, counts = find_padding(grey_values(image))
     if pad is None:
-        return image, grey_counts(values), None
-    # The padding's grey values (its slice's lowest and/or highest) dropped from the histogram, as the
-    # chunked path, which never holds a whole slice, does (a tissue pixel of exactly that value is rare).
-    counts = without_values(grey_counts(values), np.unique(values[pad]))
+        return image, counts, None
     return fill_padding(image, pad, counts), counts, pad
 
 

@@ -62,40 +62,112 @@ def grey_values(image: np.ndarray) -> np.ndarray:
 
 # Constant padding smaller than this share of a slice is left alone (a few clipped pixels at an edge).
 PADDING_MIN_FRACTION = 0.005
-# Where a slice is not held whole (xmdl-volume's chunks) or connected components are dear (the served
-# graph), its padding is found on a thumbnail of at most this many px a side (every s-th pixel).
+# A slice's padding is found on a grid of s x s blocks, at most this many a side: the same grid whether
+# the slice is held whole, cut into xmdl-volume's chunks or served by the SavedModel graph.
 PADDING_THUMB = 256
 
 
-def padding_mask(image: np.ndarray, values: tuple[float, float] | None = None) -> np.ndarray | None:
-    """bool (H, W): the constant padding of a slice (a registered or rotated section set into a canvas),
-    i.e. the 4-connected regions of exactly the slice's lowest or highest grey value that touch its
-    edge and each cover at least PADDING_MIN_FRACTION of it (isolated saturated pixels on the edge are
-    no padding); None when there is none.
+def padding_stride(shape_yx) -> int:
+    """s: the side, in px, of the blocks a slice of (H, W) px is searched for padding on (1 up to
+    PADDING_THUMB px a side: then every pixel is a block)."""
+    return max(1, -(-max(int(n) for n in shape_yx) // PADDING_THUMB))
 
-    values: the slice's (lowest, highest) grey values when `image` is a thumbnail of it (every s-th
-    pixel: the chunked volume path); default: the image's own.
 
-    EM noise makes real tissue never exactly constant over thousands of pixels, so such regions hold
-    no tissue; left in, they drag the normalisation's percentiles and show the network a black block
-    with a hard edge, which cost a padded slice half its mitochondria next to that edge.
-    """
-    x = np.asarray(image)
-    lo, hi = (x.min().item(), x.max().item()) if values is None else values
-    if lo == hi:
+def block_extremes(values: np.ndarray, s: int, origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) grey value of each s x s block (blocks start at multiples of s in the slice) that
+    `values`, the piece (h, w) of a slice at `origin` (y0, x0), overlaps; a block the piece holds only
+    part of gets that part's (the chunked path combines the parts with np.minimum / np.maximum)."""
+    v = np.asarray(values)
+    if s == 1:
+        return v, v
+    oy, ox = origin[0] % s, origin[1] % s
+    h, w = v.shape
+    x = np.pad(v, ((oy, -(oy + h) % s), (ox, -(ox + w) % s)), mode="edge")  # repeats: extremes unchanged
+    b = x.reshape(x.shape[0] // s, s, x.shape[1] // s, s)
+    return b.min(axis=(1, 3)), b.max(axis=(1, 3))
+
+
+def _edge_regions(full: np.ndarray) -> np.ndarray:
+    """bool: the 4-connected regions of `full` that touch its border and each cover at least
+    PADDING_MIN_FRACTION of it."""
+    least = PADDING_MIN_FRACTION * full.size
+    if full.sum() < least:
+        return np.zeros(full.shape, bool)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(full.astype(np.uint8), connectivity=4)
+    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    edge = edge[(edge > 0) & (stats[edge, cv2.CC_STAT_AREA] >= least)]
+    return np.isin(lab, edge)
+
+
+def padding_blocks(bmin: np.ndarray, bmax: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """uint8 (bh, bw) codes of a slice's constant padding on its block grid (`block_extremes`): 1 for
+    blocks wholly of the slice's lowest grey value in a region of such blocks that touches the edge and
+    covers at least PADDING_MIN_FRACTION of the grid, 2 the same for its highest value; None when there
+    is none, or when it would leave no tissue (an image of two grey values). counts: the slice's
+    grey-value histogram. Whole blocks, not sampled pixels: clipped noise in tissue never fills one."""
+    levels = np.flatnonzero(counts)
+    if len(levels) < 2:
         return None
-    found = None
-    for v in {lo, hi}:
-        same = (x == v).astype(np.uint8)
-        if same.sum() < PADDING_MIN_FRACTION * x.size:
+    codes = np.zeros(np.shape(bmin), np.uint8)
+    for code, full in ((1, bmax == levels[0]), (2, bmin == levels[-1])):
+        codes[_edge_regions(np.asarray(full))] = code
+    found = [int(v) for code, v in ((1, levels[0]), (2, levels[-1])) if (codes == code).any()]
+    if not found or np.asarray(counts)[found].sum() == np.asarray(counts).sum():
+        return None
+    return codes
+
+
+def padding_pixels(values: np.ndarray, codes: np.ndarray, counts: np.ndarray, rows: np.ndarray,
+                   cols: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(bool padding mask of `values` or None, the slice's tissue histogram).
+
+    values: (h, w) grey values, a slice or a piece of one; codes: the slice's `padding_blocks`; counts:
+    the whole slice's histogram; rows, cols: the block row (column) of each of the piece's rows
+    (columns). Padding is every pixel of the padding's grey value 4-connected to its whole blocks
+    within one block of them; its grey values leave the histogram (of the whole slice, so every
+    piece of it is normalised alike). On a grid of single pixels (s = 1), exactly the 4-connected
+    edge regions of the lowest / highest value.
+    """
+    levels = np.flatnonzero(counts)
+    pad, dropped = np.zeros(np.shape(values), bool), []
+    for code, v in ((1, int(levels[0])), (2, int(levels[-1]))):
+        core = codes == code
+        if not core.any():
             continue
-        n, lab, stats, _ = cv2.connectedComponentsWithStats(same, connectivity=4)
-        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-        edge = edge[(edge > 0) & (stats[edge, cv2.CC_STAT_AREA] >= PADDING_MIN_FRACTION * x.size)]
-        if len(edge):
-            region = np.isin(lab, edge)
-            found = region if found is None else found | region
-    return found
+        dropped.append(v)
+        near = cv2.dilate(core.astype(np.uint8), np.ones((3, 3), np.uint8))[np.ix_(rows, cols)].astype(bool)
+        same = near & (values == v)
+        inner = same & core[np.ix_(rows, cols)]
+        if inner.any():
+            _, lab = cv2.connectedComponents(same.astype(np.uint8), connectivity=4)
+            keep = np.unique(lab[inner])
+            pad |= np.isin(lab, keep[keep > 0])
+    return (pad if pad.any() else None), without_values(counts, dropped)
+
+
+def find_padding(values: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(bool (H, W) constant padding of a whole slice of grey values or None, its tissue histogram).
+
+    Padding: a registered or rotated section set into a canvas, i.e. regions of exactly the slice's
+    lowest or highest grey value that touch its edge and cover at least PADDING_MIN_FRACTION of it
+    (`padding_blocks`, `padding_pixels`; isolated saturated pixels on the edge are none). EM noise
+    makes real tissue never exactly constant over thousands of pixels, so such regions hold no
+    tissue; left in, they drag the normalisation's percentiles and show the network a block with a
+    hard edge, which cost a padded slice half its mitochondria next to that edge.
+    """
+    counts = grey_counts(values)
+    s = padding_stride(np.shape(values))
+    bmin, bmax = block_extremes(values, s)
+    codes = padding_blocks(bmin, bmax, counts)
+    if codes is None:
+        return None, counts
+    rows, cols = (np.minimum(np.arange(n) // s, m - 1) for n, m in zip(np.shape(values), codes.shape))
+    return padding_pixels(values, codes, counts, rows, cols)
+
+
+def padding_mask(image: np.ndarray) -> np.ndarray | None:
+    """bool (H, W) constant padding of a slice (`find_padding`), or None."""
+    return find_padding(grey_values(image))[0]
 
 
 def grey_counts(image: np.ndarray) -> np.ndarray:
@@ -118,8 +190,7 @@ def without_values(counts: np.ndarray, values) -> np.ndarray:
 
 def median_grey(counts: np.ndarray) -> int:
     """The (lower) median grey value of a histogram: what a slice's padding is shown as."""
-    cdf = np.cumsum(counts)
-    return int(np.searchsorted(cdf, max((int(cdf[-1]) + 1) // 2, 1), side="left"))
+    return int(percentile_bounds(counts, 50.0, 50.0)[0])
 
 
 def normalize_counts(x: np.ndarray, counts: np.ndarray, low: float, high: float, clip: bool,
