@@ -198,6 +198,11 @@ def test_a_padded_image_is_served_as_analyze_predicts_it(run, export_dir):
         out = served[sig](images=tf.constant(canvas[None, ..., None]))
         np.testing.assert_allclose(out["probabilities"].numpy()[0], prob, atol=1e-5)
     assert (out["gradcam"].numpy()[0][pad] == 0).all()
+    # Float grey values that are not integers are read as a float file is (mapped onto 0..65535), by the
+    # served graph as by the local path.
+    floats = canvas.astype(np.float32) * 0.731 + 0.25
+    np.testing.assert_allclose(served["serving_float"](images=tf.constant(floats[None, ..., None]))["probabilities"]
+                               .numpy()[0], keras_pred.predict_slice(floats), atol=1e-5)
     # Above 256 px the graph, as xmdl-volume and the whole-slice path, searches a grid of 2 x 2 blocks.
     big = np.zeros((300, 281), np.uint16)
     big[60:252, 50:242] = np.kron(canvas[20:84, 40:104], np.ones((3, 3), np.uint8)).astype(np.uint16) * 100

@@ -264,7 +264,8 @@ def _archive(model, config: Config, layer: str, dist=None):
     def normalized(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # One intensity mapping per image, from that image's own histogram, less its constant padding
         # (a registered section in a canvas), which is shown as the tissue's median grey and predicted 0.
-        xi, counts, pad = unpadded(grey_ints(image[..., 0]))
+        x = image[..., 0]
+        xi, counts, pad = unpadded(em_grey_ints(x) if x.dtype.is_floating else grey_ints(x))
         return normalize_counts(xi, counts, low, high, clip, method)[..., None], pad
 
     def prepare(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -343,6 +344,19 @@ def _archive(model, config: Config, layer: str, dist=None):
         spec = tf.TensorSpec([None, None, None, channels], dtype, name="images")
         archive.add_endpoint(name, fns[name], input_signature=[spec])
     return archive
+
+
+def em_grey_ints(x):
+    """int32 grey values of ONE float image of raw grey values (H, W), as files and arrays are read
+    (`io.to_em_dtype`): integers as they are, other floats mapped linearly from the image's range onto
+    0..65535 (the percentile normalisation sees no linear map, but rounding 0..255 floats would
+    quantise them differently from the local path)."""
+    import tensorflow as tf
+
+    x = tf.cast(x, tf.float64)
+    lo, hi = tf.reduce_min(x), tf.reduce_max(x)
+    mapped = tf.round((x - lo) * (65535.0 / tf.maximum(hi - lo, 1e-300)))
+    return tf.cast(tf.where(tf.reduce_all(tf.equal(x, tf.round(x))), x, mapped), tf.int32)
 
 
 def _edge_regions(same, min_fraction: float):
