@@ -204,3 +204,15 @@ def test_load_model_without_a_path_is_the_commands_default(monkeypatch, tmp_path
         load_model()
     with pytest.raises(ValueError, match="overlap -8 must be 0 or more"):
         tile_starts(300, 128, -8)
+
+
+def test_predict_slice_padding_needs_its_counts_and_the_image_shape(predictor):
+    """padding= is a piece's share of its slice's padding (with the slice's counts=): without them, or
+    of another shape, it is one clear error, not ignored or a NumPy traceback."""
+    from xmdl_tf.sampling import grey_counts
+
+    img = blob_image(64)[0]
+    with pytest.raises(ValueError, match="given with the slice's counts="):
+        predictor.predict_slice(img, padding=np.zeros(img.shape, bool))
+    with pytest.raises(ValueError, match=r"padding of shape \(3, 3\) differs"):
+        predictor.predict_slice(img, counts=grey_counts(img), padding=np.zeros((3, 3), bool))

@@ -141,11 +141,14 @@ def _mark(out: Path, stage: str, key: str, payload: bytes = b"") -> None:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save, atomically: a killed run leaves the file whole or absent."""
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    """np.save through `runlock.atomic_write_bytes`: a killed run leaves the file whole or absent."""
+    import io
+
+    from .runlock import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _key(region: Sequence[slice]) -> str:

@@ -238,10 +238,16 @@ class Predictor:
         use_tta = self.tta if tta is None else tta
         pad = None
         if counts is None:  # a whole slice (a piece of one comes with its slice's counts)
+            if padding is not None:
+                raise ValueError("padding= is the share of a slice's padding in a piece of it, given with the "
+                                 "slice's counts=; a whole slice's own is found by predict_slice itself")
             image, counts, pad = without_padding(as_em_slice(image))
-        elif padding is not None and padding.any():
+        elif padding is not None:
             pad = np.asarray(padding, bool)
-            image = fill_padding(image, pad, counts)
+            if pad.shape != np.shape(image):
+                raise ValueError(f"padding of shape {pad.shape} differs from the image's {np.shape(image)}")
+            pad = pad if pad.any() else None
+            image = image if pad is None else fill_padding(image, pad, counts)
         moments = spread and use_tta
 
         def batch(t: np.ndarray) -> np.ndarray:
