@@ -105,16 +105,28 @@ def padding_blocks(bmin: np.ndarray, bmax: np.ndarray, counts: np.ndarray) -> np
     covers at least PADDING_MIN_FRACTION of the grid, 2 the same for its highest value; None when there
     is none, or when it would leave no tissue (an image of two grey values). counts: the slice's
     grey-value histogram. Whole blocks, not sampled pixels: clipped noise in tissue never fills one."""
-    levels = np.flatnonzero(counts)
-    if len(levels) < 2:
+    candidates = _padding_values(counts)
+    if not candidates:
         return None
     codes = np.zeros(np.shape(bmin), np.uint8)
-    for code, full in ((1, bmax == levels[0]), (2, bmin == levels[-1])):
-        codes[_edge_regions(np.asarray(full))] = code
-    found = [int(v) for code, v in ((1, levels[0]), (2, levels[-1])) if (codes == code).any()]
+    for code, v in candidates:
+        codes[_edge_regions(np.asarray(bmax == v if code == 1 else bmin == v))] = code
+    found = [v for code, v in candidates if (codes == code).any()]
     if not found or np.asarray(counts)[found].sum() == np.asarray(counts).sum():
         return None
     return codes
+
+
+def _padding_values(counts: np.ndarray) -> list[tuple[int, int]]:
+    """(code, grey value) of the slice's lowest (1) and highest (2) grey values that are common enough
+    to be padding (half PADDING_MIN_FRACTION of its pixels, a margin for partial blocks): most slices
+    have none, and are done with after their histogram."""
+    c = np.asarray(counts)
+    levels = np.flatnonzero(c)
+    if len(levels) < 2:
+        return []
+    least = 0.5 * PADDING_MIN_FRACTION * c.sum()
+    return [(code, int(v)) for code, v in ((1, levels[0]), (2, levels[-1])) if c[v] >= least]
 
 
 def padding_pixels(values: np.ndarray, codes: np.ndarray, counts: np.ndarray, rows: np.ndarray,
@@ -156,6 +168,8 @@ def find_padding(values: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     hard edge, which cost a padded slice half its mitochondria next to that edge.
     """
     counts = grey_counts(values)
+    if not _padding_values(counts):
+        return None, counts
     s = padding_stride(np.shape(values))
     bmin, bmax = block_extremes(values, s)
     codes = padding_blocks(bmin, bmax, counts)
