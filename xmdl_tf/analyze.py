@@ -208,7 +208,7 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
 
     # A registered section's constant padding (`predict.without_padding`): not part of the image the model
     # is judged on, and what touches it is cut there, as at the image edge.
-    unpadded, _, pad = without_padding(image)
+    unpadded, counts, pad = without_padding(image)
     if pad is not None:  # judged on the tissue's bounding box: a canvas of flat grey is unlike any EM
         ys, xs = np.nonzero(~pad)
         box = unpadded[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
@@ -220,14 +220,15 @@ def analyze_image(predictor: Predictor, image: np.ndarray, name: str = "image", 
     grid_px, zoom = prediction_grid(predictor, image, ic, pixel_size_nm,
                                     unlike=None if ood_score is None else ood_score > dist.threshold)
     scale = {"pixel_size_nm": grid_px, "rescale": ic.rescale}
+    found = {"counts": counts, "padding": pad}  # the slice's padding, found once for both passes
     prob, cam = predictor.explain_slice(image, ic.gradcam_layer, None, ic.tile, ic.overlap, ic.batch_size, progress,
-                                        **scale)
+                                        **scale, **found)
     spread = members = None
     if ic.tta:
         # The members themselves only when the object confidence reads their agreement (4x the memory).
         need = _confidence_features(predictor, tta=True)
         prob, spread, *rest = predictor.predict_slice(image, ic.tile, ic.overlap, ic.batch_size, tta=True, spread=True,
-                                                      members="tta_agreement" in need, **scale)
+                                                      members="tta_agreement" in need, **scale, **found)
         members = rest[0] if rest else None
     ic = for_objects(ic, zoom)
     instances = to_instances(prob, ic, pixel_size_nm)

@@ -229,25 +229,13 @@ class Predictor:
         asks (0.8: objects look 20% smaller to the model); the output is on the
         slice's grid all the same (for the scale-agreement feature).
         """
-        from .io import as_em_slice
         from .sampling import normalize_as
 
         if not (isinstance(zoom, numbers.Real) and math.isfinite(zoom) and zoom > 0):
             raise ValueError(f"zoom must be a positive number, got {zoom!r}")
         tile = self.tile_for(tile)
         use_tta = self.tta if tta is None else tta
-        pad = None
-        if counts is None:  # a whole slice (a piece of one comes with its slice's counts)
-            if padding is not None:
-                raise ValueError("padding= is the share of a slice's padding in a piece of it, given with the "
-                                 "slice's counts=; a whole slice's own is found by predict_slice itself")
-            image, counts, pad = without_padding(as_em_slice(image))
-        elif padding is not None:
-            pad = np.asarray(padding, bool)
-            if pad.shape != np.shape(image):
-                raise ValueError(f"padding of shape {pad.shape} differs from the image's {np.shape(image)}")
-            pad = pad if pad.any() else None
-            image = image if pad is None else fill_padding(image, pad, counts)
+        image, counts, pad = self._with_counts(image, counts, padding)
         moments = spread and use_tta
 
         def batch(t: np.ndarray) -> np.ndarray:
@@ -280,24 +268,23 @@ class Predictor:
     def explain_slice(self, image: np.ndarray, layer: str | None = None, region: np.ndarray | None = None,
                       tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, batch_size: int | None = None,
                       progress: Callable[[int], None] | None = None, pixel_size_nm: float | None = None,
-                      rescale: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                      rescale: bool = True, counts: np.ndarray | None = None,
+                      padding: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Probability and Grad-CAM of a raw slice in one tiled pass.
 
         image: (H, W) uint8/uint16 (or any array `predict_slice` takes). region: optional (H, W) bool target region
         (default: the predicted mask). layer: conv layer name (default `dec1_conv2`).
-        pixel_size_nm, rescale: as in `predict_slice`.
+        pixel_size_nm, rescale, counts, padding: as in `predict_slice`.
         Returns (probability float32 (H, W), heatmap float32 (H, W) in [0, 1]).
         """
-        from .io import as_em_slice
         from .sampling import normalize_as
         from .gradcam import PREDICTED, scale_unit
 
-        image = as_em_slice(image)
+        image, counts, pad = self._with_counts(image, counts, padding)  # as `predict_slice`
         if region is not None and np.shape(region) != image.shape:
             raise ValueError(f"region of shape {np.shape(region)} differs from the image's {image.shape}")
         explain = self._explainer(layer or self.gradcam_layer)
         tile = self.tile_for(tile)
-        image, counts, pad = without_padding(image)  # as `predict_slice`
 
         def run(img: np.ndarray, reg: np.ndarray | None) -> np.ndarray:
             x = normalize_as(img, self.config.normalization, counts)
@@ -311,6 +298,26 @@ class Predictor:
         if pad is not None:
             out[pad] = 0.0
         return out[..., 0], scale_unit(out[..., 1])
+
+    @staticmethod
+    def _with_counts(image, counts: np.ndarray | None, padding: np.ndarray | None):
+        """(image to predict, the histogram to normalise it by, padding mask or None): a whole slice's own
+        (`without_padding`, after `io.as_em_slice`), or a piece's, given with its slice's `counts` and its
+        share of the slice's padding (shown as the tissue's median grey)."""
+        from .io import as_em_slice
+
+        if counts is None:
+            if padding is not None:
+                raise ValueError("padding= is the share of a slice's padding in a piece of it, given with the "
+                                 "slice's counts=; a whole slice's own is found by predict_slice itself")
+            return without_padding(as_em_slice(image))
+        pad = None
+        if padding is not None:
+            pad = np.asarray(padding, bool)
+            if pad.shape != np.shape(image):
+                raise ValueError(f"padding of shape {pad.shape} differs from the image's {np.shape(image)}")
+            pad = pad if pad.any() else None
+        return (image if pad is None else fill_padding(image, pad, counts)), counts, pad
 
     @staticmethod
     def _at_model_scale(image: np.ndarray, region: np.ndarray | None, factor: float, run: Callable) -> np.ndarray:
